@@ -1,0 +1,1 @@
+"""Generated protobuf and grpclib modules (see scripts/gen_proto.py)."""
