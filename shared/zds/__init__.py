@@ -1,0 +1,1 @@
+"""ZDS: the node agent <-> ztunnel protocol (codec, session state machines, Trio transport)."""
