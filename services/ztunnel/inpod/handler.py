@@ -1,0 +1,142 @@
+"""The ZDS client's view of ztunnel: start and stop a pod's proxy set.
+
+Theory of operation
+-------------------
+`InPodWorkloadHandler` is what the ZDS client (shared/zds/) calls for `AddWorkload` / `DelWorkload` and at
+snapshot reconciliation. It owns no protocol state (duplicate adds, pending retries and readiness live in the
+client-side manager); it only keeps `uid -> PodHandle` for the pods whose proxy sets are running, each
+started with `pods_nursery.start(run_pod_proxies, ...)` so `start_workload` returns exactly when the pod's
+listeners are all bound, or raises ProxyStartError with nothing left running.
+
+    async with trio.open_nursery() as pods:
+        handler = InPodWorkloadHandler(pods, config=ProxyConfig(), telemetry=Telemetry())
+        await handler.start_workload(uid, info, fd)   # the caller keeps and closes its own fd
+        await handler.stop_workload(uid)              # immediate drain
+        ...
+        await handler.drain_all(grace=5.0)            # shutdown: stop accepting, then force-close
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Protocol
+
+import trio
+
+from shared.netns import netns_id
+from shared.zds.types import PodUid, WorkloadInfo
+
+from ..errors import ProxyStartError
+from ..proxy.context import InPodSocketFactory, PodContext, ProxyConfig, SocketFactory
+from ..telemetry import Telemetry
+from .proxies import PodHandle, run_pod_proxies
+
+log = logging.getLogger("ztunnel.inpod")
+
+
+class WorkloadHandler(Protocol):
+    """The seam the ZDS client drives (mirrors the lead's definition in shared/zds/)."""
+
+    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int) -> None: ...
+
+    async def stop_workload(self, uid: PodUid) -> None: ...
+
+
+class InPodWorkloadHandler:
+    """Starts/stops per-pod proxy sets in `pods_nursery` (one child task, one nursery, per pod)."""
+
+    def __init__(self, pods_nursery: trio.Nursery, *, config: ProxyConfig | None = None,
+                 telemetry: Telemetry | None = None, sockets: SocketFactory | None = None) -> None:
+        self._nursery = pods_nursery
+        self.config = config if config is not None else ProxyConfig()
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.sockets = sockets if sockets is not None else InPodSocketFactory(self.config)
+        self._pods: dict[PodUid, PodHandle] = {}
+
+    @property
+    def pods(self) -> dict[PodUid, PodHandle]:
+        """Running pods (read only by convention: used by the admin endpoint and tests)."""
+        return self._pods
+
+    async def start_workload(self, uid: PodUid, info: WorkloadInfo | None, netns_fd: int) -> None:
+        """Bind and serve the pod's listener set; return once all are bound.
+
+        The fd is duplicated: the caller keeps (and closes) its own copy. A uid already running in the same
+        netns is left untouched; in another netns the old set is drained immediately and replaced.
+
+        Raises:
+            ProxyStartError: not a usable netns, or a listener could not be bound; nothing is left running.
+        """
+        try:
+            fd = os.dup(netns_fd)
+        except OSError as exc:
+            raise ProxyStartError(f"cannot use the netns fd of pod {uid}: {exc.strerror}") from exc
+        old = self._pods.get(uid)
+        if old is not None:
+            if old.netns == netns_id(fd):
+                os.close(fd)
+                return
+            log.info("pod moved to another network namespace; replacing its proxies",
+                     extra={"fields": [("uid", uid)]})
+            await self.stop_workload(uid)
+        ctx = PodContext(uid=uid, info=info, netns_fd=fd, config=self.config, telemetry=self.telemetry,
+                         sockets=self.sockets)
+        try:
+            handle: PodHandle = await self._nursery.start(self._run_pod, ctx)
+        except ProxyStartError:
+            raise
+        except OSError as exc:
+            raise ProxyStartError(f"cannot start proxies for pod {uid}: {exc.strerror or exc}") from exc
+        self._pods[uid] = handle
+        metrics = self.telemetry.metrics
+        metrics.proxies_started.inc()
+        metrics.active_proxies.set(len(self._pods))
+
+    async def _run_pod(self, ctx: PodContext, *, task_status: trio.TaskStatus[PodHandle]) -> None:
+        try:
+            await run_pod_proxies(ctx, task_status=task_status)
+        finally:
+            for uid, handle in list(self._pods.items()):
+                if handle.context is ctx:
+                    del self._pods[uid]
+                    self.telemetry.metrics.proxies_stopped.inc()
+            self.telemetry.metrics.active_proxies.set(len(self._pods))
+
+    async def stop_workload(self, uid: PodUid) -> None:
+        """Immediate drain: the pod's listeners and open connections are closed before this returns.
+        Unknown uids are ignored."""
+        handle = self._pods.get(uid)
+        if handle is None:
+            return
+        await handle.drain_immediately()
+
+    async def drain_all(self, *, grace: float) -> None:
+        """Shutdown: every pod stops accepting, connections get `grace` seconds to finish, then are closed."""
+        handles = list(self._pods.values())
+        for handle in handles:
+            handle.stop_accepting()
+        with trio.move_on_after(grace):
+            for handle in handles:
+                await handle.done.wait()
+        for handle in handles:
+            handle.scope.cancel()
+        for handle in handles:
+            await handle.done.wait()
+
+    def dump(self) -> list[dict[str, Any]]:
+        """The pods and their listeners, for /config_dump."""
+        out = []
+        for uid, handle in sorted(self._pods.items()):
+            info = handle.context.info
+            out.append({
+                "uid": uid,
+                "workload": None if info is None else {"name": info.name, "namespace": info.namespace,
+                                                       "service_account": info.service_account},
+                "netns": {"inode": handle.netns[0], "dev": handle.netns[1]},
+                "state": "draining" if handle.accept_scope.cancel_called else "up",
+                "active_connections": handle.context.active_connections,
+                "listeners": [{"role": li.role, "address": f"{li.address}:{li.port}", "mark": li.mark}
+                              for li in handle.listeners],
+            })
+        return out

@@ -1,0 +1,159 @@
+"""One pod's proxy set: bind all listeners in its netns, serve them in one nursery, drain on cancel.
+
+Theory of operation
+-------------------
+`run_pod_proxies` is the unit of a pod's lifetime. It binds the whole listener set synchronously (inside
+the pod netns; a failure raises before `task_status.started`, so the caller's `nursery.start` raises and the
+ZDS client can NACK), then runs one accept loop per listener and one task per connection, all under a cancel
+scope the caller gets back in the `PodHandle`:
+
+    handle = await pods_nursery.start(run_pod_proxies, ctx)
+    handle.scope.cancel()          # Immediate drain: listeners and open connections closed now
+    handle.stop_accepting()        # Graceful drain: listeners closed, connections left to finish
+
+Connections live in the outer nursery and accept loops in an inner one, so stopping the accept loops lets the
+pod's task end by itself once its last connection finishes. Per-connection errors are caught and logged in
+the handler wrapper: nothing a peer does can take down the pod's other connections, or another pod.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+import trio
+
+from shared.netns import NetnsId, netns_id
+from shared.zds.types import PodUid
+
+from ..proxy.context import PodContext
+from ..proxy.net import ACCEPT_CAPACITY_ERRNOS, Addr, peer_addr
+from ..proxy.passthrough import handle_inbound_hbone, handle_inbound_plaintext, handle_outbound
+from .sockets import PodListener
+
+log = logging.getLogger("ztunnel.inpod")
+
+ConnHandler = Callable[[PodContext, socket.socket, Addr], Awaitable[None]]
+
+HANDLERS: Final[Mapping[str, ConnHandler]] = {
+    "outbound": handle_outbound,
+    "inbound_plaintext": handle_inbound_plaintext,
+    "inbound_hbone": handle_inbound_hbone,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerInfo:
+    role: str
+    address: str
+    port: int
+    mark: int
+
+
+@dataclass
+class PodHandle:
+    """A running pod proxy set. `scope.cancel()` = immediate drain; `done` is set once all is closed."""
+
+    uid: PodUid
+    netns: NetnsId
+    scope: trio.CancelScope
+    accept_scope: trio.CancelScope
+    listeners: tuple[ListenerInfo, ...]
+    context: PodContext
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def stop_accepting(self) -> None:
+        self.accept_scope.cancel()
+
+    async def drain_immediately(self) -> None:
+        self.scope.cancel()
+        await self.done.wait()
+
+
+async def _run_connection(ctx: PodContext, handler: ConnHandler, conn: socket.socket, raw_peer: Addr) -> None:
+    try:
+        await handler(ctx, conn, raw_peer)
+    except Exception:
+        # One connection's bug or peer misbehaviour must never take down the pod's other connections.
+        log.exception("connection handler failed", extra={"fields": [("pod", ctx.uid)]})
+    finally:
+        conn.close()
+
+
+async def serve_listener(ctx: PodContext, listener: PodListener, handler: ConnHandler,
+                         handler_nursery: trio.Nursery) -> None:
+    """Accept forever on `listener`, each connection handled in `handler_nursery`. Closes the listener."""
+    sock = listener.sock
+    try:
+        while True:
+            try:
+                conn, raw = sock.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept failed, retrying in 100 ms", extra={"fields": [
+                        ("pod", ctx.uid), ("port", listener.port), ("error", os.strerror(exc.errno or 0))]})
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            conn.setblocking(False)
+            handler_nursery.start_soon(_run_connection, ctx, handler, conn, peer_addr(raw))
+            await trio.lowlevel.checkpoint()
+    finally:
+        sock.close()
+
+
+def _info(listener: PodListener, mark: int) -> ListenerInfo:
+    host = str(listener.sock.getsockname()[0])
+    return ListenerInfo(role=listener.role, address=f"[{host}]" if ":" in host else host, port=listener.port,
+                        mark=mark)
+
+
+async def run_pod_proxies(ctx: PodContext, *, handlers: Mapping[str, ConnHandler] = HANDLERS,
+                          task_status: trio.TaskStatus[PodHandle] = trio.TASK_STATUS_IGNORED) -> None:
+    """Bind the pod's listener set in its netns and serve it until cancelled.
+
+    Owns `ctx.netns_fd` from the moment it is called: it is closed when this returns or raises.
+
+    Raises:
+        ProxyStartError: binding failed (before `started()`; nothing is left open).
+    """
+    handle: PodHandle | None = None
+    try:
+        listeners = ctx.sockets.bind_listeners(ctx.netns_fd)
+        infos = tuple(_info(listener, ctx.config.packet_mark) for listener in listeners)
+        handle = PodHandle(uid=ctx.uid, netns=netns_id(ctx.netns_fd), scope=trio.CancelScope(),
+                           accept_scope=trio.CancelScope(), listeners=infos, context=ctx)
+        started = False
+        try:
+            with handle.scope:
+                async with trio.open_nursery() as connections:
+                    with handle.accept_scope:
+                        async with trio.open_nursery() as accepting:
+                            for listener in listeners:
+                                accepting.start_soon(serve_listener, ctx, listener, handlers[listener.role],
+                                                     connections)
+                            log.info("pod proxies started", extra={"fields": [
+                                ("uid", ctx.uid), ("workload", ctx.info.name if ctx.info else None),
+                                ("ports", ",".join(str(i.port) for i in infos))]})
+                            task_status.started(handle)
+                            started = True
+        except Exception:
+            if not started:
+                raise
+            # After started() the pod's failure is its own: log it, never propagate into the pods nursery.
+            log.exception("pod proxies failed; its listeners are closed",
+                          extra={"fields": [("uid", ctx.uid)]})
+        finally:
+            listeners.close()  # idempotent: accept loops close theirs, this covers the not-yet-started ones
+            log.info("pod proxies stopped", extra={"fields": [("uid", ctx.uid)]})
+    finally:
+        os.close(ctx.netns_fd)
+        if handle is not None:
+            handle.done.set()

@@ -1,0 +1,92 @@
+"""Small socket helpers for the proxies: original destination, connect with a deadline, address families."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from typing import Final
+
+import trio
+
+from ..errors import ConnectError
+
+SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IP
+IP6T_SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IPV6
+_SOL_IP: Final = 0
+_SOL_IPV6: Final = 41
+
+Addr = tuple[str, int]
+
+
+def unmap(host: str) -> str:
+    """`::ffff:10.0.0.1` (what a dual-stack socket reports for IPv4 peers) -> `10.0.0.1`."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[len("::ffff:"):]
+    return host
+
+
+def peer_addr(raw: tuple[object, ...]) -> Addr:
+    return unmap(str(raw[0])), int(str(raw[1]))
+
+
+def original_dst(sock: socket.socket) -> Addr | None:
+    """The pre-REDIRECT destination of an accepted connection: SO_ORIGINAL_DST, then the IPv6 variant.
+
+    Returns None when the connection was not redirected by netfilter (no conntrack entry).
+    """
+    try:
+        raw = sock.getsockopt(_SOL_IP, SO_ORIGINAL_DST, 16)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    except OSError:
+        pass
+    try:
+        raw = sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return unmap(socket.inet_ntop(socket.AF_INET6, raw[8:24])), port
+    except OSError:
+        return None
+
+
+def local_addr(sock: socket.socket) -> Addr:
+    return peer_addr(sock.getsockname())
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
+def describe_os_error(exc: OSError) -> str:
+    """Upstream's io error wording: `io error: Connection refused (os error 111)`."""
+    if exc.errno is not None:
+        return f"io error: {os.strerror(exc.errno)} (os error {exc.errno})"
+    return f"io error: {exc}"
+
+
+async def connect(sock: socket.socket, addr: Addr, *, connect_timeout: float) -> None:
+    """Connect a non-blocking socket, waiting at most `connect_timeout` seconds.
+
+    Raises:
+        ConnectError: timed out, or the kernel reported an error (refused, unreachable, ...).
+    """
+    try:
+        sock.connect(addr)
+        return
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        raise ConnectError(describe_os_error(exc)) from exc
+    with trio.move_on_after(connect_timeout) as scope:
+        await trio.lowlevel.wait_writable(sock)
+    if scope.cancelled_caught:
+        raise ConnectError(f"connection timed out after {connect_timeout:g}s, maybe there is a firewall or "
+                           f"nothing routes to {addr[0]}")
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise ConnectError(describe_os_error(OSError(err, os.strerror(err))))
+
+
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})

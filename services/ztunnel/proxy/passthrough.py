@@ -1,0 +1,118 @@
+"""Plain TCP proxying for a pod: outbound capture (15001), inbound plaintext (15006), HBONE stub (15008).
+
+Theory of operation
+-------------------
+Each accepted connection runs one handler task in its pod's nursery. The handler recovers the original
+destination (netfilter SO_ORIGINAL_DST), opens the upstream socket *in the pod's namespace* with SO_MARK 1337
+(so the pod's own REDIRECT rules skip it), copies bytes both ways with half-close, and writes exactly one
+access log line when done. Inbound connections are made to the app from the client's own address (a
+transparent, freebind socket bound to the source IP) so the app sees who really called; if the kernel refuses
+that, a plain connect is used unless ENABLE_ORIG_SRC=true demands it.
+
+Cancellation (the pod being removed) interrupts the copy; the caller's finally closes both sockets, which is
+upstream's "Immediate" drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Final
+
+import trio
+
+from ..errors import ConnectError
+from ..inpod.sockets import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from ..telemetry import ConnectionRecord, Peer, format_addr
+from .context import PodContext
+from .copy import copy_bidirectional
+from .net import Addr, connect, describe_os_error, family_of, local_addr
+
+log = logging.getLogger("ztunnel.proxy")
+
+SELF_CALL_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT})
+SELF_CALL_ERROR: Final = "attempted recursive call to ourselves"
+
+
+async def _proxy(ctx: PodContext, client: socket.socket, upstream: socket.socket, dst: Addr,
+                 record: ConnectionRecord) -> None:
+    """Connect `upstream` to `dst`, copy both ways, write the access log. Closes `upstream`."""
+    tel = ctx.telemetry
+    tel.connection_opened(record)
+    error: str | None = "connection drained"
+    ctx.active_connections += 1
+    try:
+        await connect(upstream, dst, connect_timeout=ctx.config.connect_timeout)
+
+        def sent(n: int) -> None:
+            record.bytes_sent += n
+
+        def received(n: int) -> None:
+            record.bytes_recv += n
+
+        await copy_bidirectional(client, upstream, sent, received)
+        error = None
+    except ConnectError as exc:
+        error = str(exc)
+    except OSError as exc:
+        error = describe_os_error(exc)
+    finally:
+        ctx.active_connections -= 1
+        upstream.close()
+        tel.connection_complete(record, error=error)
+
+
+async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
+    """A connection the pod's app made to anywhere, redirected to 15001: plain TCP passthrough."""
+    dst = ctx.sockets.original_dst(client)
+    if dst is None:
+        ctx.telemetry.connection_failed(src_addr=format_addr(peer), dst_addr=format_addr(local_addr(client)),
+                                        direction="outbound",
+                                        error="no original destination (connection was not redirected)")
+        return
+    record = ConnectionRecord(direction="outbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
+                              src=ctx.peer, dst=Peer())
+    upstream = ctx.sockets.upstream(ctx.netns_fd, family_of(dst[0]))
+    await _proxy(ctx, client, upstream, dst, record)
+
+
+def _inbound_upstream(ctx: PodContext, src: Addr, dst: Addr) -> socket.socket:
+    family = family_of(dst[0])
+    if ctx.config.orig_src is False or src[0] == dst[0] or family_of(src[0]) != family:
+        return ctx.sockets.upstream(ctx.netns_fd, family)
+    try:
+        return ctx.sockets.upstream(ctx.netns_fd, family, bind_source=src[0])
+    except OSError as exc:
+        if ctx.config.orig_src:
+            raise
+        log.debug("cannot preserve source address, using a plain connect",
+                  extra={"fields": [("src", src[0]), ("error", describe_os_error(exc))]})
+        return ctx.sockets.upstream(ctx.netns_fd, family)
+
+
+async def handle_inbound_plaintext(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
+    """A plaintext connection to the pod, redirected to 15006: deliver it to the app as the client."""
+    dst = ctx.sockets.original_dst(client) or local_addr(client)
+    if dst[1] in SELF_CALL_PORTS:
+        ctx.telemetry.connection_failed(src_addr=format_addr(peer), dst_addr=format_addr(dst),
+                                        direction="inbound", error=SELF_CALL_ERROR)
+        return
+    record = ConnectionRecord(direction="inbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
+                              src=Peer(), dst=ctx.peer)
+    try:
+        upstream = _inbound_upstream(ctx, peer, dst)
+    except OSError as exc:
+        ctx.telemetry.connection_failed(src_addr=record.src_addr, dst_addr=record.dst_addr,
+                                        direction="inbound",
+                                        error=f"cannot bind the client's source address: "
+                                              f"{describe_os_error(exc)}", record=record)
+        return
+    await _proxy(ctx, client, upstream, dst, record)
+
+
+async def handle_inbound_hbone(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
+    """15008 stays bound and accepting; until HBONE lands, each connection is closed with a log line."""
+    log.warning("inbound HBONE is not implemented yet; closing the connection",
+                extra={"fields": [("src.addr", format_addr(peer)),
+                                  ("dst.addr", format_addr(local_addr(client))), ("pod", ctx.uid)]})
+    await trio.lowlevel.checkpoint()

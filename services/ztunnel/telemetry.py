@@ -1,0 +1,394 @@
+"""Access logs and traffic metrics in upstream ztunnel's shapes.
+
+Theory of operation
+-------------------
+Logging goes through the standard `logging` module so that `/logging?level=` can change levels at run time;
+`UpstreamFormatter` renders a record the way ztunnel's tracing subscriber does (SPEC §6):
+
+    <RFC3339 UTC µs>\\t<level>\\t<target>\\t<message>\\t<k=v k=v ...>
+
+Structured fields travel in `record.fields` (a sequence of `(key, value)` pairs, in order). A `str` value is
+written Debug-quoted like Rust's `{:?}`, an `int` or a `Display` value bare (Rust's `%value`), `None` is
+left out. The access log's logger is named `access`, so its target is `access`; other loggers `a.b.c` are
+written as `a::b::c` the way Rust module paths look. `LOG_FORMAT=json` switches to one JSON object per line.
+
+One `ConnectionRecord` follows a proxied connection: the copy loop bumps its byte counters, and
+`Telemetry.connection_complete()` writes the single access log line and the metrics when it ends.
+Byte counts in the log are "un-flipped" (bytes_sent = client -> upstream); in the metrics they follow Istio's
+convention (received = request direction, sent = response direction).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+ACCESS_LOGGER: Final = "access"
+
+_LEVEL_NAMES: Final = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warn",
+    logging.ERROR: "error",
+    logging.CRITICAL: "error",
+}
+TRACE = 5
+logging.addLevelName(TRACE, "TRACE")
+
+LEVELS: Final = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+                 "error": logging.ERROR, "off": logging.CRITICAL + 10}
+
+
+class Display(str):
+    """A value written bare, like Rust's `%value` (addresses, enum-like words)."""
+
+    __slots__ = ()
+
+
+Field = tuple[str, object]
+
+
+def debug_quote(value: str) -> str:
+    """Rust's `{:?}` for a string: double quotes, with `"`, `\\` and control characters escaped."""
+    out = ['"']
+    for ch in value:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\0":
+            out.append("\\0")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{{{ord(ch):x}}}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _render_value(value: object) -> str:
+    if isinstance(value, Display):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return debug_quote(value)
+    return str(value)
+
+
+def format_timestamp(epoch: float) -> str:
+    """RFC3339 in UTC with microseconds and a `Z`, as upstream prints it."""
+    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def format_plain(*, epoch: float, level: str, target: str, message: str, fields: Iterable[Field] = ()) -> str:
+    """One log line in upstream's plain format (without the newline)."""
+    parts = [f"{key}={_render_value(value)}" for key, value in fields if value is not None]
+    line = f"{format_timestamp(epoch)}\t{level}\t{target}\t{message}"
+    return f"{line}\t{' '.join(parts)}" if parts else line
+
+
+def format_json(*, epoch: float, level: str, target: str, message: str, fields: Iterable[Field] = ()) -> str:
+    """One log line as a JSON object: level, time, scope, message, then the fields in order."""
+    obj: dict[str, Any] = {"level": level, "time": format_timestamp(epoch), "scope": target,
+                           "message": message}
+    for key, value in fields:
+        if value is None:
+            continue
+        obj[key] = str(value) if isinstance(value, Display) else value
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def target_of(logger_name: str) -> str:
+    return logger_name.replace(".", "::")
+
+
+class UpstreamFormatter(logging.Formatter):
+    """Formats every record like ztunnel; structured fields come from `extra={"fields": [...]}`."""
+
+    def __init__(self, *, json_format: bool = False) -> None:
+        super().__init__()
+        self.json_format = json_format
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: list[Field] = list(getattr(record, "fields", ()))
+        message = record.getMessage()
+        if record.exc_info and record.levelno >= logging.ERROR:
+            fields.append(("error", self.formatException(record.exc_info).splitlines()[-1]))
+        render = format_json if self.json_format else format_plain
+        level = _LEVEL_NAMES.get(record.levelno, "trace" if record.levelno <= TRACE else "info")
+        return render(epoch=record.created, level=level, target=target_of(record.name), message=message,
+                      fields=fields)
+
+
+def setup_logging(*, json_format: bool, level: str = "info", stream: Any = None) -> logging.Handler:
+    """Install the upstream formatter on the root logger (stderr by default). Returns the handler."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(UpstreamFormatter(json_format=json_format))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS.get(level, logging.INFO))
+    return handler
+
+
+def set_log_level(spec: str) -> str:
+    """Apply `/logging?level=` syntax: `info`, or `target=level,target=level` (targets with `::`).
+
+    Returns:
+        a one-line description of the resulting levels.
+    Raises:
+        ValueError: an unknown level name.
+    """
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        target, _, name = item.rpartition("=")
+        if name.lower() not in LEVELS:
+            raise ValueError(f"unknown log level {name!r} (expected one of {', '.join(LEVELS)})")
+        logger = logging.getLogger(target.replace("::", ".")) if target else logging.getLogger()
+        logger.setLevel(LEVELS[name.lower()])
+    return current_log_levels()
+
+
+def current_log_levels() -> str:
+    names = {v: k for k, v in LEVELS.items()}
+    root = logging.getLogger()
+    parts = [names.get(root.level, str(root.level))]
+    for name, logger in sorted(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            parts.append(f"{target_of(name)}={names.get(logger.level, str(logger.level))}")
+    return ",".join(parts)
+
+
+# --- parsing back (tests, tools) -----------------------------------------------------------------------
+
+
+class ParsedLine(msgspec.Struct, frozen=True, kw_only=True):
+    timestamp: str
+    level: str
+    target: str
+    message: str
+    fields: dict[str, str | int]
+
+
+def _parse_fields(text: str) -> dict[str, str | int]:
+    fields: dict[str, str | int] = {}
+    i = 0
+    n = len(text)
+    while i < n:
+        while i < n and text[i] == " ":
+            i += 1
+        if i >= n:
+            break
+        eq = text.index("=", i)
+        key = text[i:eq]
+        i = eq + 1
+        if i < n and text[i] == '"':
+            i += 1
+            buf = []
+            while text[i] != '"':
+                if text[i] == "\\":
+                    nxt = text[i + 1]
+                    if nxt == "u":
+                        end = text.index("}", i)
+                        buf.append(chr(int(text[i + 3:end], 16)))
+                        i = end + 1
+                        continue
+                    buf.append({"n": "\n", "r": "\r", "t": "\t", "0": "\0"}.get(nxt, nxt))
+                    i += 2
+                    continue
+                buf.append(text[i])
+                i += 1
+            i += 1
+            fields[key] = "".join(buf)
+        else:
+            end = text.find(" ", i)
+            end = n if end < 0 else end
+            raw = text[i:end]
+            fields[key] = int(raw) if raw.isdigit() else raw
+            i = end
+    return fields
+
+
+def parse_plain(line: str) -> ParsedLine:
+    """Parse one plain-format line back (inverse of `format_plain`); quoted values come back unescaped."""
+    parts = line.rstrip("\n").split("\t", 4)
+    if len(parts) < 4:
+        raise ValueError(f"not an upstream-format log line: {line!r}")
+    fields = _parse_fields(parts[4]) if len(parts) == 5 else {}
+    return ParsedLine(timestamp=parts[0], level=parts[1], target=parts[2], message=parts[3], fields=fields)
+
+
+# --- connections -------------------------------------------------------------------------------------
+
+
+class Peer(msgspec.Struct, frozen=True, kw_only=True):
+    """What is known about one end of a connection (all optional: unknown ends are logged by address)."""
+
+    workload: str | None = None
+    namespace: str | None = None
+    identity: str | None = None
+    cluster: str | None = None
+    service: str | None = None
+
+
+def format_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> Display:
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:"):]
+    return Display(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+class ConnectionRecord:
+    """One proxied connection's facts, filled while it runs; byte counters are bumped by the copy loop."""
+
+    __slots__ = ("bytes_recv", "bytes_sent", "direction", "dst", "dst_addr", "dst_hbone_addr", "src",
+                 "src_addr", "start")
+
+    def __init__(self, *, direction: str, src_addr: Display, dst_addr: Display, src: Peer | None = None,
+                 dst: Peer | None = None, dst_hbone_addr: Display | None = None) -> None:
+        self.direction = direction
+        self.src_addr = src_addr
+        self.dst_addr = dst_addr
+        self.dst_hbone_addr = dst_hbone_addr
+        self.src = src or Peer()
+        self.dst = dst or Peer()
+        self.bytes_sent = 0  # client -> upstream
+        self.bytes_recv = 0  # upstream -> client
+        self.start = time.monotonic()
+
+    def fields(self, *, with_bytes: bool) -> list[Field]:
+        fields: list[Field] = [
+            ("src.addr", self.src_addr),
+            ("src.workload", self.src.workload),
+            ("src.namespace", self.src.namespace),
+            ("src.identity", self.src.identity),
+            ("src.cluster", self.src.cluster),
+            ("dst.addr", self.dst_addr),
+            ("dst.hbone_addr", self.dst_hbone_addr),
+            ("dst.service", self.dst.service),
+            ("dst.workload", self.dst.workload),
+            ("dst.namespace", self.dst.namespace),
+            ("dst.identity", self.dst.identity),
+            ("dst.cluster", self.dst.cluster),
+            ("direction", self.direction),
+        ]
+        if with_bytes:
+            ms = int((time.monotonic() - self.start) * 1000)
+            fields += [("bytes_sent", self.bytes_sent), ("bytes_recv", self.bytes_recv),
+                       ("duration", f"{ms}ms")]
+        return fields
+
+
+_TRAFFIC_LABELS: Final = (
+    "reporter", "source_workload", "source_canonical_service", "source_canonical_revision",
+    "source_workload_namespace", "source_principal", "source_app", "source_version", "source_cluster",
+    "destination_service", "destination_service_namespace", "destination_service_name",
+    "destination_workload", "destination_canonical_service", "destination_canonical_revision",
+    "destination_workload_namespace", "destination_principal", "destination_app", "destination_version",
+    "destination_cluster", "request_protocol", "response_flags", "connection_security_policy",
+)
+
+
+class Metrics:
+    """The Prometheus families ztunnel exports, on one registry (served by the stats endpoint)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self.opened = Counter("istio_tcp_connections_opened", "The total number of TCP connections opened",
+                              _TRAFFIC_LABELS, registry=reg)
+        self.closed = Counter("istio_tcp_connections_closed", "The total number of TCP connections closed",
+                              _TRAFFIC_LABELS, registry=reg)
+        self.sent = Counter("istio_tcp_sent_bytes", "The size of total bytes sent during response in case of "
+                            "a TCP connection", _TRAFFIC_LABELS, registry=reg)
+        self.received = Counter("istio_tcp_received_bytes", "The size of total bytes received during request "
+                                "in case of a TCP connection", _TRAFFIC_LABELS, registry=reg)
+        self.failed = Counter("istio_tcp_connections_failed", "The total number of TCP connections that "
+                              "failed to establish", _TRAFFIC_LABELS, registry=reg)
+        self.active_proxies = Gauge("istio_active_proxy_count", "The total number of active workload proxies",
+                                    registry=reg)
+        self.proxies_started = Counter("istio_proxies_started", "The total number of proxies started",
+                                       registry=reg)
+        self.proxies_stopped = Counter("istio_proxies_stopped", "The total number of proxies stopped",
+                                       registry=reg)
+
+    @staticmethod
+    def labels_of(record: ConnectionRecord) -> dict[str, str]:
+        def v(value: str | None) -> str:
+            return value or "unknown"
+
+        mtls = record.src.identity is not None and record.dst.identity is not None
+        return {
+            "reporter": "source" if record.direction == "outbound" else "destination",
+            "source_workload": v(record.src.workload),
+            "source_canonical_service": v(record.src.workload),
+            "source_canonical_revision": "latest" if record.src.workload else "unknown",
+            "source_workload_namespace": v(record.src.namespace),
+            "source_principal": v(record.src.identity),
+            "source_app": v(record.src.workload),
+            "source_version": "latest" if record.src.workload else "unknown",
+            "source_cluster": v(record.src.cluster),
+            "destination_service": v(record.dst.service),
+            "destination_service_namespace": v(record.dst.namespace if record.dst.service else None),
+            "destination_service_name": v(record.dst.service.split(".")[0] if record.dst.service else None),
+            "destination_workload": v(record.dst.workload),
+            "destination_canonical_service": v(record.dst.workload),
+            "destination_canonical_revision": "latest" if record.dst.workload else "unknown",
+            "destination_workload_namespace": v(record.dst.namespace),
+            "destination_principal": v(record.dst.identity),
+            "destination_app": v(record.dst.workload),
+            "destination_version": "latest" if record.dst.workload else "unknown",
+            "destination_cluster": v(record.dst.cluster),
+            "request_protocol": "tcp",
+            "response_flags": "-",
+            "connection_security_policy": "mutual_tls" if mtls else "unknown",
+        }
+
+
+class Telemetry:
+    """Writes access log lines and updates metrics for connections."""
+
+    def __init__(self, metrics: Metrics | None = None, *, logger: logging.Logger | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
+
+    def connection_opened(self, record: ConnectionRecord) -> None:
+        self.metrics.opened.labels(**Metrics.labels_of(record)).inc()
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("connection opened", extra={"fields": record.fields(with_bytes=False)})
+
+    def connection_complete(self, record: ConnectionRecord, error: str | None = None) -> None:
+        labels = Metrics.labels_of(record)
+        self.metrics.closed.labels(**labels).inc()
+        self.metrics.received.labels(**labels).inc(record.bytes_sent)
+        self.metrics.sent.labels(**labels).inc(record.bytes_recv)
+        fields = record.fields(with_bytes=True)
+        if error is None:
+            self.log.info("connection complete", extra={"fields": fields})
+        else:
+            fields.append(("error", error))
+            self.log.error("connection complete", extra={"fields": fields})
+
+    def connection_failed(self, *, src_addr: Display, dst_addr: Display, direction: str, error: str,
+                          record: ConnectionRecord | None = None) -> None:
+        if record is not None:
+            self.metrics.failed.labels(**Metrics.labels_of(record)).inc()
+        fields: Sequence[Field] = (("src.addr", src_addr), ("dst.addr", dst_addr), ("direction", direction),
+                                   ("error", error))
+        self.log.warning("connection failed", extra={"fields": fields})
