@@ -1,0 +1,351 @@
+"""Install and remove in-pod redirection inside a pod's network namespace.
+
+Theory of operation
+-------------------
+Everything that touches a pod's netns runs in one worker thread (`trio.to_thread.run_sync`) that switches
+into the namespace with `shared.netns.entered(fd)`: the iptables-restore / nft child processes inherit the
+thread's namespace, and pyroute2's netlink socket is opened inside it. The Trio thread never switches.
+
+`apply` is a reconcile: it reads the current state first (`iptables-save` per family, the fwmark rule and the
+table-100 route) and compares it with what `rules.expected_saved` says should be there.
+- all present and equal  -> nothing is run; outcome UNCHANGED;
+- nothing of ours there  -> routes, then one `iptables-restore --noflush` per family; outcome INSTALLED;
+- anything else (drift, leftovers of a crashed agent, a half-applied set) -> delete what is there, install
+  again; outcome REPAIRED.
+If any step of an install fails, everything is deleted again before the error is raised: a pod is either
+fully redirected or not redirected at all, never half.
+
+The nftables backend renders a script that adds and flushes its own tables before filling them, so `nft -f`
+replaces our rules atomically in one transaction; apply compares the tables' listing before and after
+to report UNCHANGED.
+
+`delete` is idempotent: every command that finds nothing to remove is ignored (SPEC §3.5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+import trio
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from services.node_agent.errors import NetnsGoneError, RuleApplyError
+from services.node_agent.rules import (
+    NFT_TABLES,
+    Family,
+    PodRedirect,
+    PolicyRoute,
+    RuleSettings,
+    delete_commands,
+    expected_saved,
+    families,
+    parse_saved,
+    policy_routes,
+    render_nft,
+    render_nft_delete,
+    render_restore,
+)
+from shared.netns import NetnsError, entered
+
+log = logging.getLogger("node_agent.apply")
+
+RTN_LOCAL = 2
+RT_SCOPE_HOST = 254
+COMMAND_TIMEOUT = 30.0
+
+
+class Backend(enum.Enum):
+    IPTABLES = "iptables"
+    NFTABLES = "nftables"
+
+
+class ApplyOutcome(enum.Enum):
+    INSTALLED = "installed"
+    UNCHANGED = "unchanged"
+    REPAIRED = "repaired"
+
+
+class RuleApplier(Protocol):
+    """Installs and removes a pod's redirection inside its netns. Both calls are idempotent."""
+
+    async def apply(self, netns_fd: int, redirect: PodRedirect) -> ApplyOutcome:
+        """Make the pod's netns hold exactly our rules and routes.
+
+        Raises:
+            RuleApplyError: a step failed; whatever had been installed was removed again.
+            NetnsGoneError: the namespace handle cannot be entered.
+        """
+        ...
+
+    async def delete(self, netns_fd: int) -> None:
+        """Remove our rules and routes; absent ones are fine.
+
+        Raises:
+            NetnsGoneError: the namespace handle cannot be entered.
+        """
+        ...
+
+
+class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def find_binary(name: str) -> str | None:
+    """`name` on PATH, else under /usr/sbin or /sbin (root's PATH is not always set under a supervisor)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in ("/usr/sbin", "/sbin"):
+        path = os.path.join(folder, name)
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _run(argv: Sequence[str], *, stdin: str | None = None) -> CommandResult:
+    binary = find_binary(argv[0])
+    if binary is None:
+        raise RuleApplyError(f"{argv[0]} not found; install it (apt-get install iptables nftables)")
+    proc = subprocess.run(
+        [binary, *argv[1:]],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    return CommandResult(argv=tuple(argv), returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
+
+
+def _must(result: CommandResult) -> CommandResult:
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        why = " / ".join(detail[-3:]) or "no output"
+        raise RuleApplyError(f"`{' '.join(result.argv)}` failed (exit {result.returncode}): {why}")
+    return result
+
+
+def lo_ipv6_enabled() -> bool:
+    """Whether the calling thread's netns has IPv6 on lo (upstream checks the same sysctl)."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/lo/disable_ipv6") as f:
+            return f.read().strip() != "1"
+    except OSError:
+        return False
+
+
+# --- policy routing (pyroute2, called inside the netns) ---------------------------------------------------
+
+
+def _af(family: Family) -> int:
+    return socket.AF_INET if family is Family.V4 else socket.AF_INET6
+
+
+def _route_present(ipr: Any, route: PolicyRoute) -> tuple[bool, bool]:
+    af = _af(route.family)
+    rule_ok = any(
+        r.get("fwmark") == route.fwmark
+        and r.get("fwmask") == route.fwmask
+        and r.get("priority") == route.priority
+        and r.get("table") == route.table
+        for r in ipr.get_rules(family=af)
+    )
+    lo = ipr.link_lookup(ifname="lo")
+    route_ok = any(
+        r["type"] == RTN_LOCAL and r["dst_len"] == 0 and r.get("oif") in lo
+        for r in ipr.get_routes(table=route.table, family=af)
+    )
+    return rule_ok, route_ok
+
+
+def _add_route(ipr: Any, route: PolicyRoute) -> None:
+    af = _af(route.family)
+    try:
+        ipr.rule(
+            "add",
+            fwmark=route.fwmark,
+            fwmask=route.fwmask,
+            priority=route.priority,
+            table=route.table,
+            family=af,
+        )
+    except NetlinkError as exc:
+        if exc.code != 17:  # EEXIST: already there, as upstream ignores it
+            raise
+    lo = ipr.link_lookup(ifname="lo")[0]
+    ipr.route("replace", dst=route.dst, table=route.table, type="local", oif=lo, scope="host", family=af)
+
+
+def _del_route(ipr: Any, route: PolicyRoute) -> None:
+    af = _af(route.family)
+    # remove every copy: an older agent (or an operator) may have added the rule twice
+    for _ in range(16):
+        try:
+            ipr.rule(
+                "del",
+                fwmark=route.fwmark,
+                fwmask=route.fwmask,
+                priority=route.priority,
+                table=route.table,
+                family=af,
+            )
+        except NetlinkError:
+            break
+    lo = ipr.link_lookup(ifname="lo")
+    oif = lo[0] if lo else 1
+    for scope in ("host", "universe"):  # v4 local routes need the scope they were added with; v6 ignore it
+        with contextlib.suppress(NetlinkError):  # already gone
+            ipr.route("del", dst=route.dst, table=route.table, type="local", oif=oif, scope=scope, family=af)
+
+
+# --- the synchronous work, run inside the netns ----------------------------------------------------------
+
+
+class NetnsRuleApplier:
+    """The real `RuleApplier`: iptables-restore or nft, plus pyroute2, in a worker thread inside the netns."""
+
+    def __init__(self, settings: RuleSettings, backend: Backend = Backend.IPTABLES) -> None:
+        self.settings = settings
+        self.backend = backend
+
+    async def apply(self, netns_fd: int, redirect: PodRedirect) -> ApplyOutcome:
+        return await trio.to_thread.run_sync(self._in_netns, netns_fd, self.apply_here, redirect)
+
+    async def delete(self, netns_fd: int) -> None:
+        await trio.to_thread.run_sync(self._in_netns, netns_fd, self.delete_here, None)
+
+    def _in_netns(self, fd: int, work: Any, arg: Any) -> Any:
+        try:
+            with entered(fd):
+                return work(arg) if arg is not None else work()
+        except NetnsError as exc:
+            raise NetnsGoneError(f"cannot enter the pod's network namespace: {exc}") from None
+
+    # The *_here methods assume the calling thread is already inside the pod netns.
+
+    def routes_here(self) -> list[PolicyRoute]:
+        return policy_routes(self.settings, lo_ipv6_enabled=lo_ipv6_enabled())
+
+    def in_sync_here(self, redirect: PodRedirect) -> tuple[bool, bool]:
+        """(everything as expected, anything of ours present)."""
+        in_sync = True
+        present = False
+        with IPRoute() as ipr:
+            for route in self.routes_here():
+                rule_ok, route_ok = _route_present(ipr, route)
+                in_sync &= rule_ok and route_ok
+                present |= rule_ok or route_ok
+        if self.backend is Backend.IPTABLES:
+            for family in (Family.V4, Family.V6):
+                want = (
+                    expected_saved(redirect, self.settings, family)
+                    if family in families(self.settings)
+                    else {}
+                )
+                have = parse_saved(_must(_run([family.save_binary])).stdout)
+                in_sync &= have == want
+                present |= bool(have)
+        else:
+            present |= bool(self._nft_tables_here())
+        return in_sync, present
+
+    def apply_here(self, redirect: PodRedirect) -> ApplyOutcome:
+        in_sync, present = self.in_sync_here(redirect)
+        if self.backend is Backend.IPTABLES and in_sync:
+            return ApplyOutcome.UNCHANGED
+        before = self._nft_listing_here() if self.backend is Backend.NFTABLES else ""
+        if present and self.backend is Backend.IPTABLES:
+            log.warning("redirection rules in the pod netns differ from the expected ones; reinstalling them")
+            self.delete_here()
+        try:
+            with IPRoute() as ipr:
+                for route in self.routes_here():
+                    _add_route(ipr, route)
+            if self.backend is Backend.IPTABLES:
+                for family in families(self.settings):
+                    text = render_restore(redirect, self.settings, family)
+                    _must(_run([family.restore_binary, "--noflush", "-v"], stdin=text))
+            else:
+                _must(_run(["nft", "-f", "-"], stdin=render_nft(redirect, self.settings)))
+        except (RuleApplyError, NetlinkError, OSError, subprocess.SubprocessError) as exc:
+            self.delete_here()
+            if isinstance(exc, RuleApplyError):
+                raise RuleApplyError(f"{exc}; rolled back, no rules left in the pod") from None
+            raise RuleApplyError(
+                f"installing redirection failed: {exc}; rolled back, no rules left"
+            ) from None
+        if self.backend is Backend.NFTABLES:
+            if in_sync and self._nft_listing_here() == before:
+                return ApplyOutcome.UNCHANGED
+            return ApplyOutcome.REPAIRED if present else ApplyOutcome.INSTALLED
+        return ApplyOutcome.REPAIRED if present else ApplyOutcome.INSTALLED
+
+    def delete_here(self) -> None:
+        # iptables: both families and both backends' leftovers, whatever the current settings say
+        for family in (Family.V4, Family.V6):
+            if find_binary(family.binary) is None:
+                continue
+            for argv in delete_commands(family):
+                _run(argv)
+        if find_binary("nft") is not None:
+            present = self._nft_tables_here()
+            if present:
+                _run(["nft", "-f", "-"], stdin=render_nft_delete(present=present))
+        with IPRoute() as ipr:
+            for family in (Family.V4, Family.V6):
+                _del_route(ipr, PolicyRoute(family=family))
+
+    def _nft_tables_here(self) -> frozenset[str]:
+        if find_binary("nft") is None:
+            return frozenset()
+        out = _run(["nft", "list", "tables", "inet"]).stdout
+        names = {line.split()[-1] for line in out.splitlines() if line.startswith("table inet ")}
+        return frozenset(names & set(NFT_TABLES))
+
+    def _nft_listing_here(self) -> str:
+        parts = []
+        for name in sorted(self._nft_tables_here()):
+            parts.append(_run(["nft", "-s", "list", "table", "inet", name]).stdout)
+        return "".join(parts)
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """What a netns holds of ours (for tests and debugging): iptables-save per family, rules, routes."""
+
+    saved: dict[str, dict[str, list[str]]]
+    ip_rules: list[str]
+    table_100: list[str]
+
+
+def inspect_here() -> Snapshot:
+    """Our state in the calling thread's netns (use inside `entered`)."""
+    saved: dict[str, dict[str, list[str]]] = {}
+    for family in (Family.V4, Family.V6):
+        parsed = parse_saved(_run([family.save_binary]).stdout)
+        saved[family.name] = {f"{t} {c}": v for (t, c), v in parsed.items()}
+    ip_rules: list[str] = []
+    table_100: list[str] = []
+    with IPRoute() as ipr:
+        for af in (socket.AF_INET, socket.AF_INET6):
+            for r in ipr.get_rules(family=af):
+                if r.get("table") == 100:
+                    ip_rules.append(
+                        f"{af} fwmark {r.get('fwmark')} mask {r.get('fwmask')} pref {r.get('priority')}"
+                    )
+            for rt in ipr.get_routes(table=100, family=af):
+                if rt.get("table") == 100:
+                    table_100.append(f"{af} type {rt['type']} dst_len {rt['dst_len']}")
+    return Snapshot(saved=saved, ip_rules=ip_rules, table_100=table_100)
