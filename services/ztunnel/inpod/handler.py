@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
@@ -35,16 +35,11 @@ from .proxies import PodHandle, run_pod_proxies
 log = logging.getLogger("ztunnel.inpod")
 
 
-class WorkloadHandler(Protocol):
-    """The seam the ZDS client drives (mirrors the lead's definition in shared/zds/)."""
-
-    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int) -> None: ...
-
-    async def stop_workload(self, uid: PodUid) -> None: ...
-
-
 class InPodWorkloadHandler:
-    """Starts/stops per-pod proxy sets in `pods_nursery` (one child task, one nursery, per pod)."""
+    """Starts/stops per-pod proxy sets in `pods_nursery` (one child task, one nursery, per pod).
+
+    Implements `shared.zds.workloads.WorkloadHandler`.
+    """
 
     def __init__(self, pods_nursery: trio.Nursery, *, config: ProxyConfig | None = None,
                  telemetry: Telemetry | None = None, sockets: SocketFactory | None = None) -> None:
