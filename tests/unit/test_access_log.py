@@ -1,0 +1,164 @@
+"""Access log lines in upstream ztunnel's format (SPEC §6), formatted and parsed back; metrics labels."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+
+import pytest
+from prometheus_client import generate_latest
+
+from services.ztunnel.telemetry import (
+    ConnectionRecord,
+    Display,
+    Metrics,
+    Peer,
+    Telemetry,
+    UpstreamFormatter,
+    debug_quote,
+    format_addr,
+    format_plain,
+    parse_plain,
+    set_log_level,
+)
+
+TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+def test_plain_line_matches_upstream_example_shape() -> None:
+    line = format_plain(
+        epoch=1_700_000_000.123456, level="info", target="access", message="connection complete",
+        fields=[
+            ("src.addr", Display("10.0.0.1:40000")), ("src.workload", "a"), ("src.namespace", "ns"),
+            ("src.identity", "spiffe://cluster.local/ns/ns/sa/a"), ("src.cluster", None),
+            ("dst.addr", Display("10.0.0.2:15008")), ("dst.hbone_addr", Display("10.0.0.2:8080")),
+            ("dst.workload", "b"), ("dst.namespace", "ns"), ("dst.identity", "spiffe://cluster.local/ns/ns/sa/b"),
+            ("direction", "outbound"), ("bytes_sent", 10), ("bytes_recv", 20), ("duration", "3ms"),
+        ])
+    assert line == (
+        "2023-11-14T22:13:20.123456Z\tinfo\taccess\tconnection complete\t"
+        'src.addr=10.0.0.1:40000 src.workload="a" src.namespace="ns" '
+        'src.identity="spiffe://cluster.local/ns/ns/sa/a" '
+        'dst.addr=10.0.0.2:15008 dst.hbone_addr=10.0.0.2:8080 dst.workload="b" dst.namespace="ns" '
+        'dst.identity="spiffe://cluster.local/ns/ns/sa/b" direction="outbound" bytes_sent=10 bytes_recv=20 '
+        'duration="3ms"'
+    )
+
+
+@pytest.mark.parametrize("value,quoted", [
+    ("plain", '"plain"'),
+    ('say "hi"', '"say \\"hi\\""'),
+    ("back\\slash", '"back\\\\slash"'),
+    ("line\nbreak\ttab", '"line\\nbreak\\ttab"'),
+    ("bell\x07", '"bell\\u{7}"'),
+    ("ünïcode", '"ünïcode"'),
+])
+def test_debug_quoting_round_trips(value: str, quoted: str) -> None:
+    assert debug_quote(value) == quoted
+    line = format_plain(epoch=0, level="info", target="access", message="m", fields=[("k", value), ("n", 5)])
+    assert parse_plain(line).fields == {"k": value, "n": 5}
+
+
+def test_addresses_are_bare_and_ipv6_bracketed() -> None:
+    assert format_addr(("10.1.2.3", 80)) == "10.1.2.3:80"
+    assert format_addr(("::ffff:10.1.2.3", 80)) == "10.1.2.3:80"
+    assert format_addr(("fd00::1", 443, 0, 0)) == "[fd00::1]:443"
+
+
+def record() -> ConnectionRecord:
+    rec = ConnectionRecord(direction="outbound", src_addr=Display("10.0.0.1:40000"),
+                           dst_addr=Display("10.0.0.2:9080"), src=Peer(workload="a", namespace="ns"),
+                           dst=Peer())
+    rec.bytes_sent, rec.bytes_recv = 123, 4567
+    return rec
+
+
+def capture(json_format: bool = False) -> tuple[Telemetry, io.StringIO]:
+    out = io.StringIO()
+    logger = logging.Logger("access", level=logging.DEBUG)  # a private logger: no global state touched
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(UpstreamFormatter(json_format=json_format))
+    logger.addHandler(handler)
+    return Telemetry(Metrics(), logger=logger), out
+
+
+def test_connection_complete_success_line_parses_back() -> None:
+    tel, out = capture()
+    tel.connection_complete(record())
+    (line,) = out.getvalue().splitlines()
+    parsed = parse_plain(line)
+    assert TS.match(parsed.timestamp)
+    assert (parsed.level, parsed.target, parsed.message) == ("info", "access", "connection complete")
+    assert list(parsed.fields) == ["src.addr", "src.workload", "src.namespace", "dst.addr", "direction",
+                                   "bytes_sent", "bytes_recv", "duration"]
+    assert parsed.fields["bytes_sent"] == 123 and parsed.fields["bytes_recv"] == 4567
+    assert parsed.fields["src.addr"] == "10.0.0.1:40000"
+    assert re.fullmatch(r"\d+ms", str(parsed.fields["duration"]))
+    assert '\tsrc.addr=10.0.0.1:40000 src.workload="a"' in line
+
+
+def test_connection_complete_failure_is_error_with_trailing_error_field() -> None:
+    tel, out = capture()
+    tel.connection_complete(record(), error="io error: Connection refused (os error 111)")
+    line = out.getvalue().rstrip("\n")
+    parsed = parse_plain(line)
+    assert parsed.level == "error"
+    assert list(parsed.fields)[-1] == "error"
+    assert line.endswith(' error="io error: Connection refused (os error 111)"')
+
+
+def test_connection_failed_is_warn_with_early_deny_fields() -> None:
+    tel, out = capture()
+    tel.connection_failed(src_addr=Display("10.0.0.9:1234"), dst_addr=Display("10.0.0.2:15001"),
+                          direction="inbound", error="attempted recursive call to ourselves")
+    parsed = parse_plain(out.getvalue())
+    assert (parsed.level, parsed.message) == ("warn", "connection failed")
+    assert list(parsed.fields) == ["src.addr", "dst.addr", "direction", "error"]
+
+
+def test_connection_opened_is_debug() -> None:
+    tel, out = capture()
+    tel.connection_opened(record())
+    parsed = parse_plain(out.getvalue())
+    assert (parsed.level, parsed.message) == ("debug", "connection opened")
+    assert "bytes_sent" not in parsed.fields
+
+
+def test_json_format() -> None:
+    tel, out = capture(json_format=True)
+    tel.connection_complete(record(), error="boom")
+    obj = json.loads(out.getvalue())
+    assert obj["level"] == "error" and obj["scope"] == "access" and obj["message"] == "connection complete"
+    assert TS.match(obj["time"])
+    assert obj["src.addr"] == "10.0.0.1:40000" and obj["bytes_sent"] == 123 and obj["error"] == "boom"
+    assert list(obj)[:4] == ["level", "time", "scope", "message"]
+
+
+def test_metrics_count_connections_and_bytes_with_istio_convention() -> None:
+    tel, _ = capture()
+    rec = record()
+    tel.connection_opened(rec)
+    tel.connection_complete(rec)
+    text = generate_latest(tel.metrics.registry).decode()
+    assert re.search(r'^istio_tcp_connections_opened_total\{.*reporter="source".*\} 1\.0$', text, re.M)
+    assert re.search(r'^istio_tcp_connections_closed_total\{.*source_workload="a".*\} 1\.0$', text, re.M)
+    # received = request direction (client -> upstream), sent = response direction.
+    assert re.search(r"^istio_tcp_received_bytes_total\{.*\} 123\.0$", text, re.M)
+    assert re.search(r"^istio_tcp_sent_bytes_total\{.*\} 4567\.0$", text, re.M)
+
+
+def test_set_log_level_accepts_upstream_names_and_rejects_others() -> None:
+    root = logging.getLogger()
+    old = root.level
+    try:
+        assert set_log_level("warn").startswith("warn")
+        assert root.level == logging.WARNING
+        set_log_level("access=debug")
+        assert logging.getLogger("access").level == logging.DEBUG
+        with pytest.raises(ValueError, match="unknown log level"):
+            set_log_level("loud")
+    finally:
+        root.setLevel(old)
+        logging.getLogger("access").setLevel(logging.NOTSET)
