@@ -206,7 +206,9 @@ class ZdsServer:
             if uid not in self.allowed_uids:
                 log.warning(
                     "refused %s: uid %d is not allowed (allowed: %s); run ztunnel as an allowed user",
-                    peer, uid, sorted(self.allowed_uids),
+                    peer,
+                    uid,
+                    sorted(self.allowed_uids),
                 )
                 return
             conn = _Connection(number=self._counter, sock=sock, peer=peer)
