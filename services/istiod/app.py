@@ -1,0 +1,169 @@
+"""`istiod-stub`: the control plane process for the local stack.
+
+    istiod-stub --world examples/bookinfo.yaml [--listen 127.0.0.1:15012] [--state-dir DIR] [--plaintext]
+                [--node-token NODE=TOKEN ...] [--admin-token TOKEN] [--tls-san NAME ...]
+
+Everything a client needs is written to the state directory (default ./.istiod-state, env ISTIOD_STATE_DIR):
+  root-cert.pem          the root CA certificate clients verify the server and workload certificates with
+  root-key.pem           the root key (0600; reused across restarts so issued certificates stay valid)
+  tokens/<node>.token    per-node bearer tokens (generated unless --node-token / ISTIOD_NODE_TOKENS)
+  admin.token            the token `ambient world ...` presents (else --admin-token / ISTIOD_ADMIN_TOKEN)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from services.istiod.ca import CertificateAuthority
+from services.istiod.errors import StartupError
+from services.istiod.server import DEFAULT_SERVER_NAMES, Auth, IstiodServer, server_ssl_context
+from services.istiod.store import WorldStore
+from services.istiod.world import World, load_world
+from shared.errors import AmbientError
+
+log = logging.getLogger("istiod-stub")
+
+DEFAULT_LISTEN = "127.0.0.1:15012"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="istiod-stub", description="Control plane stub: delta xDS, CA, pod watch."
+    )
+    p.add_argument("--world", type=Path, help="world file (YAML/JSON); default: an empty world")
+    p.add_argument(
+        "--listen", default=os.environ.get("ISTIOD_LISTEN", DEFAULT_LISTEN), help="HOST:PORT (ISTIOD_LISTEN)"
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("ISTIOD_STATE_DIR", ".istiod-state")),
+        help="root CA, tokens (ISTIOD_STATE_DIR)",
+    )
+    p.add_argument("--plaintext", action="store_true", help="serve without TLS (tests and debugging only)")
+    p.add_argument(
+        "--node-token", action="append", default=[], metavar="NODE=TOKEN", help="(ISTIOD_NODE_TOKENS=a=x,b=y)"
+    )
+    p.add_argument("--admin-token", default=os.environ.get("ISTIOD_ADMIN_TOKEN"), help="(ISTIOD_ADMIN_TOKEN)")
+    p.add_argument(
+        "--tls-san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra DNS name/IP for the serving cert",
+    )
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    return p.parse_args(argv)
+
+
+def _split_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise StartupError(f"--listen {text!r} is not HOST:PORT (e.g. 127.0.0.1:15012)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _node_tokens(args: argparse.Namespace, world: World, state_dir: Path) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    pairs = [*args.node_token, *filter(None, os.environ.get("ISTIOD_NODE_TOKENS", "").split(","))]
+    for pair in pairs:
+        node, sep, token = pair.partition("=")
+        if not sep or not node or not token:
+            raise StartupError(f"node token {pair!r} is not NODE=TOKEN")
+        tokens[node.strip()] = token.strip()
+    token_dir = state_dir / "tokens"
+    token_dir.mkdir(parents=True, exist_ok=True)
+    for node in world.nodes:
+        path = token_dir / f"{node.name}.token"
+        if node.name not in tokens:
+            tokens[node.name] = path.read_text().strip() if path.exists() else secrets.token_urlsafe(24)
+        _write_secret(path, tokens[node.name])
+    return tokens
+
+
+def _write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+async def run(args: argparse.Namespace) -> None:
+    host, port = _split_listen(args.listen)
+    state_dir: Path = args.state_dir
+    if args.world is not None:
+        try:
+            data = args.world.read_bytes()
+        except OSError as exc:
+            raise StartupError(f"cannot read the world file {args.world}: {exc.strerror}") from None
+        world = load_world(data, str(args.world))
+    else:
+        world = World()
+    try:
+        ca = CertificateAuthority.load_or_create(state_dir, world.trust_domain)
+        tokens = _node_tokens(args, world, state_dir)
+        admin_token = args.admin_token
+        admin_path = state_dir / "admin.token"
+        if admin_token is None:
+            admin_token = admin_path.read_text().strip() if admin_path.exists() else secrets.token_urlsafe(24)
+        _write_secret(admin_path, admin_token)
+    except OSError as exc:
+        raise StartupError(f"cannot write to the state directory {state_dir}: {exc}") from None
+    ssl_context = None
+    if not args.plaintext:
+        ssl_context = server_ssl_context(
+            ca, [*DEFAULT_SERVER_NAMES, *args.tls_san, *([host] if host != "0.0.0.0" else [])]
+        )
+    server = IstiodServer(WorldStore(world), ca, Auth(tokens, admin_token))
+    async with trio.open_nursery() as nursery:
+        try:
+            bound = await nursery.start(
+                lambda task_status: server.serve(
+                    host=host, port=port, ssl_context=ssl_context, task_status=task_status
+                )
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        log.info(
+            "istiod-stub serving %s on %s:%d (%d pods, %d services, %d policies); root cert %s",
+            "plaintext" if args.plaintext else "TLS",
+            host,
+            bound,
+            len(world.pods),
+            len(world.services),
+            len(world.policies),
+            state_dir / "root-cert.pem",
+        )
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        trio.run(run, args)
+    except* AmbientError as group:
+        for exc in group.exceptions:
+            print(f"istiod-stub: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except* KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

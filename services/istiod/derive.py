@@ -1,0 +1,297 @@
+"""Derive upstream's xDS resources from a World, the way istiod does (pure functions, no I/O).
+
+* pod -> istio.workload.Workload, keyed by uid `<clusterId>//Pod/<namespace>/<name>`; tunnel_protocol HBONE
+  when the pod is ambient-enabled (SPEC §8), NONE otherwise; `services` lists every Service whose selector
+  matches the pod (key `<namespace>/<hostname>`, ports with resolved target ports); `authorization_policies`
+  lists the WORKLOAD_SELECTOR policies of its namespace that select it.
+* service -> istio.workload.Service, keyed `<namespace>/<hostname>`.
+* policy -> istio.security.Authorization, keyed `<namespace>/<name>`; scope GLOBAL in the root namespace,
+  NAMESPACE elsewhere, WORKLOAD_SELECTOR when it has a selector.
+* a waypoint reference becomes a GatewayAddress: the waypoint Service's first VIP, hbone_mtls_port 15008.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Mapping
+
+from google.protobuf import empty_pb2, message
+
+from services.istiod.world import (
+    DATAPLANE_MODE_LABEL,
+    SIDECAR_STATUS_ANNOTATION,
+    USE_WAYPOINT_LABEL,
+    Match,
+    Pod,
+    Policy,
+    Service,
+    StringMatch,
+    WaypointRef,
+    World,
+)
+from shared.api import authorization_pb2 as apb
+from shared.api import podwatch_pb2
+from shared.api import workload_pb2 as wpb
+
+ADDRESS_TYPE_URL = "type.googleapis.com/istio.workload.Address"
+AUTHORIZATION_TYPE_URL = "type.googleapis.com/istio.security.Authorization"
+HBONE_PORT = 15008
+
+_APP_PROTOCOLS = {"http": wpb.HTTP11, "http1": wpb.HTTP11, "http2": wpb.HTTP2, "grpc": wpb.GRPC}
+
+
+def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Kubernetes equality selector; an empty selector selects nothing here (a Service without selector has no
+    endpoints derived from pods)."""
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def is_ambient(world: World, pod: Pod) -> bool:
+    """SPEC §8 default enablement: pod label ambient, or namespace label ambient and pod not opted out with
+    `none`; pods with a sidecar and host-network pods are never captured."""
+    if SIDECAR_STATUS_ANNOTATION in pod.annotations or pod.host_network:
+        return False
+    mode = pod.labels.get(DATAPLANE_MODE_LABEL)
+    if mode == "ambient":
+        return True
+    ns = world.namespace(pod.namespace)
+    ns_mode = ns.labels.get(DATAPLANE_MODE_LABEL) if ns is not None else None
+    return ns_mode == "ambient" and mode != "none"
+
+
+def workload_uid(world: World, pod: Pod) -> str:
+    return f"{world.cluster_id}//Pod/{pod.namespace}/{pod.name}"
+
+
+def _canonical_name(pod: Pod) -> str:
+    for key in ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app"):
+        if key in pod.labels:
+            return pod.labels[key]
+    return pod.workload or pod.name
+
+
+def _canonical_revision(pod: Pod) -> str:
+    for key in ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"):
+        if key in pod.labels:
+            return pod.labels[key]
+    return "latest"
+
+
+def _waypoint_address(world: World, ref: WaypointRef | None, default_ns: str) -> wpb.GatewayAddress | None:
+    if ref is None:
+        return None
+    ns = ref.namespace or default_ns
+    svc = next((s for s in world.services if s.namespace == ns and s.name == ref.name), None)
+    if svc is None:
+        return None
+    if svc.vips:
+        dest = wpb.NetworkAddress(network=world.network, address=ipaddress.ip_address(svc.vips[0]).packed)
+        return wpb.GatewayAddress(address=dest, hbone_mtls_port=HBONE_PORT)
+    return wpb.GatewayAddress(
+        hostname=wpb.NamespacedHostname(namespace=ns, hostname=world.service_hostname(svc)),
+        hbone_mtls_port=HBONE_PORT,
+    )
+
+
+def _pod_waypoint(world: World, pod: Pod) -> wpb.GatewayAddress | None:
+    if pod.waypoint is not None:
+        return _waypoint_address(world, pod.waypoint, pod.namespace)
+    if USE_WAYPOINT_LABEL in pod.labels:
+        return _waypoint_address(world, WaypointRef(name=pod.labels[USE_WAYPOINT_LABEL]), pod.namespace)
+    ns = world.namespace(pod.namespace)
+    if ns is not None and USE_WAYPOINT_LABEL in ns.labels:
+        return _waypoint_address(world, WaypointRef(name=ns.labels[USE_WAYPOINT_LABEL]), pod.namespace)
+    return None
+
+
+def _service_ports(svc: Service) -> list[wpb.Port]:
+    return [
+        wpb.Port(
+            service_port=p.port,
+            target_port=p.target_port or p.port,
+            app_protocol=_APP_PROTOCOLS.get((p.app_protocol or "").lower(), wpb.UNKNOWN),
+        )
+        for p in svc.ports
+    ]
+
+
+def derive_workload(world: World, pod: Pod) -> wpb.Workload:
+    services = {
+        f"{svc.namespace}/{world.service_hostname(svc)}": wpb.PortList(ports=_service_ports(svc))
+        for svc in world.services
+        if svc.namespace == pod.namespace and selector_matches(svc.selector, pod.labels)
+    }
+    policies = [
+        pol.key
+        for pol in world.policies
+        if pol.namespace == pod.namespace
+        and pol.selector is not None
+        and selector_matches(pol.selector, pod.labels)
+    ]
+    wl = wpb.Workload(
+        uid=workload_uid(world, pod),
+        name=pod.name,
+        namespace=pod.namespace,
+        addresses=[ipaddress.ip_address(ip).packed for ip in pod.ips],
+        network=world.network,
+        tunnel_protocol=wpb.HBONE if is_ambient(world, pod) else wpb.NONE,
+        trust_domain=world.trust_domain,
+        service_account=pod.service_account,
+        node=pod.node,
+        canonical_name=_canonical_name(pod),
+        canonical_revision=_canonical_revision(pod),
+        workload_type=wpb.DEPLOYMENT if pod.workload else wpb.POD,
+        workload_name=pod.workload or pod.name,
+        services=services,
+        authorization_policies=sorted(policies),
+        status=wpb.HEALTHY,
+        cluster_id=world.cluster_id,
+        network_mode=wpb.HOST_NETWORK if pod.host_network else wpb.STANDARD,
+    )
+    waypoint = _pod_waypoint(world, pod)
+    if waypoint is not None:
+        wl.waypoint.CopyFrom(waypoint)
+    return wl
+
+
+def service_key(world: World, svc: Service) -> str:
+    return f"{svc.namespace}/{world.service_hostname(svc)}"
+
+
+def derive_service(world: World, svc: Service) -> wpb.Service:
+    out = wpb.Service(
+        name=svc.name,
+        namespace=svc.namespace,
+        hostname=world.service_hostname(svc),
+        addresses=[
+            wpb.NetworkAddress(network=world.network, address=ipaddress.ip_address(v).packed)
+            for v in svc.vips
+        ],
+        ports=_service_ports(svc),
+    )
+    ref = svc.waypoint
+    if ref is None:
+        ns = world.namespace(svc.namespace)
+        if ns is not None and USE_WAYPOINT_LABEL in ns.labels and ns.labels[USE_WAYPOINT_LABEL] != svc.name:
+            ref = WaypointRef(name=ns.labels[USE_WAYPOINT_LABEL])
+    waypoint = _waypoint_address(world, ref, svc.namespace)
+    if waypoint is not None:
+        out.waypoint.CopyFrom(waypoint)
+    return out
+
+
+def _string_match(sm: StringMatch) -> apb.StringMatch:
+    if sm.exact is not None:
+        return apb.StringMatch(exact=sm.exact)
+    if sm.prefix is not None:
+        return apb.StringMatch(prefix=sm.prefix)
+    if sm.suffix is not None:
+        return apb.StringMatch(suffix=sm.suffix)
+    return apb.StringMatch(presence=empty_pb2.Empty())
+
+
+def _address(text: str) -> apb.Address:
+    net = ipaddress.ip_network(text, strict=False)
+    return apb.Address(address=net.network_address.packed, length=net.prefixlen)
+
+
+def _match(m: Match) -> apb.Match:
+    return apb.Match(
+        namespaces=[_string_match(x) for x in m.namespaces],
+        not_namespaces=[_string_match(x) for x in m.not_namespaces],
+        principals=[_string_match(x) for x in m.principals],
+        not_principals=[_string_match(x) for x in m.not_principals],
+        source_ips=[_address(x) for x in m.source_ips],
+        not_source_ips=[_address(x) for x in m.not_source_ips],
+        destination_ips=[_address(x) for x in m.destination_ips],
+        not_destination_ips=[_address(x) for x in m.not_destination_ips],
+        destination_ports=m.destination_ports,
+        not_destination_ports=m.not_destination_ports,
+        service_accounts=[
+            apb.ServiceAccountMatch(namespace=x.namespace, service_account=x.service_account)
+            for x in m.service_accounts
+        ],
+        not_service_accounts=[
+            apb.ServiceAccountMatch(namespace=x.namespace, service_account=x.service_account)
+            for x in m.not_service_accounts
+        ],
+    )
+
+
+def derive_authorization(world: World, pol: Policy) -> apb.Authorization:
+    if pol.selector is not None:
+        scope = apb.WORKLOAD_SELECTOR
+    elif pol.namespace == world.root_namespace:
+        scope = apb.GLOBAL
+    else:
+        scope = apb.NAMESPACE
+    return apb.Authorization(
+        name=pol.name,
+        namespace=pol.namespace,
+        scope=scope,
+        action=apb.DENY if pol.action == "deny" else apb.ALLOW,
+        rules=[
+            apb.Rule(clauses=[apb.Clause(matches=[_match(m) for m in c.matches]) for c in r.clauses])
+            for r in pol.rules
+        ],
+        dry_run=pol.dry_run,
+    )
+
+
+def derive_pod(world: World, pod: Pod) -> podwatch_pb2.Pod:
+    ns = world.namespace(pod.namespace)
+    out = podwatch_pb2.Pod(
+        uid=pod.kube_uid,
+        name=pod.name,
+        namespace=pod.namespace,
+        service_account=pod.service_account,
+        node=pod.node,
+        ips=pod.ips,
+        labels=pod.labels,
+        annotations=pod.annotations,
+        namespace_labels=ns.labels if ns is not None else {},
+        host_network=pod.host_network,
+    )
+    out.version = version_of(out)
+    return out
+
+
+def version_of(msg: message.Message) -> str:
+    """A content version: equal for equal messages (deterministic serialisation), 16 hex digits."""
+    return hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+class Resources:
+    """Everything derived from one World: serialized xDS resources per type URL and pods per node.
+
+    `by_type[type_url][name] = (version, Any-packable message)`.
+    """
+
+    def __init__(self, world: World) -> None:
+        addresses: dict[str, tuple[str, message.Message]] = {}
+        for pod in world.pods:
+            addr = wpb.Address(workload=derive_workload(world, pod))
+            addresses[addr.workload.uid] = (version_of(addr), addr)
+        for svc in world.services:
+            addr = wpb.Address(service=derive_service(world, svc))
+            addresses[service_key(world, svc)] = (version_of(addr), addr)
+        authz: dict[str, tuple[str, message.Message]] = {}
+        for pol in world.policies:
+            auth = derive_authorization(world, pol)
+            authz[pol.key] = (version_of(auth), auth)
+        self.by_type: dict[str, dict[str, tuple[str, message.Message]]] = {
+            ADDRESS_TYPE_URL: addresses,
+            AUTHORIZATION_TYPE_URL: authz,
+        }
+        self.pods_by_node: dict[str, dict[str, podwatch_pb2.Pod]] = {node.name: {} for node in world.nodes}
+        for pod in world.pods:
+            self.pods_by_node.setdefault(pod.node, {})[pod.kube_uid] = derive_pod(world, pod)
+        self.identities_by_node: dict[str, set[str]] = {node.name: set() for node in world.nodes}
+        # The CA only signs identities of ambient pods: only those have their traffic proxied by ztunnel.
+        for pod in world.pods:
+            if not is_ambient(world, pod):
+                continue
+            self.identities_by_node.setdefault(pod.node, set()).add(
+                f"spiffe://{world.trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"
+            )

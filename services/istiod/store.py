@@ -1,0 +1,129 @@
+"""The stub's single source of truth: the current World, what is derived from it, and change notification.
+
+Every mutation builds a complete new World, validates it whole and derives its resources *before* swapping it
+in, so a rejected change leaves the state every subscriber sees untouched. After a swap every registered
+Wakeup is set; subscribers (xDS streams, pod watches) then diff the new resources against what they sent.
+All methods run on the Trio thread; no locks are needed because nothing awaits between check and swap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import msgspec
+import trio
+
+from services.istiod.derive import Resources
+from services.istiod.errors import NotFoundError, WorldError
+from services.istiod.world import Namespace, Pod, Policy, World, decode_fragment, validate
+
+log = logging.getLogger(__name__)
+
+
+class Wakeup:
+    """A level-triggered flag one task waits on and others set (cleared by the waiter)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
+class WorldStore:
+    def __init__(self, world: World | None = None) -> None:
+        self.world = world or World()
+        self.resources = Resources(self.world)
+        self.generation = 1
+        self._wakeups: set[Wakeup] = set()
+
+    @contextmanager
+    def subscribe(self) -> Iterator[Wakeup]:
+        """A Wakeup set after every accepted change, for the duration of the block."""
+        wakeup = Wakeup()
+        self._wakeups.add(wakeup)
+        try:
+            yield wakeup
+        finally:
+            self._wakeups.discard(wakeup)
+
+    def _swap(self, world: World, source: str, what: str) -> int:
+        validate(world, source)
+        resources = Resources(world)
+        self.world, self.resources = world, resources
+        self.generation += 1
+        log.info("world generation %d: %s", self.generation, what)
+        for wakeup in self._wakeups:
+            wakeup.set()
+        return self.generation
+
+    # --- mutations (each atomic; raise WorldError / NotFoundError and change nothing on failure) ---------
+
+    def apply(self, world: World, source: str = "world") -> int:
+        return self._swap(world, source, f"applied {source}")
+
+    def add_pod(self, pod_json: bytes) -> int:
+        pod = decode_fragment(pod_json, Pod, "pod", "$")
+        pods = [p for p in self.world.pods if p.key != pod.key] + [pod]
+        index = len(pods) - 1
+        try:
+            return self._swap(msgspec.structs.replace(self.world, pods=pods), "pod", f"pod {pod.key} added")
+        except WorldError as exc:
+            # Report the path relative to the pod the operator sent, not the whole world.
+            prefix = f"$.pods[{index}]"
+            if exc.path.startswith(prefix):
+                raise WorldError(f"pod {pod.key}", "$" + exc.path[len(prefix) :], exc.problem) from None
+            raise
+
+    def remove_pod(self, namespace: str, name: str) -> int:
+        key = f"{namespace}/{name}"
+        pods = [p for p in self.world.pods if p.key != key]
+        if len(pods) == len(self.world.pods):
+            raise NotFoundError(f"no pod {key} in the world")
+        return self._swap(msgspec.structs.replace(self.world, pods=pods), "pod", f"pod {key} removed")
+
+    def set_pod_labels(self, namespace: str, name: str, set_: Mapping[str, str], remove: list[str]) -> int:
+        key = f"{namespace}/{name}"
+        pods = list(self.world.pods)
+        for i, pod in enumerate(pods):
+            if pod.key == key:
+                labels = {k: v for k, v in pod.labels.items() if k not in remove} | dict(set_)
+                pods[i] = msgspec.structs.replace(pod, labels=labels)
+                break
+        else:
+            raise NotFoundError(f"no pod {key} in the world")
+        return self._swap(
+            msgspec.structs.replace(self.world, pods=pods), "labels", f"labels of pod {key} changed"
+        )
+
+    def set_namespace_labels(self, name: str, set_: Mapping[str, str], remove: list[str]) -> int:
+        namespaces = list(self.world.namespaces)
+        for i, ns in enumerate(namespaces):
+            if ns.name == name:
+                labels = {k: v for k, v in ns.labels.items() if k not in remove} | dict(set_)
+                namespaces[i] = Namespace(name=name, labels=labels)
+                break
+        else:
+            raise NotFoundError(f"no namespace {name} in the world")
+        world = msgspec.structs.replace(self.world, namespaces=namespaces)
+        return self._swap(world, "labels", f"labels of namespace {name} changed")
+
+    def add_policy(self, policy_json: bytes) -> int:
+        pol = decode_fragment(policy_json, Policy, "policy", "$")
+        policies = [p for p in self.world.policies if p.key != pol.key] + [pol]
+        world = msgspec.structs.replace(self.world, policies=policies)
+        return self._swap(world, f"policy {pol.key}", f"policy {pol.key} added")
+
+    def remove_policy(self, namespace: str, name: str) -> int:
+        key = f"{namespace}/{name}"
+        policies = [p for p in self.world.policies if p.key != key]
+        if len(policies) == len(self.world.policies):
+            raise NotFoundError(f"no policy {key} in the world")
+        world = msgspec.structs.replace(self.world, policies=policies)
+        return self._swap(world, "policy", f"policy {key} removed")

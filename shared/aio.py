@@ -1,0 +1,316 @@
+"""The one bridge between Trio and asyncio: gRPC (grpclib) servers and clients driven from Trio code.
+
+Theory of operation
+-------------------
+grpclib is an asyncio library. trio_asyncio runs an asyncio event loop *inside* a Trio run
+(`open_aio_loop()`), so asyncio tasks and Trio tasks share one thread and one scheduler. This module is the
+only place that imports asyncio, trio_asyncio or grpclib; everything else sees Trio-flavoured objects:
+
+* Server: `serve_grpc(services, host=..., port=...)` runs a grpclib `Server` until cancelled. A service is a
+  generated grpclib base class (e.g. `discovery_grpc.AggregatedDiscoveryServiceBase`) plus a plain object with
+  *Trio* async methods of the same names: `trio_service(Base, impl)`. grpclib calls an asyncio handler, which
+  runs the Trio method through `trio_as_aio` and hands it a `ServerCall` whose `recv_message`/`send_message`
+  run the asyncio stream operations through `aio_as_trio`. A handler ends a call with a status by raising
+  `RpcError`; any other exception becomes UNKNOWN (and is logged by grpclib).
+* Client: `open_channel(host, port, ssl_context=...)` yields a `Channel`; `await channel.unary(...)` makes a
+  unary call and `async with channel.stream(...) as call:` opens a streaming call. Transport failures and
+  non-OK statuses surface as `RpcError` (status UNAVAILABLE for a lost or refused connection).
+
+Cancellation crosses the bridge both ways: cancelling the Trio caller cancels the asyncio future (and the gRPC
+call); grpclib cancelling a handler (client gone, server closing) cancels the Trio method.
+
+Importing this module imports trio_asyncio, which changes how pyroute2's sync IPRoute behaves on the Trio
+thread (DESIGN §5): import it only from modules that talk gRPC.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import trio
+import trio_asyncio
+from grpclib.client import Channel as _GrpcChannel
+from grpclib.const import Status as _GrpcStatus
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.server import Server as _GrpcServer
+
+from shared.errors import AmbientError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Channel",
+    "ClientCall",
+    "RpcError",
+    "RpcStatus",
+    "ServerCall",
+    "client_tls_context",
+    "open_aio_loop",
+    "open_channel",
+    "serve_grpc",
+    "trio_service",
+]
+
+
+class RpcStatus(enum.IntEnum):
+    """gRPC status codes (numbers are the wire values)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class RpcError(AmbientError):
+    """A gRPC call ended with a non-OK status (client side), or should (raised by a server handler)."""
+
+    def __init__(self, status: RpcStatus, message: str) -> None:
+        super().__init__(f"{status.name}: {message}")
+        self.status = status
+        self.message = message
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_aio_loop() -> AsyncIterator[None]:
+    """Make asyncio (and so grpclib) usable inside this Trio run; re-entrant (a no-op when already open)."""
+    if trio_asyncio.current_loop.get() is not None:
+        yield
+        return
+    async with trio_asyncio.open_loop():
+        yield
+
+
+# --- server ----------------------------------------------------------------------------------------------
+
+
+class ServerCall:
+    """The Trio view of one incoming call (unary or streaming)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.metadata: Mapping[str, str] = {k: v for k, v in (stream.metadata or {}).items()}
+        addr = stream.peer.addr() if stream.peer is not None else None
+        self.peer = f"{addr[0]}:{addr[1]}" if addr else "unknown"
+
+    async def recv_message(self) -> Any | None:
+        """The next request message, or None once the client has finished sending."""
+        with _translate_errors("receive from client"):
+            return await trio_asyncio.aio_as_trio(self._stream.recv_message)()
+
+    async def send_message(self, message: Any) -> None:
+        with _translate_errors("send to client"):
+            await trio_asyncio.aio_as_trio(self._stream.send_message)(message)
+
+
+TrioHandler = Callable[[ServerCall], Awaitable[None]]
+
+
+def trio_service(base: type, impl: object) -> object:
+    """Adapt `impl` (Trio methods named like `base`'s abstract methods) into a grpclib service object.
+
+    Args:
+        base: a generated grpclib service base class, e.g. `ca_grpc.IstioCertificateServiceBase`.
+        impl: an object with `async def <Method>(self, call: ServerCall) -> None` for every RPC of `base`.
+    Raises:
+        TypeError: if `impl` lacks a method.
+    """
+    namespace: dict[str, Any] = {}
+    for name in sorted(getattr(base, "__abstractmethods__", ())):
+        trio_fn = getattr(impl, name, None)
+        if trio_fn is None:
+            raise TypeError(f"{type(impl).__name__} does not implement {base.__name__}.{name}")
+        namespace[name] = _make_aio_handler(trio_fn)
+    return type(f"Trio{base.__name__}", (base,), namespace)()
+
+
+def _make_aio_handler(trio_fn: TrioHandler) -> Callable[[Any, Any], Awaitable[None]]:
+    async def handler(_self: Any, stream: Any) -> None:
+        try:
+            await trio_asyncio.trio_as_aio(trio_fn)(ServerCall(stream))
+        except BaseException as exc:
+            rpc = _find_rpc_error(exc)
+            if rpc is None:
+                raise
+            raise GRPCError(_GrpcStatus(int(rpc.status)), rpc.message) from None
+
+    return handler
+
+
+def _find_rpc_error(exc: BaseException) -> RpcError | None:
+    """The RpcError a handler raised, also when a nursery wrapped it in an exception group."""
+    if isinstance(exc, RpcError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find_rpc_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+async def serve_grpc(
+    services: Sequence[object],
+    *,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `services` (from `trio_service`) on host:port until cancelled.
+
+    Calls `task_status.started(bound_port)` once listening (port 0 picks a free port). On cancellation stops
+    accepting, cancels running calls and waits (at most 5 s) for them to finish.
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    async with open_aio_loop():
+        server = _GrpcServer(list(services))  # type: ignore[arg-type]
+        await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=ssl_context, reuse_address=True)
+        try:
+            listener: Any = server._server
+            bound = listener.sockets[0].getsockname()[1]
+            task_status.started(int(bound))
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                server.close()
+                await trio_asyncio.aio_as_trio(server.wait_closed)()
+
+
+# --- client ----------------------------------------------------------------------------------------------
+
+
+class _translate_errors:
+    """Map grpclib/transport exceptions raised inside the bridge to RpcError."""
+
+    def __init__(self, doing: str) -> None:
+        self.doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> Literal[False]:
+        if exc is None or isinstance(exc, RpcError):
+            return False
+        if isinstance(exc, GRPCError):
+            raise RpcError(RpcStatus(exc.status.value), exc.message or exc.status.name) from None
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            raise RpcError(
+                RpcStatus.UNAVAILABLE,
+                f"TLS verification failed ({exc.verify_message}) during {self.doing}; "
+                "is the CA certificate the stub's root (root-cert.pem)?",
+            ) from None
+        if isinstance(exc, StreamTerminatedError | ProtocolError | ConnectionError | OSError | EOFError):
+            detail = str(exc) or type(exc).__name__
+            raise RpcError(RpcStatus.UNAVAILABLE, f"connection lost during {self.doing}: {detail}") from None
+        return False
+
+
+class ClientCall:
+    """A streaming call opened by `Channel.stream`."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def send_message(self, message: Any, *, end: bool = False) -> None:
+        with _translate_errors("send to server"):
+            await trio_asyncio.aio_as_trio(self._stream.send_message)(message, end=end)
+
+    async def recv_message(self) -> Any | None:
+        """The next response, or None when the server ended the stream with OK. Raises RpcError otherwise."""
+        with _translate_errors("receive from server"):
+            message = await trio_asyncio.aio_as_trio(self._stream.recv_message)()
+            if message is None:
+                await trio_asyncio.aio_as_trio(self._stream.recv_trailing_metadata)()
+            return message
+
+    async def end(self) -> None:
+        """Half-close: no more requests."""
+        with _translate_errors("end the request stream"):
+            await trio_asyncio.aio_as_trio(self._stream.end)()
+
+
+class Channel:
+    """A connection to one gRPC server. Methods are named by their generated stub class + method name."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def _method(self, stub: type, method: str) -> Any:
+        return getattr(stub(self._channel), method)
+
+    async def unary(
+        self,
+        stub: type,
+        method: str,
+        request: Any,
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Make a unary call: `await ch.unary(ca_grpc.IstioCertificateServiceStub, "CreateCertificate", req)`.
+
+        Use trio.fail_after around it for a deadline. Raises RpcError.
+        """
+        fn = self._method(stub, method)
+        with _translate_errors(f"{method} call"):
+            return await trio_asyncio.aio_as_trio(fn)(request, metadata=dict(metadata or {}))
+
+    @asynccontextmanager
+    async def stream(
+        self, stub: type, method: str, *, metadata: Mapping[str, str] | None = None
+    ) -> AsyncIterator[ClientCall]:
+        """Open a streaming call; leaving the block cancels it if the server has not finished it."""
+        stream = self._method(stub, method).open(metadata=dict(metadata or {}))
+        with _translate_errors(f"open {method}"):
+            await trio_asyncio.aio_as_trio(stream.__aenter__)()
+        try:
+            yield ClientCall(stream)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                try:
+                    await trio_asyncio.aio_as_trio(stream.cancel)()
+                except Exception as exc:  # the stream may already be torn down; nothing left to release
+                    log.debug("cancel of %s stream: %r", method, exc)
+
+
+def client_tls_context(root_pem: str) -> ssl.SSLContext:
+    """A client TLS context trusting only `root_pem` (the stub's root-cert.pem), ALPN h2, hostname checked."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=root_pem)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+@asynccontextmanager
+async def open_channel(
+    host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[Channel]:
+    """A grpclib channel usable from Trio (opens the asyncio bridge if needed). Connects lazily."""
+    async with open_aio_loop():
+        channel = _GrpcChannel(host, port, ssl=ssl_context)
+        try:
+            yield Channel(channel)
+        finally:
+            channel.close()
