@@ -1,0 +1,116 @@
+"""Fakes for the node agent's seams, used by service tests (and handy for a dry run of the lifecycle)."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from services.node_agent.apply import ApplyOutcome
+from services.node_agent.errors import NetnsGoneError, RuleApplyError
+from services.node_agent.model import Pod
+from services.node_agent.rules import PodRedirect
+from shared.netns import netns_id
+from shared.zds.errors import ZdsNack, ZdsNoConnection
+from shared.zds.types import PodUid, WorkloadInfo
+
+
+class FakeRuleApplier:
+    """Records applies/deletes per netns identity; `fail_apply` makes the next applies fail."""
+
+    def __init__(self) -> None:
+        self.installed: dict[tuple[int, int], PodRedirect] = {}
+        self.calls: list[tuple[str, tuple[int, int]]] = []
+        self.fail_apply = False
+
+    async def apply(self, netns_fd: int, redirect: PodRedirect) -> ApplyOutcome:
+        await trio.lowlevel.checkpoint()
+        ident = netns_id(netns_fd)
+        self.calls.append(("apply", ident))
+        if self.fail_apply:
+            raise RuleApplyError("`iptables-restore --noflush -v` failed (exit 2): fake; rolled back")
+        before = self.installed.get(ident)
+        self.installed[ident] = redirect
+        if before == redirect:
+            return ApplyOutcome.UNCHANGED
+        return ApplyOutcome.INSTALLED if before is None else ApplyOutcome.REPAIRED
+
+    async def delete(self, netns_fd: int) -> None:
+        await trio.lowlevel.checkpoint()
+        ident = netns_id(netns_fd)
+        self.calls.append(("delete", ident))
+        self.installed.pop(ident, None)
+
+
+class FakeZtunnel:
+    """A ZtunnelLink: adds succeed while `connected`; `nack` makes them NACK with that text."""
+
+    def __init__(self, *, connected: bool = True) -> None:
+        self._connected = connected
+        self.nack: str | None = None
+        self.added: list[tuple[PodUid, WorkloadInfo, tuple[int, int]]] = []
+        self.deleted: list[PodUid] = []
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def set_connected(self, value: bool) -> None:
+        self._connected = value
+
+    async def add_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int) -> None:
+        await trio.lowlevel.checkpoint()
+        if not self._connected:
+            raise ZdsNoConnection()
+        if self.nack is not None:
+            raise ZdsNack(self.nack)
+        self.added.append((uid, info, netns_id(netns_fd)))
+
+    async def del_workload(self, uid: PodUid) -> None:
+        await trio.lowlevel.checkpoint()
+        self.deleted.append(uid)
+
+
+class RecordingStatus:
+    """A StatusReporter that remembers the current annotation per pod and every change."""
+
+    def __init__(self) -> None:
+        self.current: dict[PodUid, str] = {}
+        self.history: list[tuple[PodUid, str | None]] = []
+        self.changed = trio.Event()
+
+    async def report(self, pod: Pod, status: str | None) -> None:
+        await trio.lowlevel.checkpoint()
+        self.history.append((pod.uid, status))
+        if status is None:
+            self.current.pop(pod.uid, None)
+        else:
+            self.current[pod.uid] = status
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class PipeNetnsOpener:
+    """Stands in for netns handles with pipe fds: one pipe per netns path, `dup`ed on every open.
+
+    A path listed in `missing` raises NetnsGoneError, like a pod whose namespace vanished.
+    """
+
+    def __init__(self) -> None:
+        self.handles: dict[str, int] = {}
+        self.missing: set[str] = set()
+
+    def open(self, pod: Pod) -> int:
+        path = pod.netns_path
+        if path is None or path in self.missing:
+            raise NetnsGoneError(f"pod {pod.key}: network namespace {path} does not exist")
+        if path not in self.handles:
+            r, w = os.pipe()
+            os.close(w)
+            self.handles[path] = r
+        return os.dup(self.handles[path])
+
+    def close(self) -> None:
+        for fd in self.handles.values():
+            os.close(fd)
+        self.handles.clear()

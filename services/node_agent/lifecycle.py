@@ -1,0 +1,372 @@
+"""Pod lifecycle of the node agent (SPEC §8): enrol, report, retry, remove, restore after a restart.
+
+Theory of operation
+-------------------
+Pod sources (the control plane's pod watch, the CNI-event endpoint) call `pod_changed` / `pod_deleted` /
+`cni_add`; the agent decides eligibility and moves the pod between three states:
+
+    absent --enrol--> pending --ztunnel ACK--> enabled --unenrol--> absent
+                       ^  | NACK / no ztunnel: retried with per-pod backoff (5 ms doubling to 5 s)
+
+Enrolment (`AddPodToMesh`): put a placeholder in the netns cache, open the pod's netns, install the rules
+inside it, store the handle in the cache, send `add` to the newest ztunnel. A bad netns or a failed rule
+install is final for this attempt: the pod leaves the cache, nothing stays installed, the caller gets a
+non-retryable `EnrolmentError`. A ztunnel that is absent, NACKs or times out leaves the rules in place
+(fail closed: the pod's traffic goes to ports nobody serves rather than around the mesh), the pod reported
+`pending`, and a retry task resends `add` until ztunnel ACKs; then it is reported `enabled`.
+
+Removal (`RemovePodFromMesh`): take the handle from the cache, delete the rules in the netns unless the pod
+is gone, send `del` to every ztunnel, clear the status. Each pod's operations are serialised by a per-pod
+lock; different pods never wait for each other, and an error with one pod is logged, never fatal.
+
+The seams are Protocols, so service tests run the whole lifecycle with fakes: `RuleApplier` (apply.py),
+`ZtunnelLink` (the ZDS server), `StatusReporter` (the control plane's pod status), `NetnsOpener`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from typing import Protocol
+
+import msgspec
+import trio
+
+from services.node_agent.apply import RuleApplier
+from services.node_agent.cache import NetnsCache
+from services.node_agent.eligibility import DEFAULT_SYSTEM_NAMESPACE, Decision, decide
+from services.node_agent.errors import EnrolmentError, NetnsGoneError, NodeAgentError, RuleApplyError
+from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING, Pod
+from services.node_agent.rules import RuleSettings, resolve_redirect
+from shared.netns import NetnsError, open_netns
+from shared.zds.errors import ZdsError
+from shared.zds.types import PodUid, WorkloadInfo
+
+log = logging.getLogger("node_agent.lifecycle")
+
+RETRY_INITIAL = 0.005
+RETRY_MAX = 5.0
+
+
+class ZtunnelLink(Protocol):
+    """The ZDS server as the lifecycle uses it (shared.zds.server.ZdsServer satisfies it)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def add_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int) -> None: ...
+
+    async def del_workload(self, uid: PodUid) -> None: ...
+
+
+class StatusReporter(Protocol):
+    """Writes the `ambient.istio.io/redirection` pod annotation: "pending", "enabled" or None (removed)."""
+
+    async def report(self, pod: Pod, status: str | None) -> None: ...
+
+
+class NetnsOpener(Protocol):
+    """Opens a pod's netns handle; raises NetnsGoneError when it cannot."""
+
+    def open(self, pod: Pod) -> int: ...
+
+
+class PodSink(Protocol):
+    """What a pod source feeds: the lifecycle."""
+
+    async def pod_changed(self, pod: Pod, namespace_labels: Mapping[str, str]) -> Decision: ...
+
+    async def pod_deleted(self, pod: Pod) -> None: ...
+
+
+class PodSource(Protocol):
+    """A source of this node's pods (the control plane's pod watch, a Kubernetes informer, ...)."""
+
+    async def enabled_pods(self) -> list[Pod]:
+        """Pods currently annotated `enabled` on this node (the restart snapshot, SPEC §8)."""
+        ...
+
+    async def run(
+        self, sink: PodSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Deliver every pod change to `sink` until cancelled; started() once the first listing is in."""
+        ...
+
+
+class LogStatusReporter:
+    """StatusReporter for a node without a control plane: the status goes to the log only."""
+
+    async def report(self, pod: Pod, status: str | None) -> None:
+        log.info("pod %s: redirection status %s", pod.key, status or "removed")
+
+
+class PathNetnsOpener:
+    """Opens `pod.netns_path` (under an optional host mount prefix, upstream's /host)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    def open(self, pod: Pod) -> int:
+        if not pod.netns_path:
+            raise NetnsGoneError(f"pod {pod.key}: no network namespace path known (no CNI event, not found)")
+        path = pod.netns_path
+        if self.prefix and path.startswith("/"):
+            path = self.prefix.rstrip("/") + path
+        try:
+            return open_netns(path)
+        except NetnsError as exc:
+            raise NetnsGoneError(f"pod {pod.key}: {exc}") from None
+
+
+class PodState(msgspec.Struct, kw_only=True):
+    pod: Pod
+    status: str
+    delay: float = RETRY_INITIAL
+    due: float = 0.0
+
+
+class NodeAgent:
+    """The pod lifecycle; see the module docstring. Implements PodSink."""
+
+    def __init__(
+        self,
+        *,
+        applier: RuleApplier,
+        ztunnel: ZtunnelLink,
+        status: StatusReporter,
+        settings: RuleSettings,
+        opener: NetnsOpener | None = None,
+        cache: NetnsCache | None = None,
+        system_namespace: str = DEFAULT_SYSTEM_NAMESPACE,
+        retry_initial: float = RETRY_INITIAL,
+        retry_max: float = RETRY_MAX,
+    ) -> None:
+        self.applier = applier
+        self.ztunnel = ztunnel
+        self.status = status
+        self.settings = settings
+        self.opener: NetnsOpener = opener or PathNetnsOpener()
+        self.cache = cache if cache is not None else NetnsCache()
+        self.system_namespace = system_namespace
+        self.retry_initial, self.retry_max = retry_initial, retry_max
+        self.pods: dict[PodUid, PodState] = {}
+        self._locks: dict[PodUid, trio.Lock] = {}
+        self._wakeup = trio.Event()
+
+    # --- queries ----------------------------------------------------------------------------------------
+
+    def status_of(self, uid: PodUid) -> str | None:
+        state = self.pods.get(uid)
+        return state.status if state else None
+
+    # --- PodSink ----------------------------------------------------------------------------------------
+
+    async def pod_changed(self, pod: Pod, namespace_labels: Mapping[str, str]) -> Decision:
+        """Re-evaluate a pod after any change of it or its namespace's labels; enrol or remove accordingly.
+        Errors are logged (the source has nothing to answer); a pending pod is retried by `run`."""
+        decision = decide(pod, namespace_labels, system_namespace=self.system_namespace)
+        enrolled = pod.uid in self.pods
+        try:
+            if decision.eligible and not enrolled:
+                known = self.cache.get(pod.uid)
+                if pod.netns_path is None and known is None:
+                    log.info(
+                        "pod %s is ambient (%s); waiting for its CNI event or netns", pod.key, decision.reason
+                    )
+                    return decision
+                await self.enrol(pod)
+            elif decision.eligible:
+                self.pods[pod.uid].pod = pod
+            elif enrolled:
+                log.info("pod %s leaves the mesh: %s", pod.key, decision.reason)
+                await self.unenrol(pod, pod_gone=pod.terminated)
+        except NodeAgentError as exc:
+            log.error("pod %s: %s", pod.key, exc)
+        return decision
+
+    async def pod_deleted(self, pod: Pod) -> None:
+        if pod.uid in self.pods or pod.uid in self.cache:
+            await self.unenrol(pod, pod_gone=True)
+
+    async def cni_add(self, pod: Pod, namespace_labels: Mapping[str, str] | None) -> Decision:
+        """The CNI ADD path: enrol now and tell the caller whether it worked.
+
+        `namespace_labels` None means no pod watch vouches for the pod: the CNI caller's request is taken as
+        the decision that it is ambient (the lab, playing kubelet, only calls for ambient pods).
+
+        Raises:
+            EnrolmentError: the pod could not be enrolled (the CNI plugin turns this into a CNI error). A
+                pod left `pending` because ztunnel has not acked yet is not an error (rules are in place).
+        """
+        if namespace_labels is None:
+            decision = Decision(eligible=True, reason="CNI event")
+        else:
+            decision = decide(pod, namespace_labels, system_namespace=self.system_namespace)
+        if not decision.eligible:
+            return decision
+        await self.enrol(pod)
+        return decision
+
+    # --- enrol / unenrol --------------------------------------------------------------------------------
+
+    def _lock(self, uid: PodUid) -> trio.Lock:
+        return self._locks.setdefault(uid, trio.Lock())
+
+    async def enrol(self, pod: Pod) -> str:
+        """AddPodToMesh. Returns the resulting status ("enabled" or "pending").
+
+        Raises:
+            EnrolmentError(retryable=False): bad netns, bad annotations, rules not installable.
+        """
+        async with self._lock(pod.uid):
+            return await self._enrol_locked(pod)
+
+    async def _enrol_locked(self, pod: Pod) -> str:
+        self.cache.ensure(pod.uid, pod.workload_info)
+        try:
+            redirect = resolve_redirect(pod.annotations, self.settings)
+            fd = self._open(pod)
+        except NodeAgentError as exc:
+            self._forget(pod.uid)
+            raise EnrolmentError(f"pod {pod.key}: {exc}", retryable=False) from None
+        try:
+            outcome = await self.applier.apply(fd, redirect)
+        except (RuleApplyError, NetnsGoneError) as exc:
+            os.close(fd)
+            self._forget(pod.uid)
+            raise EnrolmentError(
+                f"pod {pod.key}: redirection not installed: {exc}", retryable=False
+            ) from None
+        except BaseException:
+            os.close(fd)
+            self._forget(pod.uid)
+            raise
+        log.info("pod %s: redirection %s", pod.key, outcome.value)
+        fd = self.cache.upsert(pod.uid, pod.workload_info, fd)
+        state = self.pods.get(pod.uid)
+        if state is None:
+            state = self.pods[pod.uid] = PodState(pod=pod, status=STATUS_PENDING)
+        state.pod = pod
+        await self._send_add(state, fd)
+        return state.status
+
+    def _open(self, pod: Pod) -> int:
+        known = self.cache.get(pod.uid)
+        if pod.netns_path is None and known is not None and known.netns_fd is not None:
+            return os.dup(known.netns_fd)
+        return self.opener.open(pod)
+
+    def _forget(self, uid: PodUid) -> None:
+        entry = self.cache.take(uid)
+        if entry is not None and entry.netns_fd is not None:
+            os.close(entry.netns_fd)
+        self.pods.pop(uid, None)
+
+    async def _send_add(self, state: PodState, fd: int) -> None:
+        pod = state.pod
+        try:
+            await self.ztunnel.add_workload(pod.uid, pod.workload_info, fd)
+        except ZdsError as exc:
+            retrying = state.status == STATUS_PENDING and state.due != 0.0
+            state.due = trio.current_time() + state.delay
+            state.delay = min(state.delay * 2, self.retry_max)
+            if not retrying:
+                log.warning(
+                    "pod %s: rules installed but ztunnel has not taken the pod (%s); pending, retrying",
+                    pod.key,
+                    exc,
+                )
+                state.status = STATUS_PENDING
+                await self._report(pod, STATUS_PENDING)
+            self._wakeup.set()
+            return
+        state.status = STATUS_ENABLED
+        state.delay, state.due = self.retry_initial, 0.0
+        log.info("pod %s: enrolled, ztunnel acked", pod.key)
+        await self._report(pod, STATUS_ENABLED)
+
+    async def unenrol(self, pod: Pod, *, pod_gone: bool) -> None:
+        """RemovePodFromMesh: rules out of the netns (unless the pod is gone), `del` to every ztunnel,
+        status removed. Never raises for a pod whose netns vanished: there is nothing left to clean."""
+        async with self._lock(pod.uid):
+            entry = self.cache.take(pod.uid)
+            self.pods.pop(pod.uid, None)
+            try:
+                if entry is not None and entry.netns_fd is not None and not pod_gone:
+                    try:
+                        await self.applier.delete(entry.netns_fd)
+                    except (RuleApplyError, NetnsGoneError) as exc:
+                        log.warning("pod %s: removing redirection failed: %s", pod.key, exc)
+            finally:
+                if entry is not None and entry.netns_fd is not None:
+                    os.close(entry.netns_fd)
+            await self.ztunnel.del_workload(pod.uid)
+            await self._report(pod, None)
+            log.info("pod %s: removed from the mesh", pod.key)
+        self._locks.pop(pod.uid, None)
+
+    async def _report(self, pod: Pod, status: str | None) -> None:
+        try:
+            await self.status.report(pod, status)
+        except NodeAgentError as exc:
+            log.warning("pod %s: could not report status %s: %s", pod.key, status or "removed", exc)
+
+    # --- restart ----------------------------------------------------------------------------------------
+
+    async def restore(self, pods: list[Pod], *, reconcile_rules: bool = True) -> None:
+        """Rebuild the cache from pods annotated `enabled` before this agent started (SPEC §8, restart).
+
+        Pods whose netns can be opened go in with their handle (rules reconciled if asked); the others as a
+        placeholder, so the snapshot sends `keep` for them. Call before the ZDS server starts serving.
+        """
+        for pod in pods:
+            if pod.terminated:
+                continue
+            try:
+                fd = self.opener.open(pod)
+            except NetnsGoneError as exc:
+                log.warning("pod %s: enabled before restart, netns not found (%s); kept as is", pod.key, exc)
+                self.cache.ensure(pod.uid, pod.workload_info)
+                continue
+            if reconcile_rules:
+                try:
+                    outcome = await self.applier.apply(fd, resolve_redirect(pod.annotations, self.settings))
+                    log.info("pod %s: rules reconciled after restart: %s", pod.key, outcome.value)
+                except NodeAgentError as exc:
+                    log.error("pod %s: reconciling rules after restart failed: %s", pod.key, exc)
+            self.cache.upsert(pod.uid, pod.workload_info, fd)
+            self.pods[pod.uid] = PodState(pod=pod, status=STATUS_ENABLED)
+
+    # --- retry loop -------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Retry pending pods until cancelled (per-pod exponential backoff, SPEC §8)."""
+        task_status.started()
+        while True:
+            pending = [s for s in self.pods.values() if s.status == STATUS_PENDING]
+            if not pending:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            due = min(s.due for s in pending)
+            with trio.move_on_at(due):
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            now = trio.current_time()
+            for state in [s for s in pending if s.due <= now]:
+                await self._retry(state.pod.uid)
+
+    async def _retry(self, uid: PodUid) -> None:
+        async with self._lock(uid):
+            state = self.pods.get(uid)
+            entry = self.cache.get(uid)
+            if state is None or state.status != STATUS_PENDING or entry is None or entry.netns_fd is None:
+                return
+            with contextlib.suppress(NodeAgentError):
+                await self._send_add(state, entry.netns_fd)
+
+    def close(self) -> None:
+        """Close every cached netns handle; rules stay in the pods (fail closed)."""
+        self.cache.close()
