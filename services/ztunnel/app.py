@@ -1,0 +1,230 @@
+"""The ztunnel process: config, start-up checks, one root nursery, signal handling.
+
+Theory of operation
+-------------------
+    servers nursery        admin 127.0.0.1:15000, stats :15020, readiness :15021 (h11 on Trio)
+      pods nursery         one child per pod (InPodWorkloadHandler -> run_pod_proxies)
+        ZDS client         run_zds_client(INPOD_UDS, WorkloadManager(handler)) under its own cancel scope
+
+Readiness (`/healthz/ready`) is the conjunction of named checks; the in-pod one is the ZDS manager's
+`ready` (connected, snapshot applied, nothing pending). SIGTERM/SIGINT: stop the ZDS client (no new pods),
+every pod stops accepting, open connections get the drain deadline to finish, then everything is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shared.netns import NetnsError, current_netns_fd, entered
+from shared.zds.client import run_zds_client
+from shared.zds.workloads import WorkloadManager
+
+from .config import ZtunnelConfig, load_config
+from .errors import ConfigError, StartupCheckError
+from .httpd import HttpRequest, HttpResponse, serve_http
+from .inpod.handler import InPodWorkloadHandler
+from .inpod.sockets import SO_MARK
+from .proxy.context import SocketFactory
+from .telemetry import Metrics, Telemetry, current_log_levels, set_log_level, setup_logging
+
+log = logging.getLogger("ztunnel.app")
+
+
+def verify_syscalls(mark: int) -> None:
+    """Upstream's start-up self check: setns into our own netns works, and SO_MARK is settable.
+
+    Raises:
+        StartupCheckError: with what is missing (usually: not running as root).
+    """
+    hint = "" if os.geteuid() == 0 else " ztunnel must run as root (CAP_NET_ADMIN and CAP_SYS_ADMIN)."
+    try:
+        fd = current_netns_fd()
+        try:
+            with entered(fd):
+                pass
+        finally:
+            os.close(fd)
+    except (NetnsError, OSError) as exc:
+        raise StartupCheckError(f"cannot switch network namespaces: {exc}.{hint}") from exc
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as exc:
+        raise StartupCheckError(f"cannot set SO_MARK={mark} on a socket: {exc.strerror}.{hint}") from exc
+
+
+class Readiness:
+    """Named readiness checks; ready when all pass."""
+
+    def __init__(self) -> None:
+        self._checks: dict[str, Callable[[], bool]] = {}
+
+    def add(self, name: str, check: Callable[[], bool]) -> None:
+        self._checks[name] = check
+
+    def blocking(self) -> list[str]:
+        return [name for name, check in self._checks.items() if not check()]
+
+
+class ZtunnelApp:
+    """The running process's parts, as seen by the admin endpoints and by tests."""
+
+    def __init__(self, config: ZtunnelConfig, handler: InPodWorkloadHandler, manager: WorkloadManager,
+                 telemetry: Telemetry, readiness: Readiness) -> None:
+        self.config = config
+        self.handler = handler
+        self.manager = manager
+        self.telemetry = telemetry
+        self.readiness = readiness
+        self.addresses: dict[str, list[tuple[str, int]]] = {}
+        self._changed = trio.Event()
+
+    def notify(self) -> None:
+        """Called by the ZDS workload manager after every change of its state."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds (re-checked after every ZDS state change)."""
+        while not condition():
+            await self._changed.wait()
+
+    def config_dump(self) -> dict[str, Any]:
+        return {
+            "config": msgspec.to_builtins(self.config),
+            "pods": self.handler.dump(),
+            "zds": self.manager.state(),
+            "readiness": {"ready": not self.readiness.blocking(), "blocking": self.readiness.blocking()},
+        }
+
+    async def admin(self, request: HttpRequest) -> HttpResponse:
+        if request.path == "/config_dump":
+            return HttpResponse(body=msgspec.json.format(msgspec.json.encode(self.config_dump())) + b"\n",
+                                content_type="application/json")
+        if request.path == "/logging":
+            levels = request.query.get("level")
+            if not levels:
+                return HttpResponse(body=f"current log level is {current_log_levels()}\n".encode())
+            try:
+                now = set_log_level(levels[0])
+            except ValueError as exc:
+                return HttpResponse(status=400, body=f"{exc}\n".encode())
+            return HttpResponse(body=f"set new log level to {now}\n".encode())
+        if request.path == "/healthz/ready":
+            return await self.ready(request)
+        if request.path in ("/metrics", "/stats/prometheus"):
+            return await self.stats(request)
+        return HttpResponse(status=404, body=b"not found; try /config_dump or /logging?level=info\n")
+
+    async def stats(self, request: HttpRequest) -> HttpResponse:
+        if request.path in ("/metrics", "/stats/prometheus"):
+            return HttpResponse(body=generate_latest(self.telemetry.metrics.registry),
+                                content_type=CONTENT_TYPE_LATEST)
+        return HttpResponse(status=404, body=b"not found; try /metrics or /stats/prometheus\n")
+
+    async def ready(self, request: HttpRequest) -> HttpResponse:
+        if request.path != "/healthz/ready":
+            return HttpResponse(status=404, body=b"not found; try /healthz/ready\n")
+        blocking = self.readiness.blocking()
+        if blocking:
+            return HttpResponse(status=503, body=f"not ready: waiting for {', '.join(blocking)}\n".encode())
+        return HttpResponse(body=b"ready\n")
+
+
+async def run_ztunnel(config: ZtunnelConfig, *, shutdown: trio.Event | None = None,
+                      sockets: SocketFactory | None = None,
+                      task_status: trio.TaskStatus[ZtunnelApp] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run until `shutdown` is set (never, if None and not cancelled), then drain and return.
+
+    Args:
+        sockets: the in-pod socket factory (tests pass a loopback fake); default the real one.
+    """
+    shutdown = shutdown if shutdown is not None else trio.Event()
+    telemetry = Telemetry(Metrics())
+    readiness = Readiness()
+    async with trio.open_nursery() as servers:
+        async with trio.open_nursery() as pods:
+            handler = InPodWorkloadHandler(pods, config=config.proxy, telemetry=telemetry, sockets=sockets)
+            manager = WorkloadManager(handler, on_change=lambda: app.notify())
+            readiness.add("inpod snapshot from the node agent", lambda: manager.ready)
+            # (The xDS client adds its "xds synced" check here when XDS_ADDRESS is configured.)
+            app = ZtunnelApp(config, handler, manager, telemetry, readiness)
+            app.addresses["admin"] = await servers.start(serve_http, app.admin, *config.admin_addr)
+            app.addresses["stats"] = await servers.start(serve_http, app.stats, *config.stats_addr)
+            app.addresses["readiness"] = await servers.start(serve_http, app.ready, *config.readiness_addr)
+
+            # --- ZDS client: the node agent hands us pods over INPOD_UDS --------------------------------
+            zds_scope = trio.CancelScope()
+
+            async def zds_client() -> None:
+                with zds_scope:
+                    await run_zds_client(config.inpod_uds, manager)
+
+            pods.start_soon(zds_client)
+            # -------------------------------------------------------------------------------------------
+            log.info("ztunnel started", extra={"fields": [
+                ("inpod_uds", config.inpod_uds), ("node", config.node_name or None),
+                ("admin", f"{config.admin_addr[0]}:{config.admin_addr[1]}")]})
+            task_status.started(app)
+
+            await shutdown.wait()
+            log.info("shutting down: draining pods",
+                     extra={"fields": [("deadline", f"{config.drain_deadline}s")]})
+            zds_scope.cancel()
+            await handler.drain_all(grace=config.drain_deadline)
+            app.notify()
+            pods.cancel_scope.cancel()
+        servers.cancel_scope.cancel()
+    log.info("ztunnel stopped")
+
+
+async def _main(config: ZtunnelConfig) -> None:
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def wait_signal() -> None:
+                async for signum in signals:
+                    log.info("received signal", extra={"fields": [("signal", signal.Signals(signum).name)]})
+                    shutdown.set()
+                    return
+
+            nursery.start_soon(wait_signal)
+            await run_ztunnel(config, shutdown=shutdown)
+            nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script `ztunnel`; settings come from the environment (INPOD_UDS, NODE_NAME, LOG_FORMAT...)."""
+    del argv
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"ztunnel: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(json_format=config.log_format == "json", level=config.log_level)
+    try:
+        verify_syscalls(config.proxy.packet_mark)
+    except StartupCheckError as exc:
+        log.error("start-up check failed", extra={"fields": [("error", str(exc))]})
+        print(f"ztunnel: {exc}", file=sys.stderr)
+        return 1
+    try:
+        trio.run(_main, config)
+    except OSError as exc:
+        print(f"ztunnel: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

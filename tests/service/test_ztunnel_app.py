@@ -1,0 +1,136 @@
+"""The ztunnel process end to end without root: a real ZDS server (node-agent role) over a SEQPACKET socket,
+pipe fds as netns handles, the loopback socket factory, and the admin/stats/readiness HTTP endpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from services.ztunnel.app import ZtunnelApp, run_ztunnel
+from services.ztunnel.config import ZtunnelConfig, drain_deadline, load_config
+from services.ztunnel.errors import ConfigError
+from shared.zds.errors import ZdsNack
+from shared.zds.server import ZdsServer
+from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
+from tests.service.test_ztunnel_inpod import FakeSockets
+
+INFO = WorkloadInfo(name="app", namespace="ns", service_account="sa")
+
+
+class Snapshot:
+    def __init__(self) -> None:
+        self.entries: list[SnapshotEntry] = []
+
+    def snapshot(self) -> list[SnapshotEntry]:
+        return list(self.entries)
+
+
+@pytest.fixture
+def pipe_fds() -> Iterator[list[int]]:
+    fds: list[int] = []
+    for _ in range(3):
+        fds.extend(os.pipe())
+    try:
+        yield fds[0::2]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def http_get(addr: tuple[str, int], target: str) -> tuple[int, bytes]:
+    stream = await trio.open_tcp_stream(*addr)
+    async with stream:
+        await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = bytearray()
+        while chunk := await stream.receive_some():
+            data += chunk
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def config(tmp_path: Path) -> ZtunnelConfig:
+    return ZtunnelConfig(inpod_uds=str(tmp_path / "zds.sock"), admin_addr=("127.0.0.1", 0),
+                         stats_addr=("127.0.0.1", 0), readiness_addr=("127.0.0.1", 0), drain_deadline=0.5)
+
+
+async def test_zds_drives_pods_and_endpoints_report_them(tmp_path: Path, pipe_fds: list[int]) -> None:
+    cfg = config(tmp_path)
+    fake = FakeSockets()
+    snap = Snapshot()
+    snap.entries.append(SnapshotEntry(uid=PodUid("pod-a"), info=INFO, netns_fd=pipe_fds[0]))
+    shutdown = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            app: ZtunnelApp = await nursery.start(lambda **kw: run_ztunnel(cfg, shutdown=shutdown,
+                                                                           sockets=fake, **kw))
+            ready = app.addresses["readiness"][0]
+            admin = app.addresses["admin"][0]
+            stats = app.addresses["stats"][0]
+            status, body = await http_get(ready, "/healthz/ready")
+            assert status == 503 and b"inpod snapshot" in body
+
+            server = ZdsServer(cfg.inpod_uds, snap, accept_interval=0)
+            await nursery.start(server.serve)
+            await server.wait_connections()
+            await app.wait_until(lambda: app.manager.ready)
+            assert (await http_get(ready, "/healthz/ready"))[0] == 200
+
+            await server.add_workload(PodUid("pod-b"), INFO, pipe_fds[1])
+            status, body = await http_get(admin, "/config_dump")
+            dump = json.loads(body)
+            assert status == 200
+            assert [p["uid"] for p in dump["pods"]] == ["pod-a", "pod-b"]
+            assert {li["role"] for li in dump["pods"][0]["listeners"]} == {"outbound", "inbound_plaintext",
+                                                                           "inbound_hbone"}
+            assert dump["zds"]["ready"] is True
+
+            await server.del_workload(PodUid("pod-a"))
+            assert set(app.handler.pods) == {"pod-b"}
+
+            fake.fail_with = "port 15008 is already in use inside the pod"
+            with pytest.raises(ZdsNack, match="failure to start proxy : port 15008"):
+                await server.add_workload(PodUid("pod-c"), INFO, pipe_fds[2])
+            status, body = await http_get(ready, "/healthz/ready")
+            assert status == 503  # a pending pod blocks readiness
+
+            status, body = await http_get(stats, "/stats/prometheus")
+            assert status == 200 and re.search(rb"^istio_proxies_started_total 2\.0$", body, re.M)
+            assert (await http_get(stats, "/metrics"))[0] == 200
+
+            status, body = await http_get(admin, "/logging?level=access=debug")
+            assert status == 200 and b"access=debug" in body
+            assert (await http_get(admin, "/logging?level=loud"))[0] == 400
+            assert (await http_get(admin, "/nope"))[0] == 404
+
+            shutdown.set()
+            await app.wait_until(lambda: not app.handler.pods)
+            nursery.cancel_scope.cancel()
+
+
+def test_config_reads_upstream_env_names() -> None:
+    cfg = load_config({"INPOD_UDS": "/tmp/x.sock", "NODE_NAME": "node-a", "LOG_FORMAT": "json",
+                       "XDS_ADDRESS": "https://istiod:15012", "IPV6_ENABLED": "false",
+                       "ENABLE_ORIG_SRC": "true", "ADMIN_ADDR": "127.0.0.1:25000"})
+    assert cfg.inpod_uds == "/tmp/x.sock" and cfg.node_name == "node-a" and cfg.log_format == "json"
+    assert cfg.xds_address == "https://istiod:15012"
+    assert cfg.proxy.ipv6 is False and cfg.proxy.orig_src is True
+    assert cfg.admin_addr == ("127.0.0.1", 25000)
+    assert load_config({}).inpod_uds == "/var/run/ztunnel/ztunnel.sock"
+    with pytest.raises(ConfigError, match="LOG_FORMAT"):
+        load_config({"LOG_FORMAT": "xml"})
+    with pytest.raises(ConfigError, match="ENABLE_ORIG_SRC"):
+        load_config({"ENABLE_ORIG_SRC": "maybe"})
+
+
+def test_drain_deadline_follows_upstream() -> None:
+    assert drain_deadline({}) == 5.0
+    assert drain_deadline({"CONNECTION_TERMINATION_DEADLINE": "7s"}) == 7.0
+    assert drain_deadline({"TERMINATION_GRACE_PERIOD_SECONDS": "30"}) == 25.0
+    assert drain_deadline({"TERMINATION_GRACE_PERIOD_SECONDS": "10"}) == 9.0
+    assert drain_deadline({"TERMINATION_GRACE_PERIOD_SECONDS": "1"}) == 1.0
