@@ -358,3 +358,69 @@ async def test_not_a_netns_fd_is_a_start_error_and_nothing_runs() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def add_ipv6(pod: str, server_ns: str, index: int) -> tuple[str, str]:
+    """Give pod `index` (from add_pod) IPv6 addresses and the ip6tables flavour of the rules."""
+    pod_ip, server_ip = f"fd00:250:{index}::1", f"fd00:250:{index}::2"
+    run("ip", "-6", "addr", "add", f"{pod_ip}/64", "dev", f"vp{index}", "nodad", netns=pod)
+    run("ip", "-6", "addr", "add", f"{server_ip}/64", "dev", f"vs{index}", "nodad", netns=server_ns)
+    rules = INPOD_RULES.replace("127.0.0.1/32", "::1/128").replace(
+        "169.254.7.127/32", "fd16:9254:7127:1337:ffff:ffff:ffff:ffff/128")
+    subprocess.run(["ip", "netns", "exec", pod, "ip6tables-restore", "--noflush"], input=rules,
+                   check=True, capture_output=True, text=True, timeout=30)
+    run("ip", "-6", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100", netns=pod)
+    run("ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100", netns=pod)
+    return pod_ip, server_ip
+
+
+async def bound_listener6(fd: int, port: int) -> trio.socket.SocketType:
+    with entered(fd):
+        sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    await sock.bind(("::", port))
+    sock.listen(16)
+    return sock
+
+
+async def connect6_from(fd: int, addr: tuple[str, int]) -> trio.socket.SocketType:
+    with entered(fd):
+        sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    await sock.connect(addr)
+    return sock
+
+
+async def test_ipv6_outbound_and_inbound_with_original_dst_and_source(make_netns: Callable[[str], str],
+                                                                      access_log: LogCapture) -> None:
+    server_ns = make_netns("srv")
+    pod, _, _ = add_pod(make_netns, server_ns, 1)
+    pod_ip, server_ip = add_ipv6(pod, server_ns, 1)
+    server_peers: list[tuple[str, int]] = []
+    app_peers: list[tuple[str, int]] = []
+    with netns_fd(pod) as pfd, netns_fd(server_ns) as sfd:
+        server = await bound_listener6(sfd, SERVER_PORT)
+        app = await bound_listener6(pfd, APP_PORT)
+        async with ztunnel() as zt, trio.open_nursery() as nursery:
+            nursery.start_soon(echo_server, server, server_peers)
+            nursery.start_soon(echo_server, app, app_peers)
+            await zt.start_workload(PodUid("uid-1"), INFO, pfd)
+            with trio.fail_after(30):
+                out = await connect6_from(pfd, (server_ip, SERVER_PORT))  # via 15001 (IP6T_SO_ORIGINAL_DST)
+                with out:
+                    await send_all(out, b"v6 out")
+                    out.shutdown(socket.SHUT_WR)
+                    assert await recv_all(out) == b"v6 out"
+                inbound = await connect6_from(sfd, (pod_ip, APP_PORT))  # via 15006, transparent to the app
+                with inbound:
+                    await send_all(inbound, b"v6 in!")
+                    inbound.shutdown(socket.SHUT_WR)
+                    assert await recv_all(inbound) == b"v6 in!"
+            lines = await access_log.wait_for("connection complete", 2)
+            nursery.cancel_scope.cancel()
+    assert server_peers[0][0] == pod_ip
+    assert app_peers[0][0] == server_ip
+    by_direction = {line.fields["direction"]: line for line in lines}
+    assert by_direction["outbound"].fields["dst.addr"] == f"[{server_ip}]:{SERVER_PORT}"
+    assert by_direction["inbound"].fields["dst.addr"] == f"[{pod_ip}]:{APP_PORT}"
+    assert by_direction["inbound"].fields["bytes_recv"] == 6
