@@ -424,3 +424,21 @@ async def test_ipv6_outbound_and_inbound_with_original_dst_and_source(make_netns
     assert by_direction["outbound"].fields["dst.addr"] == f"[{server_ip}]:{SERVER_PORT}"
     assert by_direction["inbound"].fields["dst.addr"] == f"[{pod_ip}]:{APP_PORT}"
     assert by_direction["inbound"].fields["bytes_recv"] == 6
+
+
+async def test_unreachable_destination_times_out_with_an_error_line(make_netns: Callable[[str], str],
+                                                                   access_log: LogCapture) -> None:
+    server_ns = make_netns("srv")
+    pod, _, server_ip = add_pod(make_netns, server_ns, 1)
+    run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8081", "-j", "DROP", netns=server_ns)
+    with netns_fd(pod) as pfd, trio.fail_after(30):
+        async with trio.open_nursery() as pods:
+            zt = InPodWorkloadHandler(pods, config=ProxyConfig(connect_timeout=0.3), telemetry=Telemetry())
+            await zt.start_workload(PodUid("uid-1"), INFO, pfd)
+            client = await connect_from(pfd, (server_ip, 8081))  # accepted by ztunnel's 15001 at once
+            with client:
+                assert await recv_all(client) == b""  # then closed when the upstream connect gives up
+            (line,) = await access_log.wait_for("connection complete")
+            pods.cancel_scope.cancel()
+    assert line.level == "error"
+    assert str(line.fields["error"]).startswith("connection timed out after 0.3s")

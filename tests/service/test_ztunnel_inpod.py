@@ -343,3 +343,30 @@ async def test_workload_manager_acks_and_nacks_through_the_handler() -> None:
             assert manager.ready and set(zt.pods) == {"a", "b"}
             assert await manager.handle(DelWorkload(uid=PodUid("a"))) == ""
             assert set(zt.pods) == {"b"}
+
+
+async def test_client_reset_mid_transfer_is_logged_and_the_pod_keeps_serving(access_log: LogCapture) -> None:
+    import struct
+
+    fake = FakeSockets()
+    with pipe_fd() as fd, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server_port = await nursery.start(echo_server)
+            fake.original = ("127.0.0.1", server_port)
+            async with ztunnel(fake) as zt:
+                await zt.start_workload(PodUid("a"), INFO, fd)
+                rude = trio.socket.socket()
+                await rude.connect(("127.0.0.1", fake.ports["outbound"]))
+                await rude.send(b"partial request")
+                await access_log.wait_for("connection opened")
+                rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                rude.close()  # RST
+                (line,) = await access_log.wait_for("connection complete")
+                assert line.level == "error"
+                assert line.fields["error"] == "io error: Connection reset by peer (os error 104)"
+                polite = await tcp_connect(fake.ports["outbound"])
+                async with polite:
+                    await polite.send_all(b"ok")
+                    await polite.send_eof()
+                    assert await read_to_eof(polite) == b"ok"
+            nursery.cancel_scope.cancel()
