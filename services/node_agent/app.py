@@ -1,0 +1,338 @@
+"""The `node-agent` process: config, start-up checks, one root nursery, signal handling.
+
+Theory of operation
+-------------------
+    root nursery
+      ZDS server          ZdsServer(--zds-socket, snapshot=the netns cache): ztunnel connects here
+      lifecycle           NodeAgent.run: retries pending pods with backoff
+      CNI-event socket    POST /cmdadd on --cni-socket (h11), the `ambient-cni` plugin's target
+      health              GET /healthz, /readyz on --health-addr
+      pod source          the control plane's pod watch, when one is configured and available
+
+Before the ZDS server accepts anything, pods the pod source reports as `enabled` (enrolled by an earlier
+run) are put back in the netns cache and their rules reconciled, so a reconnecting ztunnel gets them in
+its snapshot (SPEC §8, agent restart). On SIGTERM/SIGINT everything is cancelled and the rules of every
+enrolled pod are left in place on purpose: their traffic keeps failing closed until an agent and a
+ztunnel take them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+import trio
+
+from services.node_agent.apply import Backend, NetnsRuleApplier, RuleApplier, find_binary
+from services.node_agent.cache import NetnsCache
+from services.node_agent.cni_server import DEFAULT_CNI_SOCKET, CniEndpoint, PodLookup
+from services.node_agent.errors import ConfigError, StartupCheckError
+from services.node_agent.httpd import Request, Response, json_response, open_unix_listener, serve_http
+from services.node_agent.lifecycle import (
+    LogStatusReporter,
+    NodeAgent,
+    PathNetnsOpener,
+    PodSource,
+    StatusReporter,
+)
+from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING
+from services.node_agent.rules import RuleSettings
+from shared.zds.server import DEFAULT_SOCKET_PATH, ZdsServer
+
+log = logging.getLogger("node_agent.app")
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+DEFAULT_HEALTH_ADDR = "127.0.0.1:8000"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
+    node_name: str
+    control_plane: str | None = None
+    zds_socket: str = DEFAULT_SOCKET_PATH
+    cni_socket: str = DEFAULT_CNI_SOCKET
+    backend: Backend = Backend.IPTABLES
+    dns_capture: bool = False
+    ipv6: bool = False
+    health_addr: str | None = DEFAULT_HEALTH_ADDR
+    host_prefix: str = ""
+    zds_allowed_uids: frozenset[int] | None = None
+    reconcile_on_start: bool = True
+    log_level: str = "info"
+
+    @property
+    def rule_settings(self) -> RuleSettings:
+        return RuleSettings(dns_capture=self.dns_capture, ipv6=self.ipv6)
+
+
+def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="node-agent",
+        description="Enrol this node's ambient pods: in-pod redirection, netns handed to ztunnel over ZDS.",
+    )
+    p.add_argument("--node-name", default=env.get("NODE_NAME"), help="this node's name (env NODE_NAME)")
+    p.add_argument(
+        "--control-plane",
+        default=env.get("CONTROL_PLANE_ADDRESS"),
+        help="istiod address host:port for the pod watch and status (env CONTROL_PLANE_ADDRESS); "
+        "without it only CNI events enrol pods",
+    )
+    p.add_argument("--zds-socket", default=env.get("ZDS_SOCKET", DEFAULT_SOCKET_PATH), help="ZDS socket path")
+    p.add_argument(
+        "--cni-socket", default=env.get("CNI_SOCKET", DEFAULT_CNI_SOCKET), help="CNI-event socket path"
+    )
+    p.add_argument(
+        "--rule-backend",
+        choices=[b.value for b in Backend],
+        default=env.get("RULE_BACKEND", Backend.IPTABLES.value),
+        help="iptables (iptables-restore) or nftables (nft -f) (env RULE_BACKEND)",
+    )
+    dns = p.add_mutually_exclusive_group()
+    dns.add_argument("--dns-capture", dest="dns_capture", action="store_true", default=None)
+    dns.add_argument(
+        "--no-dns-capture",
+        dest="dns_capture",
+        action="store_false",
+        help="capture pods' DNS to ztunnel's 15053 (env DNS_CAPTURE; default off: nothing serves 15053 yet)",
+    )
+    ipv6 = p.add_mutually_exclusive_group()
+    ipv6.add_argument("--ipv6", dest="ipv6", action="store_true", default=None)
+    ipv6.add_argument("--no-ipv6", dest="ipv6", action="store_false", help="also redirect IPv6 (env IPV6)")
+    p.add_argument(
+        "--health-addr",
+        default=env.get("HEALTH_ADDR", DEFAULT_HEALTH_ADDR),
+        help="host:port of /healthz and /readyz; empty to disable (env HEALTH_ADDR)",
+    )
+    p.add_argument(
+        "--host-prefix", default=env.get("HOST_PREFIX", ""), help="prefix for netns paths (upstream /host)"
+    )
+    p.add_argument("--zds-allowed-uid", type=int, action="append", help="peer uid allowed on the ZDS socket")
+    p.add_argument("--no-reconcile-on-start", dest="reconcile", action="store_false", default=True)
+    p.add_argument(
+        "--log-level", default=env.get("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
+    )
+    return p
+
+
+def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConfig:
+    """Flags first, environment second.
+
+    Raises:
+        ConfigError: a missing node name or an invalid value (the message names the flag/variable).
+    """
+    args = build_parser(env).parse_args(argv)
+    if not args.node_name:
+        raise ConfigError("node name missing: pass --node-name or set NODE_NAME")
+    dns = args.dns_capture if args.dns_capture is not None else _env_bool(env, "DNS_CAPTURE", False)
+    ipv6 = args.ipv6 if args.ipv6 is not None else _env_bool(env, "IPV6", False)
+    health = args.health_addr or None
+    if health is not None:
+        _split_host_port(health)
+    return AgentConfig(
+        node_name=args.node_name,
+        control_plane=args.control_plane or None,
+        zds_socket=args.zds_socket,
+        cni_socket=args.cni_socket,
+        backend=Backend(args.rule_backend),
+        dns_capture=dns,
+        ipv6=ipv6,
+        health_addr=health,
+        host_prefix=args.host_prefix,
+        zds_allowed_uids=frozenset(args.zds_allowed_uid) if args.zds_allowed_uid else None,
+        reconcile_on_start=args.reconcile,
+        log_level=args.log_level,
+    )
+
+
+def _split_host_port(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--health-addr {addr!r} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def effective_capabilities() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def startup_problems(config: AgentConfig, *, caps: int | None = None, which: Any = find_binary) -> list[str]:
+    """Everything that keeps the agent from working here, each with how to fix it."""
+    problems: list[str] = []
+    caps = effective_capabilities() if caps is None else caps
+    for bit, name in ((CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")):
+        if not caps & (1 << bit):
+            problems.append(
+                f"missing capability {name}: run node-agent as root (or grant {name}; containers: "
+                "privileged or cap_add NET_ADMIN, SYS_ADMIN)"
+            )
+    needed = ["ip"] if shutil.which("ip") is None else []
+    if config.backend is Backend.IPTABLES:
+        needed += ["iptables", "iptables-save", "iptables-restore"]
+        if config.ipv6:
+            needed += ["ip6tables", "ip6tables-save", "ip6tables-restore"]
+    else:
+        needed += ["nft"]
+    for binary in needed:
+        if which(binary) is None:
+            package = "nftables" if binary == "nft" else "iproute2" if binary == "ip" else "iptables"
+            problems.append(f"missing binary {binary}: install it (apt-get install {package})")
+    return problems
+
+
+def startup_check(config: AgentConfig) -> None:
+    problems = startup_problems(config)
+    if problems:
+        raise StartupCheckError("cannot run here:\n  " + "\n  ".join(problems))
+
+
+def _pod_source(config: AgentConfig) -> tuple[PodSource | None, StatusReporter, PodLookup | None]:
+    """The control plane's pod watch and status writer, when configured and present in this build."""
+    if config.control_plane is None:
+        log.info("no control plane configured: pods are enrolled by CNI events only")
+        return None, LogStatusReporter(), None
+    try:
+        from services.node_agent import podwatch  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        log.warning(
+            "control plane %s configured but this build has no pod watch; CNI events only",
+            config.control_plane,
+        )
+        return None, LogStatusReporter(), None
+    factory = getattr(podwatch, "open_pod_source", None)
+    if factory is None:
+        log.warning("services.node_agent.podwatch has no open_pod_source(); CNI events only")
+        return None, LogStatusReporter(), None
+    source, status, lookup = factory(config.control_plane, config.node_name)
+    return source, status, lookup
+
+
+async def run_agent(
+    config: AgentConfig,
+    *,
+    applier: RuleApplier | None = None,
+    task_status: trio.TaskStatus[NodeAgent] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the agent until cancelled; started(agent) once every socket is bound."""
+    cache = NetnsCache()
+    server = ZdsServer(config.zds_socket, cache, allowed_uids=config.zds_allowed_uids)
+    source, status, lookup = _pod_source(config)
+    agent = NodeAgent(
+        applier=applier or NetnsRuleApplier(config.rule_settings, config.backend),
+        ztunnel=server,
+        status=status,
+        settings=config.rule_settings,
+        opener=PathNetnsOpener(config.host_prefix),
+        cache=cache,
+    )
+
+    async def health(request: Request) -> Response:
+        if request.path not in ("/healthz", "/readyz"):
+            return json_response(404, {"error": "try /healthz or /readyz"})
+        counts = {STATUS_ENABLED: 0, STATUS_PENDING: 0}
+        for state in agent.pods.values():
+            counts[state.status] = counts.get(state.status, 0) + 1
+        body = {
+            "status": "ok",
+            "node": config.node_name,
+            "ztunnel_connected": server.connected,
+            "pods": counts,
+        }
+        return json_response(200, body)
+
+    try:
+        if source is not None:
+            await agent.restore(await source.enabled_pods(), reconcile_rules=config.reconcile_on_start)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            await nursery.start(agent.run)
+            cni_listener = await open_unix_listener(config.cni_socket)
+            await nursery.start(serve_http, [cni_listener], CniEndpoint(agent, lookup).route)
+            log.info("CNI-event endpoint on %s", config.cni_socket)
+            if config.health_addr is not None:
+                host, port = _split_host_port(config.health_addr)
+                listeners = await trio.open_tcp_listeners(port, host=host)
+                await nursery.start(serve_http, listeners, health)
+                log.info("health endpoint on http://%s/healthz", config.health_addr)
+            if source is not None:
+                await nursery.start(source.run, agent)
+            log.info(
+                "node-agent ready on node %s (backend %s, DNS capture %s, IPv6 %s)",
+                config.node_name,
+                config.backend.value,
+                "on" if config.dns_capture else "off",
+                "on" if config.ipv6 else "off",
+            )
+            task_status.started(agent)
+    finally:
+        enrolled = len(agent.pods)
+        agent.close()
+        with contextlib.suppress(OSError):
+            os.unlink(config.cni_socket)
+        log.info(
+            "node-agent stopped; %d enrolled pod(s) keep their redirection rules (fail closed until a "
+            "node agent and ztunnel take them again)",
+            enrolled,
+        )
+
+
+async def _main(config: AgentConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            await nursery.start(run_agent, config)
+            async for signum in signals:
+                log.info("received %s; shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script `node-agent`."""
+    try:
+        config = load_config(argv, os.environ)
+    except ConfigError as exc:
+        print(f"node-agent: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        startup_check(config)
+    except StartupCheckError as exc:
+        print(f"node-agent: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        trio.run(_main, config)
+    except OSError as exc:
+        print(f"node-agent: error: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

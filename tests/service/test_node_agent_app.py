@@ -1,0 +1,65 @@
+"""The node-agent process wiring (run_agent) with a fake rule applier: sockets bound, CNI add, a real
+ZDS client acks, graceful shutdown leaves the pod enrolled state to the rules (no delete on exit)."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from services.node_agent.app import AgentConfig, run_agent
+from services.node_agent.fakes import FakeRuleApplier
+from services.node_agent.lifecycle import NodeAgent
+from shared.zds.client import run_zds_client
+from shared.zds.workloads import WorkloadManager
+from tests.service.zds_fakes import RecordingHandler
+
+
+async def post(path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    data = json.dumps(body).encode()
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        head = f"POST /cmdadd HTTP/1.1\r\nhost: x\r\ncontent-length: {len(data)}\r\nconnection: close\r\n\r\n"
+        await stream.send_all(head.encode() + data)
+        raw = b""
+        while chunk := await stream.receive_some(65536):
+            raw += chunk
+    header, _, payload = raw.partition(b"\r\n\r\n")
+    return int(header.split()[1]), json.loads(payload)
+
+
+async def test_run_agent_enrols_via_cni_and_ztunnel_acks(tmp_path: Path) -> None:
+    config = AgentConfig(
+        node_name="n1",
+        zds_socket=str(tmp_path / "zds.sock"),
+        cni_socket=str(tmp_path / "cni.sock"),
+        health_addr=None,
+    )
+    applier = FakeRuleApplier()
+    handler = RecordingHandler()
+    netns = tmp_path / "netns-file"  # open_netns refuses a non-netns file: a clear 500
+    netns.write_text("")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            agent: NodeAgent = await nursery.start(partial(run_agent, config, applier=applier))
+            status, answer = await post(
+                config.cni_socket,
+                {"Netns": str(netns), "PodName": "a", "PodNamespace": "default", "PodUID": "u1", "IPs": []},
+            )
+            assert status == 500 and "not a network namespace" in str(answer["error"])
+            if os.geteuid() == 0:
+                status, answer = await post(
+                    config.cni_socket,
+                    {"Netns": "/proc/self/ns/net", "PodName": "a", "PodNamespace": "default", "PodUID": "u1"},
+                )
+                assert (status, answer["status"]) == (200, "pending")
+                nursery.start_soon(run_zds_client, config.zds_socket, WorkloadManager(handler))
+                while agent.status_of("u1") != "enabled":  # type: ignore[arg-type]
+                    await trio.sleep(0.01)
+                assert ("start", "u1") in handler.events
+            nursery.cancel_scope.cancel()
+    assert not os.path.exists(config.cni_socket)
+    assert [c for c in applier.calls if c[0] == "delete"] == []  # shutdown leaves rules in place

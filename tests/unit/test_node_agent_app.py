@@ -1,0 +1,63 @@
+"""node-agent configuration and start-up checks: clear errors naming the flag, capability or binary."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.node_agent.app import CAP_NET_ADMIN, CAP_SYS_ADMIN, load_config, main, startup_problems
+from services.node_agent.apply import Backend
+from services.node_agent.errors import ConfigError
+
+ALL_CAPS = (1 << CAP_NET_ADMIN) | (1 << CAP_SYS_ADMIN)
+
+
+def test_defaults_match_upstream_and_dns_is_off() -> None:
+    config = load_config([], {"NODE_NAME": "n1"})
+    assert config.zds_socket == "/var/run/ztunnel/ztunnel.sock"
+    assert config.cni_socket == "/var/run/istio-cni/pluginevent.sock"
+    assert config.backend is Backend.IPTABLES
+    assert not config.dns_capture and not config.ipv6
+
+
+def test_flags_override_environment() -> None:
+    env = {"NODE_NAME": "n1", "DNS_CAPTURE": "true", "RULE_BACKEND": "nftables", "IPV6": "1"}
+    config = load_config(["--node-name", "n2", "--no-dns-capture"], env)
+    assert (config.node_name, config.dns_capture, config.backend, config.ipv6) == (
+        "n2",
+        False,
+        Backend.NFTABLES,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        ([], {}, "node name missing"),
+        ([], {"NODE_NAME": "n", "DNS_CAPTURE": "maybe"}, "DNS_CAPTURE='maybe'"),
+        (["--health-addr", "nonsense"], {"NODE_NAME": "n"}, "not host:port"),
+    ],
+)
+def test_bad_config_is_a_clear_error(argv: list[str], env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(argv, env)
+
+
+def test_startup_check_names_capabilities_and_binaries() -> None:
+    config = load_config(["--ipv6"], {"NODE_NAME": "n"})
+    problems = startup_problems(config, caps=0, which=lambda name: None)
+    text = "\n".join(problems)
+    assert "CAP_NET_ADMIN" in text and "CAP_SYS_ADMIN" in text
+    assert "missing binary iptables-restore: install it (apt-get install iptables)" in text
+    assert "ip6tables-restore" in text
+    nft = load_config(["--rule-backend", "nftables"], {"NODE_NAME": "n"})
+    assert startup_problems(nft, caps=ALL_CAPS, which=lambda name: None)[-1] == (
+        "missing binary nft: install it (apt-get install nftables)"
+    )
+    assert startup_problems(config, caps=ALL_CAPS, which=lambda name: f"/usr/sbin/{name}") == []
+
+
+def test_main_reports_config_errors_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--health-addr", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("node-agent: error:") and "Traceback" not in err
