@@ -97,6 +97,7 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
         orig_src=_bool(env, "ENABLE_ORIG_SRC", None),
         cluster_id=env.get("CLUSTER_ID", "Kubernetes"),
         connect_timeout=parse_duration("CONNECT_TIMEOUT", env.get("CONNECT_TIMEOUT", "10s")),
+        splice=bool(_bool(env, "ZTUNNEL_SPLICE", True)),
     )
     return ZtunnelConfig(
         inpod_uds=env.get("INPOD_UDS", DEFAULT_INPOD_UDS),

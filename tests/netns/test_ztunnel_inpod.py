@@ -168,9 +168,9 @@ def access_log() -> Iterator[LogCapture]:
 
 
 @asynccontextmanager
-async def ztunnel() -> AsyncIterator[InPodWorkloadHandler]:
+async def ztunnel(*, splice: bool = True) -> AsyncIterator[InPodWorkloadHandler]:
     async with trio.open_nursery() as pods:
-        handler = InPodWorkloadHandler(pods, config=ProxyConfig(), telemetry=Telemetry())
+        handler = InPodWorkloadHandler(pods, config=ProxyConfig(splice=splice), telemetry=Telemetry())
         try:
             yield handler
         finally:
@@ -225,15 +225,16 @@ async def test_listener_socket_options(make_netns: Callable[[str], str]) -> None
             listeners.close()
 
 
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "shared-buffer"])
 async def test_outbound_passthrough_reaches_server(make_netns: Callable[[str], str],
-                                                   access_log: LogCapture) -> None:
+                                                   access_log: LogCapture, splice: bool) -> None:
     server_ns = make_netns("srv")
     pod, pod_ip, server_ip = add_pod(make_netns, server_ns, 1)
     peers: list[tuple[str, int]] = []
     payload = os.urandom(3 * 1024 * 1024 + 17)
     with netns_fd(pod) as pfd, netns_fd(server_ns) as sfd:
         server = await bound_listener(sfd, SERVER_PORT)
-        async with ztunnel() as zt, trio.open_nursery() as nursery:
+        async with ztunnel(splice=splice) as zt, trio.open_nursery() as nursery:
             nursery.start_soon(echo_server, server, peers)
             await zt.start_workload(PodUid("uid-1"), INFO, pfd)
             with trio.fail_after(30):

@@ -107,10 +107,10 @@ def access_log() -> Iterator[LogCapture]:
 
 
 @asynccontextmanager
-async def ztunnel(fake: FakeSockets) -> AsyncIterator[InPodWorkloadHandler]:
+async def ztunnel(fake: FakeSockets, *, splice: bool = True) -> AsyncIterator[InPodWorkloadHandler]:
     async with trio.open_nursery() as pods:
-        handler = InPodWorkloadHandler(pods, config=ProxyConfig(connect_timeout=5), telemetry=Telemetry(),
-                                       sockets=fake)
+        handler = InPodWorkloadHandler(pods, config=ProxyConfig(connect_timeout=5, splice=splice),
+                                       telemetry=Telemetry(), sockets=fake)
         try:
             yield handler
         finally:
@@ -191,11 +191,13 @@ async def test_same_netns_is_a_no_op_and_a_new_netns_rebinds() -> None:
             assert first.done.is_set()
 
 
-async def test_outbound_copies_both_ways_with_half_close_and_logs_bytes(access_log: LogCapture) -> None:
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "shared-buffer"])
+async def test_outbound_copies_both_ways_with_half_close_and_logs_bytes(access_log: LogCapture,
+                                                                        splice: bool) -> None:
     fake = FakeSockets()
     payload = b"x" * 700_000
     with pipe_fd() as fd, trio.fail_after(30):
-        async with ztunnel(fake) as zt, trio.open_nursery() as nursery:
+        async with ztunnel(fake, splice=splice) as zt, trio.open_nursery() as nursery:
             server_port = await nursery.start(echo_server)
             fake.original = ("127.0.0.1", server_port)
             await zt.start_workload(PodUid("a"), INFO, fd)
@@ -345,7 +347,9 @@ async def test_workload_manager_acks_and_nacks_through_the_handler() -> None:
             assert set(zt.pods) == {"b"}
 
 
-async def test_client_reset_mid_transfer_is_logged_and_the_pod_keeps_serving(access_log: LogCapture) -> None:
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "shared-buffer"])
+async def test_client_reset_mid_transfer_is_logged_and_the_pod_keeps_serving(access_log: LogCapture,
+                                                                             splice: bool) -> None:
     import struct
 
     fake = FakeSockets()
@@ -353,7 +357,7 @@ async def test_client_reset_mid_transfer_is_logged_and_the_pod_keeps_serving(acc
         async with trio.open_nursery() as nursery:
             server_port = await nursery.start(echo_server)
             fake.original = ("127.0.0.1", server_port)
-            async with ztunnel(fake) as zt:
+            async with ztunnel(fake, splice=splice) as zt:
                 await zt.start_workload(PodUid("a"), INFO, fd)
                 rude = trio.socket.socket()
                 await rude.connect(("127.0.0.1", fake.ports["outbound"]))

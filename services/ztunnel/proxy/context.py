@@ -28,6 +28,9 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
     orig_src: bool | None = None
     """ENABLE_ORIG_SRC: None = best effort, True = required, False = never spoof the client's address."""
     cluster_id: str = "Kubernetes"
+    splice: bool = True
+    """Move plaintext passthrough bytes with os.splice (about half the CPU of the shared-buffer copy, see
+    benchmarks/passthrough.py); False = recv_into the shared buffer and send."""
 
 
 class SocketFactory(Protocol):

@@ -50,7 +50,7 @@ async def _proxy(ctx: PodContext, client: socket.socket, upstream: socket.socket
         def received(n: int) -> None:
             record.bytes_recv += n
 
-        await copy_bidirectional(client, upstream, sent, received)
+        await copy_bidirectional(client, upstream, sent, received, splice=ctx.config.splice)
         error = None
     except ConnectError as exc:
         error = str(exc)
