@@ -443,3 +443,23 @@ async def test_unreachable_destination_times_out_with_an_error_line(make_netns: 
             pods.cancel_scope.cancel()
     assert line.level == "error"
     assert str(line.fields["error"]).startswith("connection timed out after 0.3s")
+
+
+async def test_port_in_use_inside_the_pod_fails_the_start_and_binds_nothing(
+        make_netns: Callable[[str], str]) -> None:
+    from services.ztunnel.errors import ProxyStartError
+
+    server_ns = make_netns("srv")
+    pod, _, _ = add_pod(make_netns, server_ns, 1)
+    with netns_fd(pod) as fd:
+        squatter = await bound_listener(fd, 15006)  # an app on ztunnel's port, without SO_REUSEPORT
+        with squatter:
+            async with ztunnel() as zt:
+                with pytest.raises(ProxyStartError, match="port 15006 is already in use inside the pod"):
+                    await zt.start_workload(PodUid("uid-1"), INFO, fd)
+                assert not zt.pods
+                table = listening_ports(pod)
+                assert ":15001 " not in table and ":15008 " not in table  # all or nothing
+        async with ztunnel() as zt:  # once the port is free the same pod starts (the manager's retry)
+            await zt.start_workload(PodUid("uid-1"), INFO, fd)
+            assert ":15006 " in listening_ports(pod)

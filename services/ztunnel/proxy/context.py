@@ -14,6 +14,7 @@ import msgspec
 
 from shared.zds.types import PodUid, WorkloadInfo
 
+from ..errors import ProxyStartError
 from ..inpod.sockets import PACKET_MARK, PodListeners, bind_pod_listeners, create_upstream_socket
 from ..telemetry import Peer, Telemetry
 from .net import Addr, original_dst
@@ -55,8 +56,13 @@ class InPodSocketFactory:
         self.config = config
 
     def bind_listeners(self, netns_fd: int) -> PodListeners:
-        return bind_pod_listeners(netns_fd, ipv6=self.config.ipv6, mark=self.config.packet_mark,
-                                  transparent=self.config.orig_src is not False)
+        listeners = bind_pod_listeners(netns_fd, ipv6=self.config.ipv6, mark=self.config.packet_mark,
+                                       transparent=self.config.orig_src is not False)
+        if self.config.orig_src and not listeners.transparent:
+            listeners.close()
+            raise ProxyStartError("ENABLE_ORIG_SRC=true but IP_TRANSPARENT is not permitted on the pod's "
+                                  "listeners (needs CAP_NET_ADMIN); unset it to fall back to plain connects")
+        return listeners
 
     def upstream(self, netns_fd: int, family: socket.AddressFamily, *,
                  bind_source: str | None = None) -> socket.socket:

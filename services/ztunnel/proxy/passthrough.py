@@ -21,6 +21,8 @@ from typing import Final
 
 import trio
 
+from shared.netns import NetnsError
+
 from ..errors import ConnectError
 from ..inpod.sockets import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from ..telemetry import ConnectionRecord, Peer, format_addr
@@ -72,7 +74,14 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
         return
     record = ConnectionRecord(direction="outbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
                               src=ctx.peer, dst=Peer())
-    upstream = ctx.sockets.upstream(ctx.netns_fd, family_of(dst[0]))
+    try:
+        upstream = ctx.sockets.upstream(ctx.netns_fd, family_of(dst[0]))
+    except (OSError, NetnsError) as exc:
+        error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        ctx.telemetry.connection_failed(src_addr=record.src_addr, dst_addr=record.dst_addr,
+                                        direction="outbound", record=record,
+                                        error=f"cannot create the upstream socket: {error}")
+        return
     await _proxy(ctx, client, upstream, dst, record)
 
 
@@ -101,11 +110,11 @@ async def handle_inbound_plaintext(ctx: PodContext, client: socket.socket, peer:
                               src=Peer(), dst=ctx.peer)
     try:
         upstream = _inbound_upstream(ctx, peer, dst)
-    except OSError as exc:
+    except (OSError, NetnsError) as exc:
+        error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         ctx.telemetry.connection_failed(src_addr=record.src_addr, dst_addr=record.dst_addr,
-                                        direction="inbound",
-                                        error=f"cannot bind the client's source address: "
-                                              f"{describe_os_error(exc)}", record=record)
+                                        direction="inbound", record=record,
+                                        error=f"cannot create the upstream socket: {error}")
         return
     await _proxy(ctx, client, upstream, dst, record)
 
