@@ -100,7 +100,8 @@ class PipeNetnsOpener:
         self.handles: dict[str, int] = {}
         self.missing: set[str] = set()
 
-    def open(self, pod: Pod) -> int:
+    async def open(self, pod: Pod) -> int:
+        await trio.lowlevel.checkpoint()
         path = pod.netns_path
         if path is None or path in self.missing:
             raise NetnsGoneError(f"pod {pod.key}: network namespace {path} does not exist")

@@ -39,6 +39,7 @@ from services.node_agent.cache import NetnsCache
 from services.node_agent.eligibility import DEFAULT_SYSTEM_NAMESPACE, Decision, decide
 from services.node_agent.errors import EnrolmentError, NetnsGoneError, NodeAgentError, RuleApplyError
 from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING, Pod
+from services.node_agent.netns_scan import find_pod_netns
 from services.node_agent.rules import RuleSettings, resolve_redirect
 from shared.netns import NetnsError, open_netns
 from shared.zds.errors import ZdsError
@@ -70,7 +71,7 @@ class StatusReporter(Protocol):
 class NetnsOpener(Protocol):
     """Opens a pod's netns handle; raises NetnsGoneError when it cannot."""
 
-    def open(self, pod: Pod) -> int: ...
+    async def open(self, pod: Pod) -> int: ...
 
 
 class PodSink(Protocol):
@@ -103,14 +104,23 @@ class LogStatusReporter:
 
 
 class PathNetnsOpener:
-    """Opens `pod.netns_path` (under an optional host mount prefix, upstream's /host)."""
+    """Opens `pod.netns_path` (under an optional host mount prefix, upstream's /host); without a path, finds
+    the namespace holding the pod's IPs (netns_scan) when `scan` is on."""
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", *, scan: bool = True) -> None:
         self.prefix = prefix
+        self.scan = scan
 
-    def open(self, pod: Pod) -> int:
+    async def open(self, pod: Pod) -> int:
         if not pod.netns_path:
-            raise NetnsGoneError(f"pod {pod.key}: no network namespace path known (no CNI event, not found)")
+            if not self.scan:
+                raise NetnsGoneError(f"pod {pod.key}: no network namespace path known (no CNI event yet)")
+            try:
+                fd, path = await find_pod_netns(pod.ips, prefix=self.prefix)
+            except NetnsGoneError as exc:
+                raise NetnsGoneError(f"pod {pod.key}: {exc}") from None
+            log.info("pod %s: found its network namespace at %s", pod.key, path)
+            return fd
         path = pod.netns_path
         if self.prefix and path.startswith("/"):
             path = self.prefix.rstrip("/") + path
@@ -171,7 +181,7 @@ class NodeAgent:
         try:
             if decision.eligible and not enrolled:
                 known = self.cache.get(pod.uid)
-                if pod.netns_path is None and known is None:
+                if pod.netns_path is None and known is None and not pod.ips:
                     log.info(
                         "pod %s is ambient (%s); waiting for its CNI event or netns", pod.key, decision.reason
                     )
@@ -227,7 +237,7 @@ class NodeAgent:
         self.cache.ensure(pod.uid, pod.workload_info)
         try:
             redirect = resolve_redirect(pod.annotations, self.settings)
-            fd = self._open(pod)
+            fd = await self._open(pod)
         except NodeAgentError as exc:
             self._forget(pod.uid)
             raise EnrolmentError(f"pod {pod.key}: {exc}", retryable=False) from None
@@ -252,11 +262,11 @@ class NodeAgent:
         await self._send_add(state, fd)
         return state.status
 
-    def _open(self, pod: Pod) -> int:
+    async def _open(self, pod: Pod) -> int:
         known = self.cache.get(pod.uid)
         if pod.netns_path is None and known is not None and known.netns_fd is not None:
             return os.dup(known.netns_fd)
-        return self.opener.open(pod)
+        return await self.opener.open(pod)
 
     def _forget(self, uid: PodUid) -> None:
         entry = self.cache.take(uid)
@@ -325,7 +335,7 @@ class NodeAgent:
             if pod.terminated:
                 continue
             try:
-                fd = self.opener.open(pod)
+                fd = await self.opener.open(pod)
             except NetnsGoneError as exc:
                 log.warning("pod %s: enabled before restart, netns not found (%s); kept as is", pod.key, exc)
                 self.cache.ensure(pod.uid, pod.workload_info)

@@ -247,9 +247,9 @@ async def _client(path: str, handler: RecordingHandler) -> None:
     await run_zds_client(path, WorkloadManager(handler))
 
 
-def test_pipe_fds_are_closed(tmp_path: Path) -> None:
+async def test_pipe_fds_are_closed(tmp_path: Path) -> None:
     before = len(os.listdir("/proc/self/fd"))
     opener = PipeNetnsOpener()
-    opener.open(pod("a"))
+    await opener.open(pod("a"))
     opener.close()
     assert len(os.listdir("/proc/self/fd")) == before + 1  # the dup handed out is the caller's

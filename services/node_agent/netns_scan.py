@@ -1,0 +1,94 @@
+"""Find a pod's network namespace by its IP addresses, for pods the agent did not get a CNI event for
+(enrolled before a restart, or made ambient by a label change after they started). SPEC §8: upstream scans
+/host/proc for the pod's netns; we look at named namespaces (/run/netns, what the lab and `ip netns` make)
+and every process's namespace, and pick the one holding one of the pod's IPs.
+
+Runs in a worker thread: each candidate is entered (`shared.netns.entered`) and its addresses listed with
+pyroute2 there. Candidates are deduplicated by namespace identity, so a namespace shared by many processes
+is looked at once; the agent's own namespace is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+
+import trio
+from pyroute2 import IPRoute
+
+from services.node_agent.errors import NetnsGoneError
+from shared.netns import NetnsError, current_netns_fd, entered, is_netns, netns_id
+
+log = logging.getLogger("node_agent.netns_scan")
+
+
+def candidate_paths(prefix: str = "") -> Iterator[str]:
+    run_dir = f"{prefix}/run/netns"
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(run_dir)):
+            yield os.path.join(run_dir, name)
+    with contextlib.suppress(OSError):
+        for pid in os.listdir(f"{prefix}/proc"):
+            if pid.isdigit():
+                yield f"{prefix}/proc/{pid}/ns/net"
+
+
+def _addresses_here() -> set[str]:
+    with IPRoute() as ipr:
+        return {str(a.get("address")) for a in ipr.get_addr() if a.get("address")}
+
+
+def find_netns_by_ips(ips: Iterable[str], *, prefix: str = "") -> tuple[int, str] | None:
+    """A new fd (and its path) for the namespace holding one of `ips`, or None. Synchronous: call it in a
+    worker thread."""
+    wanted = set(ips)
+    if not wanted:
+        return None
+    own = current_netns_fd()
+    try:
+        seen = {netns_id(own)}
+    finally:
+        os.close(own)
+    for path in candidate_paths(prefix):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        keep = False
+        try:
+            if not is_netns(fd):
+                continue
+            ident = netns_id(fd)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            with entered(fd):
+                found = _addresses_here() & wanted
+            if found:
+                keep = True
+                return fd, path
+        except (OSError, NetnsError) as exc:
+            log.debug("skipping %s: %s", path, exc)
+        finally:
+            if not keep:
+                os.close(fd)
+    return None
+
+
+async def find_pod_netns(ips: Iterable[str], *, prefix: str = "") -> tuple[int, str]:
+    """Async wrapper of `find_netns_by_ips`.
+
+    Raises:
+        NetnsGoneError: no namespace holds any of the IPs (or the pod has none).
+    """
+    ips = tuple(ips)
+    if not ips:
+        raise NetnsGoneError("the pod has no IP address to find its network namespace by")
+    found = await trio.to_thread.run_sync(lambda: find_netns_by_ips(ips, prefix=prefix))
+    if found is None:
+        raise NetnsGoneError(
+            f"no network namespace on this node holds {', '.join(ips)} (pod not started yet?)"
+        )
+    return found

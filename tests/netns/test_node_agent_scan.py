@@ -1,0 +1,42 @@
+"""Finding a pod's netns by its IP (restart / label-change enrolment without a CNI event)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+
+from services.node_agent.errors import NetnsGoneError
+from services.node_agent.lifecycle import PathNetnsOpener
+from services.node_agent.model import Pod
+from services.node_agent.netns_scan import find_netns_by_ips
+from shared.netns import netns_id, open_netns
+from shared.zds.types import PodUid
+from tests.netns.conftest import run
+
+
+async def test_pod_netns_is_found_by_ip(make_netns: Callable[[str], str]) -> None:
+    pod, other = make_netns("pod"), make_netns("other")
+    run("ip", "-n", pod, "link", "add", "vp", "type", "veth", "peer", "name", "vo", "netns", other)
+    run("ip", "-n", pod, "addr", "add", "10.251.7.2/24", "dev", "vp")
+    run("ip", "-n", other, "addr", "add", "10.251.7.1/24", "dev", "vo")
+    expected = open_netns(pod)
+    try:
+        found = find_netns_by_ips(["10.251.7.2"])
+        assert found is not None
+        fd, path = found
+        assert path.startswith(("/run/netns/", "/proc/"))
+        assert netns_id(fd) == netns_id(expected)
+        os.close(fd)
+        assert find_netns_by_ips(["10.251.99.99"]) is None
+
+        opener = PathNetnsOpener()
+        p = Pod(uid=PodUid("u"), name="a", namespace="d", ips=("10.251.7.2",))
+        fd = await opener.open(p)
+        assert netns_id(fd) == netns_id(expected)
+        os.close(fd)
+        with pytest.raises(NetnsGoneError, match=r"no network namespace on this node holds 10\.251\.99\.99"):
+            await opener.open(Pod(uid=PodUid("v"), name="b", namespace="d", ips=("10.251.99.99",)))
+    finally:
+        os.close(expected)
