@@ -1,0 +1,58 @@
+"""`python -m services.apps.server KIND [--port N ...]`: run one sample app in the current netns.
+
+KIND is productpage, details, reviews, ratings, echo or sleep (sleep serves nothing and waits, like the
+`sleep` pod upstream's samples use as a client). Settings come from the environment (see bookinfo.py).
+SIGTERM/SIGINT end it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from services.apps.bookinfo import APP_KINDS, make_handler
+from services.apps.http import serve_app
+
+log = logging.getLogger("apps.server")
+
+
+async def run(kind: str, ports: Sequence[int]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            if kind != "sleep":
+                handler = make_handler(kind, os.environ)
+                for port in ports:
+                    await nursery.start(serve_app, handler, port)
+                    log.info("%s serving on port %d", kind, port)
+            else:
+                log.info("sleep: idle; use `ambient lab exec POD -- python -m services.apps.client URL`")
+            async for signum in signals:
+                log.info("received %s, exiting", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.apps.server",
+                                     description="run one sample app in this netns")
+    parser.add_argument("kind", choices=APP_KINDS)
+    parser.add_argument("--port", type=int, action="append", default=[], help="port to serve (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ports = args.port or ([] if args.kind == "sleep" else [9080])
+    try:
+        trio.run(run, args.kind, ports)
+    except OSError as exc:
+        print(f"{args.kind}: cannot serve on {ports}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

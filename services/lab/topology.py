@@ -1,0 +1,598 @@
+"""The lab's topology: a pure plan from a world, and the code that builds and removes it.
+
+Theory of operation
+-------------------
+`plan_lab(world, prefix=...)` is a pure function: it lays the world out as network namespaces and returns a
+`LabPlan` (every namespace, link, address and route, the hosts file of each pod, the service DNAT rules of
+each node, the app each pod runs). It checks what the istiod stub's world validation does not: pod ranges
+are IPv4 /24-or-smaller blocks inside 10.244.0.0/16 that do not overlap, each pod address lies in its
+node's block and is not the block's gateway. A world the lab cannot build raises PlanError before anything
+exists.
+
+    <prefix>-fabric      bridge fabric0; one veth per node and one for the control plane
+    <prefix>-cp          eth0 172.29.0.2/24 on the fabric; routes to every pod block via its node
+    <prefix>-node-a      eth0 172.29.0.10/24 on the fabric, bridge cbr0 10.244.1.1/24 for its pods,
+                         ip_forward=1, routes to the other nodes' blocks, kube-proxy-like DNAT for VIPs
+    <prefix>-<ns>-<pod>  eth0 10.244.1.10/24, default via 10.244.1.1; peer veth<hash> in cbr0 of its node
+
+`build_steps(plan)` renders the plan into an ordered list of `Step`s (`ip` and `iptables-restore`
+commands, each with the namespace it runs in), again pure, so the exact commands are unit-tested. Links are
+named inside the namespace that owns them only; the host namespace never gets a link, address or route.
+
+Applying (`apply_plan`) and removing (`destroy`) are the only impure parts. The caller records each
+namespace in the lab's state file *before* creating it (via `on_netns`), so `ambient lab down` can remove
+exactly what exists even after `up` crashed half-way. Deleting a namespace deletes every link in it, and
+a veth dies with either end, so removal is: stop the recorded processes, delete the recorded namespaces,
+remove the recorded files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import msgspec
+
+from services.istiod.world import Node, Pod, Service, World
+from services.lab.errors import CommandError, LabError, PlanError
+from services.node_agent.eligibility import decide
+from services.node_agent.model import Pod as AgentPod
+from shared.netns import NETNS_RUN_DIR
+from shared.zds.types import PodUid
+
+POD_RANGE = ipaddress.IPv4Network("10.244.0.0/16")
+DEFAULT_FABRIC = ipaddress.IPv4Network("172.29.0.0/24")
+CONTROL_PLANE_HOST = 2  # .2 on the fabric
+NODE_HOST_BASE = 10  # node i gets .10+i on the fabric
+ISTIOD_PORT = 15012
+ETC_NETNS = Path("/etc/netns")
+IFNAMSIZ = 15
+
+BOOKINFO_APPS = frozenset({"productpage", "details", "reviews", "ratings"})
+CLIENT_APPS = frozenset({"sleep", "client", "curl"})
+DEFAULT_APP_PORT = 9080
+
+
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    dst: str  # CIDR or "default"
+    via: str
+
+
+class FabricPlan(msgspec.Struct, frozen=True, kw_only=True):
+    netns: str
+    bridge: str
+    cidr: str
+
+
+class ControlPlanePlan(msgspec.Struct, frozen=True, kw_only=True):
+    netns: str
+    fabric_port: str  # the veth end in the fabric netns
+    address: str  # ip/prefix on eth0
+    routes: list[Route]
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+
+class DnatTarget(msgspec.Struct, frozen=True, kw_only=True):
+    vip: str
+    port: int
+    endpoints: list[str]  # ip:port
+
+
+class NodePlan(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    index: int
+    netns: str
+    fabric_port: str
+    address: str  # ip/prefix on eth0 (the fabric)
+    bridge: str
+    pod_cidr: str
+    gateway: str  # ip/prefix on the bridge
+    routes: list[Route]
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+
+class AppPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """What runs in a pod: `kind` is one of the sample apps (services.apps), `echo` or `sleep`."""
+
+    kind: str
+    ports: list[int] = []
+    env: dict[str, str] = {}
+
+
+class PodPlan(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    namespace: str
+    uid: str
+    node: str
+    netns: str
+    host_veth: str  # the end in the node netns, attached to the node's bridge
+    address: str  # ip/prefix on eth0
+    gateway: str
+    service_account: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    ambient: bool
+    ambient_reason: str
+    hosts: str  # contents of /etc/netns/<netns>/hosts
+    app: AppPlan
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+
+class ServicePlan(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    namespace: str
+    hostname: str
+    vips: list[str]
+    ports: list[int]
+    endpoints: list[str]  # pod keys
+
+
+class LabPlan(msgspec.Struct, frozen=True, kw_only=True):
+    prefix: str
+    fabric: FabricPlan
+    control_plane: ControlPlanePlan
+    nodes: list[NodePlan]
+    pods: list[PodPlan]
+    services: list[ServicePlan]
+    dnat: list[DnatTarget]
+
+    @property
+    def istiod_address(self) -> str:
+        return f"{self.control_plane.ip}:{ISTIOD_PORT}"
+
+    def node(self, name: str) -> NodePlan:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def all_netns(self) -> list[str]:
+        return [
+            self.fabric.netns,
+            self.control_plane.netns,
+            *(n.netns for n in self.nodes),
+            *(p.netns for p in self.pods),
+        ]
+
+
+class Step(msgspec.Struct, frozen=True, kw_only=True):
+    """One command of the build: argv, the netns it runs in (None: the lab's own), stdin text."""
+
+    argv: list[str]
+    netns: str | None = None
+    stdin: str | None = None
+
+    def describe(self) -> str:
+        where = f"[{self.netns}] " if self.netns else ""
+        return where + " ".join(self.argv)
+
+
+# --- planning (pure) -------------------------------------------------------------------------------------
+
+
+def check_prefix(prefix: str) -> None:
+    """A prefix is 1-20 chars of a-z, 0-9 and '-', starting with a letter (it starts every netns name)."""
+    ok = 0 < len(prefix) <= 20 and prefix[0].isalpha() and all(c.isdigit() or c == "-" or
+                                                                ("a" <= c <= "z") for c in prefix)
+    if not ok:
+        raise LabError(
+            f"lab prefix {prefix!r} must be 1-20 characters of a-z, 0-9 and '-', starting with a letter"
+        )
+
+
+def _veth_name(pod_key: str) -> str:
+    return "veth" + hashlib.sha1(pod_key.encode()).hexdigest()[:8]
+
+
+def _fabric_port(kind: str, index: int) -> str:
+    return f"{kind}{index}"[:IFNAMSIZ]
+
+
+def _node_cidrs(world: World, source: str) -> list[ipaddress.IPv4Network]:
+    cidrs: list[ipaddress.IPv4Network] = []
+    for i, node in enumerate(world.nodes):
+        path = f"$.nodes[{i}].podCidr"
+        if node.pod_cidr is None:
+            cidr = ipaddress.IPv4Network(f"10.244.{i + 1}.0/24")
+        else:
+            try:
+                net = ipaddress.ip_network(node.pod_cidr, strict=True)
+            except ValueError as exc:
+                raise PlanError(source, path, f"{node.pod_cidr!r} is not a network CIDR: {exc}") from None
+            if not isinstance(net, ipaddress.IPv4Network):
+                raise PlanError(source, path, f"{net} is IPv6; the lab lays out IPv4 pod ranges only")
+            cidr = net
+        if not cidr.subnet_of(POD_RANGE):
+            raise PlanError(source, path, f"{cidr} is outside the lab's pod range {POD_RANGE}")
+        if cidr.prefixlen < 24 or cidr.prefixlen > 29:
+            raise PlanError(source, path, f"{cidr} must be a /24 to /29 (one block per node)")
+        for j, other in enumerate(cidrs):
+            if cidr.overlaps(other):
+                raise PlanError(
+                    source, path, f"{cidr} overlaps node {world.nodes[j].name}'s pod range {other}"
+                )
+        cidrs.append(cidr)
+    return cidrs
+
+
+def _selects(svc: Service, pod: Pod) -> bool:
+    return (
+        svc.namespace == pod.namespace
+        and bool(svc.selector)
+        and all(pod.labels.get(k) == v for k, v in svc.selector.items())
+    )
+
+
+def _hosts_file(world: World, pod: Pod, ip: str) -> str:
+    lines = [
+        "# written by the trio-ambient lab (ambient lab up): service names -> VIPs, as cluster DNS would",
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        f"{ip}\t{pod.name}",
+    ]
+    for svc in world.services:
+        fqdn = world.service_hostname(svc)
+        names = [fqdn, f"{svc.name}.{svc.namespace}.svc", f"{svc.name}.{svc.namespace}"]
+        if svc.namespace == pod.namespace:
+            names.append(svc.name)
+        lines.extend(f"{vip}\t{' '.join(dict.fromkeys(names))}" for vip in svc.vips
+                     if ipaddress.ip_address(vip).version == 4)
+    return "\n".join(lines) + "\n"
+
+
+def _service_url(world: World, namespace: str, name: str) -> str | None:
+    for svc in world.services:
+        if svc.namespace == namespace and svc.name == name and svc.ports:
+            return f"http://{name}:{svc.ports[0].port}"
+    return None
+
+
+def _app_for(world: World, pod: Pod) -> AppPlan:
+    ports = sorted(
+        {(p.target_port or p.port) for svc in world.services if _selects(svc, pod) for p in svc.ports}
+    )
+    app = pod.labels.get("app", "")
+    env = {"POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace, "SERVICE_ACCOUNT": pod.service_account}
+    if "version" in pod.labels:
+        env["SERVICE_VERSION"] = pod.labels["version"]
+    if app in BOOKINFO_APPS:
+        calls = {"productpage": ("details", "reviews"), "reviews": ("ratings",)}.get(app, ())
+        for upstream in calls:
+            url = _service_url(world, pod.namespace, upstream)
+            if url is not None:
+                env[f"{upstream.upper()}_URL"] = url
+        return AppPlan(kind=app, ports=ports[:1] or [DEFAULT_APP_PORT], env=env)
+    if app in CLIENT_APPS or not ports:
+        return AppPlan(kind="sleep", env=env)
+    return AppPlan(kind="echo", ports=ports, env=env)
+
+
+def plan_lab(world: World, *, prefix: str, source: str = "<world>",
+             fabric: ipaddress.IPv4Network = DEFAULT_FABRIC) -> LabPlan:
+    """Lay `world` out as a lab. Pure: no I/O.
+
+    Args:
+        world: a world already validated by the istiod stub's `load_world`.
+        prefix: starts every namespace name (`<prefix>-node-a`); see `check_prefix`.
+        source: the world's file name, for error messages.
+    Raises:
+        PlanError: the world cannot be built as a lab; nothing was created.
+    """
+    check_prefix(prefix)
+    if not world.nodes:
+        raise PlanError(source, "$.nodes", "the lab needs at least one node")
+    if len(world.nodes) > 200:
+        raise PlanError(source, "$.nodes", "the lab supports at most 200 nodes")
+    cidrs = _node_cidrs(world, source)
+    fabric_hosts = list(fabric.hosts())
+    node_plans: list[NodePlan] = []
+    for i, (node, cidr) in enumerate(zip(world.nodes, cidrs, strict=True)):
+        routes = [
+            Route(dst=str(other), via=str(fabric_hosts[NODE_HOST_BASE + j - 1]))
+            for j, other in enumerate(cidrs)
+            if j != i
+        ]
+        node_plans.append(NodePlan(
+            name=node.name,
+            index=i,
+            netns=f"{prefix}-{node.name}",
+            fabric_port=_fabric_port("node", i),
+            address=f"{fabric_hosts[NODE_HOST_BASE + i - 1]}/{fabric.prefixlen}",
+            bridge="cbr0",
+            pod_cidr=str(cidr),
+            gateway=f"{next(cidr.hosts())}/{cidr.prefixlen}",
+            routes=routes,
+        ))
+    control = ControlPlanePlan(
+        netns=f"{prefix}-cp",
+        fabric_port="cp0",
+        address=f"{fabric_hosts[CONTROL_PLANE_HOST - 1]}/{fabric.prefixlen}",
+        routes=[Route(dst=n.pod_cidr, via=n.ip) for n in node_plans],
+    )
+    by_node = {n.name: (n, c) for n, c in zip(node_plans, cidrs, strict=True)}
+    ns_labels = {ns.name: ns.labels for ns in world.namespaces}
+    pods: list[PodPlan] = []
+    netns_names: dict[str, str] = {}
+    for i, pod in enumerate(world.pods):
+        base = f"$.pods[{i}]"
+        if pod.host_network:
+            raise PlanError(source, f"{base}.hostNetwork", "the lab does not run hostNetwork pods")
+        pod_node, cidr = by_node[pod.node]
+        v4 = [(j, ip) for j, ip in enumerate(pod.ips) if ipaddress.ip_address(ip).version == 4]
+        if not v4:
+            raise PlanError(source, f"{base}.ips", "the lab needs an IPv4 address for every pod")
+        j, ip_text = v4[0]
+        ip = ipaddress.IPv4Address(ip_text)
+        if ip not in cidr:
+            raise PlanError(
+                source, f"{base}.ips[{j}]", f"{ip} is outside node {pod_node.name}'s pod range {cidr}"
+            )
+        if ip in (cidr.network_address, cidr.broadcast_address, next(cidr.hosts())):
+            raise PlanError(
+                source, f"{base}.ips[{j}]",
+                f"{ip} is the network, broadcast or gateway address of {cidr}; use .2 and up",
+            )
+        netns = f"{prefix}-{pod.namespace}-{pod.name}"
+        if len(netns) > 200:
+            raise PlanError(source, f"{base}.name", "namespace and pod name are too long for a netns name")
+        if netns in netns_names:
+            raise PlanError(source, base, f"netns name {netns} collides with pod {netns_names[netns]}")
+        netns_names[netns] = pod.key
+        agent_pod = AgentPod(uid=PodUid(pod.kube_uid), name=pod.name, namespace=pod.namespace,
+                             service_account=pod.service_account, labels=dict(pod.labels),
+                             annotations=dict(pod.annotations))
+        decision = decide(agent_pod, ns_labels.get(pod.namespace, {}))
+        pods.append(PodPlan(
+            name=pod.name,
+            namespace=pod.namespace,
+            uid=pod.kube_uid,
+            node=pod_node.name,
+            netns=netns,
+            host_veth=_veth_name(pod.key),
+            address=f"{ip}/{cidr.prefixlen}",
+            gateway=str(next(cidr.hosts())),
+            service_account=pod.service_account,
+            labels=dict(pod.labels),
+            annotations=dict(pod.annotations),
+            ambient=decision.eligible,
+            ambient_reason=decision.reason,
+            hosts=_hosts_file(world, pod, str(ip)),
+            app=_app_for(world, pod),
+        ))
+    pod_ip = {p.key: p.ip for p in pods}
+    services: list[ServicePlan] = []
+    dnat: list[DnatTarget] = []
+    for svc in world.services:
+        endpoints = [p.key for p in world.pods if _selects(svc, p)]
+        services.append(ServicePlan(
+            name=svc.name, namespace=svc.namespace, hostname=world.service_hostname(svc),
+            vips=list(svc.vips), ports=[p.port for p in svc.ports], endpoints=endpoints,
+        ))
+        for vip in svc.vips:
+            if ipaddress.ip_address(vip).version != 4 or not endpoints:
+                continue
+            for port in svc.ports:
+                target = port.target_port or port.port
+                dnat.append(DnatTarget(vip=vip, port=port.port,
+                                       endpoints=[f"{pod_ip[k]}:{target}" for k in endpoints]))
+    return LabPlan(
+        prefix=prefix,
+        fabric=FabricPlan(netns=f"{prefix}-fabric", bridge="fabric0", cidr=str(fabric)),
+        control_plane=control,
+        nodes=node_plans,
+        pods=pods,
+        services=services,
+        dnat=dnat,
+    )
+
+
+def rescale_world(world: World, nodes: int) -> World:
+    """The same world on `nodes` nodes (node-a, node-b, ...): pods dealt round-robin, re-addressed.
+
+    Used by `ambient lab up --nodes N`; pod i on node k gets 10.244.(k+1).(10+i).
+    """
+    if not 1 <= nodes <= 26:
+        raise PlanError("--nodes", "$", f"{nodes} nodes: the lab supports 1 to 26")
+    names = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
+    new_nodes = [Node(name=n, pod_cidr=f"10.244.{i + 1}.0/24") for i, n in enumerate(names)]
+    counters = [0] * nodes
+    pods = []
+    for i, pod in enumerate(world.pods):
+        k = i % nodes
+        ip = f"10.244.{k + 1}.{10 + counters[k]}"
+        counters[k] += 1
+        pods.append(msgspec.structs.replace(pod, node=names[k], ips=[ip]))
+    return msgspec.structs.replace(world, nodes=new_nodes, pods=pods)
+
+
+# --- rendering (pure) ------------------------------------------------------------------------------------
+
+
+def render_dnat(plan: LabPlan, node: NodePlan) -> str:
+    """iptables-restore input for a node: kube-proxy-like DNAT of service VIPs to pod endpoints.
+
+    Only plain (non-mesh) traffic uses it: an enrolled pod's connections are captured inside the pod first.
+    Hairpin traffic (a pod reaching a VIP served on its own node) is masqueraded so the reply comes back
+    through the node and is un-DNATed.
+    """
+    lines = ["*nat", ":LAB-SERVICES - [0:0]", "-A PREROUTING -j LAB-SERVICES", "-A OUTPUT -j LAB-SERVICES"]
+    for target in plan.dnat:
+        n = len(target.endpoints)
+        for i, endpoint in enumerate(target.endpoints):
+            stat = ""
+            if i < n - 1:
+                stat = f" -m statistic --mode random --probability {1 / (n - i):.5f}"
+            lines.append(
+                f"-A LAB-SERVICES -d {target.vip}/32 -p tcp -m tcp --dport {target.port}{stat}"
+                f" -j DNAT --to-destination {endpoint}"
+            )
+    lines.append(
+        f"-A POSTROUTING -s {node.pod_cidr} -d {node.pod_cidr} -m conntrack --ctstate DNAT -j MASQUERADE"
+    )
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _ip(netns: str, *args: str) -> Step:
+    return Step(argv=["ip", "-n", netns, *args])
+
+
+def netns_steps(plan: LabPlan) -> list[str]:
+    """The namespaces in creation order (the caller records each before creating it)."""
+    return plan.all_netns()
+
+
+def build_steps(plan: LabPlan) -> list[Step]:
+    """Every command that builds the plan's links, addresses and routes (namespaces already exist)."""
+    steps: list[Step] = []
+    fab = plan.fabric
+    for ns in plan.all_netns():
+        steps.append(_ip(ns, "link", "set", "lo", "up"))
+    steps += [
+        _ip(fab.netns, "link", "add", fab.bridge, "type", "bridge"),
+        _ip(fab.netns, "link", "set", fab.bridge, "up"),
+    ]
+    cp = plan.control_plane
+    uplinks: list[tuple[str, str, str, list[Route]]] = [(cp.fabric_port, cp.netns, cp.address, cp.routes)]
+    uplinks += [(n.fabric_port, n.netns, n.address, n.routes) for n in plan.nodes]
+    for port, netns, address, routes in uplinks:
+        steps += [
+            _ip(fab.netns, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns),
+            _ip(fab.netns, "link", "set", port, "master", fab.bridge),
+            _ip(fab.netns, "link", "set", port, "up"),
+            _ip(netns, "addr", "add", address, "dev", "eth0"),
+            _ip(netns, "link", "set", "eth0", "up"),
+        ]
+        steps += [_ip(netns, "route", "add", r.dst, "via", r.via) for r in routes]
+    for node in plan.nodes:
+        steps += [
+            _ip(node.netns, "link", "add", node.bridge, "type", "bridge"),
+            _ip(node.netns, "addr", "add", node.gateway, "dev", node.bridge),
+            _ip(node.netns, "link", "set", node.bridge, "up"),
+            Step(argv=["iptables-restore", "--noflush"], netns=node.netns, stdin=render_dnat(plan, node)),
+        ]
+    for pod in plan.pods:
+        steps += pod_steps(plan, pod)
+    return steps
+
+
+def pod_steps(plan: LabPlan, pod: PodPlan) -> list[Step]:
+    """What CNI's bridge plugin does for one pod: veth into the node's bridge, address, default route."""
+    node = plan.node(pod.node)
+    return [
+        _ip(node.netns, "link", "add", pod.host_veth, "type", "veth",
+            "peer", "name", "eth0", "netns", pod.netns),
+        _ip(node.netns, "link", "set", pod.host_veth, "master", node.bridge),
+        _ip(node.netns, "link", "set", pod.host_veth, "up"),
+        _ip(pod.netns, "addr", "add", pod.address, "dev", "eth0"),
+        _ip(pod.netns, "link", "set", "eth0", "up"),
+        _ip(pod.netns, "route", "add", "default", "via", pod.gateway),
+    ]
+
+
+# --- applying (root) -------------------------------------------------------------------------------------
+
+
+def run_step(step: Step) -> None:
+    """Run one step; raises CommandError with the command and its stderr."""
+    argv = step.argv
+    if step.netns is not None:
+        argv = ["ip", "netns", "exec", step.netns, *argv]
+    try:
+        proc = subprocess.run(argv, input=step.stdin, capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError:
+        raise CommandError(f"{argv[0]} is not installed (apt-get install iproute2 iptables)") from None
+    except subprocess.TimeoutExpired:
+        raise CommandError(f"`{step.describe()}` did not finish in 30 s") from None
+    if proc.returncode != 0:
+        raise CommandError(f"`{step.describe()}` failed: {proc.stderr.strip() or proc.returncode}")
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_RUN_DIR / name).exists()
+
+
+def create_netns(name: str) -> None:
+    run_step(Step(argv=["ip", "netns", "add", name]))
+
+
+def delete_netns(name: str) -> None:
+    """Delete a namespace if it exists (its links go with it)."""
+    if netns_exists(name):
+        run_step(Step(argv=["ip", "netns", "del", name]))
+
+
+def set_ip_forward(netns: str) -> None:
+    run_step(Step(argv=["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], netns=netns))
+
+
+def write_hosts(pod: PodPlan) -> Path:
+    """Write /etc/netns/<pod netns>/hosts (used by `ip netns exec`); returns the directory made."""
+    directory = ETC_NETNS / pod.netns
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "hosts").write_text(pod.hosts)
+    return directory
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def apply_plan(plan: LabPlan, *, on_netns: Callable[[str], None], on_file: Callable[[str], None],
+               pods: Iterable[PodPlan] | None = None) -> None:
+    """Create the plan's namespaces and build fabric, control plane and nodes (and the given pods).
+
+    Args:
+        on_netns: called with each namespace name *before* it is created (record it in the state file).
+        on_file: called with each file or directory before it is written.
+        pods: the pods to wire now (default all); `up` wires pods one by one, between CNI steps.
+    Raises:
+        CommandError: a command failed; what was made so far has been reported through the callbacks.
+    """
+    wired = list(plan.pods if pods is None else pods)
+    infra = [plan.fabric.netns, plan.control_plane.netns, *(n.netns for n in plan.nodes)]
+    for name in infra:
+        on_netns(name)
+        create_netns(name)
+    for pod in wired:
+        create_pod_netns(pod, on_netns=on_netns, on_file=on_file)
+    no_pods = msgspec.structs.replace(plan, pods=[])
+    for step in build_steps(no_pods):
+        run_step(step)
+    for node in plan.nodes:
+        set_ip_forward(node.netns)
+    for pod in wired:
+        wire_pod(plan, pod)
+
+
+def create_pod_netns(pod: PodPlan, *, on_netns: Callable[[str], None],
+                     on_file: Callable[[str], None]) -> None:
+    on_netns(pod.netns)
+    create_netns(pod.netns)
+    directory = ETC_NETNS / pod.netns
+    on_file(str(directory))
+    write_hosts(pod)
+
+
+def wire_pod(plan: LabPlan, pod: PodPlan) -> None:
+    run_step(_ip(pod.netns, "link", "set", "lo", "up"))
+    for step in pod_steps(plan, pod):
+        run_step(step)
