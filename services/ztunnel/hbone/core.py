@@ -1,0 +1,445 @@
+"""Sans-I/O HBONE cores: HTTP/2 CONNECT tunnels on h2, bytes in, events out, bytes out.
+
+Theory of operation
+-------------------
+`ClientCore` and `ServerCore` wrap one `h2.connection.H2Connection` each and speak HBONE (SPEC §5):
+
+* the client opens a stream per tunnel with a classic CONNECT (`:method`, `:authority` only, no `:scheme` or
+  `:path`) plus `forwarded`, `traceparent` and `baggage`, and accepts only a 200 answer;
+* the server validates each request itself before the application sees it: anything but CONNECT, an
+  unparsable authority, or a target IP that is not one of the connection's local IPs is answered 400 at once
+  (`StreamRejected`); a valid request becomes `ConnectRequested` and the application answers it with
+  `respond()` (401 deny, 503 upstream failure, 200 then bytes).
+
+Neither core owns a socket or a clock. The caller feeds received bytes to `receive_data()`, gets a list of
+events back, and writes whatever `data_to_send()` returns. Flow control is explicit, so memory stays bounded:
+
+* outbound, `send_data()` takes only what the peer's stream and connection windows allow and returns how much
+  it took; the caller keeps the rest and waits for `WindowOpened`;
+* inbound, received DATA is not acknowledged until the application says it consumed it (`consumed()`), so a
+  slow reader holds at most one stream window (4 MiB) per stream and one connection window (16 MiB) overall
+  before the peer has to stop.
+
+Half-close is END_STREAM each way (`end_stream()` / `StreamEnded`); errors reset the stream (`reset()`).
+Settings follow upstream ztunnel (SPEC §5, DESIGN §5): 4 MiB stream window, 16 MiB connection window, 1 MiB
+frames, header lists of 16 KiB (client) / 64 KiB (server), 200 concurrent streams on the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+
+from .errors import HboneProtocolError
+
+Addr = tuple[str, int]
+Header = tuple[bytes, bytes]
+
+STREAM_WINDOW: Final = 4 * 1024 * 1024
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+MAX_FRAME_SIZE: Final = 1024 * 1024
+CLIENT_MAX_HEADER_LIST_SIZE: Final = 16 * 1024
+SERVER_MAX_HEADER_LIST_SIZE: Final = 64 * 1024
+SERVER_MAX_CONCURRENT_STREAMS: Final = 200
+CLIENT_MAX_CONCURRENT_STREAMS: Final = 100  # the client accepts no pushed streams; h2's own default
+
+ERROR_NO_ERROR: Final = int(h2.errors.ErrorCodes.NO_ERROR)
+ERROR_PROTOCOL: Final = int(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+ERROR_INTERNAL: Final = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
+ERROR_CANCEL: Final = int(h2.errors.ErrorCodes.CANCEL)
+ERROR_CONNECT: Final = int(h2.errors.ErrorCodes.CONNECT_ERROR)
+
+
+def _data_body_repr(self: hyperframe.frame.DataFrame) -> str:
+    return f"<{len(self.data)} bytes>"
+
+
+# h2 formats every received frame for a trace log even when nothing logs it; for DATA that is a hex dump of
+# the whole payload (DESIGN §5: 3x receive CPU). Done once, at import.
+hyperframe.frame.DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
+
+
+# --- events ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequested:
+    """Server: a valid CONNECT to `target`; answer it with `ServerCore.respond`."""
+
+    stream_id: int
+    target: Addr
+    headers: tuple[Header, ...]
+
+    def header(self, name: bytes) -> bytes | None:
+        return _find(self.headers, name)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRejected:
+    """Server: the core already answered `status` (400) and ended the stream; for the log only."""
+
+    stream_id: int
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Responded:
+    """Client: the server's answer to a CONNECT. Only 200 opens the tunnel."""
+
+    stream_id: int
+    status: int
+    headers: tuple[Header, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Tunnel bytes. Call `consumed(stream_id, flow_controlled_length)` once the application took them."""
+
+    stream_id: int
+    data: bytes
+    flow_controlled_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed the stream (END_STREAM): no more bytes will arrive on it."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The stream is gone (RST_STREAM from the peer). Nothing more can be sent or received on it."""
+
+    stream_id: int
+    error_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    """The peer opened a send window; `stream_id` None means the connection window (every stream)."""
+
+    stream_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PingAcked:
+    opaque: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer sent GOAWAY: no new streams; streams above `last_stream_id` were not processed."""
+
+    error_code: int
+    last_stream_id: int
+
+
+_HeadersEvent = h2.events.RequestReceived | h2.events.ResponseReceived
+
+Event = (ConnectRequested | StreamRejected | Responded | DataReceived | StreamEnded | StreamReset
+         | WindowOpened | PingAcked | ConnectionClosed)
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+
+def _find(headers: Iterable[Header], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def format_authority(addr: Addr) -> str:
+    """`ip:port`, IPv6 bracketed: `[fd00::1]:8080`."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_authority(value: bytes) -> Addr | None:
+    """`ip:port` (IPv6 bracketed) -> (canonical ip, port); None when it is not an IP literal and a port."""
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            return None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            return None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if text.startswith("[") and ip.version != 6:
+        return None
+    return ip.compressed, int(port)
+
+
+def _canon(ip: str) -> str:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.compressed
+    return addr.compressed
+
+
+def _settings(client: bool) -> h2.settings.Settings:
+    codes = h2.settings.SettingCodes
+    values = {
+        codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        codes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+        codes.MAX_HEADER_LIST_SIZE: CLIENT_MAX_HEADER_LIST_SIZE if client else SERVER_MAX_HEADER_LIST_SIZE,
+        codes.MAX_CONCURRENT_STREAMS: (CLIENT_MAX_CONCURRENT_STREAMS if client
+                                       else SERVER_MAX_CONCURRENT_STREAMS),
+        codes.ENABLE_PUSH: 0,
+    }
+    return h2.settings.Settings(client=client, initial_values=values)
+
+
+# --- the cores ---------------------------------------------------------------------------------------------
+
+
+class _Core:
+    """What both roles share: settings, flow control, half-close, reset, PING, GOAWAY."""
+
+    def __init__(self, *, client: bool) -> None:
+        config = h2.config.H2Configuration(client_side=client, header_encoding=None,
+                                           validate_inbound_headers=True, normalize_inbound_headers=True)
+        conn = h2.connection.H2Connection(config=config)
+        # Replacing local_settings before the preamble: h2 reads max_inbound_frame_size and the frame buffer's
+        # limit once at construction, so both are set by hand (DESIGN §5), and the HPACK decoder's limit too.
+        conn.local_settings = _settings(client)
+        conn.max_inbound_frame_size = MAX_FRAME_SIZE
+        conn.incoming_buffer.max_frame_size = MAX_FRAME_SIZE
+        conn.decoder.max_header_list_size = (CLIENT_MAX_HEADER_LIST_SIZE if client
+                                             else SERVER_MAX_HEADER_LIST_SIZE)
+        conn.initiate_connection()
+        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._h2 = conn
+        self._buffered = 0
+        self.closed = False
+        self.goaway_received = False
+
+    # --- bytes in / out ---
+
+    def receive_data(self, data: bytes | memoryview) -> list[Event]:
+        """Feed bytes from the peer. Raises HboneProtocolError (a GOAWAY is then queued to send)."""
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.closed = True
+            code = int(getattr(exc, "error_code", ERROR_PROTOCOL) or ERROR_PROTOCOL)
+            raise HboneProtocolError(f"HTTP/2 protocol error from the peer: {exc}", error_code=code) from None
+        events: list[Event] = []
+        for ev in h2_events:
+            self._translate(ev, events)
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the wire (possibly b"")."""
+        self._buffered = 0
+        return self._h2.data_to_send()
+
+    @property
+    def buffered(self) -> int:
+        """Payload bytes queued by `send_data` since the last `data_to_send()` (for back-pressure)."""
+        return self._buffered
+
+    # --- per stream ---
+
+    def send_window(self, stream_id: int) -> int:
+        """How many bytes `send_data` would take right now (0 on a closed stream)."""
+        try:
+            return self._h2.local_flow_control_window(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError, KeyError):
+            return 0
+
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+        """Queue as much of `data` as the send windows allow, in frames of up to 1 MiB; returns how much.
+
+        Raises:
+            StreamClosedError (h2): the stream was reset or already half-closed locally.
+        """
+        window = min(len(data), self._h2.local_flow_control_window(stream_id))
+        max_frame = self._h2.max_outbound_frame_size
+        view = memoryview(data)
+        sent = 0
+        while sent < window:
+            chunk = min(max_frame, window - sent)
+            self._h2.send_data(stream_id, view[sent:sent + chunk])
+            sent += chunk
+        self._buffered += sent
+        return sent
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our side of the stream (END_STREAM)."""
+        self._h2.end_stream(stream_id)
+
+    def consumed(self, stream_id: int, flow_controlled_length: int) -> None:
+        """The application took received bytes: hand the window back (WINDOW_UPDATE when worthwhile)."""
+        if flow_controlled_length and not self.closed:
+            self._h2.acknowledge_received_data(flow_controlled_length, stream_id)
+
+    def reset(self, stream_id: int, error_code: int = ERROR_CANCEL) -> None:
+        """RST_STREAM; a no-op on a stream that is already closed."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError,
+                                 h2.exceptions.ProtocolError):
+            self._h2.reset_stream(stream_id, error_code)
+
+    def stream_open(self, stream_id: int) -> bool:
+        stream = self._h2.streams.get(stream_id)
+        return stream is not None and not stream.closed
+
+    # --- connection ---
+
+    def ping(self, opaque: bytes) -> None:
+        self._h2.ping(opaque)
+
+    def close(self, error_code: int = ERROR_NO_ERROR) -> None:
+        """Queue a GOAWAY; the connection takes no new streams after it."""
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.close_connection(error_code)
+
+    @property
+    def open_streams(self) -> int:
+        return int(self._h2.open_outbound_streams + self._h2.open_inbound_streams)
+
+    @property
+    def peer_max_concurrent_streams(self) -> int:
+        return int(self._h2.remote_settings.max_concurrent_streams)
+
+    # --- h2 events -> ours ---
+
+    def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
+        if isinstance(ev, h2.events.DataReceived):
+            assert ev.stream_id is not None and ev.data is not None and ev.flow_controlled_length is not None
+            out.append(DataReceived(ev.stream_id, ev.data, ev.flow_controlled_length))
+        elif isinstance(ev, h2.events.WindowUpdated):
+            out.append(WindowOpened(ev.stream_id or None))
+        elif isinstance(ev, h2.events.StreamEnded):
+            assert ev.stream_id is not None
+            out.append(StreamEnded(ev.stream_id))
+        elif isinstance(ev, h2.events.StreamReset):
+            assert ev.stream_id is not None
+            out.append(StreamReset(ev.stream_id, int(ev.error_code or 0)))
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            # A new INITIAL_WINDOW_SIZE changes every stream's window.
+            out.append(WindowOpened(None))
+        elif isinstance(ev, h2.events.PingAckReceived):
+            out.append(PingAcked(bytes(ev.ping_data or b"")))
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.goaway_received = True
+            self.closed = True
+            out.append(ConnectionClosed(int(ev.error_code or 0), int(ev.last_stream_id or 0)))
+        elif isinstance(ev, h2.events.RequestReceived | h2.events.ResponseReceived):
+            self._on_headers(ev, out)
+        # Trailers, informational responses, priority and unknown frames mean nothing to a tunnel.
+
+    def _on_headers(self, ev: _HeadersEvent, out: list[Event]) -> None:
+        # A request on a client or a response on a server cannot get past h2's state machine.
+        raise NotImplementedError
+
+
+class ClientCore(_Core):
+    """The initiating side of an HBONE connection: opens CONNECT streams, requires 200."""
+
+    def __init__(self) -> None:
+        super().__init__(client=True)
+
+    def open_stream(self, target: Addr, *, forwarded_for: Addr, traceparent: str,
+                    baggage: str | None = None, host: str | None = None,
+                    extra_headers: Sequence[Header] = ()) -> int:
+        """Send `CONNECT target` on a new stream and return its id.
+
+        Args:
+            target: the real destination ip:port (the `:authority`).
+            forwarded_for: the original client's ip:port (`forwarded: for="..."`).
+            traceparent: `00-<32 hex>-<16 hex>-00`, see `new_traceparent()` in the glue.
+            baggage: upstream's comma-joined `k=v` list, omitted when None or empty.
+            host: the service hostname, added to `forwarded` as `;host=` when known.
+        """
+        forwarded = f'for="{format_authority(forwarded_for)}"'
+        if host:
+            forwarded += f";host={host}"
+        headers: list[Header] = [
+            (b":method", b"CONNECT"),
+            (b":authority", format_authority(target).encode()),
+            (b"forwarded", forwarded.encode()),
+            (b"traceparent", traceparent.encode()),
+        ]
+        if baggage:
+            headers.append((b"baggage", baggage.encode()))
+        headers.extend(extra_headers)
+        stream_id = self._h2.get_next_available_stream_id()
+        self._h2.send_headers(stream_id, headers, end_stream=False)
+        return stream_id
+
+    def _on_headers(self, ev: _HeadersEvent, out: list[Event]) -> None:
+        assert isinstance(ev, h2.events.ResponseReceived) and ev.stream_id is not None
+        headers = tuple((bytes(k), bytes(v)) for k, v in ev.headers or ())
+        raw = _find(headers, b":status")
+        status = int(raw) if raw is not None and raw.isdigit() else 0
+        if status != 200:
+            # The tunnel never opened: nothing else will be accepted on this stream.
+            self.reset(ev.stream_id, ERROR_CANCEL)
+        out.append(Responded(ev.stream_id, status, headers))
+
+
+class ServerCore(_Core):
+    """The accepting side: validates CONNECT requests, the application answers the valid ones.
+
+    Args:
+        local_ips: the IPs this connection was accepted on (the pod's IP); a CONNECT to any other IP is 400.
+    """
+
+    def __init__(self, local_ips: Collection[str]) -> None:
+        super().__init__(client=False)
+        self.local_ips = frozenset(_canon(ip) for ip in local_ips)
+
+    def respond(self, stream_id: int, status: int, headers: Sequence[Header] = ()) -> None:
+        """Answer a CONNECT. Any status but 200 also ends the stream."""
+        self._h2.send_headers(stream_id, [(b":status", str(status).encode()), *headers],
+                              end_stream=status != 200)
+
+    def _reject(self, stream_id: int, status: int, reason: str, out: list[Event]) -> None:
+        self.respond(stream_id, status)
+        out.append(StreamRejected(stream_id, status, reason))
+
+    def _on_headers(self, ev: _HeadersEvent, out: list[Event]) -> None:
+        assert isinstance(ev, h2.events.RequestReceived) and ev.stream_id is not None
+        headers = tuple((bytes(k), bytes(v)) for k, v in ev.headers or ())
+        method = _find(headers, b":method")
+        if method != b"CONNECT":
+            self._reject(ev.stream_id, 400, f"method {method!r} is not CONNECT", out)
+            return
+        authority = _find(headers, b":authority") or b""
+        target = parse_authority(authority)
+        if target is None:
+            self._reject(ev.stream_id, 400, f"authority {authority!r} is not ip:port", out)
+            return
+        if _canon(target[0]) not in self.local_ips:
+            self._reject(ev.stream_id, 400,
+                         f"target {target[0]} is not this workload's IP "
+                         f"({', '.join(sorted(self.local_ips))})", out)
+            return
+        out.append(ConnectRequested(ev.stream_id, target, headers))
