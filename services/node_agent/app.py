@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -33,7 +34,7 @@ import trio
 
 from services.node_agent.apply import Backend, NetnsRuleApplier, RuleApplier, find_binary
 from services.node_agent.cache import NetnsCache
-from services.node_agent.cni_server import DEFAULT_CNI_SOCKET, CniEndpoint, PodLookup
+from services.node_agent.cni_server import DEFAULT_CNI_SOCKET, CniEndpoint
 from services.node_agent.errors import ConfigError, StartupCheckError
 from services.node_agent.httpd import Request, Response, json_response, open_unix_listener, serve_http
 from services.node_agent.lifecycle import (
@@ -68,6 +69,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     host_prefix: str = ""
     zds_allowed_uids: frozenset[int] | None = None
     reconcile_on_start: bool = True
+    watch_sync_timeout: float = 30.0
     log_level: str = "info"
 
     @property
@@ -210,37 +212,50 @@ def startup_check(config: AgentConfig) -> None:
         raise StartupCheckError("cannot run here:\n  " + "\n  ".join(problems))
 
 
-def _pod_source(config: AgentConfig) -> tuple[PodSource | None, StatusReporter, PodLookup | None]:
-    """The control plane's pod watch and status writer, when configured and present in this build."""
+class _Listed:
+    """A task_status that only records that the pod source delivered its first listing."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def started(self, value: None = None) -> None:
+        self.event.set()
+
+
+def _pod_source(config: AgentConfig, env: Mapping[str, str]) -> tuple[PodSource | None, StatusReporter]:
+    """The control plane's pod watch, when configured. Status goes to the log: the control plane has no
+    pod-status API for node agents yet."""
     if config.control_plane is None:
         log.info("no control plane configured: pods are enrolled by CNI events only")
-        return None, LogStatusReporter(), None
+        return None, LogStatusReporter()
     try:
-        from services.node_agent import podwatch  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
+        from services.node_agent.watch_source import PodWatchSource
+        from shared.aio import GrpcTarget
+    except ImportError as exc:
         log.warning(
-            "control plane %s configured but this build has no pod watch; CNI events only",
-            config.control_plane,
+            "control plane %s configured but the pod watch is unavailable (%s)", config.control_plane, exc
         )
-        return None, LogStatusReporter(), None
-    factory = getattr(podwatch, "open_pod_source", None)
-    if factory is None:
-        log.warning("services.node_agent.podwatch has no open_pod_source(); CNI events only")
-        return None, LogStatusReporter(), None
-    source, status, lookup = factory(config.control_plane, config.node_name)
-    return source, status, lookup
+        return None, LogStatusReporter()
+    try:
+        target = GrpcTarget.from_env("CONTROL_PLANE", {**env, "CONTROL_PLANE_ADDRESS": config.control_plane})
+    except ValueError as exc:
+        raise ConfigError(f"--control-plane: {exc}") from None
+    return PodWatchSource(target, config.node_name), LogStatusReporter()
 
 
 async def run_agent(
     config: AgentConfig,
     *,
     applier: RuleApplier | None = None,
+    pod_source: PodSource | None = None,
     task_status: trio.TaskStatus[NodeAgent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the agent until cancelled; started(agent) once every socket is bound."""
     cache = NetnsCache()
     server = ZdsServer(config.zds_socket, cache, allowed_uids=config.zds_allowed_uids)
-    source, status, lookup = _pod_source(config)
+    source, status = (
+        _pod_source(config, os.environ) if pod_source is None else (pod_source, LogStatusReporter())
+    )
     agent = NodeAgent(
         applier=applier or NetnsRuleApplier(config.rule_settings, config.backend),
         ztunnel=server,
@@ -248,6 +263,7 @@ async def run_agent(
         settings=config.rule_settings,
         opener=PathNetnsOpener(config.host_prefix),
         cache=cache,
+        reconcile_on_start=config.reconcile_on_start,
     )
 
     async def health(request: Request) -> Response:
@@ -265,12 +281,23 @@ async def run_agent(
         return json_response(200, body)
 
     try:
-        if source is not None:
-            await agent.restore(await source.enabled_pods(), reconcile_rules=config.reconcile_on_start)
         async with trio.open_nursery() as nursery:
+            if source is not None:
+                # the first listing restores already-redirected pods before any ztunnel can connect, so the
+                # first ZDS snapshot is complete (an incomplete one would make ztunnel drop pods)
+                listed = _Listed()
+                nursery.start_soon(partial(source.run, agent, task_status=listed))
+                with trio.move_on_after(config.watch_sync_timeout):
+                    await listed.event.wait()
+                if not listed.event.is_set():
+                    log.warning(
+                        "the pod watch has not listed this node's pods after %.0f s; starting without them",
+                        config.watch_sync_timeout,
+                    )
             await nursery.start(server.serve)
             await nursery.start(agent.run)
             cni_listener = await open_unix_listener(config.cni_socket)
+            lookup = source.lookup if source is not None else None
             await nursery.start(serve_http, [cni_listener], CniEndpoint(agent, lookup).route)
             log.info("CNI-event endpoint on %s", config.cni_socket)
             if config.health_addr is not None:
@@ -278,8 +305,6 @@ async def run_agent(
                 listeners = await trio.open_tcp_listeners(port, host=host)
                 await nursery.start(serve_http, listeners, health)
                 log.info("health endpoint on http://%s/healthz", config.health_addr)
-            if source is not None:
-                await nursery.start(source.run, agent)
             log.info(
                 "node-agent ready on node %s (backend %s, DNS capture %s, IPv6 %s)",
                 config.node_name,

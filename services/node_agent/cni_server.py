@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Callable, Mapping
 
 import msgspec
 
@@ -51,10 +50,8 @@ class CniAddRequest(msgspec.Struct, frozen=True, kw_only=True, rename="pascal", 
     annotations: dict[str, str] | None = None
 
 
-class PodLookup(Protocol):
-    """The pod watch's view: the pod and its namespace's labels, or None when it does not know the pod."""
-
-    def lookup(self, namespace: str, name: str) -> tuple[Pod, Mapping[str, str]] | None: ...
+PodLookup = Callable[[str, str], "tuple[Pod, Mapping[str, str]] | None"]
+"""(namespace, name) -> the pod and its namespace's labels from the pod watch's view, or None."""
 
 
 def parse_add_request(body: bytes) -> CniAddRequest:
@@ -86,7 +83,7 @@ def parse_add_request(body: bytes) -> CniAddRequest:
 
 def pod_from_request(req: CniAddRequest, lookup: PodLookup | None) -> tuple[Pod, Mapping[str, str] | None]:
     ips = tuple(str(ipaddress.ip_interface(ip.address).ip) for ip in req.ips)
-    known = lookup.lookup(req.pod_namespace, req.pod_name) if lookup is not None else None
+    known = lookup(req.pod_namespace, req.pod_name) if lookup is not None else None
     if known is not None:
         pod, ns_labels = known
         if req.pod_uid and req.pod_uid != pod.uid:

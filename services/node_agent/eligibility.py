@@ -3,7 +3,8 @@
 Upstream's default enablement selectors: a pod is ambient when it carries `istio.io/dataplane-mode=ambient`
 itself, or when its namespace does and the pod does not opt out with `istio.io/dataplane-mode=none` (any
 value other than `none` on the pod keeps the namespace's choice). Pods with a sidecar (annotation
-`sidecar.istio.io/status`) and ztunnel's own pods (`app=ztunnel` in the system namespace) never are.
+`sidecar.istio.io/status`), ztunnel's own pods (`app=ztunnel` in the system namespace) and host-network
+pods (redirecting them would capture the node's own traffic) never are.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def decide(
         return Decision(eligible=False, reason="ztunnel's own pod")
     if ANNOTATION_SIDECAR_STATUS in pod.annotations:
         return Decision(eligible=False, reason=f"has a sidecar ({ANNOTATION_SIDECAR_STATUS})")
+    if pod.host_network:
+        return Decision(eligible=False, reason="host-network pod (shares the node's namespace)")
     if pod.terminated:
         return Decision(eligible=False, reason="pod has terminated")
     pod_mode = pod.labels.get(LABEL_DATAPLANE_MODE)

@@ -93,7 +93,8 @@ class RecordingStatus:
 class PipeNetnsOpener:
     """Stands in for netns handles with pipe fds: one pipe per netns path, `dup`ed on every open.
 
-    A path listed in `missing` raises NetnsGoneError, like a pod whose namespace vanished.
+    A pod without a path is found "by IP" (key `ip:<first IP>`), as the real opener scans for it. A key
+    listed in `missing` raises NetnsGoneError, like a pod whose namespace vanished.
     """
 
     def __init__(self) -> None:
@@ -102,7 +103,7 @@ class PipeNetnsOpener:
 
     async def open(self, pod: Pod) -> int:
         await trio.lowlevel.checkpoint()
-        path = pod.netns_path
+        path = pod.netns_path or (f"ip:{pod.ips[0]}" if pod.ips else None)
         if path is None or path in self.missing:
             raise NetnsGoneError(f"pod {pod.key}: network namespace {path} does not exist")
         if path not in self.handles:

@@ -77,6 +77,8 @@ class NetnsOpener(Protocol):
 class PodSink(Protocol):
     """What a pod source feeds: the lifecycle."""
 
+    async def initial_pods(self, pods: list[tuple[Pod, Mapping[str, str]]]) -> None: ...
+
     async def pod_changed(self, pod: Pod, namespace_labels: Mapping[str, str]) -> Decision: ...
 
     async def pod_deleted(self, pod: Pod) -> None: ...
@@ -85,14 +87,15 @@ class PodSink(Protocol):
 class PodSource(Protocol):
     """A source of this node's pods (the control plane's pod watch, a Kubernetes informer, ...)."""
 
-    async def enabled_pods(self) -> list[Pod]:
-        """Pods currently annotated `enabled` on this node (the restart snapshot, SPEC §8)."""
-        ...
-
     async def run(
         self, sink: PodSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Deliver every pod change to `sink` until cancelled; started() once the first listing is in."""
+        """Deliver the first full listing to `sink.initial_pods`, then call started(), then deliver every
+        change until cancelled."""
+        ...
+
+    def lookup(self, namespace: str, name: str) -> tuple[Pod, Mapping[str, str]] | None:
+        """The pod and its namespace's labels, if the source knows it (for the CNI endpoint)."""
         ...
 
 
@@ -152,7 +155,9 @@ class NodeAgent:
         system_namespace: str = DEFAULT_SYSTEM_NAMESPACE,
         retry_initial: float = RETRY_INITIAL,
         retry_max: float = RETRY_MAX,
+        reconcile_on_start: bool = True,
     ) -> None:
+        self.reconcile_on_start = reconcile_on_start
         self.applier = applier
         self.ztunnel = ztunnel
         self.status = status
@@ -324,6 +329,16 @@ class NodeAgent:
             log.warning("pod %s: could not report status %s: %s", pod.key, status or "removed", exc)
 
     # --- restart ----------------------------------------------------------------------------------------
+
+    async def initial_pods(self, pods: list[tuple[Pod, Mapping[str, str]]]) -> None:
+        """A source's first listing, before the ZDS server accepts ztunnel: eligible pods whose netns can be
+        found are taken as already enrolled (rules reconciled) so the first snapshot is complete; ztunnel
+        receives them in it. (Upstream restores the pods annotated `enabled`; our control plane keeps no
+        status, so eligibility plus a findable netns stands in for it.)"""
+        eligible = [
+            p for p, labels in pods if decide(p, labels, system_namespace=self.system_namespace).eligible
+        ]
+        await self.restore(eligible, reconcile_rules=self.reconcile_on_start)
 
     async def restore(self, pods: list[Pod], *, reconcile_rules: bool = True) -> None:
         """Rebuild the cache from pods annotated `enabled` before this agent started (SPEC §8, restart).

@@ -32,6 +32,7 @@ class Pod(msgspec.Struct, frozen=True, kw_only=True):
     netns_path: str | None = None
     """Where the pod's netns can be opened (CNI_NETNS, /run/netns/NAME); None when only a scan can find it."""
     terminated: bool = False
+    host_network: bool = False
 
     @property
     def workload_info(self) -> WorkloadInfo:

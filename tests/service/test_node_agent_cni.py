@@ -45,7 +45,7 @@ class World:
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     w = World(str(tmp_path / "cni" / "pluginevent.sock"))
-    endpoint = CniEndpoint(w.agent, w)
+    endpoint = CniEndpoint(w.agent, w.lookup)
     try:
         async with trio.open_nursery() as nursery:
             listener = await open_unix_listener(w.path)

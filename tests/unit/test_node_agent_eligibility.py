@@ -46,3 +46,8 @@ def test_eligibility_matrix(
 def test_terminated_pod_is_not_eligible() -> None:
     p = Pod(uid=PodUid("u"), name="p", namespace="d", labels={MODE: "ambient"}, terminated=True)
     assert not decide(p, {}).eligible
+
+
+def test_host_network_pod_is_not_eligible() -> None:
+    p = Pod(uid=PodUid("u"), name="p", namespace="d", labels={MODE: "ambient"}, host_network=True)
+    assert not decide(p, {}).eligible

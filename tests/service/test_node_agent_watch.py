@@ -1,0 +1,74 @@
+"""The control plane's pod watch feeding the lifecycle (PodWatchSource with a scripted watch)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+pytest.importorskip("services.node_agent.podwatch")
+
+from services.node_agent.fakes import FakeRuleApplier, FakeZtunnel, PipeNetnsOpener, RecordingStatus
+from services.node_agent.lifecycle import NodeAgent
+from services.node_agent.podwatch import PodDeleted, PodEvent, PodInfo, PodSnapshot, PodUpserted
+from services.node_agent.rules import RuleSettings
+from services.node_agent.watch_source import PodWatchSource
+from shared.zds.types import PodUid
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+
+
+def info(name: str, ip: str, *, ns_labels: dict[str, str] | None = None, **kw: Any) -> PodInfo:
+    return PodInfo(
+        uid=f"uid-{name}",
+        name=name,
+        namespace="bookinfo",
+        service_account=f"sa-{name}",
+        node="n1",
+        ips=(ip,),
+        labels=kw.pop("labels", {}),
+        annotations={},
+        namespace_labels=AMBIENT if ns_labels is None else ns_labels,
+        **kw,
+    )
+
+
+async def test_watch_restores_then_follows_label_changes_and_deletes() -> None:
+    send, receive = trio.open_memory_channel[PodEvent](16)
+
+    @asynccontextmanager
+    async def open_watch(target: object, node: str) -> AsyncIterator[AsyncIterator[PodEvent]]:
+        assert node == "n1"
+        yield receive
+
+    applier, ztunnel, status, opener = FakeRuleApplier(), FakeZtunnel(), RecordingStatus(), PipeNetnsOpener()
+    agent = NodeAgent(applier=applier, ztunnel=ztunnel, status=status, settings=RuleSettings(), opener=opener)
+    source = PodWatchSource(None, "n1", open_watch=open_watch)
+    a, b = info("a", "10.244.1.5"), info("b", "10.244.1.6")
+    hostnet = info("h", "10.0.0.1", host_network=True)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await send.send(PodSnapshot(pods=(a, hostnet)))
+                await nursery.start(source.run, agent)
+                # restored before any ztunnel: in the cache (the first ZDS snapshot), rules reconciled
+                assert [e.uid for e in agent.cache.snapshot()] == ["uid-a"]
+                assert agent.status_of(PodUid("uid-a")) == "enabled"
+                assert source.lookup("bookinfo", "a") is not None and source.lookup("bookinfo", "zz") is None
+
+                # a new ambient pod is enrolled (netns found by IP), a label change removes a pod
+                await send.send(PodUpserted(pod=b))
+                await send.send(PodUpserted(pod=info("a", "10.244.1.5", ns_labels={})))
+                await send.send(PodDeleted(uid="uid-b", name="b", namespace="bookinfo"))
+                while ztunnel.deleted != ["uid-a", "uid-b"]:
+                    await trio.sleep(0.01)
+                assert [u for u, *_ in ztunnel.added] == ["uid-b"]
+                assert ("uid-b", "enabled") in status.history and ("uid-a", None) in status.history
+                assert len(agent.cache) == 0
+                nursery.cancel_scope.cancel()
+    finally:
+        agent.close()
+        opener.close()
