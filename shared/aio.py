@@ -25,13 +25,16 @@ thread (DESIGN §5): import it only from modules that talk gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import msgspec
 import trio
 import trio_asyncio
 from grpclib.client import Channel as _GrpcChannel
@@ -46,12 +49,14 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Channel",
     "ClientCall",
+    "GrpcTarget",
     "RpcError",
     "RpcStatus",
     "ServerCall",
     "client_tls_context",
     "open_aio_loop",
     "open_channel",
+    "open_target",
     "serve_grpc",
     "trio_service",
 ]
@@ -186,6 +191,17 @@ async def serve_grpc(
     """
     async with open_aio_loop():
         server = _GrpcServer(list(services))  # type: ignore[arg-type]
+        # grpclib's close() cancels the handlers but leaves client connections open (asyncio servers do not
+        # close accepted transports); track them so a stopped server really disconnects its clients.
+        protocols: weakref.WeakSet[Any] = weakref.WeakSet()
+        make_protocol = server._protocol_factory
+
+        def tracking_factory() -> Any:
+            protocol = make_protocol()
+            protocols.add(protocol)
+            return protocol
+
+        server._protocol_factory = tracking_factory  # type: ignore[method-assign]
         await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=ssl_context, reuse_address=True)
         try:
             listener: Any = server._server
@@ -196,6 +212,11 @@ async def serve_grpc(
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 server.close()
                 await trio_asyncio.aio_as_trio(server.wait_closed)()
+                for protocol in list(protocols):
+                    connection = getattr(protocol, "connection", None)
+                    transport = getattr(connection, "_transport", None)
+                    if transport is not None:
+                        transport.close()
 
 
 # --- client ----------------------------------------------------------------------------------------------
@@ -217,6 +238,10 @@ class _translate_errors:
             return False
         if isinstance(exc, GRPCError):
             raise RpcError(RpcStatus(exc.status.value), exc.message or exc.status.name) from None
+        if isinstance(exc, asyncio.CancelledError):
+            # grpclib cancels pending stream operations when the connection drops (a Trio-side cancellation
+            # arrives as trio.Cancelled, never as this).
+            raise RpcError(RpcStatus.UNAVAILABLE, f"connection closed during {self.doing}") from None
         if isinstance(exc, ssl.SSLCertVerificationError):
             raise RpcError(
                 RpcStatus.UNAVAILABLE,
@@ -301,6 +326,77 @@ def client_tls_context(root_pem: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=root_pem)
     ctx.set_alpn_protocols(["h2"])
     return ctx
+
+
+class GrpcTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """Where and how to reach a gRPC server (istiod): address, TLS root (None = plaintext), bearer token and
+    extra metadata (upstream's XDS_HEADER_* / CA_HEADER_*)."""
+
+    host: str
+    port: int
+    root_cert_pem: str | None = None
+    token: str | None = None
+    headers: dict[str, str] = {}
+
+    def call_metadata(self) -> dict[str, str]:
+        md = dict(self.headers)
+        if self.token:
+            md["authorization"] = f"Bearer {self.token}"
+        return md
+
+    @classmethod
+    def from_env(
+        cls,
+        kind: str,
+        environ: Mapping[str, str],
+        *,
+        default_address: str = "https://istiod.istio-system.svc:15012",
+    ) -> GrpcTarget:
+        """Build from upstream-style settings: `<KIND>_ADDRESS` (https://host:port, or http:// for plaintext),
+        `<KIND>_ROOT_CERT` (default ./var/run/secrets/istio/root-cert.pem), `<KIND>_TOKEN_FILE` (default
+        ./var/run/secrets/tokens/istio-token; missing file = no token), `<KIND>_HEADER_<name>` extra metadata.
+
+        Raises:
+            ValueError: an address that is not [scheme://]host:port, or an unreadable root certificate.
+        """
+        address = environ.get(f"{kind}_ADDRESS", default_address)
+        scheme, sep, rest = address.partition("://")
+        if not sep:
+            scheme, rest = "https", address
+        host, _, port = rest.rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{kind}_ADDRESS {address!r} is not [https://]HOST:PORT")
+        root = None
+        if scheme != "http":
+            root_path = environ.get(f"{kind}_ROOT_CERT", "./var/run/secrets/istio/root-cert.pem")
+            try:
+                with open(root_path) as f:
+                    root = f.read()
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read the root certificate {root_path} ({exc.strerror}); "
+                    f"set {kind}_ROOT_CERT to the stub's root-cert.pem (or use an http:// address: plaintext)"
+                ) from None
+        token = None
+        token_path = environ.get(f"{kind}_TOKEN_FILE", "./var/run/secrets/tokens/istio-token")
+        try:
+            with open(token_path) as f:
+                token = f.read().strip() or None
+        except OSError:
+            token = None
+        prefix = f"{kind}_HEADER_"
+        headers = {
+            k[len(prefix) :].lower().replace("_", "-"): v for k, v in environ.items() if k.startswith(prefix)
+        }
+        return cls(host=host.strip("[]"), port=int(port), root_cert_pem=root, token=token, headers=headers)
+
+
+@asynccontextmanager
+async def open_target(target: GrpcTarget) -> AsyncIterator[Channel]:
+    """`open_channel` for a GrpcTarget (TLS when it has a root certificate)."""
+    ssl_context = client_tls_context(target.root_cert_pem) if target.root_cert_pem else None
+    async with open_channel(target.host, target.port, ssl_context=ssl_context) as channel:
+        yield channel
 
 
 @asynccontextmanager

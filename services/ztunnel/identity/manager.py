@@ -1,0 +1,163 @@
+"""The certificate manager: one certificate per workload identity, fetched on demand, cached, rotated.
+
+Theory of operation
+-------------------
+`fetch_certificate(identity)` returns the cached certificate while it is valid. The first request for an
+identity starts a maintenance task (in the manager's nursery) that fetches it from the CA, then sleeps until
+half of its lifetime has passed (upstream ztunnel's rule) and fetches a replacement. A failed renewal keeps
+the old certificate in service and retries with exponential backoff (never past the old one's expiry);
+only when nothing valid is left does `fetch_certificate` raise CertificateError (with the CA's reason).
+`forget(identity)` stops the maintenance (the last pod with that identity left the node).
+Time comes from an injectable Clock (POSIX seconds) so tests can jump to the half-life.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import trio
+
+from services.ztunnel.identity.ca_client import CaClient
+from services.ztunnel.identity.errors import CertificateError
+from shared.identity import CertBundle, SpiffeId
+
+log = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Wall-clock time, POSIX seconds (certificate validity is wall-clock)."""
+        ...
+
+    async def sleep_until(self, deadline: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+    async def sleep_until(self, deadline: float) -> None:
+        # Re-check in bounded steps: the wall clock may jump (NTP, suspend).
+        # (Not a trio.Event: nothing sets an event when wall-clock time passes.)
+        while (remaining := deadline - time.time()) > 0:  # noqa: ASYNC110
+            await trio.sleep(min(remaining, 60.0))
+
+
+class _Entry:
+    def __init__(self) -> None:
+        self.bundle: CertBundle | None = None
+        self.error: CertificateError | None = None
+        self.attempted = trio.Event()
+        self.updated = trio.Event()
+        self.scope = trio.CancelScope()
+
+
+class CertificateManager:
+    def __init__(
+        self,
+        ca: CaClient,
+        nursery: trio.Nursery,
+        *,
+        clock: Clock | None = None,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+    ) -> None:
+        self._ca = ca
+        self._nursery = nursery
+        self.clock: Clock = clock or SystemClock()
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._entries: dict[SpiffeId, _Entry] = {}
+        self.fetches = 0
+
+    def _valid(self, bundle: CertBundle | None) -> bool:
+        return bundle is not None and self.clock.now() < bundle.not_after
+
+    def cached(self, identity: SpiffeId) -> CertBundle | None:
+        entry = self._entries.get(identity)
+        return entry.bundle if entry is not None and self._valid(entry.bundle) else None
+
+    async def fetch_certificate(self, identity: SpiffeId) -> CertBundle:
+        """The current certificate for `identity`, fetching it first if needed. Raises CertificateError."""
+        entry = self._entries.get(identity)
+        if entry is None:
+            entry = self._entries[identity] = _Entry()
+            self._nursery.start_soon(self._maintain, identity, entry)
+        await entry.attempted.wait()
+        if entry.bundle is not None and self._valid(entry.bundle):
+            return entry.bundle
+        raise entry.error or CertificateError(f"no valid certificate for {identity.uri}")
+
+    async def wait_renewed(self, identity: SpiffeId, than: CertBundle) -> CertBundle:
+        """Return the identity's certificate once it differs from `than`."""
+        while True:
+            entry = self._entries.get(identity)
+            if entry is None:
+                raise CertificateError(f"{identity.uri} is not managed")
+            if entry.bundle is not None and entry.bundle != than:
+                return entry.bundle
+            await entry.updated.wait()
+
+    def forget(self, identity: SpiffeId) -> None:
+        """Stop caching and rotating `identity`."""
+        entry = self._entries.pop(identity, None)
+        if entry is not None:
+            entry.scope.cancel()
+
+    def _set(self, entry: _Entry, bundle: CertBundle | None, error: CertificateError | None) -> None:
+        if bundle is not None:
+            entry.bundle = bundle
+        entry.error = error
+        entry.attempted.set()
+        entry.updated.set()
+        entry.updated = trio.Event()
+
+    async def _fetch(self, identity: SpiffeId) -> CertBundle:
+        self.fetches += 1
+        return await self._ca.fetch(identity)
+
+    async def _maintain(self, identity: SpiffeId, entry: _Entry) -> None:
+        with entry.scope:
+            backoff = self._retry_initial
+            while True:
+                try:
+                    bundle = await self._fetch(identity)
+                except CertificateError as exc:
+                    self._set(entry, None, exc)
+                    old = entry.bundle
+                    retry_at = self.clock.now() + backoff
+                    if old is not None and self._valid(old):
+                        log.warning(
+                            "renewing %s failed, keeping the current certificate: %s", identity.uri, exc
+                        )
+                        retry_at = min(retry_at, old.not_after)
+                    else:
+                        log.warning(
+                            "no certificate for %s: %s (retrying in %.0fs)", identity.uri, exc, backoff
+                        )
+                    await self.clock.sleep_until(retry_at)
+                    backoff = min(backoff * 2, self._retry_max)
+                    continue
+                backoff = self._retry_initial
+                self._set(entry, bundle, None)
+                log.info("certificate for %s valid until %s", identity.uri, time.ctime(bundle.not_after))
+                await self.clock.sleep_until(bundle.refresh_at)
+
+
+@asynccontextmanager
+async def open_certificate_manager(
+    ca: CaClient, *, clock: Clock | None = None, retry_initial: float = 1.0, retry_max: float = 60.0
+) -> AsyncIterator[CertificateManager]:
+    """A CertificateManager whose maintenance tasks live (and die) with this block."""
+    async with trio.open_nursery() as nursery:
+        manager = CertificateManager(
+            ca, nursery, clock=clock, retry_initial=retry_initial, retry_max=retry_max
+        )
+        try:
+            yield manager
+        finally:
+            nursery.cancel_scope.cancel()
