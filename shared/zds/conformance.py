@@ -64,6 +64,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1287,7 +1288,8 @@ def render(results: Sequence[CaseResult], *, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console() if sys.stdout.isatty() else Console(width=160)
     table = Table(title="ZDS conformance (SPEC §9)", show_lines=False)
     table.add_column("role")
     table.add_column("case", justify="right")
