@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 
 import pytest
 import trio
+import trio.testing
 
 from services.ztunnel.errors import ProxyStartError
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
@@ -373,4 +374,34 @@ async def test_client_reset_mid_transfer_is_logged_and_the_pod_keeps_serving(acc
                     await polite.send_all(b"ok")
                     await polite.send_eof()
                     assert await read_to_eof(polite) == b"ok"
+            nursery.cancel_scope.cancel()
+
+
+async def test_graceful_drain_lets_open_connections_finish(access_log: LogCapture) -> None:
+    fake = FakeSockets()
+    with pipe_fd() as fd, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server_port = await nursery.start(echo_server)
+            fake.original = ("127.0.0.1", server_port)
+            async with ztunnel(fake) as zt:
+                await zt.start_workload(PodUid("a"), INFO, fd)
+                held = await tcp_connect(fake.ports["outbound"])
+                await access_log.wait_for("connection opened")
+                drained = trio.Event()
+
+                async def drain() -> None:
+                    await zt.drain_all(grace=60)  # far longer than the test: it must end because we finish
+                    drained.set()
+
+                nursery.start_soon(drain)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(OSError):  # no longer accepting...
+                    await tcp_connect(fake.ports["outbound"])
+                async with held:  # ...but the open connection still works to the end
+                    await held.send_all(b"finishing")
+                    await held.send_eof()
+                    assert await read_to_eof(held) == b"finishing"
+                await drained.wait()
+                (line,) = await access_log.wait_for("connection complete")
+                assert line.level == "info" and line.fields["bytes_recv"] == len(b"finishing")
             nursery.cancel_scope.cancel()
