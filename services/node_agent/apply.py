@@ -31,8 +31,9 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import trio
@@ -58,6 +59,7 @@ from services.node_agent.rules import (
 from shared.netns import NetnsError, entered
 
 log = logging.getLogger("node_agent.apply")
+T = TypeVar("T")
 
 RTN_LOCAL = 2
 RT_SCOPE_HOST = 254
@@ -214,6 +216,19 @@ def _del_route(ipr: Any, route: PolicyRoute) -> None:
 # --- the synchronous work, run inside the netns ----------------------------------------------------------
 
 
+def in_netns(fd: int, work: Callable[[], T]) -> T:
+    """Run `work` with the calling (worker) thread switched into the namespace `fd`.
+
+    Raises:
+        NetnsGoneError: `fd` is not a namespace that can be entered.
+    """
+    try:
+        with entered(fd):
+            return work()
+    except NetnsError as exc:
+        raise NetnsGoneError(f"cannot enter the pod's network namespace: {exc}") from None
+
+
 class NetnsRuleApplier:
     """The real `RuleApplier`: iptables-restore or nft, plus pyroute2, in a worker thread inside the netns."""
 
@@ -222,17 +237,10 @@ class NetnsRuleApplier:
         self.backend = backend
 
     async def apply(self, netns_fd: int, redirect: PodRedirect) -> ApplyOutcome:
-        return await trio.to_thread.run_sync(self._in_netns, netns_fd, self.apply_here, redirect)
+        return await trio.to_thread.run_sync(in_netns, netns_fd, partial(self.apply_here, redirect))
 
     async def delete(self, netns_fd: int) -> None:
-        await trio.to_thread.run_sync(self._in_netns, netns_fd, self.delete_here, None)
-
-    def _in_netns(self, fd: int, work: Any, arg: Any) -> Any:
-        try:
-            with entered(fd):
-                return work(arg) if arg is not None else work()
-        except NetnsError as exc:
-            raise NetnsGoneError(f"cannot enter the pod's network namespace: {exc}") from None
+        await trio.to_thread.run_sync(in_netns, netns_fd, self.delete_here)
 
     # The *_here methods assume the calling thread is already inside the pod netns.
 

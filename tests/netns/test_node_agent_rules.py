@@ -11,11 +11,19 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 import trio
 
-from services.node_agent.apply import ApplyOutcome, Backend, NetnsRuleApplier, Snapshot, inspect_here
+from services.node_agent.apply import (
+    ApplyOutcome,
+    Backend,
+    NetnsRuleApplier,
+    Snapshot,
+    in_netns,
+    inspect_here,
+)
 from services.node_agent.errors import NetnsGoneError, RuleApplyError
 from services.node_agent.rules import PodRedirect, RuleSettings
 from shared.netns import entered, open_netns
@@ -184,7 +192,7 @@ async def test_iptables_state_matches_expected_saved_form(pair: Pair) -> None:
     redirect = PodRedirect(dns_capture=True, virtual_interfaces=("vp",))
     await applier.apply(pair.pod_fd, redirect)
     in_sync, present = await trio.to_thread.run_sync(
-        lambda: applier._in_netns(pair.pod_fd, applier.in_sync_here, redirect)
+        in_netns, pair.pod_fd, partial(applier.in_sync_here, redirect)
     )
     assert (in_sync, present) == (True, True)
     await applier.delete(pair.pod_fd)
