@@ -10,9 +10,10 @@ direction, which is then awaited onto the socket. Reads are as large as the kern
 connection moves up to 256 KiB per loop turn.
 
 With `splice=True` (the default for plaintext passthrough) each direction instead moves bytes
-socket -> pipe -> socket with `os.splice` (no copy through user space at all; one pipe per direction, 4 fds
-per connection, enlarged to 1 MiB when allowed). benchmarks/passthrough.py measured about half the CPU per
-GB of the shared-buffer loop on this machine class.
+socket -> pipe -> socket with `os.splice` (no copy through user space at all). Pipes (1 MiB when allowed)
+come from a process-wide pool and are held only while bytes are in them, so an idle connection costs no
+extra fds. benchmarks/passthrough.py measured about half the CPU per GB of the shared-buffer loop on this
+machine class.
 
 EOF on one side is propagated as `shutdown(SHUT_WR)` on the other (half-close), and the copy ends when both
 directions have. An OSError (reset, broken pipe) on either direction ends both; the first error is raised
@@ -74,32 +75,72 @@ _F_SETPIPE_SZ: Final = 1031
 PIPE_SIZE: Final = 1024 * 1024
 
 
-async def pump_splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:
-    """Like `pump`, with the bytes moved by the kernel through a pipe (os.splice)."""
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
+class PipePool:
+    """Empty pipes shared by every splicing connection of the process.
+
+    A direction holds a pipe only while bytes are inside it (between splicing in and finishing splicing
+    out), so idle connections cost no pipe fds; at most `keep` spare pipes are kept open.
+    """
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._free: list[tuple[int, int]] = []
+
+    def acquire(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default 64 KiB
             fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
-        src_fd, dst_fd = src.fileno(), dst.fileno()
-        while True:
-            try:
-                n = os.splice(src_fd, w, PIPE_SIZE, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(src)
-                continue
-            if n == 0:
-                break
-            left = n
+        return r, w
+
+    def release(self, pipe: tuple[int, int]) -> None:
+        """Give back an *empty* pipe."""
+        if len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int]) -> None:
+        """Close a pipe that may still hold bytes (the connection failed half-way)."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+_pipes = PipePool()
+
+
+async def pump_splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:
+    """Like `pump`, with the bytes moved by the kernel through a pooled pipe (os.splice)."""
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    while True:
+        pipe = _pipes.acquire()
+        try:
+            n = os.splice(src_fd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            _pipes.release(pipe)
+            await trio.lowlevel.wait_readable(src)
+            continue
+        except BaseException:
+            _pipes.release(pipe)  # nothing went in
+            raise
+        if n == 0:
+            _pipes.release(pipe)
+            break
+        left = n
+        try:
             while left:
                 try:
-                    left -= os.splice(r, dst_fd, left, flags=_SPLICE_FLAGS)
+                    left -= os.splice(pipe[0], dst_fd, left, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(dst)
-            count(n)
-            await trio.lowlevel.checkpoint()
-    finally:
-        os.close(r)
-        os.close(w)
+        except BaseException:
+            _pipes.discard(pipe)  # may hold undelivered bytes: never reuse
+            raise
+        _pipes.release(pipe)
+        count(n)
+        await trio.lowlevel.checkpoint()
     with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)
 
