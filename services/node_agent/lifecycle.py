@@ -25,7 +25,6 @@ The seams are Protocols, so service tests run the whole lifecycle with fakes: `R
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -325,7 +324,7 @@ class NodeAgent:
     async def _report(self, pod: Pod, status: str | None) -> None:
         try:
             await self.status.report(pod, status)
-        except NodeAgentError as exc:
+        except Exception as exc:  # a status write never decides enrolment (upstream only logs it, too)
             log.warning("pod %s: could not report status %s: %s", pod.key, status or "removed", exc)
 
     # --- restart ----------------------------------------------------------------------------------------
@@ -387,10 +386,13 @@ class NodeAgent:
         async with self._lock(uid):
             state = self.pods.get(uid)
             entry = self.cache.get(uid)
-            if state is None or state.status != STATUS_PENDING or entry is None or entry.netns_fd is None:
+            if state is None or state.status != STATUS_PENDING:
                 return
-            with contextlib.suppress(NodeAgentError):
-                await self._send_add(state, entry.netns_fd)
+            if entry is None or entry.netns_fd is None:  # cannot happen while pending; never spin on it
+                log.error("pod %s: pending without a netns handle; dropping it", state.pod.key)
+                self.pods.pop(uid, None)
+                return
+            await self._send_add(state, entry.netns_fd)
 
     def close(self) -> None:
         """Close every cached netns handle; rules stay in the pods (fail closed)."""
