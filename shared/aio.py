@@ -260,16 +260,35 @@ class ClientCall:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
+    def _raise_status(self) -> None:
+        # A server that ends a call with an error status while the client is still sending resets the stream
+        # right after its trailers; grpclib then reports StreamTerminatedError, but the status is in the
+        # trailers it already received: surface that instead of "connection lost".
+        try:
+            self._stream._maybe_raise()
+        except GRPCError as exc:
+            raise RpcError(RpcStatus(exc.status.value), exc.message or exc.status.name) from None
+        except Exception as exc:  # no usable trailers: keep the original error
+            log.debug("no status in trailers: %r", exc)
+
     async def send_message(self, message: Any, *, end: bool = False) -> None:
         with _translate_errors("send to server"):
-            await trio_asyncio.aio_as_trio(self._stream.send_message)(message, end=end)
+            try:
+                await trio_asyncio.aio_as_trio(self._stream.send_message)(message, end=end)
+            except StreamTerminatedError:
+                self._raise_status()
+                raise
 
     async def recv_message(self) -> Any | None:
         """The next response, or None when the server ended the stream with OK. Raises RpcError otherwise."""
         with _translate_errors("receive from server"):
-            message = await trio_asyncio.aio_as_trio(self._stream.recv_message)()
-            if message is None:
-                await trio_asyncio.aio_as_trio(self._stream.recv_trailing_metadata)()
+            try:
+                message = await trio_asyncio.aio_as_trio(self._stream.recv_message)()
+                if message is None:
+                    await trio_asyncio.aio_as_trio(self._stream.recv_trailing_metadata)()
+            except StreamTerminatedError:
+                self._raise_status()
+                raise
             return message
 
     async def end(self) -> None:

@@ -1,0 +1,154 @@
+"""Delta ADS end to end: the real istiod stub and ztunnel's XdsClient in one Trio run over loopback TLS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import trio
+
+from services.istiod.server import Auth, IstiodServer, server_ssl_context
+from services.istiod.store import WorldStore
+from services.istiod.testing import open_test_istiod
+from services.istiod.world import World, load_world
+from services.ztunnel.state.store import StateStore
+from services.ztunnel.state.types import Action, PolicyKey, Scope, Service, TunnelProtocol, Workload
+from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
+from shared.aio import GrpcTarget, open_aio_loop
+
+BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
+
+
+def bookinfo() -> World:
+    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
+
+
+def wl(store: StateStore, ip: str) -> Workload:
+    found = store.workload_by_ip(ip)
+    assert found is not None, f"no workload at {ip}"
+    return found
+
+
+def new_client(target: GrpcTarget, store: StateStore | None = None) -> XdsClient:
+    config = XdsClientConfig(
+        node_id=ztunnel_node_id("127.0.0.1", "ztunnel-a", "istio-system"), backoff_initial=0.01
+    )
+    return XdsClient(target, store or StateStore(), config)
+
+
+async def test_initial_push_fills_the_store() -> None:
+    with trio.fail_after(20):
+        async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+            client = new_client(istiod.target(node="node-a"))
+            await nursery.start(client.run)
+            await client.wait_synced()
+            store = client.store
+            assert len(store.workloads) == 8
+            assert len(store.services) == 5
+            assert set(store.policies) == {"bookinfo/ratings-from-reviews", "bookinfo/deny-legacy"}
+            ratings = store.workload_by_ip("10.244.2.12")
+            assert ratings is not None and ratings.uid == "Kubernetes//Pod/bookinfo/ratings-v1-8c9f0b"
+            assert ratings.tunnel_protocol is TunnelProtocol.HBONE
+            assert ratings.identity.uri == "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings"
+            assert wl(store, "10.244.1.30").tunnel_protocol is TunnelProtocol.NONE
+            svc = store.service_by_vip("10.96.0.12")
+            assert svc is not None and svc.key == "bookinfo/reviews.bookinfo.svc.cluster.local"
+            assert [wl.name for wl, _ in store.endpoints(svc)] == ["reviews-v1-7b8c4f", "reviews-v2-6d7e9a"]
+            names = [p.key for p in store.policies_for(ratings)]
+            assert names == ["bookinfo/deny-legacy", "bookinfo/ratings-from-reviews"]
+            pol = store.policies[PolicyKey("bookinfo/ratings-from-reviews")]
+            assert pol.scope is Scope.WORKLOAD_SELECTOR and pol.action is Action.ALLOW
+            assert client.nacks_sent == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_incremental_change_and_removal_reach_the_client() -> None:
+    with trio.fail_after(20):
+        async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+            client = new_client(istiod.target(node="node-a"))
+            await nursery.start(client.run)
+            await client.wait_synced()
+            store = client.store
+            istiod.store.add_pod(
+                b'{"name": "ratings-v2", "namespace": "bookinfo", "node": "node-b", "ips": ["10.244.2.13"],'
+                b' "labels": {"app": "ratings"}, "serviceAccount": "bookinfo-ratings"}'
+            )
+            await store.wait_for(lambda s: s.workload_by_ip("10.244.2.13") is not None)
+            new = wl(store, "10.244.2.13")
+            assert "bookinfo/ratings.bookinfo.svc.cluster.local" in new.services
+            assert "bookinfo/ratings-from-reviews" in new.authorization_policies
+
+            istiod.store.set_namespace_labels("bookinfo", {}, ["istio.io/dataplane-mode"])
+            await store.wait_for(lambda s: wl(s, "10.244.2.13").tunnel_protocol is TunnelProtocol.NONE)
+
+            istiod.store.remove_pod("bookinfo", "ratings-v2")
+            await store.wait_for(lambda s: s.workload_by_ip("10.244.2.13") is None)
+            istiod.store.remove_policy("bookinfo", "deny-legacy")
+            await store.wait_for(lambda s: "bookinfo/deny-legacy" not in s.policies)
+            assert client.connects == 1
+            assert istiod.server.nacks == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_reconnect_resumes_with_versions_and_gets_only_the_difference() -> None:
+    with trio.fail_after(30):
+        async with open_test_istiod(bookinfo()) as istiod:
+            store = StateStore()
+            client = new_client(istiod.target(node="node-a"), store)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+                await client.wait_synced()
+                nursery.cancel_scope.cancel()
+            before = len(store.workloads)
+            # While disconnected: one pod removed, one label changed.
+            istiod.store.remove_pod("sleep", "notmeshed-4a5b6c")
+            istiod.store.set_pod_labels("bookinfo", "details-v1-5f4d58", {"version": "v1b"}, [])
+
+            applied: list[int] = []
+            original = store.apply_addresses
+
+            def spy(upserts: Iterable[Workload | Service], removed: Iterable[str]) -> None:
+                upserts, removed = list(upserts), list(removed)
+                applied.append(len(upserts) + len(removed))
+                original(upserts, removed)
+
+            store.apply_addresses = spy  # type: ignore[method-assign]
+            client2 = new_client(istiod.target(node="node-a"), store)
+            client2.versions = client.versions
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client2.run)
+                await client2.wait_synced()
+                nursery.cancel_scope.cancel()
+            assert applied == [2]  # one removal + one changed workload, nothing else re-sent
+            assert len(store.workloads) == before - 1
+            assert wl(store, "10.244.2.10").canonical_revision == "v1b"
+
+
+async def test_client_reconnects_after_server_restart() -> None:
+    with trio.fail_after(30):
+        world = bookinfo()
+        # One asyncio bridge for the whole test: it must outlive the first server.
+        async with open_aio_loop(), trio.open_nursery() as outer:
+            store = StateStore()
+            async with open_test_istiod(world) as first:
+                port = first.port
+                ca = first.server.ca
+                client = new_client(first.target(node="node-a"), store)
+                await outer.start(client.run)
+                await client.wait_synced()
+            # The first server is gone; start a second on the same port and change the world there.
+            server = IstiodServer(WorldStore(world), ca, Auth(first.tokens))
+            server.store.remove_pod("bookinfo", "productpage-v1-6f9c7d")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: server.serve(
+                        host="127.0.0.1",
+                        port=port,
+                        ssl_context=server_ssl_context(ca),
+                        task_status=task_status,
+                    )
+                )
+                await store.wait_for(lambda s: s.workload_by_ip("10.244.1.10") is None)
+                assert client.connects >= 2
+                nursery.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
