@@ -23,18 +23,62 @@ from services.lab.errors import LabError
 RUN_ROOT = Path(os.environ.get("AMBIENT_LAB_RUN_DIR", "/run/ambient-lab"))
 
 
-class ProcessRecord(msgspec.Struct, kw_only=True):
-    """A process the lab started: `component` is istiod, node-agent, ztunnel or app."""
+class TcpCheck(msgspec.Struct, frozen=True, kw_only=True, tag="tcp"):
+    """Ready when host:port accepts a connection from inside `netns`."""
 
-    name: str  # unique within the lab: "istiod", "ztunnel/node-a", "app/bookinfo/details-v1-..."
-    component: str
-    pid: int
-    start_time: int
     netns: str
+    host: str
+    port: int
+
+
+class HttpCheck(msgspec.Struct, frozen=True, kw_only=True, tag="http"):
+    """Ready when GET http://host:port/path from inside `netns` answers `status` (0: any status)."""
+
+    netns: str
+    host: str
+    port: int
+    path: str
+    status: int = 200
+
+
+class UnixHttpCheck(msgspec.Struct, frozen=True, kw_only=True, tag="unix-http"):
+    """Ready when GET `path` on the Unix socket `socket` answers 200."""
+
+    socket: str
+    path: str
+
+
+Check = TcpCheck | HttpCheck | UnixHttpCheck
+
+
+class ComponentSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """How to start one process of the lab; kept in the state file so `lab restart` starts it the same way.
+
+    `component` is istiod, node-agent, ztunnel or app; `name` is unique in the lab ("ztunnel/node-a").
+    """
+
+    name: str
+    component: str
+    netns: str
+    argv: list[str]  # run inside `netns` (the lab prepends `ip netns exec <netns>`)
+    env: dict[str, str] = {}
+    cwd: str | None = None
     log: str
-    argv: list[str]
+    checks: list[Check] = []
     node: str | None = None
     pod: str | None = None
+
+
+class ProcessRecord(msgspec.Struct, kw_only=True):
+    """A running process the lab started, identified by PID and start time."""
+
+    spec: ComponentSpec
+    pid: int
+    start_time: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 class PodRecord(msgspec.Struct, kw_only=True):
@@ -82,8 +126,10 @@ def load_state(prefix: str, root: Path | None = None) -> LabState | None:
     try:
         return msgspec.json.decode(data, type=LabState)
     except msgspec.DecodeError as exc:
-        raise LabError(f"the lab state file {path} is damaged ({exc}); remove the lab's namespaces "
-                       f"(ip netns list | grep '^{prefix}-') and the file by hand") from None
+        raise LabError(
+            f"the lab state file {path} is damaged ({exc}); remove the lab's namespaces "
+            f"(ip netns list | grep '^{prefix}-') and the file by hand"
+        ) from None
 
 
 def save_state(state: LabState) -> None:
@@ -104,7 +150,7 @@ def process_start_time(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X"):
         return None
     return int(fields[19])

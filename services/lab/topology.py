@@ -28,6 +28,7 @@ remove the recorded files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -190,8 +191,11 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
 
 def check_prefix(prefix: str) -> None:
     """A prefix is 1-20 chars of a-z, 0-9 and '-', starting with a letter (it starts every netns name)."""
-    ok = 0 < len(prefix) <= 20 and prefix[0].isalpha() and all(c.isdigit() or c == "-" or
-                                                                ("a" <= c <= "z") for c in prefix)
+    ok = (
+        0 < len(prefix) <= 20
+        and prefix[0].isalpha()
+        and all(c.isdigit() or c == "-" or ("a" <= c <= "z") for c in prefix)
+    )
     if not ok:
         raise LabError(
             f"lab prefix {prefix!r} must be 1-20 characters of a-z, 0-9 and '-', starting with a letter"
@@ -253,8 +257,11 @@ def _hosts_file(world: World, pod: Pod, ip: str) -> str:
         names = [fqdn, f"{svc.name}.{svc.namespace}.svc", f"{svc.name}.{svc.namespace}"]
         if svc.namespace == pod.namespace:
             names.append(svc.name)
-        lines.extend(f"{vip}\t{' '.join(dict.fromkeys(names))}" for vip in svc.vips
-                     if ipaddress.ip_address(vip).version == 4)
+        lines.extend(
+            f"{vip}\t{' '.join(dict.fromkeys(names))}"
+            for vip in svc.vips
+            if ipaddress.ip_address(vip).version == 4
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -285,8 +292,9 @@ def _app_for(world: World, pod: Pod) -> AppPlan:
     return AppPlan(kind="echo", ports=ports, env=env)
 
 
-def plan_lab(world: World, *, prefix: str, source: str = "<world>",
-             fabric: ipaddress.IPv4Network = DEFAULT_FABRIC) -> LabPlan:
+def plan_lab(
+    world: World, *, prefix: str, source: str = "<world>", fabric: ipaddress.IPv4Network = DEFAULT_FABRIC
+) -> LabPlan:
     """Lay `world` out as a lab. Pure: no I/O.
 
     Args:
@@ -310,17 +318,19 @@ def plan_lab(world: World, *, prefix: str, source: str = "<world>",
             for j, other in enumerate(cidrs)
             if j != i
         ]
-        node_plans.append(NodePlan(
-            name=node.name,
-            index=i,
-            netns=f"{prefix}-{node.name}",
-            fabric_port=_fabric_port("node", i),
-            address=f"{fabric_hosts[NODE_HOST_BASE + i - 1]}/{fabric.prefixlen}",
-            bridge="cbr0",
-            pod_cidr=str(cidr),
-            gateway=f"{next(cidr.hosts())}/{cidr.prefixlen}",
-            routes=routes,
-        ))
+        node_plans.append(
+            NodePlan(
+                name=node.name,
+                index=i,
+                netns=f"{prefix}-{node.name}",
+                fabric_port=_fabric_port("node", i),
+                address=f"{fabric_hosts[NODE_HOST_BASE + i - 1]}/{fabric.prefixlen}",
+                bridge="cbr0",
+                pod_cidr=str(cidr),
+                gateway=f"{next(cidr.hosts())}/{cidr.prefixlen}",
+                routes=routes,
+            )
+        )
     control = ControlPlanePlan(
         netns=f"{prefix}-cp",
         fabric_port="cp0",
@@ -347,7 +357,8 @@ def plan_lab(world: World, *, prefix: str, source: str = "<world>",
             )
         if ip in (cidr.network_address, cidr.broadcast_address, next(cidr.hosts())):
             raise PlanError(
-                source, f"{base}.ips[{j}]",
+                source,
+                f"{base}.ips[{j}]",
                 f"{ip} is the network, broadcast or gateway address of {cidr}; use .2 and up",
             )
         netns = f"{prefix}-{pod.namespace}-{pod.name}"
@@ -356,43 +367,59 @@ def plan_lab(world: World, *, prefix: str, source: str = "<world>",
         if netns in netns_names:
             raise PlanError(source, base, f"netns name {netns} collides with pod {netns_names[netns]}")
         netns_names[netns] = pod.key
-        agent_pod = AgentPod(uid=PodUid(pod.kube_uid), name=pod.name, namespace=pod.namespace,
-                             service_account=pod.service_account, labels=dict(pod.labels),
-                             annotations=dict(pod.annotations))
-        decision = decide(agent_pod, ns_labels.get(pod.namespace, {}))
-        pods.append(PodPlan(
+        agent_pod = AgentPod(
+            uid=PodUid(pod.kube_uid),
             name=pod.name,
             namespace=pod.namespace,
-            uid=pod.kube_uid,
-            node=pod_node.name,
-            netns=netns,
-            host_veth=_veth_name(pod.key),
-            address=f"{ip}/{cidr.prefixlen}",
-            gateway=str(next(cidr.hosts())),
             service_account=pod.service_account,
             labels=dict(pod.labels),
             annotations=dict(pod.annotations),
-            ambient=decision.eligible,
-            ambient_reason=decision.reason,
-            hosts=_hosts_file(world, pod, str(ip)),
-            app=_app_for(world, pod),
-        ))
+        )
+        decision = decide(agent_pod, ns_labels.get(pod.namespace, {}))
+        pods.append(
+            PodPlan(
+                name=pod.name,
+                namespace=pod.namespace,
+                uid=pod.kube_uid,
+                node=pod_node.name,
+                netns=netns,
+                host_veth=_veth_name(pod.key),
+                address=f"{ip}/{cidr.prefixlen}",
+                gateway=str(next(cidr.hosts())),
+                service_account=pod.service_account,
+                labels=dict(pod.labels),
+                annotations=dict(pod.annotations),
+                ambient=decision.eligible,
+                ambient_reason=decision.reason,
+                hosts=_hosts_file(world, pod, str(ip)),
+                app=_app_for(world, pod),
+            )
+        )
     pod_ip = {p.key: p.ip for p in pods}
     services: list[ServicePlan] = []
     dnat: list[DnatTarget] = []
     for svc in world.services:
         endpoints = [p.key for p in world.pods if _selects(svc, p)]
-        services.append(ServicePlan(
-            name=svc.name, namespace=svc.namespace, hostname=world.service_hostname(svc),
-            vips=list(svc.vips), ports=[p.port for p in svc.ports], endpoints=endpoints,
-        ))
+        services.append(
+            ServicePlan(
+                name=svc.name,
+                namespace=svc.namespace,
+                hostname=world.service_hostname(svc),
+                vips=list(svc.vips),
+                ports=[p.port for p in svc.ports],
+                endpoints=endpoints,
+            )
+        )
         for vip in svc.vips:
             if ipaddress.ip_address(vip).version != 4 or not endpoints:
                 continue
             for port in svc.ports:
                 target = port.target_port or port.port
-                dnat.append(DnatTarget(vip=vip, port=port.port,
-                                       endpoints=[f"{pod_ip[k]}:{target}" for k in endpoints]))
+                dnat.append(
+                    DnatTarget(
+                        vip=vip, port=port.port, endpoints=[f"{pod_ip[k]}:{target}" for k in endpoints]
+                    )
+                )
     return LabPlan(
         prefix=prefix,
         fabric=FabricPlan(netns=f"{prefix}-fabric", bridge="fabric0", cidr=str(fabric)),
@@ -498,8 +525,19 @@ def pod_steps(plan: LabPlan, pod: PodPlan) -> list[Step]:
     """What CNI's bridge plugin does for one pod: veth into the node's bridge, address, default route."""
     node = plan.node(pod.node)
     return [
-        _ip(node.netns, "link", "add", pod.host_veth, "type", "veth",
-            "peer", "name", "eth0", "netns", pod.netns),
+        _ip(
+            node.netns,
+            "link",
+            "add",
+            pod.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.netns,
+        ),
         _ip(node.netns, "link", "set", pod.host_veth, "master", node.bridge),
         _ip(node.netns, "link", "set", pod.host_veth, "up"),
         _ip(pod.netns, "addr", "add", pod.address, "dev", "eth0"),
@@ -553,11 +591,25 @@ def write_hosts(pod: PodPlan) -> Path:
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a recorded file or directory; /etc/netns and the run root only when empty."""
+    if Path(path) == ETC_NETNS:
+        with contextlib.suppress(OSError):
+            ETC_NETNS.rmdir()
+        return
+    if Path(path).is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
-def apply_plan(plan: LabPlan, *, on_netns: Callable[[str], None], on_file: Callable[[str], None],
-               pods: Iterable[PodPlan] | None = None) -> None:
+def apply_plan(
+    plan: LabPlan,
+    *,
+    on_netns: Callable[[str], None],
+    on_file: Callable[[str], None],
+    pods: Iterable[PodPlan] | None = None,
+) -> None:
     """Create the plan's namespaces and build fabric, control plane and nodes (and the given pods).
 
     Args:
@@ -583,10 +635,13 @@ def apply_plan(plan: LabPlan, *, on_netns: Callable[[str], None], on_file: Calla
         wire_pod(plan, pod)
 
 
-def create_pod_netns(pod: PodPlan, *, on_netns: Callable[[str], None],
-                     on_file: Callable[[str], None]) -> None:
+def create_pod_netns(
+    pod: PodPlan, *, on_netns: Callable[[str], None], on_file: Callable[[str], None]
+) -> None:
     on_netns(pod.netns)
     create_netns(pod.netns)
+    if not ETC_NETNS.exists():
+        on_file(str(ETC_NETNS))  # removed by `down` only when empty (another tool may use it by then)
     directory = ETC_NETNS / pod.netns
     on_file(str(directory))
     write_hosts(pod)

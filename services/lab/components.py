@@ -1,0 +1,330 @@
+"""The processes of the lab: how each is started, where it logs, how the lab knows it is ready.
+
+This is the one place that knows the components' command lines, environment and readiness endpoints:
+
+    istiod      control-plane netns   python -m services.istiod.app --world ... --listen 0.0.0.0:15012
+                                      ready: TCP 15012 accepts
+    node-agent  node netns            python -m services.node_agent.app (NODE_NAME, ZDS_SOCKET, ...)
+                                      ready: GET /healthz on its CNI-event Unix socket answers 200
+    ztunnel     node netns            python -m services.ztunnel.app (upstream's environment variables)
+                                      ready: GET :15021/healthz/ready answers 200 (any answer while no
+                                      node agent runs: without one it can never get its snapshot)
+    app         pod netns             python -m services.apps.server KIND --port P
+                                      ready: TCP 127.0.0.1:P accepts inside the pod
+
+A component whose module is not installed yet is skipped with a note (`available()`), so the lab can be
+built while the mesh's pieces land. Processes run as `ip netns exec <netns> python -m ...` in their own
+session, log to <run>/logs/<name>.log and are recorded with PID and start time; they are stopped by that
+PID only.
+
+ztunnel and the node agent find their credentials as upstream does, relative to their working directory
+(<run>/<node>/): ./var/run/secrets/tokens/istio-token and ./var/run/secrets/istio/root-cert.pem.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from services.lab.errors import ComponentError
+from services.lab.probe import http_get, tcp_probe, unix_http
+from services.lab.state import (
+    Check,
+    ComponentSpec,
+    HttpCheck,
+    ProcessRecord,
+    TcpCheck,
+    UnixHttpCheck,
+    is_running,
+    process_start_time,
+)
+from services.lab.topology import ISTIOD_PORT, LabPlan, NodePlan, PodPlan
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+MODULES = {
+    "istiod": "services.istiod.app",
+    "node-agent": "services.node_agent.app",
+    "ztunnel": "services.ztunnel.app",
+    "app": "services.apps.server",
+}
+ZTUNNEL_READY_PORT = 15021
+ZTUNNEL_ADMIN_PORT = 15000
+TOKEN_PATH = "var/run/secrets/tokens/istio-token"
+ROOT_CERT_PATH = "var/run/secrets/istio/root-cert.pem"
+
+
+def available(component: str) -> bool:
+    """True when the component's module is installed (the mesh's pieces land one by one)."""
+    try:
+        return importlib.util.find_spec(MODULES[component]) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class LabPaths:
+    """Where a lab's files live under its run directory."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def world(self) -> Path:
+        return self.run_dir / "world.json"
+
+    @property
+    def istiod_state(self) -> Path:
+        return self.run_dir / "istiod"
+
+    @property
+    def admin_token(self) -> Path:
+        return self.istiod_state / "admin.token"
+
+    @property
+    def root_cert(self) -> Path:
+        return self.istiod_state / "root-cert.pem"
+
+    def node_dir(self, node: str) -> Path:
+        return self.run_dir / "nodes" / node
+
+    def zds_socket(self, node: str) -> Path:
+        return self.node_dir(node) / "ztunnel.sock"
+
+    def cni_socket(self, node: str) -> Path:
+        return self.node_dir(node) / "pluginevent.sock"
+
+    def log(self, name: str) -> Path:
+        return self.logs / (name.replace("/", "_") + ".log")
+
+
+def _python(module: str, *args: str) -> list[str]:
+    return [PYTHON, "-m", module, *args]
+
+
+def istiod_spec(
+    plan: LabPlan, paths: LabPaths, node_tokens: dict[str, str], admin_token: str
+) -> ComponentSpec:
+    cp = plan.control_plane
+    args = [
+        "--world",
+        str(paths.world),
+        "--listen",
+        f"0.0.0.0:{ISTIOD_PORT}",
+        "--state-dir",
+        str(paths.istiod_state),
+        "--admin-token",
+        admin_token,
+        "--tls-san",
+        cp.ip,
+    ]
+    for node, token in sorted(node_tokens.items()):
+        args += ["--node-token", f"{node}={token}"]
+    return ComponentSpec(
+        name="istiod",
+        component="istiod",
+        netns=cp.netns,
+        argv=_python(MODULES["istiod"], *args),
+        log=str(paths.log("istiod")),
+        checks=[TcpCheck(netns=cp.netns, host=cp.ip, port=ISTIOD_PORT)],
+    )
+
+
+def node_agent_spec(plan: LabPlan, node: NodePlan, paths: LabPaths) -> ComponentSpec:
+    cwd = paths.node_dir(node.name)
+    env = {
+        "NODE_NAME": node.name,
+        "ZDS_SOCKET": str(paths.zds_socket(node.name)),  # the ZDS server socket ztunnel connects to
+        "CNI_SOCKET": str(paths.cni_socket(node.name)),  # POST /cmdadd, GET /healthz
+        "HEALTH_ADDR": "127.0.0.1:8000",  # inside the node netns
+        "CONTROL_PLANE_ADDRESS": f"https://{plan.istiod_address}",  # the pod watch
+        "CONTROL_PLANE_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
+        "CONTROL_PLANE_TOKEN_FILE": str(cwd / TOKEN_PATH),
+    }
+    return ComponentSpec(
+        name=f"node-agent/{node.name}",
+        component="node-agent",
+        netns=node.netns,
+        argv=_python(MODULES["node-agent"]),
+        env=env,
+        cwd=str(cwd),
+        log=str(paths.log(f"node-agent/{node.name}")),
+        checks=[UnixHttpCheck(socket=str(paths.cni_socket(node.name)), path="/healthz")],
+        node=node.name,
+    )
+
+
+def ztunnel_spec(plan: LabPlan, node: NodePlan, paths: LabPaths, *, with_agent: bool) -> ComponentSpec:
+    cwd = paths.node_dir(node.name)
+    env = {
+        "NODE_NAME": node.name,
+        "POD_NAME": f"ztunnel-{node.name}",
+        "POD_NAMESPACE": "istio-system",
+        "INSTANCE_IP": node.ip,
+        "INPOD_UDS": str(paths.zds_socket(node.name)),
+        "XDS_ADDRESS": f"https://{plan.istiod_address}",
+        "CA_ADDRESS": f"https://{plan.istiod_address}",
+        "XDS_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
+        "XDS_TOKEN_FILE": str(cwd / TOKEN_PATH),
+        "CA_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
+        "CA_TOKEN_FILE": str(cwd / TOKEN_PATH),
+        "CLUSTER_ID": "Kubernetes",
+        "LOG_FORMAT": "plain",
+    }
+    return ComponentSpec(
+        name=f"ztunnel/{node.name}",
+        component="ztunnel",
+        netns=node.netns,
+        argv=_python(MODULES["ztunnel"]),
+        env=env,
+        cwd=str(cwd),
+        log=str(paths.log(f"ztunnel/{node.name}")),
+        checks=[
+            HttpCheck(
+                netns=node.netns,
+                host="127.0.0.1",
+                port=ZTUNNEL_READY_PORT,
+                path="/healthz/ready",
+                status=200 if with_agent else 0,
+            )
+        ],
+        node=node.name,
+    )
+
+
+def app_spec(pod: PodPlan, paths: LabPaths) -> ComponentSpec:
+    args = [pod.app.kind, *(a for port in pod.app.ports for a in ("--port", str(port)))]
+    name = f"app/{pod.namespace}/{pod.name}"
+    return ComponentSpec(
+        name=name,
+        component="app",
+        netns=pod.netns,
+        argv=_python(MODULES["app"], *args),
+        env=dict(pod.app.env, POD_IP=pod.ip),
+        log=str(paths.log(name)),
+        checks=[TcpCheck(netns=pod.netns, host="127.0.0.1", port=p) for p in pod.app.ports],
+        node=pod.node,
+        pod=f"{pod.namespace}/{pod.name}",
+    )
+
+
+def write_node_secrets(paths: LabPaths, node: str, token: str) -> None:
+    """Give a node's processes their token and (once istiod wrote it) the root certificate."""
+    base = paths.node_dir(node)
+    token_file = base / TOKEN_PATH
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    if paths.root_cert.exists():
+        cert = base / ROOT_CERT_PATH
+        cert.parent.mkdir(parents=True, exist_ok=True)
+        cert.write_bytes(paths.root_cert.read_bytes())
+
+
+# --- running ---------------------------------------------------------------------------------------------
+
+
+def process_env(spec: ComponentSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(spec.env)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = os.pathsep.join([str(Path(PYTHON).parent), env.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return env
+
+
+def start(spec: ComponentSpec) -> ProcessRecord:
+    """Start `spec` inside its namespace, detached (own session), output appended to its log file."""
+    Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
+    if spec.cwd:
+        Path(spec.cwd).mkdir(parents=True, exist_ok=True)
+    with open(spec.log, "ab") as log:
+        log.write(f"--- lab: starting {spec.name}: {' '.join(spec.argv)}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", spec.netns, *spec.argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=process_env(spec),
+                cwd=spec.cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ComponentError(f"cannot start {spec.name}: {exc}") from None
+    start_time = process_start_time(proc.pid)
+    if start_time is None:  # already gone: let wait_ready report it with the log
+        start_time = -1
+    return ProcessRecord(spec=spec, pid=proc.pid, start_time=start_time)
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+
+def check_once(check: Check) -> str | None:
+    """None when `check` passes, else why not (for the timeout message)."""
+    try:
+        if isinstance(check, TcpCheck):
+            tcp_probe(check.netns, check.host, check.port)
+            return None
+        if isinstance(check, HttpCheck):
+            status, body = http_get(check.netns, check.host, check.port, check.path)
+            if check.status and status != check.status:
+                return f"{check.path} answered {status}: {body.decode(errors='replace').strip()[:200]}"
+            return None
+        status, body = unix_http(check.socket, "GET", check.path, timeout=2.0)
+        if status != 200:
+            return f"{check.socket} {check.path} answered {status}"
+        return None
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def wait_ready(
+    record: ProcessRecord,
+    *,
+    timeout: float,
+    is_alive: Callable[[ProcessRecord], bool] = is_running,
+    poll: float = 0.1,
+) -> None:
+    """Wait until every check of the process passes.
+
+    Raises:
+        ComponentError: the process exited, or was not ready within `timeout` s; names its log file.
+    """
+    spec = record.spec
+    deadline = time.monotonic() + timeout
+    why = "no check ran"
+    while True:
+        if not is_alive(record):
+            raise ComponentError(
+                f"{spec.name} exited during start-up; see its log {spec.log}:\n{log_tail(spec.log)}"
+            )
+        failing = [r for r in (check_once(c) for c in spec.checks) if r is not None]
+        if not failing:
+            return
+        why = failing[0]
+        if time.monotonic() >= deadline:
+            raise ComponentError(
+                f"{spec.name} was not ready after {timeout:g} s ({why}); see its log {spec.log}:\n"
+                f"{log_tail(spec.log)}"
+            )
+        time.sleep(poll)

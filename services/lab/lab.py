@@ -1,0 +1,536 @@
+"""Bring a lab up and down, look at it, run commands in its pods, restart its components.
+
+Theory of operation
+-------------------
+`up` is kubelet + CNI + a process supervisor for one host:
+
+    1. load and plan the world (a PlanError leaves nothing behind), refuse a prefix that is in use
+    2. record, then create, the fabric, control-plane and node namespaces; wire them
+    3. start istiod in the control-plane netns; per node the node agent, then ztunnel; wait until ready
+    4. per pod: netns + hosts file, veth into the node's bridge, address, route; CNI ADD to the node agent
+       (ambient pods only, as the istio-cni plugin decides); only then start the pod's app
+    5. wait until every ambient pod is enrolled (CNI answered "enabled", or ztunnel holds it)
+
+Every namespace, file and process is written to the state file before it is made, so `down` (and `up`'s own
+clean-up when any step fails or is interrupted) removes exactly what exists: processes by recorded PID,
+then namespaces, then files, then the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from services.istiod.world import World, load_world, world_to_json
+from services.lab import components
+from services.lab.components import LabPaths
+from services.lab.errors import (
+    AlreadyUpError,
+    ComponentError,
+    EnrolmentError,
+    NotUpError,
+    PrerequisiteError,
+    UnknownPodError,
+)
+from services.lab.probe import http_get, unix_http
+from services.lab.state import (
+    ComponentSpec,
+    LabState,
+    PodRecord,
+    ProcessRecord,
+    is_running,
+    load_state,
+    run_dir,
+    save_state,
+    stop_process,
+)
+from services.lab.topology import (
+    ETC_NETNS,
+    LabPlan,
+    PodPlan,
+    apply_plan,
+    check_prefix,
+    create_pod_netns,
+    delete_netns,
+    netns_exists,
+    plan_lab,
+    remove_tree,
+    rescale_world,
+    wire_pod,
+)
+
+DEFAULT_PREFIX = "amb"
+DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
+REQUIRED_BINARIES = ("ip", "iptables-restore", "sysctl")
+STOP_ORDER = {"app": 0, "ztunnel": 1, "node-agent": 2, "istiod": 3}
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def check_prerequisites() -> None:
+    """Root and the binaries the lab runs. Raises PrerequisiteError saying what is missing."""
+    if os.geteuid() != 0:
+        raise PrerequisiteError(
+            "the lab needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to create network namespaces; "
+            "run it with sudo"
+        )
+    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin"
+    for binary in REQUIRED_BINARIES:
+        if shutil.which(binary, path=path) is None:
+            raise PrerequisiteError(
+                f"the lab needs the `{binary}` command; "
+                "install it with: apt-get install iproute2 iptables procps"
+            )
+
+
+def load_lab_world(world_file: Path | None, nodes: int | None) -> tuple[World, str]:
+    path = world_file or DEFAULT_WORLD
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PrerequisiteError(f"cannot read the world file {path}: {exc.strerror}") from None
+    world = load_world(data, str(path))
+    if nodes is not None:
+        world = rescale_world(world, nodes)
+    return world, str(path)
+
+
+def plan_of(state: LabState) -> LabPlan:
+    return msgspec.json.decode(state.plan, type=LabPlan)
+
+
+def require_state(prefix: str, root: Path | None = None) -> LabState:
+    state = load_state(prefix, root)
+    if state is None:
+        raise NotUpError(
+            f"no lab {prefix!r} is up (no state file {run_dir(prefix, root) / 'state.json'}); "
+            f"start one with `ambient lab up --prefix {prefix}`"
+        )
+    return state
+
+
+# --- up --------------------------------------------------------------------------------------------------
+
+
+class LabBuilder:
+    """One `up`: the state it records as it goes, and the steps."""
+
+    def __init__(
+        self,
+        plan: LabPlan,
+        world: World,
+        source: str,
+        *,
+        root: Path | None,
+        timeout: float,
+        progress: Progress,
+    ) -> None:
+        self.plan = plan
+        self.world = world
+        self.timeout = timeout
+        self.progress = progress
+        self.paths = LabPaths(run_dir(plan.prefix, root))
+        self.state = LabState(
+            prefix=plan.prefix,
+            run_dir=str(self.paths.run_dir),
+            world_file=source,
+            plan=msgspec.json.encode(plan),
+        )
+        self.has_agent = components.available("node-agent")
+        self.has_ztunnel = components.available("ztunnel")
+
+    def record_netns(self, name: str) -> None:
+        self.state.netns.append(name)
+        save_state(self.state)
+
+    def record_file(self, path: str) -> None:
+        self.state.files.append(path)
+        save_state(self.state)
+
+    def launch(self, spec: ComponentSpec) -> ProcessRecord:
+        record = components.start(spec)
+        self.state.processes = [p for p in self.state.processes if p.name != spec.name] + [record]
+        save_state(self.state)
+        return record
+
+    def run(self) -> LabState:
+        plan, paths = self.plan, self.paths
+        paths.run_dir.mkdir(parents=True, exist_ok=False)
+        save_state(self.state)
+        paths.world.write_bytes(world_to_json(self.world))
+        self.progress(
+            f"building {len(plan.nodes)} nodes on a fabric ({plan.fabric.cidr}) "
+            f"and the control plane ({plan.control_plane.ip})"
+        )
+        apply_plan(plan, on_netns=self.record_netns, on_file=self.record_file, pods=[])
+
+        node_tokens = {n.name: secrets.token_urlsafe(18) for n in plan.nodes}
+        istiod = self.launch(components.istiod_spec(plan, paths, node_tokens, secrets.token_urlsafe(18)))
+        self.progress(f"istiod starting in {plan.control_plane.netns} (log {istiod.spec.log})")
+        components.wait_ready(istiod, timeout=self.timeout)
+        self.progress(f"istiod ready on {plan.istiod_address}")
+
+        started: list[ProcessRecord] = []
+        for node in plan.nodes:
+            components.write_node_secrets(paths, node.name, node_tokens[node.name])
+            if self.has_agent:
+                started.append(self.launch(components.node_agent_spec(plan, node, paths)))
+            if self.has_ztunnel:
+                started.append(
+                    self.launch(components.ztunnel_spec(plan, node, paths, with_agent=self.has_agent))
+                )
+        for record in started:
+            components.wait_ready(record, timeout=self.timeout)
+            self.progress(f"{record.name} ready (pid {record.pid})")
+        if not self.has_agent:
+            self.progress("node-agent is not installed yet: pods are created without enrolment")
+        if not self.has_ztunnel:
+            self.progress("ztunnel is not installed yet: no proxies run")
+
+        for pod in plan.pods:
+            self.add_pod(pod)
+        self.wait_enrolled()
+        self.state.phase = "up"
+        save_state(self.state)
+        return self.state
+
+    def add_pod(self, pod: PodPlan) -> None:
+        create_pod_netns(pod, on_netns=self.record_netns, on_file=self.record_file)
+        wire_pod(self.plan, pod)
+        status = "not-ambient"
+        if pod.ambient:
+            status = self.cni_add(pod) if self.has_agent else "no-node-agent"
+        self.state.pods.append(
+            PodRecord(
+                key=pod.key, node=pod.node, netns=pod.netns, ip=pod.ip, ambient=pod.ambient, status=status
+            )
+        )
+        save_state(self.state)
+        app = self.launch(components.app_spec(pod, self.paths))
+        components.wait_ready(app, timeout=self.timeout)
+        self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, {pod.app.kind}, {status}")
+
+    def cni_add(self, pod: PodPlan) -> str:
+        """POST /cmdadd to the node agent, as the istio-cni plugin does; its answer's status."""
+        body = {
+            "Netns": f"/run/netns/{pod.netns}",
+            "PodName": pod.name,
+            "PodNamespace": pod.namespace,
+            "PodUID": pod.uid,
+            "ServiceAccount": pod.service_account,
+            "Labels": pod.labels,
+            "Annotations": pod.annotations,
+            "IPs": [{"Interface": "eth0", "Address": pod.address, "Gateway": pod.gateway}],
+        }
+        sock = str(self.paths.cni_socket(pod.node))
+        log = self.paths.log(f"node-agent/{pod.node}")
+        try:
+            status, answer = unix_http(
+                sock, "POST", "/cmdadd", json.dumps(body).encode(), timeout=self.timeout
+            )
+        except OSError as exc:
+            raise EnrolmentError(
+                f"CNI ADD of {pod.key} to the node agent of {pod.node} ({sock}) failed: {exc}; "
+                f"see its log {log}"
+            ) from None
+        text = answer.decode(errors="replace").strip()
+        if status != 200:
+            raise EnrolmentError(
+                f"the node agent of {pod.node} refused {pod.key} (HTTP {status}: {text}); see its log {log}"
+            )
+        try:
+            return str(json.loads(text).get("status", "unknown"))
+        except (ValueError, AttributeError):
+            return "unknown"
+
+    def wait_enrolled(self) -> None:
+        pending = [p for p in self.state.pods if p.status == "pending"]
+        if not pending:
+            return
+        self.progress(f"waiting for ztunnel to take {len(pending)} pending pods")
+        uid_of = {p.key: p.uid for p in self.plan.pods}
+        deadline = time.monotonic() + self.timeout
+        while pending:
+            held = {node.name: ztunnel_pods(self.plan, node.name) for node in self.plan.nodes}
+            for record in list(pending):
+                if uid_of[record.key] in held.get(record.node, set()):
+                    record.status = "enabled"
+                    pending.remove(record)
+            save_state(self.state)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                first = pending[0]
+                raise EnrolmentError(
+                    f"pod {first.key} is still pending after {self.timeout:g} s: ztunnel on {first.node} has "
+                    f"not taken it; see {self.paths.log(f'ztunnel/{first.node}')} and "
+                    f"{self.paths.log(f'node-agent/{first.node}')}"
+                )
+            time.sleep(0.2)
+
+
+def ztunnel_pods(plan: LabPlan, node: str) -> set[str]:
+    """UIDs of the pods ztunnel on `node` holds (its /config_dump), empty when it does not answer."""
+    try:
+        status, body = http_get(
+            plan.node(node).netns, "127.0.0.1", components.ZTUNNEL_ADMIN_PORT, "/config_dump", timeout=2.0
+        )
+        if status != 200:
+            return set()
+        dump = json.loads(body)
+        return {str(p["uid"]) for p in dump.get("pods", []) if p.get("state", "up") == "up"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, http.client.HTTPException):
+        return set()
+
+
+def up(
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    world_file: Path | None = None,
+    nodes: int | None = None,
+    root: Path | None = None,
+    timeout: float = 30.0,
+    progress: Progress = _quiet,
+) -> LabState:
+    """Build and start a lab. On any failure (or Ctrl-C) everything made so far is removed again.
+
+    Raises:
+        PrerequisiteError, PlanError, AlreadyUpError, CommandError, ComponentError, EnrolmentError.
+    """
+    check_prefix(prefix)
+    check_prerequisites()
+    world, source = load_lab_world(world_file, nodes)
+    plan = plan_lab(world, prefix=prefix, source=source)
+    existing = load_state(prefix, root)
+    if existing is not None or run_dir(prefix, root).exists():
+        raise AlreadyUpError(
+            f"a lab {prefix!r} is already up ({run_dir(prefix, root)}); "
+            f"run `ambient lab down --prefix {prefix}` first, or choose another --prefix"
+        )
+    clash = [n for n in plan.all_netns() if netns_exists(n)]
+    if clash:
+        raise AlreadyUpError(
+            f"network namespace {clash[0]} exists already (not made by this lab's state); "
+            f"choose another --prefix or remove it with `ip netns del {clash[0]}`"
+        )
+    builder = LabBuilder(plan, world, source, root=root, timeout=timeout, progress=progress)
+    try:
+        return builder.run()
+    except BaseException:
+        builder.state.phase = "failed"
+        if builder.paths.run_dir.exists():
+            save_state(builder.state)
+        progress("lab up failed: removing what was made")
+        teardown(builder.state, progress=_quiet)
+        raise
+
+
+# --- down ------------------------------------------------------------------------------------------------
+
+
+def teardown(state: LabState, *, progress: Progress = _quiet) -> None:
+    """Stop the recorded processes, delete the recorded namespaces and files, remove the run directory."""
+    for record in sorted(state.processes, key=lambda r: STOP_ORDER.get(r.spec.component, 9)):
+        stop_process(record, grace=3.0 if record.spec.component == "ztunnel" else 2.0)
+    errors = []
+    for name in reversed(state.netns):
+        try:
+            delete_netns(name)
+        except Exception as exc:
+            errors.append(str(exc))
+    for path in sorted(state.files, key=lambda f: Path(f) == ETC_NETNS):  # /etc/netns last
+        remove_tree(path)
+    remove_tree(state.run_dir)
+    with contextlib.suppress(OSError):
+        Path(state.run_dir).parent.rmdir()  # /run/ambient-lab, when no other lab is up
+    progress(
+        f"removed {len(state.processes)} processes, {len(state.netns)} namespaces, {len(state.files)} files"
+    )
+    if errors:
+        raise ComponentError("some namespaces could not be removed: " + "; ".join(errors))
+
+
+def down(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None, progress: Progress = _quiet) -> bool:
+    """Remove lab `prefix`; False when there was none."""
+    check_prefix(prefix)
+    check_prerequisites()
+    state = load_state(prefix, root)
+    if state is None:
+        return False
+    teardown(state, progress=progress)
+    return True
+
+
+# --- status, exec, restart, logs -------------------------------------------------------------------------
+
+
+def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[str, Any]:
+    """What `lab status --json` prints: nodes, pods (IP, node, enrolment), services, components."""
+    state = require_state(prefix, root)
+    plan = plan_of(state)
+    held = {n.name: ztunnel_pods(plan, n.name) for n in plan.nodes} if state.phase == "up" else {}
+    pods = []
+    for pod in plan.pods:
+        record = state.pod(pod.key)
+        enrolment = record.status if record else "not created"
+        if record and pod.ambient and held.get(pod.node):
+            enrolment = "enabled" if pod.uid in held[pod.node] else enrolment
+        pods.append(
+            {
+                "name": pod.name,
+                "namespace": pod.namespace,
+                "node": pod.node,
+                "ip": pod.ip,
+                "netns": pod.netns,
+                "ambient": pod.ambient,
+                "enrolment": enrolment,
+                "app": pod.app.kind,
+                "uid": pod.uid,
+            }
+        )
+    return {
+        "prefix": state.prefix,
+        "phase": state.phase,
+        "run_dir": state.run_dir,
+        "world": state.world_file,
+        "control_plane": {"netns": plan.control_plane.netns, "istiod": plan.istiod_address},
+        "nodes": [
+            {"name": n.name, "netns": n.netns, "address": n.ip, "pod_cidr": n.pod_cidr} for n in plan.nodes
+        ],
+        "pods": pods,
+        "services": [
+            {
+                "name": s.name,
+                "namespace": s.namespace,
+                "vips": s.vips,
+                "ports": s.ports,
+                "endpoints": s.endpoints,
+            }
+            for s in plan.services
+        ],
+        "components": [
+            {
+                "name": r.name,
+                "component": r.spec.component,
+                "pid": r.pid,
+                "running": is_running(r),
+                "netns": r.spec.netns,
+                "log": r.spec.log,
+            }
+            for r in state.processes
+        ],
+    }
+
+
+def find_pod(plan: LabPlan, query: str) -> PodPlan:
+    """A pod by `ns/name`, name, or a unique prefix of its name / its `app` label (`sleep`)."""
+    exact = [p for p in plan.pods if query in (p.key, p.name)]
+    if exact:
+        return exact[0]
+    matches = [p for p in plan.pods if p.name.startswith(query) or p.labels.get("app") == query]
+    if len(matches) == 1:
+        return matches[0]
+    names = ", ".join(p.key for p in (matches or plan.pods))
+    what = "more than one pod" if matches else "no pod"
+    raise UnknownPodError(f"{what} matches {query!r}; pods: {names}")
+
+
+def exec_in_pod(
+    argv: Sequence[str],
+    *,
+    pod: str,
+    prefix: str = DEFAULT_PREFIX,
+    root: Path | None = None,
+    capture: bool = False,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv` inside a pod's netns with its name resolution (its hosts file), like `kubectl exec`."""
+    check_prerequisites()
+    state = require_state(prefix, root)
+    target = find_pod(plan_of(state), pod)
+    spec = components.app_spec(target, LabPaths(state.run_dir))
+    return subprocess.run(
+        ["ip", "netns", "exec", target.netns, *argv],
+        env=components.process_env(spec),
+        capture_output=capture,
+        check=False,
+    )
+
+
+def restart(
+    component: str,
+    node: str | None = None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    root: Path | None = None,
+    timeout: float = 30.0,
+    progress: Progress = _quiet,
+) -> list[str]:
+    """Stop and start one component (on one node, or every node); returns the restarted names."""
+    check_prerequisites()
+    state = require_state(prefix, root)
+    chosen = [
+        r for r in state.processes if r.spec.component == component and (node is None or r.spec.node == node)
+    ]
+    if not chosen:
+        known = sorted({r.name for r in state.processes if r.spec.component != "app"})
+        raise ComponentError(
+            f"lab {prefix!r} runs no {component}{f' on {node}' if node else ''}; "
+            f"components: {', '.join(known)}"
+        )
+    names = []
+    for record in chosen:
+        stop_process(record)
+        progress(f"{record.name} stopped (pid {record.pid})")
+        fresh = components.start(record.spec)
+        state.processes = [fresh if p.name == record.name else p for p in state.processes]
+        save_state(state)
+        components.wait_ready(fresh, timeout=timeout)
+        progress(f"{fresh.name} ready again (pid {fresh.pid})")
+        names.append(fresh.name)
+    return names
+
+
+_DIRECTION = re.compile(r'direction="?(inbound|outbound)"?')
+
+
+def access_logs(
+    *,
+    node: str | None = None,
+    direction: str | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    root: Path | None = None,
+) -> Iterator[str]:
+    """The lab's ztunnel access-log lines, like `kubectl logs -l app=ztunnel | grep -E 'inbound|outbound'`."""
+    state = require_state(prefix, root)
+    plan = plan_of(state)
+    nodes = [n.name for n in plan.nodes]
+    if node is not None and node not in nodes:
+        raise ComponentError(f"lab {prefix!r} has no node {node!r}; nodes: {', '.join(nodes)}")
+    for name in [node] if node else nodes:
+        path = LabPaths(state.run_dir).log(f"ztunnel/{name}")
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            match = _DIRECTION.search(line)
+            if match is None or ("\taccess\t" not in line and '"access"' not in line):
+                continue
+            if direction is None or match.group(1) == direction:
+                yield line
