@@ -13,8 +13,10 @@ every pod stops accepting, open connections get the drain deadline to finish, th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -38,6 +40,14 @@ from .proxy.context import SocketFactory
 from .telemetry import Metrics, Telemetry, current_log_levels, set_log_level, setup_logging
 
 log = logging.getLogger("ztunnel.app")
+
+
+def raise_open_files_limit() -> None:
+    """Every proxied connection holds two sockets: lift the soft fd limit to the hard one (as upstream)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def verify_syscalls(mark: int) -> None:
@@ -212,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ztunnel: {exc}", file=sys.stderr)
         return 2
     setup_logging(json_format=config.log_format == "json", level=config.log_level)
+    raise_open_files_limit()
     try:
         verify_syscalls(config.proxy.packet_mark)
     except StartupCheckError as exc:

@@ -15,12 +15,13 @@ one drains), IP_TRANSPARENT best effort on listeners, backlog 128.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from shared.netns import NetnsError, entered
+from shared.netns import NetnsError, entered, is_netns
 
 from ..errors import ProxyStartError
 
@@ -94,6 +95,13 @@ def _listener(family: socket.AddressFamily, port: int, *, mark: int,
     return sock, is_transparent
 
 
+def _describe_fd(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        return exc.strerror or "unreadable"
+
+
 def _bind_hint(exc: OSError, port: int) -> str:
     if exc.errno == errno.EADDRINUSE:
         return f"port {port} is already in use inside the pod (an app listening on ztunnel's port?)"
@@ -117,6 +125,9 @@ def bind_pod_listeners(netns_fd: int, *, ipv6: bool = True, mark: int = PACKET_M
         ProxyStartError: the fd is not a netns, setns failed, or a port could not be bound; nothing is
             left open.
     """
+    if not is_netns(netns_fd):
+        raise ProxyStartError(f"the fd received for the pod is not a network namespace handle "
+                              f"({_describe_fd(netns_fd)}); is the node agent sending the pod's netns?")
     made: list[PodListener] = []
     any_transparent = False
     try:
