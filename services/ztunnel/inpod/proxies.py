@@ -127,11 +127,11 @@ async def run_pod_proxies(ctx: PodContext, *, handlers: Mapping[str, ConnHandler
     handle: PodHandle | None = None
     try:
         listeners = ctx.sockets.bind_listeners(ctx.netns_fd)
-        infos = tuple(_info(listener, ctx.config.packet_mark) for listener in listeners)
-        handle = PodHandle(uid=ctx.uid, netns=netns_id(ctx.netns_fd), scope=trio.CancelScope(),
-                           accept_scope=trio.CancelScope(), listeners=infos, context=ctx)
         started = False
         try:
+            infos = tuple(_info(listener, ctx.config.packet_mark) for listener in listeners)
+            handle = PodHandle(uid=ctx.uid, netns=netns_id(ctx.netns_fd), scope=trio.CancelScope(),
+                               accept_scope=trio.CancelScope(), listeners=infos, context=ctx)
             with handle.scope:
                 async with trio.open_nursery() as connections:
                     with handle.accept_scope:
