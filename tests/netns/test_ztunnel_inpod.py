@@ -211,7 +211,13 @@ async def test_listeners_bound_in_pod_with_mark_and_none_in_own_netns(make_netns
 async def test_listener_socket_options(make_netns: Callable[[str], str]) -> None:
     server_ns = make_netns("srv")
     pod, _, _ = add_pod(make_netns, server_ns, 1)
-    from services.ztunnel.inpod.sockets import SO_REUSEPORT, bind_pod_listeners
+    from services.ztunnel.inpod.sockets import (
+        IP_TRANSPARENT,
+        SO_REUSEPORT,
+        SOL_IP,
+        bind_pod_listeners,
+        create_upstream_socket,
+    )
 
     with netns_fd(pod) as fd:
         listeners = bind_pod_listeners(fd)
@@ -221,8 +227,13 @@ async def test_listener_socket_options(make_netns: Callable[[str], str]) -> None
                 assert listener.sock.getsockopt(socket.SOL_SOCKET, SO_REUSEPORT) == 1
                 assert listener.sock.family == socket.AF_INET6  # dual-stack wildcard
                 assert listener.sock.getsockname()[0] == "::"
+                assert listener.sock.getsockopt(SOL_IP, IP_TRANSPARENT) == 1  # root: best effort succeeds
         finally:
             listeners.close()
+        upstream = create_upstream_socket(fd, socket.AF_INET)
+        with upstream:
+            assert upstream.getsockopt(socket.SOL_SOCKET, SO_MARK) == 1337  # never captured again
+            assert upstream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
 
 
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "shared-buffer"])
