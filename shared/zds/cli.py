@@ -345,7 +345,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
                 os.mkdir(workdir)
                 opts = conformance.ServerOptions(
                     socket_path=args.server, command=args.server_cmd, env=args.server_env,
-                    timeout=args.timeout, keepalive_timeout=args.keepalive_timeout,
+                    timeout=args.timeout, keepalive_timeout=args.keepalive_timeout, pacing=args.pacing,
                 )
                 runs.append(("server", await conformance.run_server_kit(opts, workdir)))
             if args.client_cmd:
@@ -440,6 +440,8 @@ def register(subparsers: Any) -> None:
                       help="how long to wait for a failed pod's retry to succeed (default 15)")
     conf.add_argument("--keepalive-timeout", type=_positive_float, default=12.0, metavar="SECONDS",
                       help="how long a server may take to notice an unsolicited datagram (default 12)")
+    conf.add_argument("--pacing", type=_positive_float, default=0.2, metavar="SECONDS",
+                      help="server role: watch this long for a second datagram before each answer (default 0.2)")
     conf.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     conf.add_argument("-v", "--verbose", action="store_true")
     conf.set_defaults(func=cmd_conformance)
