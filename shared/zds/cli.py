@@ -441,7 +441,7 @@ def register(subparsers: Any) -> None:
     conf.add_argument("--keepalive-timeout", type=_positive_float, default=12.0, metavar="SECONDS",
                       help="how long a server may take to notice an unsolicited datagram (default 12)")
     conf.add_argument("--pacing", type=_positive_float, default=0.2, metavar="SECONDS",
-                      help="server role: watch this long for a second datagram before each answer (default 0.2)")
+                      help="server role: wait this long for a stray datagram before answering (default 0.2)")
     conf.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     conf.add_argument("-v", "--verbose", action="store_true")
     conf.set_defaults(func=cmd_conformance)
