@@ -13,6 +13,7 @@ from shared.errors import AmbientError
 # Modules that add subcommands; each defines register(subparsers) and sets `func` on its parsers.
 COMMAND_MODULES: tuple[str, ...] = (
     "shared.zds.cli",
+    "shared.lab_cli",
 )
 
 

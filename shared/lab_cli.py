@@ -1,0 +1,210 @@
+"""`ambient lab ...`, `ambient logs` and `ambient demo`: the local stack in network namespaces (DESIGN §6).
+
+    ambient lab up [--world FILE] [--nodes N] [--prefix P]    build the lab and start everything in it
+    ambient lab down [--prefix P]                             stop and remove exactly what `up` made
+    ambient lab status [--json] [--prefix P]                  nodes, pods (IP, node, enrolment), services
+    ambient lab exec POD -- CMD ...                           run CMD in a pod's netns, its exit code
+    ambient lab restart {ztunnel|node-agent|istiod} [NODE]    restart one component
+    ambient logs [NODE] [--direction inbound|outbound]        ztunnel access logs
+    ambient demo [--keep]                                     the seed article's flow, end to end
+
+Every command needs root. The prefix (default `amb`, env AMBIENT_LAB_PREFIX) starts every namespace name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_PREFIX = os.environ.get("AMBIENT_LAB_PREFIX", "amb")
+COMPONENTS = ("ztunnel", "node-agent", "istiod")
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _progress(message: str) -> None:
+    err_console.print(f"[bold cyan]•[/] {message}")
+
+
+def _add_prefix(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        help=f"namespace name prefix of the lab (default {DEFAULT_PREFIX}; env AMBIENT_LAB_PREFIX)",
+    )
+
+
+def register(subparsers: Any) -> None:
+    """Add `lab`, `logs` and `demo` to the `ambient` command."""
+    lab = subparsers.add_parser(
+        "lab",
+        help="a multi-node ambient lab in network namespaces (root)",
+        description="Build, inspect and remove the local lab (DESIGN §6).",
+    )
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="COMMAND")
+    lab.set_defaults(func=lambda args: (lab.print_help(), 2)[1])
+
+    up = lab_sub.add_parser("up", help="build the lab and start everything")
+    up.add_argument("--world", type=Path, default=None, help="world file (default examples/bookinfo.yaml)")
+    up.add_argument("--nodes", type=int, default=None, help="lay the world's pods out over N nodes")
+    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each component")
+    _add_prefix(up)
+    up.set_defaults(func=cmd_up)
+
+    down = lab_sub.add_parser("down", help="stop and remove everything `up` made")
+    _add_prefix(down)
+    down.set_defaults(func=cmd_down)
+
+    status = lab_sub.add_parser("status", help="nodes, pods and services of the lab")
+    status.add_argument("--json", action="store_true", help="machine-readable, with PIDs, logs, netns names")
+    _add_prefix(status)
+    status.set_defaults(func=cmd_status)
+
+    ex = lab_sub.add_parser(
+        "exec",
+        help="run a command in a pod's network namespace",
+        description="Run CMD inside POD's netns with its name resolution, like kubectl exec. "
+        "POD is ns/name, name, a unique name prefix or an app label.",
+    )
+    ex.add_argument("pod")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    _add_prefix(ex)
+    ex.set_defaults(func=cmd_exec)
+
+    rs = lab_sub.add_parser("restart", help="restart one component (all nodes unless NODE is given)")
+    rs.add_argument("component", choices=COMPONENTS)
+    rs.add_argument("node", nargs="?", default=None)
+    rs.add_argument("--timeout", type=float, default=30.0)
+    _add_prefix(rs)
+    rs.set_defaults(func=cmd_restart)
+
+    logs = subparsers.add_parser("logs", help="ztunnel access logs of the lab")
+    logs.add_argument("node", nargs="?", default=None)
+    logs.add_argument("--direction", choices=("inbound", "outbound"), default=None)
+    _add_prefix(logs)
+    logs.set_defaults(func=cmd_logs)
+
+    demo = subparsers.add_parser("demo", help="run the seed article's flow in a fresh lab (root)")
+    demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    demo.add_argument("--prefix", default="demo", help="namespace name prefix (default demo)")
+    demo.set_defaults(func=cmd_demo)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.lab import lab
+
+    state = lab.up(
+        prefix=args.prefix, world_file=args.world, nodes=args.nodes, timeout=args.timeout, progress=_progress
+    )
+    console.print(
+        f"[green]lab {state.prefix!r} is up[/]: {len(state.pods)} pods; "
+        f"`ambient lab status --prefix {state.prefix}`, `ambient lab down --prefix {state.prefix}`"
+    )
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from services.lab import lab
+
+    if lab.down(prefix=args.prefix, progress=_progress):
+        console.print(f"lab {args.prefix!r} removed")
+    else:
+        console.print(f"no lab {args.prefix!r} is up; nothing to do")
+    return 0
+
+
+def status_tables(data: dict[str, Any]) -> list[Table]:
+    nodes = Table(title=f"lab {data['prefix']} ({data['phase']})")
+    for col in ("node", "netns", "fabric address", "pod range"):
+        nodes.add_column(col)
+    for n in data["nodes"]:
+        nodes.add_row(n["name"], n["netns"], n["address"], n["pod_cidr"])
+    pods = Table(title="pods")
+    for col in ("namespace", "pod", "node", "ip", "app", "enrolment"):
+        pods.add_column(col)
+    colours = {"enabled": "green", "pending": "yellow", "not-ambient": "dim"}
+    for p in data["pods"]:
+        colour = colours.get(p["enrolment"], "red")
+        pods.add_row(
+            p["namespace"], p["name"], p["node"], p["ip"], p["app"], f"[{colour}]{p['enrolment']}[/]"
+        )
+    services = Table(title="services")
+    for col in ("namespace", "service", "vips", "ports", "endpoints"):
+        services.add_column(col)
+    for s in data["services"]:
+        services.add_row(
+            s["namespace"],
+            s["name"],
+            ", ".join(s["vips"]),
+            ", ".join(map(str, s["ports"])),
+            ", ".join(e.split("/", 1)[1] for e in s["endpoints"]),
+        )
+    procs = Table(title="components")
+    for col in ("component", "pid", "state", "log"):
+        procs.add_column(col)
+    for c in data["components"]:
+        if c["component"] != "app":
+            procs.add_row(
+                c["name"], str(c["pid"]), "[green]running[/]" if c["running"] else "[red]gone[/]", c["log"]
+            )
+    return [nodes, pods, services, procs]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from services.lab import lab
+
+    data = lab.status(prefix=args.prefix)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for table in status_tables(data):
+        console.print(table)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from services.lab import lab
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        err_console.print("usage: ambient lab exec POD -- CMD [ARGS...]")
+        return 2
+    return lab.exec_in_pod(cmd, pod=args.pod, prefix=args.prefix).returncode
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    from services.lab import lab
+
+    lab.restart(args.component, args.node, prefix=args.prefix, timeout=args.timeout, progress=_progress)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from services.lab import lab
+
+    for line in lab.access_logs(node=args.node, direction=args.direction, prefix=args.prefix):
+        print(line)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.lab import demo
+
+    return demo.run_demo(prefix=args.prefix, keep=args.keep, console=console, progress=_progress)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m shared.lab_cli` for debugging
+    parser = argparse.ArgumentParser(prog="ambient")
+    register(parser.add_subparsers())
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns))
