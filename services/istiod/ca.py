@@ -51,8 +51,10 @@ class CertificateAuthority:
         self._now = now
 
     @classmethod
-    def create(cls, trust_domain: str = "cluster.local") -> CertificateAuthority:
-        """A fresh self-signed root (10 years)."""
+    def create(
+        cls, trust_domain: str = "cluster.local", *, now: Callable[[], dt.datetime] | None = None
+    ) -> CertificateAuthority:
+        """A fresh self-signed root (10 years); `now` is the clock leaves are dated with (tests fake it)."""
         key = generate_key()
         name = x509.Name(
             [
@@ -60,15 +62,15 @@ class CertificateAuthority:
                 x509.NameAttribute(NameOID.COMMON_NAME, "trio-ambient istiod-stub root CA"),
             ]
         )
-        now = dt.datetime.now(dt.UTC)
+        issued = dt.datetime.now(dt.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(now + dt.timedelta(days=3650))
+            .not_valid_before(issued - _BACKDATE)
+            .not_valid_after(issued + dt.timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -87,7 +89,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        return cls(key, cert)
+        return cls(key, cert) if now is None else cls(key, cert, now=now)
 
     @classmethod
     def load_or_create(cls, state_dir: Path, trust_domain: str) -> CertificateAuthority:

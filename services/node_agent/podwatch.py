@@ -126,6 +126,8 @@ class PodWatch:
         self.node = node
         self.pods: dict[str, PodInfo] = {}
         self.connected = False
+        self.last_error: str | None = None
+        """Why the last attempt to watch ended (None until one has); also logged."""
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._send, self._receive = trio.open_memory_channel[PodEvent](buffer)
@@ -154,6 +156,7 @@ class PodWatch:
                     reason = "the server ended the watch"
                 except RpcError as exc:
                     reason = str(exc)
+                self.last_error = reason
                 have_snapshot = have_snapshot or delivered
                 if delivered:
                     backoff = self._backoff_initial
