@@ -10,8 +10,9 @@ thread's namespace, and pyroute2's netlink socket is opened inside it. The Trio 
 table-100 route) and compares it with what `rules.expected_saved` says should be there.
 - all present and equal  -> nothing is run; outcome UNCHANGED;
 - nothing of ours there  -> routes, then one `iptables-restore --noflush` per family; outcome INSTALLED;
-- anything else (drift, leftovers of a crashed agent, a half-applied set) -> delete what is there, install
-  again; outcome REPAIRED.
+- anything else (drift, leftovers of a crashed agent, a half-applied set) -> one restore per family that
+  flushes our chains, removes every jump found and appends our rules (`rules.render_repair`): iptables-nft
+  applies it as one transaction, so the pod is never without redirection meanwhile; outcome REPAIRED.
 If any step of an install fails, everything is deleted again before the error is raised: a pod is either
 fully redirected or not redirected at all, never half.
 
@@ -33,7 +34,7 @@ import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import msgspec
 import trio
@@ -54,6 +55,7 @@ from services.node_agent.rules import (
     policy_routes,
     render_nft,
     render_nft_delete,
+    render_repair,
     render_restore,
 )
 from shared.netns import NetnsError, entered
@@ -247,59 +249,94 @@ class NetnsRuleApplier:
     def routes_here(self) -> list[PolicyRoute]:
         return policy_routes(self.settings, lo_ipv6_enabled=lo_ipv6_enabled())
 
-    def in_sync_here(self, redirect: PodRedirect) -> tuple[bool, bool]:
-        """(everything as expected, anything of ours present)."""
-        in_sync = True
-        present = False
+    def routes_state_here(self) -> tuple[bool, bool]:
+        """(all policy routes as expected, any of them present)."""
+        in_sync, present = True, False
         with IPRoute() as ipr:
             for route in self.routes_here():
                 rule_ok, route_ok = _route_present(ipr, route)
                 in_sync &= rule_ok and route_ok
                 present |= rule_ok or route_ok
+        return in_sync, present
+
+    def saved_here(self) -> dict[Family, dict[tuple[str, str], list[str]]]:
+        """Our part of iptables-save / ip6tables-save per family (empty when the binary is absent)."""
+        out: dict[Family, dict[tuple[str, str], list[str]]] = {}
+        for family in (Family.V4, Family.V6):
+            if find_binary(family.save_binary) is None:
+                out[family] = {}
+            else:
+                out[family] = parse_saved(_must(_run([family.save_binary])).stdout)
+        return out
+
+    def in_sync_here(self, redirect: PodRedirect) -> tuple[bool, bool]:
+        """(everything as expected, anything of ours present)."""
+        in_sync, present = self.routes_state_here()
         if self.backend is Backend.IPTABLES:
-            for family in (Family.V4, Family.V6):
-                want = (
-                    expected_saved(redirect, self.settings, family)
-                    if family in families(self.settings)
-                    else {}
-                )
-                have = parse_saved(_must(_run([family.save_binary])).stdout)
-                in_sync &= have == want
+            for family, have in self.saved_here().items():
+                in_sync &= have == self._wanted(redirect, family)
                 present |= bool(have)
         else:
             present |= bool(self._nft_tables_here())
         return in_sync, present
 
+    def _wanted(self, redirect: PodRedirect, family: Family) -> dict[tuple[str, str], list[str]]:
+        return expected_saved(redirect, self.settings, family) if family in families(self.settings) else {}
+
     def apply_here(self, redirect: PodRedirect) -> ApplyOutcome:
-        in_sync, present = self.in_sync_here(redirect)
-        if self.backend is Backend.IPTABLES and in_sync:
-            return ApplyOutcome.UNCHANGED
-        before = self._nft_listing_here() if self.backend is Backend.NFTABLES else ""
-        if present and self.backend is Backend.IPTABLES:
-            log.warning("redirection rules in the pod netns differ from the expected ones; reinstalling them")
-            self.delete_here()
-        try:
-            with IPRoute() as ipr:
-                for route in self.routes_here():
-                    _add_route(ipr, route)
-            if self.backend is Backend.IPTABLES:
-                for family in families(self.settings):
-                    text = render_restore(redirect, self.settings, family)
-                    _must(_run([family.restore_binary, "--noflush", "-v"], stdin=text))
-            else:
-                _must(_run(["nft", "-f", "-"], stdin=render_nft(redirect, self.settings)))
-        except (RuleApplyError, NetlinkError, OSError, subprocess.SubprocessError) as exc:
-            self.delete_here()
-            if isinstance(exc, RuleApplyError):
-                raise RuleApplyError(f"{exc}; rolled back, no rules left in the pod") from None
-            raise RuleApplyError(
-                f"installing redirection failed: {exc}; rolled back, no rules left"
-            ) from None
         if self.backend is Backend.NFTABLES:
-            if in_sync and self._nft_listing_here() == before:
-                return ApplyOutcome.UNCHANGED
-            return ApplyOutcome.REPAIRED if present else ApplyOutcome.INSTALLED
+            return self._apply_nft_here(redirect)
+        routes_ok, routes_present = self.routes_state_here()
+        haves = self.saved_here()
+        wants = {family: self._wanted(redirect, family) for family in haves}
+        if routes_ok and haves == wants:
+            return ApplyOutcome.UNCHANGED
+        present = routes_present or any(haves.values())
+        try:
+            self._add_routes_here()
+            for family, have in haves.items():
+                if have == wants[family]:
+                    continue
+                install = family in families(self.settings)
+                if have:
+                    log.warning(
+                        "%s rules in the pod netns differ from ours; repairing them in place", family.binary
+                    )
+                    text = render_repair(redirect, self.settings, family, have, install=install)
+                else:
+                    text = render_restore(redirect, self.settings, family)
+                _must(_run([family.restore_binary, "--noflush", "-v"], stdin=text))
+        except (RuleApplyError, NetlinkError, OSError, subprocess.SubprocessError) as exc:
+            self._roll_back(exc)
         return ApplyOutcome.REPAIRED if present else ApplyOutcome.INSTALLED
+
+    def _apply_nft_here(self, redirect: PodRedirect) -> ApplyOutcome:
+        # the script adds and flushes its own tables first: one transaction replaces whatever was there
+        routes_ok, routes_present = self.routes_state_here()
+        present = routes_present or bool(self._nft_tables_here())
+        before = self._nft_listing_here()
+        try:
+            self._add_routes_here()
+            _must(_run(["nft", "-f", "-"], stdin=render_nft(redirect, self.settings)))
+        except (RuleApplyError, NetlinkError, OSError, subprocess.SubprocessError) as exc:
+            self._roll_back(exc)
+        if routes_ok and self._nft_listing_here() == before:
+            return ApplyOutcome.UNCHANGED
+        return ApplyOutcome.REPAIRED if present else ApplyOutcome.INSTALLED
+
+    def _add_routes_here(self) -> None:
+        wanted = self.routes_here()
+        with IPRoute() as ipr:
+            for route in wanted:
+                _add_route(ipr, route)
+            for family in {Family.V4, Family.V6} - {r.family for r in wanted}:
+                _del_route(ipr, PolicyRoute(family=family))  # e.g. IPv6 switched off since the last apply
+
+    def _roll_back(self, exc: Exception) -> NoReturn:
+        self.delete_here()
+        if isinstance(exc, RuleApplyError):
+            raise RuleApplyError(f"{exc}; rolled back, no rules left in the pod") from None
+        raise RuleApplyError(f"installing redirection failed: {exc}; rolled back, no rules left") from None
 
     def delete_here(self) -> None:
         # iptables: both families and both backends' leftovers, whatever the current settings say

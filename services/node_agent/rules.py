@@ -8,6 +8,7 @@ not accept. `inpod_rules(redirect, settings, family)` lists the rules in upstrea
 §3.2, one `IptRule` per rule, numbered as there); every other function renders that one list:
 
 - `render_restore`      the `iptables-restore --noflush` / `ip6tables-restore --noflush` input (SPEC §3.4),
+- `render_repair`       restore input that turns a drifted state into exactly ours, in one transaction,
 - `expected_saved`      what `iptables-save` shows once that input is applied (used to detect drift),
 - `render_nft`          the native nftables script (SPEC §3.7), both families in `inet` tables,
 - `delete_commands`     the idempotent delete (SPEC §3.5): jumps, then flush, then delete the chains,
@@ -304,6 +305,44 @@ def parse_saved(text: str) -> dict[tuple[str, str], list[str]]:
             if chain in ours or (spec.split()[-1] in ours and spec.split()[-2] == "-j"):
                 found.setdefault((table, chain), []).append(spec)
     return found
+
+
+def render_repair(
+    redirect: PodRedirect,
+    settings: RuleSettings,
+    family: Family,
+    have: Mapping[tuple[str, str], list[str]],
+    *,
+    install: bool = True,
+) -> str:
+    """restore input that turns the state `have` (from `parse_saved`) into exactly our rules, in place.
+
+    Per table: our chains are declared `:CHAIN - [0:0]` (with --noflush this flushes an existing chain and
+    creates a missing one), every jump found in a built-in chain is deleted (`-D`, once per copy found),
+    then the wanted rules are appended. Tables that should hold nothing (raw once DNS capture is off, all of
+    them when `install` is False) lose their chains (`-X`). iptables-nft applies the whole input in one
+    transaction, so traffic never sees a moment without redirection.
+    """
+    rules = inpod_rules(redirect, settings, family) if install else []
+    ours = (CHAIN_PRERT, CHAIN_OUTPUT)
+    out: list[str] = []
+    for table in TABLES:
+        wanted = [r for r in rules if r.table == table]
+        present = [c for c in ours if (table, c) in have]
+        jumps = [
+            (c, spec) for (t, c), specs in have.items() if t == table and c not in ours for spec in specs
+        ]
+        if not wanted and not present and not jumps:
+            continue
+        out.append(f"* {table}")
+        out += [f":{c} - [0:0]" for c in (ours if wanted else present)]
+        out += [f"-D {c} {spec}" for c, spec in jumps]
+        if wanted:
+            out += [f"-A {r.chain} {r.spec}" for r in wanted]
+        else:
+            out += [f"-X {c}" for c in present]
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
 
 
 def delete_commands(family: Family) -> list[list[str]]:

@@ -226,3 +226,31 @@ async def test_entering_a_non_netns_fd_is_a_clear_error(tmp_path: object) -> Non
             await NetnsRuleApplier(RuleSettings()).apply(fd, PodRedirect())
     finally:
         os.close(fd)
+
+
+async def test_duplicate_jump_and_dns_switch_are_repaired_in_place(pair: Pair) -> None:
+    dns_on = NetnsRuleApplier(RuleSettings(dns_capture=True))
+    await dns_on.apply(pair.pod_fd, PodRedirect(dns_capture=True))
+    run("iptables", "-t", "nat", "-A", "OUTPUT", "-j", "ISTIO_OUTPUT", netns=pair.pod)
+    assert await dns_on.apply(pair.pod_fd, PodRedirect(dns_capture=True)) is ApplyOutcome.REPAIRED
+    assert run("iptables-save", "-t", "nat", netns=pair.pod).stdout.count("-A OUTPUT -j ISTIO_OUTPUT") == 1
+    assert await dns_on.apply(pair.pod_fd, PodRedirect(dns_capture=True)) is ApplyOutcome.UNCHANGED
+
+    dns_off = NetnsRuleApplier(RuleSettings())
+    assert await dns_off.apply(pair.pod_fd, PodRedirect()) is ApplyOutcome.REPAIRED
+    assert "ISTIO" not in run("iptables-save", "-t", "raw", netns=pair.pod).stdout
+    assert await dns_off.apply(pair.pod_fd, PodRedirect()) is ApplyOutcome.UNCHANGED
+    await trio.to_thread.run_sync(check_redirection, pair)
+    await dns_off.delete(pair.pod_fd)
+    assert_clean(pair)
+
+
+async def test_switching_ipv6_off_removes_the_v6_rules_and_route(pair: Pair) -> None:
+    await NetnsRuleApplier(RuleSettings(ipv6=True)).apply(pair.pod_fd, PodRedirect())
+    v4_only = NetnsRuleApplier(RuleSettings())
+    assert await v4_only.apply(pair.pod_fd, PodRedirect()) is ApplyOutcome.REPAIRED
+    assert "ISTIO" not in run("ip6tables-save", netns=pair.pod).stdout
+    assert "lookup 100" not in run("ip", "-6", "rule", netns=pair.pod).stdout
+    assert await v4_only.apply(pair.pod_fd, PodRedirect()) is ApplyOutcome.UNCHANGED
+    await v4_only.delete(pair.pod_fd)
+    assert_clean(pair)

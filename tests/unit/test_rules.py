@@ -30,6 +30,7 @@ from services.node_agent.rules import (
     policy_routes,
     render_nft,
     render_nft_delete,
+    render_repair,
     render_restore,
     resolve_redirect,
 )
@@ -216,3 +217,21 @@ def test_parse_bool_accepts_go_spellings() -> None:
         assert not resolve_redirect(
             {ANNOTATION_DNS_CAPTURE: value}, RuleSettings(dns_capture=True)
         ).dns_capture
+
+
+def test_repair_text_flushes_our_chains_drops_found_jumps_and_refills() -> None:
+    redirect, settings = settings_for("default", ipv6=False)
+    have = {
+        ("nat", "OUTPUT"): ["-j ISTIO_OUTPUT", "-j ISTIO_OUTPUT"],  # a duplicated jump
+        ("nat", "ISTIO_OUTPUT"): ["-p tcp -j ACCEPT"],  # drifted contents
+        ("nat", "ISTIO_PRERT"): [],
+        ("raw", "PREROUTING"): ["-j ISTIO_PRERT"],  # left over from DNS capture
+        ("raw", "ISTIO_PRERT"): [],
+    }
+    text = render_repair(redirect, settings, Family.V4, have)
+    check_golden("repair_default.golden", text)
+    assert text.count("-D OUTPUT -j ISTIO_OUTPUT") == 2
+    assert "* raw\n:ISTIO_PRERT - [0:0]\n-D PREROUTING -j ISTIO_PRERT\n-X ISTIO_PRERT\nCOMMIT\n" in text
+    assert render_repair(redirect, settings, Family.V4, {}, install=False) == ""
+    removal = render_repair(redirect, settings, Family.V6, {("mangle", "ISTIO_PRERT"): []}, install=False)
+    assert removal == "* mangle\n:ISTIO_PRERT - [0:0]\n-X ISTIO_PRERT\nCOMMIT\n"
