@@ -6,6 +6,7 @@ its own "node" netns and binds the pod's listeners in the pod netns through the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from services.ztunnel.telemetry import parse_plain
@@ -58,8 +60,9 @@ async def http_get_in(fd: int, port: int, target: str) -> int | None:
     return int(head.split()[1])
 
 
+@pytest.mark.parametrize("log_format", ["plain", "json"])
 async def test_ztunnel_process_serves_a_pod_over_zds_and_exits_cleanly_on_sigterm(
-        make_netns: Callable[[str], str], tmp_path: Path) -> None:
+        make_netns: Callable[[str], str], tmp_path: Path, log_format: str) -> None:
     node_ns = make_netns("node")
     server_ns = make_netns("srv")
     pod, pod_ip, server_ip = add_pod(make_netns, server_ns, 1)
@@ -67,7 +70,7 @@ async def test_ztunnel_process_serves_a_pod_over_zds_and_exits_cleanly_on_sigter
     stderr_path = tmp_path / "ztunnel.log"
     peers: list[tuple[str, int]] = []
     env = {**os.environ, "INPOD_UDS": str(uds), "NODE_NAME": "node-a",
-           "CONNECTION_TERMINATION_DEADLINE": "1s"}
+           "CONNECTION_TERMINATION_DEADLINE": "1s", "LOG_FORMAT": log_format}
     with netns_fd(pod) as pfd, netns_fd(server_ns) as sfd, netns_fd(node_ns) as nfd, \
             open(stderr_path, "wb") as log_file, trio.fail_after(60):
         server = await bound_listener(sfd, SERVER_PORT)
@@ -95,10 +98,15 @@ async def test_ztunnel_process_serves_a_pod_over_zds_and_exits_cleanly_on_sigter
             nursery.cancel_scope.cancel()
     output = stderr_path.read_text()
     assert rc == 0, output
-    complete = [parse_plain(line) for line in output.splitlines() if "\taccess\tconnection complete" in line]
+    if log_format == "plain":
+        complete = [parse_plain(line).fields for line in output.splitlines()
+                    if "\taccess\tconnection complete" in line]
+    else:
+        objs = [json.loads(line) for line in output.splitlines()]  # every line is one JSON object
+        complete = [o for o in objs if o["scope"] == "access" and o["message"] == "connection complete"]
     assert len(complete) == 1, output
-    assert complete[0].fields["bytes_sent"] == len(b"through a real ztunnel process")
-    assert complete[0].fields["src.workload"] == "client"
+    assert complete[0]["bytes_sent"] == len(b"through a real ztunnel process")
+    assert complete[0]["src.workload"] == "client"
     # ztunnel's listeners were in the pod, never in the node netns.
     assert ":15001 " not in run("ss", "-ltn", netns=node_ns).stdout
 
