@@ -197,7 +197,7 @@ class NodeAgent:
                 log.info("pod %s leaves the mesh: %s", pod.key, decision.reason)
                 await self.unenrol(pod, pod_gone=pod.terminated)
         except NodeAgentError as exc:
-            log.error("pod %s: %s", pod.key, exc)
+            log.warning("pod %s: %s", pod.key, exc)
         return decision
 
     async def pod_deleted(self, pod: Pod) -> None:
@@ -238,18 +238,24 @@ class NodeAgent:
             return await self._enrol_locked(pod)
 
     async def _enrol_locked(self, pod: Pod) -> str:
+        was_cached = pod.uid in self.cache
+        was_enrolled = pod.uid in self.pods
         self.cache.ensure(pod.uid, pod.workload_info)
         try:
             redirect = resolve_redirect(pod.annotations, self.settings)
             fd = await self._open(pod)
         except NodeAgentError as exc:
-            self._forget(pod.uid)
+            if not was_cached:  # a `keep` placeholder from a restart stays: ztunnel may still serve the pod
+                self._forget(pod.uid)
             raise EnrolmentError(f"pod {pod.key}: {exc}", retryable=False) from None
         try:
             outcome = await self.applier.apply(fd, redirect)
         except (RuleApplyError, NetnsGoneError) as exc:
             os.close(fd)
             self._forget(pod.uid)
+            if was_enrolled:  # its rules were rolled back: ztunnel must not keep serving it as enrolled
+                await self.ztunnel.del_workload(pod.uid)
+                await self._report(pod, None)
             raise EnrolmentError(
                 f"pod {pod.key}: redirection not installed: {exc}", retryable=False
             ) from None

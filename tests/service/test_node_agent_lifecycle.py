@@ -253,3 +253,13 @@ async def test_pipe_fds_are_closed(tmp_path: Path) -> None:
     await opener.open(pod("a"))
     opener.close()
     assert len(os.listdir("/proc/self/fd")) == before + 1  # the dup handed out is the caller's
+
+
+async def test_keep_placeholder_survives_a_failed_open(env: Env) -> None:
+    """A pod restored without a netns (sent as `keep`) is not dropped when a later attempt cannot find it."""
+    p = pod("k")
+    env.opener.missing.add("/run/netns/k")
+    await env.agent.restore([p])
+    with pytest.raises(EnrolmentError):
+        await env.agent.enrol(p)
+    assert [e.uid for e in env.agent.cache.snapshot()] == [p.uid]
