@@ -405,3 +405,30 @@ async def test_graceful_drain_lets_open_connections_finish(access_log: LogCaptur
                 (line,) = await access_log.wait_for("connection complete")
                 assert line.level == "info" and line.fields["bytes_recv"] == len(b"finishing")
             nursery.cancel_scope.cancel()
+
+
+async def test_remote_ends_are_named_from_the_peer_lookup(access_log: LogCapture) -> None:
+    from services.ztunnel.telemetry import Peer
+
+    class Peers:
+        def by_address(self, ip: str) -> Peer | None:
+            return Peer(workload="server", namespace="other", service="server.other.svc.cluster.local")
+
+    fake = FakeSockets()
+    with pipe_fd() as fd, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server_port = await nursery.start(echo_server)
+            fake.original = ("127.0.0.1", server_port)
+            async with trio.open_nursery() as pods:
+                zt = InPodWorkloadHandler(pods, sockets=fake, peers=Peers())
+                await zt.start_workload(PodUid("a"), INFO, fd)
+                client = await tcp_connect(fake.ports["outbound"])
+                async with client:
+                    await client.send_eof()
+                    assert await read_to_eof(client) == b""
+                (line,) = await access_log.wait_for("connection complete")
+                pods.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    assert line.fields["dst.workload"] == "server" and line.fields["dst.namespace"] == "other"
+    assert line.fields["dst.service"] == "server.other.svc.cluster.local"
+    assert list(line.fields).index("dst.service") < list(line.fields).index("dst.workload")

@@ -28,7 +28,7 @@ from shared.netns import netns_id
 from shared.zds.types import PodUid, WorkloadInfo
 
 from ..errors import ProxyStartError
-from ..proxy.context import InPodSocketFactory, PodContext, ProxyConfig, SocketFactory
+from ..proxy.context import InPodSocketFactory, NoPeers, PeerLookup, PodContext, ProxyConfig, SocketFactory
 from ..telemetry import Telemetry
 from .proxies import PodHandle, run_pod_proxies
 
@@ -42,11 +42,13 @@ class InPodWorkloadHandler:
     """
 
     def __init__(self, pods_nursery: trio.Nursery, *, config: ProxyConfig | None = None,
-                 telemetry: Telemetry | None = None, sockets: SocketFactory | None = None) -> None:
+                 telemetry: Telemetry | None = None, sockets: SocketFactory | None = None,
+                 peers: PeerLookup | None = None) -> None:
         self._nursery = pods_nursery
         self.config = config if config is not None else ProxyConfig()
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.sockets = sockets if sockets is not None else InPodSocketFactory(self.config)
+        self.peers = peers if peers is not None else NoPeers()
         self._pods: dict[PodUid, PodHandle] = {}
 
     @property
@@ -76,7 +78,7 @@ class InPodWorkloadHandler:
                      extra={"fields": [("uid", uid)]})
             await self.stop_workload(uid)
         ctx = PodContext(uid=uid, info=info, netns_fd=fd, config=self.config, telemetry=self.telemetry,
-                         sockets=self.sockets)
+                         sockets=self.sockets, peers=self.peers)
         try:
             handle: PodHandle = await self._nursery.start(self._run_pod, ctx)
         except ProxyStartError:

@@ -72,6 +72,19 @@ class InPodSocketFactory:
         return original_dst(sock)
 
 
+class PeerLookup(Protocol):
+    """Who is behind an address (from xDS state): names remote ends in access logs and metrics."""
+
+    def by_address(self, ip: str) -> Peer | None: ...
+
+
+class NoPeers:
+    """Until the xDS state is wired in: every remote end is known only by its address."""
+
+    def by_address(self, ip: str) -> Peer | None:
+        return None
+
+
 @dataclass
 class PodContext:
     """One pod's proxy set context; `netns_fd` is owned (closed) by the pod's supervisor."""
@@ -82,6 +95,7 @@ class PodContext:
     config: ProxyConfig
     telemetry: Telemetry
     sockets: SocketFactory
+    peers: PeerLookup = field(default_factory=NoPeers)
     active_connections: int = field(default=0)
 
     @property

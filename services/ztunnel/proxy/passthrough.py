@@ -73,7 +73,7 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
                                         error="no original destination (connection was not redirected)")
         return
     record = ConnectionRecord(direction="outbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
-                              src=ctx.peer, dst=Peer())
+                              src=ctx.peer, dst=ctx.peers.by_address(dst[0]) or Peer())
     try:
         upstream = ctx.sockets.upstream(ctx.netns_fd, family_of(dst[0]))
     except (OSError, NetnsError) as exc:
@@ -107,7 +107,7 @@ async def handle_inbound_plaintext(ctx: PodContext, client: socket.socket, peer:
                                         direction="inbound", error=SELF_CALL_ERROR)
         return
     record = ConnectionRecord(direction="inbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
-                              src=Peer(), dst=ctx.peer)
+                              src=ctx.peers.by_address(peer[0]) or Peer(), dst=ctx.peer)
     try:
         upstream = _inbound_upstream(ctx, peer, dst)
     except (OSError, NetnsError) as exc:
