@@ -1,0 +1,256 @@
+"""The lab's pure plan: world -> namespaces, links, addresses, routes, hosts files, DNAT, apps; bad worlds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from services.istiod.errors import WorldError
+from services.istiod.world import World, load_world
+from services.lab.errors import LabError, PlanError
+from services.lab.topology import build_steps, check_prefix, plan_lab, render_dnat, rescale_world
+
+BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
+
+SMALL = b"""
+nodes:
+  - {name: node-a, podCidr: 10.244.1.0/24}
+  - {name: node-b, podCidr: 10.244.2.0/24}
+namespaces:
+  - {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
+  - {name: plain}
+pods:
+  - {name: client, namespace: mesh, node: node-a, ips: [10.244.1.10], labels: {app: sleep}}
+  - {name: web-1, namespace: mesh, node: node-b, ips: [10.244.2.10], labels: {app: web}}
+  - {name: web-2, namespace: mesh, node: node-a, ips: [10.244.1.11], labels: {app: web}}
+  - {name: other, namespace: plain, node: node-b, ips: [10.244.2.20], labels: {app: other}}
+services:
+  - {name: web, namespace: mesh, vips: [10.96.0.50], selector: {app: web},
+     ports: [{port: 80, targetPort: 8080}]}
+"""
+
+
+def world(text: bytes = SMALL) -> World:
+    return load_world(text, "test.yaml")
+
+
+def with_pods(extra: str) -> bytes:
+    return SMALL.replace(b"services:", extra.encode() + b"\nservices:")
+
+
+def test_bookinfo_plans_every_namespace_with_the_prefix() -> None:
+    plan = plan_lab(load_world(BOOKINFO.read_bytes(), str(BOOKINFO)), prefix="lab1")
+    assert plan.fabric.netns == "lab1-fabric"
+    assert plan.control_plane.netns == "lab1-cp"
+    assert [n.netns for n in plan.nodes] == ["lab1-node-a", "lab1-node-b"]
+    assert all(name.startswith("lab1-") for name in plan.all_netns())
+    assert len(set(plan.all_netns())) == len(plan.all_netns()) == 4 + 8
+    page = next(p for p in plan.pods if p.name.startswith("productpage"))
+    assert page.netns == "lab1-bookinfo-productpage-v1-6f9c7d"
+    assert (page.address, page.gateway, page.node) == ("10.244.1.10/24", "10.244.1.1", "node-a")
+    assert page.app.kind == "productpage"
+    assert page.app.env["DETAILS_URL"] == "http://details:9080"
+    assert page.app.env["REVIEWS_URL"] == "http://reviews:9080"
+
+
+def test_bookinfo_ambient_decisions_follow_spec_8() -> None:
+    plan = plan_lab(load_world(BOOKINFO.read_bytes(), str(BOOKINFO)), prefix="lab1")
+    ambient = {p.name.split("-")[0]: p.ambient for p in plan.pods}
+    assert ambient == {
+        "productpage": True,
+        "details": True,
+        "reviews": True,
+        "ratings": True,
+        "sleep": True,
+        "notmeshed": False,
+        "legacy": False,
+    }
+
+
+def test_nodes_are_on_the_fabric_with_routes_to_each_other() -> None:
+    plan = plan_lab(world(), prefix="t")
+    a, b = plan.nodes
+    assert (a.address, b.address) == ("172.29.0.10/24", "172.29.0.11/24")
+    assert (a.gateway, b.gateway) == ("10.244.1.1/24", "10.244.2.1/24")
+    assert [(r.dst, r.via) for r in a.routes] == [("10.244.2.0/24", "172.29.0.11")]
+    assert [(r.dst, r.via) for r in b.routes] == [("10.244.1.0/24", "172.29.0.10")]
+    assert plan.control_plane.address == "172.29.0.2/24"
+    assert [(r.dst, r.via) for r in plan.control_plane.routes] == [
+        ("10.244.1.0/24", "172.29.0.10"),
+        ("10.244.2.0/24", "172.29.0.11"),
+    ]
+    assert plan.istiod_address == "172.29.0.2:15012"
+
+
+def test_node_without_pod_cidr_gets_a_default_block() -> None:
+    text = (
+        b"nodes: [{name: n1}, {name: n2}]\nnamespaces: [{name: x}]\n"
+        b"pods: [{name: p, namespace: x, node: n2, ips: [10.244.2.5]}]\n"
+    )
+    plan = plan_lab(world(text), prefix="t")
+    assert [n.pod_cidr for n in plan.nodes] == ["10.244.1.0/24", "10.244.2.0/24"]
+    assert plan.pods[0].gateway == "10.244.2.1"
+
+
+def test_hosts_file_maps_service_names_to_vips_short_name_only_in_own_namespace() -> None:
+    plan = plan_lab(world(), prefix="t")
+    client = next(p for p in plan.pods if p.name == "client")
+    other = next(p for p in plan.pods if p.name == "other")
+    assert "10.96.0.50\tweb.mesh.svc.cluster.local web.mesh.svc web.mesh web\n" in client.hosts
+    assert "10.96.0.50\tweb.mesh.svc.cluster.local web.mesh.svc web.mesh\n" in other.hosts
+    assert "10.244.1.10\tclient\n" in client.hosts
+    assert "127.0.0.1\tlocalhost" in client.hosts
+
+
+def test_apps_and_ports_come_from_labels_and_services() -> None:
+    plan = plan_lab(world(), prefix="t")
+    kinds = {p.name: (p.app.kind, p.app.ports) for p in plan.pods}
+    assert kinds == {
+        "client": ("sleep", []),
+        "web-1": ("echo", [8080]),
+        "web-2": ("echo", [8080]),
+        "other": ("sleep", []),
+    }
+    web = plan.services[0]
+    assert web.endpoints == ["mesh/web-1", "mesh/web-2"]
+
+
+def test_dnat_spreads_a_vip_over_its_endpoints_and_masquerades_hairpin() -> None:
+    plan = plan_lab(world(), prefix="t")
+    rules = render_dnat(plan, plan.nodes[0])
+    assert rules.splitlines() == [
+        "*nat",
+        ":LAB-SERVICES - [0:0]",
+        "-A PREROUTING -j LAB-SERVICES",
+        "-A OUTPUT -j LAB-SERVICES",
+        "-A LAB-SERVICES -d 10.96.0.50/32 -p tcp -m tcp --dport 80 -m statistic --mode random "
+        "--probability 0.50000 -j DNAT --to-destination 10.244.2.10:8080",
+        "-A LAB-SERVICES -d 10.96.0.50/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.244.1.11:8080",
+        "-A POSTROUTING -s 10.244.1.0/24 -d 10.244.1.0/24 -m conntrack --ctstate DNAT -j MASQUERADE",
+        "COMMIT",
+    ]
+
+
+def test_steps_only_touch_lab_namespaces() -> None:
+    plan = plan_lab(world(), prefix="t")
+    lab_ns = set(plan.all_netns())
+    for step in build_steps(plan):
+        if step.netns is not None:
+            assert step.netns in lab_ns
+        else:
+            assert step.argv[:2] == ["ip", "-n"], step.describe()
+            assert step.argv[2] in lab_ns, step.describe()
+        if "netns" in step.argv[3:]:  # veth peers are moved into a lab namespace, never the host's
+            assert step.argv[step.argv.index("netns", 3) + 1] in lab_ns
+
+
+def test_pod_steps_are_what_cni_bridge_does() -> None:
+    plan = plan_lab(world(), prefix="t")
+    client = next(p for p in plan.pods if p.name == "client")
+    described = [s.describe() for s in build_steps(plan) if client.netns in s.argv]
+    assert described == [
+        "ip -n t-mesh-client link set lo up",
+        f"ip -n t-node-a link add {client.host_veth} type veth peer name eth0 netns t-mesh-client",
+        "ip -n t-mesh-client addr add 10.244.1.10/24 dev eth0",
+        "ip -n t-mesh-client link set eth0 up",
+        "ip -n t-mesh-client route add default via 10.244.1.1",
+    ]
+    assert len(client.host_veth) <= 15
+
+
+def test_plan_round_trips_through_json() -> None:
+    plan = plan_lab(world(), prefix="t")
+    assert msgspec.json.decode(msgspec.json.encode(plan), type=type(plan)) == plan
+
+
+def test_rescale_deals_pods_round_robin_and_readdresses() -> None:
+    rescaled = rescale_world(world(), 3)
+    assert [n.name for n in rescaled.nodes] == ["node-a", "node-b", "node-c"]
+    assert [(p.node, p.ips) for p in rescaled.pods] == [
+        ("node-a", ["10.244.1.10"]),
+        ("node-b", ["10.244.2.10"]),
+        ("node-c", ["10.244.3.10"]),
+        ("node-a", ["10.244.1.11"]),
+    ]
+    plan_lab(rescaled, prefix="t")  # and it is a valid lab
+
+
+@pytest.mark.parametrize("nodes", [0, 27])
+def test_rescale_refuses_silly_node_counts(nodes: int) -> None:
+    with pytest.raises(PlanError, match="1 to 26"):
+        rescale_world(world(), nodes)
+
+
+@pytest.mark.parametrize("prefix", ["", "Upper", "1abc", "a_b", "x" * 21, "a b"])
+def test_bad_prefix_is_refused(prefix: str) -> None:
+    with pytest.raises(LabError, match="prefix"):
+        check_prefix(prefix)
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "problem"),
+    [
+        (
+            SMALL.replace(b"10.244.2.0/24", b"10.245.2.0/24").replace(b"10.244.2.", b"10.245.2."),
+            "$.nodes[1].podCidr",
+            "outside the lab's pod range 10.244.0.0/16",
+        ),
+        (SMALL.replace(b"10.244.2.0/24", b"10.244.2.0/23"), "$.nodes[1].podCidr", "/24 to /29"),
+        (
+            b"nodes: [{name: n1, podCidr: 10.244.1.0/24}, {name: n2, podCidr: 10.244.1.128/25}]\n",
+            "$.nodes[1].podCidr",
+            "overlaps node n1",
+        ),
+        (
+            with_pods("  - {name: gw, namespace: plain, node: node-a, ips: [10.244.1.1]}"),
+            "$.pods[4].ips[0]",
+            "gateway",
+        ),
+        (
+            b"nodes: [{name: n1}]\nnamespaces: [{name: x}]\npods: [{name: v6, namespace: x, node: n1, "
+            b"ips: ['fd00::1']}]\n",
+            "$.pods[0].ips",
+            "needs an IPv4 address",
+        ),
+        (
+            with_pods("  - {name: h, namespace: plain, node: node-a, ips: [10.244.1.50], hostNetwork: true}"),
+            "$.pods[4].hostNetwork",
+            "hostNetwork",
+        ),
+        (b"namespaces: [{name: x}]\n", "$.nodes", "at least one node"),
+    ],
+)
+def test_worlds_the_lab_cannot_build_raise_plan_errors(text: bytes, path: str, problem: str) -> None:
+    with pytest.raises(PlanError) as info:
+        plan_lab(world(text), prefix="t", source="bad.yaml")
+    assert info.value.path == path
+    assert problem in info.value.problem
+    assert str(info.value).startswith(f"bad.yaml: {path}: ")
+
+
+def test_pod_outside_its_node_range_is_refused_when_the_node_has_no_cidr() -> None:
+    text = (
+        b"nodes: [{name: n1}]\nnamespaces: [{name: x}]\npods: [{name: p, namespace: x, node: n1, "
+        b"ips: [10.244.9.5]}]\n"
+    )
+    with pytest.raises(
+        PlanError, match=r"\$\.pods\[0\]\.ips\[0\]: 10\.244\.9\.5 is outside node n1's pod range"
+    ):
+        plan_lab(world(text), prefix="t", source="w")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            "  - {name: dup, namespace: plain, node: node-a, ips: [10.244.1.10]}",
+            "already used by pod mesh/client",
+        ),
+        ("  - {name: lost, namespace: plain, node: node-z, ips: [10.244.1.99]}", "unknown node 'node-z'"),
+    ],
+)
+def test_overlapping_ips_and_unknown_nodes_are_caught_by_world_validation(extra: str, message: str) -> None:
+    with pytest.raises(WorldError, match=message):
+        world(with_pods(extra))
