@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NewType
 
+from shared.errors import AmbientError
+
 CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 NETNS_RUN_DIR = Path("/run/netns")
@@ -37,7 +39,7 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.setns.restype = ctypes.c_int
 
 
-class NetnsError(Exception):
+class NetnsError(AmbientError):
     """A namespace could not be opened, identified or entered; the message says which and why."""
 
 
