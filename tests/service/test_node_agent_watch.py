@@ -72,3 +72,40 @@ async def test_watch_restores_then_follows_label_changes_and_deletes() -> None:
     finally:
         agent.close()
         opener.close()
+
+
+async def test_real_istiod_pod_watch_drives_enrolment() -> None:
+    """The istiod stub's pod watch (bookinfo world, node-a) through PodWatchSource into the lifecycle."""
+    from pathlib import Path
+
+    from services.istiod.testing import open_test_istiod
+    from services.istiod.world import load_world
+
+    world_file = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
+    world = load_world(world_file.read_bytes(), "bookinfo.yaml")
+    applier, ztunnel, status, opener = FakeRuleApplier(), FakeZtunnel(), RecordingStatus(), PipeNetnsOpener()
+    agent = NodeAgent(applier=applier, ztunnel=ztunnel, status=status, settings=RuleSettings(), opener=opener)
+    try:
+        with trio.fail_after(30):
+            async with open_test_istiod(world) as istiod, trio.open_nursery() as nursery:
+                source = PodWatchSource(istiod.target(node="node-a"), "node-a")
+                await nursery.start(source.run, agent)
+                restored = {e.uid for e in agent.cache.snapshot()}
+                names = {source.view[uid].name for uid in restored}
+                assert "sleep-5c6d7e" in names and "legacy-app-1b2c3d" not in names
+                legacy = source.lookup("legacy", "legacy-app-1b2c3d")
+                assert legacy is not None
+                legacy_uid = legacy[0].uid
+
+                # labelling the namespace enrols its pod; removing the label removes it again
+                istiod.store.set_namespace_labels("legacy", {"istio.io/dataplane-mode": "ambient"}, [])
+                while status.current.get(legacy_uid) != "enabled":
+                    await status.changed.wait()
+                istiod.store.set_namespace_labels("legacy", {}, ["istio.io/dataplane-mode"])
+                while legacy_uid not in ztunnel.deleted:
+                    await status.changed.wait()
+                assert legacy_uid not in agent.cache
+                nursery.cancel_scope.cancel()
+    finally:
+        agent.close()
+        opener.close()
