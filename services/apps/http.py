@@ -107,8 +107,9 @@ async def handle_connection(stream: trio.abc.Stream, handler: Handler) -> None:
         except h11.RemoteProtocolError as exc:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 body = f"bad request: {exc}\n".encode()
-                await _send_response(stream, conn, Response(status=exc.error_status_hint, body=body,
-                                                             content_type="text/plain"))
+                await _send_response(
+                    stream, conn, Response(status=exc.error_status_hint, body=body, content_type="text/plain")
+                )
             return
         if got is None:
             return
@@ -137,8 +138,8 @@ async def handle_connection(stream: trio.abc.Stream, handler: Handler) -> None:
 async def serve_app(
     handler: Handler,
     port: int,
-    *,
     host: str | None = None,
+    *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `handler` on `port` (all addresses) until cancelled; started() with the bound listeners."""
@@ -172,8 +173,14 @@ class FetchResult(msgspec.Struct, frozen=True, kw_only=True):
     body: bytes
 
 
-async def fetch(url: str, *, method: str = "GET", body: bytes = b"", timeout: float = 10.0,  # noqa: ASYNC109
-                headers: dict[str, str] | None = None) -> FetchResult:
+async def fetch(
+    url: str,
+    *,
+    method: str = "GET",
+    body: bytes = b"",
+    timeout: float = 10.0,  # noqa: ASYNC109
+    headers: dict[str, str] | None = None,
+) -> FetchResult:
     """One HTTP/1.1 request to an `http://` URL; the whole response.
 
     Raises:
@@ -200,11 +207,17 @@ async def fetch(url: str, *, method: str = "GET", body: bytes = b"", timeout: fl
         raise FetchError(f"operation timed out after {timeout:g} s ({url})", 28) from None
 
 
-async def _exchange(stream: trio.abc.Stream, method: str, authority: str, target: str, body: bytes,
-                    extra: dict[str, str]) -> FetchResult:
+async def _exchange(
+    stream: trio.abc.Stream, method: str, authority: str, target: str, body: bytes, extra: dict[str, str]
+) -> FetchResult:
     conn = h11.Connection(h11.CLIENT)
-    headers = [("host", authority), ("user-agent", "trio-ambient-client/1"), ("accept", "*/*"),
-               ("connection", "close"), *extra.items()]
+    headers = [
+        ("host", authority),
+        ("user-agent", "trio-ambient-client/1"),
+        ("accept", "*/*"),
+        ("connection", "close"),
+        *extra.items(),
+    ]
     if body or method in ("POST", "PUT", "PATCH"):
         headers.append(("content-length", str(len(body))))
     try:
