@@ -2,13 +2,15 @@
 
 Theory of operation
 -------------------
-    servers nursery        admin 127.0.0.1:15000, stats :15020, readiness :15021 (h11 on Trio)
+    servers nursery        admin 127.0.0.1:15000, stats :15020, readiness :15021 (h11 on Trio);
+                           the xDS client (XDS_ADDRESS set) filling the StateStore
       pods nursery         one child per pod (InPodWorkloadHandler -> run_pod_proxies)
         ZDS client         run_zds_client(INPOD_UDS, WorkloadManager(handler)) under its own cancel scope
 
-Readiness (`/healthz/ready`) is the conjunction of named checks; the in-pod one is the ZDS manager's
-`ready` (connected, snapshot applied, nothing pending). SIGTERM/SIGINT: stop the ZDS client (no new pods),
-every pod stops accepting, open connections get the drain deadline to finish, then everything is closed.
+Readiness (`/healthz/ready`) is the conjunction of named checks: the ZDS manager's `ready` (connected,
+snapshot applied, nothing pending), plus "xDS synced" when XDS_ADDRESS is set. SIGTERM/SIGINT: stop the ZDS
+client (no new pods), every pod stops accepting, open connections get the drain deadline to finish, then
+everything is closed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.ztunnel.state.store import StateStore
+from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
+from shared.aio import open_aio_loop
 from shared.netns import NetnsError, current_netns_fd, entered
 from shared.zds.client import run_zds_client
 from shared.zds.workloads import WorkloadManager
@@ -36,6 +41,7 @@ from .errors import ConfigError, StartupCheckError
 from .httpd import HttpRequest, HttpResponse, serve_http
 from .inpod.handler import InPodWorkloadHandler
 from .inpod.sockets import SO_MARK
+from .peers import StatePeers
 from .proxy.context import SocketFactory
 from .telemetry import Metrics, Telemetry, current_log_levels, set_log_level, setup_logging
 
@@ -97,6 +103,8 @@ class ZtunnelApp:
         self.telemetry = telemetry
         self.readiness = readiness
         self.addresses: dict[str, list[tuple[str, int]]] = {}
+        self.store: StateStore | None = None
+        self.xds: XdsClient | None = None
         self._changed = trio.Event()
 
     def notify(self) -> None:
@@ -110,8 +118,17 @@ class ZtunnelApp:
             await self._changed.wait()
 
     def config_dump(self) -> dict[str, Any]:
+        config = msgspec.to_builtins(self.config)
+        if config.get("xds_target"):
+            config["xds_target"]["token"] = "<redacted>" if config["xds_target"].get("token") else None
+        xds: dict[str, Any] | None = None
+        if self.xds is not None and self.store is not None:
+            xds = {"connected": self.xds.connected, "connects": self.xds.connects,
+                   "workloads": sorted(self.store.workloads), "services": sorted(self.store.services),
+                   "policies": sorted(self.store.policies)}
         return {
-            "config": msgspec.to_builtins(self.config),
+            "config": config,
+            "xds": xds,
             "pods": self.handler.dump(),
             "zds": self.manager.state(),
             "readiness": {"ready": not self.readiness.blocking(), "blocking": self.readiness.blocking()},
@@ -162,13 +179,43 @@ async def run_ztunnel(config: ZtunnelConfig, *, shutdown: trio.Event | None = No
     shutdown = shutdown if shutdown is not None else trio.Event()
     telemetry = Telemetry(Metrics())
     readiness = Readiness()
+    store = StateStore()
+    async with contextlib.AsyncExitStack() as stack:
+        if config.xds_target is not None:
+            await stack.enter_async_context(open_aio_loop())  # grpclib runs on asyncio via trio-asyncio
+        await _serve(config, shutdown, sockets, telemetry, readiness, store, task_status)
+    log.info("ztunnel stopped")
+
+
+async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFactory | None,
+                 telemetry: Telemetry, readiness: Readiness, store: StateStore,
+                 task_status: trio.TaskStatus[ZtunnelApp]) -> None:
     async with trio.open_nursery() as servers:
         async with trio.open_nursery() as pods:
-            handler = InPodWorkloadHandler(pods, config=config.proxy, telemetry=telemetry, sockets=sockets)
+            handler = InPodWorkloadHandler(pods, config=config.proxy, telemetry=telemetry, sockets=sockets,
+                                           peers=StatePeers(store))
             manager = WorkloadManager(handler, on_change=lambda: app.notify())
             readiness.add("inpod snapshot from the node agent", lambda: manager.ready)
-            # (The xDS client adds its "xds synced" check here when XDS_ADDRESS is configured.)
             app = ZtunnelApp(config, handler, manager, telemetry, readiness)
+            app.store = store
+
+            # --- xDS client (only when XDS_ADDRESS is set): workloads/services/policies into `store` -----
+            if config.xds_target is not None:
+                xds = XdsClient(config.xds_target, store, XdsClientConfig(
+                    node_id=ztunnel_node_id(config.instance_ip, config.pod_name, config.pod_namespace),
+                    node_metadata={"NAME": config.pod_name, "NAMESPACE": config.pod_namespace,
+                                   "INSTANCE_IPS": config.instance_ip, "NODE_NAME": config.node_name}))
+                app.xds = xds
+                synced = trio.Event()
+                readiness.add("xDS sync with the control plane", synced.is_set)
+
+                async def xds_synced() -> None:
+                    await xds.wait_synced()
+                    synced.set()
+                    app.notify()
+
+                await servers.start(xds.run)
+                servers.start_soon(xds_synced)
             app.addresses["admin"] = await servers.start(serve_http, app.admin, *config.admin_addr)
             app.addresses["stats"] = await servers.start(serve_http, app.stats, *config.stats_addr)
             app.addresses["readiness"] = await servers.start(serve_http, app.ready, *config.readiness_addr)
@@ -195,7 +242,6 @@ async def run_ztunnel(config: ZtunnelConfig, *, shutdown: trio.Event | None = No
             app.notify()
             pods.cancel_scope.cancel()
         servers.cancel_scope.cancel()
-    log.info("ztunnel stopped")
 
 
 async def _main(config: ZtunnelConfig) -> None:

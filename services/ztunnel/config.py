@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import msgspec
 
+from shared.aio import GrpcTarget
+
 from .errors import ConfigError
 from .proxy.context import ProxyConfig
 
@@ -22,6 +24,8 @@ class ZtunnelConfig(msgspec.Struct, frozen=True, kw_only=True):
     instance_ip: str = ""
     cluster_id: str = "Kubernetes"
     xds_address: str | None = None
+    xds_target: GrpcTarget | None = None
+    """Built from XDS_ADDRESS / XDS_ROOT_CERT / XDS_TOKEN_FILE / XDS_HEADER_* when XDS_ADDRESS is set."""
     ca_address: str | None = None
     log_format: str = "plain"
     log_level: str = "info"
@@ -99,6 +103,12 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
         connect_timeout=parse_duration("CONNECT_TIMEOUT", env.get("CONNECT_TIMEOUT", "10s")),
         splice=bool(_bool(env, "ZTUNNEL_SPLICE", True)),
     )
+    xds_target = None
+    if env.get("XDS_ADDRESS"):
+        try:
+            xds_target = GrpcTarget.from_env("XDS", env)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return ZtunnelConfig(
         inpod_uds=env.get("INPOD_UDS", DEFAULT_INPOD_UDS),
         node_name=env.get("NODE_NAME", ""),
@@ -107,6 +117,7 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
         instance_ip=env.get("INSTANCE_IP", ""),
         cluster_id=proxy.cluster_id,
         xds_address=env.get("XDS_ADDRESS") or None,
+        xds_target=xds_target,
         ca_address=env.get("CA_ADDRESS") or None,
         log_format=log_format,
         log_level=env.get("RUST_LOG", env.get("LOG_LEVEL", "info")),

@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -115,15 +116,19 @@ async def test_zds_drives_pods_and_endpoints_report_them(tmp_path: Path, pipe_fd
 
 def test_config_reads_upstream_env_names() -> None:
     cfg = load_config({"INPOD_UDS": "/tmp/x.sock", "NODE_NAME": "node-a", "LOG_FORMAT": "json",
-                       "XDS_ADDRESS": "https://istiod:15012", "IPV6_ENABLED": "false",
+                       "XDS_ADDRESS": "http://istiod:15012", "IPV6_ENABLED": "false",
                        "ENABLE_ORIG_SRC": "true", "ADMIN_ADDR": "127.0.0.1:25000"})
     assert cfg.inpod_uds == "/tmp/x.sock" and cfg.node_name == "node-a" and cfg.log_format == "json"
-    assert cfg.xds_address == "https://istiod:15012"
+    assert cfg.xds_address == "http://istiod:15012"
+    assert cfg.xds_target is not None and cfg.xds_target.port == 15012
+    assert cfg.xds_target.root_cert_pem is None  # http:// = plaintext
     assert cfg.proxy.ipv6 is False and cfg.proxy.orig_src is True
     assert cfg.admin_addr == ("127.0.0.1", 25000)
     assert load_config({}).inpod_uds == "/var/run/ztunnel/ztunnel.sock"
     with pytest.raises(ConfigError, match="LOG_FORMAT"):
         load_config({"LOG_FORMAT": "xml"})
+    with pytest.raises(ConfigError, match="XDS_ROOT_CERT"):
+        load_config({"XDS_ADDRESS": "https://istiod:15012", "XDS_ROOT_CERT": "/nonexistent/root.pem"})
     with pytest.raises(ConfigError, match="ENABLE_ORIG_SRC"):
         load_config({"ENABLE_ORIG_SRC": "maybe"})
 
@@ -134,3 +139,28 @@ def test_drain_deadline_follows_upstream() -> None:
     assert drain_deadline({"TERMINATION_GRACE_PERIOD_SECONDS": "30"}) == 25.0
     assert drain_deadline({"TERMINATION_GRACE_PERIOD_SECONDS": "10"}) == 9.0
     assert drain_deadline({"TERMINATION_GRACE_PERIOD_SECONDS": "1"}) == 1.0
+
+
+async def test_xds_sync_gates_readiness_and_names_peers(tmp_path: Path) -> None:
+    from services.istiod.testing import open_test_istiod
+    from services.istiod.world import load_world
+
+    world_file = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
+    world = load_world(world_file.read_bytes(), "bookinfo.yaml")
+    with trio.fail_after(30):
+        async with open_test_istiod(world) as istiod, trio.open_nursery() as nursery:
+            node = world.nodes[0].name
+            cfg = msgspec.structs.replace(config(tmp_path), xds_target=istiod.target(node=node),
+                                          node_name=node)
+            app: ZtunnelApp = await nursery.start(lambda **kw: run_ztunnel(cfg, sockets=FakeSockets(), **kw))
+            server = ZdsServer(cfg.inpod_uds, Snapshot(), accept_interval=0)
+            await nursery.start(server.serve)
+            await app.wait_until(lambda: not app.readiness.blocking())
+            assert (await http_get(app.addresses["readiness"][0], "/healthz/ready"))[0] == 200
+            dump = json.loads((await http_get(app.addresses["admin"][0], "/config_dump"))[1])
+            assert dump["xds"]["workloads"] and dump["config"]["xds_target"]["token"] == "<redacted>"
+            assert app.store is not None
+            some_ip = next(iter(app.store.workloads.values())).addresses[0]
+            peer = app.handler.peers.by_address(some_ip)
+            assert peer is not None and peer.workload and peer.namespace
+            nursery.cancel_scope.cancel()
