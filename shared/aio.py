@@ -30,7 +30,7 @@ import enum
 import logging
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -98,12 +98,30 @@ class RpcError(AmbientError):
 
 @asynccontextmanager
 async def open_aio_loop() -> AsyncIterator[None]:
-    """Make asyncio (and so grpclib) usable inside this Trio run; re-entrant (a no-op when already open)."""
+    """Make asyncio (and so grpclib) usable inside this Trio run; re-entrant (a no-op when already open).
+
+    trio_asyncio runs the loop in nurseries of its own; an exception leaving the block therefore arrives
+    wrapped in exception groups. A single exception is unwrapped so callers can `except RpcError` as usual.
+    """
     if trio_asyncio.current_loop.get() is not None:
         yield
         return
-    async with trio_asyncio.open_loop():
-        yield
+    try:
+        async with trio_asyncio.open_loop():
+            yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 # --- server ----------------------------------------------------------------------------------------------

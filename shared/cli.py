@@ -14,6 +14,7 @@ from shared.errors import AmbientError
 COMMAND_MODULES: tuple[str, ...] = (
     "shared.zds.cli",
     "shared.lab_cli",
+    "shared.world_cli",
 )
 
 

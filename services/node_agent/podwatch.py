@@ -143,12 +143,12 @@ class PodWatch:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch until cancelled, reconnecting with backoff; feeds the iterator."""
-        from shared.aio import RpcError
+        from shared.aio import RpcError, open_aio_loop
 
         task_status.started()
         backoff = self._backoff_initial
         have_snapshot = False
-        async with self._send:
+        async with open_aio_loop(), self._send:
             while True:
                 delivered = False
                 try:

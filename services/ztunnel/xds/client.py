@@ -29,7 +29,7 @@ from services.ztunnel.xds.convert import (
     authorization_from_any,
 )
 from services.ztunnel.xds.errors import ConversionError
-from shared.aio import GrpcTarget, RpcError, open_target
+from shared.aio import GrpcTarget, RpcError, open_aio_loop, open_target
 from shared.api import discovery_grpc, discovery_pb2, envoy_base_pb2, rpc_status_pb2
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,11 @@ class XdsClient:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay connected until cancelled. started() right away; use wait_synced() for readiness."""
-        task_status.started()
+        async with open_aio_loop():
+            task_status.started()
+            await self._run_forever()
+
+    async def _run_forever(self) -> None:
         backoff = self.config.backoff_initial
         while True:
             delivered = False
