@@ -93,13 +93,13 @@ def original_dst(conn: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(raw[4:8]), port
 
 
-def our_state(netns_fd: int) -> Snapshot:
-    with entered(netns_fd):
-        return inspect_here()
+async def our_state(netns_fd: int) -> Snapshot:
+    # pyroute2's sync IPRoute must not run on the Trio thread once trio_asyncio is imported (DESIGN §5)
+    return await trio.to_thread.run_sync(in_netns, netns_fd, inspect_here)
 
 
-def assert_clean(pair: Pair) -> None:
-    state = our_state(pair.pod_fd)
+async def assert_clean(pair: Pair) -> None:
+    state = await our_state(pair.pod_fd)
     assert state == Snapshot(saved={"V4": {}, "V6": {}}, ip_rules=[], table_100=[])
     for cmd in ("iptables-save", "ip6tables-save"):
         assert "ISTIO" not in run(cmd, netns=pair.pod).stdout
@@ -153,7 +153,7 @@ async def test_rules_redirect_outbound_and_inbound(pair: Pair, backend: Backend)
     assert await applier.apply(pair.pod_fd, PodRedirect()) is ApplyOutcome.INSTALLED
     await trio.to_thread.run_sync(check_redirection, pair)
     await applier.delete(pair.pod_fd)
-    assert_clean(pair)
+    await assert_clean(pair)
 
 
 @pytest.mark.parametrize("backend", [Backend.IPTABLES, Backend.NFTABLES])
@@ -163,7 +163,7 @@ async def test_ipv6_rules_redirect(pair: Pair, backend: Backend) -> None:
     assert "lookup 100" in run("ip", "-6", "rule", netns=pair.pod).stdout
     await trio.to_thread.run_sync(lambda: check_redirection(pair, v6=True))
     await applier.delete(pair.pod_fd)
-    assert_clean(pair)
+    await assert_clean(pair)
 
 
 @pytest.mark.parametrize("backend", [Backend.IPTABLES, Backend.NFTABLES])
@@ -171,18 +171,18 @@ async def test_apply_twice_and_delete_twice_are_clean(pair: Pair, backend: Backe
     applier = NetnsRuleApplier(RuleSettings(dns_capture=True, ipv6=True), backend)
     redirect = PodRedirect(dns_capture=True)
     assert await applier.apply(pair.pod_fd, redirect) is ApplyOutcome.INSTALLED
-    first = our_state(pair.pod_fd)
+    first = await our_state(pair.pod_fd)
     rules_before = run("ip", "rule", netns=pair.pod).stdout
     ruleset_before = run("nft", "-s", "list", "ruleset", netns=pair.pod).stdout
     assert await applier.apply(pair.pod_fd, redirect) is ApplyOutcome.UNCHANGED
-    assert our_state(pair.pod_fd) == first
+    assert await our_state(pair.pod_fd) == first
     assert run("ip", "rule", netns=pair.pod).stdout == rules_before
     assert run("nft", "-s", "list", "ruleset", netns=pair.pod).stdout == ruleset_before
     assert run("ip", "rule", netns=pair.pod).stdout.count("fwmark 0x111/0xfff lookup 100") == 1
     assert "local default dev lo" in run("ip", "route", "show", "table", "100", netns=pair.pod).stdout
     await applier.delete(pair.pod_fd)
     await applier.delete(pair.pod_fd)
-    assert_clean(pair)
+    await assert_clean(pair)
 
 
 async def test_iptables_state_matches_expected_saved_form(pair: Pair) -> None:
@@ -201,14 +201,14 @@ async def test_iptables_state_matches_expected_saved_form(pair: Pair) -> None:
 async def test_drift_is_repaired(pair: Pair) -> None:
     applier = NetnsRuleApplier(RuleSettings())
     await applier.apply(pair.pod_fd, PodRedirect())
-    expected = our_state(pair.pod_fd)
+    expected = await our_state(pair.pod_fd)
     run("iptables", "-t", "nat", "-F", "ISTIO_OUTPUT", netns=pair.pod)
     run("ip", "route", "flush", "table", "100", netns=pair.pod)
     assert await applier.apply(pair.pod_fd, PodRedirect()) is ApplyOutcome.REPAIRED
-    assert our_state(pair.pod_fd) == expected
+    assert await our_state(pair.pod_fd) == expected
     await trio.to_thread.run_sync(check_redirection, pair)
     await applier.delete(pair.pod_fd)
-    assert_clean(pair)
+    await assert_clean(pair)
 
 
 async def test_half_failed_apply_rolls_back(pair: Pair) -> None:
@@ -216,7 +216,7 @@ async def test_half_failed_apply_rolls_back(pair: Pair) -> None:
     applier = NetnsRuleApplier(RuleSettings(ipv6=True, host_probe_snat_ipv6="not-an-address"))
     with pytest.raises(RuleApplyError, match="rolled back"):
         await applier.apply(pair.pod_fd, PodRedirect())
-    assert_clean(pair)
+    await assert_clean(pair)
 
 
 async def test_entering_a_non_netns_fd_is_a_clear_error(tmp_path: object) -> None:
@@ -242,7 +242,7 @@ async def test_duplicate_jump_and_dns_switch_are_repaired_in_place(pair: Pair) -
     assert await dns_off.apply(pair.pod_fd, PodRedirect()) is ApplyOutcome.UNCHANGED
     await trio.to_thread.run_sync(check_redirection, pair)
     await dns_off.delete(pair.pod_fd)
-    assert_clean(pair)
+    await assert_clean(pair)
 
 
 async def test_switching_ipv6_off_removes_the_v6_rules_and_route(pair: Pair) -> None:
@@ -253,4 +253,4 @@ async def test_switching_ipv6_off_removes_the_v6_rules_and_route(pair: Pair) -> 
     assert "lookup 100" not in run("ip", "-6", "rule", netns=pair.pod).stdout
     assert await v4_only.apply(pair.pod_fd, PodRedirect()) is ApplyOutcome.UNCHANGED
     await v4_only.delete(pair.pod_fd)
-    assert_clean(pair)
+    await assert_clean(pair)

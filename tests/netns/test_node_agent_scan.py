@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 
 import pytest
+import trio
 
 from services.node_agent.errors import NetnsGoneError
 from services.node_agent.lifecycle import PathNetnsOpener
@@ -23,13 +24,14 @@ async def test_pod_netns_is_found_by_ip(make_netns: Callable[[str], str]) -> Non
     run("ip", "-n", other, "addr", "add", "10.251.7.1/24", "dev", "vo")
     expected = open_netns(pod)
     try:
-        found = find_netns_by_ips(["10.251.7.2"])
+        # in a worker thread, as the agent does: sync pyroute2 refuses the Trio thread under trio_asyncio
+        found = await trio.to_thread.run_sync(find_netns_by_ips, ["10.251.7.2"])
         assert found is not None
         fd, path = found
         assert path.startswith(("/run/netns/", "/proc/"))
         assert netns_id(fd) == netns_id(expected)
         os.close(fd)
-        assert find_netns_by_ips(["10.251.99.99"]) is None
+        assert await trio.to_thread.run_sync(find_netns_by_ips, ["10.251.99.99"]) is None
 
         opener = PathNetnsOpener()
         p = Pod(uid=PodUid("u"), name="a", namespace="d", ips=("10.251.7.2",))
