@@ -1,5 +1,5 @@
 """The issue's "done when": `istiod-stub --world examples/bookinfo.yaml` as a real process over TLS, a
-ztunnel-side xDS client and a node-agent pod watch syncing from it, and `ambient world` changes reaching both."""
+ztunnel-side xDS client and a node-agent pod watch syncing from it, `ambient world` changes reaching both."""
 
 from __future__ import annotations
 
