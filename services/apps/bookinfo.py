@@ -20,13 +20,25 @@ from services.apps.http import FetchError, Handler, Request, Response, fetch, js
 
 UPSTREAM_TIMEOUT = 5.0
 
-BOOK = {"id": 0, "title": "The Comedy of Errors", "author": "William Shakespeare", "year": 1595,
-        "type": "paperback", "pages": 200, "publisher": "PublisherA", "language": "English"}
+BOOK = {
+    "id": 0,
+    "title": "The Comedy of Errors",
+    "author": "William Shakespeare",
+    "year": 1595,
+    "type": "paperback",
+    "pages": 200,
+    "publisher": "PublisherA",
+    "language": "English",
+}
 REVIEWS = [
-    {"reviewer": "Reviewer1",
-     "text": "An extremely entertaining play by Shakespeare. The slapstick humour is refreshing!"},
-    {"reviewer": "Reviewer2",
-     "text": "Absolutely fun and entertaining. The play lacks thematic depth compared to other plays."},
+    {
+        "reviewer": "Reviewer1",
+        "text": "An extremely entertaining play by Shakespeare. The slapstick humour is refreshing!",
+    },
+    {
+        "reviewer": "Reviewer2",
+        "text": "Absolutely fun and entertaining. The play lacks thematic depth compared to other plays.",
+    },
 ]
 RATINGS = {"Reviewer1": 5, "Reviewer2": 4}
 
@@ -39,8 +51,11 @@ class AppEnv:
         self.pod = env.get("POD_NAME", kind)
         self.namespace = env.get("POD_NAMESPACE", "default")
         self.version = env.get("SERVICE_VERSION", "v1")
-        self.urls = {name: env[f"{name.upper()}_URL"] for name in ("details", "reviews", "ratings")
-                     if env.get(f"{name.upper()}_URL")}
+        self.urls = {
+            name: env[f"{name.upper()}_URL"]
+            for name in ("details", "reviews", "ratings")
+            if env.get(f"{name.upper()}_URL")
+        }
 
     def served_by(self, request: Request) -> dict[str, str]:
         return {"pod": self.pod, "namespace": self.namespace, "version": self.version, "peer": request.peer}
@@ -55,8 +70,10 @@ class AppEnv:
         except FetchError as exc:
             return {"error": f"{name}: {exc}"}
         if result.status != 200:
-            return {"error": f"{name}: HTTP {result.status} {result.reason}",
-                    "body": result.body.decode("utf-8", "replace")[:200]}
+            return {
+                "error": f"{name}: HTTP {result.status} {result.reason}",
+                "body": result.body.decode("utf-8", "replace")[:200],
+            }
         try:
             value: dict[str, Any] = msgspec.json.decode(result.body, type=dict[str, Any])
         except msgspec.DecodeError as exc:
@@ -88,8 +105,14 @@ def make_handler(kind: str, env: Mapping[str, str]) -> Handler:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(get_details)
             nursery.start_soon(get_reviews)
-        return json_response({"product": BOOK["title"], "details": details, "reviews": reviews,
-                              "served_by": app.served_by(request)})
+        return json_response(
+            {
+                "product": BOOK["title"],
+                "details": details,
+                "reviews": reviews,
+                "served_by": app.served_by(request),
+            }
+        )
 
     async def details(request: Request) -> Response:
         if not request.path.startswith("/details/"):
@@ -119,12 +142,22 @@ def make_handler(kind: str, env: Mapping[str, str]) -> Handler:
         return json_response({"id": 0, "ratings": RATINGS, "served_by": app.served_by(request)})
 
     async def echo(request: Request) -> Response:
-        return json_response({"method": request.method, "path": request.target,
-                              "body": request.body.decode("utf-8", "replace"),
-                              "served_by": app.served_by(request)})
+        return json_response(
+            {
+                "method": request.method,
+                "path": request.target,
+                "body": request.body.decode("utf-8", "replace"),
+                "served_by": app.served_by(request),
+            }
+        )
 
-    routes: dict[str, Handler] = {"productpage": productpage, "details": details, "reviews": reviews,
-                                  "ratings": ratings, "echo": echo}
+    routes: dict[str, Handler] = {
+        "productpage": productpage,
+        "details": details,
+        "reviews": reviews,
+        "ratings": ratings,
+        "echo": echo,
+    }
     if kind not in routes:
         raise ValueError(f"unknown app {kind!r}; choose one of {', '.join(routes)}")
     route = routes[kind]

@@ -61,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = (args.data or "").encode()
     method = args.request or ("POST" if args.data is not None else "GET")
     try:
-        result = trio.run(lambda: fetch(args.url, method=method, body=body, timeout=args.max_time,
-                                        headers=headers))
+        result = trio.run(
+            lambda: fetch(args.url, method=method, body=body, timeout=args.max_time, headers=headers)
+        )
     except FetchError as exc:
         if not args.silent:
             print(f"client: ({exc.exit_code}) {exc}", file=sys.stderr)

@@ -39,8 +39,9 @@ async def run(kind: str, ports: Sequence[int]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.apps.server",
-                                     description="run one sample app in this netns")
+    parser = argparse.ArgumentParser(
+        prog="python -m services.apps.server", description="run one sample app in this netns"
+    )
     parser.add_argument("kind", choices=APP_KINDS)
     parser.add_argument("--port", type=int, action="append", default=[], help="port to serve (repeatable)")
     args = parser.parse_args(argv)
