@@ -34,7 +34,7 @@ from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node
 from shared.aio import open_aio_loop
 from shared.netns import NetnsError, current_netns_fd, entered
 from shared.zds.client import run_zds_client
-from shared.zds.workloads import WorkloadManager
+from shared.zds.workloads import WorkloadManager, write_state_file
 
 from .config import ZtunnelConfig, load_config
 from .errors import ConfigError, StartupCheckError
@@ -109,6 +109,8 @@ class ZtunnelApp:
 
     def notify(self) -> None:
         """Called by the ZDS workload manager after every change of its state."""
+        if self.config.zds_state_file:
+            write_state_file(self.config.zds_state_file, self.manager.state())
         self._changed.set()
         self._changed = trio.Event()
 

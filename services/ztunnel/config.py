@@ -18,6 +18,9 @@ DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
 
 class ZtunnelConfig(msgspec.Struct, frozen=True, kw_only=True):
     inpod_uds: str = DEFAULT_INPOD_UDS
+    zds_state_file: str | None = None
+    """ZTUNNEL_ZDS_STATE_FILE: where to write the in-pod state as JSON after every change (the ZDS
+    conformance kit's client interface, docs/zds-conformance.md)."""
     node_name: str = ""
     pod_name: str = ""
     pod_namespace: str = ""
@@ -111,6 +114,7 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
             raise ConfigError(str(exc)) from None
     return ZtunnelConfig(
         inpod_uds=env.get("INPOD_UDS", DEFAULT_INPOD_UDS),
+        zds_state_file=env.get("ZTUNNEL_ZDS_STATE_FILE") or None,
         node_name=env.get("NODE_NAME", ""),
         pod_name=env.get("POD_NAME", ""),
         pod_namespace=env.get("POD_NAMESPACE", ""),
