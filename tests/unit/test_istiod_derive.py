@@ -1,0 +1,197 @@
+"""Derivation like istiod (world -> Workload/Service/Authorization) and the round trip through ztunnel's
+conversion to domain types."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from google.protobuf import any_pb2
+
+from services.istiod.derive import (
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    Resources,
+    derive_authorization,
+    derive_service,
+    derive_workload,
+    is_ambient,
+)
+from services.istiod.world import World, load_world
+from services.ztunnel.state.types import Action, Scope, StringMatch, TunnelProtocol, WorkloadType
+from services.ztunnel.xds.convert import address_from_any, authorization_from_any
+from services.ztunnel.xds.errors import ConversionError
+from shared.api import authorization_pb2 as apb
+from shared.api import workload_pb2 as wpb
+
+BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
+
+
+@pytest.fixture
+def world() -> World:
+    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
+
+
+def pod(world: World, name: str):  # type: ignore[no-untyped-def]
+    return next(p for p in world.pods if p.name.startswith(name))
+
+
+def test_workload_from_ambient_pod(world: World) -> None:
+    wl = derive_workload(world, pod(world, "reviews-v2"))
+    assert wl.uid == "Kubernetes//Pod/bookinfo/reviews-v2-6d7e9a"
+    assert [ipaddress.ip_address(a) for a in wl.addresses] == [ipaddress.ip_address("10.244.2.11")]
+    assert wl.tunnel_protocol == wpb.HBONE
+    assert (wl.trust_domain, wl.service_account, wl.node) == ("cluster.local", "bookinfo-reviews", "node-b")
+    assert (wl.canonical_name, wl.canonical_revision) == ("reviews", "v2")
+    assert (wl.workload_type, wl.workload_name) == (wpb.DEPLOYMENT, "reviews-v2")
+    assert dict(wl.services)["bookinfo/reviews.bookinfo.svc.cluster.local"].ports[0].target_port == 9080
+    assert list(wl.authorization_policies) == []
+    assert wl.cluster_id == "Kubernetes"
+
+
+def test_enablement_follows_spec_section_8(world: World) -> None:
+    assert is_ambient(world, pod(world, "sleep"))  # namespace label
+    assert not is_ambient(world, pod(world, "notmeshed"))  # pod opted out with `none`
+    assert not is_ambient(world, pod(world, "legacy-app"))  # namespace not labelled
+    assert derive_workload(world, pod(world, "legacy-app")).tunnel_protocol == wpb.NONE
+    legacy = pod(world, "legacy-app")
+    labelled = legacy.__class__(
+        **{
+            **{f: getattr(legacy, f) for f in legacy.__struct_fields__},
+            "labels": {"istio.io/dataplane-mode": "ambient"},
+        }
+    )
+    assert is_ambient(world, labelled)  # pod label alone is enough
+    sidecar = labelled.__class__(
+        **{
+            **{f: getattr(labelled, f) for f in labelled.__struct_fields__},
+            "annotations": {"sidecar.istio.io/status": "{}"},
+        }
+    )
+    assert not is_ambient(world, sidecar)
+
+
+def test_service_and_selector_policies(world: World) -> None:
+    svc = derive_service(world, next(s for s in world.services if s.name == "ratings"))
+    assert svc.hostname == "ratings.bookinfo.svc.cluster.local"
+    assert svc.addresses[0].address == ipaddress.ip_address("10.96.0.13").packed
+    assert (svc.ports[0].service_port, svc.ports[0].app_protocol) == (9080, wpb.HTTP11)
+    wl = derive_workload(world, pod(world, "ratings"))
+    assert list(wl.authorization_policies) == ["bookinfo/ratings-from-reviews"]
+
+
+def test_policy_scopes_like_istiod(world: World) -> None:
+    by_name = {p.name: p for p in world.policies}
+    assert derive_authorization(world, by_name["ratings-from-reviews"]).scope == apb.WORKLOAD_SELECTOR
+    deny = derive_authorization(world, by_name["deny-legacy"])
+    assert (deny.scope, deny.action) == (apb.NAMESPACE, apb.DENY)
+    root = by_name["deny-legacy"].__class__(name="mesh-wide", namespace="istio-system")
+    assert derive_authorization(world, root).scope == apb.GLOBAL
+
+
+def test_waypoint_becomes_a_gateway_address() -> None:
+    world = load_world(
+        b"""
+nodes: [{name: n}]
+namespaces: [{name: ns, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}]
+pods: [{name: a, namespace: ns, node: n, ips: [10.0.0.1], labels: {app: a}}]
+services:
+  - {name: wp, namespace: ns, vips: [10.96.0.99], ports: [{port: 15008}]}
+  - {name: a, namespace: ns, vips: [10.96.0.1], selector: {app: a}, ports: [{port: 80, targetPort: 8080}]}
+""",
+        "wp.yaml",
+    )
+    wl = derive_workload(world, world.pods[0])
+    assert wl.waypoint.address.address == ipaddress.ip_address("10.96.0.99").packed
+    assert wl.waypoint.hbone_mtls_port == 15008
+    svc = derive_service(world, world.services[1])
+    assert svc.waypoint.address.address == ipaddress.ip_address("10.96.0.99").packed
+    assert not derive_service(world, world.services[0]).HasField("waypoint")  # not its own waypoint
+
+
+def test_resources_round_trip_through_ztunnel_conversion(world: World) -> None:
+    resources = Resources(world)
+    for name, (version, msg) in resources.by_type[ADDRESS_TYPE_URL].items():
+        assert version
+        item = address_from_any(name, any_pb2.Any(type_url=ADDRESS_TYPE_URL, value=msg.SerializeToString()))
+        if name.startswith("Kubernetes//Pod/"):
+            assert item.uid == name  # type: ignore[union-attr]
+    ratings_uid = "Kubernetes//Pod/bookinfo/ratings-v1-8c9f0b"
+    _, msg = resources.by_type[ADDRESS_TYPE_URL][ratings_uid]
+    wl = address_from_any(ratings_uid, any_pb2.Any(type_url=ADDRESS_TYPE_URL, value=msg.SerializeToString()))
+    assert wl.tunnel_protocol is TunnelProtocol.HBONE  # type: ignore[union-attr]
+    assert wl.workload_type is WorkloadType.DEPLOYMENT  # type: ignore[union-attr]
+    assert wl.addresses == ("10.244.2.12",)
+
+    name = "bookinfo/ratings-from-reviews"
+    _, msg = resources.by_type[AUTHORIZATION_TYPE_URL][name]
+    pol = authorization_from_any(
+        name, any_pb2.Any(type_url=AUTHORIZATION_TYPE_URL, value=msg.SerializeToString())
+    )
+    assert (pol.scope, pol.action) == (Scope.WORKLOAD_SELECTOR, Action.ALLOW)
+    principal = pol.rules[0].clauses[0].matches[0].principals[0]
+    assert principal == StringMatch(
+        kind="exact", value="spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+    )
+    deny = "bookinfo/deny-legacy"
+    _, msg = resources.by_type[AUTHORIZATION_TYPE_URL][deny]
+    pol = authorization_from_any(
+        deny, any_pb2.Any(type_url=AUTHORIZATION_TYPE_URL, value=msg.SerializeToString())
+    )
+    assert pol.rules[0].clauses[0].matches[0].source_ips == ("10.244.1.30/32",)
+
+
+def test_versions_change_only_with_content(world: World) -> None:
+    a, b = Resources(world), Resources(world)
+    assert a.by_type[ADDRESS_TYPE_URL].keys() == b.by_type[ADDRESS_TYPE_URL].keys()
+    assert all(a.by_type[ADDRESS_TYPE_URL][k][0] == v[0] for k, v in b.by_type[ADDRESS_TYPE_URL].items())
+
+
+@pytest.mark.parametrize(
+    ("msg", "problem"),
+    [
+        (
+            wpb.Address(workload=wpb.Workload(uid="u", name="n", namespace="ns", addresses=[b"\x01"])),
+            "1 bytes",
+        ),
+        (wpb.Address(workload=wpb.Workload(name="n", namespace="ns")), "without uid"),
+        (wpb.Address(service=wpb.Service(name="s", namespace="ns")), "without hostname"),
+        (
+            wpb.Address(
+                service=wpb.Service(
+                    namespace="ns", hostname="h", ports=[wpb.Port(service_port=0, target_port=1)]
+                )
+            ),
+            "service port 0",
+        ),
+        (wpb.Address(), "neither workload nor service"),
+    ],
+)
+def test_conversion_rejects_bad_addresses(msg: wpb.Address, problem: str) -> None:
+    with pytest.raises(ConversionError, match=problem):
+        address_from_any("u", any_pb2.Any(type_url=ADDRESS_TYPE_URL, value=msg.SerializeToString()))
+
+
+def test_conversion_rejects_wrong_type_and_garbage() -> None:
+    with pytest.raises(ConversionError, match="in an Address response"):
+        address_from_any("x", any_pb2.Any(type_url=AUTHORIZATION_TYPE_URL, value=b""))
+    with pytest.raises(ConversionError, match="cannot decode"):
+        address_from_any("x", any_pb2.Any(type_url=ADDRESS_TYPE_URL, value=b"\xff\xff\xff"))
+    bad = apb.Authorization(
+        name="p",
+        namespace="ns",
+        rules=[
+            apb.Rule(
+                clauses=[
+                    apb.Clause(
+                        matches=[apb.Match(source_ips=[apb.Address(address=b"\x0a\x00\x00\x00", length=40)])]
+                    )
+                ]
+            )
+        ],
+    )
+    with pytest.raises(ConversionError, match="prefix length 40"):
+        authorization_from_any(
+            "ns/p", any_pb2.Any(type_url=AUTHORIZATION_TYPE_URL, value=bad.SerializeToString())
+        )
