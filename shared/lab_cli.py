@@ -5,6 +5,7 @@
     ambient lab status [--json] [--prefix P]                  nodes, pods (IP, node, enrolment), services
     ambient lab exec POD -- CMD ...                           run CMD in a pod's netns, its exit code
     ambient lab restart {ztunnel|node-agent|istiod} [NODE]    restart one component
+    ambient lab world -- ARGS ...                             `ambient world ARGS` against the lab's istiod
     ambient logs [NODE] [--direction inbound|outbound]        ztunnel access logs
     ambient demo [--keep]                                     the seed article's flow, end to end
 
@@ -78,6 +79,15 @@ def register(subparsers: Any) -> None:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     _add_prefix(ex)
     ex.set_defaults(func=cmd_exec)
+
+    wd = lab_sub.add_parser(
+        "world",
+        help="`ambient world ...` against the lab's istiod (e.g. policy add FILE)",
+        description="Run `ambient world ARGS` inside the control-plane netns with the lab's credentials.",
+    )
+    wd.add_argument("args", nargs=argparse.REMAINDER, help="-- ARGS (see `ambient world --help`)")
+    _add_prefix(wd)
+    wd.set_defaults(func=cmd_world)
 
     rs = lab_sub.add_parser("restart", help="restart one component (all nodes unless NODE is given)")
     rs.add_argument("component", choices=COMPONENTS)
@@ -180,6 +190,18 @@ def cmd_exec(args: argparse.Namespace) -> int:
         err_console.print("usage: ambient lab exec POD -- CMD [ARGS...]")
         return 2
     return lab.exec_in_pod(cmd, pod=args.pod, prefix=args.prefix).returncode
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from services.lab import lab
+
+    rest = list(args.args)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest:
+        err_console.print("usage: ambient lab world [--prefix P] -- COMMAND ... (e.g. policy add deny.yaml)")
+        return 2
+    return lab.world_command(rest, prefix=args.prefix).returncode
 
 
 def cmd_restart(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.rule import Rule
@@ -47,6 +49,51 @@ def _served_by(body: bytes) -> list[str]:
     if ratings:
         hops.append(f"ratings: {ratings.get('served_by', {}).get('pod') or ratings.get('error')}")
     return hops
+
+
+DENY_POLICY = """\
+name: deny-sleep
+namespace: bookinfo
+action: deny
+selector: {app: productpage}
+rules:
+  - clauses: [{matches: [{namespaces: [{exact: sleep}]}]}]
+  - clauses: [{matches: [{sourceIps: [10.244.1.20/32]}]}]
+"""
+
+
+def deny(prefix: str, console: Console, *, wait: float = 5.0) -> bool:
+    """Apply DENY_POLICY through `ambient world`, show the refused request and ztunnel's line about it.
+
+    Returns True when the request was refused; a ztunnel without L4 authorization lets it through and the
+    demo says so.
+    """
+    state = lab.require_state(prefix)
+    path = Path(state.run_dir) / "deny-sleep.yaml"
+    path.write_text(DENY_POLICY)
+    console.print(DENY_POLICY.rstrip(), markup=False)
+    console.print(f"$ ambient lab world --prefix {prefix} -- policy add {path}")
+    applied = lab.world_command(["policy", "add", str(path)], prefix=prefix, capture=True)
+    if applied.returncode != 0:
+        console.print(f"[red]could not apply the policy[/]: {applied.stderr.decode().strip()}")
+        return False
+    deadline = time.monotonic() + wait
+    while True:
+        result = _in_pod(prefix, "sleep", ["python", "-m", "services.apps.client", "-m", "5", REQUEST])
+        if result.returncode != 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    if result.returncode == 0:
+        console.print(
+            "[yellow]the request still succeeds: this ztunnel does not enforce L4 authorization yet[/]"
+        )
+        return False
+    console.print(f"refused as expected (client exit {result.returncode}): {result.stderr.decode().strip()}")
+    time.sleep(0.3)
+    refused = [line for line in lab.access_logs(prefix=prefix) if "error=" in line or "failed" in line]
+    for line in refused[-2:]:
+        console.print(line, markup=False, soft_wrap=True)
+    return True
 
 
 def run_demo(
@@ -101,11 +148,8 @@ def run_demo(
         if not lines:
             console.print("(no access-log lines yet)")
 
-        _section(console, "7. a DENY policy")
-        console.print(
-            "skipped: applying policies to a running lab needs the `ambient world` command and "
-            "ztunnel's L4 authorization; neither is available in this build yet"
-        )
+        _section(console, "7. a DENY policy: nothing from the sleep namespace may reach productpage")
+        deny(prefix, console)
     except LabError as exc:
         console.print(f"[red]demo step failed: {exc}[/]")
         ok = False

@@ -534,3 +534,28 @@ def access_logs(
                 continue
             if direction is None or match.group(1) == direction:
                 yield line
+
+
+def world_command(
+    argv: Sequence[str], *, prefix: str = DEFAULT_PREFIX, root: Path | None = None, capture: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `ambient world ARGV...` against the lab's istiod, from inside the control-plane netns.
+
+    The lab's root certificate and admin token are passed from istiod's state directory; the call never
+    leaves the lab's namespaces.
+    """
+    check_prerequisites()
+    state = require_state(prefix, root)
+    plan = plan_of(state)
+    paths = LabPaths(state.run_dir)
+    cmd = [
+        components.PYTHON, "-c", "from shared.cli import main; main()",
+        "world", "--istiod", plan.istiod_address, "--state-dir", str(paths.istiod_state), *argv,
+    ]  # fmt: skip
+    spec = components.istiod_spec(plan, paths, {}, "")
+    return subprocess.run(
+        ["ip", "netns", "exec", plan.control_plane.netns, *cmd],
+        env=components.process_env(spec),
+        capture_output=capture,
+        check=False,
+    )

@@ -197,6 +197,8 @@ def test_cli_parses_the_lab_commands() -> None:
     args = parser.parse_args(["lab", "up", "--nodes", "3", "--world", "w.yaml"])
     assert (args.nodes, args.world) == (3, Path("w.yaml"))
     assert parser.parse_args(["demo", "--keep"]).keep
+    args = parser.parse_args(["lab", "world", "--", "policy", "add", "deny.yaml"])
+    assert (args.func, args.args[-3:]) == (lab_cli.cmd_world, ["policy", "add", "deny.yaml"])
 
 
 def test_cli_refuses_unknown_components() -> None:
