@@ -272,7 +272,7 @@ class _Core:
         except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError, KeyError):
             return 0
 
-    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         """Queue as much of `data` as the send windows allow, in frames of up to 1 MiB; returns how much.
 
         Raises:
@@ -311,7 +311,10 @@ class _Core:
     # --- connection ---
 
     def ping(self, opaque: bytes) -> None:
-        self._h2.ping(opaque)
+        """Queue a PING (nothing once the connection is closing)."""
+        if not self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.ping(opaque)
 
     def close(self, error_code: int = ERROR_NO_ERROR) -> None:
         """Queue a GOAWAY; the connection takes no new streams after it."""

@@ -1,0 +1,571 @@
+"""Trio glue for one HBONE connection: a TLS stream, an h2 core, and the tunnel streams multiplexed on it.
+
+Theory of operation
+-------------------
+`HboneConnection.run()` owns the connection and runs three tasks in one nursery:
+
+* the **reader** pulls batches of plaintext from the TLS stream (`receive_view`, the shared buffer), feeds
+  them to the core *before any await*, and dispatches the events to `HboneStream`s: data is queued on the
+  stream, windows and resets wake the stream's waiters, and (server) each valid CONNECT starts a handler task
+  in the same nursery;
+* the **writer** is the only task that writes to the socket: it drains `core.data_to_send()` whenever someone
+  woke it. Stream tasks only mutate the core and wake the writer, so a stream task being cancelled can never
+  tear a frame; if the writer itself is cancelled mid-write the TLS stream marks itself broken;
+* the **pinger** sends a PING every `ping_interval` seconds and ends the connection when no ACK arrives within
+  `ping_timeout` (upstream: 10 s / 20 s).
+
+Memory stays bounded both ways. Inbound, a stream's queued bytes are acknowledged to the peer (WINDOW_UPDATE)
+only when the application takes them from `receive_some`, so a slow consumer holds at most a stream window.
+Outbound, `send_all` takes only what the peer's windows allow, and waits while more than `HIGH_WATER` bytes
+sit in the core unwritten: a peer that stops reading stops the writer, which stops the senders.
+
+When the connection ends (EOF, GOAWAY drained, protocol error, PING timeout, TLS error, cancellation) every
+stream still open is failed with `ConnectionClosedError`, so their tasks see `BrokenResourceError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import h2.exceptions
+import trio
+
+from shared.identity import SpiffeId
+
+from .core import (
+    ERROR_CANCEL,
+    ERROR_INTERNAL,
+    ERROR_NO_ERROR,
+    Addr,
+    ClientCore,
+    ConnectionClosed,
+    ConnectRequested,
+    DataReceived,
+    Event,
+    Header,
+    PingAcked,
+    Responded,
+    ServerCore,
+    StreamEnded,
+    StreamRejected,
+    StreamReset,
+    WindowOpened,
+)
+from .errors import (
+    ConnectionClosedError,
+    HboneError,
+    HboneProtocolError,
+    HttpStatusError,
+    StreamResetError,
+)
+from .tlsstream import TlsSocketStream
+
+log = logging.getLogger("ztunnel.hbone")
+
+HIGH_WATER: Final = 1024 * 1024
+PING_INTERVAL: Final = 10.0
+PING_TIMEOUT: Final = 20.0
+
+
+def new_traceparent() -> str:
+    """`00-<32 hex trace id>-<16 hex parent id>-00`, random per connection (SPEC §5)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+
+
+class HboneStream(trio.abc.HalfCloseableStream):
+    """One CONNECT tunnel: a byte stream with half-close (`send_eof`) over an HBONE connection.
+
+    `aclose()` before both directions ended resets the stream (RST_STREAM CANCEL); `reset(code)` does so with
+    a chosen code. Errors from the peer or the connection surface as `trio.BrokenResourceError` whose
+    `__cause__` is a `StreamResetError` or `ConnectionClosedError`.
+    """
+
+    def __init__(self, conn: HboneConnection, stream_id: int, target: Addr,
+                 request_headers: tuple[Header, ...] = ()) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.target = target
+        self.request_headers = request_headers
+        self.status: int | None = None
+        self.response_headers: tuple[Header, ...] = ()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._eof_received = False
+        self._eof_sent = False
+        self._error: HboneError | None = None
+        self._closed = False
+        self._readable = trio.lowlevel.ParkingLot()
+        self._writable = trio.lowlevel.ParkingLot()
+        self._send_busy = False
+        self._receive_busy = False
+
+    # --- called by the connection (reader task) ---
+
+    def _on_data(self, data: bytes, flow_controlled_length: int) -> None:
+        padding = flow_controlled_length - len(data)
+        if padding:
+            self.conn.core.consumed(self.stream_id, padding)
+        if data:
+            self._queue.append(data)
+        self._readable.unpark_all()
+
+    def _on_response(self, event: Responded) -> None:
+        self.status = event.status
+        self.response_headers = event.headers
+        if event.status != 200:
+            self._fail(StreamResetError(f"the server answered {event.status}", error_code=ERROR_CANCEL))
+        self._readable.unpark_all()
+
+    def _on_end(self) -> None:
+        self._eof_received = True
+        self._readable.unpark_all()
+
+    def _fail(self, error: HboneError) -> None:
+        if self._error is None:
+            self._error = error
+        self._readable.unpark_all()
+        self._writable.unpark_all()
+
+    def _on_window(self) -> None:
+        self._writable.unpark_all()
+
+    # --- application API ---
+
+    @property
+    def finished(self) -> bool:
+        """Both directions ended cleanly (END_STREAM sent and received)."""
+        return self._eof_sent and self._eof_received and self._error is None
+
+    def _check_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the HBONE stream is closed")
+        if self._error is not None:
+            raise trio.BrokenResourceError(str(self._error)) from self._error
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was already called on this HBONE stream")
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue as much of `data` as the flow-control windows allow, right now; returns how much was taken.
+
+        The bytes taken are copied into frames, so `data` may be reused at once (the shared-buffer copy loop
+        relies on this).
+        """
+        self._check_send()
+        try:
+            taken = self.conn.core.send_data(self.stream_id, data)
+        except h2.exceptions.StreamClosedError:
+            self._fail(StreamResetError("the stream was closed by the peer", error_code=ERROR_CANCEL))
+            raise trio.BrokenResourceError(str(self._error)) from self._error
+        if taken:
+            self.bytes_sent += taken
+            self.conn.wake_writer()
+        return taken
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending on this HBONE stream")
+        self._send_busy = True
+        try:
+            view = memoryview(data)
+            while True:
+                view = view[self.send_nowait(view):]
+                if not view:
+                    break
+                await self._writable.park()
+            await self.conn.wait_drained()
+        finally:
+            self._send_busy = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        while True:
+            self._check_send()
+            if self.conn.core.send_window(self.stream_id) > 0:
+                break
+            await self._writable.park()
+        await self.conn.wait_drained()
+
+    async def wait_drained(self) -> None:
+        """Back-pressure after `send_nowait`: return once the connection's unwritten output is small."""
+        await self.conn.wait_drained()
+
+    async def send_eof(self) -> None:
+        """Half-close: END_STREAM; the peer can keep sending."""
+        if self._eof_sent and self._error is None and not self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._check_send()
+        try:
+            self.conn.core.end_stream(self.stream_id)
+        except h2.exceptions.StreamClosedError:
+            self._fail(StreamResetError("the stream was closed by the peer", error_code=ERROR_CANCEL))
+            raise trio.BrokenResourceError(str(self._error)) from self._error
+        self._eof_sent = True
+        self.conn.wake_writer()
+        await self.conn.wait_drained()
+
+    def receive_nowait(self, max_bytes: int | None = None) -> bytes | None:
+        """Queued bytes (b"" at the peer's END_STREAM), or None when nothing is there yet."""
+        if self._closed:
+            raise trio.ClosedResourceError("the HBONE stream is closed")
+        if self._queue:
+            chunk = self._queue.popleft()
+            if max_bytes is not None and len(chunk) > max_bytes:
+                self._queue.appendleft(chunk[max_bytes:])
+                chunk = chunk[:max_bytes]
+            self.conn.core.consumed(self.stream_id, len(chunk))
+            self.conn.wake_writer()
+            self.bytes_received += len(chunk)
+            return chunk
+        if self._error is not None:
+            raise trio.BrokenResourceError(str(self._error)) from self._error
+        if self._eof_received:
+            return b""
+        return None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receive_busy:
+            raise trio.BusyResourceError("another task is already receiving on this HBONE stream")
+        self._receive_busy = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                data = self.receive_nowait(max_bytes)
+                if data is not None:
+                    return data
+                await self._readable.park()
+        finally:
+            self._receive_busy = False
+
+    def reset(self, error_code: int = ERROR_CANCEL) -> None:
+        """RST_STREAM now; later calls on this stream raise."""
+        if self._error is None:
+            self._error = StreamResetError(f"the stream was reset locally (code {error_code})",
+                                           error_code=error_code)
+        self.conn.core.reset(self.stream_id, error_code)
+        self.conn.wake_writer()
+        self._release()
+
+    def _release(self) -> None:
+        # Hand the window of anything still queued back to the connection: the peer may keep other streams.
+        queued = sum(len(chunk) for chunk in self._queue)
+        self._queue.clear()
+        if queued:
+            self.conn.core.consumed(self.stream_id, queued)
+        self._readable.unpark_all()
+        self._writable.unpark_all()
+        self.conn._forget(self)
+
+    def close_nowait(self) -> None:
+        if self._closed:
+            return
+        if self.conn.core.stream_open(self.stream_id):
+            # After our END_STREAM, NO_ERROR only asks the peer to stop sending (RFC 9113 §8.1).
+            self.reset(ERROR_NO_ERROR if self._eof_sent and self._error is None else ERROR_CANCEL)
+        self._closed = True
+        self._release()
+
+    async def aclose(self) -> None:
+        self.close_nowait()
+        await trio.lowlevel.checkpoint()
+
+
+class HboneConnection:
+    """One HBONE (mTLS + HTTP/2) connection, either role. Create, then `await nursery.start(conn.run)`.
+
+    Args:
+        tls: a handshaken TLS stream (owned: closed when `run` ends).
+        core: `ClientCore()` or `ServerCore(local_ips)`.
+        peer_identity: the verified SPIFFE id of the peer.
+        local_addr / peer_addr: the TCP endpoints (for logs).
+    """
+
+    def __init__(self, tls: TlsSocketStream, core: ClientCore | ServerCore, *, peer_identity: SpiffeId,
+                 local_addr: Addr, peer_addr: Addr, ping_interval: float | None = PING_INTERVAL,
+                 ping_timeout: float = PING_TIMEOUT) -> None:
+        self.tls = tls
+        self.core = core
+        self.peer_identity = peer_identity
+        self.local_addr = local_addr
+        self.peer_addr = peer_addr
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.streams: dict[int, HboneStream] = {}
+        self.error: BaseException | None = None
+        self.dead = False
+        self.on_request: Callable[[HboneStream, ConnectRequested], None] | None = None
+        self.on_rejected: Callable[[StreamRejected], None] | None = None
+        self._activity = trio.lowlevel.ParkingLot()
+        self._writer_parks = 0
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._drained_lot = trio.lowlevel.ParkingLot()
+        self._ping_acked: trio.Event | None = None
+        self._pings = 0
+        self._nursery: trio.Nursery | None = None
+        self._closed = trio.Event()
+        self.active_streams = 0
+
+    # --- lifetime ---
+
+    async def run(self, *, task_status: trio.TaskStatus[HboneConnection] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the connection until it ends; never raises for peer or network failures (see `.error`)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                if self.ping_interval is not None:
+                    nursery.start_soon(self._pinger)
+                task_status.started(self)
+                try:
+                    await self._reader()
+                except (HboneError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._set_error(exc)
+                # Give the writer a moment to flush a GOAWAY (ours or h2's after a protocol error).
+                with trio.move_on_after(1):
+                    await self._flushed()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._shutdown()
+
+    def _set_error(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+            log.debug("HBONE connection ended", extra={"fields": [
+                ("peer", f"{self.peer_addr[0]}:{self.peer_addr[1]}"), ("identity", str(self.peer_identity)),
+                ("error", str(exc))]})
+
+    def _shutdown(self) -> None:
+        self.dead = True
+        reason = ConnectionClosedError(
+            f"the HBONE connection to {self.peer_addr[0]}:{self.peer_addr[1]} ended"
+            + (f": {self.error}" if self.error is not None else ""))
+        for stream in list(self.streams.values()):
+            stream._fail(reason)
+        self.tls.close_nowait()
+        self._drained_lot.unpark_all()
+        self._activity.unpark_all()
+        self._closed.set()
+
+    def close(self, error_code: int = ERROR_NO_ERROR) -> None:
+        """Graceful: GOAWAY, then the connection ends once the peer closes (or the flush deadline passes)."""
+        if self.dead:
+            return
+        self.core.close(error_code)
+        self.wake_writer()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_after_flush)
+
+    async def _close_after_flush(self) -> None:
+        with trio.move_on_after(1):
+            await self._flushed()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        """Close now (GOAWAY if possible) and wait for `run` to finish."""
+        if not self.dead:
+            self.close()
+            await self._closed.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    # --- writer ---
+
+    def wake_writer(self) -> None:
+        self._writer_lot.unpark_all()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                data = self.core.data_to_send()
+                if data:
+                    self._drained_lot.unpark_all()
+                    await self.tls.send_all(data)
+                    continue
+                self._writer_parks += 1
+                self._drained_lot.unpark_all()
+                await self._writer_lot.park()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._set_error(exc)
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+
+    async def wait_drained(self) -> None:
+        """Return once fewer than HIGH_WATER bytes wait unwritten in the core (a checkpoint either way)."""
+        await trio.lowlevel.checkpoint()
+        while self.core.buffered >= HIGH_WATER and not self.dead:
+            await self._drained_lot.park()
+
+    async def _flushed(self) -> None:
+        """Return once everything queued before the call is written (the writer parked again since)."""
+        parks = self._writer_parks
+        self.wake_writer()
+        while not self.dead and self._writer_parks == parks:
+            await self._drained_lot.park()
+
+    # --- pinger ---
+
+    async def _pinger(self) -> None:
+        assert self.ping_interval is not None
+        while True:
+            await trio.sleep(self.ping_interval)
+            self._pings += 1
+            acked = self._ping_acked = trio.Event()
+            self.core.ping(self._pings.to_bytes(8, "big"))
+            self.wake_writer()
+            with trio.move_on_after(self.ping_timeout):
+                await acked.wait()
+            if not acked.is_set():
+                self._set_error(ConnectionClosedError(
+                    f"no PING acknowledgement within {self.ping_timeout:g}s, the peer is unresponsive"))
+                if self._nursery is not None:
+                    self._nursery.cancel_scope.cancel()
+                return
+
+    # --- reader ---
+
+    async def _reader(self) -> None:
+        while True:
+            view = await self.tls.receive_view()
+            if not view:
+                if self.core.goaway_received or self.core.closed:
+                    return
+                raise ConnectionClosedError("the peer closed the connection")
+            try:
+                events = self.core.receive_data(view)
+            except HboneProtocolError:
+                self.wake_writer()
+                raise
+            for event in events:
+                self._dispatch(event)
+            self.wake_writer()
+            if self.core.goaway_received and not self.streams:
+                return
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                self.core.consumed(event.stream_id, event.flow_controlled_length)
+            else:
+                stream._on_data(event.data, event.flow_controlled_length)
+        elif isinstance(event, WindowOpened):
+            if event.stream_id is None:
+                for stream in self.streams.values():
+                    stream._on_window()
+            elif (stream := self.streams.get(event.stream_id)) is not None:
+                stream._on_window()
+        elif isinstance(event, StreamEnded):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream._on_end()
+        elif isinstance(event, StreamReset):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream._fail(StreamResetError(f"the peer reset the stream (code {event.error_code})",
+                                              error_code=event.error_code))
+        elif isinstance(event, Responded):
+            if (stream := self.streams.get(event.stream_id)) is not None:
+                stream._on_response(event)
+        elif isinstance(event, ConnectRequested):
+            self._on_connect(event)
+        elif isinstance(event, StreamRejected):
+            if self.on_rejected is not None:
+                self.on_rejected(event)
+        elif isinstance(event, PingAcked):
+            if self._ping_acked is not None:
+                self._ping_acked.set()
+        elif isinstance(event, ConnectionClosed):
+            for sid, stream in list(self.streams.items()):
+                if sid > event.last_stream_id:
+                    stream._fail(ConnectionClosedError("the server is going away and did not process this "
+                                                       "stream (GOAWAY)"))
+
+    def _on_connect(self, event: ConnectRequested) -> None:
+        if self.on_request is None or self.core.closed:
+            assert isinstance(self.core, ServerCore)
+            self.core.respond(event.stream_id, 503)
+            return
+        stream = HboneStream(self, event.stream_id, event.target, event.headers)
+        self._adopt(stream)
+        self.on_request(stream, event)
+
+    # --- streams ---
+
+    def _adopt(self, stream: HboneStream) -> None:
+        self.streams[stream.stream_id] = stream
+        self.active_streams += 1
+        self._activity.unpark_all()
+
+    def _forget(self, stream: HboneStream) -> None:
+        if self.streams.pop(stream.stream_id, None) is not None:
+            self.active_streams -= 1
+            self._activity.unpark_all()
+
+    async def wait_activity(self) -> None:
+        """Return at the next stream opened or closed (or when the connection ends)."""
+        if self.dead:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._activity.park()
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run a task in the connection's nursery (cancelled when the connection ends)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    async def open_stream(self, target: Addr, *, forwarded_for: Addr, traceparent: str | None = None,
+                          baggage: str | None = None, host: str | None = None) -> HboneStream:
+        """Client: CONNECT `target` on a new stream and wait for the answer.
+
+        Raises:
+            HttpStatusError: the server answered anything but 200 (400, 401, 503, ...).
+            ConnectionClosedError / StreamResetError: the connection or stream failed first.
+        """
+        assert isinstance(self.core, ClientCore)
+        if self.dead or self.core.closed:
+            raise ConnectionClosedError("the HBONE connection is closed")
+        try:
+            sid = self.core.open_stream(target, forwarded_for=forwarded_for,
+                                        traceparent=traceparent or new_traceparent(), baggage=baggage,
+                                        host=host)
+        except h2.exceptions.TooManyStreamsError:
+            raise ConnectionClosedError("the HBONE connection has no stream left (peer's limit)") from None
+        stream = HboneStream(self, sid, target)
+        self._adopt(stream)
+        self.wake_writer()
+        try:
+            while stream.status is None:
+                if stream._error is not None:
+                    raise stream._error
+                await stream._readable.park()
+        except BaseException:
+            stream.close_nowait()
+            raise
+        if stream.status != 200:
+            stream.close_nowait()
+            raise HttpStatusError(stream.status, f"{target[0]}:{target[1]}")
+        return stream
+
+    def respond(self, stream: HboneStream, status: int, headers: tuple[Header, ...] = ()) -> None:
+        """Server: answer a CONNECT (200 opens the tunnel; any other status also ends the stream)."""
+        assert isinstance(self.core, ServerCore)
+        try:
+            self.core.respond(stream.stream_id, status, headers)
+        except h2.exceptions.StreamClosedError:
+            stream._fail(StreamResetError("the client reset the stream", error_code=ERROR_CANCEL))
+            return
+        stream.status = status
+        self.wake_writer()
+        if status != 200:
+            stream._eof_sent = True  # the status ended our side
+            stream.close_nowait()
+
+    def reset_all(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.reset(ERROR_INTERNAL)

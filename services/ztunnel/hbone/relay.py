@@ -1,0 +1,96 @@
+"""Copy bytes both ways between an HBONE stream and a plain TCP socket, with half-close.
+
+Theory of operation
+-------------------
+Socket -> stream reads into the process-wide receive buffer (the one the TLS reader uses) and hands the bytes
+to the h2 core synchronously (`send_nowait`), which copies what the flow-control windows allow into frames;
+only a tail the windows did not take is copied out before awaiting. Then it waits for the connection's
+writer to drain (`wait_drained`): that is the back-pressure from a slow peer.
+
+Stream -> socket takes one chunk at a time (`receive_some`, which returns the window to the peer) and writes
+it with non-blocking sends, waiting for the socket when the kernel buffer is full, so a slow application
+holds back the peer through HTTP/2 flow control.
+
+EOF on the socket becomes END_STREAM; END_STREAM becomes `shutdown(SHUT_WR)`. The relay ends when both
+directions ended. The first error of either direction (reset, socket error, connection loss) ends both, the
+stream is reset if it is still open, and that error is raised as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import trio
+
+from .connection import HboneStream
+from .core import ERROR_CONNECT
+from .tlsstream import _shared_view
+
+
+async def _sock_send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        view = view[sent:]
+
+
+async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
+    """Copy until EOF on `sock`, then END_STREAM."""
+    while True:
+        try:
+            n = sock.recv_into(_shared_view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if n == 0:
+            await stream.send_eof()
+            return
+        taken = stream.send_nowait(_shared_view[:n])
+        if taken < n:
+            await stream.send_all(bytes(_shared_view[taken:n]))  # leave the shared buffer before awaiting
+        else:
+            await stream.wait_drained()
+
+
+async def stream_to_socket(stream: HboneStream, sock: socket.socket) -> None:
+    """Copy until END_STREAM, then shut down the socket's write side."""
+    while True:
+        data = await stream.receive_some()
+        if not data:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            return
+        await _sock_send_all(sock, data)
+
+
+async def relay(stream: HboneStream, sock: socket.socket) -> None:
+    """Copy both ways until both directions ended. Byte counts are on `stream.bytes_sent/_received`.
+
+    Raises:
+        OSError: the socket failed.
+        trio.BrokenResourceError: the HBONE stream or connection failed (`__cause__` says how).
+    """
+    errors: list[BaseException] = []
+
+    async def one_way(direction: str, scope: trio.CancelScope) -> None:
+        try:
+            if direction == "up":
+                await socket_to_stream(sock, stream)
+            else:
+                await stream_to_socket(stream, sock)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            errors.append(exc)
+            scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one_way, "up", nursery.cancel_scope)
+        nursery.start_soon(one_way, "down", nursery.cancel_scope)
+    if errors:
+        if not stream.finished:
+            stream.reset(ERROR_CONNECT)
+        raise errors[0]

@@ -1,0 +1,255 @@
+"""The HBONE server (a pod's 15008 listener): mTLS termination, CONNECT validation, authorization, upstream.
+
+Theory of operation
+-------------------
+`serve_hbone()` accepts on a listening socket until cancelled; every connection is handled in
+`handler_nursery` (one pod's connections never outlive its proxy set). Per connection:
+
+1. TLS 1.3 handshake with this workload's certificate, requiring a client certificate of our trust domain
+   (a plaintext or untrusted client fails here, with the TLS alert, and is logged);
+2. an h2 `ServerCore` that answers 400 itself to anything but a CONNECT to this connection's local IP;
+3. per valid CONNECT, in its own task: `authorize(info)` -> 401 on deny; `open_upstream(info)` -> 503 when it
+   raises; else 200 and `relay()` between the stream and the upstream socket, with half-close.
+
+Each stream ends with one `InboundRecord` passed to `on_complete` (for the access log and metrics): the
+status, the byte counts and the error, if any. Connection-level failures (handshake, protocol) give a record
+with `target=None`.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import msgspec
+import trio
+
+from shared.identity import SpiffeId
+
+from ..authz import Decision
+from ..errors import ConnectError
+from ..proxy.net import describe_os_error, peer_addr
+from .client import CertSource
+from .connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
+from .core import ConnectRequested, ServerCore, StreamRejected
+from .errors import HboneError
+from .relay import relay
+from .tls import TlsContextCache, check_established, describe_ssl_error, server_connection
+from .tlsstream import TlsSocketStream
+
+log = logging.getLogger("ztunnel.hbone")
+
+HANDSHAKE_TIMEOUT: Final = 10.0
+_ACCEPT_RETRY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+Addr = tuple[str, int]
+
+
+class InboundInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One CONNECT request as the authorizer and the upstream connector see it."""
+
+    src_addr: Addr
+    """The TCP peer: the client's ztunnel, from the client pod's netns, so the client pod's IP."""
+    dst_addr: Addr
+    """Our 15008 address (the pod IP)."""
+    target: Addr
+    """The `:authority`: the app address to connect to (same IP as dst_addr)."""
+    src_identity: SpiffeId
+    forwarded: str | None = None
+    traceparent: str | None = None
+    baggage: str | None = None
+
+
+class InboundRecord(msgspec.Struct, kw_only=True):
+    """What happened to one stream (or a connection that failed before any stream)."""
+
+    src_addr: Addr
+    dst_addr: Addr
+    target: Addr | None = None
+    src_identity: SpiffeId | None = None
+    status: int | None = None
+    bytes_sent: int = 0
+    """To the client (upstream's `bytes_sent` for inbound)."""
+    bytes_recv: int = 0
+    started: float = 0.0
+    duration: float = 0.0
+    error: str | None = None
+    decision: Decision | None = None
+
+
+Authorizer = Callable[[InboundInfo], "Decision | Awaitable[Decision]"]
+UpstreamOpener = Callable[[InboundInfo], Awaitable[socket.socket]]
+
+
+class _Server:
+    def __init__(self, *, identity: SpiffeId, certs: CertSource, contexts: TlsContextCache,
+                 authorize: Authorizer, open_upstream: UpstreamOpener,
+                 on_complete: Callable[[InboundRecord], None] | None, handshake_timeout: float,
+                 ping_interval: float | None, ping_timeout: float) -> None:
+        self.identity = identity
+        self.certs = certs
+        self.contexts = contexts
+        self.authorize = authorize
+        self.open_upstream = open_upstream
+        self.on_complete = on_complete
+        self.handshake_timeout = handshake_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+
+    def _report(self, record: InboundRecord) -> None:
+        if self.on_complete is not None:
+            self.on_complete(record)
+
+    async def serve_connection(self, sock: socket.socket, peer: Addr) -> None:
+        local = peer_addr(sock.getsockname())
+        record = InboundRecord(src_addr=peer, dst_addr=local, started=time.time())
+        try:
+            try:
+                bundle = await self.certs.fetch_certificate(self.identity)
+                tls = TlsSocketStream(sock, server_connection(self.contexts.server(bundle), sock))
+                with trio.move_on_after(self.handshake_timeout) as scope:
+                    await tls.do_handshake()
+                if scope.cancelled_caught:
+                    raise HboneError(f"TLS handshake timed out after {self.handshake_timeout:g}s")
+                identity = check_established(tls.ssl)
+            except HboneError as exc:
+                record.error = str(exc)
+                log.warning("inbound HBONE connection refused", extra={"fields": [
+                    ("src.addr", f"{peer[0]}:{peer[1]}"), ("error", record.error)]})
+                self._report(record)
+                return
+            conn = HboneConnection(tls, ServerCore([local[0]]), peer_identity=identity, local_addr=local,
+                                   peer_addr=peer, ping_interval=self.ping_interval,
+                                   ping_timeout=self.ping_timeout)
+
+            def on_request(stream: HboneStream, event: ConnectRequested) -> None:
+                conn.spawn(self.serve_stream, conn, stream, event)
+
+            def on_rejected(event: StreamRejected) -> None:
+                self._report(InboundRecord(src_addr=peer, dst_addr=local, src_identity=identity,
+                                           status=event.status, started=time.time(), error=event.reason))
+
+            conn.on_request = on_request
+            conn.on_rejected = on_rejected
+            await conn.run()
+            if conn.error is not None and isinstance(conn.error, HboneError) and not conn.streams:
+                log.debug("inbound HBONE connection ended", extra={"fields": [
+                    ("src.addr", f"{peer[0]}:{peer[1]}"), ("error", str(conn.error))]})
+        finally:
+            sock.close()
+
+    async def serve_stream(self, conn: HboneConnection, stream: HboneStream, event: ConnectRequested) -> None:
+        def text(name: bytes) -> str | None:
+            value = event.header(name)
+            return value.decode("latin-1") if value is not None else None
+
+        info = InboundInfo(src_addr=conn.peer_addr, dst_addr=conn.local_addr, target=event.target,
+                           src_identity=conn.peer_identity, forwarded=text(b"forwarded"),
+                           traceparent=text(b"traceparent"), baggage=text(b"baggage"))
+        record = InboundRecord(src_addr=conn.peer_addr, dst_addr=conn.local_addr, target=event.target,
+                               src_identity=conn.peer_identity, started=time.time())
+        upstream: socket.socket | None = None
+        try:
+            decision = self.authorize(info)
+            if inspect.isawaitable(decision):
+                decision = await decision
+            assert isinstance(decision, Decision)
+            record.decision = decision
+            if not decision.allowed:
+                record.status = 401
+                record.error = "connection closed due to policy rejection"
+                if decision.reason:
+                    record.error += f": {decision.reason}"
+                conn.respond(stream, 401)
+                return
+            try:
+                upstream = await self.open_upstream(info)
+            except (ConnectError, OSError) as exc:
+                record.status = 503
+                record.error = str(exc) if isinstance(exc, ConnectError) else describe_os_error(exc)
+                conn.respond(stream, 503)
+                return
+            record.status = 200
+            conn.respond(stream, 200)
+            await relay(stream, upstream)
+        except OSError as exc:
+            record.error = describe_os_error(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__ or exc
+            record.error = str(cause) or "the HBONE stream was closed"
+        finally:
+            record.bytes_sent = stream.bytes_sent
+            record.bytes_recv = stream.bytes_received
+            record.duration = time.time() - record.started
+            if upstream is not None:
+                upstream.close()
+            stream.close_nowait()
+            self._report(record)
+
+
+async def serve_hbone(listener: socket.socket, *, identity: SpiffeId, certs: CertSource,
+                      contexts: TlsContextCache, authorize: Authorizer, open_upstream: UpstreamOpener,
+                      on_complete: Callable[[InboundRecord], None] | None = None,
+                      handler_nursery: trio.Nursery | None = None,
+                      handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                      ping_interval: float | None = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
+                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve HBONE on `listener` (bound and listening, e.g. the pod's 15008) until cancelled.
+
+    Args:
+        identity: the workload identity whose certificate is presented (the pod's).
+        certs: certificate source (`fetch_certificate(identity)` per connection; cheap when cached).
+        contexts: TLS context cache; `contexts.roots` are the trust anchors.
+        authorize: `InboundInfo -> Decision` (sync or async); deny answers 401.
+        open_upstream: connect to the app for `info.target` (transparently from `info.src_addr` in-pod)
+            and return the connected non-blocking socket; ConnectError/OSError answers 503.
+        on_complete: called once per stream (and per refused connection) with its `InboundRecord`.
+        handler_nursery: where connections run (default: a nursery of this call).
+
+    The listener is closed when this returns.
+    """
+    server = _Server(identity=identity, certs=certs, contexts=contexts, authorize=authorize,
+                     open_upstream=open_upstream, on_complete=on_complete,
+                     handshake_timeout=handshake_timeout, ping_interval=ping_interval,
+                     ping_timeout=ping_timeout)
+    listener.setblocking(False)
+    try:
+        async with trio.open_nursery() as own:
+            nursery = handler_nursery or own
+            task_status.started()
+            while True:
+                try:
+                    conn, raw = listener.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listener)
+                    continue
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                        log.error("accept failed on the HBONE listener, retrying in 100 ms",
+                                  extra={"fields": [("error", os.strerror(exc.errno or 0))]})
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nursery.start_soon(_guarded, server, conn, peer_addr(raw))
+                await trio.lowlevel.checkpoint()
+    finally:
+        listener.close()
+
+
+async def _guarded(server: _Server, sock: socket.socket, peer: Addr) -> None:
+    try:
+        await server.serve_connection(sock, peer)
+    except Exception as exc:
+        # One connection's failure never takes down the listener or the pod's other connections.
+        log.exception("inbound HBONE connection failed", extra={"fields": [
+            ("src.addr", f"{peer[0]}:{peer[1]}"), ("error", describe_ssl_error(exc))]})
+    finally:
+        sock.close()

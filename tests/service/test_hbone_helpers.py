@@ -1,0 +1,118 @@
+"""Helpers (no tests) for the HBONE service tests: a CA, workload certificates, an echo app, a server."""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from services.istiod.ca import CertificateAuthority
+from services.ztunnel.authz import Decision
+from services.ztunnel.hbone.client import plain_socket
+from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone
+from services.ztunnel.hbone.tls import TlsContextCache
+from services.ztunnel.proxy.net import connect
+from shared.identity import CertBundle, SpiffeId, generate_key, key_to_pem, make_csr
+
+
+def spiffe(sa: str, ns: str = "default", td: str = "cluster.local") -> SpiffeId:
+    return SpiffeId(trust_domain=td, namespace=ns, service_account=sa)
+
+
+def mint(ca: CertificateAuthority, identity: SpiffeId) -> CertBundle:
+    key = generate_key()
+    chain = ca.sign_workload_csr(make_csr(key, identity), identity)
+    return CertBundle.from_chain(identity, key_to_pem(key), chain)
+
+
+class FakeCerts:
+    """A certificate manager stand-in: mints on first use from the given CA."""
+
+    def __init__(self, ca: CertificateAuthority) -> None:
+        self.ca = ca
+        self.bundles: dict[SpiffeId, CertBundle] = {}
+        self.fetches = 0
+
+    async def fetch_certificate(self, identity: SpiffeId) -> CertBundle:
+        self.fetches += 1
+        await trio.lowlevel.checkpoint()
+        if identity not in self.bundles:
+            self.bundles[identity] = mint(self.ca, identity)
+        return self.bundles[identity]
+
+
+def loopback_listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(256)
+    sock.setblocking(False)
+    return sock
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            async for data in stream:
+                await stream.send_all(data)
+            await stream.send_eof()
+        except trio.BrokenResourceError:
+            pass
+
+
+async def start_echo(nursery: trio.Nursery) -> int:
+    """An echo app on 127.0.0.1 (echoes until EOF, then half-closes). Returns its port."""
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def connect_upstream(info: InboundInfo) -> socket.socket:
+    sock = plain_socket(socket.AF_INET)
+    try:
+        await connect(sock, info.target, connect_timeout=5)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class Server:
+    addr: tuple[str, int]
+    identity: SpiffeId
+    records: list[InboundRecord] = field(default_factory=list)
+    infos: list[InboundInfo] = field(default_factory=list)
+    decision: Decision = field(default_factory=lambda: Decision(allowed=True))
+    record_event: trio.Event = field(default_factory=trio.Event)
+
+    def authorize(self, info: InboundInfo) -> Decision:
+        self.infos.append(info)
+        return self.decision
+
+    def on_complete(self, record: InboundRecord) -> None:
+        self.records.append(record)
+        self.record_event.set()
+        self.record_event = trio.Event()
+
+    async def wait_records(self, n: int) -> list[InboundRecord]:
+        while len(self.records) < n:
+            await self.record_event.wait()
+        return self.records
+
+
+@asynccontextmanager
+async def running_server(certs: FakeCerts, identity: SpiffeId, *, roots: list[str],
+                         open_upstream: Callable[[InboundInfo], object] = connect_upstream,
+                         **kwargs: object) -> AsyncIterator[Server]:
+    listener = loopback_listener()
+    server = Server(addr=listener.getsockname(), identity=identity)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(
+            serve_hbone, listener, identity=identity, certs=certs, contexts=TlsContextCache(roots),
+            authorize=server.authorize, open_upstream=open_upstream,  # type: ignore[arg-type]
+            on_complete=server.on_complete, **kwargs))  # type: ignore[arg-type]
+        yield server
+        nursery.cancel_scope.cancel()

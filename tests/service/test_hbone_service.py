@@ -1,0 +1,325 @@
+"""HBONE over real TLS on loopback with certificates from the istiod stub's CA."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import h2.config
+import h2.connection
+import pytest
+import trio
+import trio.testing
+
+from services.istiod.ca import CertificateAuthority
+from services.ztunnel.authz import Decision
+from services.ztunnel.hbone.client import (
+    PoolKey,
+    connect_hbone,
+    open_hbone_connection,
+    open_hbone_pool,
+)
+from services.ztunnel.hbone.connection import HboneConnection, HboneStream
+from services.ztunnel.hbone.core import STREAM_WINDOW
+from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError, PeerIdentityError, TlsError
+from services.ztunnel.hbone.server import InboundInfo
+from services.ztunnel.hbone.tls import TlsContextCache
+from services.ztunnel.proxy.net import connect
+
+from .test_hbone_helpers import FakeCerts, Server, running_server, spiffe, start_echo
+
+CLIENT = spiffe("sleep")
+SERVER = spiffe("httpbin")
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create()
+
+
+@pytest.fixture
+def certs(ca: CertificateAuthority) -> FakeCerts:
+    return FakeCerts(ca)
+
+
+@pytest.fixture
+async def echo_port(nursery: trio.Nursery) -> int:
+    return await start_echo(nursery)
+
+
+@pytest.fixture
+async def server(certs: FakeCerts, ca: CertificateAuthority) -> AsyncIterator[Server]:
+    async with running_server(certs, SERVER, roots=[ca.root_pem]) as srv:
+        yield srv
+
+
+def contexts(ca: CertificateAuthority) -> TlsContextCache:
+    return TlsContextCache([ca.root_pem])
+
+
+async def echo_round_trip(stream: HboneStream, payload: bytes) -> bytes:
+    async def send() -> None:
+        await stream.send_all(payload)
+        await stream.send_eof()
+
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        while data := await stream.receive_some():
+            received += data
+    return bytes(received)
+
+
+async def test_connect_200_echo_with_half_close(server: Server, certs: FakeCerts, ca: CertificateAuthority,
+                                                echo_port: int) -> None:
+    payload = bytes(range(256)) * 20_000  # 5 MB: more than a stream window, so windows must turn over
+    with trio.fail_after(30):
+        async with open_hbone_connection(server.addr, bundle=await certs.fetch_certificate(CLIENT),
+                                         expected=[SERVER], contexts=contexts(ca)) as conn:
+            assert conn.peer_identity == SERVER
+            stream = await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 40000),
+                                            baggage="k8s.namespace.name=default")
+            assert stream.status == 200
+            assert await echo_round_trip(stream, payload) == payload
+            assert stream.finished
+            await stream.aclose()
+            [record] = await server.wait_records(1)
+    assert record.status == 200 and record.error is None
+    assert record.src_identity == CLIENT
+    assert record.bytes_recv == len(payload) and record.bytes_sent == len(payload)
+    [info] = server.infos
+    assert info.target == ("127.0.0.1", echo_port)
+    assert info.forwarded == 'for="10.0.0.1:40000"'
+    assert info.baggage == "k8s.namespace.name=default"
+    assert info.traceparent is not None and len(info.traceparent) == 55
+
+
+async def test_server_identity_mismatch_is_refused(server: Server, certs: FakeCerts,
+                                                   ca: CertificateAuthority) -> None:
+    with trio.fail_after(10), pytest.raises(PeerIdentityError, match="httpbin"):
+        await connect_hbone(server.addr, bundle=await certs.fetch_certificate(CLIENT),
+                            expected=[spiffe("reviews")], contexts=contexts(ca))
+
+
+async def test_client_from_another_trust_domain_is_refused(server: Server, certs: FakeCerts,
+                                                           ca: CertificateAuthority, echo_port: int) -> None:
+    stranger = spiffe("sleep", td="other.example")
+    with trio.fail_after(10):
+        with pytest.raises((TlsError, ConnectionClosedError)):
+            # TLS 1.3: the client finishes first; the server's verdict arrives as an alert on first read.
+            async with open_hbone_connection(server.addr, bundle=await certs.fetch_certificate(stranger),
+                                             expected=[SERVER], contexts=contexts(ca)) as conn:
+                await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 1))
+        [record] = await server.wait_records(1)
+    assert record.status is None and record.error is not None and "trust domain" in record.error
+
+
+async def test_client_with_untrusted_root_is_refused(server: Server, ca: CertificateAuthority,
+                                                     echo_port: int) -> None:
+    rogue = FakeCerts(CertificateAuthority.create())
+    with trio.fail_after(10):
+        with pytest.raises((TlsError, ConnectionClosedError)):
+            async with open_hbone_connection(server.addr, bundle=await rogue.fetch_certificate(CLIENT),
+                                             expected=[SERVER], contexts=contexts(ca)) as conn:
+                await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 1))
+        [record] = await server.wait_records(1)
+    assert record.error is not None and "certificate" in record.error
+
+
+async def test_server_with_untrusted_root_is_refused(certs: FakeCerts, ca: CertificateAuthority) -> None:
+    rogue = FakeCerts(CertificateAuthority.create())
+    async with running_server(rogue, SERVER, roots=[ca.root_pem]) as server:
+        with trio.fail_after(10), pytest.raises(TlsError, match="certificate verify failed"):
+            await connect_hbone(server.addr, bundle=await certs.fetch_certificate(CLIENT), expected=[SERVER],
+                                contexts=contexts(ca))
+
+
+async def test_plaintext_client_is_refused(server: Server) -> None:
+    sock = socket.socket()
+    sock.setblocking(False)
+    with trio.fail_after(10):
+        await connect(sock, server.addr, connect_timeout=5)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())
+        reply = b""
+        try:
+            while data := await stream.receive_some():
+                reply += data
+        except trio.BrokenResourceError:
+            pass
+        await stream.aclose()
+        [record] = await server.wait_records(1)
+    assert b"HTTP/2" not in reply and not reply.startswith(b"\x00\x00")
+    assert record.error is not None and "TLS" in record.error
+
+
+async def raw_request(conn: HboneConnection, headers: list[tuple[bytes, bytes]]) -> int | None:
+    """Send an arbitrary request header block on a running client connection; returns the status."""
+    h2conn = conn.core._h2
+    sid = h2conn.get_next_available_stream_id()
+    h2conn.send_headers(sid, headers)
+    stream = HboneStream(conn, sid, ("0.0.0.0", 0))
+    conn._adopt(stream)
+    conn.wake_writer()
+    while stream.status is None:
+        await stream._readable.park()
+    return stream.status
+
+
+async def test_non_connect_is_400(server: Server, certs: FakeCerts, ca: CertificateAuthority) -> None:
+    with trio.fail_after(10):
+        async with open_hbone_connection(server.addr, bundle=await certs.fetch_certificate(CLIENT),
+                                         expected=[SERVER], contexts=contexts(ca)) as conn:
+            status = await raw_request(conn, [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"),
+                                              (b":authority", b"127.0.0.1:80")])
+            [record] = await server.wait_records(1)
+    assert status == 400
+    assert record.status == 400 and record.error is not None and "CONNECT" in record.error
+
+
+async def test_target_not_this_pod_is_400(server: Server, certs: FakeCerts, ca: CertificateAuthority,
+                                          echo_port: int) -> None:
+    with trio.fail_after(10):
+        async with open_hbone_connection(server.addr, bundle=await certs.fetch_certificate(CLIENT),
+                                         expected=[SERVER], contexts=contexts(ca)) as conn:
+            with pytest.raises(HttpStatusError) as info:
+                await conn.open_stream(("127.0.0.2", echo_port), forwarded_for=("10.0.0.1", 1))
+            # The connection is still good for a valid stream.
+            stream = await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 1))
+            assert await echo_round_trip(stream, b"still fine") == b"still fine"
+    assert info.value.status == 400
+
+
+async def test_policy_deny_is_401(server: Server, certs: FakeCerts, ca: CertificateAuthority,
+                                  echo_port: int) -> None:
+    server.decision = Decision(allowed=False, reason="explicitly denied by: default/deny-sleep")
+    with trio.fail_after(10):
+        async with open_hbone_connection(server.addr, bundle=await certs.fetch_certificate(CLIENT),
+                                         expected=[SERVER], contexts=contexts(ca)) as conn:
+            with pytest.raises(HttpStatusError) as info:
+                await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 1))
+            [record] = await server.wait_records(1)
+    assert info.value.status == 401
+    assert record.status == 401 and record.error is not None and "deny-sleep" in record.error
+    assert server.infos[0].src_identity == CLIENT
+
+
+async def test_upstream_refused_is_503(server: Server, certs: FakeCerts, ca: CertificateAuthority) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    with trio.fail_after(10):
+        async with open_hbone_connection(server.addr, bundle=await certs.fetch_certificate(CLIENT),
+                                         expected=[SERVER], contexts=contexts(ca)) as conn:
+            with pytest.raises(HttpStatusError) as info:
+                await conn.open_stream(("127.0.0.1", port), forwarded_for=("10.0.0.1", 1))
+            [record] = await server.wait_records(1)
+    assert info.value.status == 503
+    assert record.error is not None and "refused" in record.error
+
+
+async def test_pool_opens_a_second_connection_at_stream_101(server: Server, certs: FakeCerts,
+                                                            ca: CertificateAuthority, echo_port: int) -> None:
+    key = PoolKey(src_identity=CLIENT, dst_identities=frozenset([SERVER]), dst=server.addr,
+                  src_ip="127.0.0.1")
+    with trio.fail_after(60):
+        async with open_hbone_pool(certs=certs, contexts=contexts(ca)) as pool:
+            streams = [await pool.connect(key, ("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", i))
+                       for i in range(100)]
+            assert len(pool.connections(key)) == 1
+            streams.append(await pool.connect(key, ("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 100)))
+            first, second = pool.connections(key)
+            assert (first.active_streams, second.active_streams) == (100, 1)
+            # Every stream works, on either connection.
+            assert await echo_round_trip(streams[0], b"a") == b"a"
+            assert await echo_round_trip(streams[100], b"b") == b"b"
+            # A freed slot on the first connection is reused before anything new is opened.
+            await streams[0].aclose()
+            again = await pool.connect(key, ("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 101))
+            assert again.conn is first and pool.connections_opened == 2
+            # Another key (another source IP) never shares a connection.
+            other = key._replace(src_ip="127.0.0.9")
+            await pool.connect(other, ("127.0.0.1", echo_port), forwarded_for=("10.0.0.9", 1))
+            assert len(pool.connections(other)) == 1 and pool.connections_opened == 3
+            for stream in [*streams, again]:
+                await stream.aclose()
+
+
+async def test_pool_releases_idle_connections(certs: FakeCerts, ca: CertificateAuthority,
+                                              mock_clock: trio.testing.MockClock) -> None:
+    # Virtual time jumps only once everything has been idle for 50 ms of real time, so the TLS handshake on
+    # real sockets is not mistaken for idleness.
+    mock_clock.autojump_threshold = 0.05
+    async with trio.open_nursery() as nursery:
+        echo = await start_echo(nursery)
+        async with running_server(certs, SERVER, roots=[ca.root_pem], ping_interval=None) as server:
+            key = PoolKey(src_identity=CLIENT, dst_identities=frozenset([SERVER]), dst=server.addr)
+            async with open_hbone_pool(certs=certs, contexts=contexts(ca), ping_interval=None) as pool:
+                assert pool.idle_timeout == 300
+                stream = await pool.connect(key, ("127.0.0.1", echo), forwarded_for=("10.0.0.1", 1))
+                [conn] = pool.connections(key)
+                await trio.sleep(600)  # busy connections are never released
+                assert pool.connections(key) == [conn]
+                assert await echo_round_trip(stream, b"x") == b"x"
+                await stream.aclose()
+                await trio.sleep(299)
+                assert pool.connections(key) == [conn]
+                await trio.sleep(2)
+                assert pool.connections(key) == []
+                await conn.wait_closed()
+                # The next stream gets a fresh connection.
+                stream = await pool.connect(key, ("127.0.0.1", echo), forwarded_for=("10.0.0.1", 1))
+                assert stream.conn is not conn and pool.connections_opened == 2
+                await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_ping_keeps_a_live_connection(certs: FakeCerts, ca: CertificateAuthority,
+                                            mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = 0.05
+    bundle = await certs.fetch_certificate(CLIENT)
+    async with (running_server(certs, SERVER, roots=[ca.root_pem]) as server,
+                open_hbone_connection(server.addr, bundle=bundle, expected=[SERVER],
+                                      contexts=contexts(ca)) as conn):
+        await trio.sleep(100)  # ten PINGs each way, all answered
+        assert not conn.dead and conn._pings >= 9
+
+
+async def test_peer_that_stops_reading_gets_back_pressure(certs: FakeCerts, ca: CertificateAuthority) -> None:
+    """The app behind the server never reads: the client's sends stall after bounded buffering."""
+    held: list[socket.socket] = []
+    app = socket.socket()
+    app.bind(("127.0.0.1", 0))
+    app.listen(1)
+    app_port = app.getsockname()[1]
+
+    async def never_reading_upstream(info: InboundInfo) -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setblocking(False)
+        await connect(sock, info.target, connect_timeout=5)
+        held.append(sock)
+        return sock
+
+    chunk = b"z" * (256 * 1024)
+    attempted = 64 * 1024 * 1024
+    bundle = await certs.fetch_certificate(CLIENT)
+    async with (running_server(certs, SERVER, roots=[ca.root_pem], open_upstream=never_reading_upstream
+                               ) as server,
+                open_hbone_connection(server.addr, bundle=bundle, expected=[SERVER],
+                                      contexts=contexts(ca)) as conn):
+        stream = await conn.open_stream(("127.0.0.1", app_port), forwarded_for=("10.0.0.1", 1))
+        with trio.move_on_after(1) as stalled:  # detects the stall; not a timing assertion
+            while stream.bytes_sent < attempted:
+                await stream.send_all(chunk)
+        assert stalled.cancelled_caught, "the sender was never held back"
+        assert conn.core.send_window(stream.stream_id) == 0  # flow control, not TCP, stopped it
+        # Bounded: one stream window in flight plus what the kernel buffers hold, far from 64 MiB.
+        assert stream.bytes_sent < STREAM_WINDOW + 16 * 1024 * 1024
+        await stream.aclose()
+    app.close()
+    for sock in held:
+        sock.close()
