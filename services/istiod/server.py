@@ -296,6 +296,9 @@ class IstiodServer:
         if req.node not in self.store.resources.pods_by_node:
             nodes = ", ".join(sorted(self.store.resources.pods_by_node)) or "none"
             raise RpcError(RpcStatus.NOT_FOUND, f"unknown node {req.node!r} (world nodes: {nodes})")
+        log.info(
+            "pod watch for node %s opened by %s (%d known)", req.node, call.peer, len(req.known_versions)
+        )
         with self.store.subscribe() as wakeup:
             current = self.store.resources.pods_by_node.get(req.node, {})
             known = dict(req.known_versions)

@@ -44,6 +44,18 @@ class XdsClientConfig(msgspec.Struct, frozen=True, kw_only=True):
     backoff_initial: float = 0.1
     backoff_max: float = 15.0
 
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> XdsClientConfig:
+        """Upstream ztunnel's identity settings: INSTANCE_IP, POD_NAME, POD_NAMESPACE, NODE_NAME (with
+        defaults fit for a local run)."""
+        ip = environ.get("INSTANCE_IP", "127.0.0.1")
+        name = environ.get("POD_NAME", "ztunnel")
+        namespace = environ.get("POD_NAMESPACE", "istio-system")
+        metadata = {"NAME": name, "NAMESPACE": namespace, "INSTANCE_IPS": ip}
+        if "NODE_NAME" in environ:
+            metadata["NODE_NAME"] = environ["NODE_NAME"]
+        return cls(node_id=ztunnel_node_id(ip, name, namespace), node_metadata=metadata)
+
 
 def ztunnel_node_id(instance_ip: str, pod_name: str, pod_namespace: str) -> str:
     """Upstream's node id: `ztunnel~<IP>~<POD_NAME>.<POD_NAMESPACE>~<POD_NAMESPACE>.svc.cluster.local`."""

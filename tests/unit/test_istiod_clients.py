@@ -1,0 +1,72 @@
+"""Client-side settings: GrpcTarget.from_env (upstream env names), the xDS node identity, the store dump."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.ztunnel.state.store import StateStore
+from services.ztunnel.state.types import NetworkAddress, Service, Workload, WorkloadUid
+from services.ztunnel.xds.client import XdsClientConfig
+from shared.aio import GrpcTarget
+
+
+def test_target_from_env(tmp_path: Path) -> None:
+    root = tmp_path / "root.pem"
+    root.write_text("ROOT")
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    env = {
+        "XDS_ADDRESS": "https://istiod.example:15012",
+        "XDS_ROOT_CERT": str(root),
+        "XDS_TOKEN_FILE": str(token),
+        "XDS_HEADER_X_TEAM": "a",
+    }
+    target = GrpcTarget.from_env("XDS", env)
+    assert (target.host, target.port, target.root_cert_pem, target.token) == (
+        "istiod.example",
+        15012,
+        "ROOT",
+        "tok",
+    )
+    assert target.call_metadata() == {"x-team": "a", "authorization": "Bearer tok"}
+    plain = GrpcTarget.from_env(
+        "CA", {"CA_ADDRESS": "http://127.0.0.1:1500", "CA_TOKEN_FILE": "/nonexistent"}
+    )
+    assert (plain.root_cert_pem, plain.token, plain.port) == (None, None, 1500)
+    with pytest.raises(ValueError, match="is not"):
+        GrpcTarget.from_env("XDS", {"XDS_ADDRESS": "istiod"})
+    with pytest.raises(ValueError, match="cannot read the root certificate"):
+        GrpcTarget.from_env("XDS", {"XDS_ADDRESS": "h:1", "XDS_ROOT_CERT": "/nonexistent"})
+
+
+def test_node_identity_from_env() -> None:
+    config = XdsClientConfig.from_env(
+        {
+            "INSTANCE_IP": "10.0.0.5",
+            "POD_NAME": "ztunnel-x",
+            "POD_NAMESPACE": "istio-system",
+            "NODE_NAME": "n1",
+        }
+    )
+    assert config.node_id == "ztunnel~10.0.0.5~ztunnel-x.istio-system~istio-system.svc.cluster.local"
+    assert config.node_metadata["NODE_NAME"] == "n1"
+
+
+def test_store_indexes_follow_replacements_and_removals() -> None:
+    store = StateStore()
+    wl = Workload(uid=WorkloadUid("u1"), name="a", namespace="ns", addresses=("10.0.0.1",))
+    svc = Service(
+        name="s", namespace="ns", hostname="s.ns.svc", addresses=(NetworkAddress(address="10.96.0.1"),)
+    )
+    store.apply_addresses([wl, svc], [])
+    assert store.workload_by_ip("10.0.0.1") == wl
+    assert store.service_by_vip("10.96.0.1") == svc
+    moved = Workload(uid=WorkloadUid("u1"), name="a", namespace="ns", addresses=("10.0.0.2",))
+    store.apply_addresses([moved], [])
+    assert store.workload_by_ip("10.0.0.1") is None and store.workload_by_ip("10.0.0.2") == moved
+    store.apply_addresses([], ["u1", "ns/s.ns.svc"])
+    assert store.workloads == {} and store.services == {} and store.service_by_vip("10.96.0.1") is None
+    dump = store.config_dump()
+    assert dump["generation"] == 3 and dump["workloads"] == []
