@@ -8,6 +8,9 @@ Everything a client needs is written to the state directory (default ./.istiod-s
   root-key.pem           the root key (0600; reused across restarts so issued certificates stay valid)
   tokens/<node>.token    per-node bearer tokens (generated unless --node-token / ISTIOD_NODE_TOKENS)
   admin.token            the token `ambient world ...` presents (else --admin-token / ISTIOD_ADMIN_TOKEN)
+
+Signals: SIGINT/SIGTERM stop the stub; SIGHUP re-reads the --world file (a bad file is logged and ignored).
+Change the world at runtime with `ambient world ...` (see shared/world_cli.py).
 """
 
 from __future__ import annotations
@@ -72,22 +75,77 @@ def _split_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _node_tokens(args: argparse.Namespace, world: World, state_dir: Path) -> dict[str, str]:
-    tokens: dict[str, str] = {}
-    pairs = [*args.node_token, *filter(None, os.environ.get("ISTIOD_NODE_TOKENS", "").split(","))]
-    for pair in pairs:
-        node, sep, token = pair.partition("=")
-        if not sep or not node or not token:
-            raise StartupError(f"node token {pair!r} is not NODE=TOKEN")
-        tokens[node.strip()] = token.strip()
-    token_dir = state_dir / "tokens"
-    token_dir.mkdir(parents=True, exist_ok=True)
-    for node in world.nodes:
-        path = token_dir / f"{node.name}.token"
-        if node.name not in tokens:
-            tokens[node.name] = path.read_text().strip() if path.exists() else secrets.token_urlsafe(24)
-        _write_secret(path, tokens[node.name])
-    return tokens
+class NodeTokens:
+    """Per-node bearer tokens: given ones (--node-token / ISTIOD_NODE_TOKENS) win; other nodes get a random
+    token, kept in state_dir/tokens/<node>.token across restarts. Nodes added later by `ambient world` get
+    theirs when they appear."""
+
+    def __init__(self, given: dict[str, str], token_dir: Path) -> None:
+        self.given = given
+        self.token_dir = token_dir
+        self.tokens: dict[str, str] = dict(given)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, state_dir: Path) -> NodeTokens:
+        given: dict[str, str] = {}
+        pairs = [*args.node_token, *filter(None, os.environ.get("ISTIOD_NODE_TOKENS", "").split(","))]
+        for pair in pairs:
+            node, sep, token = pair.partition("=")
+            if not sep or not node.strip() or not token.strip():
+                raise StartupError(f"node token {pair!r} is not NODE=TOKEN")
+            given[node.strip()] = token.strip()
+        return cls(given, state_dir / "tokens")
+
+    def ensure(self, world: World) -> dict[str, str]:
+        """Tokens for every node of `world` (files written for new ones). Raises OSError."""
+        self.token_dir.mkdir(parents=True, exist_ok=True)
+        for node in world.nodes:
+            path = self.token_dir / f"{node.name}.token"
+            if node.name not in self.tokens:
+                self.tokens[node.name] = (
+                    path.read_text().strip() if path.exists() else secrets.token_urlsafe(24)
+                )
+                _write_secret(path, self.tokens[node.name])
+            elif node.name in self.given and not path.exists():
+                _write_secret(path, self.tokens[node.name])
+        return self.tokens
+
+
+async def keep_tokens(store: WorldStore, auth: Auth, tokens: NodeTokens) -> None:
+    """Give nodes that appear in the world (through the admin API) a token."""
+    with store.subscribe() as wakeup:
+        while True:
+            await wakeup.wait()
+            try:
+                auth.set_node_tokens(tokens.ensure(store.world))
+            except OSError as exc:
+                log.error("cannot write node tokens to %s: %s", tokens.token_dir, exc)
+
+
+def _load_world_file(path: Path) -> World:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read the world file {path}: {exc.strerror}") from None
+    return load_world(data, str(path))
+
+
+async def handle_signals(path: Path | None, store: WorldStore, cancel: trio.CancelScope) -> None:
+    """SIGINT/SIGTERM stop the stub; SIGHUP re-reads the world file (a bad file is logged and ignored)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                if path is None:
+                    log.warning("SIGHUP: no --world file to reload")
+                    continue
+                try:
+                    store.apply(_load_world_file(path), str(path))
+                except AmbientError as exc:
+                    log.error("SIGHUP: keeping the current world: %s", exc)
+                continue
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            cancel.cancel()
+            return
 
 
 def _write_secret(path: Path, value: str) -> None:
@@ -99,17 +157,11 @@ def _write_secret(path: Path, value: str) -> None:
 async def run(args: argparse.Namespace) -> None:
     host, port = _split_listen(args.listen)
     state_dir: Path = args.state_dir
-    if args.world is not None:
-        try:
-            data = args.world.read_bytes()
-        except OSError as exc:
-            raise StartupError(f"cannot read the world file {args.world}: {exc.strerror}") from None
-        world = load_world(data, str(args.world))
-    else:
-        world = World()
+    world = _load_world_file(args.world) if args.world is not None else World()
+    tokens = NodeTokens.from_args(args, state_dir)
     try:
         ca = CertificateAuthority.load_or_create(state_dir, world.trust_domain)
-        tokens = _node_tokens(args, world, state_dir)
+        node_tokens = tokens.ensure(world)
         admin_token = args.admin_token
         admin_path = state_dir / "admin.token"
         if admin_token is None:
@@ -120,9 +172,11 @@ async def run(args: argparse.Namespace) -> None:
     ssl_context = None
     if not args.plaintext:
         ssl_context = server_ssl_context(
-            ca, [*DEFAULT_SERVER_NAMES, *args.tls_san, *([host] if host != "0.0.0.0" else [])]
+            ca, [*DEFAULT_SERVER_NAMES, *args.tls_san, *([host] if host not in ("0.0.0.0", "::") else [])]
         )
-    server = IstiodServer(WorldStore(world), ca, Auth(tokens, admin_token))
+    store = WorldStore(world)
+    auth = Auth(node_tokens, admin_token)
+    server = IstiodServer(store, ca, auth)
     async with trio.open_nursery() as nursery:
         try:
             bound = await nursery.start(
@@ -142,11 +196,8 @@ async def run(args: argparse.Namespace) -> None:
             len(world.policies),
             state_dir / "root-cert.pem",
         )
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+        nursery.start_soon(keep_tokens, store, auth, tokens)
+        nursery.start_soon(handle_signals, args.world, store, nursery.cancel_scope)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -68,6 +68,9 @@ class Auth:
         self.node_by_token = {token: node for node, token in (node_tokens or {}).items()}
         self.admin_token = admin_token
 
+    def set_node_tokens(self, node_tokens: Mapping[str, str]) -> None:
+        self.node_by_token = {token: node for node, token in node_tokens.items()}
+
     @property
     def enabled(self) -> bool:
         return bool(self.node_by_token)
