@@ -140,21 +140,25 @@ def istiod_spec(
     )
 
 
-def node_agent_spec(plan: LabPlan, node: NodePlan, paths: LabPaths) -> ComponentSpec:
+def node_agent_spec(
+    plan: LabPlan, node: NodePlan, paths: LabPaths, *, istiod: str | None = None, netns: str | None = None
+) -> ComponentSpec:
+    """The node agent of `node`; `istiod` and `netns` override the lab's (containers: "istiod:15012", "")."""
     cwd = paths.node_dir(node.name)
+    netns = node.netns if netns is None else netns
     env = {
         "NODE_NAME": node.name,
         "ZDS_SOCKET": str(paths.zds_socket(node.name)),  # the ZDS server socket ztunnel connects to
         "CNI_SOCKET": str(paths.cni_socket(node.name)),  # POST /cmdadd, GET /healthz
         "HEALTH_ADDR": "127.0.0.1:8000",  # inside the node netns
-        "CONTROL_PLANE_ADDRESS": f"https://{plan.istiod_address}",  # the pod watch
+        "CONTROL_PLANE_ADDRESS": f"https://{istiod or plan.istiod_address}",  # the pod watch
         "CONTROL_PLANE_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
         "CONTROL_PLANE_TOKEN_FILE": str(cwd / TOKEN_PATH),
     }
     return ComponentSpec(
         name=f"node-agent/{node.name}",
         component="node-agent",
-        netns=node.netns,
+        netns=netns,
         argv=_python(MODULES["node-agent"]),
         env=env,
         cwd=str(cwd),
@@ -164,16 +168,28 @@ def node_agent_spec(plan: LabPlan, node: NodePlan, paths: LabPaths) -> Component
     )
 
 
-def ztunnel_spec(plan: LabPlan, node: NodePlan, paths: LabPaths, *, with_agent: bool) -> ComponentSpec:
+def ztunnel_spec(
+    plan: LabPlan,
+    node: NodePlan,
+    paths: LabPaths,
+    *,
+    with_agent: bool,
+    istiod: str | None = None,
+    netns: str | None = None,
+    instance_ip: str | None = None,
+) -> ComponentSpec:
+    """ztunnel of `node`; the overrides are for a node that is a container (see node_agent_spec)."""
     cwd = paths.node_dir(node.name)
+    netns = node.netns if netns is None else netns
+    istiod = istiod or plan.istiod_address
     env = {
         "NODE_NAME": node.name,
         "POD_NAME": f"ztunnel-{node.name}",
         "POD_NAMESPACE": "istio-system",
-        "INSTANCE_IP": node.ip,
+        "INSTANCE_IP": instance_ip or node.ip,
         "INPOD_UDS": str(paths.zds_socket(node.name)),
-        "XDS_ADDRESS": f"https://{plan.istiod_address}",
-        "CA_ADDRESS": f"https://{plan.istiod_address}",
+        "XDS_ADDRESS": f"https://{istiod}",
+        "CA_ADDRESS": f"https://{istiod}",
         "XDS_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
         "XDS_TOKEN_FILE": str(cwd / TOKEN_PATH),
         "CA_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
@@ -184,14 +200,14 @@ def ztunnel_spec(plan: LabPlan, node: NodePlan, paths: LabPaths, *, with_agent: 
     return ComponentSpec(
         name=f"ztunnel/{node.name}",
         component="ztunnel",
-        netns=node.netns,
+        netns=netns,
         argv=_python(MODULES["ztunnel"]),
         env=env,
         cwd=str(cwd),
         log=str(paths.log(f"ztunnel/{node.name}")),
         checks=[
             HttpCheck(
-                netns=node.netns,
+                netns=netns,
                 host="127.0.0.1",
                 port=ZTUNNEL_READY_PORT,
                 path="/healthz/ready",
@@ -246,7 +262,8 @@ def process_env(spec: ComponentSpec) -> dict[str, str]:
 
 
 def start(spec: ComponentSpec) -> ProcessRecord:
-    """Start `spec` inside its namespace, detached (own session), output appended to its log file."""
+    """Start `spec` inside its namespace (its own when `spec.netns` is empty), detached (own session),
+    output appended to its log file."""
     Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
     if spec.cwd:
         Path(spec.cwd).mkdir(parents=True, exist_ok=True)
@@ -255,7 +272,7 @@ def start(spec: ComponentSpec) -> ProcessRecord:
         log.flush()
         try:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", spec.netns, *spec.argv],
+                ["ip", "netns", "exec", spec.netns, *spec.argv] if spec.netns else spec.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

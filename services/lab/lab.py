@@ -227,37 +227,7 @@ class LabBuilder:
         self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, {pod.app.kind}, {status}")
 
     def cni_add(self, pod: PodPlan) -> str:
-        """POST /cmdadd to the node agent, as the istio-cni plugin does; its answer's status."""
-        body = {
-            "Netns": f"/run/netns/{pod.netns}",
-            "PodName": pod.name,
-            "PodNamespace": pod.namespace,
-            "PodUID": pod.uid,
-            "ServiceAccount": pod.service_account,
-            "Labels": pod.labels,
-            "Annotations": pod.annotations,
-            "IPs": [{"Interface": "eth0", "Address": pod.address, "Gateway": pod.gateway}],
-        }
-        sock = str(self.paths.cni_socket(pod.node))
-        log = self.paths.log(f"node-agent/{pod.node}")
-        try:
-            status, answer = unix_http(
-                sock, "POST", "/cmdadd", json.dumps(body).encode(), timeout=self.timeout
-            )
-        except OSError as exc:
-            raise EnrolmentError(
-                f"CNI ADD of {pod.key} to the node agent of {pod.node} ({sock}) failed: {exc}; "
-                f"see its log {log}"
-            ) from None
-        text = answer.decode(errors="replace").strip()
-        if status != 200:
-            raise EnrolmentError(
-                f"the node agent of {pod.node} refused {pod.key} (HTTP {status}: {text}); see its log {log}"
-            )
-        try:
-            return str(json.loads(text).get("status", "unknown"))
-        except (ValueError, AttributeError):
-            return "unknown"
+        return cni_add(self.paths, pod, timeout=self.timeout)
 
     def wait_enrolled(self) -> None:
         pending = [p for p in self.state.pods if p.status == "pending"]
@@ -283,6 +253,41 @@ class LabBuilder:
                     f"{self.paths.log(f'node-agent/{first.node}')}"
                 )
             time.sleep(0.2)
+
+
+def cni_add(paths: LabPaths, pod: PodPlan, *, timeout: float) -> str:
+    """POST /cmdadd to the node agent of the pod's node, as the istio-cni plugin does; the answer's status.
+
+    Raises:
+        EnrolmentError: the node agent is unreachable or refused the pod (the message names its log).
+    """
+    body = {
+        "Netns": f"/run/netns/{pod.netns}",
+        "PodName": pod.name,
+        "PodNamespace": pod.namespace,
+        "PodUID": pod.uid,
+        "ServiceAccount": pod.service_account,
+        "Labels": pod.labels,
+        "Annotations": pod.annotations,
+        "IPs": [{"Interface": "eth0", "Address": pod.address, "Gateway": pod.gateway}],
+    }
+    sock = str(paths.cni_socket(pod.node))
+    log = paths.log(f"node-agent/{pod.node}")
+    try:
+        status, answer = unix_http(sock, "POST", "/cmdadd", json.dumps(body).encode(), timeout=timeout)
+    except OSError as exc:
+        raise EnrolmentError(
+            f"CNI ADD of {pod.key} to the node agent of {pod.node} ({sock}) failed: {exc}; see its log {log}"
+        ) from None
+    text = answer.decode(errors="replace").strip()
+    if status != 200:
+        raise EnrolmentError(
+            f"the node agent of {pod.node} refused {pod.key} (HTTP {status}: {text}); see its log {log}"
+        )
+    try:
+        return str(json.loads(text).get("status", "unknown"))
+    except (ValueError, AttributeError):
+        return "unknown"
 
 
 def ztunnel_pods(plan: LabPlan, node: str) -> set[str]:

@@ -16,7 +16,9 @@ from shared.netns import entered, open_netns
 
 
 def netns_socket(netns: str, family: int = socket.AF_INET) -> socket.socket:
-    """A TCP socket that lives in network namespace `netns` (a name under /run/netns)."""
+    """A TCP socket that lives in network namespace `netns` (a name under /run/netns; "" = our own)."""
+    if not netns:
+        return socket.socket(family, socket.SOCK_STREAM)
     fd = open_netns(netns)
     try:
         with entered(fd):

@@ -60,7 +60,7 @@ class ComponentSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     component: str
     netns: str
-    argv: list[str]  # run inside `netns` (the lab prepends `ip netns exec <netns>`)
+    argv: list[str]  # run inside `netns` (the lab prepends `ip netns exec <netns>`; "": in its own)
     env: dict[str, str] = {}
     cwd: str | None = None
     log: str

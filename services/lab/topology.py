@@ -34,7 +34,7 @@ import ipaddress
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import msgspec
@@ -479,7 +479,8 @@ def render_dnat(plan: LabPlan, node: NodePlan) -> str:
 
 
 def _ip(netns: str, *args: str) -> Step:
-    return Step(argv=["ip", "-n", netns, *args])
+    """`ip -n NETNS ARGS`; with an empty name, `ip ARGS` in the caller's own namespace (a node container)."""
+    return Step(argv=["ip", "-n", netns, *args] if netns else ["ip", *args])
 
 
 def netns_steps(plan: LabPlan) -> list[str]:
@@ -519,6 +520,37 @@ def build_steps(plan: LabPlan) -> list[Step]:
     for pod in plan.pods:
         steps += pod_steps(plan, pod)
     return steps
+
+
+def container_node_steps(plan: LabPlan, node_name: str, peers: Mapping[str, str]) -> list[Step]:
+    """A node that is a container (docker-compose): its own namespace is the node's.
+
+    The pods' bridge and gateway, the VIP DNAT, and a route to every other node's pod range via that node's
+    container address in `peers` (node name -> IP).
+
+    Raises:
+        PlanError: a node of the world has no address in `peers`.
+    """
+    node = plan.node(node_name)
+    steps = [
+        _ip("", "link", "add", node.bridge, "type", "bridge"),
+        _ip("", "addr", "add", node.gateway, "dev", node.bridge),
+        _ip("", "link", "set", node.bridge, "up"),
+        Step(argv=["iptables-restore", "--noflush"], stdin=render_dnat(plan, node)),
+    ]
+    for other in plan.nodes:
+        if other.name == node.name:
+            continue
+        if other.name not in peers:
+            raise PlanError("--peer", "$", f"no address for node {other.name}; pass --peer {other.name}=IP")
+        steps.append(_ip("", "route", "add", other.pod_cidr, "via", peers[other.name]))
+    return steps
+
+
+def as_container_node(plan: LabPlan, node_name: str) -> LabPlan:
+    """The plan with `node_name`'s namespace being the caller's own (pod steps then use plain `ip`)."""
+    nodes = [msgspec.structs.replace(n, netns="") if n.name == node_name else n for n in plan.nodes]
+    return msgspec.structs.replace(plan, nodes=nodes)
 
 
 def pod_steps(plan: LabPlan, pod: PodPlan) -> list[Step]:

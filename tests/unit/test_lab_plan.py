@@ -10,7 +10,16 @@ import pytest
 from services.istiod.errors import WorldError
 from services.istiod.world import World, load_world
 from services.lab.errors import LabError, PlanError
-from services.lab.topology import build_steps, check_prefix, plan_lab, render_dnat, rescale_world
+from services.lab.topology import (
+    as_container_node,
+    build_steps,
+    check_prefix,
+    container_node_steps,
+    plan_lab,
+    pod_steps,
+    render_dnat,
+    rescale_world,
+)
 
 BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 
@@ -254,3 +263,25 @@ def test_pod_outside_its_node_range_is_refused_when_the_node_has_no_cidr() -> No
 def test_overlapping_ips_and_unknown_nodes_are_caught_by_world_validation(extra: str, message: str) -> None:
     with pytest.raises(WorldError, match=message):
         world(with_pods(extra))
+
+
+def test_container_node_uses_its_own_namespace_and_routes_via_peer_containers() -> None:
+    plan = as_container_node(plan_lab(world(), prefix="pod"), "node-a")
+    steps = [s.describe() for s in container_node_steps(plan, "node-a", {"node-b": "172.30.0.12"})]
+    assert steps == [
+        "ip link add cbr0 type bridge",
+        "ip addr add 10.244.1.1/24 dev cbr0",
+        "ip link set cbr0 up",
+        "iptables-restore --noflush",
+        "ip route add 10.244.2.0/24 via 172.30.0.12",
+    ]
+    client = next(p for p in plan.pods if p.name == "client")
+    wired = [s.describe() for s in pod_steps(plan, client)]
+    assert wired[0] == f"ip link add {client.host_veth} type veth peer name eth0 netns pod-mesh-client"
+    assert wired[-1] == "ip -n pod-mesh-client route add default via 10.244.1.1"
+
+
+def test_container_node_needs_every_peer_address() -> None:
+    plan = as_container_node(plan_lab(world(), prefix="pod"), "node-a")
+    with pytest.raises(PlanError, match="no address for node node-b; pass --peer node-b=IP"):
+        container_node_steps(plan, "node-a", {})
