@@ -277,6 +277,8 @@ class ClientCall:
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self.finished = False
+        """The server ended the call with OK (recv_message returned None)."""
 
     def _raise_status(self) -> None:
         # A server that ends a call with an error status while the client is still sending resets the stream
@@ -304,6 +306,7 @@ class ClientCall:
                 message = await trio_asyncio.aio_as_trio(self._stream.recv_message)()
                 if message is None:
                     await trio_asyncio.aio_as_trio(self._stream.recv_trailing_metadata)()
+                    self.finished = True
             except StreamTerminatedError:
                 self._raise_status()
                 raise
@@ -348,14 +351,29 @@ class Channel:
         stream = self._method(stub, method).open(metadata=dict(metadata or {}))
         with _translate_errors(f"open {method}"):
             await trio_asyncio.aio_as_trio(stream.__aenter__)()
+        call = ClientCall(stream)
         try:
-            yield ClientCall(stream)
+            yield call
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
-                try:
-                    await trio_asyncio.aio_as_trio(stream.cancel)()
-                except Exception as exc:  # the stream may already be torn down; nothing left to release
-                    log.debug("cancel of %s stream: %r", method, exc)
+                await self._close_stream(stream, method, finished=call.finished)
+
+    @staticmethod
+    async def _close_stream(stream: Any, method: str, *, finished: bool) -> None:
+        # Reset the stream unless the server already finished it, then let grpclib release its slot on the
+        # connection. __aexit__ gets an exception so it does not wait for trailers that may never come.
+        if not finished:
+            try:
+                await trio_asyncio.aio_as_trio(stream.cancel)()
+            except Exception as exc:  # not sent yet, already reset, or the connection is gone
+                log.debug("cancel of %s stream: %r", method, exc)
+        closing = asyncio.CancelledError()
+        try:
+            await trio_asyncio.aio_as_trio(stream.__aexit__)(type(closing), closing, None)
+        except BaseException as exc:
+            if isinstance(exc, trio.Cancelled):
+                raise
+            log.debug("closing %s stream: %r", method, exc)
 
 
 def client_tls_context(root_pem: str) -> ssl.SSLContext:
