@@ -464,4 +464,13 @@ async def open_channel(
         try:
             yield Channel(channel)
         finally:
+            # Abort rather than close: a TLS close waits for the peer's close_notify, which a loop this block
+            # opened would not live to see (the socket would leak until garbage collection). The client is
+            # done with the connection either way; the socket is closed on the loop's next iteration.
+            protocol = getattr(channel, "_protocol", None)
+            transport = getattr(getattr(protocol, "connection", None), "_transport", None)
+            if transport is not None:
+                transport.abort()
             channel.close()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await trio_asyncio.aio_as_trio(asyncio.sleep)(0)
