@@ -5,6 +5,7 @@
     ambient lab status [--json] [--prefix P]                  nodes, pods (IP, node, enrolment), services
     ambient lab exec POD -- CMD ...                           run CMD in a pod's netns, its exit code
     ambient lab restart {ztunnel|node-agent|istiod} [NODE]    restart one component
+    ambient lab delete POD                                    delete a pod (unenrolled, then removed)
     ambient lab world -- ARGS ...                             `ambient world ARGS` against the lab's istiod
     ambient logs [NODE] [--direction inbound|outbound]        ztunnel access logs
     ambient demo [--keep]                                     the seed article's flow, end to end
@@ -79,6 +80,14 @@ def register(subparsers: Any) -> None:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     _add_prefix(ex)
     ex.set_defaults(func=cmd_exec)
+
+    rm = lab_sub.add_parser(
+        "delete", help="delete a pod: istiod forgets it, the node agent unenrols it, its netns goes"
+    )
+    rm.add_argument("pod")
+    rm.add_argument("--timeout", type=float, default=30.0)
+    _add_prefix(rm)
+    rm.set_defaults(func=cmd_delete)
 
     wd = lab_sub.add_parser(
         "world",
@@ -190,6 +199,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
         err_console.print("usage: ambient lab exec POD -- CMD [ARGS...]")
         return 2
     return lab.exec_in_pod(cmd, pod=args.pod, prefix=args.prefix).returncode
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from services.lab import lab
+
+    key = lab.delete_pod(args.pod, prefix=args.prefix, timeout=args.timeout, progress=_progress)
+    console.print(f"pod {key} deleted")
+    return 0
 
 
 def cmd_world(args: argparse.Namespace) -> int:

@@ -564,3 +564,50 @@ def world_command(
         capture_output=capture,
         check=False,
     )
+
+
+def delete_pod(
+    pod: str,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    root: Path | None = None,
+    timeout: float = 30.0,
+    progress: Progress = _quiet,
+) -> str:
+    """Delete a pod the way Kubernetes does: the control plane forgets it first (the node agent's pod watch
+    unenrols it and ztunnel lets it go), then the kubelet stops its app and removes its sandbox.
+
+    Returns the pod's key. Raises UnknownPodError, ComponentError (istiod refused), EnrolmentError (ztunnel
+    still holds the pod after `timeout`).
+    """
+    check_prerequisites()
+    state = require_state(prefix, root)
+    plan = plan_of(state)
+    target = find_pod(plan, pod)
+    record = state.pod(target.key)
+    if record is None or record.status == "deleted":
+        raise UnknownPodError(f"pod {target.key} is not running in lab {prefix!r}")
+    result = world_command(["pod", "rm", target.key], prefix=prefix, root=root, capture=True)
+    if result.returncode != 0:
+        raise ComponentError(f"istiod did not remove {target.key}: {result.stderr.decode().strip()}")
+    progress(f"istiod removed {target.key}; waiting for the node agent to unenrol it")
+    if target.ambient and state.process(f"ztunnel/{target.node}") is not None:
+        deadline = time.monotonic() + timeout
+        while target.uid in ztunnel_pods(plan, target.node):
+            if time.monotonic() > deadline:
+                paths = LabPaths(state.run_dir)
+                raise EnrolmentError(
+                    f"ztunnel on {target.node} still holds {target.key} after {timeout:g} s; see "
+                    f"{paths.log(f'node-agent/{target.node}')} and {paths.log(f'ztunnel/{target.node}')}"
+                )
+            time.sleep(0.2)
+    app = state.process(f"app/{target.namespace}/{target.name}")
+    if app is not None:
+        stop_process(app)
+        state.processes = [p for p in state.processes if p is not app]
+    delete_netns(target.netns)
+    remove_tree(ETC_NETNS / target.netns)
+    record.status = "deleted"
+    save_state(state)
+    progress(f"pod {target.key} deleted (app stopped, netns {target.netns} removed)")
+    return target.key

@@ -131,6 +131,24 @@ def test_fail_closed_while_ztunnel_is_down_and_recovery_after_restart(mesh_lab: 
     assert code == 0, err
 
 
+def test_deleting_a_pod_unenrols_it_and_removes_its_namespace(mesh_lab: str) -> None:
+    prefix = mesh_lab
+    state = load_state(prefix)
+    assert state is not None
+    web_uid = next(p.uid for p in lab.plan_of(state).pods if p.name == "web")
+    assert web_uid in lab.ztunnel_pods(lab.plan_of(state), "node-b")
+
+    assert lab.delete_pod("web", prefix=prefix, timeout=30) == "mesh/web"
+    assert web_uid not in lab.ztunnel_pods(lab.plan_of(state), "node-b")
+    assert f"{prefix}-mesh-web" not in lab_netns(prefix)
+    status = {p["name"]: p["enrolment"] for p in lab.status(prefix=prefix)["pods"]}
+    assert status["web"] == "deleted"
+    code, _, _ = client_get(prefix, "http://10.244.2.10:8080/gone")
+    assert code != 0
+    # the rest of the mesh is unaffected
+    assert status["client"] == "enabled"
+
+
 def test_down_leaves_nothing(tmp_path: Path) -> None:
     prefix = f"m{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
     world = tmp_path / "mesh.yaml"
