@@ -76,6 +76,15 @@ def new_traceparent() -> str:
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
 
 
+def _check_max_bytes(max_bytes: int | None) -> None:
+    if max_bytes is None:
+        return
+    if not isinstance(max_bytes, int):
+        raise TypeError("max_bytes must be an int or None")
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be >= 1")
+
+
 class HboneStream(trio.abc.HalfCloseableStream):
     """One CONNECT tunnel: a byte stream with half-close (`send_eof`) over an HBONE connection.
 
@@ -221,13 +230,14 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self.conn.wake_writer()
             self.bytes_received += len(chunk)
             return chunk
+        if self._eof_received:  # everything arrived; a reset after that loses nothing
+            return b""
         if self._error is not None:
             raise trio.BrokenResourceError(str(self._error)) from self._error
-        if self._eof_received:
-            return b""
         return None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        _check_max_bytes(max_bytes)
         if self._receive_busy:
             raise trio.BusyResourceError("another task is already receiving on this HBONE stream")
         self._receive_busy = True
@@ -261,11 +271,24 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self.conn._forget(self)
 
     def close_nowait(self) -> None:
+        """Graceful close: END_STREAM if not sent yet, then, if the peer is still sending, RST_STREAM
+        NO_ERROR, which only asks it to stop (RFC 9113 §8.1), like a TCP close with the peer still talking.
+
+        To abort instead (the peer must not take what it got as complete), call `reset()` first.
+        """
         if self._closed:
             return
-        if self.conn.core.stream_open(self.stream_id):
-            # After our END_STREAM, NO_ERROR only asks the peer to stop sending (RFC 9113 §8.1).
-            self.reset(ERROR_NO_ERROR if self._eof_sent and self._error is None else ERROR_CANCEL)
+        core = self.conn.core
+        if self._error is None and core.stream_open(self.stream_id):
+            if not self._eof_sent:
+                try:
+                    core.end_stream(self.stream_id)
+                    self._eof_sent = True
+                except h2.exceptions.StreamClosedError:
+                    pass
+            if not self._eof_received:
+                core.reset(self.stream_id, ERROR_NO_ERROR)
+            self.conn.wake_writer()
         self._closed = True
         self._release()
 
@@ -545,6 +568,7 @@ class HboneConnection:
                     raise stream._error
                 await stream._readable.park()
         except BaseException:
+            stream.reset(ERROR_CANCEL)
             stream.close_nowait()
             raise
         if stream.status != 200:

@@ -37,7 +37,7 @@ from ..errors import ConnectError
 from ..proxy.net import describe_os_error, peer_addr
 from .client import CertSource
 from .connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
-from .core import ConnectRequested, ServerCore, StreamRejected
+from .core import ERROR_CANCEL, ConnectRequested, ServerCore, StreamRejected
 from .errors import HboneError
 from .relay import relay
 from .tls import TlsContextCache, check_established, describe_ssl_error, server_connection
@@ -183,6 +183,12 @@ class _Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             cause = exc.__cause__ or exc
             record.error = str(cause) or "the HBONE stream was closed"
+        except BaseException:
+            # Cancelled (the pod is going away) or a bug: the client must not take a truncated stream for
+            # a complete one.
+            record.error = record.error or "connection drained"
+            stream.reset(ERROR_CANCEL)
+            raise
         finally:
             record.bytes_sent = stream.bytes_sent
             record.bytes_recv = stream.bytes_received

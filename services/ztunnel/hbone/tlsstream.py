@@ -179,6 +179,10 @@ class TlsSocketStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Trio `Stream` API (a private copy of the data); the HBONE data path uses `receive_view`."""
+        if max_bytes is not None and not isinstance(max_bytes, int):
+            raise TypeError("max_bytes must be an int or None")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         if self._receive_conflict:
             raise trio.BusyResourceError("another task is already receiving on this TLS stream")
         self._receive_conflict = True
@@ -220,6 +224,7 @@ class TlsSocketStream(trio.abc.Stream):
         if self._broken is None and not self._send_conflict:
             with contextlib.suppress(SSL.Error):
                 self.ssl.shutdown()
+        trio.lowlevel.notify_closing(self.socket)  # wakes a blocked reader/writer with ClosedResourceError
         self.socket.close()
 
     async def aclose(self) -> None:

@@ -1,0 +1,180 @@
+"""HBONE streams and the TLS socket stream over an in-process socketpair (real TLS, real h2)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from services.istiod.ca import CertificateAuthority
+from services.ztunnel.hbone.connection import HboneConnection, HboneStream
+from services.ztunnel.hbone.core import ClientCore, ConnectRequested, ServerCore
+from services.ztunnel.hbone.errors import ConnectionClosedError
+from services.ztunnel.hbone.tls import (
+    TlsContextCache,
+    check_established,
+    client_connection,
+    server_connection,
+)
+from services.ztunnel.hbone.tlsstream import TlsSocketStream
+
+from .test_hbone_helpers import FakeCerts, spiffe
+
+CLIENT = spiffe("sleep")
+SERVER = spiffe("httpbin")
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create()
+
+
+@pytest.fixture
+def certs(ca: CertificateAuthority) -> FakeCerts:
+    return FakeCerts(ca)
+
+
+async def tls_pair(certs: FakeCerts, ca: CertificateAuthority) -> tuple[TlsSocketStream, TlsSocketStream]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    contexts = TlsContextCache([ca.root_pem])
+    client = TlsSocketStream(a, client_connection(contexts.client(await certs.fetch_certificate(CLIENT)), a,
+                                                  [SERVER]))
+    server = TlsSocketStream(b, server_connection(contexts.server(await certs.fetch_certificate(SERVER)), b))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    assert check_established(client.ssl) == SERVER
+    assert check_established(server.ssl) == CLIENT
+    return client, server
+
+
+async def hbone_pair(nursery: trio.Nursery, certs: FakeCerts, ca: CertificateAuthority, *,
+                     ping_interval: float | None = None, ping_timeout: float = 20
+                     ) -> tuple[HboneStream, HboneStream]:
+    """A client HBONE stream and the server-side stream it is tunnelled to (answered 200)."""
+    client_tls, server_tls = await tls_pair(certs, ca)
+    addr = ("127.0.0.1", 15008)
+    client = HboneConnection(client_tls, ClientCore(), peer_identity=SERVER, local_addr=("127.0.0.1", 1),
+                             peer_addr=addr, ping_interval=ping_interval, ping_timeout=ping_timeout)
+    server = HboneConnection(server_tls, ServerCore(["127.0.0.1"]), peer_identity=CLIENT, local_addr=addr,
+                             peer_addr=("127.0.0.1", 1), ping_interval=ping_interval,
+                             ping_timeout=ping_timeout)
+    send, receive = trio.open_memory_channel[HboneStream](1)
+
+    def on_request(stream: HboneStream, event: ConnectRequested) -> None:
+        server.respond(stream, 200)
+        send.send_nowait(stream)
+
+    server.on_request = on_request
+    await nursery.start(server.run)
+    await nursery.start(client.run)
+    client_stream = await client.open_stream(("127.0.0.1", 8080), forwarded_for=("127.0.0.1", 1))
+    return client_stream, await receive.receive()
+
+
+async def test_hbone_stream_passes_trio_generic_half_closeable_checks(
+        nursery: trio.Nursery, certs: FakeCerts, ca: CertificateAuthority) -> None:
+    async def maker() -> tuple[HboneStream, HboneStream]:
+        return await hbone_pair(nursery, certs, ca)
+
+    with trio.fail_after(60):
+        await trio.testing.check_half_closeable_stream(maker, None)
+
+
+async def test_tls_stream_passes_trio_generic_two_way_checks(certs: FakeCerts, ca: CertificateAuthority
+                                                             ) -> None:
+    async def maker() -> tuple[TlsSocketStream, TlsSocketStream]:
+        return await tls_pair(certs, ca)
+
+    with trio.fail_after(60):
+        await trio.testing.check_two_way_stream(maker, None)
+
+
+async def test_tls_write_cancelled_half_way_marks_the_stream_broken(certs: FakeCerts,
+                                                                    ca: CertificateAuthority) -> None:
+    client, server = await tls_pair(certs, ca)
+    with trio.fail_after(10):
+        with trio.move_on_after(0.5) as scope:  # the peer never reads: the write blocks part-way
+            await client.send_all(b"x" * (64 * 1024 * 1024))
+        assert scope.cancelled_caught
+        with pytest.raises(trio.BrokenResourceError, match="interrupted"):
+            await client.send_all(b"more")
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_tls_batched_reads_return_many_records_at_once(certs: FakeCerts, ca: CertificateAuthority
+                                                            ) -> None:
+    client, server = await tls_pair(certs, ca)
+    with trio.fail_after(10):
+        await client.send_all(b"r" * (200 * 1024))  # 13 TLS records
+        await trio.testing.wait_all_tasks_blocked()
+        got = 0
+        while got < 200 * 1024:
+            view = await server.receive_view()
+            assert len(view) > 16 * 1024 or got + len(view) == 200 * 1024
+            got += len(view)
+        await client.aclose()
+        assert len(await server.receive_view()) == 0  # close_notify is EOF
+    await server.aclose()
+
+
+async def test_client_that_stops_reading_holds_back_the_server(nursery: trio.Nursery, certs: FakeCerts,
+                                                               ca: CertificateAuthority) -> None:
+    client, server = await hbone_pair(nursery, certs, ca)
+    with trio.move_on_after(1) as stalled:  # detects the stall; not a timing assertion
+        while True:
+            await server.send_all(b"s" * (256 * 1024))
+    assert stalled.cancelled_caught
+    assert server.conn.core.send_window(server.stream_id) == 0
+    assert server.bytes_sent <= 4 * 1024 * 1024  # exactly one stream window, nothing queued beyond it
+    # Reading on the client side opens the window again.
+    with trio.fail_after(10):
+        received = 0
+        while received < 3 * 1024 * 1024:
+            received += len(await client.receive_some())
+        await server.send_all(b"more")
+
+
+async def test_half_close_each_way(nursery: trio.Nursery, certs: FakeCerts, ca: CertificateAuthority) -> None:
+    client, server = await hbone_pair(nursery, certs, ca)
+    with trio.fail_after(10):
+        await client.send_all(b"request")
+        await client.send_eof()
+        assert await server.receive_some() == b"request"
+        assert await server.receive_some() == b""
+        await server.send_all(b"response after the client's EOF")
+        await server.send_eof()
+        assert await client.receive_some() == b"response after the client's EOF"
+        assert await client.receive_some() == b""
+    assert client.finished and server.finished
+
+
+async def test_reset_reaches_the_other_side(nursery: trio.Nursery, certs: FakeCerts,
+                                            ca: CertificateAuthority) -> None:
+    client, server = await hbone_pair(nursery, certs, ca)
+    client.reset(8)
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError, match="reset"):
+        await server.receive_some()
+
+
+async def test_unanswered_ping_ends_the_connection(nursery: trio.Nursery, certs: FakeCerts,
+                                                   ca: CertificateAuthority,
+                                                   mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = 0.05
+    client_tls, server_tls = await tls_pair(certs, ca)  # the "server" never reads: no PING is acknowledged
+    client = HboneConnection(client_tls, ClientCore(), peer_identity=SERVER, local_addr=("127.0.0.1", 1),
+                             peer_addr=("127.0.0.1", 15008))
+    await nursery.start(client.run)
+    await trio.sleep(29)
+    assert not client.dead  # first PING at 10 s, its 20 s deadline not yet passed
+    await client.wait_closed()
+    assert isinstance(client.error, ConnectionClosedError) and "PING" in str(client.error)
+    assert trio.current_time() >= 30
+    with pytest.raises(ConnectionClosedError):
+        await client.open_stream(("127.0.0.1", 1), forwarded_for=("127.0.0.1", 1))
+    await server_tls.aclose()
