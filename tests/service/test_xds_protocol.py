@@ -198,3 +198,34 @@ async def test_client_nacks_what_it_cannot_convert_and_keeps_the_rest() -> None:
                 await trio.sleep(0.01)
             assert "resource 'bad'" in istiod.server.nacks[0].message
             nursery.cancel_scope.cancel()
+
+
+async def test_on_demand_subscription_gets_only_named_resources() -> None:
+    with trio.fail_after(20):
+        async with (
+            open_test_istiod(bookinfo()) as istiod,
+            open_target(istiod.target(node="node-a")) as channel,
+            channel.stream(
+                discovery_grpc.AggregatedDiscoveryServiceStub,
+                "DeltaAggregatedResources",
+                metadata=istiod.target(node="node-a").call_metadata(),
+            ) as call,
+        ):
+            # Upstream on-demand mode: subscribe ["*"] + unsubscribe ["*"]: nothing until names are asked for.
+            await call.send_message(
+                subscribe(ADDRESS_TYPE_URL, resource_names_subscribe=["*"], resource_names_unsubscribe=["*"])
+            )
+            first = await recv(call)
+            assert list(first.resources) == [] and list(first.removed_resources) == []
+            wanted = "Kubernetes//Pod/sleep/sleep-5c6d7e"
+            await call.send_message(
+                subscribe(ADDRESS_TYPE_URL, response_nonce=first.nonce, resource_names_subscribe=[wanted])
+            )
+            second = await recv(call)
+            assert [r.name for r in second.resources] == [wanted]
+            # Changes to resources not subscribed are not pushed; changes to the subscribed one are.
+            istiod.store.remove_pod("bookinfo", "details-v1-5f4d58")
+            istiod.store.set_pod_labels("sleep", "sleep-5c6d7e", {"version": "v9"}, [])  # canonical_revision
+            third = await recv(call)
+            assert [r.name for r in third.resources] == [wanted]
+            assert list(third.removed_resources) == []
