@@ -269,8 +269,12 @@ class IstiodServer:
         if node is None:
             allowed = set().union(*resources.identities_by_node.values())
             where = "the world"
+        elif node not in resources.identities_by_node:
+            raise RpcError(
+                RpcStatus.PERMISSION_DENIED, f"node {node} is not in the world; it runs no pods to sign for"
+            )
         else:
-            allowed = resources.identities_by_node.get(node, set())
+            allowed = resources.identities_by_node[node]
             where = f"node {node}"
         if identity.uri not in allowed:
             raise RpcError(

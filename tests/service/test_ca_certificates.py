@@ -6,6 +6,7 @@ import datetime as dt
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 import trio.lowlevel
@@ -93,6 +94,23 @@ async def test_foreign_identity_is_refused() -> None:
             ):
                 await GrpcCaClient(istiod.target(node="node-a")).fetch(RATINGS)
             assert (await GrpcCaClient(istiod.target(node="node-b")).fetch(RATINGS)).identity == RATINGS
+
+
+async def test_node_removed_from_the_world_gets_nothing() -> None:
+    with trio.fail_after(20):
+        async with open_test_istiod(bookinfo()) as istiod:
+            target = istiod.target(node="node-a")
+            world = istiod.store.world
+            istiod.store.apply(
+                msgspec.structs.replace(
+                    world,
+                    nodes=[n for n in world.nodes if n.name != "node-a"],
+                    pods=[p for p in world.pods if p.node != "node-a"],
+                ),
+                "without node-a",
+            )
+            with pytest.raises(CertificateError, match="PERMISSION_DENIED: node node-a is not in the world"):
+                await GrpcCaClient(target).fetch(REVIEWS)
 
 
 async def test_csr_san_must_match_the_impersonated_identity() -> None:

@@ -152,3 +152,22 @@ async def test_client_reconnects_after_server_restart() -> None:
                 assert client.connects >= 2
                 nursery.cancel_scope.cancel()
             outer.cancel_scope.cancel()
+
+
+async def test_a_vanishing_client_does_not_disturb_the_others() -> None:
+    with trio.fail_after(20):
+        async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+            steady = new_client(istiod.target(node="node-b"))
+            await nursery.start(steady.run)
+            await steady.wait_synced()
+            for _ in range(3):
+                # A client that connects, syncs and disappears mid-stream (its task is cancelled).
+                async with trio.open_nursery() as short_lived:
+                    leaving = new_client(istiod.target(node="node-a"))
+                    await short_lived.start(leaving.run)
+                    await leaving.wait_synced()
+                    short_lived.cancel_scope.cancel()
+            istiod.store.remove_pod("bookinfo", "reviews-v2-6d7e9a")
+            await steady.store.wait_for(lambda s: s.workload_by_ip("10.244.2.11") is None)
+            assert steady.connects == 1 and steady.nacks_sent == []
+            nursery.cancel_scope.cancel()
