@@ -427,6 +427,9 @@ class GrpcTarget(msgspec.Struct, frozen=True, kw_only=True):
             try:
                 with open(root_path) as f:
                     root = f.read()
+                client_tls_context(root)
+            except ssl.SSLError as exc:
+                raise ValueError(f"{kind}_ROOT_CERT {root_path} is not a PEM certificate: {exc}") from None
             except OSError as exc:
                 raise ValueError(
                     f"cannot read the root certificate {root_path} ({exc.strerror}); "
@@ -449,7 +452,10 @@ class GrpcTarget(msgspec.Struct, frozen=True, kw_only=True):
 @asynccontextmanager
 async def open_target(target: GrpcTarget) -> AsyncIterator[Channel]:
     """`open_channel` for a GrpcTarget (TLS when it has a root certificate)."""
-    ssl_context = client_tls_context(target.root_cert_pem) if target.root_cert_pem else None
+    try:
+        ssl_context = client_tls_context(target.root_cert_pem) if target.root_cert_pem else None
+    except ssl.SSLError as exc:
+        raise RpcError(RpcStatus.UNAVAILABLE, f"the root certificate is not usable PEM: {exc}") from None
     async with open_channel(target.host, target.port, ssl_context=ssl_context) as channel:
         yield channel
 

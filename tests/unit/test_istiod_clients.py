@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from services.istiod.ca import CertificateAuthority
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import NetworkAddress, Service, Workload, WorkloadUid
 from services.ztunnel.xds.client import XdsClientConfig
@@ -14,7 +15,7 @@ from shared.aio import GrpcTarget
 
 def test_target_from_env(tmp_path: Path) -> None:
     root = tmp_path / "root.pem"
-    root.write_text("ROOT")
+    root.write_text(CertificateAuthority.create().root_pem)
     token = tmp_path / "token"
     token.write_text("tok\n")
     env = {
@@ -24,12 +25,8 @@ def test_target_from_env(tmp_path: Path) -> None:
         "XDS_HEADER_X_TEAM": "a",
     }
     target = GrpcTarget.from_env("XDS", env)
-    assert (target.host, target.port, target.root_cert_pem, target.token) == (
-        "istiod.example",
-        15012,
-        "ROOT",
-        "tok",
-    )
+    assert (target.host, target.port, target.token) == ("istiod.example", 15012, "tok")
+    assert target.root_cert_pem == root.read_text()
     assert target.call_metadata() == {"x-team": "a", "authorization": "Bearer tok"}
     plain = GrpcTarget.from_env(
         "CA", {"CA_ADDRESS": "http://127.0.0.1:1500", "CA_TOKEN_FILE": "/nonexistent"}
@@ -37,6 +34,8 @@ def test_target_from_env(tmp_path: Path) -> None:
     assert (plain.root_cert_pem, plain.token, plain.port) == (None, None, 1500)
     with pytest.raises(ValueError, match="is not"):
         GrpcTarget.from_env("XDS", {"XDS_ADDRESS": "istiod"})
+    with pytest.raises(ValueError, match="is not a PEM certificate"):
+        GrpcTarget.from_env("XDS", {"XDS_ADDRESS": "h:1", "XDS_ROOT_CERT": str(token)})
     with pytest.raises(ValueError, match="cannot read the root certificate"):
         GrpcTarget.from_env("XDS", {"XDS_ADDRESS": "h:1", "XDS_ROOT_CERT": "/nonexistent"})
 

@@ -118,7 +118,15 @@ class CertificateManager:
 
     async def _fetch(self, identity: SpiffeId) -> CertBundle:
         self.fetches += 1
-        return await self._ca.fetch(identity)
+        try:
+            return await self._ca.fetch(identity)
+        except CertificateError:
+            raise
+        except Exception as exc:
+            # A bug or an unexpected failure in a CaClient must not take every identity's rotation down with
+            # it: treat it like a refused request (logged with its traceback, retried with backoff).
+            log.exception("unexpected error fetching a certificate for %s", identity.uri)
+            raise CertificateError(f"fetching a certificate for {identity.uri} failed: {exc!r}") from exc
 
     async def _maintain(self, identity: SpiffeId, entry: _Entry) -> None:
         with entry.scope:
