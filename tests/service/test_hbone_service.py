@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import AsyncIterator
 
@@ -22,7 +23,7 @@ from services.ztunnel.hbone.client import (
 from services.ztunnel.hbone.connection import HboneConnection, HboneStream
 from services.ztunnel.hbone.core import STREAM_WINDOW
 from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError, PeerIdentityError, TlsError
-from services.ztunnel.hbone.server import InboundInfo
+from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.proxy.net import connect
 
@@ -323,3 +324,71 @@ async def test_peer_that_stops_reading_gets_back_pressure(certs: FakeCerts, ca: 
     app.close()
     for sock in held:
         sock.close()
+
+
+async def test_concurrent_burst_shares_connections(server: Server, certs: FakeCerts, ca: CertificateAuthority,
+                                                   echo_port: int) -> None:
+    key = PoolKey(src_identity=CLIENT, dst_identities=frozenset([SERVER]), dst=server.addr)
+    streams: list[HboneStream] = []
+
+    async def one(i: int) -> None:
+        stream = await pool.connect(key, ("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", i))
+        streams.append(stream)
+
+    with trio.fail_after(60):
+        async with open_hbone_pool(certs=certs, contexts=contexts(ca)) as pool:
+            async with trio.open_nursery() as nursery:
+                for i in range(150):
+                    nursery.start_soon(one, i)
+            # One connection made while the others waited for it, then exactly one more at stream 101.
+            assert pool.connections_opened == 2
+            assert sorted(c.active_streams for c in pool.connections(key)) == [50, 100]
+            for stream in streams:
+                await stream.aclose()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+async def test_ipv6_authority_end_to_end(certs: FakeCerts, ca: CertificateAuthority) -> None:
+    async def echo(stream: trio.SocketStream) -> None:
+        async for data in stream:
+            await stream.send_all(data)
+        await stream.send_eof()
+
+    async def upstream(info: InboundInfo) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6)
+        sock.setblocking(False)
+        await connect(sock, info.target, connect_timeout=5)
+        return sock
+
+    listener = socket.socket(socket.AF_INET6)
+    listener.bind(("::1", 0))
+    listener.listen(8)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            [app] = await nursery.start(functools.partial(trio.serve_tcp, echo, 0, host="::1"))
+            app_port = app.socket.getsockname()[1]
+            records: list[InboundRecord] = []
+            await nursery.start(functools.partial(
+                serve_hbone, listener, identity=SERVER, certs=certs, contexts=contexts(ca),
+                authorize=lambda info: Decision(allowed=True), open_upstream=upstream,
+                on_complete=records.append))
+            addr = listener.getsockname()[:2]
+            async with open_hbone_connection(addr, bundle=await certs.fetch_certificate(CLIENT),
+                                             expected=[SERVER], contexts=contexts(ca)) as conn:
+                stream = await conn.open_stream(("::1", app_port), forwarded_for=("fd00::1", 80))
+                assert await echo_round_trip(stream, b"v6") == b"v6"
+                await stream.aclose()
+            while not records:
+                await trio.sleep(0.01)
+            [record] = records
+            assert record.target == ("::1", app_port) and record.status == 200
+            nursery.cancel_scope.cancel()

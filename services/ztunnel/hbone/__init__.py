@@ -1,0 +1,61 @@
+"""HBONE: HTTP/2 CONNECT tunnels inside mutual TLS 1.3 between ztunnels (SPEC §5).
+
+Layers, bottom up:
+
+* `core`       sans-I/O `ClientCore` / `ServerCore` on h2 (bytes in, events out);
+* `tls`        pyOpenSSL contexts per identity with SPIFFE verification; `tlsstream` drives them on the fd;
+* `connection` `HboneConnection` (reader, writer, pinger tasks) and `HboneStream` (a half-closeable stream);
+* `client`     `connect_hbone`, `open_hbone_connection`, the upstream-style pool `open_hbone_pool`;
+* `server`     `serve_hbone` for a pod's 15008 listener, with `authorize` and `open_upstream` callbacks;
+* `relay`      copy between an `HboneStream` and a socket, with half-close.
+"""
+
+from .client import (
+    HBONE_PORT,
+    CertSource,
+    HbonePool,
+    PoolKey,
+    connect_hbone,
+    open_hbone_connection,
+    open_hbone_pool,
+    plain_socket,
+)
+from .connection import HboneConnection, HboneStream, new_traceparent
+from .errors import (
+    ConnectionClosedError,
+    HboneError,
+    HboneProtocolError,
+    HttpStatusError,
+    PeerIdentityError,
+    StreamResetError,
+    TlsError,
+)
+from .relay import relay
+from .server import InboundInfo, InboundRecord, serve_hbone
+from .tls import TlsContextCache
+
+__all__ = [
+    "HBONE_PORT",
+    "CertSource",
+    "ConnectionClosedError",
+    "HboneConnection",
+    "HboneError",
+    "HbonePool",
+    "HboneProtocolError",
+    "HboneStream",
+    "HttpStatusError",
+    "InboundInfo",
+    "InboundRecord",
+    "PeerIdentityError",
+    "PoolKey",
+    "StreamResetError",
+    "TlsContextCache",
+    "TlsError",
+    "connect_hbone",
+    "new_traceparent",
+    "open_hbone_connection",
+    "open_hbone_pool",
+    "plain_socket",
+    "relay",
+    "serve_hbone",
+]

@@ -30,7 +30,7 @@ from shared.identity import CertBundle, SpiffeId
 from ..proxy.net import connect, family_of
 from .connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
 from .core import Addr, ClientCore, format_authority
-from .errors import ConnectionClosedError, TlsError
+from .errors import TlsError
 from .tls import TlsContextCache, check_established, client_connection
 from .tlsstream import TlsSocketStream
 
@@ -285,6 +285,3 @@ async def open_hbone_pool(*, certs: CertSource, contexts: TlsContextCache,
                     conn.close()
                 nursery.cancel_scope.cancel()
 
-
-__all__ = ["HBONE_PORT", "CertSource", "ConnectionClosedError", "HbonePool", "PoolKey", "connect_hbone",
-           "open_hbone_connection", "open_hbone_pool", "plain_socket"]

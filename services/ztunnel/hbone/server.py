@@ -30,6 +30,7 @@ from typing import Final
 import msgspec
 import trio
 
+from shared.errors import AmbientError
 from shared.identity import SpiffeId
 
 from ..authz import Decision
@@ -118,7 +119,7 @@ class _Server:
                 if scope.cancelled_caught:
                     raise HboneError(f"TLS handshake timed out after {self.handshake_timeout:g}s")
                 identity = check_established(tls.ssl)
-            except HboneError as exc:
+            except AmbientError as exc:  # TLS/identity failures, or no certificate for this workload
                 record.error = str(exc)
                 log.warning("inbound HBONE connection refused", extra={"fields": [
                     ("src.addr", f"{peer[0]}:{peer[1]}"), ("error", record.error)]})
