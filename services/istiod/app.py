@@ -2,6 +2,7 @@
 
     istiod-stub --world examples/bookinfo.yaml [--listen 127.0.0.1:15012] [--state-dir DIR] [--plaintext]
                 [--node-token NODE=TOKEN ...] [--admin-token TOKEN] [--tls-san NAME ...]
+                [--root-cert FILE --root-key FILE] [--tls-cert FILE --tls-key FILE]
 
 Everything a client needs is written to the state directory (default ./.istiod-state, env ISTIOD_STATE_DIR):
   root-cert.pem          the root CA certificate clients verify the server and workload certificates with
@@ -20,6 +21,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +34,7 @@ from services.istiod.server import DEFAULT_SERVER_NAMES, Auth, IstiodServer, ser
 from services.istiod.store import WorldStore
 from services.istiod.world import World, load_world
 from shared.errors import AmbientError
+from shared.identity import IdentityError, load_cert, load_key
 
 log = logging.getLogger("istiod-stub")
 
@@ -64,6 +67,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME",
         help="extra DNS name/IP for the serving cert",
     )
+    p.add_argument(
+        "--root-cert", type=Path, help="use this CA certificate (with --root-key) instead of the state dir's"
+    )
+    p.add_argument("--root-key", type=Path, help="the CA's private key (PEM, ECDSA)")
+    p.add_argument("--tls-cert", type=Path, help="serve with this certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="the serving certificate's key")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
     return p.parse_args(argv)
 
@@ -154,13 +163,43 @@ def _write_secret(path: Path, value: str) -> None:
         f.write(value + "\n")
 
 
+def _load_ca(args: argparse.Namespace, state_dir: Path, world: World) -> CertificateAuthority:
+    if bool(args.root_cert) != bool(args.root_key):
+        raise StartupError("--root-cert and --root-key go together")
+    if args.root_cert is None:
+        return CertificateAuthority.load_or_create(state_dir, world.trust_domain)
+    try:
+        ca = CertificateAuthority(
+            load_key(args.root_key.read_bytes()), load_cert(args.root_cert.read_bytes())
+        )
+    except (OSError, IdentityError) as exc:
+        raise StartupError(f"cannot use --root-cert/--root-key: {exc}") from None
+    # Clients read the root from the state dir: keep it there too.
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "root-cert.pem").write_text(ca.root_pem)
+    return ca
+
+
+def _given_ssl_context(args: argparse.Namespace) -> ssl.SSLContext:
+    if not (args.tls_cert and args.tls_key):
+        raise StartupError("--tls-cert and --tls-key go together")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot use --tls-cert/--tls-key: {exc}") from None
+    return ctx
+
+
 async def run(args: argparse.Namespace) -> None:
     host, port = _split_listen(args.listen)
     state_dir: Path = args.state_dir
     world = _load_world_file(args.world) if args.world is not None else World()
     tokens = NodeTokens.from_args(args, state_dir)
     try:
-        ca = CertificateAuthority.load_or_create(state_dir, world.trust_domain)
+        ca = _load_ca(args, state_dir, world)
         node_tokens = tokens.ensure(world)
         admin_token = args.admin_token
         admin_path = state_dir / "admin.token"
@@ -171,9 +210,12 @@ async def run(args: argparse.Namespace) -> None:
         raise StartupError(f"cannot write to the state directory {state_dir}: {exc}") from None
     ssl_context = None
     if not args.plaintext:
-        ssl_context = server_ssl_context(
-            ca, [*DEFAULT_SERVER_NAMES, *args.tls_san, *([host] if host not in ("0.0.0.0", "::") else [])]
-        )
+        if args.tls_cert or args.tls_key:
+            ssl_context = _given_ssl_context(args)
+        else:
+            ssl_context = server_ssl_context(
+                ca, [*DEFAULT_SERVER_NAMES, *args.tls_san, *([host] if host not in ("0.0.0.0", "::") else [])]
+            )
     store = WorldStore(world)
     auth = Auth(node_tokens, admin_token)
     server = IstiodServer(store, ca, auth)
