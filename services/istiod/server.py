@@ -48,6 +48,7 @@ from shared.identity import IdentityError, SpiffeId
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPE_URLS = (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL)
+MAX_RECORDED_NACKS = 1000
 
 
 class Nack(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,7 +112,8 @@ class _Subscription:
 
 
 class IstiodServer:
-    """All services of the stub over one WorldStore. `nacks` records every NACK received (newest last)."""
+    """All services of the stub over one WorldStore. `nacks` records the NACKs received (newest last, the
+    last MAX_RECORDED_NACKS)."""
 
     def __init__(self, store: WorldStore, ca: CertificateAuthority, auth: Auth | None = None) -> None:
         self.store = store
@@ -201,6 +203,7 @@ class IstiodServer:
                     message=req.error_detail.message,
                 )
                 self.nacks.append(nack)
+                del self.nacks[:-MAX_RECORDED_NACKS]
                 log.warning(
                     "NACK from %s for %s (nonce %s): %s",
                     node_id,
@@ -217,7 +220,9 @@ class IstiodServer:
                 sub.names.add(name)
         for name in req.resource_names_unsubscribe:
             if name == "*":
+                # Leaving wildcard: the client drops what it no longer wants; nothing to send as removed.
                 sub.wildcard = False
+                sub.sent = {n: v for n, v in sub.sent.items() if n in sub.names}
             else:
                 sub.names.discard(name)
                 if not sub.wildcard:
