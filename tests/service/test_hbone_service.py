@@ -27,7 +27,7 @@ from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbon
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.proxy.net import connect
 
-from .test_hbone_helpers import FakeCerts, Server, running_server, spiffe, start_echo
+from .test_hbone_helpers import FakeCerts, Server, connect_upstream, running_server, spiffe, start_echo
 
 CLIENT = spiffe("sleep")
 SERVER = spiffe("httpbin")
@@ -392,3 +392,28 @@ async def test_ipv6_authority_end_to_end(certs: FakeCerts, ca: CertificateAuthor
             [record] = records
             assert record.target == ("::1", app_port) and record.status == 200
             nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_callback_fails_only_its_stream(certs: FakeCerts, ca: CertificateAuthority,
+                                                       echo_port: int) -> None:
+    calls = 0
+
+    async def flaky_upstream(info: InboundInfo) -> socket.socket:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("bug in the upstream connector")
+        return await connect_upstream(info)
+
+    bundle = await certs.fetch_certificate(CLIENT)
+    with trio.fail_after(10):
+        async with (running_server(certs, SERVER, roots=[ca.root_pem], open_upstream=flaky_upstream) as srv,
+                    open_hbone_connection(srv.addr, bundle=bundle, expected=[SERVER],
+                                          contexts=contexts(ca)) as conn):
+            with pytest.raises(HttpStatusError) as info:
+                await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 1))
+            assert info.value.status == 503
+            stream = await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 2))
+            assert await echo_round_trip(stream, b"ok") == b"ok"
+            records = await srv.wait_records(1)
+    assert records[0].error is not None and "bug in the upstream connector" in records[0].error

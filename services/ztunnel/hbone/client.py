@@ -281,7 +281,11 @@ async def open_hbone_pool(*, certs: CertSource, contexts: TlsContextCache,
             try:
                 yield pool
             finally:
-                for conn in pool.connections():
-                    conn.close()
+                conns = pool.connections()
+                for conn in conns:
+                    conn.close()  # GOAWAY
+                with trio.move_on_after(1):
+                    for conn in conns:
+                        await conn.wait_closed()
                 nursery.cancel_scope.cancel()
 

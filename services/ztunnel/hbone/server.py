@@ -38,7 +38,7 @@ from ..errors import ConnectError
 from ..proxy.net import describe_os_error, peer_addr
 from .client import CertSource
 from .connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
-from .core import ERROR_CANCEL, ConnectRequested, ServerCore, StreamRejected
+from .core import ERROR_CANCEL, ERROR_INTERNAL, ConnectRequested, ServerCore, StreamRejected
 from .errors import HboneError
 from .relay import relay
 from .tls import TlsContextCache, check_established, describe_ssl_error, server_connection
@@ -184,9 +184,19 @@ class _Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             cause = exc.__cause__ or exc
             record.error = str(cause) or "the HBONE stream was closed"
+        except Exception as exc:
+            # A bug in a callback: this stream fails, the connection and its other streams carry on.
+            log.exception("inbound HBONE stream failed", extra={"fields": [
+                ("src.addr", f"{conn.peer_addr[0]}:{conn.peer_addr[1]}"),
+                ("dst.hbone_addr", f"{event.target[0]}:{event.target[1]}")]})
+            record.error = f"internal error: {exc!r}"
+            if stream.status is None:
+                conn.respond(stream, 503)
+            else:
+                stream.reset(ERROR_INTERNAL)
         except BaseException:
-            # Cancelled (the pod is going away) or a bug: the client must not take a truncated stream for
-            # a complete one.
+            # Cancelled (the pod is going away): the client must not take a truncated stream for a
+            # complete one.
             record.error = record.error or "connection drained"
             stream.reset(ERROR_CANCEL)
             raise
