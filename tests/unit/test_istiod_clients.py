@@ -69,3 +69,35 @@ def test_store_indexes_follow_replacements_and_removals() -> None:
     assert store.workloads == {} and store.services == {} and store.service_by_vip("10.96.0.1") is None
     dump = store.config_dump()
     assert dump["generation"] == 3 and dump["workloads"] == []
+
+
+def test_pod_info_enablement_matches_spec_section_8() -> None:
+    from services.node_agent.podwatch import PodInfo
+
+    def info(
+        labels: dict[str, str],
+        ns: dict[str, str],
+        *,
+        annotations: dict[str, str] | None = None,
+        host: bool = False,
+    ) -> PodInfo:
+        return PodInfo(
+            uid="u",
+            name="p",
+            namespace="ns",
+            service_account="sa",
+            node="n",
+            ips=("10.0.0.1",),
+            labels=labels,
+            annotations=annotations or {},
+            namespace_labels=ns,
+            host_network=host,
+        )
+
+    mode = "istio.io/dataplane-mode"
+    assert info({mode: "ambient"}, {}).is_ambient
+    assert info({}, {mode: "ambient"}).is_ambient
+    assert not info({mode: "none"}, {mode: "ambient"}).is_ambient
+    assert not info({}, {}).is_ambient
+    assert not info({mode: "ambient"}, {}, annotations={"sidecar.istio.io/status": "{}"}).is_ambient
+    assert not info({mode: "ambient"}, {}, host=True).is_ambient
