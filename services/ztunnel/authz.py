@@ -34,6 +34,7 @@ import msgspec
 
 from shared.identity import SpiffeId
 
+from .state.store import StateStore
 from .state.types import Action, Authorization, Match, Scope, ServiceAccountMatch, StringMatch, Workload
 
 log = logging.getLogger("ztunnel.authz")
@@ -201,3 +202,16 @@ def evaluate(policies: Iterable[Authorization], req: AuthzRequest) -> Decision:
 def authorize(policies: Iterable[Authorization], workload: Workload, req: AuthzRequest) -> Decision:
     """`evaluate` over the policies that apply to the destination `workload`."""
     return evaluate(applicable(policies, workload), req)
+
+
+def authorize_from_state(store: StateStore, req: AuthzRequest, *, network: str = "") -> Decision:
+    """Decide with the xDS state as it is now (policy changes apply to the next connection at once).
+
+    The destination workload is looked up by `req.dst_ip`; an unknown one is denied (fail closed), with a
+    reason that says so.
+    """
+    workload = store.workload_by_ip(req.dst_ip, network)
+    if workload is None:
+        return Decision(allowed=False,
+                        reason=f"destination {req.dst_ip} is not a known workload (is xDS synced?)")
+    return authorize(store.policies.values(), workload, req)

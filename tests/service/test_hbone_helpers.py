@@ -87,10 +87,11 @@ class Server:
     infos: list[InboundInfo] = field(default_factory=list)
     decision: Decision = field(default_factory=lambda: Decision(allowed=True))
     record_event: trio.Event = field(default_factory=trio.Event)
+    authorizer: Callable[[InboundInfo], Decision] | None = None
 
     def authorize(self, info: InboundInfo) -> Decision:
         self.infos.append(info)
-        return self.decision
+        return self.authorizer(info) if self.authorizer is not None else self.decision
 
     def on_complete(self, record: InboundRecord) -> None:
         self.records.append(record)

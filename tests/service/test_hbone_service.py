@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from services.istiod.ca import CertificateAuthority
-from services.ztunnel.authz import Decision
+from services.ztunnel.authz import Decision, authorize_from_state
 from services.ztunnel.hbone.client import (
     PoolKey,
     connect_hbone,
@@ -26,6 +26,18 @@ from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError
 from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.proxy.net import connect
+from services.ztunnel.state.store import StateStore
+from services.ztunnel.state.types import (
+    Action,
+    Authorization,
+    Clause,
+    Match,
+    Rule,
+    Scope,
+    StringMatch,
+    Workload,
+    WorkloadUid,
+)
 
 from .test_hbone_helpers import FakeCerts, Server, connect_upstream, running_server, spiffe, start_echo
 
@@ -417,3 +429,32 @@ async def test_a_failing_callback_fails_only_its_stream(certs: FakeCerts, ca: Ce
             assert await echo_round_trip(stream, b"ok") == b"ok"
             records = await srv.wait_records(1)
     assert records[0].error is not None and "bug in the upstream connector" in records[0].error
+
+
+async def test_policies_from_the_state_store_apply_to_the_next_stream(
+        certs: FakeCerts, ca: CertificateAuthority, echo_port: int) -> None:
+    store = StateStore()
+    store.apply_addresses([Workload(uid=WorkloadUid("Kubernetes//Pod/default/httpbin"), name="httpbin",
+                                    namespace="default", addresses=("127.0.0.1",))], [])
+
+    def authorize(info: InboundInfo) -> Decision:
+        return authorize_from_state(store, info.authz_request())
+
+    bundle = await certs.fetch_certificate(CLIENT)
+    with trio.fail_after(10):
+        async with running_server(certs, SERVER, roots=[ca.root_pem]) as srv:
+            srv.authorizer = authorize
+            async with open_hbone_connection(srv.addr, bundle=bundle, expected=[SERVER],
+                                             contexts=contexts(ca)) as conn:
+                stream = await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 1))
+                await stream.aclose()
+                store.apply_authorizations([Authorization(
+                    name="deny-sleep", namespace="default", scope=Scope.NAMESPACE, action=Action.DENY,
+                    rules=(Rule(clauses=(Clause(matches=(Match(principals=(
+                        StringMatch(kind="exact", value="cluster.local/ns/default/sa/sleep"),)),)),)),))], [])
+                with pytest.raises(HttpStatusError) as info:
+                    await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 2))
+    assert info.value.status == 401
+    [denied] = [r for r in srv.records if r.status == 401]
+    assert denied.error is not None and "deny-sleep" in denied.error
+    assert [r.error for r in srv.records if r.status == 200] == [None]

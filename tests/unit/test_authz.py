@@ -6,7 +6,15 @@ import logging
 
 import pytest
 
-from services.ztunnel.authz import AuthzRequest, Decision, applicable, authorize, evaluate
+from services.ztunnel.authz import (
+    AuthzRequest,
+    Decision,
+    applicable,
+    authorize,
+    authorize_from_state,
+    evaluate,
+)
+from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (
     Action,
     Authorization,
@@ -158,3 +166,16 @@ def test_scopes_select_policies_for_the_destination() -> None:
     assert authorize([pol("other-ns", "other", Scope.NAMESPACE)], DEST, REQ).allowed
     assert not authorize([pol("selected", "default", Scope.WORKLOAD_SELECTOR)], DEST, REQ).allowed
     assert authorize([pol("unselected", "default", Scope.WORKLOAD_SELECTOR)], DEST, REQ).allowed
+
+
+def test_authorize_from_state_uses_current_policies() -> None:
+    store = StateStore()
+    assert not authorize_from_state(store, REQ).allowed  # unknown destination: fail closed
+    store.apply_addresses([DEST], [])
+    assert authorize_from_state(store, REQ).allowed
+    deny_sleep = policy(DENY, Match(principals=(exact("cluster.local/ns/default/sa/sleep"),)))
+    store.apply_authorizations([deny_sleep], [])
+    decision = authorize_from_state(store, REQ)
+    assert not decision.allowed and decision.reason == "explicitly denied by: default/p"
+    store.apply_authorizations([], ["default/p"])
+    assert authorize_from_state(store, REQ).allowed

@@ -146,6 +146,11 @@ class HboneStream(trio.abc.HalfCloseableStream):
     # --- application API ---
 
     @property
+    def eof_received(self) -> bool:
+        """The peer's END_STREAM arrived (all its bytes are in)."""
+        return self._eof_received
+
+    @property
     def finished(self) -> bool:
         """Both directions ended cleanly (END_STREAM sent and received)."""
         return self._eof_sent and self._eof_received and self._error is None

@@ -12,8 +12,9 @@ it with non-blocking sends, waiting for the socket when the kernel buffer is ful
 holds back the peer through HTTP/2 flow control.
 
 EOF on the socket becomes END_STREAM; END_STREAM becomes `shutdown(SHUT_WR)`. The relay ends when both
-directions ended. The first error of either direction (reset, socket error, connection loss) ends both, the
-stream is reset if it is still open, and that error is raised as is.
+directions ended, or when the peer, after its END_STREAM, resets with NO_ERROR (it wants nothing more).
+The first error of either direction (reset, socket error, connection loss) ends both, the stream is reset
+if it is still open, and that error is raised as is.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import socket
 import trio
 
 from .connection import HboneStream
-from .core import ERROR_CONNECT
+from .core import ERROR_CONNECT, ERROR_NO_ERROR
+from .errors import StreamResetError
 from .tlsstream import _shared_view
 
 
@@ -68,6 +70,13 @@ async def stream_to_socket(stream: HboneStream, sock: socket.socket) -> None:
         await _sock_send_all(sock, data)
 
 
+def _peer_done(stream: HboneStream, exc: BaseException) -> bool:
+    """The peer ended its side and then reset with NO_ERROR: "stop sending, I am done" (RFC 9113 §8.1)."""
+    cause = exc.__cause__
+    return (stream.eof_received and isinstance(cause, StreamResetError)
+            and cause.error_code == ERROR_NO_ERROR)
+
+
 async def relay(stream: HboneStream, sock: socket.socket) -> None:
     """Copy both ways until both directions ended. Byte counts are on `stream.bytes_sent/_received`.
 
@@ -84,6 +93,8 @@ async def relay(stream: HboneStream, sock: socket.socket) -> None:
             else:
                 await stream_to_socket(stream, sock)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if direction == "up" and _peer_done(stream, exc):
+                return
             errors.append(exc)
             scope.cancel()
 

@@ -33,7 +33,7 @@ import trio
 from shared.errors import AmbientError
 from shared.identity import SpiffeId
 
-from ..authz import Decision
+from ..authz import AuthzRequest, Decision
 from ..errors import ConnectError
 from ..proxy.net import describe_os_error, peer_addr
 from .client import CertSource
@@ -65,6 +65,11 @@ class InboundInfo(msgspec.Struct, frozen=True, kw_only=True):
     forwarded: str | None = None
     traceparent: str | None = None
     baggage: str | None = None
+
+    def authz_request(self) -> AuthzRequest:
+        """What `authz` decides on: the TCP peer's IP, the target, and the verified peer identity."""
+        return AuthzRequest(src_ip=self.src_addr[0], dst_ip=self.target[0], dst_port=self.target[1],
+                            src_identity=self.src_identity)
 
 
 class InboundRecord(msgspec.Struct, kw_only=True):
