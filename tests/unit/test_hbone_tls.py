@@ -74,3 +74,4 @@ def test_ssl_errors_read_well() -> None:
     assert describe_ssl_error(exc) == "tlsv1 alert unknown ca"
     eof = SSL.SysCallError(-1, "Unexpected EOF")
     assert describe_ssl_error(eof) == "connection closed by the peer during TLS"
+

@@ -28,6 +28,7 @@ import trio
 from shared.identity import CertBundle, SpiffeId
 
 from ..proxy.net import connect, family_of
+from ..state.types import Workload
 from .connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
 from .core import Addr, ClientCore, format_authority
 from .errors import TlsError
@@ -46,6 +47,25 @@ class CertSource(Protocol):
     """Where workload certificates come from (the ztunnel certificate manager, or a fake)."""
 
     async def fetch_certificate(self, identity: SpiffeId) -> CertBundle: ...
+
+
+def baggage_of(workload: Workload, *, cluster: str | None = None, region: str | None = None,
+               zone: str | None = None) -> str:
+    """The `baggage` header upstream sends for a source workload (SPEC §5): only the keys it knows.
+
+    `k8s.cluster.name, k8s.namespace.name, k8s.<workload_type>.name, service.name, service.version,
+    cloud.region, cloud.availability_zone`, comma-joined.
+    """
+    items = [
+        ("k8s.cluster.name", cluster or workload.cluster_id),
+        ("k8s.namespace.name", workload.namespace),
+        (f"k8s.{workload.workload_type.value}.name", workload.workload_name),
+        ("service.name", workload.canonical_name),
+        ("service.version", workload.canonical_revision),
+        ("cloud.region", region),
+        ("cloud.availability_zone", zone),
+    ]
+    return ",".join(f"{key}={value}" for key, value in items if value)
 
 
 def plain_socket(family: socket.AddressFamily) -> socket.socket:
