@@ -45,6 +45,7 @@ from services.lab.state import (
     process_start_time,
 )
 from services.lab.topology import ISTIOD_PORT, LabPlan, NodePlan, PodPlan
+from shared.netns import NetnsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -311,7 +312,7 @@ def check_once(check: Check) -> str | None:
         if status != 200:
             return f"{check.socket} {check.path} answered {status}"
         return None
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, NetnsError, http.client.HTTPException) as exc:
         return f"{type(exc).__name__}: {exc}"
 
 

@@ -70,6 +70,7 @@ from services.lab.topology import (
     rescale_world,
     wire_pod,
 )
+from shared.netns import NetnsError
 
 DEFAULT_PREFIX = "amb"
 DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
@@ -300,7 +301,7 @@ def ztunnel_pods(plan: LabPlan, node: str) -> set[str]:
             return set()
         dump = json.loads(body)
         return {str(p["uid"]) for p in dump.get("pods", []) if p.get("state", "up") == "up"}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, http.client.HTTPException):
+    except (OSError, NetnsError, ValueError, KeyError, TypeError, AttributeError, http.client.HTTPException):
         return set()
 
 
@@ -387,6 +388,7 @@ def down(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None, progress: Pr
 
 def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[str, Any]:
     """What `lab status --json` prints: nodes, pods (IP, node, enrolment), services, components."""
+    check_prerequisites()
     state = require_state(prefix, root)
     plan = plan_of(state)
     held = {n.name: ztunnel_pods(plan, n.name) for n in plan.nodes} if state.phase == "up" else {}
@@ -522,6 +524,7 @@ def access_logs(
     root: Path | None = None,
 ) -> Iterator[str]:
     """The lab's ztunnel access-log lines, like `kubectl logs -l app=ztunnel | grep -E 'inbound|outbound'`."""
+    check_prerequisites()
     state = require_state(prefix, root)
     plan = plan_of(state)
     nodes = [n.name for n in plan.nodes]

@@ -163,7 +163,8 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
         lab.check_prerequisites()
 
 
-def test_status_of_a_lab_that_is_not_up(tmp_path: Path) -> None:
+def test_status_of_a_lab_that_is_not_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lab, "check_prerequisites", lambda: None)
     with pytest.raises(NotUpError, match="no lab 'nope' is up"):
         lab.status(prefix="nope", root=tmp_path)
 
