@@ -178,3 +178,15 @@ async def test_unanswered_ping_ends_the_connection(nursery: trio.Nursery, certs:
     with pytest.raises(ConnectionClosedError):
         await client.open_stream(("127.0.0.1", 1), forwarded_for=("127.0.0.1", 1))
     await server_tls.aclose()
+
+
+async def test_aclose_of_a_connection_never_run_closes_its_socket(certs: FakeCerts,
+                                                                  ca: CertificateAuthority) -> None:
+    client_tls, server_tls = await tls_pair(certs, ca)
+    conn = HboneConnection(client_tls, ClientCore(), peer_identity=SERVER, local_addr=("127.0.0.1", 1),
+                           peer_addr=("127.0.0.1", 15008))
+    with trio.fail_after(5):
+        await conn.aclose()
+        assert conn.dead and client_tls.socket.fileno() == -1
+        assert await server_tls.receive_some() == b""  # close_notify reached the peer
+    await server_tls.aclose()

@@ -379,7 +379,8 @@ class HboneConnection:
         self._closed.set()
 
     def close(self, error_code: int = ERROR_NO_ERROR) -> None:
-        """Graceful: GOAWAY, then the connection ends once the peer closes (or the flush deadline passes)."""
+        """GOAWAY, then end the connection once it is flushed (at most 1 s later). Streams still open are
+        failed: callers close their streams first (the pool closes only idle connections)."""
         if self.dead:
             return
         self.core.close(error_code)
@@ -397,12 +398,16 @@ class HboneConnection:
         await self._closed.wait()
 
     async def aclose(self) -> None:
-        """Close now (GOAWAY if possible) and wait for `run` to finish."""
-        if not self.dead:
+        """Close now (GOAWAY if possible) and wait for `run` to finish; closes the TLS stream if `run` was
+        never started."""
+        if self.dead:
+            await trio.lowlevel.checkpoint()
+        elif self._nursery is None:
+            self._shutdown()
+            await trio.lowlevel.checkpoint()
+        else:
             self.close()
             await self._closed.wait()
-        else:
-            await trio.lowlevel.checkpoint()
 
     # --- writer ---
 
