@@ -38,6 +38,7 @@ import msgspec
 import trio
 import trio_asyncio
 from grpclib.client import Channel as _GrpcChannel
+from grpclib.config import Configuration as _GrpcConfiguration
 from grpclib.const import Status as _GrpcStatus
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.server import Server as _GrpcServer
@@ -392,6 +393,8 @@ class GrpcTarget(msgspec.Struct, frozen=True, kw_only=True):
     root_cert_pem: str | None = None
     token: str | None = None
     headers: dict[str, str] = {}
+    keepalive: float | None = 10.0
+    keepalive_timeout: float = 20.0
 
     def call_metadata(self) -> dict[str, str]:
         md = dict(self.headers)
@@ -456,27 +459,68 @@ async def open_target(target: GrpcTarget) -> AsyncIterator[Channel]:
         ssl_context = client_tls_context(target.root_cert_pem) if target.root_cert_pem else None
     except ssl.SSLError as exc:
         raise RpcError(RpcStatus.UNAVAILABLE, f"the root certificate is not usable PEM: {exc}") from None
-    async with open_channel(target.host, target.port, ssl_context=ssl_context) as channel:
+    async with open_channel(
+        target.host,
+        target.port,
+        ssl_context=ssl_context,
+        keepalive=target.keepalive,
+        keepalive_timeout=target.keepalive_timeout,
+    ) as channel:
         yield channel
+
+
+class _AbortingChannel(_GrpcChannel):
+    """A grpclib Channel whose connections abort instead of closing.
+
+    grpclib closes a connection when a keepalive PING goes unanswered and when the channel is closed. A TLS
+    close first waits (up to 30 s) for the peer's close_notify: a silent peer would keep the call hanging
+    that long, and a loop that ends sooner leaks the socket. The client is done with the connection in both
+    cases, so it is aborted: the socket is gone on the loop's next iteration and open calls fail at once.
+    """
+
+    async def _create_connection(self) -> Any:
+        protocol = await super()._create_connection()
+        connection = protocol.connection
+        close = connection.close
+
+        def abort_then_close() -> None:
+            transport = getattr(connection, "_transport", None)
+            if transport is not None:
+                transport.abort()
+            close()
+
+        connection.close = abort_then_close  # type: ignore[method-assign]
+        return protocol
 
 
 @asynccontextmanager
 async def open_channel(
-    host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    keepalive: float | None = 10.0,
+    keepalive_timeout: float = 20.0,
 ) -> AsyncIterator[Channel]:
-    """A grpclib channel usable from Trio (opens the asyncio bridge if needed). Connects lazily."""
+    """A grpclib channel usable from Trio (opens the asyncio bridge if needed). Connects lazily.
+
+    While a call is open the client PINGs every `keepalive` seconds and drops the connection when a PING is
+    not answered within `keepalive_timeout` seconds, so a vanished server (no FIN/RST: a partition, a frozen
+    host) is noticed and the call fails with UNAVAILABLE instead of hanging. None disables it.
+    """
+    config = None
+    if keepalive is not None:
+        config = _GrpcConfiguration(
+            _keepalive_time=keepalive,
+            _keepalive_timeout=keepalive_timeout,
+            _http2_max_pings_without_data=0,
+            _http2_min_sent_ping_interval_without_data=keepalive,
+        )
     async with open_aio_loop():
-        channel = _GrpcChannel(host, port, ssl=ssl_context)
+        channel = _AbortingChannel(host, port, ssl=ssl_context, config=config)
         try:
             yield Channel(channel)
         finally:
-            # Abort rather than close: a TLS close waits for the peer's close_notify, which a loop this block
-            # opened would not live to see (the socket would leak until garbage collection). The client is
-            # done with the connection either way; the socket is closed on the loop's next iteration.
-            protocol = getattr(channel, "_protocol", None)
-            transport = getattr(getattr(protocol, "connection", None), "_transport", None)
-            if transport is not None:
-                transport.abort()
-            channel.close()
+            channel.close()  # aborts the connection (see _AbortingChannel)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await trio_asyncio.aio_as_trio(asyncio.sleep)(0)

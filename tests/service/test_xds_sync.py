@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import msgspec
 import trio
 
 from services.istiod.server import Auth, IstiodServer, server_ssl_context
@@ -170,4 +171,60 @@ async def test_a_vanishing_client_does_not_disturb_the_others() -> None:
             istiod.store.remove_pod("bookinfo", "reviews-v2-6d7e9a")
             await steady.store.wait_for(lambda s: s.workload_by_ip("10.244.2.11") is None)
             assert steady.connects == 1 and steady.nacks_sent == []
+            nursery.cancel_scope.cancel()
+
+
+class Blackhole:
+    """A loopback TCP relay that can stop forwarding (a partition: no FIN, no RST, just silence)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.flowing = trio.Event()
+        self.flowing.set()
+
+    def freeze(self) -> None:
+        self.flowing = trio.Event()
+
+    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
+        try:
+            async for chunk in src:
+                await self.flowing.wait()
+                await dst.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            await self.flowing.wait()
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
+            async with upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, upstream)
+                await self._pump(upstream, client)
+                nursery.cancel_scope.cancel()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+
+async def test_keepalive_notices_a_silent_server_and_the_client_recovers() -> None:
+    with trio.fail_after(30):
+        async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+            relay = Blackhole(istiod.port)
+            port = await nursery.start(relay.serve)
+            target = msgspec.structs.replace(
+                istiod.target(node="node-a"), port=port, keepalive=0.1, keepalive_timeout=0.3
+            )
+            client = new_client(target)
+            await nursery.start(client.run)
+            await client.wait_synced()
+            relay.freeze()
+            # No FIN, no RST: only the unanswered PINGs can tell the stream is dead.
+            while client.connected:
+                await trio.sleep(0.05)
+            relay.flowing.set()
+            istiod.store.remove_pod("sleep", "sleep-5c6d7e")
+            await client.store.wait_for(lambda s: s.workload_by_ip("10.244.1.20") is None)
+            assert client.connects >= 2
             nursery.cancel_scope.cancel()
