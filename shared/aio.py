@@ -209,15 +209,31 @@ async def serve_grpc(
         OSError: the address cannot be bound.
     """
     async with open_aio_loop():
-        server = _GrpcServer(list(services))  # type: ignore[arg-type]
+        # PING clients with open calls every 30 s and drop those that do not answer within 20 s: a vanished
+        # client (no FIN/RST) would otherwise hold its subscriptions until TCP gives up, many minutes later.
+        config = _GrpcConfiguration(
+            _keepalive_time=30.0,
+            _keepalive_timeout=20.0,
+            _http2_max_pings_without_data=0,
+            _http2_min_sent_ping_interval_without_data=30.0,
+        )
+        server = _GrpcServer(list(services), config=config)  # type: ignore[arg-type]
         # grpclib's close() cancels the handlers but leaves client connections open (asyncio servers do not
-        # close accepted transports); track them so a stopped server really disconnects its clients.
+        # close accepted transports); track them so a stopped server really disconnects its clients. Dead
+        # connections are aborted rather than TLS-closed (see _AbortingChannel).
         protocols: weakref.WeakSet[Any] = weakref.WeakSet()
         make_protocol = server._protocol_factory
 
         def tracking_factory() -> Any:
             protocol = make_protocol()
             protocols.add(protocol)
+            made = protocol.connection_made
+
+            def connection_made(transport: Any) -> None:
+                made(transport)
+                _abort_on_close(protocol.connection)
+
+            protocol.connection_made = connection_made  # type: ignore[method-assign]
             return protocol
 
         server._protocol_factory = tracking_factory  # type: ignore[method-assign]
@@ -480,17 +496,20 @@ class _AbortingChannel(_GrpcChannel):
 
     async def _create_connection(self) -> Any:
         protocol = await super()._create_connection()
-        connection = protocol.connection
-        close = connection.close
-
-        def abort_then_close() -> None:
-            transport = getattr(connection, "_transport", None)
-            if transport is not None:
-                transport.abort()
-            close()
-
-        connection.close = abort_then_close  # type: ignore[method-assign]
+        _abort_on_close(protocol.connection)
         return protocol
+
+
+def _abort_on_close(connection: Any) -> None:
+    close = connection.close
+
+    def abort_then_close() -> None:
+        transport = getattr(connection, "_transport", None)
+        if transport is not None:
+            transport.abort()
+        close()
+
+    connection.close = abort_then_close
 
 
 @asynccontextmanager
