@@ -49,6 +49,7 @@ class TlsSocketStream(trio.abc.Stream):
         self.ssl = conn
         self._broken: BaseException | None = None
         self._eof = False
+        self._read_wants_write = False
         self._closed = False
         self._send_conflict = False
         self._receive_conflict = False
@@ -126,10 +127,14 @@ class TlsSocketStream(trio.abc.Stream):
     def _read_batch(self) -> int:
         """SSL_read into the shared buffer until OpenSSL would block; returns bytes read (0 and _eof: EOF)."""
         total = 0
+        self._read_wants_write = False
         while total + _RECORD <= RECEIVE_BUFFER_SIZE:
             try:
                 n = self.ssl.recv_into(_shared_view[total:], _RECORD)  # type: ignore[arg-type]
-            except (SSL.WantReadError, SSL.WantWriteError):
+            except SSL.WantReadError:
+                break
+            except SSL.WantWriteError:  # e.g. answering a KeyUpdate with a full socket buffer
+                self._read_wants_write = True
                 break
             except SSL.ZeroReturnError:  # close_notify
                 self._eof = True
@@ -172,7 +177,9 @@ class TlsSocketStream(trio.abc.Stream):
                 n = self._read_batch()
                 if n:
                     return _shared_view[:n]
-                if not self._eof:
+                if self._read_wants_write:
+                    await trio.lowlevel.wait_writable(self.socket)
+                elif not self._eof:
                     await trio.lowlevel.wait_readable(self.socket)
         finally:
             self._receive_conflict = False
@@ -194,8 +201,11 @@ class TlsSocketStream(trio.abc.Stream):
                     return b""
                 try:
                     data = self.ssl.recv(max_bytes or 65536)
-                except (SSL.WantReadError, SSL.WantWriteError):
+                except SSL.WantReadError:
                     await trio.lowlevel.wait_readable(self.socket)
+                    continue
+                except SSL.WantWriteError:
+                    await trio.lowlevel.wait_writable(self.socket)
                     continue
                 except SSL.ZeroReturnError:
                     self._eof = True
