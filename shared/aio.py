@@ -12,9 +12,14 @@ only place that imports asyncio, trio_asyncio or grpclib; everything else sees T
   runs the Trio method through `trio_as_aio` and hands it a `ServerCall` whose `recv_message`/`send_message`
   run the asyncio stream operations through `aio_as_trio`. A handler ends a call with a status by raising
   `RpcError`; any other exception becomes UNKNOWN (and is logged by grpclib).
-* Client: `open_channel(host, port, ssl_context=...)` yields a `Channel`; `await channel.unary(...)` makes a
-  unary call and `async with channel.stream(...) as call:` opens a streaming call. Transport failures and
-  non-OK statuses surface as `RpcError` (status UNAVAILABLE for a lost or refused connection).
+* Client: `open_channel(host, port, ssl_context=...)` (or `open_target(GrpcTarget)`, which adds TLS from a
+  root PEM and the bearer token) yields a `Channel`; `await channel.unary(...)` makes a unary call and
+  `async with channel.stream(...) as call:` opens a streaming call. Transport failures and non-OK statuses
+  surface as `RpcError` (status UNAVAILABLE for a lost or refused connection).
+
+Liveness: both sides PING while calls are open (client every 10 s, server every 30 s) and drop a peer that
+does not answer within 20 s; dropped and closed connections are aborted rather than TLS-closed, so a silent
+peer cannot keep a call hanging for the 30 s a TLS close waits for close_notify.
 
 Cancellation crosses the bridge both ways: cancelling the Trio caller cancels the asyncio future (and the gRPC
 call); grpclib cancelling a handler (client gone, server closing) cancels the Trio method.
