@@ -389,10 +389,11 @@ async def test_ipv6_authority_end_to_end(certs: FakeCerts, ca: CertificateAuthor
             [app] = await nursery.start(functools.partial(trio.serve_tcp, echo, 0, host="::1"))
             app_port = app.socket.getsockname()[1]
             records: list[InboundRecord] = []
+            opened: list[InboundInfo] = []
             await nursery.start(functools.partial(
                 serve_hbone, listener, identity=SERVER, certs=certs, contexts=contexts(ca),
                 authorize=lambda info: Decision(allowed=True), open_upstream=upstream,
-                on_complete=records.append))
+                on_complete=records.append, on_open=opened.append))
             addr = listener.getsockname()[:2]
             async with open_hbone_connection(addr, bundle=await certs.fetch_certificate(CLIENT),
                                              expected=[SERVER], contexts=contexts(ca)) as conn:
@@ -403,6 +404,7 @@ async def test_ipv6_authority_end_to_end(certs: FakeCerts, ca: CertificateAuthor
                 await trio.sleep(0.01)
             [record] = records
             assert record.target == ("::1", app_port) and record.status == 200
+            assert [i.target for i in opened] == [("::1", app_port)]
             nursery.cancel_scope.cancel()
 
 

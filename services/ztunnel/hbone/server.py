@@ -11,7 +11,8 @@ Theory of operation
 3. per valid CONNECT, in its own task: `authorize(info)` -> 401 on deny; `open_upstream(info)` -> 503 when it
    raises; else 200 and `relay()` between the stream and the upstream socket, with half-close.
 
-Each stream ends with one `InboundRecord` passed to `on_complete` (for the access log and metrics): the
+`on_open(info)` is called when a tunnel opens (just before its 200, for "connection opened" lines); each
+stream ends with one `InboundRecord` passed to `on_complete` (for the access log and metrics): the
 status, the byte counts and the error, if any. Connection-level failures (handshake, protocol) give a record
 with `target=None`.
 """
@@ -96,7 +97,8 @@ UpstreamOpener = Callable[[InboundInfo], Awaitable[socket.socket]]
 class _Server:
     def __init__(self, *, identity: SpiffeId, certs: CertSource, contexts: TlsContextCache,
                  authorize: Authorizer, open_upstream: UpstreamOpener,
-                 on_complete: Callable[[InboundRecord], None] | None, handshake_timeout: float,
+                 on_complete: Callable[[InboundRecord], None] | None,
+                 on_open: Callable[[InboundInfo], None] | None, handshake_timeout: float,
                  ping_interval: float | None, ping_timeout: float) -> None:
         self.identity = identity
         self.certs = certs
@@ -104,6 +106,7 @@ class _Server:
         self.authorize = authorize
         self.open_upstream = open_upstream
         self.on_complete = on_complete
+        self.on_open = on_open
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -182,6 +185,8 @@ class _Server:
                 conn.respond(stream, 503)
                 return
             record.status = 200
+            if self.on_open is not None:
+                self.on_open(info)
             conn.respond(stream, 200)
             await relay(stream, upstream)
         except OSError as exc:
@@ -218,6 +223,7 @@ class _Server:
 async def serve_hbone(listener: socket.socket, *, identity: SpiffeId, certs: CertSource,
                       contexts: TlsContextCache, authorize: Authorizer, open_upstream: UpstreamOpener,
                       on_complete: Callable[[InboundRecord], None] | None = None,
+                      on_open: Callable[[InboundInfo], None] | None = None,
                       handler_nursery: trio.Nursery | None = None,
                       handshake_timeout: float = HANDSHAKE_TIMEOUT,
                       ping_interval: float | None = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
@@ -232,12 +238,13 @@ async def serve_hbone(listener: socket.socket, *, identity: SpiffeId, certs: Cer
         open_upstream: connect to the app for `info.target` (transparently from `info.src_addr` in-pod)
             and return the connected non-blocking socket; ConnectError/OSError answers 503.
         on_complete: called once per stream (and per refused connection) with its `InboundRecord`.
+        on_open: called when a tunnel opens (authorized, upstream connected), just before its 200.
         handler_nursery: where connections run (default: a nursery of this call).
 
     The listener is closed when this returns.
     """
     server = _Server(identity=identity, certs=certs, contexts=contexts, authorize=authorize,
-                     open_upstream=open_upstream, on_complete=on_complete,
+                     open_upstream=open_upstream, on_complete=on_complete, on_open=on_open,
                      handshake_timeout=handshake_timeout, ping_interval=ping_interval,
                      ping_timeout=ping_timeout)
     listener.setblocking(False)
