@@ -88,9 +88,10 @@ def _check_max_bytes(max_bytes: int | None) -> None:
 class HboneStream(trio.abc.HalfCloseableStream):
     """One CONNECT tunnel: a byte stream with half-close (`send_eof`) over an HBONE connection.
 
-    `aclose()` before both directions ended resets the stream (RST_STREAM CANCEL); `reset(code)` does so with
-    a chosen code. Errors from the peer or the connection surface as `trio.BrokenResourceError` whose
-    `__cause__` is a `StreamResetError` or `ConnectionClosedError`.
+    `aclose()` is graceful (END_STREAM, then RST_STREAM NO_ERROR if the peer is still sending); `reset(code)`
+    aborts (RST_STREAM with that code, CANCEL by default). Errors from the peer or the connection surface as
+    `trio.BrokenResourceError` whose `__cause__` is a `StreamResetError` or `ConnectionClosedError`.
+    `bytes_sent` / `bytes_received` count payload bytes handed to / taken from the tunnel.
     """
 
     def __init__(self, conn: HboneConnection, stream_id: int, target: Addr,
