@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import socket
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import h2.config
 import h2.connection
+import h2.events
 import pytest
 import trio
 import trio.testing
@@ -38,6 +41,7 @@ from services.ztunnel.state.types import (
     Workload,
     WorkloadUid,
 )
+from shared.identity import CertBundle
 
 from .test_hbone_helpers import FakeCerts, Server, connect_upstream, running_server, spiffe, start_echo
 
@@ -460,3 +464,50 @@ async def test_policies_from_the_state_store_apply_to_the_next_stream(
     [denied] = [r for r in srv.records if r.status == 401]
     assert denied.error is not None and "deny-sleep" in denied.error
     assert [r.error for r in srv.records if r.status == 200] == [None]
+
+
+def _stdlib_h2_client(addr: tuple[str, int], target: tuple[str, int], bundle: CertBundle, root_pem: str,
+                      tmp: Path) -> tuple[str, int, bytes, str | None]:
+    """A blocking client built on the stdlib ssl module and plain h2 (not our cores): interop check."""
+    (tmp / "leaf.pem").write_text("".join(bundle.cert_chain))
+    (tmp / "key.pem").write_bytes(bundle.key_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # SPIFFE identities are URI SANs; no SNI, like upstream
+    ctx.load_verify_locations(cadata=root_pem)
+    ctx.load_cert_chain(tmp / "leaf.pem", tmp / "key.pem")
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(addr, timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+        version, alpn = tls.version() or "", tls.selected_alpn_protocol()
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        authority = f"{target[0]}:{target[1]}".encode()
+        conn.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", authority)])
+        conn.send_data(sid, b"interop", end_stream=True)
+        tls.sendall(conn.data_to_send())
+        status, body, done = 0, b"", False
+        while not done:
+            data = tls.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers or [])[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data or b""
+                    conn.acknowledge_received_data(event.flow_controlled_length or 0, sid)
+                elif isinstance(event, h2.events.StreamEnded):
+                    done = True
+            tls.sendall(conn.data_to_send())
+        return version, status, body, alpn
+
+
+async def test_interop_with_a_stdlib_ssl_h2_client(server: Server, certs: FakeCerts, ca: CertificateAuthority,
+                                                   echo_port: int, tmp_path: Path) -> None:
+    bundle = await certs.fetch_certificate(CLIENT)
+    with trio.fail_after(20):
+        version, status, body, alpn = await trio.to_thread.run_sync(
+            _stdlib_h2_client, server.addr, ("127.0.0.1", echo_port), bundle, ca.root_pem, tmp_path)
+    assert (version, alpn, status, body) == ("TLSv1.3", "h2", 200, b"interop")
+    assert server.infos[0].src_identity == CLIENT
