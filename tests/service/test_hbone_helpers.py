@@ -13,6 +13,7 @@ import trio
 from services.istiod.ca import CertificateAuthority
 from services.ztunnel.authz import Decision
 from services.ztunnel.hbone.client import plain_socket
+from services.ztunnel.hbone.connection import HboneStream
 from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.proxy.net import connect
@@ -117,3 +118,20 @@ async def running_server(certs: FakeCerts, identity: SpiffeId, *, roots: list[st
             on_complete=server.on_complete, **kwargs))  # type: ignore[arg-type]
         yield server
         nursery.cancel_scope.cancel()
+
+
+async def push_until_stalled(stream: HboneStream, *, limit: int, quiet: float = 0.5) -> int:
+    """Send until the peer's flow-control window stays shut for `quiet` seconds; returns the bytes taken.
+
+    Raises AssertionError if `limit` bytes went through without a stall (no back-pressure).
+    """
+    chunk = b"z" * (256 * 1024)
+    while stream.bytes_sent < limit:
+        if stream.send_nowait(chunk):
+            await stream.wait_drained()
+            continue
+        with trio.move_on_after(quiet) as scope:  # stall detection only: nothing asserts on time
+            await stream.wait_send_all_might_not_block()
+        if scope.cancelled_caught:
+            return stream.bytes_sent
+    raise AssertionError(f"{limit} bytes went through: the sender was never held back")
