@@ -275,9 +275,9 @@ async def test_pool_opens_a_second_connection_at_stream_101(server: Server, cert
 
 async def test_pool_releases_idle_connections(certs: FakeCerts, ca: CertificateAuthority,
                                               mock_clock: trio.testing.MockClock) -> None:
-    # Virtual time jumps only once everything has been idle for 50 ms of real time, so the TLS handshake on
+    # Virtual time jumps only once everything has been idle for 100 ms of real time, so the TLS handshake on
     # real sockets is not mistaken for idleness.
-    mock_clock.autojump_threshold = 0.05
+    mock_clock.autojump_threshold = 0.1
     async with trio.open_nursery() as nursery:
         echo = await start_echo(nursery)
         async with running_server(certs, SERVER, roots=[ca.root_pem], ping_interval=None) as server:
@@ -304,7 +304,7 @@ async def test_pool_releases_idle_connections(certs: FakeCerts, ca: CertificateA
 
 async def test_ping_keeps_a_live_connection(certs: FakeCerts, ca: CertificateAuthority,
                                             mock_clock: trio.testing.MockClock) -> None:
-    mock_clock.autojump_threshold = 0.05
+    mock_clock.autojump_threshold = 0.1
     bundle = await certs.fetch_certificate(CLIENT)
     async with (running_server(certs, SERVER, roots=[ca.root_pem]) as server,
                 open_hbone_connection(server.addr, bundle=bundle, expected=[SERVER],
