@@ -1,0 +1,163 @@
+"""Outbound resolution: where a captured connection goes, decided from the xDS state (pure, no I/O).
+
+Theory of operation
+-------------------
+The in-pod outbound listener (15001) knows the original destination `ip:port` the app dialled; this module
+turns it into a route, the way upstream ztunnel does (SPEC §5, issue 6):
+
+1. a Service VIP:port -> one healthy endpoint of that service, chosen at random, its port mapped
+   (the endpoint's own mapping for the service port, else the service's `target_port`, else the port as is);
+   a service with a waypoint -> an HBONE tunnel to the waypoint carrying the original VIP:port as target;
+   a service without a healthy endpoint -> `NoHealthyUpstream` (refuse the connection, log why);
+2. a pod IP -> that workload; with a waypoint -> a tunnel to the waypoint, target the original ip:port;
+3. the chosen workload speaks HBONE -> `HboneRoute` to its IP on 15008 with `:authority` = its IP and the
+   target port, expecting its SPIFFE identity (plus the service's subject alt names);
+   otherwise -> `Passthrough` to its IP and port (plain TCP);
+4. anything unknown -> `Passthrough` to where the app was going.
+
+A source that is itself the waypoint is never sent back to its own waypoint. Multi-network (network
+gateways, double HBONE) is not handled: every address is looked up on one network.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from shared.identity import IdentityError, SpiffeId
+
+from ..state.store import StateStore
+from ..state.types import GatewayAddress, Port, Service, TunnelProtocol, Workload
+from .client import HBONE_PORT, PoolKey
+from .core import Addr
+
+
+class Passthrough(msgspec.Struct, frozen=True, kw_only=True):
+    """Plain TCP to `dst` (unknown destination, or a workload outside the mesh)."""
+
+    dst: Addr
+    workload: Workload | None = None
+    service: Service | None = None
+
+
+class HboneRoute(msgspec.Struct, frozen=True, kw_only=True):
+    """An HBONE tunnel: connect to `dst` (ip:15008), CONNECT `target`, accept only `identities`."""
+
+    dst: Addr
+    target: Addr
+    identities: frozenset[SpiffeId]
+    workload: Workload
+    """The workload the tunnel ends at (the waypoint's, when `via_waypoint`)."""
+    service: Service | None = None
+    via_waypoint: bool = False
+
+    def pool_key(self, src_identity: SpiffeId, src_ip: str | None = None) -> PoolKey:
+        return PoolKey(src_identity=src_identity, dst_identities=self.identities, dst=self.dst, src_ip=src_ip)
+
+
+class NoHealthyUpstream(msgspec.Struct, frozen=True, kw_only=True):
+    """A meshed destination with nowhere to go: refuse the connection, log `reason`."""
+
+    reason: str
+    service: Service | None = None
+
+
+Route = Passthrough | HboneRoute | NoHealthyUpstream
+Chooser = Callable[[Sequence[tuple[Workload, tuple[Port, ...]]]], tuple[Workload, tuple[Port, ...]]]
+
+
+def _first_address(workload: Workload, family_of: str) -> str | None:
+    v6 = ":" in family_of
+    for addr in workload.addresses:
+        if (":" in addr) == v6:
+            return addr
+    return workload.addresses[0] if workload.addresses else None
+
+
+def _identities(workload: Workload, service: Service | None) -> frozenset[SpiffeId]:
+    ids = {workload.identity}
+    for san in service.subject_alt_names if service is not None else ():
+        try:
+            ids.add(SpiffeId.parse(san))
+        except IdentityError:
+            continue  # a non-SPIFFE SAN can never match what we verify
+    return frozenset(ids)
+
+
+def _is_waypoint_of(source: Workload | None, gateway: GatewayAddress, store: StateStore) -> bool:
+    if source is None:
+        return False
+    if gateway.address is not None:
+        return gateway.address.address in source.addresses
+    if gateway.hostname is not None:
+        key = f"{gateway.hostname.namespace}/{gateway.hostname.hostname}"
+        return key in source.services
+    return False
+
+
+def _target_port(service: Service, workload_ports: tuple[Port, ...], port: int) -> int:
+    for p in workload_ports:
+        if p.service_port == port and p.target_port:
+            return p.target_port
+    for p in service.ports:
+        if p.service_port == port and p.target_port:
+            return p.target_port
+    return port
+
+
+def _waypoint_route(store: StateStore, gateway: GatewayAddress, target: Addr, *, network: str,
+                    service: Service | None, choose: Chooser) -> Route:
+    waypoint: Workload | None = None
+    if gateway.address is not None:
+        waypoint = store.workload_by_ip(gateway.address.address, gateway.address.network or network)
+        what = gateway.address.address
+    elif gateway.hostname is not None:
+        what = f"{gateway.hostname.namespace}/{gateway.hostname.hostname}"
+        wp_service = store.service_by_key(what)
+        healthy = [(wl, ports) for wl, ports in store.endpoints(wp_service) if wl.healthy and wl.addresses] \
+            if wp_service is not None else []
+        if healthy:
+            waypoint = choose(healthy)[0]
+    else:
+        what = "(empty)"
+    if waypoint is None:
+        return NoHealthyUpstream(reason=f"waypoint {what} has no healthy endpoint", service=service)
+    ip = _first_address(waypoint, target[0])
+    assert ip is not None
+    return HboneRoute(dst=(ip, gateway.hbone_mtls_port or HBONE_PORT), target=target,
+                      identities=frozenset([waypoint.identity]), workload=waypoint, service=service,
+                      via_waypoint=True)
+
+
+def _workload_route(workload: Workload, ip: str, port: int, service: Service | None) -> Route:
+    if workload.tunnel_protocol is TunnelProtocol.HBONE:
+        return HboneRoute(dst=(ip, HBONE_PORT), target=(ip, port), identities=_identities(workload, service),
+                          workload=workload, service=service)
+    return Passthrough(dst=(ip, port), workload=workload, service=service)
+
+
+def resolve_outbound(store: StateStore, dst: Addr, *, source: Workload | None = None, network: str = "",
+                     choose: Chooser = random.choice) -> Route:
+    """Where a connection from `source` to `dst` (the original destination) goes. See the module doc."""
+    ip, port = dst
+    service = store.service_by_vip(ip, network)
+    if service is not None:
+        if service.waypoint is not None and not _is_waypoint_of(source, service.waypoint, store):
+            return _waypoint_route(store, service.waypoint, dst, network=network, service=service,
+                                   choose=choose)
+        healthy = [(wl, ports) for wl, ports in store.endpoints(service) if wl.healthy and wl.addresses]
+        if not healthy:
+            return NoHealthyUpstream(reason=f"no healthy upstream for service {service.key} "
+                                            f"(port {port})", service=service)
+        endpoint, ports = choose(healthy)
+        address = _first_address(endpoint, ip)
+        assert address is not None
+        return _workload_route(endpoint, address, _target_port(service, ports, port), service)
+    workload = store.workload_by_ip(ip, network)
+    if workload is None:
+        return Passthrough(dst=dst)
+    if workload.waypoint is not None and not _is_waypoint_of(source, workload.waypoint, store):
+        return _waypoint_route(store, workload.waypoint, dst, network=network, service=None, choose=choose)
+    return _workload_route(workload, ip, port, None)
