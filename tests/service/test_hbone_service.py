@@ -26,6 +26,8 @@ from services.ztunnel.hbone.client import (
 from services.ztunnel.hbone.connection import HboneConnection, HboneStream
 from services.ztunnel.hbone.core import STREAM_WINDOW
 from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError, PeerIdentityError, TlsError
+from services.ztunnel.hbone.outbound import tunnel_outbound
+from services.ztunnel.hbone.resolve import HboneRoute
 from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.proxy.net import connect
@@ -516,3 +518,45 @@ async def test_interop_with_a_stdlib_ssl_h2_client(server: Server, certs: FakeCe
             _stdlib_h2_client, server.addr, ("127.0.0.1", echo_port), bundle, ca.root_pem, tmp_path)
     assert (version, alpn, status, body) == ("TLSv1.3", "h2", 200, b"interop")
     assert server.infos[0].src_identity == CLIENT
+
+
+async def test_tunnel_outbound_relays_an_app_socket(server: Server, certs: FakeCerts,
+                                                   ca: CertificateAuthority, echo_port: int) -> None:
+    workload = Workload(uid=WorkloadUid("Kubernetes//Pod/default/httpbin"), name="httpbin",
+                        namespace="default", service_account="httpbin", addresses=("127.0.0.1",))
+    route = HboneRoute(dst=server.addr, target=("127.0.0.1", echo_port), identities=frozenset([SERVER]),
+                       workload=workload)
+    app, proxied = socket.socketpair()
+    proxied.setblocking(False)
+    payload = b"GET / HTTP/1.0\r\n\r\n" * 1000
+    opened: list[HboneStream] = []
+
+    def app_side() -> bytes:
+        app.sendall(payload)
+        app.shutdown(socket.SHUT_WR)
+        received = b""
+        while data := app.recv(65536):
+            received += data
+        return received
+
+    with trio.fail_after(20):
+        async with open_hbone_pool(certs=certs, contexts=contexts(ca)) as pool:
+            async with trio.open_nursery() as nursery:
+                got: list[bytes] = []
+
+                async def run_app() -> None:
+                    got.append(await trio.to_thread.run_sync(app_side))
+
+                nursery.start_soon(run_app)
+                result = await tunnel_outbound(pool, route, proxied, src_identity=CLIENT,
+                                               src_addr=("10.0.0.1", 40000), on_open=opened.append)
+            # A denied destination comes back as upstream's error text, not an exception.
+            server.decision = Decision(allowed=False, reason="no")
+            denied = await tunnel_outbound(pool, route, proxied, src_identity=CLIENT,
+                                           src_addr=("10.0.0.1", 40001))
+    app.close()
+    proxied.close()
+    assert got == [payload] and len(opened) == 1
+    assert (result.status, result.error, result.bytes_sent, result.bytes_recv) == (200, None, len(payload),
+                                                                                  len(payload))
+    assert (denied.status, denied.error) == (401, "http status: 401 Unauthorized")

@@ -7,7 +7,9 @@ Layers, bottom up:
 * `connection` `HboneConnection` (reader, writer, pinger tasks) and `HboneStream` (a half-closeable stream);
 * `client`     `connect_hbone`, `open_hbone_connection`, the upstream-style pool `open_hbone_pool`;
 * `server`     `serve_hbone` for a pod's 15008 listener, with `authorize` and `open_upstream` callbacks;
-* `relay`      copy between an `HboneStream` and a socket, with half-close.
+* `relay`      copy between an `HboneStream` and a socket, with half-close;
+* `resolve`    pure outbound resolution from xDS state (`resolve_outbound` -> route);
+* `outbound`   `tunnel_outbound`: pool stream + relay for one captured connection, result for the log.
 """
 
 from .client import (
@@ -31,7 +33,9 @@ from .errors import (
     StreamResetError,
     TlsError,
 )
+from .outbound import OutboundResult, tunnel_outbound
 from .relay import relay
+from .resolve import HboneRoute, NoHealthyUpstream, Passthrough, resolve_outbound
 from .server import InboundInfo, InboundRecord, serve_hbone
 from .tls import TlsContextCache
 
@@ -43,10 +47,14 @@ __all__ = [
     "HboneError",
     "HbonePool",
     "HboneProtocolError",
+    "HboneRoute",
     "HboneStream",
     "HttpStatusError",
     "InboundInfo",
     "InboundRecord",
+    "NoHealthyUpstream",
+    "OutboundResult",
+    "Passthrough",
     "PeerIdentityError",
     "PoolKey",
     "StreamResetError",
@@ -59,5 +67,7 @@ __all__ = [
     "open_hbone_pool",
     "plain_socket",
     "relay",
+    "resolve_outbound",
     "serve_hbone",
+    "tunnel_outbound",
 ]

@@ -5,6 +5,9 @@ Protocol errors carry what goes on the wire: an HTTP status the server answers w
 
 from __future__ import annotations
 
+import http
+from typing import ClassVar
+
 from ..errors import ZtunnelError
 
 
@@ -24,17 +27,27 @@ class HboneProtocolError(HboneError):
 
 
 class HttpStatusError(HboneError):
-    """The HBONE server answered the CONNECT with a status other than 200 (upstream's `HttpStatus`)."""
+    """The HBONE server answered the CONNECT with a status other than 200 (upstream's `HttpStatus`).
+
+    `str()` is upstream's wording (`http status: 401 Unauthorized`, as access logs show it); `hint` says
+    what the status usually means.
+    """
+
+    HINTS: ClassVar[dict[int, str]] = {
+        400: "the destination rejected the request (is the target its own IP?)",
+        401: "denied by an authorization policy at the destination",
+        503: "the destination could not connect to its application (is it listening on that port?)",
+    }
 
     def __init__(self, status: int, target: str) -> None:
-        hints = {
-            400: "the server rejected the request (is the target this pod's IP?)",
-            401: "denied by an authorization policy on the destination",
-            503: "the destination could not connect to the application (is it listening on that port?)",
-        }
-        hint = hints.get(status, "unexpected status")
-        super().__init__(f"http status: {status} for CONNECT {target}: {hint}")
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        super().__init__(f"http status: {status} {phrase}".rstrip())
         self.status = status
+        self.target = target
+        self.hint = self.HINTS.get(status, "unexpected status")
 
 
 class TlsError(HboneError):
