@@ -198,13 +198,22 @@ async def fetch(
             except socket.gaierror as exc:
                 raise FetchError(f"could not resolve host {host}: {exc.strerror}", 6) from None
             except OSError as exc:
-                code = 28 if exc.errno == errno.ETIMEDOUT else 7
-                why = exc.strerror or exc
+                root = _first_cause(exc)
+                code = 28 if root.errno == errno.ETIMEDOUT else 7
+                why = root.strerror or root
                 raise FetchError(f"failed to connect to {host} port {port}: {why}", code) from None
             async with stream:
                 return await _exchange(stream, method, parts.netloc, target, body, headers or {})
     except trio.TooSlowError:
         raise FetchError(f"operation timed out after {timeout:g} s ({url})", 28) from None
+
+
+def _first_cause(exc: OSError) -> OSError:
+    """trio reports "all attempts to connect failed" with the per-address errors as the cause; the first."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        cause = cause.exceptions[0]
+    return cause if isinstance(cause, OSError) else exc
 
 
 async def _exchange(

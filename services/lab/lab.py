@@ -510,7 +510,40 @@ def restart(
         components.wait_ready(fresh, timeout=timeout)
         progress(f"{fresh.name} ready again (pid {fresh.pid})")
         names.append(fresh.name)
+    for node_name in sorted({r.spec.node for r in chosen if r.spec.node and component != "istiod"}):
+        wait_node_pods_held(state, node_name, timeout=timeout)
+        progress(f"ztunnel on {node_name} holds its ambient pods again")
     return names
+
+
+def wait_node_pods_held(state: LabState, node: str, *, timeout: float) -> None:
+    """Wait until ztunnel on `node` holds every enrolled pod of the node again (after a restart).
+
+    Raises:
+        EnrolmentError: naming the first pod still missing and the logs to read.
+    """
+    plan = plan_of(state)
+    uids = {p.key: p.uid for p in plan.pods}
+    expected = {
+        r.key: uids[r.key]
+        for r in state.pods
+        if r.node == node and r.ambient and r.status in ("enabled", "pending")
+    }
+    if state.process(f"ztunnel/{node}") is None or not expected:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = sorted(k for k, uid in expected.items() if uid not in ztunnel_pods(plan, node))
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            paths = LabPaths(state.run_dir)
+            raise EnrolmentError(
+                f"ztunnel on {node} has not taken {missing[0]} back after {timeout:g} s "
+                f"({len(missing)} pods missing); see {paths.log(f'node-agent/{node}')} and "
+                f"{paths.log(f'ztunnel/{node}')}"
+            )
+        time.sleep(0.2)
 
 
 _DIRECTION = re.compile(r'direction="?(inbound|outbound)"?')

@@ -478,6 +478,16 @@ def render_dnat(plan: LabPlan, node: NodePlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bridge_mac(name: str) -> str:
+    """A fixed, locally administered MAC for a bridge.
+
+    A bridge without one takes the lowest MAC of its ports and changes it when a pod's veth with a lower one
+    joins; pods that cached the gateway's old MAC would then lose their traffic until ARP expires.
+    """
+    digest = hashlib.sha1(name.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
 def _ip(netns: str, *args: str) -> Step:
     """`ip -n NETNS ARGS`; with an empty name, `ip ARGS` in the caller's own namespace (a node container)."""
     return Step(argv=["ip", "-n", netns, *args] if netns else ["ip", *args])
@@ -495,7 +505,7 @@ def build_steps(plan: LabPlan) -> list[Step]:
     for ns in plan.all_netns():
         steps.append(_ip(ns, "link", "set", "lo", "up"))
     steps += [
-        _ip(fab.netns, "link", "add", fab.bridge, "type", "bridge"),
+        _ip(fab.netns, "link", "add", fab.bridge, "address", bridge_mac(fab.netns), "type", "bridge"),
         _ip(fab.netns, "link", "set", fab.bridge, "up"),
     ]
     cp = plan.control_plane
@@ -512,7 +522,7 @@ def build_steps(plan: LabPlan) -> list[Step]:
         steps += [_ip(netns, "route", "add", r.dst, "via", r.via) for r in routes]
     for node in plan.nodes:
         steps += [
-            _ip(node.netns, "link", "add", node.bridge, "type", "bridge"),
+            _ip(node.netns, "link", "add", node.bridge, "address", bridge_mac(node.name), "type", "bridge"),
             _ip(node.netns, "addr", "add", node.gateway, "dev", node.bridge),
             _ip(node.netns, "link", "set", node.bridge, "up"),
             Step(argv=["iptables-restore", "--noflush"], netns=node.netns, stdin=render_dnat(plan, node)),
@@ -533,7 +543,7 @@ def container_node_steps(plan: LabPlan, node_name: str, peers: Mapping[str, str]
     """
     node = plan.node(node_name)
     steps = [
-        _ip("", "link", "add", node.bridge, "type", "bridge"),
+        _ip("", "link", "add", node.bridge, "address", bridge_mac(node.name), "type", "bridge"),
         _ip("", "addr", "add", node.gateway, "dev", node.bridge),
         _ip("", "link", "set", node.bridge, "up"),
         Step(argv=["iptables-restore", "--noflush"], stdin=render_dnat(plan, node)),

@@ -12,6 +12,7 @@ from services.istiod.world import World, load_world
 from services.lab.errors import LabError, PlanError
 from services.lab.topology import (
     as_container_node,
+    bridge_mac,
     build_steps,
     check_prefix,
     container_node_steps,
@@ -169,6 +170,14 @@ def test_pod_steps_are_what_cni_bridge_does() -> None:
     assert len(client.host_veth) <= 15
 
 
+def test_bridges_have_fixed_distinct_locally_administered_macs() -> None:
+    plan = plan_lab(world(), prefix="t")
+    adds = [s.argv for s in build_steps(plan) if "bridge" in s.argv and "add" in s.argv]
+    macs = [argv[argv.index("address") + 1] for argv in adds]
+    assert len(macs) == 3 and len(set(macs)) == 3
+    assert all(int(mac.split(":")[0], 16) & 0b11 == 0b10 for mac in macs)  # local, unicast
+
+
 def test_plan_round_trips_through_json() -> None:
     plan = plan_lab(world(), prefix="t")
     assert msgspec.json.decode(msgspec.json.encode(plan), type=type(plan)) == plan
@@ -269,7 +278,7 @@ def test_container_node_uses_its_own_namespace_and_routes_via_peer_containers() 
     plan = as_container_node(plan_lab(world(), prefix="pod"), "node-a")
     steps = [s.describe() for s in container_node_steps(plan, "node-a", {"node-b": "172.30.0.12"})]
     assert steps == [
-        "ip link add cbr0 type bridge",
+        f"ip link add cbr0 address {bridge_mac('node-a')} type bridge",
         "ip addr add 10.244.1.1/24 dev cbr0",
         "ip link set cbr0 up",
         "iptables-restore --noflush",
