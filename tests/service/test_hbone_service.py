@@ -28,7 +28,7 @@ from services.ztunnel.hbone.core import STREAM_WINDOW
 from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError, PeerIdentityError, TlsError
 from services.ztunnel.hbone.outbound import tunnel_outbound
 from services.ztunnel.hbone.resolve import HboneRoute
-from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone
+from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone, serve_hbone_connection
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.proxy.net import connect
 from services.ztunnel.state.store import StateStore
@@ -560,3 +560,30 @@ async def test_tunnel_outbound_relays_an_app_socket(server: Server, certs: FakeC
     assert (result.status, result.error, result.bytes_sent, result.bytes_recv) == (200, None, len(payload),
                                                                                   len(payload))
     assert (denied.status, denied.error) == (401, "http status: 401 Unauthorized")
+
+
+async def test_serve_hbone_connection_for_an_external_accept_loop(certs: FakeCerts, ca: CertificateAuthority,
+                                                                  echo_port: int) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    records: list[InboundRecord] = []
+
+    async def accept_one() -> None:
+        await trio.lowlevel.wait_readable(listener)
+        sock, raw = listener.accept()
+        await serve_hbone_connection(sock, raw, identity=SERVER, certs=certs, contexts=contexts(ca),
+                                     authorize=lambda info: Decision(allowed=True),
+                                     open_upstream=connect_upstream, on_complete=records.append)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_one)
+            bundle = await certs.fetch_certificate(CLIENT)
+            async with open_hbone_connection(listener.getsockname(), bundle=bundle, expected=[SERVER],
+                                             contexts=contexts(ca)) as conn:
+                stream = await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 1))
+                assert await echo_round_trip(stream, b"own loop") == b"own loop"
+                await stream.aclose()
+    listener.close()
+    assert [r.status for r in records] == [200]

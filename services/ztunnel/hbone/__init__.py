@@ -36,7 +36,7 @@ from .errors import (
 from .outbound import OutboundResult, tunnel_outbound
 from .relay import relay
 from .resolve import HboneRoute, NoHealthyUpstream, Passthrough, resolve_outbound
-from .server import InboundInfo, InboundRecord, serve_hbone
+from .server import InboundInfo, InboundRecord, serve_hbone, serve_hbone_connection
 from .tls import TlsContextCache
 
 __all__ = [
@@ -69,5 +69,6 @@ __all__ = [
     "relay",
     "resolve_outbound",
     "serve_hbone",
+    "serve_hbone_connection",
     "tunnel_outbound",
 ]

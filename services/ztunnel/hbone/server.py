@@ -26,7 +26,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -282,3 +282,24 @@ async def _guarded(server: _Server, sock: socket.socket, peer: Addr) -> None:
             ("src.addr", f"{peer[0]}:{peer[1]}"), ("error", describe_ssl_error(exc))]})
     finally:
         sock.close()
+
+
+async def serve_hbone_connection(sock: socket.socket, peer: tuple[Any, ...], *, identity: SpiffeId,
+                                 certs: CertSource,
+                                 contexts: TlsContextCache, authorize: Authorizer,
+                                 open_upstream: UpstreamOpener,
+                                 on_complete: Callable[[InboundRecord], None] | None = None,
+                                 on_open: Callable[[InboundInfo], None] | None = None,
+                                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                                 ping_interval: float | None = PING_INTERVAL,
+                                 ping_timeout: float = PING_TIMEOUT) -> None:
+    """Serve one accepted 15008 connection until it ends (for callers with their own accept loop, like the
+    in-pod proxy set). `peer` is the address `accept()` returned (IPv6 4-tuples and v4-mapped addresses are
+    fine). Same keyword arguments as `serve_hbone`; closes `sock`. Peer and TLS failures are reported
+    through `on_complete` and logged, never raised."""
+    server = _Server(identity=identity, certs=certs, contexts=contexts, authorize=authorize,
+                     open_upstream=open_upstream, on_complete=on_complete, on_open=on_open,
+                     handshake_timeout=handshake_timeout, ping_interval=ping_interval,
+                     ping_timeout=ping_timeout)
+    sock.setblocking(False)
+    await _guarded(server, sock, peer_addr(tuple(peer)))
