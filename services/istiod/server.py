@@ -31,7 +31,7 @@ from services.istiod.ca import CertificateAuthority
 from services.istiod.derive import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 from services.istiod.errors import CaError, NotFoundError, WorldError
 from services.istiod.store import WorldStore
-from services.istiod.world import load_world, world_to_json
+from services.istiod.world import REDIRECTION_ANNOTATION, REDIRECTION_VALUES, load_world, world_to_json
 from shared.aio import RpcError, RpcStatus, ServerCall, serve_grpc, trio_service
 from shared.api import (
     ca_grpc,
@@ -337,11 +337,64 @@ class IstiodServer:
                         await call.send_message(podwatch_pb2.PodWatchEvent(revision=revision, removed=gone))
                 sent = dict(current)
 
+    async def SetRedirection(self, call: ServerCall) -> None:
+        """A node agent sets or removes the `ambient.istio.io/redirection` annotation of a pod on its node."""
+        caller = self.auth.node_of(call.metadata)
+        req = await call.recv_message()
+        if req is None:
+            raise RpcError(RpcStatus.INVALID_ARGUMENT, "no request")
+        if not (req.node and req.namespace and req.name):
+            raise RpcError(RpcStatus.INVALID_ARGUMENT, "node, namespace and name are all required")
+        if caller is not None and caller != req.node:
+            raise RpcError(
+                RpcStatus.PERMISSION_DENIED, f"the token is node {caller}'s, not node {req.node}'s"
+            )
+        value = req.value if req.HasField("value") else None
+        if value is not None and value not in REDIRECTION_VALUES:
+            raise RpcError(
+                RpcStatus.INVALID_ARGUMENT,
+                f"{value!r} is not a value of {REDIRECTION_ANNOTATION}: use "
+                f"{' or '.join(REDIRECTION_VALUES)}, or leave value unset to remove the annotation",
+            )
+        key = f"{req.namespace}/{req.name}"
+        pod = self.store.find_pod(req.namespace, req.name)
+        if pod is None:
+            raise RpcError(RpcStatus.NOT_FOUND, f"no pod {key} in the world")
+        if req.uid and pod.kube_uid != req.uid:
+            raise RpcError(
+                RpcStatus.NOT_FOUND,
+                f"pod {key} with uid {req.uid} no longer exists (the pod of that name has uid "
+                f"{pod.kube_uid})",
+            )
+        if pod.node != req.node:
+            raise RpcError(
+                RpcStatus.PERMISSION_DENIED,
+                f"pod {key} runs on node {pod.node}, not on node {req.node}; a node agent may only set the "
+                "status of its own node's pods",
+            )
+        # Nothing awaits between the checks above and this change: they still hold.
+        with self._world_errors():
+            generation, changed = self.store.set_pod_redirection(req.namespace, req.name, value, uid=req.uid)
+        version = self.store.resources.pods_by_node[pod.node][pod.kube_uid].version
+        if changed:
+            log.info(
+                "node %s set %s of pod %s to %s", req.node, REDIRECTION_ANNOTATION, key, value or "(removed)"
+            )
+        await call.send_message(
+            podwatch_pb2.SetRedirectionResponse(revision=generation, version=version, changed=changed)
+        )
+
     # --- world admin -----------------------------------------------------------------------------------
 
     @contextmanager
     def _admin(self, call: ServerCall) -> Iterator[None]:
         self.auth.check_admin(call.metadata)
+        with self._world_errors():
+            yield
+
+    @staticmethod
+    @contextmanager
+    def _world_errors() -> Iterator[None]:
         try:
             yield
         except WorldError as exc:

@@ -4,6 +4,10 @@ Every mutation builds a complete new World, validates it whole and derives its r
 in, so a rejected change leaves the state every subscriber sees untouched. After a swap every registered
 Wakeup is set; subscribers (xDS streams, pod watches) then diff the new resources against what they sent.
 All methods run on the Trio thread; no locks are needed because nothing awaits between check and swap.
+
+The `ambient.istio.io/redirection` pod annotation belongs to the node agents (SetRedirection), as the pod
+status does in Kubernetes: a world document or replaced pod that does not set it keeps the value the same pod
+(same uid on the same node) has, so re-applying a world file does not wipe every pod's enrolment status.
 """
 
 from __future__ import annotations
@@ -17,7 +21,16 @@ import trio
 
 from services.istiod.derive import Resources
 from services.istiod.errors import NotFoundError, WorldError
-from services.istiod.world import Namespace, Pod, Policy, World, decode_fragment, validate
+from services.istiod.world import (
+    REDIRECTION_ANNOTATION,
+    REDIRECTION_VALUES,
+    Namespace,
+    Pod,
+    Policy,
+    World,
+    decode_fragment,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +76,36 @@ class WorldStore:
             wakeup.set()
         return self.generation
 
+    def _keep_redirection(self, pods: list[Pod]) -> list[Pod]:
+        """`pods` with the redirection annotation the same pods (uid and node) have now, where not given."""
+        held = {
+            (p.kube_uid, p.node): p.annotations[REDIRECTION_ANNOTATION]
+            for p in self.world.pods
+            if REDIRECTION_ANNOTATION in p.annotations
+        }
+        kept = []
+        for pod in pods:
+            value = held.get((pod.kube_uid, pod.node))
+            if value is not None and REDIRECTION_ANNOTATION not in pod.annotations:
+                pod = msgspec.structs.replace(
+                    pod, annotations={**pod.annotations, REDIRECTION_ANNOTATION: value}
+                )
+            kept.append(pod)
+        return kept
+
+    def find_pod(self, namespace: str, name: str) -> Pod | None:
+        key = f"{namespace}/{name}"
+        return next((p for p in self.world.pods if p.key == key), None)
+
     # --- mutations (each atomic; raise WorldError / NotFoundError and change nothing on failure) ---------
 
     def apply(self, world: World, source: str = "world") -> int:
+        world = msgspec.structs.replace(world, pods=self._keep_redirection(world.pods))
         return self._swap(world, source, f"applied {source}")
 
     def add_pod(self, pod_json: bytes) -> int:
         pod = decode_fragment(pod_json, Pod, "pod", "$")
-        pods = [p for p in self.world.pods if p.key != pod.key] + [pod]
+        pods = [p for p in self.world.pods if p.key != pod.key] + self._keep_redirection([pod])
         index = len(pods) - 1
         try:
             return self._swap(msgspec.structs.replace(self.world, pods=pods), "pod", f"pod {pod.key} added")
@@ -101,6 +136,43 @@ class WorldStore:
         return self._swap(
             msgspec.structs.replace(self.world, pods=pods), "labels", f"labels of pod {key} changed"
         )
+
+    def set_pod_redirection(
+        self, namespace: str, name: str, value: str | None, *, uid: str = ""
+    ) -> tuple[int, bool]:
+        """Set the pod's `ambient.istio.io/redirection` annotation to `value`, or remove it (None).
+
+        Returns:
+            (generation, changed): setting the value the pod already has changes nothing and wakes nobody.
+        Raises:
+            NotFoundError: no pod namespace/name, or (when `uid` is given) the pod has another uid.
+            WorldError: `value` is neither "pending" nor "enabled".
+        """
+        key = f"{namespace}/{name}"
+        if value is not None and value not in REDIRECTION_VALUES:
+            raise WorldError(
+                f"pod {key}",
+                f"$.annotations[{REDIRECTION_ANNOTATION!r}]",
+                f"{value!r} is not a redirection status; use {' or '.join(REDIRECTION_VALUES)}, "
+                "or remove the annotation",
+            )
+        pods = list(self.world.pods)
+        i = next((i for i, p in enumerate(pods) if p.key == key), None)
+        if i is None:
+            raise NotFoundError(f"no pod {key} in the world")
+        pod = pods[i]
+        if uid and pod.kube_uid != uid:
+            raise NotFoundError(
+                f"pod {key} with uid {uid} no longer exists (the pod of that name has uid {pod.kube_uid})"
+            )
+        if pod.annotations.get(REDIRECTION_ANNOTATION) == value:
+            return self.generation, False
+        annotations = {k: v for k, v in pod.annotations.items() if k != REDIRECTION_ANNOTATION}
+        if value is not None:
+            annotations[REDIRECTION_ANNOTATION] = value
+        pods[i] = msgspec.structs.replace(pod, annotations=annotations)
+        what = f"redirection of pod {key} {'set to ' + value if value else 'removed'}"
+        return self._swap(msgspec.structs.replace(self.world, pods=pods), "status", what), True
 
     def set_namespace_labels(self, name: str, set_: Mapping[str, str], remove: list[str]) -> int:
         namespaces = list(self.world.namespaces)

@@ -8,6 +8,8 @@ Theory of operation
       CNI-event socket    POST /cmdadd on --cni-socket (h11), the `ambient-cni` plugin's target
       health              GET /healthz, /readyz on --health-addr
       pod source          the control plane's pod watch, when one is configured and available
+      status writer       the pods' `ambient.istio.io/redirection` annotation, through the same control plane
+                          (pod_status.py); without a control plane the status is only logged
 
 Before the ZDS server accepts anything, pods the pod source reports as `enabled` (enrolled by an earlier
 run) are put back in the netns cache and their rules reconciled, so a reconnecting ztunnel gets them in
@@ -45,6 +47,7 @@ from services.node_agent.lifecycle import (
     StatusReporter,
 )
 from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING
+from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.rules import RuleSettings
 from shared.zds.server import DEFAULT_SOCKET_PATH, ZdsServer
 
@@ -223,8 +226,8 @@ class _Listed:
 
 
 def _pod_source(config: AgentConfig, env: Mapping[str, str]) -> tuple[PodSource | None, StatusReporter]:
-    """The control plane's pod watch, when configured. Status goes to the log: the control plane has no
-    pod-status API for node agents yet."""
+    """The control plane's pod watch and status writer, when one is configured; else no source, and the
+    status goes to the log."""
     if config.control_plane is None:
         log.info("no control plane configured: pods are enrolled by CNI events only")
         return None, LogStatusReporter()
@@ -240,7 +243,7 @@ def _pod_source(config: AgentConfig, env: Mapping[str, str]) -> tuple[PodSource 
         target = GrpcTarget.from_env("CONTROL_PLANE", {**env, "CONTROL_PLANE_ADDRESS": config.control_plane})
     except ValueError as exc:
         raise ConfigError(f"--control-plane: {exc}") from None
-    return PodWatchSource(target, config.node_name), LogStatusReporter()
+    return PodWatchSource(target, config.node_name), ControlPlaneStatusReporter(target, config.node_name)
 
 
 async def run_agent(
@@ -248,14 +251,20 @@ async def run_agent(
     *,
     applier: RuleApplier | None = None,
     pod_source: PodSource | None = None,
+    status: StatusReporter | None = None,
     task_status: trio.TaskStatus[NodeAgent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the agent until cancelled; started(agent) once every socket is bound."""
+    """Run the agent until cancelled; started(agent) once every socket is bound.
+
+    `pod_source` and `status` replace what the config implies (the control plane's, or none and the log).
+    """
     cache = NetnsCache()
     server = ZdsServer(config.zds_socket, cache, allowed_uids=config.zds_allowed_uids)
-    source, status = (
-        _pod_source(config, os.environ) if pod_source is None else (pod_source, LogStatusReporter())
-    )
+    if pod_source is None:
+        source, implied_status = _pod_source(config, os.environ)
+    else:
+        source, implied_status = pod_source, LogStatusReporter()
+    status = implied_status if status is None else status
     agent = NodeAgent(
         applier=applier or NetnsRuleApplier(config.rule_settings, config.backend),
         ztunnel=server,
@@ -282,6 +291,9 @@ async def run_agent(
 
     try:
         async with trio.open_nursery() as nursery:
+            if isinstance(status, ControlPlaneStatusReporter):
+                # before any pod is enrolled; a write failure is retried by it, never fatal here
+                await nursery.start(status.run)
             if source is not None:
                 # the first listing restores already-redirected pods before any ztunnel can connect, so the
                 # first ZDS snapshot is complete (an incomplete one would make ztunnel drop pods)

@@ -20,7 +20,8 @@ is gone, send `del` to every ztunnel, clear the status. Each pod's operations ar
 lock; different pods never wait for each other, and an error with one pod is logged, never fatal.
 
 The seams are Protocols, so service tests run the whole lifecycle with fakes: `RuleApplier` (apply.py),
-`ZtunnelLink` (the ZDS server), `StatusReporter` (the control plane's pod status), `NetnsOpener`.
+`ZtunnelLink` (the ZDS server), `StatusReporter` (the control plane's pod status, pod_status.py),
+`NetnsOpener`.
 """
 
 from __future__ import annotations
@@ -330,7 +331,7 @@ class NodeAgent:
     async def _report(self, pod: Pod, status: str | None) -> None:
         try:
             await self.status.report(pod, status)
-        except Exception as exc:  # a status write never decides enrolment (upstream only logs it, too)
+        except Exception as exc:  # a status write never decides enrolment (the real reporter retries it)
             log.warning("pod %s: could not report status %s: %s", pod.key, status or "removed", exc)
 
     # --- restart ----------------------------------------------------------------------------------------
@@ -338,8 +339,9 @@ class NodeAgent:
     async def initial_pods(self, pods: list[tuple[Pod, Mapping[str, str]]]) -> None:
         """A source's first listing, before the ZDS server accepts ztunnel: eligible pods whose netns can be
         found are taken as already enrolled (rules reconciled) so the first snapshot is complete; ztunnel
-        receives them in it. (Upstream restores the pods annotated `enabled`; our control plane keeps no
-        status, so eligibility plus a findable netns stands in for it.)"""
+        receives them in it. (Upstream restores the pods annotated `enabled`. Here eligibility plus a
+        findable netns stands in for it: it also covers pods enrolled through CNI events by an agent that
+        had no control plane to write the annotation to.)"""
         eligible = [
             p for p, labels in pods if decide(p, labels, system_namespace=self.system_namespace).eligible
         ]

@@ -19,6 +19,10 @@ class PodWatchBase(abc.ABC):
     async def Watch(self, stream: 'grpclib.server.Stream[podwatch_pb2.WatchRequest, podwatch_pb2.PodWatchEvent]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def SetRedirection(self, stream: 'grpclib.server.Stream[podwatch_pb2.SetRedirectionRequest, podwatch_pb2.SetRedirectionResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/trio_ambient.podwatch.v1.PodWatch/Watch': grpclib.const.Handler(
@@ -26,6 +30,12 @@ class PodWatchBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 podwatch_pb2.WatchRequest,
                 podwatch_pb2.PodWatchEvent,
+            ),
+            '/trio_ambient.podwatch.v1.PodWatch/SetRedirection': grpclib.const.Handler(
+                self.SetRedirection,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                podwatch_pb2.SetRedirectionRequest,
+                podwatch_pb2.SetRedirectionResponse,
             ),
         }
 
@@ -38,4 +48,10 @@ class PodWatchStub:
             '/trio_ambient.podwatch.v1.PodWatch/Watch',
             podwatch_pb2.WatchRequest,
             podwatch_pb2.PodWatchEvent,
+        )
+        self.SetRedirection = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/trio_ambient.podwatch.v1.PodWatch/SetRedirection',
+            podwatch_pb2.SetRedirectionRequest,
+            podwatch_pb2.SetRedirectionResponse,
         )

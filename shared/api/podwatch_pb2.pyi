@@ -100,3 +100,27 @@ class PodWatchEvent(_message.Message):
     changed: Pod
     removed: PodRemoved
     def __init__(self, revision: _Optional[int] = ..., sync: _Optional[_Union[Sync, _Mapping]] = ..., changed: _Optional[_Union[Pod, _Mapping]] = ..., removed: _Optional[_Union[PodRemoved, _Mapping]] = ...) -> None: ...
+
+class SetRedirectionRequest(_message.Message):
+    __slots__ = ("node", "namespace", "name", "uid", "value")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    namespace: str
+    name: str
+    uid: str
+    value: str
+    def __init__(self, node: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., uid: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class SetRedirectionResponse(_message.Message):
+    __slots__ = ("revision", "version", "changed")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    version: str
+    changed: bool
+    def __init__(self, revision: _Optional[int] = ..., version: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...
