@@ -38,7 +38,7 @@ from services.node_agent.apply import RuleApplier
 from services.node_agent.cache import NetnsCache
 from services.node_agent.eligibility import DEFAULT_SYSTEM_NAMESPACE, Decision, decide
 from services.node_agent.errors import EnrolmentError, NetnsGoneError, NodeAgentError, RuleApplyError
-from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING, Pod
+from services.node_agent.model import ANNOTATION_REDIRECTION, STATUS_ENABLED, STATUS_PENDING, Pod
 from services.node_agent.netns_scan import find_pod_netns
 from services.node_agent.rules import RuleSettings, resolve_redirect
 from shared.netns import NetnsError, open_netns
@@ -193,7 +193,12 @@ class NodeAgent:
                     return decision
                 await self.enrol(pod)
             elif decision.eligible:
-                self.pods[pod.uid].pod = pod
+                state = self.pods[pod.uid]
+                state.pod = pod
+                if pod.annotations.get(ANNOTATION_REDIRECTION) != state.status:
+                    # the control plane lost the status (a restarted stub) or has an old one: write it again,
+                    # as upstream re-adds an ambient pod that is not annotated `enabled`
+                    await self._report(pod, state.status)
             elif enrolled:
                 log.info("pod %s leaves the mesh: %s", pod.key, decision.reason)
                 await self.unenrol(pod, pod_gone=pod.terminated)
@@ -341,11 +346,16 @@ class NodeAgent:
         found are taken as already enrolled (rules reconciled) so the first snapshot is complete; ztunnel
         receives them in it. (Upstream restores the pods annotated `enabled`. Here eligibility plus a
         findable netns stands in for it: it also covers pods enrolled through CNI events by an agent that
-        had no control plane to write the annotation to.)"""
+        had no control plane to write the annotation to.) A restored pod not annotated `enabled` is reported
+        so again."""
         eligible = [
             p for p, labels in pods if decide(p, labels, system_namespace=self.system_namespace).eligible
         ]
         await self.restore(eligible, reconcile_rules=self.reconcile_on_start)
+        for pod in eligible:
+            state = self.pods.get(pod.uid)
+            if state is not None and pod.annotations.get(ANNOTATION_REDIRECTION) != state.status:
+                await self._report(pod, state.status)
 
     async def restore(self, pods: list[Pod], *, reconcile_rules: bool = True) -> None:
         """Rebuild the cache from pods annotated `enabled` before this agent started (SPEC §8, restart).

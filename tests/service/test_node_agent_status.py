@@ -21,6 +21,7 @@ from services.node_agent.model import Pod
 from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.podwatch import PodSnapshot, PodUpserted, PodWatch, open_pod_watch
 from services.node_agent.rules import RuleSettings
+from services.node_agent.watch_source import PodWatchSource
 from shared.aio import GrpcTarget
 from shared.zds.client import run_zds_client
 from shared.zds.types import PodUid
@@ -189,3 +190,47 @@ async def test_run_agent_with_a_control_plane_writes_status_for_cni_enrolled_pod
                 nursery.cancel_scope.cancel()
             # shutdown leaves the pod's status (and rules) as they are: fail closed, not unenrolled
             assert annotation() == "enabled"
+
+
+async def test_status_the_control_plane_lacks_is_written_again() -> None:
+    """Pods restored at start-up without the annotation, and a pod whose annotation the control plane lost
+    (a restarted stub keeps no status), are reported `enabled` again through the pod watch."""
+    applier, ztunnel, opener = FakeRuleApplier(), FakeZtunnel(), PipeNetnsOpener()
+    agent: NodeAgent | None = None
+    try:
+        with trio.fail_after(30):
+            async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+
+                def annotations() -> dict[str, str | None]:
+                    return {
+                        p.name: p.annotations.get(REDIRECTION_ANNOTATION)
+                        for p in istiod.store.world.pods
+                        if p.node == "node-a"
+                    }
+
+                target = istiod.target(node="node-a")
+                reporter = ControlPlaneStatusReporter(target, "node-a")
+                agent = NodeAgent(
+                    applier=applier, ztunnel=ztunnel, status=reporter, settings=RuleSettings(), opener=opener
+                )
+                await nursery.start(reporter.run)
+                # every ambient pod of node-a has a netns "found by IP" (PipeNetnsOpener): all restored
+                await nursery.start(PodWatchSource(target, "node-a").run, agent)
+                expected = {
+                    "productpage-v1-6f9c7d": "enabled",
+                    "reviews-v1-7b8c4f": "enabled",
+                    "sleep-5c6d7e": "enabled",
+                    "legacy-app-1b2c3d": None,  # not ambient
+                }
+                while annotations() != expected:
+                    await trio.sleep(0.01)
+
+                istiod.store.set_pod_redirection("sleep", "sleep-5c6d7e", None)
+                while annotations()["sleep-5c6d7e"] != "enabled":
+                    await trio.sleep(0.01)
+                assert ztunnel.deleted == [] and agent.status_of(sleep_pod(istiod).uid) == "enabled"
+                nursery.cancel_scope.cancel()
+    finally:
+        if agent is not None:
+            agent.close()
+        opener.close()
