@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "shared.zds.cli",
     "shared.lab_cli",
     "shared.world_cli",
+    "shared.bench_cli",
 )
 
 

@@ -1,0 +1,255 @@
+"""Results of `ambient bench`: the JSON document, its summary statistics and the Markdown table. Pure.
+
+Every scenario keeps each repetition's raw figures (`runs`) and a `Stat` per metric: the median over the
+repetitions and their spread (lowest, highest). Traffic scenarios have both arms; `added` is the mesh's
+median minus the baseline's. Scenarios that only exist with the mesh (ztunnel's own cost, enrolment) have
+the mesh arm only and say so (`mesh_only`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class Stat(msgspec.Struct, frozen=True, kw_only=True):
+    median: float
+    low: float
+    high: float
+    n: int
+
+
+class ArmResult(msgspec.Struct, kw_only=True):
+    runs: list[dict[str, float]] = []
+    stats: dict[str, Stat] = {}
+
+
+class ScenarioResult(msgspec.Struct, kw_only=True):
+    name: str
+    title: str
+    method: str
+    mesh_only: bool = False
+    arms: dict[str, ArmResult] = {}
+    added: dict[str, float] = {}  # mesh median - baseline median, per metric (traffic scenarios)
+
+
+class Machine(msgspec.Struct, frozen=True, kw_only=True):
+    cpu_model: str
+    vcpus: int
+    memory_gib: float
+    kernel: str
+    python: str
+
+
+class BenchReport(msgspec.Struct, kw_only=True):
+    schema: int = SCHEMA_VERSION
+    command: str
+    started: str
+    finished: str = ""
+    git_commit: str = ""
+    git_dirty: bool = False
+    machine: Machine
+    settings: dict[str, float | int | str | bool] = {}
+    generator: dict[str, float] = {}
+    scenarios: list[ScenarioResult] = []
+    notes: list[str] = []
+
+    def scenario(self, name: str) -> ScenarioResult | None:
+        return next((s for s in self.scenarios if s.name == name), None)
+
+
+def summarize(runs: Sequence[Mapping[str, float]]) -> dict[str, Stat]:
+    """Median and spread of each metric over the runs (metrics missing from a run are skipped there)."""
+    names: list[str] = []
+    for run in runs:
+        names += [k for k in run if k not in names]
+    out = {}
+    for name in names:
+        values = [float(run[name]) for run in runs if name in run]
+        out[name] = Stat(median=statistics.median(values), low=min(values), high=max(values), n=len(values))
+    return out
+
+
+def finish_scenario(scenario: ScenarioResult) -> ScenarioResult:
+    """Fill `stats` of every arm and `added` (mesh - baseline medians) from the recorded runs."""
+    for arm in scenario.arms.values():
+        arm.stats = summarize(arm.runs)
+    base, mesh = scenario.arms.get("baseline"), scenario.arms.get("mesh")
+    if base is not None and mesh is not None:
+        scenario.added = {
+            k: mesh.stats[k].median - base.stats[k].median for k in mesh.stats if k in base.stats
+        }
+    return scenario
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+
+class Row(msgspec.Struct, frozen=True, kw_only=True):
+    scenario: str
+    metric: str
+    label: str
+    compare: str  # "added" (mesh - baseline), "ratio" (mesh / baseline) or "" (mesh only)
+    upstream: str = ""
+    target: str = ""
+    # a target the figure can be checked against: (what, op, value); what is "mesh" or "added"
+    check: tuple[str, str, float] | None = None
+    digits: int = 2
+
+
+ROWS: tuple[Row, ...] = (
+    Row(scenario="bulk_1", metric="mb_s", label="bulk throughput, 1 stream (MB/s)", compare="ratio",
+        target=">= 300 MB/s", check=("mesh", ">=", 300.0), digits=0),
+    Row(scenario="bulk_4", metric="mb_s", label="bulk throughput, 4 streams (MB/s)", compare="ratio",
+        digits=0),
+    Row(scenario="rr", metric="p50_ms", label="1 KB req/resp at 1000 rps, p50 (ms)", compare="added",
+        target="added <= 0.5 ms", check=("added", "<=", 0.5), digits=3),
+    Row(scenario="rr", metric="p90_ms", label="1 KB req/resp at 1000 rps, p90 (ms)", compare="added",
+        upstream="+0.17 ms (Istio 1.22, two ztunnels)", digits=3),
+    Row(scenario="rr", metric="p99_ms", label="1 KB req/resp at 1000 rps, p99 (ms)", compare="added",
+        upstream="+0.20 ms (Istio 1.22, two ztunnels)", target="added <= 2 ms", check=("added", "<=", 2.0),
+        digits=3),
+    Row(scenario="rr", metric="rps", label="achieved rate (req/s)", compare="ratio", digits=0),
+    Row(scenario="ztunnel", metric="client_vcpu_per_1k", label="client-side ztunnel, vCPU per 1000 rps",
+        compare="", upstream="~0.06 (Istio 1.24, one ztunnel)", target="<= 0.15",
+        check=("mesh", "<=", 0.15), digits=3),
+    Row(scenario="ztunnel", metric="server_vcpu_per_1k", label="server-side ztunnel, vCPU per 1000 rps",
+        compare="", upstream="~0.06 (Istio 1.24, one ztunnel)", target="<= 0.15",
+        check=("mesh", "<=", 0.15), digits=3),
+    Row(scenario="ztunnel", metric="client_rss_mib", label="client-side ztunnel, peak RSS (MiB)", compare="",
+        upstream="~12 MB per 1000 rps (Istio 1.24)", digits=1),
+    Row(scenario="ztunnel", metric="server_rss_mib", label="server-side ztunnel, peak RSS (MiB)", compare="",
+        upstream="~12 MB per 1000 rps (Istio 1.24)", digits=1),
+    Row(scenario="crr", metric="cps", label="new connections per second (100 B each way)", compare="ratio",
+        target=">= 800", check=("mesh", ">=", 800.0), digits=0),
+    Row(scenario="enrol", metric="p50_ms", label="pod enrolment, CNI ADD to listeners accepting, p50 (ms)",
+        compare="", digits=1),
+    Row(scenario="enrol", metric="p99_ms", label="pod enrolment, p99 (ms)", compare="", target="<= 100 ms",
+        check=("mesh", "<=", 100.0), digits=1),
+    Row(scenario="enrol", metric="total_s", label="pod enrolment, all pods one after another (s)", compare="",
+        digits=1),
+    Row(scenario="enrol", metric="rss_after_mib", label="ztunnel RSS with the pods enrolled (MiB)",
+        compare="", digits=1),
+    Row(scenario="enrol", metric="kib_per_pod", label="ztunnel RSS per enrolled pod (KiB)", compare="",
+        target="<= 40 KiB", check=("mesh", "<=", 40.0), digits=1),
+)  # fmt: skip
+
+
+def _fmt(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _cell(stat: Stat | None, digits: int) -> str:
+    if stat is None:
+        return "n/a"
+    if stat.n <= 1 or stat.low == stat.high:
+        return _fmt(stat.median, digits)
+    return f"{_fmt(stat.median, digits)} ({_fmt(stat.low, digits)}-{_fmt(stat.high, digits)})"
+
+
+def target_met(row: Row, scenario: ScenarioResult) -> bool | None:
+    """Whether the row's target is met by the medians (None when it has no check or no figure)."""
+    if row.check is None:
+        return None
+    what, op, limit = row.check
+    mesh = scenario.arms.get("mesh")
+    if what == "added":
+        if row.metric not in scenario.added:
+            return None
+        value = scenario.added[row.metric]
+    else:
+        if mesh is None or row.metric not in mesh.stats:
+            return None
+        value = mesh.stats[row.metric].median
+    return value >= limit if op == ">=" else value <= limit
+
+
+def table_rows(report: BenchReport) -> list[list[str]]:
+    """The table as strings: what, no mesh, mesh, mesh vs no mesh, upstream, target (met?)."""
+    rows = []
+    for row in ROWS:
+        scenario = report.scenario(row.scenario)
+        if scenario is None:
+            continue
+        base = scenario.arms.get("baseline")
+        mesh = scenario.arms.get("mesh")
+        base_stat = base.stats.get(row.metric) if base else None
+        mesh_stat = mesh.stats.get(row.metric) if mesh else None
+        versus = ""
+        if row.compare == "added" and row.metric in scenario.added:
+            versus = f"{scenario.added[row.metric]:+.{row.digits}f}"
+        elif row.compare == "ratio" and base_stat and mesh_stat and base_stat.median:
+            versus = f"{mesh_stat.median / base_stat.median:.0%} of no mesh"
+        met = target_met(row, scenario)
+        target = row.target + ("" if met is None else (" (met)" if met else " (**not met**)"))
+        rows.append(
+            [
+                row.label,
+                "-" if scenario.mesh_only else _cell(base_stat, row.digits),
+                _cell(mesh_stat, row.digits),
+                versus,
+                row.upstream,
+                target,
+            ]
+        )
+    return rows
+
+
+HEADERS = ("what", "no mesh", "mesh", "mesh vs no mesh", "upstream", "target")
+
+
+def markdown_table(report: BenchReport) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+def markdown(report: BenchReport) -> str:
+    """The whole results page (docs/benchmarks.md with --update-docs): written by the command only."""
+    m = report.machine
+    s = report.settings
+    gen = report.generator
+    out = [
+        "# Benchmarks",
+        "",
+        "<!-- Written by `ambient bench --update-docs`; do not edit by hand: run the command again. -->",
+        "",
+        f"Run {report.started} to {report.finished} on commit `{report.git_commit or 'unknown'}`"
+        + (" (with uncommitted changes in the work tree)" if report.git_dirty else "")
+        + ".",
+        "",
+        f"- machine: {m.cpu_model}, {m.vcpus} vCPU, {m.memory_gib:.0f} GiB, Linux {m.kernel}, "
+        f"Python {m.python}",
+        f"- command: `{report.command}`",
+        f"- each traffic scenario: {s.get('reps')} repetitions per arm, arms alternating "
+        f"(no mesh first on even repetitions, mesh first on odd ones); figures are medians, "
+        "(lowest-highest) the spread over the repetitions",
+        "",
+        markdown_table(report),
+    ]
+    out += [
+        "## How each figure is measured",
+        "",
+    ]
+    for scenario in report.scenarios:
+        out.append(f"- **{scenario.title}**: {scenario.method}")
+    out += ["", "## The load generator's own ceiling", ""]
+    if gen:
+        out.append(
+            f"- request/response, closed loop (no pacing) over {s.get('conns')} connections against the "
+            f"no-mesh server: {gen.get('rr_closed_rps', 0):,.0f} req/s (the fixed-rate runs ask for "
+            f"{s.get('rate')}); through the mesh, closed loop: {gen.get('rr_closed_rps_mesh', 0):,.0f} req/s"
+        )
+        out.append(
+            "- bulk throughput: iperf3 (C); its no-mesh figure is the ceiling of the lab's veth/bridge path"
+        )
+        out.append(
+            "- new connections: our epoll generator and server; the no-mesh figure is their joint ceiling"
+        )
+    out += ["", "## Notes", ""]
+    out += [f"- {note}" for note in report.notes]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,572 @@
+"""`ambient bench`: build a lab, measure the mesh against no mesh in one run, tear the lab down.
+
+Theory of operation
+-------------------
+    1. write the bench world (services.bench.world) into the run directory and `lab.up` it under a prefix
+       of its own: a mesh pair and a baseline pair of client/server pods across node-a and node-b
+    2. start the servers in both server pods (iperf3 -s, `loadgen serve`), recorded in the lab's state so
+       `lab.teardown` stops them by PID even if this process dies half-way
+    3. warm up both arms, then measure the generator's ceiling (closed loop against the baseline server)
+    4. each traffic scenario: `reps` repetitions, the two arms alternating (baseline first on even
+       repetitions, mesh first on odd ones), every client a process inside the client pod's netns
+    5. during every fixed-rate run, both ztunnels' CPU ticks (/proc/<pid>/stat) and RSS (/proc/<pid>/status,
+       sampled every 50 ms) are read: the `ztunnel` scenario
+    6. enrolment: N extra pods on node-a, each a fresh netns: CNI ADD to the node agent, then connect to
+       127.0.0.1:15008 inside the pod until the listener accepts; ztunnel's RSS before and after
+    7. `finally`: `lab.teardown` (processes by PID, namespaces, files); the JSON and Markdown are written
+
+All traffic stays inside the lab's namespaces; the host namespace only runs `ip netns exec`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from services.bench import world as bw
+from services.bench.errors import BenchError
+from services.bench.report import (
+    ArmResult,
+    BenchReport,
+    Machine,
+    ScenarioResult,
+    finish_scenario,
+    markdown,
+)
+from services.lab import components, lab
+from services.lab.components import PYTHON, LabPaths
+from services.lab.errors import PrerequisiteError
+from services.lab.probe import tcp_probe
+from services.lab.state import ComponentSpec, LabState, TcpCheck, save_state
+from services.lab.topology import AppPlan, LabPlan, PodPlan, Step, create_netns, run_step
+from shared.netns import NetnsError
+
+Progress = Callable[[str], None]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+HBONE_PORT = 15008
+
+
+class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
+    prefix: str
+    out_dir: str
+    command: str
+    seconds: float = 10.0  # each bulk / rr / crr run
+    reps: int = 3
+    rate: float = 1000.0
+    conns: int = 4
+    crr_conc: int = 4
+    enrol_pods: int = 100
+    timeout: float = 60.0
+    quick: bool = False
+
+
+# --- the machine and /proc -------------------------------------------------------------------------------
+
+
+def machine() -> Machine:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return Machine(
+        cpu_model=model,
+        vcpus=os.cpu_count() or 0,
+        memory_gib=mem,
+        kernel=platform.release(),
+        python=platform.python_version(),
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of `pid`, in seconds."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class ProcSampler:
+    """CPU seconds of some processes between start() and stop(), and their peak RSS sampled meanwhile."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.05) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak: dict[str, int] = dict.fromkeys(pids, 0)
+        self.cpu0: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for name, pid in self.pids.items():
+            self.peak[name] = max(self.peak[name], rss_kib(pid))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> None:
+        self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._sample()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.cpu = {name: cpu_seconds(pid) - self.cpu0[name] for name, pid in self.pids.items()}
+
+
+def git_state() -> tuple[str, bool]:
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=False, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=False, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "", False
+    return head, bool(dirty)
+
+
+def check_tools() -> None:
+    lab.check_prerequisites()
+    if shutil.which("iperf3") is None:
+        raise PrerequisiteError(
+            "`ambient bench` measures bulk throughput with iperf3; install it with: apt-get install iperf3"
+        )
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+
+class Bench:
+    """One `ambient bench` run against a lab that is up (`state`)."""
+
+    def __init__(self, cfg: BenchConfig, state: LabState, progress: Progress) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.progress = progress
+        self.plan: LabPlan = lab.plan_of(state)
+        self.paths = LabPaths(state.run_dir)
+        self.pods = {p.key: p for p in self.plan.pods}
+        self.arms = {name: bw.arm_pods(name) for name in bw.ARMS}
+        self.ztunnels: dict[str, int] = {}
+        for role, node in (("client", bw.CLIENT_NODE), ("server", bw.SERVER_NODE)):
+            record = state.process(f"ztunnel/{node}")
+            if record is None:
+                raise BenchError(f"the bench lab runs no ztunnel on {node}: is services.ztunnel installed?")
+            self.ztunnels[role] = record.pid
+
+    # helpers
+
+    def pod(self, key: str) -> PodPlan:
+        return self.pods[key]
+
+    def launch(self, spec: ComponentSpec) -> None:
+        record = components.start(spec)
+        self.state.processes.append(record)
+        save_state(self.state)
+        components.wait_ready(record, timeout=self.cfg.timeout)
+
+    def in_pod(self, key: str, argv: list[str], *, timeout: float) -> str:
+        """Run argv inside the pod's netns; its stdout. Raises BenchError naming the command on failure."""
+        netns = self.pod(key).netns
+        try:
+            proc = subprocess.run(
+                ["ip", "netns", "exec", netns, *argv],
+                env=components.tool_env(),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"`{' '.join(argv)}` in {key} did not finish within {timeout:g} s") from None
+        if proc.returncode != 0:
+            raise BenchError(
+                f"`{' '.join(argv)}` in {key} failed ({proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()[-800:]}"
+            )
+        return proc.stdout
+
+    def loadgen(self, arm: str, *args: str) -> dict[str, float]:
+        a = self.arms[arm]
+        server_ip = self.pod(a.server).ip
+        argv = [PYTHON, "-m", "services.bench.loadgen", args[0], server_ip, *args[1:]]
+        out = self.in_pod(a.client, argv, timeout=self.cfg.seconds * 3 + 30)
+        data = json.loads(out)
+        return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))}
+
+    def order(self, rep: int) -> tuple[str, ...]:
+        return bw.ARMS if rep % 2 == 0 else tuple(reversed(bw.ARMS))
+
+    # set-up
+
+    def start_servers(self) -> None:
+        for arm in bw.ARMS:
+            server = self.pod(self.arms[arm].server)
+            serve = [PYTHON, "-m", "services.bench.loadgen", "serve",
+                     "--rr-port", str(bw.RR_PORT), "--crr-port", str(bw.CRR_PORT)]  # fmt: skip
+            iperf = ["iperf3", "-s", "-p", str(bw.IPERF_PORT)]
+            for what, argv, ports in (("loadgen-serve", serve, (bw.RR_PORT, bw.CRR_PORT)),
+                                      ("iperf3-server", iperf, (bw.IPERF_PORT,))):  # fmt: skip
+                name = f"bench/{arm}/{what}"
+                self.launch(
+                    ComponentSpec(
+                        name=name,
+                        component="app",
+                        netns=server.netns,
+                        argv=argv,
+                        log=str(self.paths.log(name)),
+                        checks=[TcpCheck(netns=server.netns, host="127.0.0.1", port=p) for p in ports],
+                        node=server.node,
+                        pod=server.key,
+                    )
+                )
+            self.progress(f"{arm}: servers up in {server.key} ({server.ip})")
+        time.sleep(0.5)  # iperf3 logs and recovers from the readiness probe's bare connection
+        for arm in bw.ARMS:
+            # Many short connections per run: a wide port range and TIME_WAIT reuse inside the client pod.
+            netns = self.pod(self.arms[arm].client).netns
+            for setting in ("net.ipv4.ip_local_port_range=1024 65000", "net.ipv4.tcp_tw_reuse=1"):
+                run_step(Step(argv=["sysctl", "-q", "-w", setting], netns=netns))
+
+    def check_baseline_clean(self) -> None:
+        """The baseline pods must carry no redirection rules (someone else's node agent could add them)."""
+        for key in (self.arms["baseline"].client, self.arms["baseline"].server):
+            rules = self.in_pod(key, ["iptables-save", "-t", "nat"], timeout=30)
+            if "ISTIO_" in rules:
+                raise BenchError(
+                    f"the baseline pod {key} has in-pod redirection rules although it is not in the mesh: "
+                    "a node agent (of this lab or another one on this host) enrolled it; the baseline would "
+                    "be meaningless"
+                )
+
+    def warm_up(self, report: BenchReport) -> None:
+        secs = "1" if self.cfg.quick else "2"
+        for arm in bw.ARMS:
+            self.loadgen(arm, "rr", str(bw.RR_PORT), "--seconds", "1", "--rate", "200")
+        base = self.loadgen("baseline", "rr", str(bw.RR_PORT), "--closed", "--seconds", secs,
+                            "--conns", str(self.cfg.conns))  # fmt: skip
+        mesh = self.loadgen("mesh", "rr", str(bw.RR_PORT), "--closed", "--seconds", secs,
+                            "--conns", str(self.cfg.conns))  # fmt: skip
+        report.generator = {"rr_closed_rps": base["rps"], "rr_closed_rps_mesh": mesh["rps"]}
+        self.progress(
+            f"generator ceiling: {base['rps']:,.0f} req/s closed loop over {self.cfg.conns} connections "
+            f"without the mesh ({mesh['rps']:,.0f} through it); the fixed-rate runs ask for {self.cfg.rate:g}"
+        )
+        if base["rps"] < 2 * self.cfg.rate:
+            report.notes.append(
+                f"the generator's closed-loop ceiling ({base['rps']:,.0f} req/s) is under twice the fixed "
+                "rate: latency figures include generator queueing"
+            )
+
+    # scenarios
+
+    def bulk(self, streams: int) -> ScenarioResult:
+        scenario = ScenarioResult(
+            name=f"bulk_{streams}",
+            title=f"bulk throughput, {streams} stream{'s' if streams > 1 else ''}",
+            method=f"iperf3 -c SERVER -P {streams} -t {self.iperf_seconds} from the client pod to the server "
+            "pod (pod IP); MB/s = received bytes / seconds / 10^6",
+            arms={arm: ArmResult() for arm in bw.ARMS},
+        )
+        omit = 0 if self.cfg.seconds < 3 else 1
+        for rep in range(self.cfg.reps):
+            for arm in self.order(rep):
+                a = self.arms[arm]
+                mb_s = self.iperf(a, streams, omit)
+                scenario.arms[arm].runs.append({"mb_s": mb_s})
+                self.progress(f"{scenario.name} rep {rep + 1} {arm}: {mb_s:,.0f} MB/s")
+        return finish_scenario(scenario)
+
+    @property
+    def iperf_seconds(self) -> int:
+        return max(1, round(self.cfg.seconds))  # iperf3 takes whole seconds
+
+    def iperf(self, a: bw.Arm, streams: int, omit: int) -> float:
+        """One iperf3 run; MB/s received. The server takes one test at a time and needs a moment after
+        one ends ("the server is busy"), so a refused start is retried."""
+        argv = ["iperf3", "-c", self.pod(a.server).ip, "-p", str(bw.IPERF_PORT), "-J",
+                "-t", str(self.iperf_seconds), "-O", str(omit), "-P", str(streams)]  # fmt: skip
+        why = ""
+        for _ in range(5):
+            netns = self.pod(a.client).netns
+            proc = subprocess.run(
+                ["ip", "netns", "exec", netns, *argv],
+                capture_output=True,
+                text=True,
+                timeout=self.cfg.seconds * 3 + 30,
+                check=False,
+            )
+            try:
+                doc = json.loads(proc.stdout)
+            except ValueError:
+                doc = {"error": (proc.stderr or proc.stdout).strip()[-300:] or f"exit {proc.returncode}"}
+            if "error" not in doc:
+                end = doc["end"]["sum_received"]
+                return float(end["bytes"]) / float(end["seconds"]) / 1e6
+            why = str(doc["error"])
+            time.sleep(0.5)
+        raise BenchError(f"iperf3 from {a.client} to {a.server} failed: {why}")
+
+    def rr(self) -> tuple[ScenarioResult, ScenarioResult]:
+        cfg = self.cfg
+        rr = ScenarioResult(
+            name="rr",
+            title="1 KB request/response latency at a fixed rate",
+            method=f"HTTP/1.1 POST of 1024 bytes answered with 1024 bytes, {cfg.rate:g} req/s over "
+            f"{cfg.conns} kept-alive connections for {cfg.seconds:g} s (fortio's method); latency from "
+            "the send to the response's last byte; 'mesh vs no mesh' is the difference of the medians",
+            arms={arm: ArmResult() for arm in bw.ARMS},
+        )
+        zt = ScenarioResult(
+            name="ztunnel",
+            title="ztunnel CPU and memory during the fixed-rate run",
+            method="utime+stime from /proc/<pid>/stat of each ztunnel over the mesh arm's fixed-rate run, "
+            "divided by its duration (vCPU) and by the achieved rate / 1000; peak VmRSS sampled every 50 ms",
+            mesh_only=True,
+            arms={"mesh": ArmResult()},
+        )
+        for rep in range(cfg.reps):
+            for arm in self.order(rep):
+                sampler = ProcSampler(self.ztunnels)
+                sampler.start()
+                try:
+                    out = self.loadgen(
+                        arm, "rr", str(bw.RR_PORT), "--rate", f"{cfg.rate:g}",
+                        "--conns", str(cfg.conns), "--seconds", f"{cfg.seconds:g}",
+                    )  # fmt: skip
+                finally:
+                    sampler.stop()
+                rr.arms[arm].runs.append(
+                    {
+                        k: out[k]
+                        for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "rps", "late_sends")
+                    }
+                )
+                self.progress(
+                    f"rr rep {rep + 1} {arm}: p50 {out['p50_ms']:.3f} p90 {out['p90_ms']:.3f} "
+                    f"p99 {out['p99_ms']:.3f} ms at {out['rps']:,.0f} req/s"
+                )
+                if arm != "mesh":
+                    continue
+                if sampler.cpu["client"] <= 0 and sampler.cpu["server"] <= 0:
+                    raise BenchError(
+                        "the mesh arm's traffic did not use ztunnel (no CPU time on either): "
+                        f"is the mesh pair enrolled? see `ambient lab status --prefix {cfg.prefix}`"
+                    )
+                kilo = out["rps"] / 1000.0
+                run: dict[str, float] = {"rps": out["rps"]}
+                for role in ("client", "server"):
+                    vcpu = sampler.cpu[role] / out["seconds"]
+                    run[f"{role}_cpu_s"] = sampler.cpu[role]
+                    run[f"{role}_vcpu"] = vcpu
+                    run[f"{role}_vcpu_per_1k"] = vcpu / kilo
+                    run[f"{role}_rss_mib"] = sampler.peak[role] / 1024
+                    run[f"{role}_mib_per_1k"] = sampler.peak[role] / 1024 / kilo
+                zt.arms["mesh"].runs.append(run)
+                self.progress(
+                    f"ztunnel rep {rep + 1}: client {run['client_vcpu_per_1k']:.3f} / server "
+                    f"{run['server_vcpu_per_1k']:.3f} vCPU per 1000 rps; RSS {run['client_rss_mib']:.1f} / "
+                    f"{run['server_rss_mib']:.1f} MiB"
+                )
+        return finish_scenario(rr), finish_scenario(zt)
+
+    def crr(self) -> ScenarioResult:
+        cfg = self.cfg
+        scenario = ScenarioResult(
+            name="crr",
+            title="new connections per second",
+            method=f"{cfg.crr_conc} connections in flight, each: connect, send 100 bytes, read 100 bytes "
+            f"and the server's close, close (netperf TCP_CRR's pattern), for {cfg.seconds:g} s",
+            arms={arm: ArmResult() for arm in bw.ARMS},
+        )
+        for rep in range(cfg.reps):
+            for arm in self.order(rep):
+                out = self.loadgen(arm, "crr", str(bw.CRR_PORT), "--conc", str(cfg.crr_conc),
+                                   "--seconds", f"{cfg.seconds:g}")  # fmt: skip
+                if out["connections"] <= 0:
+                    raise BenchError(f"crr {arm}: no connection completed ({int(out['errors'])} errors)")
+                scenario.arms[arm].runs.append({k: out[k] for k in ("cps", "p50_ms", "p99_ms", "errors")})
+                self.progress(
+                    f"crr rep {rep + 1} {arm}: {out['cps']:,.0f} conn/s ({int(out['errors'])} errors)"
+                )
+        return finish_scenario(scenario)
+
+    def enrol(self) -> ScenarioResult:
+        cfg = self.cfg
+        n = cfg.enrol_pods
+        node = bw.CLIENT_NODE
+        scenario = ScenarioResult(
+            name="enrol",
+            title=f"pod enrolment ({n} pods on one node)",
+            method=f"{n} new pods on {node}, one after another: the lab (as kubelet/CNI) POSTs the CNI ADD "
+            "to the node agent, then connects to 127.0.0.1:15008 inside the pod until ztunnel's listener "
+            "accepts; ztunnel's RSS before and after (per pod = difference / pods)",
+            mesh_only=True,
+            arms={"mesh": ArmResult()},
+        )
+        pid = self.ztunnels["client"]
+        pods = [self.enrol_pod(i) for i in range(n)]
+        self.progress(f"enrolment: {n} pod namespaces created on {node}")
+        time.sleep(0.5)
+        rss0 = rss_kib(pid)
+        times = []
+        t_all = time.perf_counter()
+        for pod in pods:
+            t0 = time.perf_counter()
+            status = lab.cni_add(self.paths, pod, timeout=cfg.timeout)
+            if status not in ("enabled", "pending"):
+                raise BenchError(f"CNI ADD of {pod.key} answered status {status!r}")
+            deadline = t0 + cfg.timeout
+            while True:
+                try:
+                    tcp_probe(pod.netns, "127.0.0.1", HBONE_PORT, timeout=1.0)
+                    break
+                except (OSError, NetnsError):
+                    if time.perf_counter() > deadline:
+                        raise BenchError(
+                            f"ztunnel's listeners in {pod.key} did not accept within {cfg.timeout:g} s; see "
+                            f"{self.paths.log(f'ztunnel/{node}')}"
+                        ) from None
+                    time.sleep(0.001)
+            times.append(time.perf_counter() - t0)
+        total = time.perf_counter() - t_all
+        time.sleep(1.0)
+        rss1 = rss_kib(pid)
+        from services.bench.loadgen import percentiles
+
+        p50, p99 = percentiles(times, (50, 99))
+        scenario.arms["mesh"].runs.append(
+            {
+                "pods": float(n),
+                "p50_ms": p50 * 1e3,
+                "p99_ms": p99 * 1e3,
+                "max_ms": max(times) * 1e3,
+                "total_s": total,
+                "rss_before_mib": rss0 / 1024,
+                "rss_after_mib": rss1 / 1024,
+                "kib_per_pod": (rss1 - rss0) / n,
+            }
+        )
+        self.progress(
+            f"enrolment of {n} pods: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, all in {total:.1f} s; "
+            f"ztunnel RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB ({(rss1 - rss0) / n:.1f} KiB per pod)"
+        )
+        return finish_scenario(scenario)
+
+    def enrol_pod(self, i: int) -> PodPlan:
+        """A bare pod netns (lo up, its address on lo): enough for the node agent's rules and ztunnel."""
+        name = f"enrol-{i}"
+        netns = f"{self.cfg.prefix}-e{i}"
+        ip = bw.enrol_pod_ip(i)
+        self.state.netns.append(netns)  # recorded before it exists: teardown removes it
+        save_state(self.state)
+        create_netns(netns)
+        run_step(Step(argv=["ip", "-n", netns, "link", "set", "lo", "up"]))
+        run_step(Step(argv=["ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "lo"]))
+        return PodPlan(
+            name=name, namespace=bw.NAMESPACES["mesh"], uid=f"bench-enrol-{self.cfg.prefix}-{i}",
+            node=bw.CLIENT_NODE, netns=netns, host_veth="", address=f"{ip}/32", gateway=ip,
+            service_account="bench-enrol", labels={"app": "enrol"}, annotations={}, ambient=True,
+            ambient_reason="bench", hosts="", app=AppPlan(kind="sleep"),
+        )  # fmt: skip
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def write_outputs(report: BenchReport, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js = out_dir / "bench.json"
+    md = out_dir / "benchmarks.md"
+    js.write_bytes(msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+    md.write_text(markdown(report))
+    return js, md
+
+
+def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Path]:
+    """Build the bench lab, run every scenario for both arms, tear the lab down; the report and the
+    directory its JSON and Markdown were written to.
+
+    Raises:
+        PrerequisiteError, LabError (the lab could not be built), BenchError (a measurement failed).
+    """
+    check_tools()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world_file = out_dir / "world.json"
+    from services.istiod.world import world_to_json
+
+    world_file.write_bytes(world_to_json(bw.bench_world()))
+    commit, dirty = git_state()
+    report = BenchReport(
+        command=cfg.command,
+        started=_now(),
+        git_commit=commit,
+        git_dirty=dirty,
+        machine=machine(),
+        settings={
+            "seconds": cfg.seconds,
+            "reps": cfg.reps,
+            "rate": cfg.rate,
+            "conns": cfg.conns,
+            "crr_conc": cfg.crr_conc,
+            "enrol_pods": cfg.enrol_pods,
+            "quick": cfg.quick,
+        },
+    )
+    progress(f"building the bench lab {cfg.prefix!r}")
+    state = lab.up(prefix=cfg.prefix, world_file=world_file, timeout=cfg.timeout, progress=progress)
+    try:
+        bench = Bench(cfg, state, progress)
+        bench.start_servers()
+        bench.check_baseline_clean()
+        bench.warm_up(report)
+        report.scenarios.append(bench.bulk(1))
+        report.scenarios.append(bench.bulk(4))
+        report.scenarios.extend(bench.rr())
+        report.scenarios.append(bench.crr())
+        bench.check_baseline_clean()
+        report.scenarios.append(bench.enrol())
+    finally:
+        shutil.copytree(LabPaths(state.run_dir).logs, out_dir / "logs", dirs_exist_ok=True)
+        progress(f"removing the bench lab {cfg.prefix!r} (its logs: {out_dir / 'logs'})")
+        lab.teardown(state, progress=progress)
+    report.finished = _now()
+    report.notes += [
+        "clients reach servers by pod IP in both arms; mesh traffic is captured in the client pod "
+        "(ztunnel outbound on node-a) and delivered by ztunnel on node-b",
+        "the load generator, both servers and both ztunnels share the machine's vCPUs",
+        "memory figures are MiB/KiB (2^20 / 2^10 bytes)",
+    ]
+    write_outputs(report, out_dir)
+    return report, out_dir

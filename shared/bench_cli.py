@@ -1,0 +1,107 @@
+"""`ambient bench`: measure the mesh against no mesh in one run (root; builds and removes its own lab).
+
+    ambient bench [--quick] [--out DIR] [--update-docs] [--reps N] [--seconds S] [--enrol-pods N]
+
+Writes DIR/bench.json and DIR/benchmarks.md (DIR defaults to /var/tmp/ambient-bench/<UTC time>);
+--update-docs also copies the Markdown to docs/benchmarks.md. The lab is removed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+DOCS_FILE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DEFAULT_OUT_ROOT = Path("/var/tmp/ambient-bench")
+
+
+def _progress(message: str) -> None:
+    err_console.print(f"[bold cyan]•[/] {message}")
+
+
+def register(subparsers: Any) -> None:
+    """Add `bench` to the `ambient` command."""
+    p = subparsers.add_parser(
+        "bench",
+        help="measure the mesh against no mesh in one run (root)",
+        description="Build a lab with a meshed and an unmeshed client/server pair across two nodes, run "
+        "each scenario for both arms alternately, print the table, write JSON and Markdown, remove the lab.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny durations (CI smoke use): 1 s runs, 2 reps, 5 pods"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="run directory (default /var/tmp/ambient-bench/<time>)"
+    )
+    p.add_argument("--update-docs", action="store_true", help="also write docs/benchmarks.md")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per arm (default 3; --quick 2)")
+    p.add_argument("--seconds", type=float, default=None, help="length of each run (default 10; --quick 1)")
+    p.add_argument("--rate", type=float, default=1000.0, help="fixed request rate (default 1000)")
+    p.add_argument("--conns", type=int, default=4, help="kept-alive connections of the fixed-rate run")
+    p.add_argument("--crr-conc", type=int, default=4, help="connections in flight, new-connection rate run")
+    p.add_argument(
+        "--enrol-pods",
+        type=int,
+        default=None,
+        help="pods to enrol on one node (default 100, e.g. 500; --quick 5)",
+    )
+    p.add_argument("--prefix", default=None, help="lab prefix (default bench<pid>)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each component")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from services.bench.report import HEADERS, table_rows
+    from services.bench.run import BenchConfig, run_bench
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    quick = bool(args.quick)
+    reps = args.reps if args.reps is not None else (2 if quick else 3)
+    seconds = args.seconds if args.seconds is not None else (1.0 if quick else 10.0)
+    enrol = args.enrol_pods if args.enrol_pods is not None else (5 if quick else 100)
+    if reps < 1 or seconds <= 0 or enrol < 1 or args.rate <= 0 or args.conns < 1 or args.crr_conc < 1:
+        err_console.print(
+            "ambient bench: --reps, --seconds, --rate, --conns, --crr-conc, --enrol-pods must be > 0"
+        )
+        return 2
+    if enrol > 2000:
+        err_console.print("ambient bench: --enrol-pods is limited to 2000")
+        return 2
+    out = args.out or DEFAULT_OUT_ROOT / stamp
+    cfg = BenchConfig(
+        prefix=args.prefix or f"bench{os.getpid() % 100000}",
+        out_dir=str(out),
+        command="ambient " + shlex.join(sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench"]),
+        seconds=seconds,
+        reps=reps,
+        rate=args.rate,
+        conns=args.conns,
+        crr_conc=args.crr_conc,
+        enrol_pods=enrol,
+        timeout=args.timeout,
+        quick=quick,
+    )
+    report, out_dir = run_bench(cfg, progress=_progress)
+    table = Table(title=f"ambient bench ({report.machine.cpu_model}, {report.machine.vcpus} vCPU)")
+    for col in HEADERS:
+        table.add_column(col)
+    for cells in table_rows(report):
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"results: {out_dir / 'bench.json'}, {out_dir / 'benchmarks.md'}")
+    if args.update_docs:
+        DOCS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out_dir / "benchmarks.md", DOCS_FILE)
+        console.print(f"wrote {DOCS_FILE}")
+    return 0

@@ -1,0 +1,134 @@
+"""ambient bench's pure parts: statistics, targets, the Markdown table, the world, percentiles."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from services.bench.loadgen import percentiles
+from services.bench.report import (
+    ArmResult,
+    BenchReport,
+    Machine,
+    ScenarioResult,
+    finish_scenario,
+    markdown,
+    markdown_table,
+    summarize,
+)
+from services.bench.world import ARMS, NAMESPACES, arm_pods, bench_world, enrol_pod_ip
+from services.istiod.world import validate
+from services.lab.topology import plan_lab
+
+MACHINE = Machine(cpu_model="Test CPU", vcpus=2, memory_gib=4.0, kernel="6.1", python="3.11.7")
+
+
+def _report(*scenarios: ScenarioResult) -> BenchReport:
+    return BenchReport(command="ambient bench", started="t0", machine=MACHINE, scenarios=list(scenarios))
+
+
+def test_summarize_median_and_spread_per_metric() -> None:
+    stats = summarize([{"a": 3.0, "b": 1.0}, {"a": 1.0}, {"a": 2.0, "b": 5.0}])
+    assert (stats["a"].median, stats["a"].low, stats["a"].high, stats["a"].n) == (2.0, 1.0, 3.0, 3)
+    assert (stats["b"].median, stats["b"].n) == (3.0, 2)
+
+
+def test_finish_scenario_adds_mesh_minus_baseline_medians() -> None:
+    scenario = ScenarioResult(
+        name="rr",
+        title="rr",
+        method="m",
+        arms={
+            "baseline": ArmResult(runs=[{"p50_ms": 0.1}, {"p50_ms": 0.3}]),
+            "mesh": ArmResult(runs=[{"p50_ms": 0.5}, {"p50_ms": 0.7}]),
+        },
+    )
+    finish_scenario(scenario)
+    assert scenario.added["p50_ms"] == pytest.approx(0.4)
+
+
+def test_mesh_only_scenario_has_no_added_and_a_dash_for_no_mesh() -> None:
+    zt = finish_scenario(
+        ScenarioResult(
+            name="ztunnel",
+            title="zt",
+            method="m",
+            mesh_only=True,
+            arms={"mesh": ArmResult(runs=[{"client_vcpu_per_1k": 0.1}])},
+        )
+    )
+    assert zt.added == {}
+    row = next(
+        line for line in markdown_table(_report(zt)).splitlines() if "client-side ztunnel, vCPU" in line
+    )
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "-"
+    assert cells[2] == "0.100"
+    assert cells[5] == "<= 0.15 (met)"
+
+
+def test_table_marks_targets_not_met_and_shows_ratio() -> None:
+    bulk = finish_scenario(
+        ScenarioResult(
+            name="bulk_1",
+            title="bulk",
+            method="m",
+            arms={"baseline": ArmResult(runs=[{"mb_s": 1000.0}]), "mesh": ArmResult(runs=[{"mb_s": 250.0}])},
+        )
+    )
+    table = markdown_table(_report(bulk))
+    assert (
+        "| bulk throughput, 1 stream (MB/s) | 1,000 | 250 | 25% of no mesh |  | >= 300 MB/s (**not met**) |"
+        in table
+    )
+
+
+def test_markdown_names_machine_command_and_methods() -> None:
+    report = _report(
+        finish_scenario(ScenarioResult(name="crr", title="new connections", method="connect, close"))
+    )
+    report.settings = {"reps": 3, "conns": 4, "rate": 1000.0}
+    report.generator = {"rr_closed_rps": 20000.0, "rr_closed_rps_mesh": 2000.0}
+    text = markdown(report)
+    assert "Test CPU, 2 vCPU" in text
+    assert "`ambient bench`" in text
+    assert "**new connections**: connect, close" in text
+    assert "20,000 req/s" in text
+
+
+def test_report_round_trips_through_json() -> None:
+    report = _report(
+        finish_scenario(
+            ScenarioResult(name="x", title="x", method="m", arms={"mesh": ArmResult(runs=[{"v": 1.0}])})
+        )
+    )
+    again = msgspec.json.decode(msgspec.json.encode(report), type=BenchReport)
+    assert again.scenarios[0].arms["mesh"].stats["v"].median == 1.0
+
+
+def test_percentiles_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentiles(values, (50, 90, 99, 100)) == [50.0, 90.0, 99.0, 100.0]
+    assert percentiles([], (50,)) == [0.0]
+    assert percentiles([7.0], (1, 99)) == [7.0, 7.0]
+
+
+def test_bench_world_is_valid_and_plans_one_ambient_pair() -> None:
+    world = bench_world()
+    validate(world, "<bench>")
+    plan = plan_lab(world, prefix="benchtest")
+    ambient = {p.key: p.ambient for p in plan.pods}
+    for arm in ARMS:
+        pair = arm_pods(arm)
+        assert ambient[pair.client] == ambient[pair.server] == (arm == "mesh")
+        assert pair.client.startswith(NAMESPACES[arm] + "/")
+    nodes = {p.key: p.node for p in plan.pods}
+    assert nodes[arm_pods("mesh").client] != nodes[arm_pods("mesh").server]
+
+
+def test_enrol_pod_ips_are_distinct_and_outside_the_pod_blocks() -> None:
+    ips = {enrol_pod_ip(i) for i in range(2000)}
+    assert len(ips) == 2000
+    assert all(ip.startswith("10.250.") and not ip.endswith((".0", ".1", ".255")) for ip in ips)
+    with pytest.raises(ValueError):
+        enrol_pod_ip(64000)
