@@ -2,10 +2,15 @@
 
 Theory of operation
 -------------------
+    certificate manager    (XDS_ADDRESS set) workload certificates from the CA (CA_ADDRESS), per identity
     servers nursery        admin 127.0.0.1:15000, stats :15020, readiness :15021 (h11 on Trio);
                            the xDS client (XDS_ADDRESS set) filling the StateStore
-      pods nursery         one child per pod (InPodWorkloadHandler -> run_pod_proxies)
+      pods nursery         one child per pod (InPodWorkloadHandler -> run_pod_proxies, each with its pool)
         ZDS client         run_zds_client(INPOD_UDS, WorkloadManager(handler)) under its own cancel scope
+
+With XDS_ADDRESS the pods share one `Mesh` (the store, the certificate manager, one TLS context cache):
+outbound connections are resolved from xDS and tunnelled with HBONE where the destination speaks it, and
+15008 serves HBONE. Without it every connection is plain passthrough and 15008 closes what it accepts.
 
 Readiness (`/healthz/ready`) is the conjunction of named checks: the ZDS manager's `ready` (connected,
 snapshot applied, nothing pending), plus "xDS synced" when XDS_ADDRESS is set. SIGTERM/SIGINT: stop the ZDS
@@ -29,6 +34,9 @@ import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.ztunnel.hbone.tls import TlsContextCache
+from services.ztunnel.identity.ca_client import GrpcCaClient
+from services.ztunnel.identity.manager import open_certificate_manager
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
 from shared.aio import open_aio_loop
@@ -42,7 +50,7 @@ from .httpd import HttpRequest, HttpResponse, serve_http
 from .inpod.handler import InPodWorkloadHandler
 from .inpod.sockets import SO_MARK
 from .peers import StatePeers
-from .proxy.context import SocketFactory
+from .proxy.context import Mesh, SocketFactory
 from .telemetry import Metrics, Telemetry, current_log_levels, set_log_level, setup_logging
 
 log = logging.getLogger("ztunnel.app")
@@ -105,6 +113,7 @@ class ZtunnelApp:
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         self.store: StateStore | None = None
         self.xds: XdsClient | None = None
+        self.mesh: Mesh | None = None
         self._changed = trio.Event()
 
     def notify(self) -> None:
@@ -121,8 +130,9 @@ class ZtunnelApp:
 
     def config_dump(self) -> dict[str, Any]:
         config = msgspec.to_builtins(self.config)
-        if config.get("xds_target"):
-            config["xds_target"]["token"] = "<redacted>" if config["xds_target"].get("token") else None
+        for target in ("xds_target", "ca_target"):
+            if config.get(target):
+                config[target]["token"] = "<redacted>" if config[target].get("token") else None
         xds: dict[str, Any] | None = None
         if self.xds is not None and self.store is not None:
             xds = {"connected": self.xds.connected, "connects": self.xds.connects,
@@ -131,6 +141,7 @@ class ZtunnelApp:
         return {
             "config": config,
             "xds": xds,
+            "certificates": self.mesh.certs.dump() if self.mesh is not None else None,
             "pods": self.handler.dump(),
             "zds": self.manager.state(),
             "readiness": {"ready": not self.readiness.blocking(), "blocking": self.readiness.blocking()},
@@ -183,23 +194,28 @@ async def run_ztunnel(config: ZtunnelConfig, *, shutdown: trio.Event | None = No
     readiness = Readiness()
     store = StateStore()
     async with contextlib.AsyncExitStack() as stack:
+        mesh: Mesh | None = None
         if config.xds_target is not None:
             await stack.enter_async_context(open_aio_loop())  # grpclib runs on asyncio via trio-asyncio
-        await _serve(config, shutdown, sockets, telemetry, readiness, store, task_status)
+            ca = GrpcCaClient(config.ca_target or config.xds_target)  # upstream: the CA is istiod by default
+            certs = await stack.enter_async_context(open_certificate_manager(ca))
+            mesh = Mesh(store=store, certs=certs, contexts=TlsContextCache(), node=config.node_name)
+        await _serve(config, shutdown, sockets, telemetry, readiness, store, mesh, task_status)
     log.info("ztunnel stopped")
 
 
 async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFactory | None,
-                 telemetry: Telemetry, readiness: Readiness, store: StateStore,
+                 telemetry: Telemetry, readiness: Readiness, store: StateStore, mesh: Mesh | None,
                  task_status: trio.TaskStatus[ZtunnelApp]) -> None:
     async with trio.open_nursery() as servers:
         async with trio.open_nursery() as pods:
             handler = InPodWorkloadHandler(pods, config=config.proxy, telemetry=telemetry, sockets=sockets,
-                                           peers=StatePeers(store))
+                                           peers=StatePeers(store), mesh=mesh)
             manager = WorkloadManager(handler, on_change=lambda: app.notify())
             readiness.add("inpod snapshot from the node agent", lambda: manager.ready)
             app = ZtunnelApp(config, handler, manager, telemetry, readiness)
             app.store = store
+            app.mesh = mesh
 
             # --- xDS client (only when XDS_ADDRESS is set): workloads/services/policies into `store` -----
             if config.xds_target is not None:

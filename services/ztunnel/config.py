@@ -30,6 +30,10 @@ class ZtunnelConfig(msgspec.Struct, frozen=True, kw_only=True):
     xds_target: GrpcTarget | None = None
     """Built from XDS_ADDRESS / XDS_ROOT_CERT / XDS_TOKEN_FILE / XDS_HEADER_* when XDS_ADDRESS is set."""
     ca_address: str | None = None
+    ca_target: GrpcTarget | None = None
+    """The CA (CA_ADDRESS / CA_ROOT_CERT / CA_TOKEN_FILE / CA_HEADER_*), each defaulting to its XDS_* twin
+    (upstream: the CA is istiod). Built only with XDS_ADDRESS: without xDS there is no mesh and every
+    connection is plain passthrough."""
     log_format: str = "plain"
     log_level: str = "info"
     admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
@@ -112,6 +116,16 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
             xds_target = GrpcTarget.from_env("XDS", env)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    ca_target = None
+    if xds_target is not None:
+        ca_env = dict(env)
+        for suffix in ("ADDRESS", "ROOT_CERT", "TOKEN_FILE"):
+            if not ca_env.get(f"CA_{suffix}") and env.get(f"XDS_{suffix}"):
+                ca_env[f"CA_{suffix}"] = env[f"XDS_{suffix}"]
+        try:
+            ca_target = GrpcTarget.from_env("CA", ca_env)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return ZtunnelConfig(
         inpod_uds=env.get("INPOD_UDS", DEFAULT_INPOD_UDS),
         zds_state_file=env.get("ZTUNNEL_ZDS_STATE_FILE") or None,
@@ -123,6 +137,7 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
         xds_address=env.get("XDS_ADDRESS") or None,
         xds_target=xds_target,
         ca_address=env.get("CA_ADDRESS") or None,
+        ca_target=ca_target,
         log_format=log_format,
         log_level=env.get("RUST_LOG", env.get("LOG_LEVEL", "info")),
         admin_addr=(admin_host or "127.0.0.1", admin_port),

@@ -373,9 +373,15 @@ class Telemetry:
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug("connection opened", extra={"fields": record.fields(with_bytes=False)})
 
-    def connection_complete(self, record: ConnectionRecord, error: str | None = None) -> None:
+    def connection_complete(self, record: ConnectionRecord, error: str | None = None, *,
+                            opened: bool = True) -> None:
+        """The connection's one access log line (info, or error with `error=`) and its metrics.
+
+        `opened=False`: it never got through (refused by policy, the peer's CONNECT answer, ...): counted
+        as failed rather than closed, since it was never counted as opened.
+        """
         labels = Metrics.labels_of(record)
-        self.metrics.closed.labels(**labels).inc()
+        (self.metrics.closed if opened else self.metrics.failed).labels(**labels).inc()
         self.metrics.received.labels(**labels).inc(record.bytes_sent)
         self.metrics.sent.labels(**labels).inc(record.bytes_recv)
         fields = record.fields(with_bytes=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import trio
 
@@ -194,6 +194,20 @@ class HbonePool:
         self._entries: dict[PoolKey, list[_Entry]] = {}
         self._locks: dict[PoolKey, trio.Lock] = {}
         self.connections_opened = 0
+
+    def dump(self) -> list[dict[str, Any]]:
+        """The pool's keys and their live connections, for the admin `/config_dump`."""
+        out: list[dict[str, Any]] = []
+        for key, entries in sorted(self._entries.items(), key=lambda item: repr(item[0])):
+            out.append({
+                "src_identity": key.src_identity.uri,
+                "dst_identities": sorted(i.uri for i in key.dst_identities),
+                "dst": format_authority(key.dst),
+                "src_ip": key.src_ip,
+                "connections": [{"local": format_authority(e.conn.local_addr),
+                                 "streams": e.conn.active_streams, "dead": e.conn.dead} for e in entries],
+            })
+        return out
 
     def connections(self, key: PoolKey | None = None) -> list[HboneConnection]:
         """Live pooled connections (of one key, or all)."""

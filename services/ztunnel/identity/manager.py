@@ -17,15 +17,19 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from services.ztunnel.identity.ca_client import CaClient
 from services.ztunnel.identity.errors import CertificateError
-from shared.identity import CertBundle, SpiffeId
+from shared.identity import CertBundle, IdentityError, SpiffeId, load_cert
 
 log = logging.getLogger(__name__)
+
+
+def _rfc3339(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 class Clock(Protocol):
@@ -101,6 +105,29 @@ class CertificateManager:
             if entry.bundle is not None and entry.bundle != than:
                 return entry.bundle
             await entry.updated.wait()
+
+    def dump(self) -> list[dict[str, Any]]:
+        """Every managed identity's certificate (serial, validity, state), for the admin `/config_dump`."""
+        out: list[dict[str, Any]] = []
+        for identity, entry in sorted(self._entries.items()):
+            item: dict[str, Any] = {"identity": identity.uri}
+            bundle = entry.bundle
+            if bundle is None:
+                item["state"] = "unavailable" if entry.attempted.is_set() else "initializing"
+            else:
+                item["state"] = "available" if self._valid(bundle) else "expired"
+                try:
+                    item["serial"] = format(load_cert(bundle.leaf_pem).serial_number, "x")
+                except IdentityError:
+                    item["serial"] = None
+                item["valid_from"] = _rfc3339(bundle.not_before)
+                item["expiration"] = _rfc3339(bundle.not_after)
+                item["refresh_at"] = _rfc3339(bundle.refresh_at)
+                item["chain_length"] = len(bundle.cert_chain)
+            if entry.error is not None:
+                item["last_error"] = str(entry.error)
+            out.append(item)
+        return out
 
     def forget(self, identity: SpiffeId) -> None:
         """Stop caching and rotating `identity`."""

@@ -24,15 +24,29 @@ from typing import Any
 
 import trio
 
+from shared.identity import SpiffeId
 from shared.netns import netns_id
 from shared.zds.types import PodUid, WorkloadInfo
 
 from ..errors import ProxyStartError
-from ..proxy.context import InPodSocketFactory, NoPeers, PeerLookup, PodContext, ProxyConfig, SocketFactory
+from ..proxy.context import (
+    InPodSocketFactory,
+    Mesh,
+    NoPeers,
+    PeerLookup,
+    PodContext,
+    ProxyConfig,
+    SocketFactory,
+)
 from ..telemetry import Telemetry
 from .proxies import PodHandle, run_pod_proxies
 
 log = logging.getLogger("ztunnel.inpod")
+
+
+def _identity(ctx: PodContext) -> SpiffeId | None:
+    workload = ctx.workload()
+    return workload.identity if workload is not None else None
 
 
 class InPodWorkloadHandler:
@@ -43,8 +57,9 @@ class InPodWorkloadHandler:
 
     def __init__(self, pods_nursery: trio.Nursery, *, config: ProxyConfig | None = None,
                  telemetry: Telemetry | None = None, sockets: SocketFactory | None = None,
-                 peers: PeerLookup | None = None) -> None:
+                 peers: PeerLookup | None = None, mesh: Mesh | None = None) -> None:
         self._nursery = pods_nursery
+        self.mesh = mesh
         self.config = config if config is not None else ProxyConfig()
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.sockets = sockets if sockets is not None else InPodSocketFactory(self.config)
@@ -78,7 +93,7 @@ class InPodWorkloadHandler:
                      extra={"fields": [("uid", uid)]})
             await self.stop_workload(uid)
         ctx = PodContext(uid=uid, info=info, netns_fd=fd, config=self.config, telemetry=self.telemetry,
-                         sockets=self.sockets, peers=self.peers)
+                         sockets=self.sockets, peers=self.peers, mesh=self.mesh)
         try:
             handle: PodHandle = await self._nursery.start(self._run_pod, ctx)
         except ProxyStartError:
@@ -99,6 +114,19 @@ class InPodWorkloadHandler:
                     del self._pods[uid]
                     self.telemetry.metrics.proxies_stopped.inc()
             self.telemetry.metrics.active_proxies.set(len(self._pods))
+            self._forget_identity(ctx)
+
+    def _forget_identity(self, gone: PodContext) -> None:
+        """The last pod of an identity left the node: stop rotating its certificate, drop its TLS contexts."""
+        mesh = self.mesh
+        workload = gone.workload()
+        if mesh is None or workload is None:
+            return
+        identity = workload.identity
+        if any(_identity(h.context) == identity for h in self._pods.values()):
+            return
+        mesh.certs.forget(identity)
+        mesh.contexts.forget(identity)
 
     async def stop_workload(self, uid: PodUid) -> None:
         """Immediate drain: the pod's listeners and open connections are closed before this returns.
@@ -135,5 +163,7 @@ class InPodWorkloadHandler:
                 "active_connections": handle.context.active_connections,
                 "listeners": [{"role": li.role, "address": f"{li.address}:{li.port}", "mark": li.mark}
                               for li in handle.listeners],
+                "identity": str(identity) if (identity := _identity(handle.context)) is not None else None,
+                "pool": handle.context.pool.dump() if handle.context.pool is not None else None,
             })
         return out

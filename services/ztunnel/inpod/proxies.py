@@ -12,27 +12,34 @@ scope the caller gets back in the `PodHandle`:
     handle.stop_accepting()        # Graceful drain: listeners closed, connections left to finish
 
 Connections live in the outer nursery and accept loops in an inner one, so stopping the accept loops lets the
-pod's task end by itself once its last connection finishes. Per-connection errors are caught and logged in
-the handler wrapper: nothing a peer does can take down the pod's other connections, or another pod.
+pod's task end by itself once its last connection finishes. With the mesh (xDS), the pod's HBONE client pool
+wraps both: its connections are made in the pod's netns and live exactly as long as the pod's proxy set (a
+GOAWAY when it ends), and the pod's certificate is fetched as soon as its listeners run. Per-connection
+errors are caught and logged in the handler wrapper: nothing a peer does can take down the pod's other
+connections, or another pod.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
 import trio
 
+from shared.errors import AmbientError
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid
 
+from ..hbone.client import HbonePool, open_hbone_pool
 from ..proxy.context import PodContext
+from ..proxy.mesh import handle_inbound_hbone, handle_inbound_plaintext, handle_outbound
 from ..proxy.net import ACCEPT_CAPACITY_ERRNOS, Addr, peer_addr
-from ..proxy.passthrough import handle_inbound_hbone, handle_inbound_plaintext, handle_outbound
 from .sockets import PodListener
 
 log = logging.getLogger("ztunnel.inpod")
@@ -115,6 +122,36 @@ def _info(listener: PodListener, mark: int) -> ListenerInfo:
                         mark=mark)
 
 
+@asynccontextmanager
+async def _open_pool(ctx: PodContext) -> AsyncIterator[HbonePool | None]:
+    """The pod's HBONE client pool (None without the mesh): sockets made in the pod netns, marked."""
+    mesh = ctx.mesh
+    if mesh is None:
+        yield None
+        return
+
+    def make_socket(family: socket.AddressFamily) -> socket.socket:
+        return ctx.sockets.upstream(ctx.netns_fd, family)
+
+    async with open_hbone_pool(certs=mesh.certs, contexts=mesh.contexts, make_socket=make_socket,
+                               connect_timeout=ctx.config.connect_timeout) as pool:
+        ctx.pool = pool
+        try:
+            yield pool
+        finally:
+            ctx.pool = None
+
+
+async def _prefetch_certificate(ctx: PodContext) -> None:
+    """Fetch the pod's certificate up front, so its first connection does not wait for the CA."""
+    mesh = ctx.mesh
+    workload = await ctx.wait_workload()
+    if mesh is None or workload is None:
+        return
+    with contextlib.suppress(AmbientError):  # the certificate manager logs it and retries; so does each use
+        await mesh.certs.fetch_certificate(workload.identity)
+
+
 async def run_pod_proxies(ctx: PodContext, *, handlers: Mapping[str, ConnHandler] = HANDLERS,
                           task_status: trio.TaskStatus[PodHandle] = trio.TASK_STATUS_IGNORED) -> None:
     """Bind the pod's listener set in its netns and serve it until cancelled.
@@ -133,12 +170,14 @@ async def run_pod_proxies(ctx: PodContext, *, handlers: Mapping[str, ConnHandler
             handle = PodHandle(uid=ctx.uid, netns=netns_id(ctx.netns_fd), scope=trio.CancelScope(),
                                accept_scope=trio.CancelScope(), listeners=infos, context=ctx)
             with handle.scope:
-                async with trio.open_nursery() as connections:
+                async with _open_pool(ctx), trio.open_nursery() as connections:
                     with handle.accept_scope:
                         async with trio.open_nursery() as accepting:
                             for listener in listeners:
                                 accepting.start_soon(serve_listener, ctx, listener, handlers[listener.role],
                                                      connections)
+                            if ctx.mesh is not None:
+                                accepting.start_soon(_prefetch_certificate, ctx)
                             log.info("pod proxies started", extra={"fields": [
                                 ("uid", ctx.uid), ("workload", ctx.info.name if ctx.info else None),
                                 ("ports", ",".join(str(i.port) for i in infos))]})

@@ -2,20 +2,29 @@
 
 The socket factory is the seam between proxy logic and the kernel: the real one creates sockets inside the
 pod's namespace and reads netfilter's original destination; service tests use a loopback fake.
+
+With xDS configured, every pod also shares the process's `Mesh` (the xDS state, the certificate manager and
+the TLS context cache) and owns an HBONE client pool for its lifetime (`PodContext.pool`).
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
+import trio
 
+from shared.identity import SpiffeId
 from shared.zds.types import PodUid, WorkloadInfo
 
 from ..errors import ProxyStartError
+from ..hbone.client import CertSource, HbonePool
+from ..hbone.tls import TlsContextCache
 from ..inpod.sockets import PACKET_MARK, PodListeners, bind_pod_listeners, create_upstream_socket
+from ..state.store import StateStore
+from ..state.types import Workload
 from ..telemetry import Peer, Telemetry
 from .net import Addr, original_dst
 
@@ -85,6 +94,50 @@ class NoPeers:
         return None
 
 
+class MeshCertificates(CertSource, Protocol):
+    """The certificate manager as the mesh uses it (services/ztunnel/identity/manager.py, or a fake)."""
+
+    def forget(self, identity: SpiffeId) -> None:
+        """Stop caching and rotating `identity` (its last pod left the node)."""
+        ...
+
+    def dump(self) -> list[dict[str, Any]]:
+        """The certificates held (identity, serial, validity), for /config_dump."""
+        ...
+
+
+WORKLOAD_WAIT = 5.0
+"""How long a pod's connection waits for xDS to name the pod's workload (upstream: 5 s)."""
+
+
+@dataclass
+class Mesh:
+    """What HBONE needs, shared by every pod of the process.
+
+    Args:
+        store: the xDS state (workloads, services, policies).
+        certs: workload certificates by identity (the certificate manager).
+        contexts: the one process-wide TLS context cache.
+        node: this node's name (NODE_NAME): a pod's workload is looked up among this node's workloads.
+    """
+
+    store: StateStore
+    certs: MeshCertificates
+    contexts: TlsContextCache
+    node: str = ""
+    workload_wait: float = WORKLOAD_WAIT
+
+    def local_workload(self, info: WorkloadInfo) -> Workload | None:
+        """The node-local xDS workload of a pod: same name, namespace and service account (SPEC §1.7)."""
+        account = info.service_account or "default"
+        for workload in self.store.workloads.values():
+            if (workload.name == info.name and workload.namespace == info.namespace
+                    and (workload.service_account or "default") == account
+                    and (not self.node or workload.node == self.node)):
+                return workload
+        return None
+
+
 @dataclass
 class PodContext:
     """One pod's proxy set context; `netns_fd` is owned (closed) by the pod's supervisor."""
@@ -97,6 +150,30 @@ class PodContext:
     sockets: SocketFactory
     peers: PeerLookup = field(default_factory=NoPeers)
     active_connections: int = field(default=0)
+    mesh: Mesh | None = None
+    """None without xDS: every connection is plain passthrough."""
+    pool: HbonePool | None = None
+    """The pod's HBONE client pool, open while its proxy set runs (set by run_pod_proxies)."""
+    _workload: Workload | None = field(default=None, repr=False)
+    _workload_generation: int = field(default=-1, repr=False)
+
+    def workload(self) -> Workload | None:
+        """The pod's xDS workload as the store knows it now (cached per store generation)."""
+        if self.mesh is None or self.info is None:
+            return None
+        generation = self.mesh.store.generation
+        if generation != self._workload_generation:
+            self._workload = self.mesh.local_workload(self.info)
+            self._workload_generation = generation
+        return self._workload
+
+    async def wait_workload(self) -> Workload | None:
+        """`workload()`, waiting up to the mesh's `workload_wait` for xDS to deliver it."""
+        if self.mesh is None or self.info is None:
+            return None
+        with trio.move_on_after(self.mesh.workload_wait):
+            await self.mesh.store.wait_for(lambda _: self.workload() is not None)
+        return self.workload()
 
     @property
     def peer(self) -> Peer:

@@ -1,4 +1,5 @@
-"""Plain TCP proxying for a pod: outbound capture (15001), inbound plaintext (15006), HBONE stub (15008).
+"""Plain TCP proxying for a pod: outbound capture (15001) and inbound plaintext (15006), the building blocks
+the mesh handlers (proxy/mesh.py) use for passthrough, and all there is without xDS.
 
 Theory of operation
 -------------------
@@ -36,8 +37,8 @@ SELF_CALL_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOU
 SELF_CALL_ERROR: Final = "attempted recursive call to ourselves"
 
 
-async def _proxy(ctx: PodContext, client: socket.socket, upstream: socket.socket, dst: Addr,
-                 record: ConnectionRecord) -> None:
+async def proxy_tcp(ctx: PodContext, client: socket.socket, upstream: socket.socket, dst: Addr,
+                    record: ConnectionRecord) -> None:
     """Connect `upstream` to `dst`, copy both ways, write the access log. Closes `upstream`."""
     tel = ctx.telemetry
     tel.connection_opened(record)
@@ -64,16 +65,18 @@ async def _proxy(ctx: PodContext, client: socket.socket, upstream: socket.socket
         tel.connection_complete(record, error=error)
 
 
-async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
-    """A connection the pod's app made to anywhere, redirected to 15001: plain TCP passthrough."""
+def outbound_dst(ctx: PodContext, client: socket.socket, peer: Addr) -> Addr | None:
+    """The original destination of a captured connection; None (and a log line) if it was not redirected."""
     dst = ctx.sockets.original_dst(client)
     if dst is None:
         ctx.telemetry.connection_failed(src_addr=format_addr(peer), dst_addr=format_addr(local_addr(client)),
                                         direction="outbound",
                                         error="no original destination (connection was not redirected)")
-        return
-    record = ConnectionRecord(direction="outbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
-                              src=ctx.peer, dst=ctx.peers.by_address(dst[0]) or Peer())
+    return dst
+
+
+async def proxy_outbound(ctx: PodContext, client: socket.socket, dst: Addr, record: ConnectionRecord) -> None:
+    """Plain TCP from the pod's netns (marked, so not captured again) to `dst`, logged as `record`."""
     try:
         upstream = ctx.sockets.upstream(ctx.netns_fd, family_of(dst[0]))
     except (OSError, NetnsError) as exc:
@@ -82,10 +85,26 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
                                         direction="outbound", record=record,
                                         error=f"cannot create the upstream socket: {error}")
         return
-    await _proxy(ctx, client, upstream, dst, record)
+    await proxy_tcp(ctx, client, upstream, dst, record)
 
 
-def _inbound_upstream(ctx: PodContext, src: Addr, dst: Addr) -> socket.socket:
+async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
+    """A connection the pod's app made to anywhere, redirected to 15001: plain TCP passthrough."""
+    dst = outbound_dst(ctx, client, peer)
+    if dst is None:
+        return
+    record = ConnectionRecord(direction="outbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
+                              src=ctx.peer, dst=ctx.peers.by_address(dst[0]) or Peer())
+    await proxy_outbound(ctx, client, dst, record)
+
+
+def inbound_upstream(ctx: PodContext, src: Addr, dst: Addr) -> socket.socket:
+    """A socket in the pod's netns for delivering to the app at `dst`, bound to the client's IP `src` when
+    the kernel allows (IP_TRANSPARENT), so the app sees who really called.
+
+    Raises:
+        OSError, NetnsError: the socket could not be made (or ENABLE_ORIG_SRC=true and spoofing failed).
+    """
     family = family_of(dst[0])
     if ctx.config.orig_src is False or src[0] == dst[0] or family_of(src[0]) != family:
         return ctx.sockets.upstream(ctx.netns_fd, family)
@@ -99,29 +118,47 @@ def _inbound_upstream(ctx: PodContext, src: Addr, dst: Addr) -> socket.socket:
         return ctx.sockets.upstream(ctx.netns_fd, family)
 
 
-async def handle_inbound_plaintext(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
-    """A plaintext connection to the pod, redirected to 15006: deliver it to the app as the client."""
+def inbound_dst(ctx: PodContext, client: socket.socket, peer: Addr) -> Addr | None:
+    """Where a plaintext inbound connection was going; None (logged) for ztunnel's own ports (SelfCall)."""
     dst = ctx.sockets.original_dst(client) or local_addr(client)
     if dst[1] in SELF_CALL_PORTS:
         ctx.telemetry.connection_failed(src_addr=format_addr(peer), dst_addr=format_addr(dst),
                                         direction="inbound", error=SELF_CALL_ERROR)
-        return
-    record = ConnectionRecord(direction="inbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
-                              src=ctx.peers.by_address(peer[0]) or Peer(), dst=ctx.peer)
+        return None
+    return dst
+
+
+async def proxy_inbound(ctx: PodContext, client: socket.socket, peer: Addr, dst: Addr,
+                        record: ConnectionRecord) -> None:
+    """Deliver a plaintext inbound connection to the app at `dst` as the client `peer`."""
     try:
-        upstream = _inbound_upstream(ctx, peer, dst)
+        upstream = inbound_upstream(ctx, peer, dst)
     except (OSError, NetnsError) as exc:
         error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         ctx.telemetry.connection_failed(src_addr=record.src_addr, dst_addr=record.dst_addr,
                                         direction="inbound", record=record,
                                         error=f"cannot create the upstream socket: {error}")
         return
-    await _proxy(ctx, client, upstream, dst, record)
+    await proxy_tcp(ctx, client, upstream, dst, record)
+
+
+def inbound_record(ctx: PodContext, peer: Addr, dst: Addr) -> ConnectionRecord:
+    return ConnectionRecord(direction="inbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
+                            src=ctx.peers.by_address(peer[0]) or Peer(), dst=ctx.peer)
+
+
+async def handle_inbound_plaintext(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
+    """A plaintext connection to the pod, redirected to 15006: deliver it to the app as the client."""
+    dst = inbound_dst(ctx, client, peer)
+    if dst is None:
+        return
+    await proxy_inbound(ctx, client, peer, dst, inbound_record(ctx, peer, dst))
 
 
 async def handle_inbound_hbone(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
-    """15008 stays bound and accepting; until HBONE lands, each connection is closed with a log line."""
-    log.warning("inbound HBONE is not implemented yet; closing the connection",
+    """Without xDS there are no identities: 15008 stays bound and accepting, each connection is closed with
+    a log line."""
+    log.warning("inbound HBONE needs the control plane (XDS_ADDRESS is not set); closing the connection",
                 extra={"fields": [("src.addr", format_addr(peer)),
                                   ("dst.addr", format_addr(local_addr(client))), ("pod", ctx.uid)]})
     await trio.lowlevel.checkpoint()

@@ -1,0 +1,367 @@
+"""Two pods' proxy sets wired to the mesh, without root: HBONE out of one pod's 15001 into the other's 15008.
+
+Each fake pod has its own loopback address (127.0.77.2 = client, 127.0.77.3 = server): its listeners bind
+there (15008 on its real port, the others on ephemeral ones) and its upstream sockets leave from there, so
+the server side sees the client pod's address as the TCP source, as in a pod netns. Certificates come from
+the istiod stub's CA; the xDS state is written straight into a StateStore.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from services.istiod.ca import CertificateAuthority
+from services.ztunnel.hbone.tls import TlsContextCache
+from services.ztunnel.inpod.handler import InPodWorkloadHandler
+from services.ztunnel.inpod.sockets import INBOUND_HBONE_PORT, PORTS, PodListener, PodListeners
+from services.ztunnel.proxy.context import Mesh, ProxyConfig
+from services.ztunnel.proxy.net import Addr
+from services.ztunnel.state.store import StateStore
+from services.ztunnel.state.types import (
+    Action,
+    Authorization,
+    Clause,
+    Match,
+    NetworkAddress,
+    PolicyKey,
+    Port,
+    Rule,
+    Scope,
+    Service,
+    ServiceKey,
+    StringMatch,
+    TunnelProtocol,
+    Workload,
+    WorkloadUid,
+)
+from services.ztunnel.telemetry import ParsedLine, Telemetry
+from shared.identity import SpiffeId
+from shared.netns import NetnsId, netns_id
+from shared.zds.types import PodUid, WorkloadInfo
+
+from .test_hbone_helpers import FakeCerts
+from .test_ztunnel_inpod import LogCapture, pipe_fd, read_to_eof
+
+CLIENT_IP = "127.0.77.2"
+SERVER_IP = "127.0.77.3"
+VIP = "10.96.77.1"
+NODE = "node-a"
+CLIENT_INFO = WorkloadInfo(name="client", namespace="mesh", service_account="client")
+SERVER_INFO = WorkloadInfo(name="web", namespace="mesh", service_account="web")
+WEB_SERVICE = Service(name="web", namespace="mesh", hostname="web.mesh.svc.cluster.local",
+                      addresses=(NetworkAddress(address=VIP),), ports=(Port(service_port=80, target_port=0),))
+
+# upstream's field order (SPEC §6); a line carries a subset of these, in this order
+FIELD_ORDER = ["src.addr", "src.workload", "src.namespace", "src.identity", "src.cluster", "dst.addr",
+               "dst.hbone_addr", "dst.service", "dst.workload", "dst.namespace", "dst.identity",
+               "dst.cluster", "direction", "bytes_sent", "bytes_recv", "duration", "error"]
+
+
+MTLS_LABELS = {
+    "source_workload": "client", "source_principal": "spiffe://cluster.local/ns/mesh/sa/client",
+    "destination_workload": "web", "destination_principal": "spiffe://cluster.local/ns/mesh/sa/web",
+    "destination_service": "web.mesh.svc.cluster.local", "connection_security_policy": "mutual_tls",
+}
+
+
+def sample_sum(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    return sum(sample.value for metric in registry.collect() for sample in metric.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
+
+
+def in_field_order(line: ParsedLine) -> bool:
+    keys = list(line.fields)
+    return keys == [k for k in FIELD_ORDER if k in keys]
+
+
+class MeshCerts(FakeCerts):
+    """FakeCerts plus the certificate manager's admin side."""
+
+    def __init__(self, ca: CertificateAuthority) -> None:
+        super().__init__(ca)
+        self.forgotten: list[SpiffeId] = []
+
+    def forget(self, identity: SpiffeId) -> None:
+        self.forgotten.append(identity)
+        self.bundles.pop(identity, None)
+
+    def dump(self) -> list[dict[str, Any]]:
+        return [{"identity": i.uri} for i in sorted(self.bundles)]
+
+
+class PodSockets:
+    """Loopback sockets per fake pod: the netns fd (its identity: ztunnel dups it) names the pod's address."""
+
+    def __init__(self) -> None:
+        self.ip_of: dict[NetnsId, str] = {}
+        self.original: dict[int, Addr] = {}  # client port -> original destination
+        self.ports: dict[str, dict[str, int]] = {}
+
+    def bind_listeners(self, netns_fd: int) -> PodListeners:
+        ip = self.ip_of[netns_id(netns_fd)]
+        made = []
+        for role, port in PORTS:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((ip, port if port == INBOUND_HBONE_PORT else 0))
+            sock.listen(64)
+            self.ports.setdefault(ip, {})[role] = sock.getsockname()[1]
+            made.append(PodListener(role=role, port=sock.getsockname()[1], sock=sock))
+        return PodListeners(listeners=tuple(made), ipv6=False, transparent=False)
+
+    def upstream(self, netns_fd: int, family: socket.AddressFamily, *,
+                 bind_source: str | None = None) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock.bind((bind_source or self.ip_of[netns_id(netns_fd)], 0))  # every 127/8 address is local
+        return sock
+
+    def original_dst(self, sock: socket.socket) -> Addr | None:
+        return self.original.get(sock.getpeername()[1])
+
+
+def workload(name: str, ip: str, *, services: Mapping[ServiceKey, tuple[Port, ...]] | None = None,
+             policies: tuple[str, ...] = (), hbone: bool = True) -> Workload:
+    return Workload(uid=WorkloadUid(f"Kubernetes//Pod/mesh/{name}"), name=name, namespace="mesh",
+                    addresses=(ip,), service_account=name, node=NODE, cluster_id="Kubernetes",
+                    tunnel_protocol=TunnelProtocol.HBONE if hbone else TunnelProtocol.NONE,
+                    services=dict(services or {}),
+                    authorization_policies=tuple(PolicyKey(p) for p in policies))
+
+
+class Mesh2:
+    def __init__(self, store: StateStore, sockets: PodSockets, handler: InPodWorkloadHandler, app_port: int,
+                 certs: MeshCerts) -> None:
+        self.store = store
+        self.sockets = sockets
+        self.handler = handler
+        self.app_port = app_port
+        self.certs = certs
+
+    def set_world(self, *, server_hbone: bool = True, policies: tuple[Authorization, ...] = (),
+                  endpoints: bool = True) -> None:
+        web_ports = {WEB_SERVICE.key: (Port(service_port=80, target_port=self.app_port),)}
+        self.store.apply_addresses(
+            [workload("client", CLIENT_IP), WEB_SERVICE,
+             workload("web", SERVER_IP, services=web_ports if endpoints else {}, hbone=server_hbone,
+                      policies=tuple(p.key for p in policies))], [])
+        keep = {p.key for p in policies}
+        self.store.apply_authorizations(policies, [key for key in self.store.policies if key not in keep])
+
+    async def call(self, original: Addr, payload: bytes) -> tuple[bytes, str]:
+        """Connect as the client app (from the client pod's address) to `original`; returns the echo and
+        the address the app saw."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((CLIENT_IP, 0))
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self.sockets.original[sock.getsockname()[1]] = original
+        await stream.socket.connect((CLIENT_IP, self.sockets.ports[CLIENT_IP]["outbound"]))
+        async with stream:
+            try:
+                await stream.send_all(payload)
+                await stream.send_eof()
+                data = await read_to_eof(stream)
+            except trio.BrokenResourceError:  # refused: closed (reset, as it had unread bytes) unanswered
+                data = b""
+        seen, _, echo = data.partition(b"\n")
+        return echo, seen.decode()
+
+
+async def _echo_app(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """On the server pod's address: answers `<peer ip>\\n` and then echoes until EOF."""
+    async def serve(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(f"{stream.socket.getpeername()[0]}\n".encode())
+            async for data in stream:
+                await stream.send_all(data)
+            await stream.send_eof()
+
+    listeners = await trio.open_tcp_listeners(0, host=SERVER_IP)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(serve, listeners)
+
+
+@pytest.fixture
+def log() -> Iterator[LogCapture]:
+    """The `access` logger's lines (debug and up), in upstream's plain format."""
+    capture = LogCapture()
+    logger = logging.getLogger("access")
+    logger.addHandler(capture)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield capture
+    finally:
+        logger.removeHandler(capture)
+        logger.setLevel(old)
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create()
+
+
+@asynccontextmanager
+async def two_pods(ca: CertificateAuthority) -> AsyncIterator[Mesh2]:
+    probe = socket.socket()
+    try:
+        probe.bind((SERVER_IP, INBOUND_HBONE_PORT))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            pytest.skip(f"{SERVER_IP}:{INBOUND_HBONE_PORT} is in use on this host")
+        raise
+    finally:
+        probe.close()
+    store = StateStore()
+    sockets = PodSockets()
+    certs = MeshCerts(ca)
+    mesh = Mesh(store=store, certs=certs, contexts=TlsContextCache([ca.root_pem]), node=NODE, workload_wait=1)
+    with pipe_fd() as client_fd, pipe_fd() as server_fd:
+        sockets.ip_of.update({netns_id(client_fd): CLIENT_IP, netns_id(server_fd): SERVER_IP})
+        async with trio.open_nursery() as nursery:
+            app_port = await nursery.start(_echo_app)
+            handler = InPodWorkloadHandler(nursery, config=ProxyConfig(connect_timeout=5),
+                                           telemetry=Telemetry(), sockets=sockets, mesh=mesh)
+            world = Mesh2(store, sockets, handler, app_port, certs)
+            world.set_world()
+            await handler.start_workload(PodUid("client-uid"), CLIENT_INFO, client_fd)
+            await handler.start_workload(PodUid("web-uid"), SERVER_INFO, server_fd)
+            try:
+                yield world
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+def lines(log: LogCapture, direction: str, message: str = "connection complete") -> list[ParsedLine]:
+    from services.ztunnel.telemetry import parse_plain
+
+    return [p for p in map(parse_plain, log.lines) if p.target == "access" and p.message == message
+            and p.fields.get("direction") == direction]
+
+
+async def test_service_vip_goes_through_hbone_and_both_sides_log_identities(
+        ca: CertificateAuthority, log: LogCapture) -> None:
+    payload = b"hello through the mesh " * 10_000
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            echo, seen = await world.call((VIP, 80), payload)
+            assert echo == payload
+            assert seen == CLIENT_IP  # the app sees the client pod's address
+            await log.wait_for("connection complete", count=2)
+            dump = world.handler.dump()
+            registry = world.handler.telemetry.metrics.registry
+    for reporter in ("source", "destination"):
+        assert sample_sum(registry, "istio_tcp_connections_closed_total",
+                          {**MTLS_LABELS, "reporter": reporter}) == 1
+        assert sample_sum(registry, "istio_tcp_sent_bytes_total", {**MTLS_LABELS, "reporter": reporter}) > 0
+    [out] = lines(log, "outbound")
+    [inb] = lines(log, "inbound")
+    for line in (out, inb):
+        assert line.level == "info" and in_field_order(line), line
+        assert line.fields["src.identity"] == "spiffe://cluster.local/ns/mesh/sa/client"
+        assert line.fields["dst.identity"] == "spiffe://cluster.local/ns/mesh/sa/web"
+        assert line.fields["dst.addr"] == f"{SERVER_IP}:15008"
+        assert line.fields["dst.hbone_addr"] == f"{SERVER_IP}:{world.app_port}"
+        assert line.fields["dst.service"] == "web.mesh.svc.cluster.local"
+        assert line.fields["src.workload"] == "client" and line.fields["dst.workload"] == "web"
+        assert line.fields["bytes_sent"] == len(payload)
+        assert line.fields["bytes_recv"] == len(payload) + len(f"{CLIENT_IP}\n")
+    assert str(out.fields["src.addr"]).startswith(f"{CLIENT_IP}:")
+    assert str(inb.fields["src.addr"]).startswith(f"{CLIENT_IP}:")
+    [client_pod] = [p for p in dump if p["uid"] == "client-uid"]
+    assert client_pod["identity"] == "spiffe://cluster.local/ns/mesh/sa/client"
+    [key] = client_pod["pool"]
+    assert key["dst"] == f"{SERVER_IP}:15008" and len(key["connections"]) == 1
+
+
+async def test_pooled_connection_is_reused_and_closed_with_the_pod(ca: CertificateAuthority,
+                                                                    log: LogCapture) -> None:
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            for i in range(3):
+                echo, _ = await world.call((SERVER_IP, world.app_port), f"call {i}".encode())
+                assert echo == f"call {i}".encode()
+            pod = world.handler.pods[PodUid("client-uid")]
+            pool = pod.context.pool
+            assert pool is not None and pool.connections_opened == 1
+            await world.handler.stop_workload(PodUid("client-uid"))
+            assert pod.context.pool is None
+            assert SpiffeId.parse("spiffe://cluster.local/ns/mesh/sa/client") in world.certs.forgotten
+    outbound = lines(log, "outbound")
+    assert len(outbound) == 3 and all(line.fields["dst.addr"] == f"{SERVER_IP}:15008" for line in outbound)
+
+
+def deny(name: str, match: Match) -> Authorization:
+    return Authorization(name=name, namespace="mesh", scope=Scope.WORKLOAD_SELECTOR, action=Action.DENY,
+                         rules=(Rule(clauses=(Clause(matches=(match,)),)),))
+
+
+async def test_deny_policy_answers_401_and_both_sides_say_why(ca: CertificateAuthority,
+                                                              log: LogCapture) -> None:
+    policy = deny("no-client", Match(principals=(StringMatch(kind="exact",
+                                                             value="cluster.local/ns/mesh/sa/client"),)))
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            world.set_world(policies=(policy,))
+            echo, seen = await world.call((VIP, 80), b"let me in")
+            assert (echo, seen) == (b"", "")  # the app's connection is closed without an answer
+            await log.wait_for("connection complete", count=2)
+            world.set_world()  # the policy is gone: the next connection gets through at once
+            echo, _ = await world.call((VIP, 80), b"now?")
+            assert echo == b"now?"
+    [out, _] = lines(log, "outbound")
+    [inb, _] = lines(log, "inbound")
+    assert out.level == "error" and out.fields["error"] == "http status: 401 Unauthorized"
+    assert inb.level == "error" and in_field_order(inb)
+    assert inb.fields["error"] == ("connection closed due to policy rejection: explicitly denied by: "
+                                   "mesh/no-client")
+    assert inb.fields["src.identity"] == "spiffe://cluster.local/ns/mesh/sa/client"
+
+
+async def test_plaintext_inbound_is_authorized_without_identity(ca: CertificateAuthority,
+                                                                log: LogCapture) -> None:
+    policy = deny("no-plain", Match(source_ips=(f"{CLIENT_IP}/32",)))
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            world.set_world(policies=(policy,))
+            port = world.sockets.ports[SERVER_IP]["inbound_plaintext"]
+            sock = socket.socket()
+            sock.bind((CLIENT_IP, 0))
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            await stream.socket.connect((SERVER_IP, port))
+            async with stream:
+                assert await read_to_eof(stream) == b""
+            await log.wait_for("connection complete")
+    [inb] = lines(log, "inbound")
+    assert inb.level == "error" and "src.identity" not in inb.fields
+    assert inb.fields["error"] == ("connection closed due to policy rejection: explicitly denied by: "
+                                   "mesh/no-plain")
+
+
+async def test_routes_without_hbone(ca: CertificateAuthority, log: LogCapture) -> None:
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            # a workload outside the mesh: plain TCP to the endpoint (the VIP's port mapped)
+            world.set_world(server_hbone=False)
+            echo, seen = await world.call((VIP, 80), b"plain")
+            assert (echo, seen) == (b"plain", CLIENT_IP)
+            # a service without endpoints: refused, and said so
+            world.set_world(endpoints=False)
+            assert await world.call((VIP, 80), b"nowhere") == (b"", "")
+            await log.wait_for("connection failed")
+    [plain] = lines(log, "outbound")
+    assert plain.fields["dst.addr"] == f"{SERVER_IP}:{world.app_port}"
+    assert "dst.hbone_addr" not in plain.fields and "src.identity" not in plain.fields
+    [failed] = lines(log, "outbound", "connection failed")
+    assert failed.level == "warn"
+    assert failed.fields["error"] == ("no healthy upstream for service mesh/web.mesh.svc.cluster.local "
+                                      "(port 80)")
