@@ -1,8 +1,8 @@
 """End to end through the mesh (root): enrolment, in-pod rules, ztunnel's listeners in the pod, a cross-node
 request with access-log lines on both ztunnels, fail-closed while ztunnel is down, recovery after restarts.
 
-Assertions hold for the plain passthrough proxy of today and for HBONE once it lands (the inbound line then
-names dst.addr=<pod>:15008 and dst.hbone_addr=<pod>:<port>; both contain the destination pod's address).
+Meshed traffic is HBONE: both lines name dst.addr=<pod>:15008 and dst.hbone_addr=<pod>:<port> with the
+SPIFFE identities of both ends (tests/netns/test_hbone_mesh.py looks at the wire and at policies).
 """
 
 from __future__ import annotations
@@ -98,6 +98,10 @@ def test_cross_node_request_through_the_mesh(mesh_lab: str) -> None:
     assert inbound, list(lab.access_logs(prefix=prefix))
     assert 'src.workload="client"' in outbound[-1]
     assert 'dst.workload="web"' in inbound[-1]
+    for line in (outbound[-1], inbound[-1]):
+        assert "dst.addr=10.244.2.10:15008 dst.hbone_addr=10.244.2.10:8080" in line
+        assert 'src.identity="spiffe://cluster.local/ns/mesh/sa/client"' in line
+        assert 'dst.identity="spiffe://cluster.local/ns/mesh/sa/web"' in line
     assert not list(lab.access_logs(prefix=prefix, node="node-b", direction="outbound"))
 
     # a pod outside the mesh reaches the meshed service too (plain TCP into web's inbound capture)
