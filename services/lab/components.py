@@ -116,26 +116,20 @@ def _python(module: str, *args: str) -> list[str]:
 def istiod_spec(
     plan: LabPlan, paths: LabPaths, node_tokens: dict[str, str], admin_token: str
 ) -> ComponentSpec:
+    """istiod-stub in the control-plane netns; tokens go in its environment (not argv: `ps` shows argv)."""
     cp = plan.control_plane
-    args = [
-        "--world",
-        str(paths.world),
-        "--listen",
-        f"0.0.0.0:{ISTIOD_PORT}",
-        "--state-dir",
-        str(paths.istiod_state),
-        "--admin-token",
-        admin_token,
-        "--tls-san",
-        cp.ip,
-    ]
-    for node, token in sorted(node_tokens.items()):
-        args += ["--node-token", f"{node}={token}"]
+    args = ["--world", str(paths.world), "--listen", f"0.0.0.0:{ISTIOD_PORT}",
+            "--state-dir", str(paths.istiod_state), "--tls-san", cp.ip]  # fmt: skip
+    env = {
+        "ISTIOD_ADMIN_TOKEN": admin_token,
+        "ISTIOD_NODE_TOKENS": ",".join(f"{node}={token}" for node, token in sorted(node_tokens.items())),
+    }
     return ComponentSpec(
         name="istiod",
         component="istiod",
         netns=cp.netns,
         argv=_python(MODULES["istiod"], *args),
+        env=env,
         log=str(paths.log("istiod")),
         checks=[TcpCheck(netns=cp.netns, host=cp.ip, port=ISTIOD_PORT)],
     )
@@ -260,6 +254,11 @@ def process_env(spec: ComponentSpec) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["PATH"] = os.pathsep.join([str(Path(PYTHON).parent), env.get("PATH", ""), "/usr/sbin", "/sbin"])
     return env
+
+
+def tool_env() -> dict[str, str]:
+    """The environment for a one-off command in the lab (`lab exec`, `lab world`): this project importable."""
+    return process_env(ComponentSpec(name="tool", component="tool", netns="", argv=[], log=""))
 
 
 def start(spec: ComponentSpec) -> ProcessRecord:

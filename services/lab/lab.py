@@ -291,18 +291,50 @@ def cni_add(paths: LabPaths, pod: PodPlan, *, timeout: float) -> str:
         return "unknown"
 
 
-def ztunnel_pods(plan: LabPlan, node: str) -> set[str]:
-    """UIDs of the pods ztunnel on `node` holds (its /config_dump), empty when it does not answer."""
+def ztunnel_dump(plan: LabPlan, node: str) -> dict[str, Any] | None:
+    """ztunnel's /config_dump on `node` (asked from inside the node netns), None when it does not answer."""
     try:
         status, body = http_get(
             plan.node(node).netns, "127.0.0.1", components.ZTUNNEL_ADMIN_PORT, "/config_dump", timeout=2.0
         )
         if status != 200:
-            return set()
+            return None
         dump = json.loads(body)
+    except (OSError, NetnsError, ValueError, http.client.HTTPException):
+        return None
+    return dump if isinstance(dump, dict) else None
+
+
+def ztunnel_pods(plan: LabPlan, node: str) -> set[str]:
+    """UIDs of the pods ztunnel on `node` holds and serves, empty when it does not answer."""
+    dump = ztunnel_dump(plan, node) or {}
+    try:
         return {str(p["uid"]) for p in dump.get("pods", []) if p.get("state", "up") == "up"}
-    except (OSError, NetnsError, ValueError, KeyError, TypeError, AttributeError, http.client.HTTPException):
+    except (KeyError, TypeError, AttributeError):
         return set()
+
+
+def zds_connections(plan: LabPlan, node: str) -> int:
+    """How many ZDS connections ztunnel on `node` has made so far (-1: unknown)."""
+    zds = (ztunnel_dump(plan, node) or {}).get("zds")
+    value = zds.get("connections", -1) if isinstance(zds, dict) else -1
+    return value if isinstance(value, int) else -1
+
+
+def wait_zds_resync(plan: LabPlan, node: str, after: int, *, timeout: float, log: str) -> None:
+    """After a node agent restart: wait until ztunnel has reconnected (more than `after` connections) and
+    applied the new agent's snapshot, so a later check of its pods sees the reconciled set."""
+    deadline = time.monotonic() + timeout
+    while True:
+        zds = (ztunnel_dump(plan, node) or {}).get("zds")
+        if isinstance(zds, dict) and zds.get("connections", 0) > after and zds.get("ready"):
+            return
+        if time.monotonic() > deadline:
+            raise EnrolmentError(
+                f"ztunnel on {node} has not resynced with the restarted node agent after {timeout:g} s; "
+                f"see {log}"
+            )
+        time.sleep(0.1)
 
 
 def up(
@@ -501,6 +533,9 @@ def restart(
             f"components: {', '.join(known)}"
         )
     names = []
+    plan = plan_of(state)
+    before = {r.spec.node: zds_connections(plan, r.spec.node) for r in chosen
+              if component == "node-agent" and r.spec.node}  # fmt: skip
     for record in chosen:
         stop_process(record)
         progress(f"{record.name} stopped (pid {record.pid})")
@@ -511,13 +546,29 @@ def restart(
         progress(f"{fresh.name} ready again (pid {fresh.pid})")
         names.append(fresh.name)
     for node_name in sorted({r.spec.node for r in chosen if r.spec.node and component != "istiod"}):
+        if before.get(node_name, -1) >= 0:
+            log = str(LabPaths(state.run_dir).log(f"ztunnel/{node_name}"))
+            wait_zds_resync(plan, node_name, before[node_name], timeout=timeout, log=log)
         wait_node_pods_held(state, node_name, timeout=timeout)
         progress(f"ztunnel on {node_name} holds its ambient pods again")
     return names
 
 
-def wait_node_pods_held(state: LabState, node: str, *, timeout: float) -> None:
-    """Wait until ztunnel on `node` holds every enrolled pod of the node again (after a restart).
+def _held_generations(plan: LabPlan, node: str) -> dict[str, int]:
+    """uid -> ZDS generation of each pod ztunnel on `node` serves (a changed generation: proxies replaced)."""
+    dump = ztunnel_dump(plan, node) or {}
+    zds, pods = dump.get("zds"), dump.get("pods")
+    if not isinstance(zds, dict) or not isinstance(pods, list):
+        return {}
+    workloads = zds.get("workloads") if isinstance(zds.get("workloads"), dict) else {}
+    up = {str(p.get("uid")) for p in pods if isinstance(p, dict) and p.get("state", "up") == "up"}
+    return {uid: int((workloads or {}).get(uid, {}).get("generation", 0)) for uid in up}
+
+
+def wait_node_pods_held(state: LabState, node: str, *, timeout: float, settle: float = 1.0) -> None:
+    """Wait until ztunnel on `node` serves every enrolled pod of the node again (after a restart), and has
+    kept serving them unchanged for `settle` s (a restarted node agent may hand a pod over twice, and each
+    hand-over replaces its listeners).
 
     Raises:
         EnrolmentError: naming the first pod still missing and the logs to read.
@@ -532,18 +583,25 @@ def wait_node_pods_held(state: LabState, node: str, *, timeout: float) -> None:
     if state.process(f"ztunnel/{node}") is None or not expected:
         return
     deadline = time.monotonic() + timeout
+    stable_since: float | None = None
+    last: dict[str, int] = {}
     while True:
-        missing = sorted(k for k, uid in expected.items() if uid not in ztunnel_pods(plan, node))
-        if not missing:
+        held = _held_generations(plan, node)
+        missing = sorted(k for k, uid in expected.items() if uid not in held)
+        now = time.monotonic()
+        if missing or held != last:
+            stable_since = None if missing else now
+        elif stable_since is not None and now - stable_since >= settle:
             return
-        if time.monotonic() > deadline:
+        last = held
+        if now > deadline:
             paths = LabPaths(state.run_dir)
+            what = f"taken {missing[0]} back" if missing else "settled (pods keep being replaced)"
             raise EnrolmentError(
-                f"ztunnel on {node} has not taken {missing[0]} back after {timeout:g} s "
-                f"({len(missing)} pods missing); see {paths.log(f'node-agent/{node}')} and "
-                f"{paths.log(f'ztunnel/{node}')}"
+                f"ztunnel on {node} has not {what} after {timeout:g} s; see "
+                f"{paths.log(f'node-agent/{node}')} and {paths.log(f'ztunnel/{node}')}"
             )
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 _DIRECTION = re.compile(r'direction="?(inbound|outbound)"?')
@@ -593,10 +651,9 @@ def world_command(
         components.PYTHON, "-c", "from shared.cli import main; main()",
         "world", "--istiod", plan.istiod_address, "--state-dir", str(paths.istiod_state), *argv,
     ]  # fmt: skip
-    spec = components.istiod_spec(plan, paths, {}, "")
     return subprocess.run(
         ["ip", "netns", "exec", plan.control_plane.netns, *cmd],
-        env=components.process_env(spec),
+        env=components.tool_env(),
         capture_output=capture,
         check=False,
     )

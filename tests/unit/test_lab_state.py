@@ -100,10 +100,12 @@ def test_a_reused_pid_is_never_signalled() -> None:
 def test_component_specs_put_each_process_in_its_namespace(tmp_path: Path) -> None:
     p = plan()
     paths = LabPaths(tmp_path)
-    istiod = components.istiod_spec(p, paths, {"node-a": "tok"}, "admin")
+    istiod = components.istiod_spec(p, paths, {"node-a": "-tok", "node-b": "x"}, "-admin")
     assert istiod.netns == "t-cp"
     assert istiod.argv[istiod.argv.index("--listen") :][:2] == ["--listen", "0.0.0.0:15012"]
-    assert "node-a=tok" in istiod.argv
+    # tokens may start with '-' (token_urlsafe) and must not show in `ps`: environment, not argv
+    assert istiod.env == {"ISTIOD_ADMIN_TOKEN": "-admin", "ISTIOD_NODE_TOKENS": "node-a=-tok,node-b=x"}
+    assert not any("tok" in a or "admin" in a for a in istiod.argv)
     node = p.nodes[0]
     agent = components.node_agent_spec(p, node, paths)
     assert agent.netns == "t-node-a"
