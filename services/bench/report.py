@@ -124,6 +124,10 @@ ROWS: tuple[Row, ...] = (
         upstream="~12 MB per 1000 rps (Istio 1.24)", digits=1),
     Row(scenario="ztunnel", metric="server_rss_mib", label="server-side ztunnel, peak RSS (MiB)", compare="",
         upstream="~12 MB per 1000 rps (Istio 1.24)", digits=1),
+    Row(scenario="ztunnel", metric="client_anon_mib", label="client-side ztunnel, peak RssAnon (MiB)",
+        compare="", digits=1),
+    Row(scenario="rr", metric="host_busy_vcpu", label="whole host busy during the fixed-rate run (vCPU)",
+        compare="added", digits=2),
     Row(scenario="crr", metric="cps", label="new connections per second (100 B each way)", compare="ratio",
         target=">= 800", check=("mesh", ">=", 800.0), digits=0),
     Row(scenario="enrol", metric="p50_ms", label="pod enrolment, CNI ADD to listeners accepting, p50 (ms)",
@@ -131,8 +135,12 @@ ROWS: tuple[Row, ...] = (
     Row(scenario="enrol", metric="p99_ms", label="pod enrolment, p99 (ms)", compare="", target="<= 100 ms",
         check=("mesh", "<=", 100.0), digits=1),
     Row(scenario="enrol", metric="total_s", label="pod enrolment, all pods one after another (s)", compare="",
-        digits=1),
+        target="500 pods <= 60 s", digits=1),
+    Row(scenario="enrol", metric="rss_at_100_mib", label="ztunnel RSS with 100 pods enrolled (MiB)",
+        compare="", target="<= 60 MB (57.2 MiB)", check=("mesh", "<=", 57.2), digits=1),
     Row(scenario="enrol", metric="rss_after_mib", label="ztunnel RSS with the pods enrolled (MiB)",
+        compare="", digits=1),
+    Row(scenario="enrol", metric="anon_after_mib", label="ztunnel RssAnon with the pods enrolled (MiB)",
         compare="", digits=1),
     Row(scenario="enrol", metric="kib_per_pod", label="ztunnel RSS per enrolled pod (KiB)", compare="",
         target="<= 40 KiB", check=("mesh", "<=", 40.0), digits=1),
@@ -186,9 +194,12 @@ def table_rows(report: BenchReport) -> list[list[str]]:
             versus = f"{mesh_stat.median / base_stat.median:.0%} of no mesh"
         met = target_met(row, scenario)
         target = row.target + ("" if met is None else (" (met)" if met else " (**not met**)"))
+        label = row.label
+        if scenario.name == "enrol" and mesh_stat is not None and mesh and "pods" in mesh.stats:
+            label += f" [{mesh.stats['pods'].median:.0f} pods]"
         rows.append(
             [
-                row.label,
+                label,
                 "-" if scenario.mesh_only else _cell(base_stat, row.digits),
                 _cell(mesh_stat, row.digits),
                 versus,

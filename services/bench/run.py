@@ -47,7 +47,7 @@ from services.lab import components, lab
 from services.lab.components import PYTHON, LabPaths
 from services.lab.errors import PrerequisiteError
 from services.lab.probe import tcp_probe
-from services.lab.state import ComponentSpec, LabState, TcpCheck, save_state
+from services.lab.state import RUN_ROOT, ComponentSpec, LabState, TcpCheck, save_state
 from services.lab.topology import AppPlan, LabPlan, PodPlan, Step, create_netns, run_step
 from shared.netns import NetnsError
 
@@ -55,6 +55,7 @@ Progress = Callable[[str], None]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HBONE_PORT = 15008
+RSS_CHECKPOINTS = (100, 500)  # ztunnel's RSS is also recorded when this many pods are enrolled
 
 
 class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,11 +101,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of /proc/<pid>/status in KiB: VmRSS (all resident pages, shared libraries
+    included) or RssAnon (the process's own heap and stacks)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def host_busy_seconds() -> float:
+    """CPU-seconds all vCPUs of the host spent busy (not idle or iowait) since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(f) for f in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
 
 
 class ProcSampler:
@@ -114,14 +124,18 @@ class ProcSampler:
         self.pids = pids
         self.interval = interval
         self.peak: dict[str, int] = dict.fromkeys(pids, 0)
+        self.peak_anon: dict[str, int] = dict.fromkeys(pids, 0)
         self.cpu0: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.host0 = 0.0
+        self.host_busy = 0.0  # CPU-seconds of the whole host between start() and stop()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         for name, pid in self.pids.items():
             self.peak[name] = max(self.peak[name], rss_kib(pid))
+            self.peak_anon[name] = max(self.peak_anon[name], rss_kib(pid, "RssAnon"))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -129,6 +143,7 @@ class ProcSampler:
 
     def start(self) -> None:
         self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.host0 = host_busy_seconds()
         self._sample()
         self._thread.start()
 
@@ -137,6 +152,7 @@ class ProcSampler:
         self._thread.join()
         self._sample()
         self.cpu = {name: cpu_seconds(pid) - self.cpu0[name] for name, pid in self.pids.items()}
+        self.host_busy = host_busy_seconds() - self.host0
 
 
 def git_state() -> tuple[str, bool]:
@@ -152,6 +168,14 @@ def git_state() -> tuple[str, bool]:
     except (OSError, subprocess.SubprocessError):
         return "", False
     return head, bool(dirty)
+
+
+def other_labs(prefix: str) -> list[str]:
+    """Prefixes of the other labs on this host (their processes compete for the same vCPUs)."""
+    try:
+        return sorted(p.name for p in RUN_ROOT.iterdir() if p.is_dir() and p.name != prefix)
+    except OSError:
+        return []
 
 
 def check_tools() -> None:
@@ -350,7 +374,8 @@ class Bench:
             name="ztunnel",
             title="ztunnel CPU and memory during the fixed-rate run",
             method="utime+stime from /proc/<pid>/stat of each ztunnel over the mesh arm's fixed-rate run, "
-            "divided by its duration (vCPU) and by the achieved rate / 1000; peak VmRSS sampled every 50 ms",
+            "divided by its duration (vCPU) and by the achieved rate / 1000; peak VmRSS and RssAnon (its own "
+            "heap, without shared library pages) sampled every 50 ms",
             mesh_only=True,
             arms={"mesh": ArmResult()},
         )
@@ -365,12 +390,12 @@ class Bench:
                     )  # fmt: skip
                 finally:
                     sampler.stop()
-                rr.arms[arm].runs.append(
-                    {
-                        k: out[k]
-                        for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "rps", "late_sends")
-                    }
-                )
+                figures = {
+                    k: out[k]
+                    for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "rps", "late_sends")
+                }
+                figures["host_busy_vcpu"] = sampler.host_busy / out["seconds"]
+                rr.arms[arm].runs.append(figures)
                 self.progress(
                     f"rr rep {rep + 1} {arm}: p50 {out['p50_ms']:.3f} p90 {out['p90_ms']:.3f} "
                     f"p99 {out['p99_ms']:.3f} ms at {out['rps']:,.0f} req/s"
@@ -391,6 +416,7 @@ class Bench:
                     run[f"{role}_vcpu_per_1k"] = vcpu / kilo
                     run[f"{role}_rss_mib"] = sampler.peak[role] / 1024
                     run[f"{role}_mib_per_1k"] = sampler.peak[role] / 1024 / kilo
+                    run[f"{role}_anon_mib"] = sampler.peak_anon[role] / 1024
                 zt.arms["mesh"].runs.append(run)
                 self.progress(
                     f"ztunnel rep {rep + 1}: client {run['client_vcpu_per_1k']:.3f} / server "
@@ -437,8 +463,9 @@ class Bench:
         pods = [self.enrol_pod(i) for i in range(n)]
         self.progress(f"enrolment: {n} pod namespaces created on {node}")
         time.sleep(0.5)
-        rss0 = rss_kib(pid)
-        times = []
+        rss0, anon0 = rss_kib(pid), rss_kib(pid, "RssAnon")
+        times: list[float] = []
+        checkpoints: dict[str, float] = {}
         t_all = time.perf_counter()
         for pod in pods:
             t0 = time.perf_counter()
@@ -458,9 +485,11 @@ class Bench:
                         ) from None
                     time.sleep(0.001)
             times.append(time.perf_counter() - t0)
+            if len(times) in RSS_CHECKPOINTS and len(times) < n:
+                checkpoints[f"rss_at_{len(times)}_mib"] = rss_kib(pid) / 1024
         total = time.perf_counter() - t_all
         time.sleep(1.0)
-        rss1 = rss_kib(pid)
+        rss1, anon1 = rss_kib(pid), rss_kib(pid, "RssAnon")
         from services.bench.loadgen import percentiles
 
         p50, p99 = percentiles(times, (50, 99))
@@ -474,6 +503,10 @@ class Bench:
                 "rss_before_mib": rss0 / 1024,
                 "rss_after_mib": rss1 / 1024,
                 "kib_per_pod": (rss1 - rss0) / n,
+                "anon_before_mib": anon0 / 1024,
+                "anon_after_mib": anon1 / 1024,
+                **checkpoints,
+                f"rss_at_{n}_mib": rss1 / 1024,
             }
         )
         self.progress(
@@ -526,7 +559,7 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
     world_file = out_dir / "world.json"
     from services.istiod.world import world_to_json
 
-    world_file.write_bytes(world_to_json(bw.bench_world()))
+    world_file.write_bytes(world_to_json(bw.bench_world(seed=os.getpid())))
     commit, dirty = git_state()
     report = BenchReport(
         command=cfg.command,
@@ -544,6 +577,7 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
             "quick": cfg.quick,
         },
     )
+    others_before = other_labs(cfg.prefix)
     progress(f"building the bench lab {cfg.prefix!r}")
     state = lab.up(prefix=cfg.prefix, world_file=world_file, timeout=cfg.timeout, progress=progress)
     try:
@@ -562,6 +596,11 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
         progress(f"removing the bench lab {cfg.prefix!r} (its logs: {out_dir / 'logs'})")
         lab.teardown(state, progress=progress)
     report.finished = _now()
+    others = sorted(set(others_before) | set(other_labs(cfg.prefix)))
+    if others:
+        report.notes.append(
+            f"other labs were up on this host during the run ({', '.join(others)}): they share its vCPUs"
+        )
     report.notes += [
         "clients reach servers by pod IP in both arms; mesh traffic is captured in the client pod "
         "(ztunnel outbound on node-a) and delivered by ztunnel on node-b",

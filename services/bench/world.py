@@ -5,7 +5,8 @@ the ambient label, the `baseline` arm's does not, so the same kernel path (veth,
 both and only the two ztunnels differ. Clients reach servers by pod IP in both arms (the baseline has no
 kube-proxy VIP path to compare with ztunnel's VIP resolution).
 
-The pod blocks (10.244.201.0/24, 10.244.202.0/24) are away from the lab's defaults on purpose: a node agent
+The pod blocks (a pair of /24s in 10.244.100.0-10.244.239.255, chosen per run) are away from the lab's
+defaults on purpose: a node agent
 that finds pods by scanning every netns on the host for their IPs (the restore path) would otherwise take
 this lab's un-enrolled baseline pods for another lab's ambient pods with the same addresses.
 """
@@ -40,22 +41,30 @@ def arm_pods(arm: str) -> Arm:
     return Arm(name=arm, client=f"{ns}/client", server=f"{ns}/server")
 
 
-def bench_world() -> World:
+def pod_blocks(seed: int) -> tuple[int, int]:
+    """Third octets of node-a's and node-b's /24 inside 10.244.0.0/16: 100-239, chosen by `seed` so that
+    two bench labs on one host rarely share pod addresses."""
+    first = 100 + 2 * (seed % 70)
+    return first, first + 1
+
+
+def bench_world(seed: int = 0) -> World:
     """Two nodes; per arm a `client` pod on node-a and a `server` pod on node-b (both run `sleep`: the
     bench starts its own servers in the server pods)."""
+    a, b = pod_blocks(seed)
     pods = []
     for i, arm in enumerate(ARMS):
         ns = NAMESPACES[arm]
         pods += [
-            Pod(name="client", namespace=ns, node=CLIENT_NODE, ips=[f"10.244.201.{10 + i}"],
+            Pod(name="client", namespace=ns, node=CLIENT_NODE, ips=[f"10.244.{a}.{10 + i}"],
                 service_account="bench-client", labels={"app": "client"}),
-            Pod(name="server", namespace=ns, node=SERVER_NODE, ips=[f"10.244.202.{10 + i}"],
+            Pod(name="server", namespace=ns, node=SERVER_NODE, ips=[f"10.244.{b}.{10 + i}"],
                 service_account="bench-server", labels={"app": "bench-server"}),
         ]  # fmt: skip
     return World(
         nodes=[
-            Node(name=CLIENT_NODE, pod_cidr="10.244.201.0/24"),
-            Node(name=SERVER_NODE, pod_cidr="10.244.202.0/24"),
+            Node(name=CLIENT_NODE, pod_cidr=f"10.244.{a}.0/24"),
+            Node(name=SERVER_NODE, pod_cidr=f"10.244.{b}.0/24"),
         ],
         namespaces=[
             Namespace(name=NAMESPACES["mesh"], labels=dict(AMBIENT_LABEL)),

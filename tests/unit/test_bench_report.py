@@ -16,7 +16,7 @@ from services.bench.report import (
     markdown_table,
     summarize,
 )
-from services.bench.world import ARMS, NAMESPACES, arm_pods, bench_world, enrol_pod_ip
+from services.bench.world import ARMS, NAMESPACES, arm_pods, bench_world, enrol_pod_ip, pod_blocks
 from services.istiod.world import validate
 from services.lab.topology import plan_lab
 
@@ -132,3 +132,10 @@ def test_enrol_pod_ips_are_distinct_and_outside_the_pod_blocks() -> None:
     assert all(ip.startswith("10.250.") and not ip.endswith((".0", ".1", ".255")) for ip in ips)
     with pytest.raises(ValueError):
         enrol_pod_ip(64000)
+
+
+def test_pod_blocks_stay_inside_the_bench_range_for_any_seed() -> None:
+    for seed in range(0, 1000, 7):
+        a, b = pod_blocks(seed)
+        assert 100 <= a < b <= 239
+        validate(bench_world(seed), "<bench>")
