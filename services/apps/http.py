@@ -229,13 +229,13 @@ async def _exchange(
     ]
     if body or method in ("POST", "PUT", "PATCH"):
         headers.append(("content-length", str(len(body))))
+    response: h11.Response | None = None
     try:
         data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
         if body:
             data += conn.send(h11.Data(data=body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         await stream.send_all(data)
-        response: h11.Response | None = None
         out = bytearray()
         while True:
             event = conn.next_event()
@@ -247,7 +247,9 @@ async def _exchange(
                 out += event.data
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 break
-    except (trio.BrokenResourceError, h11.RemoteProtocolError) as exc:
+    except (trio.BrokenResourceError, h11.ProtocolError) as exc:
+        if response is None and not isinstance(exc, trio.BrokenResourceError):
+            raise FetchError("empty reply from server (closed before any answer)", 52) from None
         raise FetchError(f"connection broken before a complete response: {exc}", 56) from None
     if response is None:
         raise FetchError("empty reply from server", 52)

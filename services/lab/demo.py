@@ -73,6 +73,7 @@ def deny(prefix: str, console: Console, *, wait: float = 5.0) -> bool:
     path.write_text(DENY_POLICY)
     console.print(DENY_POLICY.rstrip(), markup=False)
     console.print(f"$ ambient lab world --prefix {prefix} -- policy add {path}")
+    seen = len(list(lab.access_logs(prefix=prefix)))
     applied = lab.world_command(["policy", "add", str(path)], prefix=prefix, capture=True)
     if applied.returncode != 0:
         console.print(f"[red]could not apply the policy[/]: {applied.stderr.decode().strip()}")
@@ -90,7 +91,8 @@ def deny(prefix: str, console: Console, *, wait: float = 5.0) -> bool:
         return False
     console.print(f"refused as expected (client exit {result.returncode}): {result.stderr.decode().strip()}")
     time.sleep(0.3)
-    refused = [line for line in lab.access_logs(prefix=prefix) if "error=" in line or "failed" in line]
+    fresh = list(lab.access_logs(prefix=prefix))[seen:]
+    refused = [line for line in fresh if "error=" in line and "sleep" in line]
     for line in refused[-2:]:
         console.print(line, markup=False, soft_wrap=True)
     return True

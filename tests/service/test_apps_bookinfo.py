@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -138,3 +139,19 @@ async def test_fetch_times_out_with_code_28() -> None:
 def test_unknown_app_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown app 'db'"):
         make_handler("db", {})
+
+
+async def test_a_server_that_closes_without_answering_is_an_empty_reply() -> None:
+    async def close_at_once(stream: trio.SocketStream) -> None:
+        await stream.receive_some(1024)
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, close_at_once, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            with pytest.raises(FetchError) as info:
+                await fetch(f"http://127.0.0.1:{port}/")
+            nursery.cancel_scope.cancel()
+    assert info.value.exit_code == 52
+    assert "empty reply from server" in str(info.value)
