@@ -57,6 +57,8 @@ Field = tuple[str, object]
 
 def debug_quote(value: str) -> str:
     """Rust's `{:?}` for a string: double quotes, with `"`, `\\` and control characters escaped."""
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'  # the common case (names, identities), without the per-character loop
     out = ['"']
     for ch in value:
         if ch == '"':

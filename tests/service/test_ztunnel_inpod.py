@@ -159,7 +159,7 @@ async def test_start_returns_with_all_listeners_accepting() -> None:
             assert set(fake.ports) == {"outbound", "inbound_plaintext", "inbound_hbone"}
             with trio.fail_after(10):
                 hbone = await tcp_connect(fake.ports["inbound_hbone"])
-                assert await read_to_eof(hbone) == b""  # HBONE not implemented yet: closed with a log line
+                assert await read_to_eof(hbone) == b""  # no xDS, so no identities: closed with a log line
             dump = zt.dump()
             assert dump[0]["uid"] == "a" and dump[0]["workload"]["name"] == "app"
             assert {li["role"] for li in dump[0]["listeners"]} == {"outbound", "inbound_plaintext",

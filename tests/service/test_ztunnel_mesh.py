@@ -122,6 +122,7 @@ class PodSockets:
     def upstream(self, netns_fd: int, family: socket.AddressFamily, *,
                  bind_source: str | None = None) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the in-pod factory's
         sock.bind((bind_source or self.ip_of[netns_id(netns_fd)], 0))  # every 127/8 address is local
         return sock
 

@@ -110,6 +110,9 @@ async def serve_listener(ctx: PodContext, listener: PodListener, handler: ConnHa
                     continue
                 raise
             conn.setblocking(False)
+            # Small writes (HTTP/2 HEADERS, an app's short answers) must not wait for Nagle + delayed ACK:
+            # 40 ms per request/response otherwise. Upstream sets nodelay on every socket too.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             handler_nursery.start_soon(_run_connection, ctx, handler, conn, peer_addr(raw))
             await trio.lowlevel.checkpoint()
     finally:
