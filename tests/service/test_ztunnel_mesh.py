@@ -366,3 +366,18 @@ async def test_routes_without_hbone(ca: CertificateAuthority, log: LogCapture) -
     assert failed.level == "warn"
     assert failed.fields["error"] == ("no healthy upstream for service mesh/web.mesh.svc.cluster.local "
                                       "(port 80)")
+
+
+async def test_graceful_drain_sends_goaway_on_idle_inbound_connections(ca: CertificateAuthority,
+                                                                       log: LogCapture) -> None:
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            assert (await world.call((VIP, 80), b"before"))[0] == b"before"
+            client_pool = world.handler.pods[PodUid("client-uid")].context.pool
+            assert client_pool is not None
+            [conn] = client_pool.connections()  # kept by the client's pool, idle
+            server = world.handler.pods[PodUid("web-uid")]
+            server.stop_accepting()  # graceful: the server pod ends once its connections do
+            await server.done.wait()  # without a GOAWAY it would wait for the client pool's idle release
+            await conn.wait_closed()
+            assert not client_pool.connections()

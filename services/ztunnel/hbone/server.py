@@ -11,10 +11,11 @@ Theory of operation
 3. per valid CONNECT, in its own task: `authorize(info)` -> 401 on deny; `open_upstream(info)` -> 503 when it
    raises; else 200 and `relay()` between the stream and the upstream socket, with half-close.
 
-`on_open(info)` is called when a tunnel opens (just before its 200, for "connection opened" lines); each
-stream ends with one `InboundRecord` passed to `on_complete` (for the access log and metrics): the
-status, the byte counts and the error, if any. Connection-level failures (handshake, protocol) give a record
-with `target=None`.
+`on_connection(conn)` is called once a connection's handshake succeeded (before any stream), so the caller
+can close it later (a GOAWAY when its pod drains). `on_open(info)` is called when a tunnel opens (just
+before its 200, for "connection opened" lines); each stream ends with one `InboundRecord` passed to
+`on_complete` (for the access log and metrics): the status, the byte counts and the error, if any.
+Connection-level failures (handshake, protocol) give a record with `target=None`.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class _Server:
                  authorize: Authorizer, open_upstream: UpstreamOpener,
                  on_complete: Callable[[InboundRecord], None] | None,
                  on_open: Callable[[InboundInfo], None] | None, handshake_timeout: float,
-                 ping_interval: float | None, ping_timeout: float) -> None:
+                 ping_interval: float | None, ping_timeout: float,
+                 on_connection: Callable[[HboneConnection], None] | None = None) -> None:
         self.identity = identity
         self.certs = certs
         self.contexts = contexts
@@ -107,6 +109,7 @@ class _Server:
         self.open_upstream = open_upstream
         self.on_complete = on_complete
         self.on_open = on_open
+        self.on_connection = on_connection
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -146,6 +149,8 @@ class _Server:
 
             conn.on_request = on_request
             conn.on_rejected = on_rejected
+            if self.on_connection is not None:
+                self.on_connection(conn)
             await conn.run()
             if conn.error is not None and isinstance(conn.error, HboneError) and not conn.streams:
                 log.debug("inbound HBONE connection ended", extra={"fields": [
@@ -290,16 +295,18 @@ async def serve_hbone_connection(sock: socket.socket, peer: tuple[Any, ...], *, 
                                  open_upstream: UpstreamOpener,
                                  on_complete: Callable[[InboundRecord], None] | None = None,
                                  on_open: Callable[[InboundInfo], None] | None = None,
+                                 on_connection: Callable[[HboneConnection], None] | None = None,
                                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                                  ping_interval: float | None = PING_INTERVAL,
                                  ping_timeout: float = PING_TIMEOUT) -> None:
     """Serve one accepted 15008 connection until it ends (for callers with their own accept loop, like the
     in-pod proxy set). `peer` is the address `accept()` returned (IPv6 4-tuples and v4-mapped addresses are
-    fine). Same keyword arguments as `serve_hbone`; closes `sock`. Peer and TLS failures are reported
-    through `on_complete` and logged, never raised."""
+    fine). Same keyword arguments as `serve_hbone`, plus `on_connection(conn)` once the TLS handshake
+    succeeded (e.g. to `conn.close()` it with a GOAWAY later); closes `sock`. Peer and TLS failures are
+    reported through `on_complete` and logged, never raised."""
     server = _Server(identity=identity, certs=certs, contexts=contexts, authorize=authorize,
                      open_upstream=open_upstream, on_complete=on_complete, on_open=on_open,
                      handshake_timeout=handshake_timeout, ping_interval=ping_interval,
-                     ping_timeout=ping_timeout)
+                     ping_timeout=ping_timeout, on_connection=on_connection)
     sock.setblocking(False)
     await _guarded(server, sock, peer_addr(tuple(peer)))

@@ -75,6 +75,7 @@ class PodHandle:
 
     def stop_accepting(self) -> None:
         self.accept_scope.cancel()
+        self.context.draining.set()
 
     async def drain_immediately(self) -> None:
         self.scope.cancel()

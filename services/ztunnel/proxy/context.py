@@ -154,6 +154,8 @@ class PodContext:
     """None without xDS: every connection is plain passthrough."""
     pool: HbonePool | None = None
     """The pod's HBONE client pool, open while its proxy set runs (set by run_pod_proxies)."""
+    draining: trio.Event = field(default_factory=trio.Event)
+    """Set when the pod stops accepting (graceful drain): idle inbound HBONE connections are closed."""
     _workload: Workload | None = field(default=None, repr=False)
     _workload_generation: int = field(default=-1, repr=False)
 

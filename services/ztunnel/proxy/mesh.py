@@ -18,7 +18,8 @@ Inbound HBONE (15008): `serve_hbone_connection` with the pod identity's certific
 authorized against the current policies (`authorize_from_state`, with the peer's verified identity),
 delivered to the app from the client's own IP (the transparent upstream socket; the peer connects from the
 client pod's netns, so its TCP source is the client pod IP), and logged once when it ends, with `dst.addr` =
-this pod's 15008 and `dst.hbone_addr` = the app address.
+this pod's 15008 and `dst.hbone_addr` = the app address. When the pod drains gracefully (ztunnel shutdown),
+each inbound connection gets a GOAWAY as soon as it carries no tunnel.
 
 Inbound plaintext (15006): the same policies with no identity, then passthrough to the app.
 
@@ -32,12 +33,14 @@ import logging
 import socket
 import time
 
+import trio
+
 from shared.netns import NetnsError
 
 from ..authz import AuthzRequest, Decision, authorize_from_state
 from ..errors import ConnectError
 from ..hbone.client import baggage_of
-from ..hbone.connection import HboneStream
+from ..hbone.connection import HboneConnection, HboneStream
 from ..hbone.outbound import tunnel_outbound
 from ..hbone.resolve import HboneRoute, NoHealthyUpstream, resolve_outbound
 from ..hbone.server import InboundInfo, InboundRecord, serve_hbone_connection
@@ -217,12 +220,26 @@ async def handle_inbound_hbone(ctx: PodContext, client: socket.socket, peer: Add
     inbound = _Inbound(ctx, mesh, workload)
     ctx.active_connections += 1
     try:
-        await serve_hbone_connection(client, peer, identity=workload.identity, certs=mesh.certs,
-                                     contexts=mesh.contexts, authorize=inbound.authorize,
-                                     open_upstream=inbound.open_upstream, on_open=inbound.on_open,
-                                     on_complete=inbound.on_complete)
+        async with trio.open_nursery() as watchers:
+            def on_connection(conn: HboneConnection) -> None:
+                watchers.start_soon(_goaway_when_draining, ctx, conn)
+
+            await serve_hbone_connection(client, peer, identity=workload.identity, certs=mesh.certs,
+                                         contexts=mesh.contexts, authorize=inbound.authorize,
+                                         open_upstream=inbound.open_upstream, on_open=inbound.on_open,
+                                         on_complete=inbound.on_complete, on_connection=on_connection)
+            watchers.cancel_scope.cancel()
     finally:
         ctx.active_connections -= 1
+
+
+async def _goaway_when_draining(ctx: PodContext, conn: HboneConnection) -> None:
+    """Graceful drain: once the connection carries no tunnel, GOAWAY and close it. A client's pool keeps an
+    idle connection for minutes; the pod's proxy set must not wait for that."""
+    await ctx.draining.wait()
+    while conn.active_streams and not conn.dead:
+        await conn.wait_activity()
+    conn.close()
 
 
 # --- inbound plaintext (15006) --------------------------------------------------------------------------
