@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from services.lab import components, lab
+from services.lab.probe import http_get
 from services.ztunnel.telemetry import ParsedLine, parse_plain
 from shared.netns import entered, open_netns
 from tests.netns.test_lab_mesh import WORLD
@@ -269,6 +270,16 @@ def test_cross_node_traffic_is_hbone_only_and_never_plaintext(
         assert str(line.fields["src.addr"]).startswith(f"{CLIENT_IP}:")
         assert int(line.fields["bytes_sent"]) > len(marker) and int(line.fields["bytes_recv"]) > len(marker)
     assert outbound[-1].fields["direction"] == "outbound" and inbound[-1].fields["direction"] == "inbound"
+
+    # the client's ztunnel shows the pod's certificate and its pooled connection to web
+    status, raw = http_get(f"{prefix}-node-a", "127.0.0.1", components.ZTUNNEL_ADMIN_PORT, "/config_dump")
+    assert status == 200
+    dump = json.loads(raw)
+    [cert] = [c for c in dump["certificates"] if c["identity"] == CLIENT_ID]
+    assert cert["state"] == "available" and cert["serial"] and cert["expiration"].endswith("Z")
+    [pod] = [p for p in dump["pods"] if p["workload"]["name"] == "client"]
+    assert pod["identity"] == CLIENT_ID
+    assert [k["dst"] for k in pod["pool"]] == [f"{WEB_IP}:15008"] and pod["pool"][0]["connections"]
 
 
 def test_deny_policy_refuses_with_401_and_both_ztunnels_say_so(mesh_lab: str, tmp_path: Path) -> None:
