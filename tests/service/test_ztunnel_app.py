@@ -133,6 +133,19 @@ def test_config_reads_upstream_env_names() -> None:
         load_config({"ENABLE_ORIG_SRC": "maybe"})
 
 
+def test_ca_defaults_to_the_xds_settings_and_is_only_built_with_xds() -> None:
+    assert load_config({"CA_ADDRESS": "http://ca:15012"}).ca_target is None  # no xDS, no mesh
+    cfg = load_config({"XDS_ADDRESS": "http://istiod:15012", "XDS_HEADER_X_ONE": "1"})
+    assert cfg.ca_target is not None and (cfg.ca_target.host, cfg.ca_target.port) == ("istiod", 15012)
+    cfg = load_config({"XDS_ADDRESS": "http://istiod:15012", "CA_ADDRESS": "http://ca:15010",
+                       "CA_HEADER_X_TWO": "2"})
+    assert cfg.ca_target is not None and (cfg.ca_target.host, cfg.ca_target.port) == ("ca", 15010)
+    assert cfg.ca_target.headers == {"x-two": "2"}
+    with pytest.raises(ConfigError, match="CA_ROOT_CERT"):
+        load_config({"XDS_ADDRESS": "http://istiod:15012", "CA_ADDRESS": "https://ca:15010",
+                     "CA_ROOT_CERT": "/nonexistent/root.pem"})
+
+
 def test_drain_deadline_follows_upstream() -> None:
     assert drain_deadline({}) == 5.0
     assert drain_deadline({"CONNECTION_TERMINATION_DEADLINE": "7s"}) == 7.0
@@ -141,7 +154,7 @@ def test_drain_deadline_follows_upstream() -> None:
     assert drain_deadline({"TERMINATION_GRACE_PERIOD_SECONDS": "1"}) == 1.0
 
 
-async def test_xds_sync_gates_readiness_and_names_peers(tmp_path: Path) -> None:
+async def test_xds_sync_gates_readiness_and_names_peers(tmp_path: Path, pipe_fds: list[int]) -> None:
     from services.istiod.testing import open_test_istiod
     from services.istiod.world import load_world
 
@@ -153,7 +166,11 @@ async def test_xds_sync_gates_readiness_and_names_peers(tmp_path: Path) -> None:
             cfg = msgspec.structs.replace(config(tmp_path), xds_target=istiod.target(node=node),
                                           node_name=node)
             app: ZtunnelApp = await nursery.start(lambda **kw: run_ztunnel(cfg, sockets=FakeSockets(), **kw))
-            server = ZdsServer(cfg.inpod_uds, Snapshot(), accept_interval=0)
+            snap = Snapshot()  # productpage runs on node-a: its certificate is fetched when its proxies start
+            productpage = WorkloadInfo(name="productpage-v1-6f9c7d", namespace="bookinfo",
+                                       service_account="bookinfo-productpage")
+            snap.entries.append(SnapshotEntry(uid=PodUid("pp"), info=productpage, netns_fd=pipe_fds[0]))
+            server = ZdsServer(cfg.inpod_uds, snap, accept_interval=0)
             await nursery.start(server.serve)
             await app.wait_until(lambda: not app.readiness.blocking())
             assert (await http_get(app.addresses["readiness"][0], "/healthz/ready"))[0] == 200
@@ -163,4 +180,13 @@ async def test_xds_sync_gates_readiness_and_names_peers(tmp_path: Path) -> None:
             some_ip = next(iter(app.store.workloads.values())).addresses[0]
             peer = app.handler.peers.by_address(some_ip)
             assert peer is not None and peer.workload and peer.namespace
+            identity = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
+            assert app.mesh is not None
+            while not any(c["state"] == "available" for c in app.mesh.certs.dump()):
+                await trio.sleep(0.05)
+            dump = json.loads((await http_get(app.addresses["admin"][0], "/config_dump"))[1])
+            [cert] = dump["certificates"]
+            assert cert["identity"] == identity and cert["serial"] and cert["expiration"]
+            [pod] = dump["pods"]
+            assert pod["identity"] == identity and pod["pool"] == []
             nursery.cancel_scope.cancel()
