@@ -2,7 +2,8 @@
 
     ambient lab up [--world FILE] [--nodes N] [--prefix P]    build the lab and start everything in it
     ambient lab down [--prefix P]                             stop and remove exactly what `up` made
-    ambient lab status [--json] [--prefix P]                  nodes, pods (IP, node, enrolment), services
+    ambient lab status [--json] [--prefix P]                  nodes, pods (IP, node, enrolment: the pod's
+                                                              ambient.istio.io/redirection), services
     ambient lab exec POD -- CMD ...                           run CMD in a pod's netns, its exit code
     ambient lab restart {ztunnel|node-agent|istiod} [NODE]    restart one component
     ambient lab delete POD                                    delete a pod (unenrolled, then removed)
@@ -147,6 +148,8 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
     for n in data["nodes"]:
         nodes.add_row(n["name"], n["netns"], n["address"], n["pod_cidr"])
     pods = Table(title="pods")
+    if not data.get("control_plane", {}).get("answered", True):
+        pods.caption = "istiod did not answer: enrolment as the lab infers it (its records, ztunnel)"
     for col in ("namespace", "pod", "node", "ip", "app", "enrolment"):
         pods.add_column(col)
     colours = {"enabled": "green", "pending": "yellow", "not-ambient": "dim"}

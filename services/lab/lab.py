@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from services.istiod.world import World, load_world, world_to_json
+from services.istiod.world import REDIRECTION_ANNOTATION, World, load_world, world_to_json
 from services.lab import components
 from services.lab.components import LabPaths
 from services.lab.errors import (
@@ -418,18 +418,47 @@ def down(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None, progress: Pr
 # --- status, exec, restart, logs -------------------------------------------------------------------------
 
 
+def redirection_annotations(
+    *, prefix: str = DEFAULT_PREFIX, root: Path | None = None
+) -> dict[str, str] | None:
+    """Pod key -> its `ambient.istio.io/redirection` annotation ("" when it has none), as the lab's istiod has
+    it (`ambient world show`; the node agents write it); None when istiod does not answer."""
+    result = world_command(["--timeout", "5", "show"], prefix=prefix, root=root, capture=True)
+    if result.returncode != 0:
+        return None
+    try:
+        return {
+            f"{p['namespace']}/{p['name']}": str((p.get("annotations") or {}).get(REDIRECTION_ANNOTATION, ""))
+            for p in json.loads(result.stdout)["pods"]
+        }
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[str, Any]:
-    """What `lab status --json` prints: nodes, pods (IP, node, enrolment), services, components."""
+    """What `lab status --json` prints: nodes, pods (IP, node, enrolment), services, components.
+
+    A pod's enrolment is its `ambient.istio.io/redirection` annotation in the control plane (`redirection`);
+    a pod without it is not enrolled, and the lab's own record says why (not-ambient, no-node-agent, deleted,
+    ...). When istiod does not answer (`control_plane.answered` false), the lab infers enrolment from its
+    records and what each ztunnel holds.
+    """
     check_prerequisites()
     state = require_state(prefix, root)
     plan = plan_of(state)
     held = {n.name: ztunnel_pods(plan, n.name) for n in plan.nodes} if state.phase == "up" else {}
+    annotations = redirection_annotations(prefix=prefix, root=root) if state.phase == "up" else None
     pods = []
     for pod in plan.pods:
         record = state.pod(pod.key)
         enrolment = record.status if record else "not created"
         if record and pod.ambient and held.get(pod.node):
             enrolment = "enabled" if pod.uid in held[pod.node] else enrolment
+        redirection = annotations.get(pod.key) if annotations is not None else None
+        if redirection:
+            enrolment = redirection
+        elif redirection is not None and enrolment in ("enabled", "pending"):
+            enrolment = "not enrolled"  # the control plane has no status for it
         pods.append(
             {
                 "name": pod.name,
@@ -439,6 +468,7 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
                 "netns": pod.netns,
                 "ambient": pod.ambient,
                 "enrolment": enrolment,
+                "redirection": redirection or None,
                 "app": pod.app.kind,
                 "uid": pod.uid,
             }
@@ -448,7 +478,11 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
         "phase": state.phase,
         "run_dir": state.run_dir,
         "world": state.world_file,
-        "control_plane": {"netns": plan.control_plane.netns, "istiod": plan.istiod_address},
+        "control_plane": {
+            "netns": plan.control_plane.netns,
+            "istiod": plan.istiod_address,
+            "answered": annotations is not None,
+        },
         "nodes": [
             {"name": n.name, "netns": n.netns, "address": n.ip, "pod_cidr": n.pod_cidr} for n in plan.nodes
         ],
