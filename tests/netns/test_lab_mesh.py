@@ -76,10 +76,14 @@ def in_pod(prefix: str, pod: str, *argv: str) -> str:
 
 def test_cross_node_request_through_the_mesh(mesh_lab: str) -> None:
     prefix = mesh_lab
-    status = {p["name"]: p for p in lab.status(prefix=prefix)["pods"]}
+    data = lab.status(prefix=prefix)
+    status = {p["name"]: p for p in data["pods"]}
     assert status["client"]["enrolment"] == "enabled"
     assert status["web"]["enrolment"] == "enabled"
     assert status["outsider"]["enrolment"] == "not-ambient"
+    # read from the control plane: the annotation the node agents wrote
+    assert data["control_plane"]["answered"]
+    assert [status[n]["redirection"] for n in ("client", "web", "outsider")] == ["enabled", "enabled", None]
 
     rules = in_pod(prefix, "web", "iptables-save")
     assert "-A ISTIO_OUTPUT" in rules and "--to-ports 15001" in rules and "--to-ports 15006" in rules
