@@ -22,7 +22,7 @@ from rich.table import Table
 
 # Piped output (a log, CI) gets a wide table rather than rich's 80-column default.
 console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=200)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 DOCS_FILE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 DEFAULT_OUT_ROOT = Path("/var/tmp/ambient-bench")
 

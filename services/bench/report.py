@@ -126,6 +126,10 @@ ROWS: tuple[Row, ...] = (
         upstream="~12 MB per 1000 rps (Istio 1.24)", digits=1),
     Row(scenario="ztunnel", metric="client_anon_mib", label="client-side ztunnel, peak RssAnon (MiB)",
         compare="", digits=1),
+    Row(scenario="ztunnel", metric="client_runq_ms_per_req",
+        label="client-side ztunnel, waiting for a CPU, per request (ms)", compare="", digits=3),
+    Row(scenario="ztunnel", metric="server_runq_ms_per_req",
+        label="server-side ztunnel, waiting for a CPU, per request (ms)", compare="", digits=3),
     Row(scenario="rr", metric="host_busy_vcpu", label="whole host busy during the fixed-rate run (vCPU)",
         compare="added", digits=2),
     Row(scenario="crr", metric="cps", label="new connections per second (100 B each way)", compare="ratio",
@@ -253,7 +257,8 @@ def markdown(report: BenchReport) -> str:
         out.append(
             f"- request/response, closed loop (no pacing) over {s.get('conns')} connections against the "
             f"no-mesh server: {gen.get('rr_closed_rps', 0):,.0f} req/s (the fixed-rate runs ask for "
-            f"{s.get('rate')}); through the mesh, closed loop: {gen.get('rr_closed_rps_mesh', 0):,.0f} req/s"
+            f"{float(s.get('rate', 0)):g}); through the mesh, closed loop: "
+            f"{gen.get('rr_closed_rps_mesh', 0):,.0f} req/s"
         )
         out.append(
             "- bulk throughput: iperf3 (C); its no-mesh figure is the ceiling of the lab's veth/bridge path"

@@ -110,6 +110,18 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds the threads of `pid` spent runnable but waiting for a CPU (/proc/<pid>/task/*/schedstat,
+    second field): how much of a latency is CPU contention rather than the process's own work."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def host_busy_seconds() -> float:
     """CPU-seconds all vCPUs of the host spent busy (not idle or iowait) since boot, from /proc/stat."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -127,6 +139,8 @@ class ProcSampler:
         self.peak_anon: dict[str, int] = dict.fromkeys(pids, 0)
         self.cpu0: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.wait0: dict[str, float] = {}
+        self.wait: dict[str, float] = {}  # runqueue wait between start() and stop()
         self.host0 = 0.0
         self.host_busy = 0.0  # CPU-seconds of the whole host between start() and stop()
         self._stop = threading.Event()
@@ -143,6 +157,7 @@ class ProcSampler:
 
     def start(self) -> None:
         self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.wait0 = {name: runqueue_wait_seconds(pid) for name, pid in self.pids.items()}
         self.host0 = host_busy_seconds()
         self._sample()
         self._thread.start()
@@ -153,6 +168,7 @@ class ProcSampler:
         self._sample()
         self.cpu = {name: cpu_seconds(pid) - self.cpu0[name] for name, pid in self.pids.items()}
         self.host_busy = host_busy_seconds() - self.host0
+        self.wait = {name: runqueue_wait_seconds(pid) - self.wait0[name] for name, pid in self.pids.items()}
 
 
 def git_state() -> tuple[str, bool]:
@@ -375,7 +391,8 @@ class Bench:
             title="ztunnel CPU and memory during the fixed-rate run",
             method="utime+stime from /proc/<pid>/stat of each ztunnel over the mesh arm's fixed-rate run, "
             "divided by its duration (vCPU) and by the achieved rate / 1000; peak VmRSS and RssAnon (its own "
-            "heap, without shared library pages) sampled every 50 ms",
+            "heap, without shared library pages) sampled every 50 ms; the time its threads were runnable but "
+            "waited for a CPU (schedstat), per request",
             mesh_only=True,
             arms={"mesh": ArmResult()},
         )
@@ -417,6 +434,7 @@ class Bench:
                     run[f"{role}_rss_mib"] = sampler.peak[role] / 1024
                     run[f"{role}_mib_per_1k"] = sampler.peak[role] / 1024 / kilo
                     run[f"{role}_anon_mib"] = sampler.peak_anon[role] / 1024
+                    run[f"{role}_runq_ms_per_req"] = sampler.wait[role] * 1e3 / max(1.0, out["requests"])
                 zt.arms["mesh"].runs.append(run)
                 self.progress(
                     f"ztunnel rep {rep + 1}: client {run['client_vcpu_per_1k']:.3f} / server "
