@@ -17,7 +17,7 @@ import pytest
 
 from services.lab import components, lab
 from services.lab.state import load_state, process_start_time, stop_process
-from tests.netns.test_lab_topology import client_get, force_clean, lab_netns
+from tests.netns.test_lab_topology import CLIENT_IP, NET_A, NET_B, WEB_IP, client_get, force_clean, lab_netns
 
 WORLD = """
 nodes:
@@ -34,7 +34,8 @@ pods:
 services:
   - {name: web, namespace: mesh, vips: [10.96.0.50], selector: {app: web},
      ports: [{port: 80, targetPort: 8080}]}
-"""
+""".replace("10.244.1.", f"10.244.{NET_A}.").replace("10.244.2.", f"10.244.{NET_B}.")
+
 
 pytestmark = pytest.mark.skipif(
     not (components.available("node-agent") and components.available("ztunnel")),
@@ -96,14 +97,14 @@ def test_cross_node_request_through_the_mesh(mesh_lab: str) -> None:
     assert code == 0, err
     assert body is not None and body["path"] == "/through-mesh"
 
-    outbound = wait_for_lines(prefix, "node-a", "outbound", "src.addr=10.244.1.10:")
-    inbound = wait_for_lines(prefix, "node-b", "inbound", "10.244.2.10:")
+    outbound = wait_for_lines(prefix, "node-a", "outbound", f"src.addr={CLIENT_IP}:")
+    inbound = wait_for_lines(prefix, "node-b", "inbound", f"{WEB_IP}:")
     assert outbound, list(lab.access_logs(prefix=prefix))
     assert inbound, list(lab.access_logs(prefix=prefix))
     assert 'src.workload="client"' in outbound[-1]
     assert 'dst.workload="web"' in inbound[-1]
     for line in (outbound[-1], inbound[-1]):
-        assert "dst.addr=10.244.2.10:15008 dst.hbone_addr=10.244.2.10:8080" in line
+        assert f"dst.addr={WEB_IP}:15008 dst.hbone_addr={WEB_IP}:8080" in line
         assert 'src.identity="spiffe://cluster.local/ns/mesh/sa/client"' in line
         assert 'dst.identity="spiffe://cluster.local/ns/mesh/sa/web"' in line
     assert not list(lab.access_logs(prefix=prefix, node="node-b", direction="outbound"))
@@ -122,11 +123,11 @@ def test_fail_closed_while_ztunnel_is_down_and_recovery_after_restart(mesh_lab: 
     stop_process(record)
     # the rules stay: web's inbound traffic is redirected to ports nobody serves, it never bypasses
     assert "--to-ports 15006" in in_pod(prefix, "web", "iptables-save")
-    code, _, _ = client_get(prefix, "http://10.244.2.10:8080/while-down")
+    code, _, _ = client_get(prefix, f"http://{WEB_IP}:8080/while-down")
     assert code != 0
 
     lab.restart("ztunnel", "node-b", prefix=prefix, timeout=30)
-    code, err = eventually_ok(prefix, "http://10.244.2.10:8080/after-restart")
+    code, err = eventually_ok(prefix, f"http://{WEB_IP}:8080/after-restart")
     assert code == 0, err
 
     lab.restart("node-agent", "node-a", prefix=prefix, timeout=30)
@@ -158,7 +159,7 @@ def test_deleting_a_pod_unenrols_it_and_removes_its_namespace(mesh_lab: str) -> 
     assert f"{prefix}-mesh-web" not in lab_netns(prefix)
     status = {p["name"]: p["enrolment"] for p in lab.status(prefix=prefix)["pods"]}
     assert status["web"] == "deleted"
-    code, _, _ = client_get(prefix, "http://10.244.2.10:8080/gone")
+    code, _, _ = client_get(prefix, f"http://{WEB_IP}:8080/gone")
     assert code != 0
     # the rest of the mesh is unaffected
     assert status["client"] == "enabled"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,11 @@ from services.lab.errors import AlreadyUpError, ComponentError
 from services.lab.state import is_running, load_state, process_start_time, run_dir, save_state
 from services.lab.topology import ETC_NETNS, apply_plan, plan_lab
 
+# Pod ranges are random per test run: node agents find a restarted pod's netns by scanning the host for
+# its IP, so labs of concurrent runs on one host must not share pod addresses.
+NET_A, NET_B = random.sample(range(100, 250), 2)
+CLIENT_IP, WEB_IP = f"10.244.{NET_A}.10", f"10.244.{NET_B}.10"
+
 WORLD = """
 nodes:
   - {name: node-a, podCidr: 10.244.1.0/24}
@@ -33,7 +39,7 @@ pods:
 services:
   - {name: web, namespace: plain, vips: [10.96.0.50], selector: {app: web},
      ports: [{port: 80, targetPort: 8080}]}
-"""
+""".replace("10.244.1.", f"10.244.{NET_A}.").replace("10.244.2.", f"10.244.{NET_B}.")
 
 
 def lab_netns(prefix: str) -> list[str]:
@@ -95,12 +101,12 @@ def test_two_nodes_two_pods_cross_node_traffic_then_clean_down(prefix: str, worl
     assert all(is_running(p) for p in state.processes)
 
     # pod to pod across nodes, by pod IP: the server sees the client's own address (routed, not NATed)
-    code, body, err = client_get(prefix, "http://10.244.2.10:8080/direct")
+    code, body, err = client_get(prefix, f"http://{WEB_IP}:8080/direct")
     assert code == 0, err
     assert body is not None
     served = body["served_by"]
     assert (served["pod"], served["namespace"]) == ("web", "plain")
-    assert str(served["peer"]).startswith("10.244.1.10:")
+    assert str(served["peer"]).startswith(f"{CLIENT_IP}:")
 
     # by service name: the pod's hosts file gives the VIP, the node's DNAT the endpoint
     code, body, err = client_get(prefix, "http://web/by-name")
@@ -120,13 +126,13 @@ def test_two_nodes_two_pods_cross_node_traffic_then_clean_down(prefix: str, worl
 
     # exit codes pass through `lab exec`
     assert lab.exec_in_pod(["sh", "-c", "exit 3"], pod="client", prefix=prefix).returncode == 3
-    code, _, err = client_get(prefix, "http://10.244.2.10:9999/")
+    code, _, err = client_get(prefix, f"http://{WEB_IP}:9999/")
     assert code == 7, err
 
     status = lab.status(prefix=prefix)
     assert {p["name"]: (p["node"], p["ip"], p["enrolment"]) for p in status["pods"]} == {
-        "client": ("node-a", "10.244.1.10", "not-ambient"),
-        "web": ("node-b", "10.244.2.10", "not-ambient"),
+        "client": ("node-a", CLIENT_IP, "not-ambient"),
+        "web": ("node-b", WEB_IP, "not-ambient"),
     }
     assert {c["name"] for c in status["components"]} >= {"istiod", "app/plain/client", "app/plain/web"}
 
