@@ -23,6 +23,7 @@ ztunnel and the node agent find their credentials as upstream does, relative to 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import os
@@ -99,6 +100,15 @@ class LabPaths:
     def node_dir(self, node: str) -> Path:
         return self.run_dir / "nodes" / node
 
+    def node_host(self, node: str) -> Path:
+        """The node agent's view of "the host" (upstream's /host): run/netns/ holds links to this node's
+        pods only, and there is no proc/, so its scan for a pod's netns by IP never strays into another
+        node's or another lab's pods on this machine."""
+        return self.node_dir(node) / "host"
+
+    def pod_netns_link(self, node: str, netns: str) -> Path:
+        return self.node_host(node) / "run" / "netns" / netns
+
     def zds_socket(self, node: str) -> Path:
         return self.node_dir(node) / "ztunnel.sock"
 
@@ -150,6 +160,8 @@ def node_agent_spec(
         "CONTROL_PLANE_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
         "CONTROL_PLANE_TOKEN_FILE": str(cwd / TOKEN_PATH),
     }
+    if netns:  # many nodes share this machine: confine the agent's netns lookups to its own pods
+        env["HOST_PREFIX"] = str(paths.node_host(node.name))
     return ComponentSpec(
         name=f"node-agent/{node.name}",
         component="node-agent",
@@ -254,6 +266,15 @@ def process_env(spec: ComponentSpec) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["PATH"] = os.pathsep.join([str(Path(PYTHON).parent), env.get("PATH", ""), "/usr/sbin", "/sbin"])
     return env
+
+
+def link_pod_netns(paths: LabPaths, node: str, netns: str) -> None:
+    """Show pod `netns` to its node's agent: <node host>/run/netns/<netns> -> /run/netns/<netns>."""
+    link = paths.pod_netns_link(node, netns)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    link.symlink_to(f"/run/netns/{netns}")
 
 
 def tool_env() -> dict[str, str]:

@@ -190,6 +190,7 @@ class LabBuilder:
         started: list[ProcessRecord] = []
         for node in plan.nodes:
             components.write_node_secrets(paths, node.name, node_tokens[node.name])
+            (paths.node_host(node.name) / "run" / "netns").mkdir(parents=True, exist_ok=True)
             if self.has_agent:
                 started.append(self.launch(components.node_agent_spec(plan, node, paths)))
             if self.has_ztunnel:
@@ -213,6 +214,7 @@ class LabBuilder:
 
     def add_pod(self, pod: PodPlan) -> None:
         create_pod_netns(pod, on_netns=self.record_netns, on_file=self.record_file)
+        components.link_pod_netns(self.paths, pod.node, pod.netns)
         wire_pod(self.plan, pod)
         status = "not-ambient"
         if pod.ambient:
@@ -734,6 +736,7 @@ def delete_pod(
         state.processes = [p for p in state.processes if p is not app]
     delete_netns(target.netns)
     remove_tree(ETC_NETNS / target.netns)
+    remove_tree(LabPaths(state.run_dir).pod_netns_link(target.node, target.netns))
     record.status = "deleted"
     save_state(state)
     progress(f"pod {target.key} deleted (app stopped, netns {target.netns} removed)")

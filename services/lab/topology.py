@@ -638,7 +638,7 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
         with contextlib.suppress(OSError):
             ETC_NETNS.rmdir()
         return
-    if Path(path).is_dir():
+    if Path(path).is_dir() and not Path(path).is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):

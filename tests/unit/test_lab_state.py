@@ -111,6 +111,10 @@ def test_component_specs_put_each_process_in_its_namespace(tmp_path: Path) -> No
     assert agent.netns == "t-node-a"
     assert agent.env["ZDS_SOCKET"] == str(paths.zds_socket("node-a"))
     assert agent.env["CONTROL_PLANE_ADDRESS"] == "https://172.29.0.2:15012"
+    # the agent's "host" holds only its own node's pods: a netns scan by IP cannot reach another lab
+    assert agent.env["HOST_PREFIX"] == str(paths.node_host("node-a"))
+    container = components.node_agent_spec(p, node, paths, istiod="istiod:15012", netns="")
+    assert "HOST_PREFIX" not in container.env and container.netns == ""
     zt = components.ztunnel_spec(p, node, paths, with_agent=True)
     assert zt.env["INPOD_UDS"] == agent.env["ZDS_SOCKET"]
     assert zt.netns == "t-node-a"
@@ -123,6 +127,14 @@ def test_component_specs_put_each_process_in_its_namespace(tmp_path: Path) -> No
         str(tmp_path / "logs" / n)
         for n in ("istiod.log", "node-agent_node-a.log", "ztunnel_node-a.log", "app_ns_web-1.log")
     }
+
+
+def test_pod_netns_links_point_at_the_named_namespace(tmp_path: Path) -> None:
+    paths = LabPaths(tmp_path)
+    components.link_pod_netns(paths, "node-a", "t-ns-web-1")
+    components.link_pod_netns(paths, "node-a", "t-ns-web-1")  # idempotent
+    link = tmp_path / "nodes" / "node-a" / "host" / "run" / "netns" / "t-ns-web-1"
+    assert os.readlink(link) == "/run/netns/t-ns-web-1"
 
 
 def test_wait_ready_times_out_naming_the_component_and_its_log(tmp_path: Path) -> None:
