@@ -40,9 +40,17 @@ def _addresses_here() -> set[str]:
         return {str(a.get("address")) for a in ipr.get_addr() if a.get("address")}
 
 
+class AmbiguousNetnsError(Exception):
+    """More than one namespace holds the pod's IPs (for example two labs on one host); never guess."""
+
+
 def find_netns_by_ips(ips: Iterable[str], *, prefix: str = "") -> tuple[int, str] | None:
     """A new fd (and its path) for the namespace holding one of `ips`, or None. Synchronous: call it in a
-    worker thread."""
+    worker thread.
+
+    Every candidate is looked at: when two different namespaces hold the IPs, entering either could put
+    another pod's traffic under this pod's rules, so that is an `AmbiguousNetnsError`, not a pick.
+    """
     wanted = set(ips)
     if not wanted:
         return None
@@ -51,30 +59,40 @@ def find_netns_by_ips(ips: Iterable[str], *, prefix: str = "") -> tuple[int, str
         seen = {netns_id(own)}
     finally:
         os.close(own)
-    for path in candidate_paths(prefix):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        keep = False
-        try:
-            if not is_netns(fd):
+    match: tuple[int, str] | None = None
+    try:
+        for path in candidate_paths(prefix):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
                 continue
-            ident = netns_id(fd)
-            if ident in seen:
-                continue
-            seen.add(ident)
-            with entered(fd):
-                found = _addresses_here() & wanted
-            if found:
-                keep = True
-                return fd, path
-        except (OSError, NetnsError) as exc:
-            log.debug("skipping %s: %s", path, exc)
-        finally:
-            if not keep:
-                os.close(fd)
-    return None
+            keep = False
+            try:
+                if not is_netns(fd):
+                    continue
+                ident = netns_id(fd)
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                with entered(fd):
+                    found = _addresses_here() & wanted
+                if found:
+                    if match is not None:
+                        raise AmbiguousNetnsError(
+                            f"both {match[1]} and {path} hold {', '.join(sorted(found))}"
+                        )
+                    keep = True
+                    match = (fd, path)
+            except (OSError, NetnsError) as exc:
+                log.debug("skipping %s: %s", path, exc)
+            finally:
+                if not keep:
+                    os.close(fd)
+    except AmbiguousNetnsError:
+        if match is not None:
+            os.close(match[0])
+        raise
+    return match
 
 
 async def find_pod_netns(ips: Iterable[str], *, prefix: str = "") -> tuple[int, str]:
@@ -86,7 +104,13 @@ async def find_pod_netns(ips: Iterable[str], *, prefix: str = "") -> tuple[int, 
     ips = tuple(ips)
     if not ips:
         raise NetnsGoneError("the pod has no IP address to find its network namespace by")
-    found = await trio.to_thread.run_sync(lambda: find_netns_by_ips(ips, prefix=prefix))
+    try:
+        found = await trio.to_thread.run_sync(lambda: find_netns_by_ips(ips, prefix=prefix))
+    except AmbiguousNetnsError as exc:
+        raise NetnsGoneError(
+            f"more than one network namespace holds the pod's IPs ({exc}); refusing to guess which is the"
+            " pod: re-add it through the CNI event (its netns path) instead"
+        ) from None
     if found is None:
         raise NetnsGoneError(
             f"no network namespace on this node holds {', '.join(ips)} (pod not started yet?)"

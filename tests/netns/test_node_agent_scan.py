@@ -42,3 +42,17 @@ async def test_pod_netns_is_found_by_ip(make_netns: Callable[[str], str]) -> Non
             await opener.open(Pod(uid=PodUid("v"), name="b", namespace="d", ips=("10.251.99.99",)))
     finally:
         os.close(expected)
+
+
+async def test_two_namespaces_with_the_pod_ip_are_refused_not_guessed(
+    make_netns: Callable[[str], str],
+) -> None:
+    """Two labs on one host can reuse pod IPs: the agent must not pick one of them."""
+    first, second = make_netns("twin1"), make_netns("twin2")
+    for name in (first, second):
+        run("ip", "-n", name, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+        run("ip", "-n", name, "addr", "add", "10.251.8.2/24", "dev", "d0")
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(NetnsGoneError, match="more than one network namespace holds"):
+        await PathNetnsOpener().open(Pod(uid=PodUid("w"), name="c", namespace="d", ips=("10.251.8.2",)))
+    assert len(os.listdir("/proc/self/fd")) == before
