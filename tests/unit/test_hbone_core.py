@@ -205,7 +205,7 @@ def test_settings_per_upstream() -> None:
     assert [len(f.data) for f in frames if isinstance(f, hyperframe.frame.DataFrame)] == [MAX_FRAME_SIZE]
 
 
-def _frames(data: bytes) -> list[hyperframe.frame.Frame]:
+def _frames(data: bytes | bytearray) -> list[hyperframe.frame.Frame]:
     out = []
     while data:
         frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(data[:9]))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import struct
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -39,6 +40,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hyperframe.frame
 
 from .errors import HboneProtocolError
@@ -59,6 +61,10 @@ ERROR_PROTOCOL: Final = int(h2.errors.ErrorCodes.PROTOCOL_ERROR)
 ERROR_INTERNAL: Final = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
 ERROR_CANCEL: Final = int(h2.errors.ErrorCodes.CANCEL)
 ERROR_CONNECT: Final = int(h2.errors.ErrorCodes.CONNECT_ERROR)
+
+_FRAME_HEADER: Final = struct.Struct(">HBBBL")  # 24-bit length (as H + B), type, flags, stream id
+_SEND_DATA_CONN: Final = h2.connection.ConnectionInputs.SEND_DATA
+_SEND_DATA_STREAM: Final = h2.stream.StreamInputs.SEND_DATA
 
 
 def _data_body_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -234,13 +240,14 @@ class _Core:
         conn.initiate_connection()
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._h2 = conn
+        self._out = bytearray()  # DATA frames we framed ourselves, after everything h2 queued before them
         self._buffered = 0
         self.closed = False
         self.goaway_received = False
 
     # --- bytes in / out ---
 
-    def receive_data(self, data: bytes | memoryview) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the peer. Raises HboneProtocolError (a GOAWAY is then queued to send)."""
         try:
             h2_events = self._h2.receive_data(data)
@@ -253,10 +260,17 @@ class _Core:
             self._translate(ev, events)
         return events
 
-    def data_to_send(self) -> bytes:
-        """Everything queued for the wire (possibly b"")."""
+    def data_to_send(self) -> bytes | bytearray:
+        """Everything queued for the wire (possibly b""). The caller owns the object returned."""
         self._buffered = 0
-        return self._h2.data_to_send()
+        pending = self._h2.data_to_send()
+        out = self._out
+        if not out:
+            return pending
+        if pending:
+            out += pending
+        self._out = bytearray()
+        return out
 
     @property
     def buffered(self) -> int:
@@ -278,13 +292,30 @@ class _Core:
         Raises:
             StreamClosedError (h2): the stream was reset or already half-closed locally.
         """
-        window = min(len(data), self._h2.local_flow_control_window(stream_id))
-        max_frame = self._h2.max_outbound_frame_size
+        h2c = self._h2
+        window = min(len(data), h2c.local_flow_control_window(stream_id))
+        if window <= 0:
+            return 0
+        # h2's own send_data copies the payload about five times (memoryview.tobytes, the frame body, header +
+        # body, its output bytearray, bytes() of that). Here h2 does the bookkeeping (state machines, both
+        # flow-control windows) and the frame is written once into our output buffer, behind whatever h2
+        # queued before it (its own frames keep their order relative to ours: see `data_to_send`).
+        stream = h2c.streams[stream_id]
+        max_frame = h2c.max_outbound_frame_size
         view = memoryview(data)
+        pending = h2c.data_to_send()
+        out = self._out
+        if pending:
+            out += pending
         sent = 0
         while sent < window:
             chunk = min(max_frame, window - sent)
-            self._h2.send_data(stream_id, view[sent:sent + chunk])
+            h2c.state_machine.process_input(_SEND_DATA_CONN)
+            stream.state_machine.process_input(_SEND_DATA_STREAM)
+            stream.outbound_flow_control_window -= chunk
+            h2c.outbound_flow_control_window -= chunk
+            out += _FRAME_HEADER.pack(chunk >> 8, chunk & 0xFF, 0, 0, stream_id)
+            out += view[sent:sent + chunk]
             sent += chunk
         self._buffered += sent
         return sent
