@@ -191,6 +191,17 @@ def _string_match(sm: StringMatch) -> apb.StringMatch:
     return apb.StringMatch(presence=empty_pb2.Empty())
 
 
+def _principal_match(sm: StringMatch) -> apb.StringMatch:
+    """Principals travel without the `spiffe://` scheme (`cluster.local/ns/x/sa/y`), as istiod sends them and
+    ztunnel compares them; a world file may write either form."""
+    scheme = "spiffe://"
+    if sm.exact is not None and sm.exact.startswith(scheme):
+        return apb.StringMatch(exact=sm.exact.removeprefix(scheme))
+    if sm.prefix is not None and sm.prefix.startswith(scheme):
+        return apb.StringMatch(prefix=sm.prefix.removeprefix(scheme))
+    return _string_match(sm)
+
+
 def _address(text: str) -> apb.Address:
     net = ipaddress.ip_network(text, strict=False)
     return apb.Address(address=net.network_address.packed, length=net.prefixlen)
@@ -200,8 +211,8 @@ def _match(m: Match) -> apb.Match:
     return apb.Match(
         namespaces=[_string_match(x) for x in m.namespaces],
         not_namespaces=[_string_match(x) for x in m.not_namespaces],
-        principals=[_string_match(x) for x in m.principals],
-        not_principals=[_string_match(x) for x in m.not_principals],
+        principals=[_principal_match(x) for x in m.principals],
+        not_principals=[_principal_match(x) for x in m.not_principals],
         source_ips=[_address(x) for x in m.source_ips],
         not_source_ips=[_address(x) for x in m.not_source_ips],
         destination_ips=[_address(x) for x in m.destination_ips],

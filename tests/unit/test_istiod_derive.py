@@ -19,11 +19,13 @@ from services.istiod.derive import (
     is_ambient,
 )
 from services.istiod.world import World, load_world
+from services.ztunnel.authz import AuthzRequest, evaluate
 from services.ztunnel.state.types import Action, Scope, StringMatch, TunnelProtocol, WorkloadType
 from services.ztunnel.xds.convert import address_from_any, authorization_from_any
 from services.ztunnel.xds.errors import ConversionError
 from shared.api import authorization_pb2 as apb
 from shared.api import workload_pb2 as wpb
+from shared.identity import SpiffeId
 
 BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 
@@ -131,9 +133,16 @@ def test_resources_round_trip_through_ztunnel_conversion(world: World) -> None:
     )
     assert (pol.scope, pol.action) == (Scope.WORKLOAD_SELECTOR, Action.ALLOW)
     principal = pol.rules[0].clauses[0].matches[0].principals[0]
-    assert principal == StringMatch(
-        kind="exact", value="spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
-    )
+    # the world file writes spiffe://...; principals travel without the scheme, as istiod sends them
+    assert principal == StringMatch(kind="exact", value="cluster.local/ns/bookinfo/sa/bookinfo-reviews")
+    reviews = SpiffeId.parse("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews")
+    productpage = SpiffeId.parse("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage")
+
+    def to_ratings(identity: SpiffeId) -> AuthzRequest:
+        return AuthzRequest(src_ip="10.244.2.11", dst_ip="10.244.2.12", dst_port=9080, src_identity=identity)
+
+    assert evaluate([pol], to_ratings(reviews)).allowed
+    assert not evaluate([pol], to_ratings(productpage)).allowed
     deny = "bookinfo/deny-legacy"
     _, msg = resources.by_type[AUTHORIZATION_TYPE_URL][deny]
     pol = authorization_from_any(
