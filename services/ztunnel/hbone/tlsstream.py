@@ -35,6 +35,31 @@ _RECORD: Final = 16 * 1024 + 256  # the most plaintext one SSL_read returns (one
 _shared = bytearray(RECEIVE_BUFFER_SIZE)
 _shared_view = memoryview(_shared)
 
+# pyOpenSSL's recv_into reads into a fresh cffi buffer and copies it out (one allocation and one copy per
+# 16 KiB record); SSL_read straight into the shared buffer avoids both. This uses pyOpenSSL's private cffi
+# handles, so it falls back to the public API when they are not there.
+try:
+    from OpenSSL.SSL import _ffi as _ssl_ffi  # type: ignore[attr-defined]
+    from OpenSSL.SSL import _lib as _ssl_lib  # type: ignore[attr-defined]
+
+    _SSL_read = _ssl_lib.SSL_read
+    _shared_ptr = _ssl_ffi.from_buffer(_shared)  # pins the buffer (it is never resized)
+    if not callable(getattr(SSL.Connection, "_raise_ssl_error", None)):
+        raise ImportError("pyOpenSSL has no Connection._raise_ssl_error")
+except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL version
+    _SSL_read = None
+
+
+def _recv_record(conn: SSL.Connection, offset: int) -> int:
+    """One SSL_read of up to a record into the shared buffer at `offset`; raises like `recv_into`."""
+    if _SSL_read is None:  # pragma: no cover
+        return int(conn.recv_into(_shared_view[offset:], _RECORD))  # type: ignore[arg-type]
+    ssl_ptr = conn._ssl
+    n: int = _SSL_read(ssl_ptr, _shared_ptr + offset, _RECORD)
+    if n <= 0:
+        conn._raise_ssl_error(ssl_ptr, n)
+    return n
+
 
 class TlsSocketStream(trio.abc.Stream):
     """TLS over a connected non-blocking socket. Owns (and closes) the socket.
@@ -130,7 +155,7 @@ class TlsSocketStream(trio.abc.Stream):
         self._read_wants_write = False
         while total + _RECORD <= RECEIVE_BUFFER_SIZE:
             try:
-                n = self.ssl.recv_into(_shared_view[total:], _RECORD)  # type: ignore[arg-type]
+                n = _recv_record(self.ssl, total)
             except SSL.WantReadError:
                 break
             except SSL.WantWriteError:  # e.g. answering a KeyUpdate with a full socket buffer
