@@ -413,7 +413,9 @@ class HboneConnection:
     # --- writer ---
 
     def wake_writer(self) -> None:
-        self._writer_lot.unpark_all()
+        """Wake the writer if anything is queued (a wake-up for nothing costs two task switches)."""
+        if self.core.has_output:
+            self._writer_lot.unpark_all()
 
     async def _writer(self) -> None:
         try:
@@ -431,6 +433,11 @@ class HboneConnection:
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
 
+    @property
+    def above_high_water(self) -> bool:
+        """`wait_drained` would block: HIGH_WATER bytes or more wait unwritten in the core."""
+        return self.core.buffered >= HIGH_WATER and not self.dead
+
     async def wait_drained(self) -> None:
         """Return once fewer than HIGH_WATER bytes wait unwritten in the core (a checkpoint either way)."""
         await trio.lowlevel.checkpoint()
@@ -440,7 +447,7 @@ class HboneConnection:
     async def _flushed(self) -> None:
         """Return once everything queued before the call is written (the writer parked again since)."""
         parks = self._writer_parks
-        self.wake_writer()
+        self._writer_lot.unpark_all()  # even with nothing queued: it must park again to count
         while not self.dead and self._writer_parks == parks:
             await self._drained_lot.park()
 

@@ -273,6 +273,11 @@ class _Core:
         return out
 
     @property
+    def has_output(self) -> bool:
+        """Something is queued for the wire (a frame of ours or of h2's)."""
+        return bool(self._out) or bool(self._h2._data_to_send)
+
+    @property
     def buffered(self) -> int:
         """Payload bytes queued by `send_data` since the last `data_to_send()` (for back-pressure)."""
         return self._buffered

@@ -43,6 +43,7 @@ async def _sock_send_all(sock: socket.socket, data: bytes) -> None:
 
 async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
     """Copy until EOF on `sock`, then END_STREAM."""
+    size = len(_shared_view)
     while True:
         try:
             n = sock.recv_into(_shared_view)
@@ -55,6 +56,10 @@ async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
         taken = stream.send_nowait(_shared_view[:n])
         if taken < n:
             await stream.send_all(bytes(_shared_view[taken:n]))  # leave the shared buffer before awaiting
+        elif n < size and not stream.conn.above_high_water:
+            # The kernel gave us all it had: wait for more instead of a recv that fails with EAGAIN (a syscall
+            # and an exception per request/response turn). The wait is the checkpoint.
+            await trio.lowlevel.wait_readable(sock)
         else:
             await stream.wait_drained()
 

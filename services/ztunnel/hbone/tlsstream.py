@@ -32,6 +32,7 @@ from .tls import describe_ssl_error, identity_failure
 
 RECEIVE_BUFFER_SIZE: Final = 256 * 1024
 _RECORD: Final = 16 * 1024 + 256  # the most plaintext one SSL_read returns (one TLS record), with slack
+_FULL_RECORD: Final = 16 * 1024
 _shared = bytearray(RECEIVE_BUFFER_SIZE)
 _shared_view = memoryview(_shared)
 
@@ -75,6 +76,7 @@ class TlsSocketStream(trio.abc.Stream):
         self._broken: BaseException | None = None
         self._eof = False
         self._read_wants_write = False
+        self._idle_hint = False
         self._closed = False
         self._send_conflict = False
         self._receive_conflict = False
@@ -181,6 +183,11 @@ class TlsSocketStream(trio.abc.Stream):
                 self._eof = True
                 break
             total += n
+            if n < _FULL_RECORD and not self.ssl.pending():
+                # A short record usually ends what the peer wrote: wait for readability next time instead of
+                # an SSL_read that fails with EAGAIN (a syscall and an exception per request turn).
+                self._idle_hint = True
+                break
         return total
 
     async def receive_view(self) -> memoryview:
@@ -194,7 +201,11 @@ class TlsSocketStream(trio.abc.Stream):
         try:
             # The checkpoint comes first: between the read below and the caller consuming the view, no other
             # task may run (it could refill the shared buffer).
-            await trio.lowlevel.checkpoint()
+            if self._idle_hint:
+                self._idle_hint = False
+                await trio.lowlevel.wait_readable(self.socket)
+            else:
+                await trio.lowlevel.checkpoint()
             while True:
                 self._check()
                 if self._eof:
