@@ -214,6 +214,7 @@ class LabBuilder:
 
     def add_pod(self, pod: PodPlan) -> None:
         create_pod_netns(pod, on_netns=self.record_netns, on_file=self.record_file)
+        # every pod, meshed or not: a label change may enrol it later, and the agent then finds it by IP
         components.link_pod_netns(self.paths, pod.node, pod.netns)
         wire_pod(self.plan, pod)
         status = "not-ambient"
@@ -274,6 +275,8 @@ def cni_add(paths: LabPaths, pod: PodPlan, *, timeout: float) -> str:
         "Annotations": pod.annotations,
         "IPs": [{"Interface": "eth0", "Address": pod.address, "Gateway": pod.gateway}],
     }
+    # the node agent sees /run/netns through its node's HOST_PREFIX, which lists this node's pods only
+    components.link_pod_netns(paths, pod.node, pod.netns)
     sock = str(paths.cni_socket(pod.node))
     log = paths.log(f"node-agent/{pod.node}")
     try:

@@ -19,6 +19,8 @@ from services.lab import components, lab
 from services.lab.state import load_state, process_start_time, stop_process
 from tests.netns.test_lab_topology import CLIENT_IP, NET_A, NET_B, WEB_IP, client_get, force_clean, lab_netns
 
+OUTSIDER_IP = f"10.244.{NET_A}.20"
+
 WORLD = """
 nodes:
   - {name: node-a, podCidr: 10.244.1.0/24}
@@ -34,7 +36,9 @@ pods:
 services:
   - {name: web, namespace: mesh, vips: [10.96.0.50], selector: {app: web},
      ports: [{port: 80, targetPort: 8080}]}
-""".replace("10.244.1.", f"10.244.{NET_A}.").replace("10.244.2.", f"10.244.{NET_B}.")
+"""
+# (WORLD keeps the fixed addresses other test modules assert on; this module's labs use random pod ranges)
+LAB_WORLD = WORLD.replace("10.244.1.", f"10.244.{NET_A}.").replace("10.244.2.", f"10.244.{NET_B}.")
 
 
 pytestmark = pytest.mark.skipif(
@@ -47,7 +51,7 @@ pytestmark = pytest.mark.skipif(
 def mesh_lab(tmp_path: Path) -> Iterator[str]:
     prefix = f"m{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
     world = tmp_path / "mesh.yaml"
-    world.write_text(WORLD)
+    world.write_text(LAB_WORLD)
     try:
         lab.up(prefix=prefix, world_file=world, timeout=30)
         yield prefix
@@ -165,10 +169,32 @@ def test_deleting_a_pod_unenrols_it_and_removes_its_namespace(mesh_lab: str) -> 
     assert status["client"] == "enabled"
 
 
+def test_labelling_a_namespace_ambient_enrols_its_running_pod(mesh_lab: str) -> None:
+    prefix = mesh_lab
+    state = load_state(prefix)
+    assert state is not None
+    plan = lab.plan_of(state)
+    outsider = next(p for p in plan.pods if p.name == "outsider")
+    assert "ISTIO" not in in_pod(prefix, "outsider", "iptables-save")
+    label = ["label", "namespace", "plain", "istio.io/dataplane-mode=ambient"]
+    done = lab.world_command(label, prefix=prefix, capture=True)
+    assert done.returncode == 0, done.stderr
+    # no CNI event: the node agent sees the label through its pod watch and finds the netns by the pod's IP
+    deadline = time.monotonic() + 20
+    while outsider.uid not in lab.ztunnel_pods(plan, "node-a"):
+        assert time.monotonic() < deadline, "ztunnel on node-a never got the relabelled pod"
+        time.sleep(0.2)
+    assert "--to-ports 15001" in in_pod(prefix, "outsider", "iptables-save")
+    code, _, err = client_get(prefix, "http://web.mesh/now-meshed", pod="outsider")
+    assert code == 0, err
+    lines = wait_for_lines(prefix, "node-a", "outbound", f"src.addr={OUTSIDER_IP}:")
+    assert lines and 'src.identity="spiffe://cluster.local/ns/plain/sa/default"' in lines[-1]
+
+
 def test_down_leaves_nothing(tmp_path: Path) -> None:
     prefix = f"m{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
     world = tmp_path / "mesh.yaml"
-    world.write_text(WORLD)
+    world.write_text(LAB_WORLD)
     try:
         state = lab.up(prefix=prefix, world_file=world, timeout=30)
         pids = [(p.pid, p.start_time) for p in state.processes]
