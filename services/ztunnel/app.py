@@ -20,6 +20,7 @@ everything is closed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -277,9 +278,27 @@ async def _main(config: ZtunnelConfig) -> None:
             nursery.cancel_scope.cancel()
 
 
+ENV_HELP = """settings (environment variables, named as upstream ztunnel's):
+  INPOD_UDS                  ZDS socket of the node agent (default /var/run/ztunnel/ztunnel.sock)
+  NODE_NAME, POD_NAME, POD_NAMESPACE, INSTANCE_IP, CLUSTER_ID
+  XDS_ADDRESS, XDS_ROOT_CERT, XDS_TOKEN_FILE, XDS_HEADER_*   control plane (xDS); unset: passthrough only
+  CA_ADDRESS, CA_ROOT_CERT, CA_TOKEN_FILE, CA_HEADER_*        certificate authority (default: the xDS ones)
+  LOG_FORMAT=plain|json, RUST_LOG=info|debug|...
+  IPV6_ENABLED, ENABLE_ORIG_SRC, CONNECT_TIMEOUT, CONNECTION_TERMINATION_DEADLINE
+  ADMIN_ADDR (127.0.0.1:15000), STATS_ADDR (:15020), READINESS_ADDR (:15021)
+  ZTUNNEL_ZDS_STATE_FILE     write the in-pod state as JSON after every change (conformance kit)
+Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to enter pod namespaces."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console script `ztunnel`; settings come from the environment (INPOD_UDS, NODE_NAME, LOG_FORMAT...)."""
-    del argv
+    parser = argparse.ArgumentParser(
+        prog="ztunnel",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The node's ztunnel: per-pod listeners inside each pod's netns, HBONE, L4 policy.",
+        epilog=ENV_HELP,
+    )
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config()
     except ConfigError as exc:
