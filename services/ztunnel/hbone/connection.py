@@ -331,6 +331,8 @@ class HboneConnection:
         self._activity = trio.lowlevel.ParkingLot()
         self._writer_parks = 0
         self._writer_lot = trio.lowlevel.ParkingLot()
+        self._writing = False  # the writer task is in tls.send_all
+        self._pending: memoryview | None = None  # the rest of an inline write, for the writer to send first
         self._drained_lot = trio.lowlevel.ParkingLot()
         self._ping_acked: trio.Event | None = None
         self._pings = 0
@@ -413,17 +415,42 @@ class HboneConnection:
     # --- writer ---
 
     def wake_writer(self) -> None:
-        """Wake the writer if anything is queued (a wake-up for nothing costs two task switches)."""
-        if self.core.has_output:
+        """Get queued output moving: written inline when the writer is idle, else the writer is woken.
+
+        Inline, the calling task SSL_writes without waiting (synchronously: it cannot be cancelled half-way);
+        whatever the socket did not take is handed to the writer, which sends exactly that rest first. This
+        saves the writer's wake/park task switches on every request/response turn.
+        """
+        if not self.core.has_output:
+            return
+        if self._writing or self._pending is not None or self._nursery is None or self.dead:
+            self._writer_lot.unpark_all()
+            return
+        data = self.core.data_to_send()
+        self._drained_lot.unpark_all()
+        try:
+            sent = self.tls.send_nowait(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            sent = 0  # the writer meets the same error and ends the connection
+        if sent < len(data):
+            self._pending = memoryview(data)[sent:]
             self._writer_lot.unpark_all()
 
     async def _writer(self) -> None:
         try:
             while True:
-                data = self.core.data_to_send()
+                if self._pending is not None:
+                    data: bytes | bytearray | memoryview = self._pending
+                    self._pending = None
+                else:
+                    data = self.core.data_to_send()
                 if data:
                     self._drained_lot.unpark_all()
-                    await self.tls.send_all(data)
+                    self._writing = True
+                    try:
+                        await self.tls.send_all(data)
+                    finally:
+                        self._writing = False
                     continue
                 self._writer_parks += 1
                 self._drained_lot.unpark_all()

@@ -145,6 +145,27 @@ class TlsSocketStream(trio.abc.Stream):
                 self._broken = trio.BrokenResourceError("a TLS write was interrupted part-way")
         await trio.lowlevel.checkpoint()
 
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the socket takes right now, without waiting; returns how many bytes were written.
+
+        If that is less than `len(data)`, OpenSSL may hold a record half-written: the very next send on this
+        stream must be `send_all` of exactly the bytes not written (`data[returned:]`).
+        """
+        if self._send_conflict:
+            raise trio.BusyResourceError("another task is already sending on this TLS stream")
+        self._check()
+        view = memoryview(data)
+        total = 0
+        while total < len(view):
+            try:
+                total += self.ssl.send(view[total:])
+            except (SSL.WantWriteError, SSL.WantReadError):
+                break
+            except SSL.Error as exc:
+                self._broken = exc
+                raise trio.BrokenResourceError(f"TLS send failed: {describe_ssl_error(exc)}") from None
+        return total
+
     async def wait_send_all_might_not_block(self) -> None:
         self._check()
         await trio.lowlevel.wait_writable(self.socket)
