@@ -363,15 +363,47 @@ class Metrics:
         }
 
 
+class _Series:
+    """One label set's metric children, looked up once (`Counter.labels()` with 23 labels is ~5 us)."""
+
+    __slots__ = ("_children", "_labels", "_metrics")
+
+    def __init__(self, metrics: Metrics, labels: dict[str, str]) -> None:
+        self._metrics = metrics
+        self._labels = labels
+        self._children: dict[str, Any] = {}
+
+    def child(self, name: str) -> Any:
+        """The child of family `name` (an attribute of `Metrics`); created on first use, as before."""
+        found = self._children.get(name)
+        if found is None:
+            found = self._children[name] = getattr(self._metrics, name).labels(**self._labels)
+        return found
+
+
+_SERIES_CACHE_MAX: Final = 4096
+
+
 class Telemetry:
     """Writes access log lines and updates metrics for connections."""
 
     def __init__(self, metrics: Metrics | None = None, *, logger: logging.Logger | None = None) -> None:
         self.metrics = metrics if metrics is not None else Metrics()
         self.log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
+        self._series: dict[tuple[str, Peer, Peer], _Series] = {}
+
+    def _series_of(self, record: ConnectionRecord) -> _Series:
+        # The labels depend only on the direction and the two peers (frozen, hashable).
+        key = (record.direction, record.src, record.dst)
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) >= _SERIES_CACHE_MAX:
+                self._series.clear()
+            series = self._series[key] = _Series(self.metrics, Metrics.labels_of(record))
+        return series
 
     def connection_opened(self, record: ConnectionRecord) -> None:
-        self.metrics.opened.labels(**Metrics.labels_of(record)).inc()
+        self._series_of(record).child("opened").inc()
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug("connection opened", extra={"fields": record.fields(with_bytes=False)})
 
@@ -382,10 +414,10 @@ class Telemetry:
         `opened=False`: it never got through (refused by policy, the peer's CONNECT answer, ...): counted
         as failed rather than closed, since it was never counted as opened.
         """
-        labels = Metrics.labels_of(record)
-        (self.metrics.closed if opened else self.metrics.failed).labels(**labels).inc()
-        self.metrics.received.labels(**labels).inc(record.bytes_sent)
-        self.metrics.sent.labels(**labels).inc(record.bytes_recv)
+        series = self._series_of(record)
+        series.child("closed" if opened else "failed").inc()
+        series.child("received").inc(record.bytes_sent)
+        series.child("sent").inc(record.bytes_recv)
         fields = record.fields(with_bytes=True)
         if error is None:
             self.log.info("connection complete", extra={"fields": fields})
@@ -396,7 +428,7 @@ class Telemetry:
     def connection_failed(self, *, src_addr: Display, dst_addr: Display, direction: str, error: str,
                           record: ConnectionRecord | None = None) -> None:
         if record is not None:
-            self.metrics.failed.labels(**Metrics.labels_of(record)).inc()
+            self._series_of(record).child("failed").inc()
         fields: Sequence[Field] = (("src.addr", src_addr), ("dst.addr", dst_addr), ("direction", direction),
                                    ("error", error))
         self.log.warning("connection failed", extra={"fields": fields})
