@@ -78,7 +78,7 @@ async def test_server_sends_upstream_shaped_resources() -> None:
             ratings = by_name["bookinfo/ratings-from-reviews"]
             assert ratings.scope == authorization_pb2.WORKLOAD_SELECTOR
             assert ratings.rules[0].clauses[0].matches[0].principals[0].exact == (
-                "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+                "cluster.local/ns/bookinfo/sa/bookinfo-reviews"  # principals travel without the scheme
             )
             deny = by_name["bookinfo/deny-legacy"]
             assert deny.action == authorization_pb2.DENY and deny.scope == authorization_pb2.NAMESPACE
