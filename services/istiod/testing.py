@@ -1,6 +1,6 @@
 """Test helpers: run a real istiod stub in-process on loopback (like trio.testing for this service).
 
-    async with open_test_istiod(load_world(data, "bookinfo.yaml")) as istiod:
+    async with open_test_istiod(bookinfo_world()) as istiod:   # or load_world(data, name)
         target = istiod.target(node="node-a")        # GrpcTarget with the root cert and node-a's token
         ...
         istiod.store.add_pod(...)                      # mutate the world directly, or through WorldAdmin
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import msgspec
 import trio
@@ -19,10 +20,16 @@ import trio
 from services.istiod.ca import CertificateAuthority
 from services.istiod.server import Auth, IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
-from services.istiod.world import World
+from services.istiod.world import World, load_world
 from shared.aio import GrpcTarget, open_aio_loop
 
 ADMIN_TOKEN = "test-admin-token"
+BOOKINFO_PATH = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
+
+
+def bookinfo_world() -> World:
+    """A fresh World from examples/bookinfo.yaml, the world most tests start from."""
+    return load_world(BOOKINFO_PATH.read_bytes(), "bookinfo.yaml")
 
 
 class TestIstiod(msgspec.Struct, kw_only=True):

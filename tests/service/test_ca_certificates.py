@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -15,8 +14,7 @@ from cryptography import x509
 from google.protobuf import struct_pb2
 
 from services.istiod.ca import CertificateAuthority
-from services.istiod.testing import open_test_istiod
-from services.istiod.world import World, load_world
+from services.istiod.testing import bookinfo_world, open_test_istiod
 from services.ztunnel.identity.ca_client import GrpcCaClient
 from services.ztunnel.identity.errors import CertificateError
 from services.ztunnel.identity.manager import open_certificate_manager
@@ -24,13 +22,8 @@ from shared.aio import RpcError, RpcStatus, open_target
 from shared.api import ca_grpc, ca_pb2
 from shared.identity import CertBundle, SpiffeId, generate_key, load_cert, make_csr, uri_sans
 
-BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 REVIEWS = SpiffeId(trust_domain="cluster.local", namespace="bookinfo", service_account="bookinfo-reviews")
 RATINGS = SpiffeId(trust_domain="cluster.local", namespace="bookinfo", service_account="bookinfo-ratings")
-
-
-def bookinfo() -> World:
-    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
 
 
 class FakeClock:
@@ -70,7 +63,7 @@ class FlakyCa:
 
 async def test_issued_chain_verifies_against_the_root_with_exactly_the_identity() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             bundle = await GrpcCaClient(istiod.target(node="node-a"), ttl_seconds=3600).fetch(REVIEWS)
             leaf = load_cert(bundle.cert_chain[0])
             root = load_cert(bundle.cert_chain[-1])
@@ -87,7 +80,7 @@ async def test_issued_chain_verifies_against_the_root_with_exactly_the_identity(
 
 async def test_foreign_identity_is_refused() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             # ratings runs only on node-b.
             with pytest.raises(
                 CertificateError, match="PERMISSION_DENIED: node node-a runs no pod with identity"
@@ -98,7 +91,7 @@ async def test_foreign_identity_is_refused() -> None:
 
 async def test_node_removed_from_the_world_gets_nothing() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             target = istiod.target(node="node-a")
             world = istiod.store.world
             istiod.store.apply(
@@ -115,7 +108,7 @@ async def test_node_removed_from_the_world_gets_nothing() -> None:
 
 async def test_csr_san_must_match_the_impersonated_identity() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             target = istiod.target(node="node-a")
             metadata = struct_pb2.Struct()
             metadata.update({"ImpersonatedIdentity": REVIEWS.uri})
@@ -154,7 +147,7 @@ def ca_on(clock: FakeClock) -> CertificateAuthority:
 async def test_manager_caches_and_rotates_at_half_life() -> None:
     with trio.fail_after(20):
         clock = FakeClock(time.time())
-        async with open_test_istiod(bookinfo(), ca=ca_on(clock)) as istiod:
+        async with open_test_istiod(bookinfo_world(), ca=ca_on(clock)) as istiod:
             ca = FlakyCa(GrpcCaClient(istiod.target(node="node-a"), ttl_seconds=3600))
             async with open_certificate_manager(ca, clock=clock) as manager:
                 first = await manager.fetch_certificate(REVIEWS)
@@ -174,7 +167,7 @@ async def test_manager_caches_and_rotates_at_half_life() -> None:
 async def test_failed_renewal_keeps_the_old_certificate_then_recovers() -> None:
     with trio.fail_after(20):
         clock = FakeClock(time.time())
-        async with open_test_istiod(bookinfo(), ca=ca_on(clock)) as istiod:
+        async with open_test_istiod(bookinfo_world(), ca=ca_on(clock)) as istiod:
             ca = FlakyCa(GrpcCaClient(istiod.target(node="node-a"), ttl_seconds=3600))
             async with open_certificate_manager(ca, clock=clock, retry_initial=10) as manager:
                 first = await manager.fetch_certificate(REVIEWS)

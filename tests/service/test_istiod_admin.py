@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import trio
 
-from services.istiod.testing import open_test_istiod
-from services.istiod.world import World, load_world
+from services.istiod.testing import bookinfo_world, open_test_istiod
 from shared.aio import Channel, GrpcTarget, RpcError, RpcStatus, open_target
 from shared.api import worldadmin_grpc, worldadmin_pb2
-
-BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
-
-
-def bookinfo() -> World:
-    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
 
 
 async def call(
@@ -32,7 +24,7 @@ async def call(
 
 async def test_mutations_apply_atomically_with_clear_errors() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             target = istiod.admin_target()
             async with open_target(target) as channel:
                 start = istiod.store.generation
@@ -97,7 +89,7 @@ async def test_mutations_apply_atomically_with_clear_errors() -> None:
 
 async def test_admin_calls_need_the_admin_token() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             for target in (istiod.target(node="node-a"), istiod.target()):
                 async with open_target(target) as channel:
                     with pytest.raises(RpcError) as info:

@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
 
 import pytest
 import trio
 
-from services.istiod.testing import TestIstiod, open_test_istiod
-from services.istiod.world import REDIRECTION_ANNOTATION, World, load_world
+from services.istiod.testing import TestIstiod, bookinfo_world, open_test_istiod
+from services.istiod.world import REDIRECTION_ANNOTATION
 from services.node_agent.model import Pod
 from services.node_agent.pod_status import ControlPlaneStatusReporter, set_redirection
 from services.node_agent.podwatch import PodEvent, PodSnapshot, PodUpserted, PodWatch, open_pod_watch
 from shared.aio import Channel, GrpcTarget, RpcError, RpcStatus, open_aio_loop, open_target
 from shared.api import worldadmin_grpc, worldadmin_pb2
 from shared.zds.types import PodUid
-
-BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
-
-
-def bookinfo() -> World:
-    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
 
 
 def pod_of(istiod: TestIstiod, namespace: str, name: str) -> Pod:
@@ -65,7 +58,7 @@ async def next_upsert(watch: PodWatch) -> PodUpserted:
 async def test_pending_enabled_removed_reach_every_watcher_and_world_show() -> None:
     with trio.fail_after(30):
         async with (
-            open_test_istiod(bookinfo()) as istiod,
+            open_test_istiod(bookinfo_world()) as istiod,
             open_pod_watch(istiod.target(node="node-a"), "node-a") as first,
             open_pod_watch(istiod.target(node="node-a"), "node-a") as second,
             open_target(istiod.target(node="node-a")) as channel,
@@ -97,7 +90,7 @@ async def test_pending_enabled_removed_reach_every_watcher_and_world_show() -> N
                 assert watch.pods[sleep.uid].annotations == event.pod.annotations
             assert REDIRECTION_ANNOTATION not in await shown(istiod, "sleep-5c6d7e")
             # the other annotations of the pod are untouched
-            assert istiod.store.find_pod("sleep", "sleep-5c6d7e") in bookinfo().pods
+            assert istiod.store.find_pod("sleep", "sleep-5c6d7e") in bookinfo_world().pods
 
 
 async def refused(channel: Channel, target: GrpcTarget, node: str, pod: Pod, value: str | None) -> RpcError:
@@ -108,7 +101,7 @@ async def refused(channel: Channel, target: GrpcTarget, node: str, pod: Pod, val
 
 async def test_a_node_may_only_set_the_status_of_its_own_pods() -> None:
     with trio.fail_after(30):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             generation = istiod.store.generation
             details = pod_of(istiod, "bookinfo", "details-v1-5f4d58")  # on node-b
             sleep = pod_of(istiod, "sleep", "sleep-5c6d7e")  # on node-a
@@ -149,9 +142,9 @@ async def test_world_apply_and_pod_replace_keep_the_agents_status() -> None:
     """Like pods/status in Kubernetes, the annotation belongs to the node agent: re-applying the world file
     (or re-adding the pod) does not wipe it; a pod re-created on another node starts without it."""
     with trio.fail_after(30):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             istiod.store.set_pod_redirection("sleep", "sleep-5c6d7e", "enabled")
-            istiod.store.apply(bookinfo(), "bookinfo.yaml")
+            istiod.store.apply(bookinfo_world(), "bookinfo.yaml")
             assert annotation(istiod, "sleep", "sleep-5c6d7e") == "enabled"
             istiod.store.add_pod(
                 b'{"name": "sleep-5c6d7e", "namespace": "sleep", "node": "node-a", "ips": ["10.244.1.20"],'
@@ -172,7 +165,7 @@ def free_port() -> int:
 
 
 async def test_reporter_retries_until_the_control_plane_answers_and_writes_only_the_latest() -> None:
-    world = bookinfo()
+    world = bookinfo_world()
     with trio.fail_after(30):
         async with open_aio_loop(), open_test_istiod(world) as istiod:
             sleep = pod_of(istiod, "sleep", "sleep-5c6d7e")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import trio
 
-from services.istiod.testing import open_test_istiod
-from services.istiod.world import World, load_world
+from services.istiod.testing import bookinfo_world, open_test_istiod
 from services.node_agent.podwatch import (
     PodDeleted,
     PodEvent,
@@ -20,12 +17,6 @@ from services.node_agent.podwatch import (
 )
 from shared.aio import open_aio_loop
 
-BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
-
-
-def bookinfo() -> World:
-    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
-
 
 async def next_event(watch: PodWatch) -> PodEvent:
     return await watch.__anext__()
@@ -34,7 +25,7 @@ async def next_event(watch: PodWatch) -> PodEvent:
 async def test_snapshot_then_changes() -> None:
     with trio.fail_after(20):
         async with (
-            open_test_istiod(bookinfo()) as istiod,
+            open_test_istiod(bookinfo_world()) as istiod,
             open_pod_watch(istiod.target(node="node-a"), "node-a") as watch,
         ):
             snapshot = await next_event(watch)
@@ -75,7 +66,7 @@ async def test_snapshot_then_changes() -> None:
 
 async def test_resume_after_reconnect_sends_only_the_difference() -> None:
     with trio.fail_after(30):
-        world = bookinfo()
+        world = bookinfo_world()
         async with open_aio_loop(), open_test_istiod(world) as first:
             tokens, ca = first.tokens, first.server.ca
             port = first.port
@@ -114,7 +105,7 @@ async def test_resume_after_reconnect_sends_only_the_difference() -> None:
 async def test_a_node_token_only_watches_its_own_node() -> None:
     with trio.fail_after(20):
         async with (
-            open_test_istiod(bookinfo()) as istiod,
+            open_test_istiod(bookinfo_world()) as istiod,
             open_pod_watch(istiod.target(node="node-b"), "node-a", backoff_initial=5) as watch,
         ):
             # The watch never connects; it keeps retrying and says why.
@@ -131,7 +122,7 @@ async def test_unknown_node_is_not_found(node: str) -> None:
     from shared.api import podwatch_grpc, podwatch_pb2
 
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo(), auth=False) as istiod:
+        async with open_test_istiod(bookinfo_world(), auth=False) as istiod:
             target = istiod.target()
             async with (
                 open_target(target) as channel,

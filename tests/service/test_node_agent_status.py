@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from services.istiod.testing import TestIstiod, open_test_istiod
-from services.istiod.world import REDIRECTION_ANNOTATION, World, load_world
+from services.istiod.testing import TestIstiod, bookinfo_world, open_test_istiod
+from services.istiod.world import REDIRECTION_ANNOTATION
 from services.node_agent.app import AgentConfig, run_agent
 from services.node_agent.fakes import FakeRuleApplier, FakeZtunnel, PipeNetnsOpener
 from services.node_agent.lifecycle import NodeAgent
@@ -28,12 +28,6 @@ from shared.zds.types import PodUid
 from shared.zds.workloads import WorkloadManager
 from tests.service.test_node_agent_app import post
 from tests.service.zds_fakes import RecordingHandler
-
-BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
-
-
-def bookinfo() -> World:
-    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
 
 
 def sleep_pod(istiod: TestIstiod) -> Pod:
@@ -64,7 +58,7 @@ async def test_lifecycle_reports_pending_then_enabled_then_removed_through_the_c
     try:
         with trio.fail_after(30):
             async with (
-                open_test_istiod(bookinfo()) as istiod,
+                open_test_istiod(bookinfo_world()) as istiod,
                 open_pod_watch(istiod.target(node="node-a"), "node-a") as watch,
                 trio.open_nursery() as nursery,
             ):
@@ -111,7 +105,7 @@ async def test_status_writes_failing_never_unenrol_a_pod() -> None:
     agent: NodeAgent | None = None
     try:
         with trio.fail_after(30):
-            async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+            async with open_test_istiod(bookinfo_world()) as istiod, trio.open_nursery() as nursery:
                 pod = sleep_pod(istiod)
                 # node-b's token: every write is refused (PERMISSION_DENIED), and dropped
                 reporter = ControlPlaneStatusReporter(istiod.target(node="node-b"), "node-b")
@@ -155,7 +149,7 @@ async def test_run_agent_with_a_control_plane_writes_status_for_cni_enrolled_pod
     (host / "proc" / "self" / "ns" / "net").symlink_to("/proc/self/ns/net")
     applier, handler = FakeRuleApplier(), RecordingHandler()
     with trio.fail_after(30):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             (tmp_path / "root-cert.pem").write_text(istiod.root_pem or "")
             (tmp_path / "token").write_text(istiod.tokens["node-a"])
             monkeypatch.setenv("CONTROL_PLANE_ROOT_CERT", str(tmp_path / "root-cert.pem"))
@@ -199,7 +193,7 @@ async def test_status_the_control_plane_lacks_is_written_again() -> None:
     agent: NodeAgent | None = None
     try:
         with trio.fail_after(30):
-            async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+            async with open_test_istiod(bookinfo_world()) as istiod, trio.open_nursery() as nursery:
 
                 def annotations() -> dict[str, str | None]:
                     return {

@@ -3,26 +3,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import trio
 
 from services.istiod.derive import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
-from services.istiod.testing import open_test_istiod
-from services.istiod.world import World, load_world
+from services.istiod.testing import bookinfo_world, open_test_istiod
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig
 from shared.aio import ClientCall, RpcError, RpcStatus, open_target
 from shared.api import authorization_pb2, discovery_grpc, discovery_pb2, envoy_base_pb2, rpc_status_pb2
 from shared.api import workload_pb2 as wpb
 
-BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 NODE = envoy_base_pb2.Node(id="ztunnel~127.0.0.1~ztunnel-a.istio-system~istio-system.svc.cluster.local")
-
-
-def bookinfo() -> World:
-    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
 
 
 async def recv(call: ClientCall) -> discovery_pb2.DeltaDiscoveryResponse:
@@ -39,7 +31,7 @@ def subscribe(type_url: str, **kwargs: object) -> discovery_pb2.DeltaDiscoveryRe
 async def test_server_sends_upstream_shaped_resources() -> None:
     with trio.fail_after(20):
         async with (
-            open_test_istiod(bookinfo()) as istiod,
+            open_test_istiod(bookinfo_world()) as istiod,
             open_target(istiod.target(node="node-a")) as channel,
             channel.stream(
                 discovery_grpc.AggregatedDiscoveryServiceStub,
@@ -89,7 +81,7 @@ async def test_server_sends_upstream_shaped_resources() -> None:
 async def test_nack_is_recorded_and_the_stream_keeps_working() -> None:
     with trio.fail_after(20):
         async with (
-            open_test_istiod(bookinfo()) as istiod,
+            open_test_istiod(bookinfo_world()) as istiod,
             open_target(istiod.target(node="node-a")) as channel,
             channel.stream(
                 discovery_grpc.AggregatedDiscoveryServiceStub,
@@ -115,7 +107,7 @@ async def test_nack_is_recorded_and_the_stream_keeps_working() -> None:
 
 async def test_initial_resource_versions_get_only_the_difference() -> None:
     with trio.fail_after(20):
-        world = bookinfo()
+        world = bookinfo_world()
         async with open_test_istiod(world) as istiod:
             current = istiod.store.resources.by_type[ADDRESS_TYPE_URL]
             known = {name: version for name, (version, _) in current.items()}
@@ -138,7 +130,7 @@ async def test_initial_resource_versions_get_only_the_difference() -> None:
 async def test_unknown_type_url_ends_the_call_with_invalid_argument() -> None:
     with trio.fail_after(20):
         async with (
-            open_test_istiod(bookinfo()) as istiod,
+            open_test_istiod(bookinfo_world()) as istiod,
             open_target(istiod.target(node="node-a")) as channel,
             channel.stream(
                 discovery_grpc.AggregatedDiscoveryServiceStub,
@@ -163,7 +155,7 @@ async def test_unknown_type_url_ends_the_call_with_invalid_argument() -> None:
 
 async def test_missing_or_bad_token_is_unauthenticated() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             for token in (None, "nope"):
                 target = istiod.target(token=token)
                 async with (
@@ -182,7 +174,7 @@ async def test_missing_or_bad_token_is_unauthenticated() -> None:
 
 async def test_client_nacks_what_it_cannot_convert_and_keeps_the_rest() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+        async with open_test_istiod(bookinfo_world()) as istiod, trio.open_nursery() as nursery:
             bad = wpb.Address(
                 workload=wpb.Workload(uid="bad", name="bad", namespace="x", addresses=[b"\x01\x02\x03"])
             )
@@ -203,7 +195,7 @@ async def test_client_nacks_what_it_cannot_convert_and_keeps_the_rest() -> None:
 async def test_on_demand_subscription_gets_only_named_resources() -> None:
     with trio.fail_after(20):
         async with (
-            open_test_istiod(bookinfo()) as istiod,
+            open_test_istiod(bookinfo_world()) as istiod,
             open_target(istiod.target(node="node-a")) as channel,
             channel.stream(
                 discovery_grpc.AggregatedDiscoveryServiceStub,

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import msgspec
 import trio
 
 from services.istiod.server import Auth, IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
-from services.istiod.testing import open_test_istiod
-from services.istiod.world import World, load_world
+from services.istiod.testing import bookinfo_world, open_test_istiod
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Action, PolicyKey, Scope, Service, TunnelProtocol, Workload
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
 from shared.aio import GrpcTarget, open_aio_loop
-
-BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
-
-
-def bookinfo() -> World:
-    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
 
 
 def wl(store: StateStore, ip: str) -> Workload:
@@ -39,7 +31,7 @@ def new_client(target: GrpcTarget, store: StateStore | None = None) -> XdsClient
 
 async def test_initial_push_fills_the_store() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+        async with open_test_istiod(bookinfo_world()) as istiod, trio.open_nursery() as nursery:
             client = new_client(istiod.target(node="node-a"))
             await nursery.start(client.run)
             await client.wait_synced()
@@ -65,7 +57,7 @@ async def test_initial_push_fills_the_store() -> None:
 
 async def test_incremental_change_and_removal_reach_the_client() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+        async with open_test_istiod(bookinfo_world()) as istiod, trio.open_nursery() as nursery:
             client = new_client(istiod.target(node="node-a"))
             await nursery.start(client.run)
             await client.wait_synced()
@@ -93,7 +85,7 @@ async def test_incremental_change_and_removal_reach_the_client() -> None:
 
 async def test_reconnect_resumes_with_versions_and_gets_only_the_difference() -> None:
     with trio.fail_after(30):
-        async with open_test_istiod(bookinfo()) as istiod:
+        async with open_test_istiod(bookinfo_world()) as istiod:
             store = StateStore()
             client = new_client(istiod.target(node="node-a"), store)
             async with trio.open_nursery() as nursery:
@@ -127,7 +119,7 @@ async def test_reconnect_resumes_with_versions_and_gets_only_the_difference() ->
 
 async def test_client_reconnects_after_server_restart() -> None:
     with trio.fail_after(30):
-        world = bookinfo()
+        world = bookinfo_world()
         # One asyncio bridge for the whole test: it must outlive the first server.
         async with open_aio_loop(), trio.open_nursery() as outer:
             store = StateStore()
@@ -157,7 +149,7 @@ async def test_client_reconnects_after_server_restart() -> None:
 
 async def test_a_vanishing_client_does_not_disturb_the_others() -> None:
     with trio.fail_after(20):
-        async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+        async with open_test_istiod(bookinfo_world()) as istiod, trio.open_nursery() as nursery:
             steady = new_client(istiod.target(node="node-b"))
             await nursery.start(steady.run)
             await steady.wait_synced()
@@ -210,7 +202,7 @@ class Blackhole:
 
 async def test_keepalive_notices_a_silent_server_and_the_client_recovers() -> None:
     with trio.fail_after(30):
-        async with open_test_istiod(bookinfo()) as istiod, trio.open_nursery() as nursery:
+        async with open_test_istiod(bookinfo_world()) as istiod, trio.open_nursery() as nursery:
             relay = Blackhole(istiod.port)
             port = await nursery.start(relay.serve)
             target = msgspec.structs.replace(

@@ -4,7 +4,6 @@ conversion to domain types."""
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 
 import pytest
 from google.protobuf import any_pb2
@@ -18,6 +17,7 @@ from services.istiod.derive import (
     derive_workload,
     is_ambient,
 )
+from services.istiod.testing import bookinfo_world
 from services.istiod.world import World, load_world
 from services.ztunnel.authz import AuthzRequest, evaluate
 from services.ztunnel.state.types import Action, Scope, StringMatch, TunnelProtocol, WorkloadType
@@ -27,12 +27,10 @@ from shared.api import authorization_pb2 as apb
 from shared.api import workload_pb2 as wpb
 from shared.identity import SpiffeId
 
-BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
-
 
 @pytest.fixture
 def world() -> World:
-    return load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
+    return bookinfo_world()
 
 
 def pod(world: World, name: str):  # type: ignore[no-untyped-def]

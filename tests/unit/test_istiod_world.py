@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from services.istiod.errors import NotFoundError, WorldError
 from services.istiod.store import WorldStore
+from services.istiod.testing import bookinfo_world
 from services.istiod.world import load_world
-
-BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 
 BASE = """
 nodes: [{name: node-a, podCidr: 10.244.1.0/24}]
@@ -23,7 +20,7 @@ def load(text: str) -> None:
 
 
 def test_example_world_loads() -> None:
-    world = load_world(BOOKINFO.read_bytes(), "bookinfo.yaml")
+    world = bookinfo_world()
     assert {n.name for n in world.nodes} == {"node-a", "node-b"}
     assert len(world.pods) == 8
 
@@ -119,7 +116,7 @@ def test_not_yaml_and_empty_documents() -> None:
 
 
 def test_rejected_mutation_changes_nothing() -> None:
-    store = WorldStore(load_world(BOOKINFO.read_bytes(), "bookinfo.yaml"))
+    store = WorldStore(bookinfo_world())
     before_world, before_resources, generation = store.world, store.resources, store.generation
     with pytest.raises(WorldError) as info:
         store.add_pod(b'{"name": "x", "namespace": "sleep", "node": "node-a", "ips": ["10.244.1.10"]}')
@@ -137,7 +134,7 @@ def test_rejected_mutation_changes_nothing() -> None:
 
 
 def test_accepted_mutations_bump_the_generation() -> None:
-    store = WorldStore(load_world(BOOKINFO.read_bytes(), "bookinfo.yaml"))
+    store = WorldStore(bookinfo_world())
     g = store.generation
     assert store.set_pod_labels("sleep", "sleep-5c6d7e", {"x": "y"}, ["app"]) == g + 1
     pod = next(p for p in store.world.pods if p.name == "sleep-5c6d7e")
