@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
+
 import pytest
 import trio
 
@@ -10,7 +12,7 @@ from services.istiod.derive import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 from services.istiod.testing import bookinfo_world, open_test_istiod
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig
-from shared.aio import ClientCall, RpcError, RpcStatus, open_target
+from shared.aio import Channel, ClientCall, GrpcTarget, RpcError, RpcStatus, open_target
 from shared.api import authorization_pb2, discovery_grpc, discovery_pb2, envoy_base_pb2, rpc_status_pb2
 from shared.api import workload_pb2 as wpb
 
@@ -24,6 +26,15 @@ async def recv(call: ClientCall) -> discovery_pb2.DeltaDiscoveryResponse:
     return response
 
 
+def ads_stream(channel: Channel, target: GrpcTarget) -> AbstractAsyncContextManager[ClientCall]:
+    """One DeltaAggregatedResources call on `channel`, authenticated as `target`'s node."""
+    return channel.stream(
+        discovery_grpc.AggregatedDiscoveryServiceStub,
+        "DeltaAggregatedResources",
+        metadata=target.call_metadata(),
+    )
+
+
 def subscribe(type_url: str, **kwargs: object) -> discovery_pb2.DeltaDiscoveryRequest:
     return discovery_pb2.DeltaDiscoveryRequest(node=NODE, type_url=type_url, **kwargs)  # type: ignore[arg-type]
 
@@ -33,11 +44,7 @@ async def test_server_sends_upstream_shaped_resources() -> None:
         async with (
             open_test_istiod(bookinfo_world()) as istiod,
             open_target(istiod.target(node="node-a")) as channel,
-            channel.stream(
-                discovery_grpc.AggregatedDiscoveryServiceStub,
-                "DeltaAggregatedResources",
-                metadata=istiod.target(node="node-a").call_metadata(),
-            ) as call,
+            ads_stream(channel, istiod.target(node="node-a")) as call,
         ):
             await call.send_message(subscribe(ADDRESS_TYPE_URL))
             response = await recv(call)
@@ -83,11 +90,7 @@ async def test_nack_is_recorded_and_the_stream_keeps_working() -> None:
         async with (
             open_test_istiod(bookinfo_world()) as istiod,
             open_target(istiod.target(node="node-a")) as channel,
-            channel.stream(
-                discovery_grpc.AggregatedDiscoveryServiceStub,
-                "DeltaAggregatedResources",
-                metadata=istiod.target(node="node-a").call_metadata(),
-            ) as call,
+            ads_stream(channel, istiod.target(node="node-a")) as call,
         ):
             await call.send_message(subscribe(ADDRESS_TYPE_URL))
             first = await recv(call)
@@ -115,11 +118,7 @@ async def test_initial_resource_versions_get_only_the_difference() -> None:
             known["Kubernetes//Pod/gone/ghost"] = "v0"
             async with (
                 open_target(istiod.target(node="node-a")) as channel,
-                channel.stream(
-                    discovery_grpc.AggregatedDiscoveryServiceStub,
-                    "DeltaAggregatedResources",
-                    metadata=istiod.target(node="node-a").call_metadata(),
-                ) as call,
+                ads_stream(channel, istiod.target(node="node-a")) as call,
             ):
                 await call.send_message(subscribe(ADDRESS_TYPE_URL, initial_resource_versions=known))
                 response = await recv(call)
@@ -132,11 +131,7 @@ async def test_unknown_type_url_ends_the_call_with_invalid_argument() -> None:
         async with (
             open_test_istiod(bookinfo_world()) as istiod,
             open_target(istiod.target(node="node-a")) as channel,
-            channel.stream(
-                discovery_grpc.AggregatedDiscoveryServiceStub,
-                "DeltaAggregatedResources",
-                metadata=istiod.target(node="node-a").call_metadata(),
-            ) as call,
+            ads_stream(channel, istiod.target(node="node-a")) as call,
         ):
             await call.send_message(subscribe("type.googleapis.com/envoy.config.cluster.v3.Cluster"))
             with pytest.raises(RpcError) as info:
@@ -144,11 +139,7 @@ async def test_unknown_type_url_ends_the_call_with_invalid_argument() -> None:
             assert info.value.status is RpcStatus.INVALID_ARGUMENT
             assert "unknown type URL" in info.value.message
             # The server is unharmed: a new stream works.
-            async with channel.stream(
-                discovery_grpc.AggregatedDiscoveryServiceStub,
-                "DeltaAggregatedResources",
-                metadata=istiod.target(node="node-a").call_metadata(),
-            ) as call2:
+            async with ads_stream(channel, istiod.target(node="node-a")) as call2:
                 await call2.send_message(subscribe(ADDRESS_TYPE_URL))
                 assert (await recv(call2)).resources
 
@@ -160,11 +151,7 @@ async def test_missing_or_bad_token_is_unauthenticated() -> None:
                 target = istiod.target(token=token)
                 async with (
                     open_target(target) as channel,
-                    channel.stream(
-                        discovery_grpc.AggregatedDiscoveryServiceStub,
-                        "DeltaAggregatedResources",
-                        metadata=target.call_metadata(),
-                    ) as call,
+                    ads_stream(channel, target) as call,
                 ):
                     with pytest.raises(RpcError) as info:
                         await call.send_message(subscribe(ADDRESS_TYPE_URL))
@@ -197,11 +184,7 @@ async def test_on_demand_subscription_gets_only_named_resources() -> None:
         async with (
             open_test_istiod(bookinfo_world()) as istiod,
             open_target(istiod.target(node="node-a")) as channel,
-            channel.stream(
-                discovery_grpc.AggregatedDiscoveryServiceStub,
-                "DeltaAggregatedResources",
-                metadata=istiod.target(node="node-a").call_metadata(),
-            ) as call,
+            ads_stream(channel, istiod.target(node="node-a")) as call,
         ):
             # Upstream on-demand mode: subscribe ["*"] + unsubscribe ["*"]: nothing until names are asked for.
             await call.send_message(
