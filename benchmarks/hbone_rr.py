@@ -10,20 +10,16 @@ request of the Trio thread (both HBONE ends plus the tiny client loop; one end i
 from __future__ import annotations
 
 import argparse
-import functools
 import socket
 import threading
 import time
 
 import trio
-from hbone_throughput import Certs  # type: ignore[import-not-found]
+from hbone_loopback import SERVER_ID, Loopback
 
-from services.ztunnel.authz import Decision
 from services.ztunnel.hbone.client import open_hbone_connection
 from services.ztunnel.hbone.relay import relay
-from services.ztunnel.hbone.server import InboundInfo, serve_hbone
-from services.ztunnel.hbone.tls import TlsContextCache
-from shared.identity import SpiffeId
+from services.ztunnel.hbone.server import InboundInfo
 
 
 def echo(sock: socket.socket) -> None:
@@ -33,13 +29,7 @@ def echo(sock: socket.socket) -> None:
 
 
 async def main(requests: int, size: int) -> None:
-    certs = Certs()
-    client_id = SpiffeId(trust_domain="cluster.local", namespace="bench", service_account="client")
-    server_id = SpiffeId(trust_domain="cluster.local", namespace="bench", service_account="server")
-    contexts = TlsContextCache([certs.ca.root_pem])
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
+    loop = Loopback(backlog=16)
 
     async def open_upstream(info: InboundInfo) -> socket.socket:
         ours, theirs = socket.socketpair()
@@ -49,13 +39,10 @@ async def main(requests: int, size: int) -> None:
 
     payload = b"q" * size
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(
-            serve_hbone, listener, identity=server_id, certs=certs, contexts=contexts,
-            authorize=lambda info: Decision(allowed=True), open_upstream=open_upstream))
-        bundle = await certs.fetch_certificate(client_id)
-        async with open_hbone_connection(listener.getsockname(), bundle=bundle, expected=[server_id],
-                                         contexts=contexts) as conn:
-            stream = await conn.open_stream(listener.getsockname(), forwarded_for=("127.0.0.1", 1))
+        bundle = await loop.start(nursery, open_upstream=open_upstream)
+        async with open_hbone_connection(loop.addr, bundle=bundle, expected=[SERVER_ID],
+                                         contexts=loop.contexts) as conn:
+            stream = await conn.open_stream(loop.addr, forwarded_for=("127.0.0.1", 1))
             app, captured = socket.socketpair()
             captured.setblocking(False)
             lat = []

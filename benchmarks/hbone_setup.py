@@ -9,44 +9,21 @@ side costs roughly half) and the Python heap held per idle pooled connection (bo
 from __future__ import annotations
 
 import argparse
-import functools
 import socket
 import time
 import tracemalloc
 
 import trio
+from hbone_loopback import CLIENT_ID, SERVER_ID, Loopback
 
-from services.istiod.ca import CertificateAuthority
-from services.ztunnel.authz import Decision
 from services.ztunnel.hbone.client import PoolKey, connect_hbone, open_hbone_pool
 from services.ztunnel.hbone.connection import HboneConnection
-from services.ztunnel.hbone.server import InboundInfo, serve_hbone
-from services.ztunnel.hbone.tls import TlsContextCache
-from shared.identity import CertBundle, SpiffeId, generate_key, key_to_pem, make_csr
-
-
-class Certs:
-    def __init__(self) -> None:
-        self.ca = CertificateAuthority.create()
-        self.bundles: dict[SpiffeId, CertBundle] = {}
-
-    async def fetch_certificate(self, identity: SpiffeId) -> CertBundle:
-        if identity not in self.bundles:
-            key = generate_key()
-            chain = self.ca.sign_workload_csr(make_csr(key, identity), identity)
-            self.bundles[identity] = CertBundle.from_chain(identity, key_to_pem(key), chain)
-        return self.bundles[identity]
+from services.ztunnel.hbone.server import InboundInfo
 
 
 async def main(connections: int, streams: int) -> None:
-    certs = Certs()
-    client_id = SpiffeId(trust_domain="cluster.local", namespace="bench", service_account="client")
-    server_id = SpiffeId(trust_domain="cluster.local", namespace="bench", service_account="server")
-    contexts = TlsContextCache([certs.ca.root_pem])
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
-    addr = listener.getsockname()
+    loop = Loopback(backlog=1024)
+    certs, contexts, addr = loop.certs, loop.contexts, loop.addr
     app = socket.socket()
     app.bind(("127.0.0.1", 0))
     app.listen(4096)
@@ -71,16 +48,13 @@ async def main(connections: int, streams: int) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(drain_app)
-        await nursery.start(functools.partial(
-            serve_hbone, listener, identity=server_id, certs=certs, contexts=contexts,
-            authorize=lambda info: Decision(allowed=True), open_upstream=open_upstream))
-        bundle = await certs.fetch_certificate(client_id)
+        bundle = await loop.start(nursery, open_upstream=open_upstream)
         contexts.client(bundle)
 
         async def open_many(n: int) -> list[HboneConnection]:
             conns = []
             for _ in range(n):
-                conn = await connect_hbone(addr, bundle=bundle, expected=[server_id], contexts=contexts)
+                conn = await connect_hbone(addr, bundle=bundle, expected=[SERVER_ID], contexts=contexts)
                 await nursery.start(conn.run)
                 conns.append(conn)
             await trio.sleep(0.2)  # let the server sides finish their set-up
@@ -99,7 +73,7 @@ async def main(connections: int, streams: int) -> None:
         for conn in conns:
             await conn.aclose()
 
-        key = PoolKey(src_identity=client_id, dst_identities=frozenset([server_id]), dst=addr)
+        key = PoolKey(src_identity=CLIENT_ID, dst_identities=frozenset([SERVER_ID]), dst=addr)
         target = app.getsockname()
         async with open_hbone_pool(certs=certs, contexts=contexts) as pool:
             await (await pool.connect(key, target, forwarded_for=("127.0.0.1", 1))).aclose()

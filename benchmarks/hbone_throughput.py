@@ -10,33 +10,16 @@ and is not counted.
 from __future__ import annotations
 
 import argparse
-import functools
 import socket
 import threading
 import time
 
 import trio
+from hbone_loopback import SERVER_ID, Loopback
 
-from services.istiod.ca import CertificateAuthority
-from services.ztunnel.authz import Decision
 from services.ztunnel.hbone.client import open_hbone_connection
 from services.ztunnel.hbone.connection import HboneStream
-from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone
-from services.ztunnel.hbone.tls import TlsContextCache
-from shared.identity import CertBundle, SpiffeId, generate_key, key_to_pem, make_csr
-
-
-class Certs:
-    def __init__(self) -> None:
-        self.ca = CertificateAuthority.create()
-        self.bundles: dict[SpiffeId, CertBundle] = {}
-
-    async def fetch_certificate(self, identity: SpiffeId) -> CertBundle:
-        if identity not in self.bundles:
-            key = generate_key()
-            chain = self.ca.sign_workload_csr(make_csr(key, identity), identity)
-            self.bundles[identity] = CertBundle.from_chain(identity, key_to_pem(key), chain)
-        return self.bundles[identity]
+from services.ztunnel.hbone.server import InboundInfo, InboundRecord
 
 
 def sink(sock: socket.socket) -> None:
@@ -47,13 +30,7 @@ def sink(sock: socket.socket) -> None:
 
 
 async def main(megabytes: int, streams: int, chunk_kib: int) -> None:
-    certs = Certs()
-    client_id = SpiffeId(trust_domain="cluster.local", namespace="bench", service_account="client")
-    server_id = SpiffeId(trust_domain="cluster.local", namespace="bench", service_account="server")
-    contexts = TlsContextCache([certs.ca.root_pem])
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
+    loop = Loopback(backlog=16)
     records: list[InboundRecord] = []
     all_done = trio.Event()
 
@@ -82,14 +59,10 @@ async def main(megabytes: int, streams: int, chunk_kib: int) -> None:
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(
-            serve_hbone, listener, identity=server_id, certs=certs, contexts=contexts,
-            authorize=lambda info: Decision(allowed=True), open_upstream=open_upstream,
-            on_complete=on_complete))
-        bundle = await certs.fetch_certificate(client_id)
-        async with open_hbone_connection(listener.getsockname(), bundle=bundle, expected=[server_id],
-                                         contexts=contexts) as conn:
-            opened = [await conn.open_stream(listener.getsockname(), forwarded_for=("127.0.0.1", 1))
+        bundle = await loop.start(nursery, open_upstream=open_upstream, on_complete=on_complete)
+        async with open_hbone_connection(loop.addr, bundle=bundle, expected=[SERVER_ID],
+                                         contexts=loop.contexts) as conn:
+            opened = [await conn.open_stream(loop.addr, forwarded_for=("127.0.0.1", 1))
                       for _ in range(streams)]
             cpu0, wall0 = time.thread_time(), time.perf_counter()
             async with trio.open_nursery() as pushers:
