@@ -64,7 +64,6 @@ log = logging.getLogger("node_agent.apply")
 T = TypeVar("T")
 
 RTN_LOCAL = 2
-RT_SCOPE_HOST = 254
 COMMAND_TIMEOUT = 30.0
 
 
@@ -175,17 +174,22 @@ def _route_present(ipr: Any, route: PolicyRoute) -> tuple[bool, bool]:
     return rule_ok, route_ok
 
 
+def _rule(ipr: Any, command: str, route: PolicyRoute) -> None:
+    """`ip rule <command> fwmark M/MASK pref P lookup T` for the route's family."""
+    ipr.rule(
+        command,
+        fwmark=route.fwmark,
+        fwmask=route.fwmask,
+        priority=route.priority,
+        table=route.table,
+        family=_af(route.family),
+    )
+
+
 def _add_route(ipr: Any, route: PolicyRoute) -> None:
     af = _af(route.family)
     try:
-        ipr.rule(
-            "add",
-            fwmark=route.fwmark,
-            fwmask=route.fwmask,
-            priority=route.priority,
-            table=route.table,
-            family=af,
-        )
+        _rule(ipr, "add", route)
     except NetlinkError as exc:
         if exc.code != 17:  # EEXIST: already there, as upstream ignores it
             raise
@@ -198,14 +202,7 @@ def _del_route(ipr: Any, route: PolicyRoute) -> None:
     # remove every copy: an older agent (or an operator) may have added the rule twice
     for _ in range(16):
         try:
-            ipr.rule(
-                "del",
-                fwmark=route.fwmark,
-                fwmask=route.fwmask,
-                priority=route.priority,
-                table=route.table,
-                family=af,
-            )
+            _rule(ipr, "del", route)
         except NetlinkError:
             break
     lo = ipr.link_lookup(ifname="lo")
