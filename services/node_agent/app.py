@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -195,7 +194,7 @@ def startup_problems(config: AgentConfig, *, caps: int | None = None, which: Any
                 f"missing capability {name}: run node-agent as root (or grant {name}; containers: "
                 "privileged or cap_add NET_ADMIN, SYS_ADMIN)"
             )
-    needed = ["ip"] if shutil.which("ip") is None else []
+    needed = ["ip"]
     if config.backend is Backend.IPTABLES:
         needed += ["iptables", "iptables-save", "iptables-restore"]
         if config.ipv6:
