@@ -19,11 +19,11 @@ exists.
 commands, each with the namespace it runs in), again pure, so the exact commands are unit-tested. Links are
 named inside the namespace that owns them only; the host namespace never gets a link, address or route.
 
-Applying (`apply_plan`) and removing (`destroy`) are the only impure parts. The caller records each
-namespace in the lab's state file *before* creating it (via `on_netns`), so `ambient lab down` can remove
-exactly what exists even after `up` crashed half-way. Deleting a namespace deletes every link in it, and
-a veth dies with either end, so removal is: stop the recorded processes, delete the recorded namespaces,
-remove the recorded files.
+Applying (`apply_plan`, `wire_pod`) and removing (`delete_netns`, `remove_tree`) are the only impure
+parts. The caller records each namespace in the lab's state file *before* creating it (via `on_netns`), so
+`ambient lab down` can remove exactly what exists even after `up` crashed half-way. Deleting a namespace
+deletes every link in it, and a veth dies with either end, so removal is: stop the recorded processes,
+delete the recorded namespaces, remove the recorded files.
 """
 
 from __future__ import annotations
@@ -493,11 +493,6 @@ def _ip(netns: str, *args: str) -> Step:
     return Step(argv=["ip", "-n", netns, *args] if netns else ["ip", *args])
 
 
-def netns_steps(plan: LabPlan) -> list[str]:
-    """The namespaces in creation order (the caller records each before creating it)."""
-    return plan.all_netns()
-
-
 def build_steps(plan: LabPlan) -> list[Step]:
     """Every command that builds the plan's links, addresses and routes (namespaces already exist)."""
     steps: list[Step] = []
@@ -662,13 +657,12 @@ def apply_plan(
         CommandError: a command failed; what was made so far has been reported through the callbacks.
     """
     wired = list(plan.pods if pods is None else pods)
-    infra = [plan.fabric.netns, plan.control_plane.netns, *(n.netns for n in plan.nodes)]
-    for name in infra:
+    no_pods = msgspec.structs.replace(plan, pods=[])
+    for name in no_pods.all_netns():
         on_netns(name)
         create_netns(name)
     for pod in wired:
         create_pod_netns(pod, on_netns=on_netns, on_file=on_file)
-    no_pods = msgspec.structs.replace(plan, pods=[])
     for step in build_steps(no_pods):
         run_step(step)
     for node in plan.nodes:
