@@ -8,10 +8,10 @@ writes the socket itself; Trio is only asked to wait: `WantReadError` -> `wait_r
 `wait_writable`, then the same call is retried (pyOpenSSL sets SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER and
 partial writes, so retrying with the unsent tail is allowed).
 
-Reads are batched: `receive_view()` keeps calling `SSL_read` (one record each) into one process-wide 256 KiB
-buffer until OpenSSL would block or the buffer is full, and returns a view of it. The view is valid only until
-the caller's next checkpoint, which is how the HBONE reader uses it: it hands the bytes to the h2 core (which
-copies them) before awaiting anything.
+Reads are batched: `receive_view()` keeps calling `SSL_read` (one record each) into the process's one 256 KiB
+receive buffer (rxbuf.py) until OpenSSL would block or the buffer is full, and returns a view of it. The view
+is valid only until the caller's next checkpoint, which is how the HBONE reader uses it: it hands the bytes to
+the h2 core (which copies them) before awaiting anything.
 
 A write that is cancelled or fails part-way leaves the TLS record stream in an unknown state (OpenSSL expects
 the very same write to be retried), so the stream is then marked broken: every later call raises
@@ -27,14 +27,14 @@ from typing import Final
 import trio
 from OpenSSL import SSL
 
+from ..rxbuf import RECEIVE_BUFFER_SIZE
+from ..rxbuf import receive_buffer as _shared
+from ..rxbuf import receive_view as _shared_view
 from .errors import PeerIdentityError, TlsError
 from .tls import describe_ssl_error, identity_failure
 
-RECEIVE_BUFFER_SIZE: Final = 256 * 1024
 _RECORD: Final = 16 * 1024 + 256  # the most plaintext one SSL_read returns (one TLS record), with slack
 _FULL_RECORD: Final = 16 * 1024
-_shared = bytearray(RECEIVE_BUFFER_SIZE)
-_shared_view = memoryview(_shared)
 
 # pyOpenSSL's recv_into reads into a fresh cffi buffer and copies it out (one allocation and one copy per
 # 16 KiB record); SSL_read straight into the shared buffer avoids both. This uses pyOpenSSL's private cffi

@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Every connection reads into the same 256 KiB buffer (DESIGN §5: a buffer per connection would cost 300 KiB
-each). That is only safe if no task can run between filling the buffer and emptying it, so each step is:
+Every connection reads into the process's one 256 KiB receive buffer (rxbuf.py; DESIGN §5: a buffer per
+connection would cost 300 KiB each). That is only safe if no task can run between filling the buffer and
+emptying it, so each step is:
 `recv_into(shared)` then an immediate non-blocking `send` — both synchronous, no await between them. Only if
 the kernel does not take everything does the unsent tail get *copied out* into a bytes object owned by this
 direction, which is then awaited onto the socket. Reads are as large as the kernel offers, so a busy
@@ -31,9 +32,7 @@ from typing import Final
 
 import trio
 
-BUFFER_SIZE: Final = 256 * 1024
-_shared = bytearray(BUFFER_SIZE)
-_view = memoryview(_shared)
+from ..rxbuf import receive_view as _view
 
 
 async def _send_all(sock: socket.socket, data: memoryview) -> None:
