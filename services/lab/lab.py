@@ -423,12 +423,10 @@ def down(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None, progress: Pr
 # --- status, exec, restart, logs -------------------------------------------------------------------------
 
 
-def redirection_annotations(
-    *, prefix: str = DEFAULT_PREFIX, root: Path | None = None
-) -> dict[str, str] | None:
+def redirection_annotations(state: LabState) -> dict[str, str] | None:
     """Pod key -> its `ambient.istio.io/redirection` annotation ("" when it has none), as the lab's istiod has
     it (`ambient world show`; the node agents write it); None when istiod does not answer."""
-    result = world_command(["--timeout", "5", "show"], prefix=prefix, root=root, capture=True)
+    result = run_world_command(state, ["--timeout", "5", "show"], capture=True)
     if result.returncode != 0:
         return None
     try:
@@ -452,7 +450,7 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
     state = require_state(prefix, root)
     plan = plan_of(state)
     held = {n.name: ztunnel_pods(plan, n.name) for n in plan.nodes} if state.phase == "up" else {}
-    annotations = redirection_annotations(prefix=prefix, root=root) if state.phase == "up" else None
+    annotations = redirection_annotations(state) if state.phase == "up" else None
     pods = []
     for pod in plan.pods:
         record = state.pod(pod.key)
@@ -683,7 +681,13 @@ def world_command(
     leaves the lab's namespaces.
     """
     check_prerequisites()
-    state = require_state(prefix, root)
+    return run_world_command(require_state(prefix, root), argv, capture=capture)
+
+
+def run_world_command(
+    state: LabState, argv: Sequence[str], *, capture: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    """world_command for a lab whose state the caller has loaded (and whose prerequisites it checked)."""
     plan = plan_of(state)
     paths = LabPaths(state.run_dir)
     cmd = [
@@ -719,7 +723,7 @@ def delete_pod(
     record = state.pod(target.key)
     if record is None or record.status == "deleted":
         raise UnknownPodError(f"pod {target.key} is not running in lab {prefix!r}")
-    result = world_command(["pod", "rm", target.key], prefix=prefix, root=root, capture=True)
+    result = run_world_command(state, ["pod", "rm", target.key], capture=True)
     if result.returncode != 0:
         raise ComponentError(f"istiod did not remove {target.key}: {result.stderr.decode().strip()}")
     progress(f"istiod removed {target.key}; waiting for the node agent to unenrol it")
