@@ -211,7 +211,8 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
     async with trio.open_nursery() as servers:
         async with trio.open_nursery() as pods:
             handler = InPodWorkloadHandler(pods, config=config.proxy, telemetry=telemetry, sockets=sockets,
-                                           peers=StatePeers(store), mesh=mesh)
+                                           peers=StatePeers(store), mesh=mesh,
+                                           on_exit=lambda uid: manager.workload_exited(uid))
             manager = WorkloadManager(handler, on_change=lambda: app.notify())
             readiness.add("inpod snapshot from the node agent", lambda: manager.ready)
             app = ZtunnelApp(config, handler, manager, telemetry, readiness)

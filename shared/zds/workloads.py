@@ -197,6 +197,15 @@ class WorkloadManager:
             self._drop_pending()
             self._changed()
 
+    def workload_exited(self, uid: PodUid) -> None:
+        """The handler reports that a pod's proxies ended without being stopped (e.g. an accept loop died).
+
+        The pod is no longer listed as running, so a later add for it starts it again.
+        """
+        if self.running.pop(uid, None) is not None:
+            log.warning("pod %s proxies exited on their own; no longer running", uid)
+            self._changed()
+
     # --- helpers ----------------------------------------------------------------------------------------
 
     async def _start(self, uid: PodUid, info: WorkloadInfo, fd: int, nid: NetnsId) -> str:

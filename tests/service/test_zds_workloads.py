@@ -154,6 +154,27 @@ async def test_del_after_snapshot_stops_and_unknown_is_acked(
     assert await manager.handle(DelWorkload(uid=PodUid("nobody"))) == ""
 
 
+async def test_exited_workload_is_no_longer_running_and_a_new_add_restarts_it(
+    manager: WorkloadManager, handler: RecordingHandler
+) -> None:
+    changes = 0
+
+    def changed() -> None:
+        nonlocal changes
+        changes += 1
+
+    await manager.handle(SnapshotSent())
+    await manager.handle(add(A))
+    manager.on_change = changed
+    manager.workload_exited(A)
+    assert A not in manager.running and changes == 1
+    manager.workload_exited(A)  # already gone (or never known): nothing to do
+    assert changes == 1
+    assert await manager.handle(add(A)) == ""
+    assert handler.events == [("start", A), ("start", A)]
+    assert A in manager.running
+
+
 async def test_readiness_false_after_disconnect(manager: WorkloadManager) -> None:
     await manager.handle(SnapshotSent())
     assert manager.ready

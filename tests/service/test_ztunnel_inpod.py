@@ -35,6 +35,7 @@ class FakeSockets:
     def __init__(self) -> None:
         self.bind_calls: list[int] = []
         self.fail_with: str | None = None
+        self.listen = True  # False: listeners are bound but not listening, so their accept loops die
         self.original: Addr | None = None
         self.ports: dict[str, int] = {}
 
@@ -46,7 +47,8 @@ class FakeSockets:
         for role, _ in PORTS:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             sock.bind(("127.0.0.1", 0))
-            sock.listen(16)
+            if self.listen:
+                sock.listen(16)
             self.ports[role] = sock.getsockname()[1]
             made.append(PodListener(role=role, port=sock.getsockname()[1], sock=sock))
         return PodListeners(listeners=tuple(made), ipv6=False, transparent=False)
@@ -346,6 +348,34 @@ async def test_workload_manager_acks_and_nacks_through_the_handler() -> None:
             assert manager.ready and set(zt.pods) == {"a", "b"}
             assert await manager.handle(DelWorkload(uid=PodUid("a"))) == ""
             assert set(zt.pods) == {"b"}
+
+
+async def test_a_pod_whose_accept_loop_dies_is_reported_once_and_stops_listing_as_running() -> None:
+    fake = FakeSockets()
+    with pipe_fd() as fd, trio.fail_after(30):
+        async with trio.open_nursery() as pods:
+            manager: WorkloadManager
+            exited: list[PodUid] = []
+
+            def on_exit(uid: PodUid) -> None:
+                exited.append(uid)
+                manager.workload_exited(uid)
+
+            zt = InPodWorkloadHandler(pods, sockets=fake, on_exit=on_exit)
+            manager = WorkloadManager(zt)
+            manager.connection_started()
+            assert await manager.handle(SnapshotSent()) == ""
+            assert await manager.handle(AddWorkload(uid=PodUid("a"), workload_info=INFO,
+                                                    netns_fd=os.dup(fd))) == ""
+            fake.listen = False
+            assert await manager.handle(AddWorkload(uid=PodUid("b"), workload_info=INFO,
+                                                    netns_fd=os.dup(fd))) == ""
+            await trio.testing.wait_all_tasks_blocked()
+            assert exited == ["b"]
+            assert set(zt.pods) == {"a"} and set(manager.running) == {"a"}
+            assert await manager.handle(DelWorkload(uid=PodUid("a"))) == ""  # a requested stop: not reported
+            assert exited == ["b"] and not zt.pods and not manager.running
+            pods.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "shared-buffer"])

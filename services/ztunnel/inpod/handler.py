@@ -6,7 +6,9 @@ Theory of operation
 snapshot reconciliation. It owns no protocol state (duplicate adds, pending retries and readiness live in the
 client-side manager); it only keeps `uid -> PodHandle` for the pods whose proxy sets are running, each
 started with `pods_nursery.start(run_pod_proxies, ...)` so `start_workload` returns exactly when the pod's
-listeners are all bound, or raises ProxyStartError with nothing left running.
+listeners are all bound, or raises ProxyStartError with nothing left running. A pod whose set ends without
+being asked to (an accept loop died) is reported through `on_exit(uid)`, so the ZDS client-side manager stops
+listing it as running.
 
     async with trio.open_nursery() as pods:
         handler = InPodWorkloadHandler(pods, config=ProxyConfig(), telemetry=Telemetry())
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -52,13 +55,16 @@ def _identity(ctx: PodContext) -> SpiffeId | None:
 class InPodWorkloadHandler:
     """Starts/stops per-pod proxy sets in `pods_nursery` (one child task, one nursery, per pod).
 
-    Implements `shared.zds.workloads.WorkloadHandler`.
+    Implements `shared.zds.workloads.WorkloadHandler`. `on_exit(uid)` is called when a pod's proxy set ends
+    without a stop or drain having been asked for (e.g. `WorkloadManager.workload_exited`).
     """
 
     def __init__(self, pods_nursery: trio.Nursery, *, config: ProxyConfig | None = None,
                  telemetry: Telemetry | None = None, sockets: SocketFactory | None = None,
-                 peers: PeerLookup | None = None, mesh: Mesh | None = None) -> None:
+                 peers: PeerLookup | None = None, mesh: Mesh | None = None,
+                 on_exit: Callable[[PodUid], None] | None = None) -> None:
         self._nursery = pods_nursery
+        self._on_exit = on_exit
         self.mesh = mesh
         self.config = config if config is not None else ProxyConfig()
         self.telemetry = telemetry if telemetry is not None else Telemetry()
@@ -106,15 +112,22 @@ class InPodWorkloadHandler:
         metrics.active_proxies.set(len(self._pods))
 
     async def _run_pod(self, ctx: PodContext, *, task_status: trio.TaskStatus[PodHandle]) -> None:
+        ended: list[PodHandle] = []
         try:
             await run_pod_proxies(ctx, task_status=task_status)
         finally:
             for uid, handle in list(self._pods.items()):
                 if handle.context is ctx:
                     del self._pods[uid]
+                    ended.append(handle)
                     self.telemetry.metrics.proxies_stopped.inc()
             self.telemetry.metrics.active_proxies.set(len(self._pods))
             self._forget_identity(ctx)
+        # Only on a normal return (not when the pods nursery is cancelled): the set failed on its own.
+        if self._on_exit is not None:
+            for handle in ended:
+                if not handle.stop_requested:
+                    self._on_exit(handle.uid)
 
     def _forget_identity(self, gone: PodContext) -> None:
         """The last pod of an identity left the node: stop rotating its certificate, drop its TLS contexts."""

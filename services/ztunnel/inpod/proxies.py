@@ -73,6 +73,11 @@ class PodHandle:
     context: PodContext
     done: trio.Event = field(default_factory=trio.Event)
 
+    @property
+    def stop_requested(self) -> bool:
+        """A drain (immediate or graceful) was asked for; False while the set ends only by failing."""
+        return self.scope.cancel_called or self.accept_scope.cancel_called
+
     def stop_accepting(self) -> None:
         self.accept_scope.cancel()
         self.context.draining.set()
