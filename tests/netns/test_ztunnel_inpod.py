@@ -9,7 +9,6 @@ through the netns fd, exactly as it does with a ZDS-delivered fd.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import subprocess
@@ -22,9 +21,10 @@ import trio
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import SO_MARK
 from services.ztunnel.proxy.context import ProxyConfig
-from services.ztunnel.telemetry import ParsedLine, Telemetry, UpstreamFormatter, parse_plain
+from services.ztunnel.telemetry import Telemetry
 from shared.netns import entered, open_netns
 from shared.zds.types import PodUid, WorkloadInfo
+from tests.access_logs import LogCapture, capture_access_log
 from tests.netns.conftest import run
 
 INPOD_RULES = """\
@@ -131,40 +131,10 @@ async def echo_server(listener: trio.socket.SocketType, peers: list[tuple[str, i
             nursery.start_soon(one, conn)
 
 
-class LogCapture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.setFormatter(UpstreamFormatter())
-        self.lines: list[str] = []
-        self.changed = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-        self.changed.set()
-        self.changed = trio.Event()
-
-    def parsed(self, message: str) -> list[ParsedLine]:
-        return [p for p in map(parse_plain, self.lines) if p.target == "access" and p.message == message]
-
-    async def wait_for(self, message: str, count: int = 1) -> list[ParsedLine]:
-        with trio.fail_after(10):
-            while len(found := self.parsed(message)) < count:
-                await self.changed.wait()
-        return found
-
-
 @pytest.fixture
 def access_log() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    logger = logging.getLogger("access")
-    logger.addHandler(capture)
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
+    with capture_access_log(deadline=10) as capture:
         yield capture
-    finally:
-        logger.removeHandler(capture)
-        logger.setLevel(old)
 
 
 @asynccontextmanager

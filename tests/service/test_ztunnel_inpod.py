@@ -6,7 +6,6 @@ bind 127.0.0.1 on ephemeral ports; the fake "original destination" is whatever t
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -22,9 +21,10 @@ from services.ztunnel.inpod.proxies import PodHandle, run_pod_proxies
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
 from services.ztunnel.proxy.context import PodContext, ProxyConfig
 from services.ztunnel.proxy.net import Addr
-from services.ztunnel.telemetry import ParsedLine, Telemetry, UpstreamFormatter, parse_plain
+from services.ztunnel.telemetry import Telemetry
 from shared.zds.types import AddWorkload, DelWorkload, PodUid, SnapshotSent, WorkloadInfo
 from shared.zds.workloads import WorkloadHandler, WorkloadManager
+from tests.access_logs import LogCapture, capture_access_log
 
 INFO = WorkloadInfo(name="app", namespace="ns", service_account="sa")
 
@@ -75,38 +75,10 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-class LogCapture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.setFormatter(UpstreamFormatter())
-        self.lines: list[str] = []
-        self.changed = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-        self.changed.set()
-        self.changed = trio.Event()
-
-    async def wait_for(self, message: str, count: int = 1) -> list[ParsedLine]:
-        while True:
-            found = [p for p in map(parse_plain, self.lines) if p.target == "access" and p.message == message]
-            if len(found) >= count:
-                return found
-            await self.changed.wait()
-
-
 @pytest.fixture
 def access_log() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    logger = logging.getLogger("access")
-    logger.addHandler(capture)
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
+    with capture_access_log() as capture:
         yield capture
-    finally:
-        logger.removeHandler(capture)
-        logger.setLevel(old)
 
 
 @asynccontextmanager

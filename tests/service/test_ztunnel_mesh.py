@@ -9,7 +9,6 @@ the istiod stub's CA; the xDS state is written straight into a StateStore.
 from __future__ import annotations
 
 import errno
-import logging
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -47,9 +46,10 @@ from services.ztunnel.telemetry import ParsedLine, Telemetry
 from shared.identity import SpiffeId
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid, WorkloadInfo
+from tests.access_logs import LogCapture, capture_access_log
 
 from .test_hbone_helpers import FakeCerts
-from .test_ztunnel_inpod import LogCapture, pipe_fd, read_to_eof
+from .test_ztunnel_inpod import pipe_fd, read_to_eof
 
 CLIENT_IP = "127.0.77.2"
 SERVER_IP = "127.0.77.3"
@@ -194,16 +194,8 @@ async def _echo_app(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 @pytest.fixture
 def log() -> Iterator[LogCapture]:
     """The `access` logger's lines (debug and up), in upstream's plain format."""
-    capture = LogCapture()
-    logger = logging.getLogger("access")
-    logger.addHandler(capture)
-    old = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
+    with capture_access_log() as capture:
         yield capture
-    finally:
-        logger.removeHandler(capture)
-        logger.setLevel(old)
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +235,7 @@ async def two_pods(ca: CertificateAuthority) -> AsyncIterator[Mesh2]:
 
 
 def lines(log: LogCapture, direction: str, message: str = "connection complete") -> list[ParsedLine]:
-    from services.ztunnel.telemetry import parse_plain
-
-    return [p for p in map(parse_plain, log.lines) if p.target == "access" and p.message == message
-            and p.fields.get("direction") == direction]
+    return [p for p in log.parsed(message) if p.fields.get("direction") == direction]
 
 
 async def test_service_vip_goes_through_hbone_and_both_sides_log_identities(
