@@ -35,6 +35,7 @@ import msgspec
 
 from services.bench import world as bw
 from services.bench.errors import BenchError
+from services.bench.loadgen import percentiles
 from services.bench.report import (
     ArmResult,
     BenchReport,
@@ -43,6 +44,7 @@ from services.bench.report import (
     finish_scenario,
     markdown,
 )
+from services.istiod.world import world_to_json
 from services.lab import components, lab
 from services.lab.components import PYTHON, LabPaths
 from services.lab.errors import PrerequisiteError
@@ -508,8 +510,6 @@ class Bench:
         total = time.perf_counter() - t_all
         time.sleep(1.0)
         rss1, anon1 = rss_kib(pid), rss_kib(pid, "RssAnon")
-        from services.bench.loadgen import percentiles
-
         p50, p99 = percentiles(times, (50, 99))
         scenario.arms["mesh"].runs.append(
             {
@@ -575,8 +575,6 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world_file = out_dir / "world.json"
-    from services.istiod.world import world_to_json
-
     world_file.write_bytes(world_to_json(bw.bench_world(seed=os.getpid())))
     commit, dirty = git_state()
     report = BenchReport(
