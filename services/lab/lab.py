@@ -219,7 +219,7 @@ class LabBuilder:
         wire_pod(self.plan, pod)
         status = "not-ambient"
         if pod.ambient:
-            status = self.cni_add(pod) if self.has_agent else "no-node-agent"
+            status = cni_add(self.paths, pod, timeout=self.timeout) if self.has_agent else "no-node-agent"
         self.state.pods.append(
             PodRecord(
                 key=pod.key, node=pod.node, netns=pod.netns, ip=pod.ip, ambient=pod.ambient, status=status
@@ -229,9 +229,6 @@ class LabBuilder:
         app = self.launch(components.app_spec(pod, self.paths))
         components.wait_ready(app, timeout=self.timeout)
         self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, {pod.app.kind}, {status}")
-
-    def cni_add(self, pod: PodPlan) -> str:
-        return cni_add(self.paths, pod, timeout=self.timeout)
 
     def wait_enrolled(self) -> None:
         pending = [p for p in self.state.pods if p.status == "pending"]
