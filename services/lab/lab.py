@@ -237,13 +237,14 @@ class LabBuilder:
         self.progress(f"waiting for ztunnel to take {len(pending)} pending pods")
         uid_of = {p.key: p.uid for p in self.plan.pods}
         deadline = time.monotonic() + self.timeout
-        while pending:
-            held = {node.name: ztunnel_pods(self.plan, node.name) for node in self.plan.nodes}
-            for record in list(pending):
-                if uid_of[record.key] in held.get(record.node, set()):
-                    record.status = "enabled"
-                    pending.remove(record)
-            save_state(self.state)
+        while True:
+            held = {node: ztunnel_pods(self.plan, node) for node in {r.node for r in pending}}
+            taken = [r for r in pending if uid_of[r.key] in held[r.node]]
+            for record in taken:
+                record.status = "enabled"
+                pending.remove(record)
+            if taken:
+                save_state(self.state)
             if not pending:
                 return
             if time.monotonic() > deadline:
