@@ -67,13 +67,18 @@ def _peer(stream: trio.abc.Stream) -> str:
     return "unknown"
 
 
+def _message_bytes(conn: h11.Connection, head: h11.Request | h11.Response, body: bytes) -> bytes:
+    """One whole HTTP/1.1 message (head, body, end) as `conn` frames it."""
+    data = conn.send(head) or b""
+    if body:
+        data += conn.send(h11.Data(data=body)) or b""
+    return data + (conn.send(h11.EndOfMessage()) or b"")
+
+
 async def _send_response(stream: trio.abc.Stream, conn: h11.Connection, response: Response) -> None:
     headers = [("content-type", response.content_type), ("content-length", str(len(response.body)))]
-    data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
-    if response.body:
-        data += conn.send(h11.Data(data=response.body)) or b""
-    data += conn.send(h11.EndOfMessage()) or b""
-    await stream.send_all(data)
+    head = h11.Response(status_code=response.status, headers=headers)
+    await stream.send_all(_message_bytes(conn, head, response.body))
 
 
 async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[h11.Request, bytes] | None:
@@ -231,11 +236,8 @@ async def _exchange(
         headers.append(("content-length", str(len(body))))
     response: h11.Response | None = None
     try:
-        data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
-        if body:
-            data += conn.send(h11.Data(data=body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
+        head = h11.Request(method=method, target=target, headers=headers)
+        await stream.send_all(_message_bytes(conn, head, body))
         out = bytearray()
         while True:
             event = conn.next_event()
