@@ -6,10 +6,13 @@ bind 127.0.0.1 on ephemeral ports; the fake "original destination" is whatever t
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
+from typing import Any, cast
 
 import pytest
 import trio
@@ -20,7 +23,7 @@ from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.proxies import PodHandle, run_pod_proxies
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
 from services.ztunnel.proxy.context import PodContext, ProxyConfig
-from services.ztunnel.proxy.net import Addr
+from services.ztunnel.proxy.net import Addr, accept_forever
 from services.ztunnel.telemetry import Telemetry
 from shared.zds.types import AddWorkload, DelWorkload, PodUid, SnapshotSent, WorkloadInfo
 from shared.zds.workloads import WorkloadHandler, WorkloadManager
@@ -275,6 +278,47 @@ async def test_graceful_drain_stops_accepting_then_force_closes_after_grace(acce
                     await tcp_connect(fake.ports["outbound"])
                 with suppress(trio.BrokenResourceError):
                     assert await read_to_eof(held) == b""
+            nursery.cancel_scope.cancel()
+
+
+async def test_accept_retries_after_a_capacity_error_and_hands_over_nodelay_connections() -> None:
+    class Exhausted:
+        """A listener whose first accept fails with EMFILE (the process is out of fds)."""
+
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+            self.failed = False
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            if not self.failed:
+                self.failed = True
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return self.sock.accept()
+
+    errors: list[OSError] = []
+    accepted: list[tuple[socket.socket, Addr]] = []
+    with socket.socket() as sock, trio.fail_after(10):
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        sock.setblocking(False)
+        listener = cast(socket.socket, Exhausted(sock))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(accept_forever, listener,
+                                                 lambda conn, peer: accepted.append((conn, peer)),
+                                                 on_capacity_error=errors.append))
+            client = await tcp_connect(sock.getsockname()[1])
+            async with client:
+                while not accepted:
+                    await trio.sleep(0.01)
+                conn, peer = accepted[0]
+                with conn:
+                    assert [e.errno for e in errors] == [errno.EMFILE]
+                    assert peer == client.socket.getsockname()
+                    assert not conn.getblocking()
+                    assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             nursery.cancel_scope.cancel()
 
 

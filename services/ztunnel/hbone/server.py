@@ -20,7 +20,6 @@ Connection-level failures (handshake, protocol) give a record with `target=None`
 
 from __future__ import annotations
 
-import errno
 import inspect
 import logging
 import os
@@ -37,7 +36,7 @@ from shared.identity import SpiffeId
 
 from ..authz import AuthzRequest, Decision
 from ..errors import ConnectError
-from ..proxy.net import describe_os_error, peer_addr
+from ..proxy.net import accept_forever, describe_os_error, peer_addr
 from .client import CertSource
 from .connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
 from .core import ERROR_CANCEL, ERROR_INTERNAL, ConnectRequested, ServerCore, StreamRejected
@@ -49,7 +48,6 @@ from .tlsstream import TlsSocketStream
 log = logging.getLogger("ztunnel.hbone")
 
 HANDSHAKE_TIMEOUT: Final = 10.0
-_ACCEPT_RETRY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 Addr = tuple[str, int]
 
@@ -257,23 +255,15 @@ async def serve_hbone(listener: socket.socket, *, identity: SpiffeId, certs: Cer
         async with trio.open_nursery() as own:
             nursery = handler_nursery or own
             task_status.started()
-            while True:
-                try:
-                    conn, raw = listener.accept()
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(listener)
-                    continue
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_RETRY_ERRNOS:
-                        log.error("accept failed on the HBONE listener, retrying in 100 ms",
-                                  extra={"fields": [("error", os.strerror(exc.errno or 0))]})
-                        await trio.sleep(0.1)
-                        continue
-                    raise
-                conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                nursery.start_soon(_guarded, server, conn, peer_addr(raw))
-                await trio.lowlevel.checkpoint()
+
+            def spawn(conn: socket.socket, peer: Addr) -> None:
+                nursery.start_soon(_guarded, server, conn, peer)
+
+            def capacity_error(exc: OSError) -> None:
+                log.error("accept failed on the HBONE listener, retrying in 100 ms",
+                          extra={"fields": [("error", os.strerror(exc.errno or 0))]})
+
+            await accept_forever(listener, spawn, on_capacity_error=capacity_error)
     finally:
         listener.close()
 

@@ -39,7 +39,7 @@ from shared.zds.types import PodUid
 from ..hbone.client import HbonePool, open_hbone_pool
 from ..proxy.context import PodContext
 from ..proxy.mesh import handle_inbound_hbone, handle_inbound_plaintext, handle_outbound
-from ..proxy.net import ACCEPT_CAPACITY_ERRNOS, Addr, peer_addr
+from ..proxy.net import Addr, accept_forever
 from .sockets import PodListener
 
 log = logging.getLogger("ztunnel.inpod")
@@ -101,26 +101,16 @@ async def serve_listener(ctx: PodContext, listener: PodListener, handler: ConnHa
                          handler_nursery: trio.Nursery) -> None:
     """Accept forever on `listener`, each connection handled in `handler_nursery`. Closes the listener."""
     sock = listener.sock
+
+    def spawn(conn: socket.socket, peer: Addr) -> None:
+        handler_nursery.start_soon(_run_connection, ctx, handler, conn, peer)
+
+    def capacity_error(exc: OSError) -> None:
+        log.error("accept failed, retrying in 100 ms", extra={"fields": [
+            ("pod", ctx.uid), ("port", listener.port), ("error", os.strerror(exc.errno or 0))]})
+
     try:
-        while True:
-            try:
-                conn, raw = sock.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError as exc:
-                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept failed, retrying in 100 ms", extra={"fields": [
-                        ("pod", ctx.uid), ("port", listener.port), ("error", os.strerror(exc.errno or 0))]})
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            conn.setblocking(False)
-            # Small writes (HTTP/2 HEADERS, an app's short answers) must not wait for Nagle + delayed ACK:
-            # 40 ms per request/response otherwise. Upstream sets nodelay on every socket too.
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handler_nursery.start_soon(_run_connection, ctx, handler, conn, peer_addr(raw))
-            await trio.lowlevel.checkpoint()
+        await accept_forever(sock, spawn, on_capacity_error=capacity_error)
     finally:
         sock.close()
 

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -90,3 +91,31 @@ async def connect(sock: socket.socket, addr: Addr, *, connect_timeout: float) ->
 
 
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def accept_forever(listener: socket.socket, spawn: Callable[[socket.socket, Addr], None], *,
+                         on_capacity_error: Callable[[OSError], None]) -> None:
+    """Accept on the non-blocking `listener` until cancelled; does not close it.
+
+    Each connection is made non-blocking with TCP_NODELAY and handed to `spawn(conn, peer)`, which must
+    not block (it starts the connection's task). Accept errors from resource exhaustion (EMFILE, ENFILE,
+    ENOMEM, ENOBUFS) go to `on_capacity_error` and are retried after 100 ms; any other error propagates.
+    """
+    while True:
+        try:
+            conn, raw = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            continue
+        except OSError as exc:
+            if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                on_capacity_error(exc)
+                await trio.sleep(0.1)
+                continue
+            raise
+        conn.setblocking(False)
+        # Small writes (HTTP/2 HEADERS, an app's short answers) must not wait for Nagle + delayed ACK:
+        # 40 ms per request/response otherwise. Upstream sets nodelay on every socket too.
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        spawn(conn, peer_addr(raw))
+        await trio.lowlevel.checkpoint()
