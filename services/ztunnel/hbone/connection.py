@@ -38,7 +38,6 @@ from shared.identity import SpiffeId
 
 from .core import (
     ERROR_CANCEL,
-    ERROR_INTERNAL,
     ERROR_NO_ERROR,
     Addr,
     ClientCore,
@@ -634,7 +633,3 @@ class HboneConnection:
         if status != 200:
             stream._eof_sent = True  # the status ended our side
             stream.close_nowait()
-
-    def reset_all(self) -> None:
-        for stream in list(self.streams.values()):
-            stream.reset(ERROR_INTERNAL)
