@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from services.ztunnel.state.types import (
     Action,
@@ -40,6 +40,7 @@ from shared.api import authorization_pb2 as apb
 from shared.api import workload_pb2 as wpb
 
 V = TypeVar("V")
+M = TypeVar("M", bound=Message)
 
 ADDRESS_TYPE_URL = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION_TYPE_URL = "type.googleapis.com/istio.security.Authorization"
@@ -171,15 +172,21 @@ def service_from_pb(msg: wpb.Service) -> Service:
     )
 
 
-def address_from_any(name: str, resource: any_pb2.Any) -> Workload | Service:
-    """Decode one Address resource of a DeltaDiscoveryResponse; check it is keyed as upstream keys it."""
-    if resource.type_url != ADDRESS_TYPE_URL:
-        raise ConversionError(name, f"resource of type {resource.type_url!r} in an Address response")
-    msg = wpb.Address()
+def _unpack(name: str, resource: any_pb2.Any, type_url: str, msg: M) -> M:
+    """Parse `resource` into the empty `msg` after checking that its type URL is `type_url`."""
+    if resource.type_url != type_url:
+        raise ConversionError(name, f"resource of type {resource.type_url!r} in an {msg.DESCRIPTOR.name} "
+                                    f"response")
     try:
         msg.ParseFromString(resource.value)
     except DecodeError as exc:
-        raise ConversionError(name, f"cannot decode istio.workload.Address: {exc}") from None
+        raise ConversionError(name, f"cannot decode {msg.DESCRIPTOR.full_name}: {exc}") from None
+    return msg
+
+
+def address_from_any(name: str, resource: any_pb2.Any) -> Workload | Service:
+    """Decode one Address resource of a DeltaDiscoveryResponse; check it is keyed as upstream keys it."""
+    msg = _unpack(name, resource, ADDRESS_TYPE_URL, wpb.Address())
     kind = msg.WhichOneof("type")
     if kind == "workload":
         wl = workload_from_pb(msg.workload)
@@ -255,14 +262,7 @@ def authorization_from_pb(msg: apb.Authorization) -> Authorization:
 
 
 def authorization_from_any(name: str, resource: any_pb2.Any) -> Authorization:
-    if resource.type_url != AUTHORIZATION_TYPE_URL:
-        raise ConversionError(name, f"resource of type {resource.type_url!r} in an Authorization response")
-    msg = apb.Authorization()
-    try:
-        msg.ParseFromString(resource.value)
-    except DecodeError as exc:
-        raise ConversionError(name, f"cannot decode istio.security.Authorization: {exc}") from None
-    pol = authorization_from_pb(msg)
+    pol = authorization_from_pb(_unpack(name, resource, AUTHORIZATION_TYPE_URL, apb.Authorization()))
     if pol.key != name:
         raise ConversionError(name, f"authorization resource named {name!r} is {pol.key!r}")
     return pol
