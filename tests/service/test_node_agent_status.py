@@ -209,7 +209,8 @@ async def test_status_the_control_plane_lacks_is_written_again() -> None:
                 )
                 await nursery.start(reporter.run)
                 # every ambient pod of node-a has a netns "found by IP" (PipeNetnsOpener): all restored
-                await nursery.start(PodWatchSource(target, "node-a").run, agent)
+                source = PodWatchSource(target, "node-a")
+                await nursery.start(source.run, agent)
                 expected = {
                     "productpage-v1-6f9c7d": "enabled",
                     "reviews-v1-7b8c4f": "enabled",
@@ -219,6 +220,11 @@ async def test_status_the_control_plane_lacks_is_written_again() -> None:
                 while annotations() != expected:
                     await trio.sleep(0.01)
 
+                # the watch sends a pod's latest state only: lose the annotation after the agent has seen it,
+                # or "enabled" then "removed" in quick succession reaches the agent as no change at all
+                uid = sleep_pod(istiod).uid
+                while source.view[uid].annotations.get(REDIRECTION_ANNOTATION) != "enabled":
+                    await trio.sleep(0.01)
                 istiod.store.set_pod_redirection("sleep", "sleep-5c6d7e", None)
                 while annotations()["sleep-5c6d7e"] != "enabled":
                     await trio.sleep(0.01)
