@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
+from services.node_agent.lifecycle import PodSink
 from services.node_agent.model import Pod
 from services.node_agent.podwatch import (
     PodDeleted,
@@ -34,14 +35,6 @@ from services.node_agent.podwatch import (
 from shared.zds.types import PodUid
 
 log = logging.getLogger("node_agent.watch")
-
-
-class WatchSink(Protocol):
-    async def initial_pods(self, pods: list[tuple[Pod, Mapping[str, str]]]) -> None: ...
-
-    async def pod_changed(self, pod: Pod, namespace_labels: Mapping[str, str]) -> Any: ...
-
-    async def pod_deleted(self, pod: Pod) -> None: ...
 
 
 OpenWatch = Callable[..., AbstractAsyncContextManager[AsyncIterator[PodEvent]]]
@@ -76,7 +69,7 @@ class PodWatchSource:
         return None
 
     async def run(
-        self, sink: WatchSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, sink: PodSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with self._open_watch(self.target, self.node) as watch:
             started = False
@@ -112,6 +105,6 @@ class PodWatchSource:
                     else:
                         log.warning("pod watch lost (%s); keeping the last known view", event.reason)
 
-    async def _changed(self, sink: WatchSink, info: PodInfo) -> None:
+    async def _changed(self, sink: PodSink, info: PodInfo) -> None:
         self.view[info.uid] = info
         await sink.pod_changed(to_pod(info), dict(info.namespace_labels))
