@@ -38,13 +38,17 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from services.node_agent.model import (
+    ANNOTATION_SIDECAR_STATUS,
+    DATAPLANE_MODE_AMBIENT,
+    DATAPLANE_MODE_NONE,
+    LABEL_DATAPLANE_MODE,
+)
+
 if TYPE_CHECKING:
     from shared.aio import GrpcTarget
 
 log = logging.getLogger(__name__)
-
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
-SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
 
 
 class PodInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -64,12 +68,15 @@ class PodInfo(msgspec.Struct, frozen=True, kw_only=True):
     def is_ambient(self) -> bool:
         """SPEC §8: pod label ambient, or namespace label ambient and the pod not opted out with `none`;
         never a pod with a sidecar, never a host-network pod."""
-        if SIDECAR_STATUS_ANNOTATION in self.annotations or self.host_network:
+        if ANNOTATION_SIDECAR_STATUS in self.annotations or self.host_network:
             return False
-        mode = self.labels.get(DATAPLANE_MODE_LABEL)
-        if mode == "ambient":
+        mode = self.labels.get(LABEL_DATAPLANE_MODE)
+        if mode == DATAPLANE_MODE_AMBIENT:
             return True
-        return self.namespace_labels.get(DATAPLANE_MODE_LABEL) == "ambient" and mode != "none"
+        return (
+            self.namespace_labels.get(LABEL_DATAPLANE_MODE) == DATAPLANE_MODE_AMBIENT
+            and mode != DATAPLANE_MODE_NONE
+        )
 
 
 class PodSnapshot(msgspec.Struct, frozen=True, kw_only=True):
