@@ -8,8 +8,9 @@ import trio
 
 from services.node_agent.apply import ApplyOutcome
 from services.node_agent.errors import NetnsGoneError, RuleApplyError
+from services.node_agent.lifecycle import NodeAgent
 from services.node_agent.model import Pod
-from services.node_agent.rules import PodRedirect
+from services.node_agent.rules import PodRedirect, RuleSettings
 from shared.netns import netns_id
 from shared.zds.errors import ZdsNack, ZdsNoConnection
 from shared.zds.types import PodUid, WorkloadInfo
@@ -116,3 +117,24 @@ class PipeNetnsOpener:
         for fd in self.handles.values():
             os.close(fd)
         self.handles.clear()
+
+
+class FakeNode:
+    """A NodeAgent on a fresh fake of every seam above; `close()` releases its fds and the opener's."""
+
+    def __init__(self) -> None:
+        self.applier = FakeRuleApplier()
+        self.ztunnel = FakeZtunnel()
+        self.status = RecordingStatus()
+        self.opener = PipeNetnsOpener()
+        self.agent = NodeAgent(
+            applier=self.applier,
+            ztunnel=self.ztunnel,
+            status=self.status,
+            settings=RuleSettings(),
+            opener=self.opener,
+        )
+
+    def close(self) -> None:
+        self.agent.close()
+        self.opener.close()

@@ -14,28 +14,16 @@ import trio
 from services.node_agent import cni_plugin
 from services.node_agent.cni_server import CniEndpoint, parse_add_request
 from services.node_agent.errors import CniRequestError
-from services.node_agent.fakes import FakeRuleApplier, FakeZtunnel, PipeNetnsOpener, RecordingStatus
+from services.node_agent.fakes import FakeNode
 from services.node_agent.httpd import open_unix_listener, serve_http
-from services.node_agent.lifecycle import NodeAgent
 from services.node_agent.model import Pod
-from services.node_agent.rules import RuleSettings
 from shared.zds.types import PodUid
 
 
-class World:
+class World(FakeNode):
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
-        self.applier = FakeRuleApplier()
-        self.ztunnel = FakeZtunnel()
-        self.status = RecordingStatus()
-        self.opener = PipeNetnsOpener()
-        self.agent = NodeAgent(
-            applier=self.applier,
-            ztunnel=self.ztunnel,
-            status=self.status,
-            settings=RuleSettings(),
-            opener=self.opener,
-        )
         self.known: dict[tuple[str, str], tuple[Pod, Mapping[str, str]]] = {}
 
     def lookup(self, namespace: str, name: str) -> tuple[Pod, Mapping[str, str]] | None:
@@ -54,8 +42,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             yield w
             nursery.cancel_scope.cancel()
     finally:
-        w.agent.close()
-        w.opener.close()
+        w.close()
 
 
 async def post(path: str, body: bytes, target: str = "/cmdadd") -> tuple[int, dict[str, object]]:

@@ -13,7 +13,7 @@ import trio.testing
 
 from services.node_agent.cache import NetnsCache
 from services.node_agent.errors import EnrolmentError
-from services.node_agent.fakes import FakeRuleApplier, FakeZtunnel, PipeNetnsOpener, RecordingStatus
+from services.node_agent.fakes import FakeNode, FakeRuleApplier, PipeNetnsOpener, RecordingStatus
 from services.node_agent.lifecycle import NodeAgent
 from services.node_agent.model import Pod
 from services.node_agent.rules import RuleSettings
@@ -39,20 +39,7 @@ def pod(name: str, *, labels: dict[str, str] | None = None, netns: str | None = 
     )
 
 
-class Env:
-    def __init__(self, *, connected: bool = True) -> None:
-        self.applier = FakeRuleApplier()
-        self.ztunnel = FakeZtunnel(connected=connected)
-        self.status = RecordingStatus()
-        self.opener = PipeNetnsOpener()
-        self.agent = NodeAgent(
-            applier=self.applier,
-            ztunnel=self.ztunnel,
-            status=self.status,
-            settings=RuleSettings(),
-            opener=self.opener,
-        )
-
+class Env(FakeNode):
     def ident(self, p: Pod) -> tuple[int, int]:
         assert p.netns_path is not None
         return netns_id(self.opener.handles[p.netns_path])
@@ -64,8 +51,7 @@ def env() -> Iterator[Env]:
     try:
         yield e
     finally:
-        e.agent.close()
-        e.opener.close()
+        e.close()
 
 
 @pytest.fixture

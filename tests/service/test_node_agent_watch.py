@@ -11,10 +11,8 @@ import trio
 
 pytest.importorskip("services.node_agent.podwatch")
 
-from services.node_agent.fakes import FakeRuleApplier, FakeZtunnel, PipeNetnsOpener, RecordingStatus
-from services.node_agent.lifecycle import NodeAgent
+from services.node_agent.fakes import FakeNode
 from services.node_agent.podwatch import PodDeleted, PodEvent, PodInfo, PodSnapshot, PodUpserted
-from services.node_agent.rules import RuleSettings
 from services.node_agent.watch_source import PodWatchSource
 from shared.zds.types import PodUid
 
@@ -44,8 +42,8 @@ async def test_watch_restores_then_follows_label_changes_and_deletes() -> None:
         assert node == "n1"
         yield receive
 
-    applier, ztunnel, status, opener = FakeRuleApplier(), FakeZtunnel(), RecordingStatus(), PipeNetnsOpener()
-    agent = NodeAgent(applier=applier, ztunnel=ztunnel, status=status, settings=RuleSettings(), opener=opener)
+    node = FakeNode()
+    agent, ztunnel, status = node.agent, node.ztunnel, node.status
     source = PodWatchSource(None, "n1", open_watch=open_watch)
     a, b = info("a", "10.244.1.5"), info("b", "10.244.1.6")
     hostnet = info("h", "10.0.0.1", host_network=True)
@@ -70,24 +68,18 @@ async def test_watch_restores_then_follows_label_changes_and_deletes() -> None:
                 assert len(agent.cache) == 0
                 nursery.cancel_scope.cancel()
     finally:
-        agent.close()
-        opener.close()
+        node.close()
 
 
 async def test_real_istiod_pod_watch_drives_enrolment() -> None:
     """The istiod stub's pod watch (bookinfo world, node-a) through PodWatchSource into the lifecycle."""
-    from pathlib import Path
+    from services.istiod.testing import bookinfo_world, open_test_istiod
 
-    from services.istiod.testing import open_test_istiod
-    from services.istiod.world import load_world
-
-    world_file = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
-    world = load_world(world_file.read_bytes(), "bookinfo.yaml")
-    applier, ztunnel, status, opener = FakeRuleApplier(), FakeZtunnel(), RecordingStatus(), PipeNetnsOpener()
-    agent = NodeAgent(applier=applier, ztunnel=ztunnel, status=status, settings=RuleSettings(), opener=opener)
+    node = FakeNode()
+    agent, ztunnel, status = node.agent, node.ztunnel, node.status
     try:
         with trio.fail_after(30):
-            async with open_test_istiod(world) as istiod, trio.open_nursery() as nursery:
+            async with open_test_istiod(bookinfo_world()) as istiod, trio.open_nursery() as nursery:
                 source = PodWatchSource(istiod.target(node="node-a"), "node-a")
                 await nursery.start(source.run, agent)
                 restored = {e.uid for e in agent.cache.snapshot()}
@@ -107,5 +99,4 @@ async def test_real_istiod_pod_watch_drives_enrolment() -> None:
                 assert legacy_uid not in agent.cache
                 nursery.cancel_scope.cancel()
     finally:
-        agent.close()
-        opener.close()
+        node.close()
