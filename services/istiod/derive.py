@@ -118,7 +118,7 @@ def _service_ports(svc: Service) -> list[wpb.Port]:
 
 def derive_workload(world: World, pod: Pod) -> wpb.Workload:
     services = {
-        f"{svc.namespace}/{world.service_hostname(svc)}": wpb.PortList(ports=_service_ports(svc))
+        service_key(world, svc): wpb.PortList(ports=_service_ports(svc))
         for svc in world.services
         if svc.namespace == pod.namespace and selector_matches(svc.selector, pod.labels)
     }
