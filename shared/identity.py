@@ -6,7 +6,6 @@ P-256; a CSR has an empty subject and exactly one URI SAN, the SPIFFE id (SPEC Â
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 
 import msgspec
@@ -152,7 +151,3 @@ class CertBundle(msgspec.Struct, frozen=True, kw_only=True):
             not_before=leaf.not_valid_before_utc.timestamp(),
             not_after=leaf.not_valid_after_utc.timestamp(),
         )
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
