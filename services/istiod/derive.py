@@ -33,6 +33,7 @@ from services.istiod.world import (
 from shared.api import authorization_pb2 as apb
 from shared.api import podwatch_pb2
 from shared.api import workload_pb2 as wpb
+from shared.identity import SpiffeId
 
 ADDRESS_TYPE_URL = "type.googleapis.com/istio.workload.Address"
 AUTHORIZATION_TYPE_URL = "type.googleapis.com/istio.security.Authorization"
@@ -303,6 +304,7 @@ class Resources:
         for pod in world.pods:
             if not is_ambient(world, pod):
                 continue
-            self.identities_by_node.setdefault(pod.node, set()).add(
-                f"spiffe://{world.trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"
+            identity = SpiffeId(
+                trust_domain=world.trust_domain, namespace=pod.namespace, service_account=pod.service_account
             )
+            self.identities_by_node.setdefault(pod.node, set()).add(identity.uri)
