@@ -59,16 +59,6 @@ CLIENT = spiffe("sleep")
 SERVER = spiffe("httpbin")
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create()
-
-
-@pytest.fixture
-def certs(ca: CertificateAuthority) -> FakeCerts:
-    return FakeCerts(ca)
-
-
 @pytest.fixture
 async def echo_port(nursery: trio.Nursery) -> int:
     return await start_echo(nursery)

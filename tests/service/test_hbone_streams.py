@@ -26,16 +26,6 @@ CLIENT = spiffe("sleep")
 SERVER = spiffe("httpbin")
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create()
-
-
-@pytest.fixture
-def certs(ca: CertificateAuthority) -> FakeCerts:
-    return FakeCerts(ca)
-
-
 async def tls_pair(certs: FakeCerts, ca: CertificateAuthority) -> tuple[TlsSocketStream, TlsSocketStream]:
     a, b = socket.socketpair()
     a.setblocking(False)

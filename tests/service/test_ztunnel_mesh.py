@@ -198,11 +198,6 @@ def log() -> Iterator[LogCapture]:
         yield capture
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create()
-
-
 @asynccontextmanager
 async def two_pods(ca: CertificateAuthority) -> AsyncIterator[Mesh2]:
     probe = socket.socket()
