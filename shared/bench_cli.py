@@ -1,6 +1,7 @@
 """`ambient bench`: measure the mesh against no mesh in one run (root; builds and removes its own lab).
 
     ambient bench [--quick] [--out DIR] [--update-docs] [--reps N] [--seconds S] [--enrol-pods N]
+                  [--only bulk,rr,crr,enrol]
 
 Writes DIR/bench.json and DIR/benchmarks.md (DIR defaults to /var/tmp/ambient-bench/<UTC time>);
 --update-docs also copies the Markdown to docs/benchmarks.md. The lab is removed at the end, also on failure.
@@ -57,6 +58,13 @@ def register(subparsers: Any) -> None:
         default=None,
         help="pods to enrol on one node (default 100, e.g. 500; --quick 5)",
     )
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="NAMES",
+        help="run only these scenarios, comma-separated, from bulk, rr (also gives the ztunnel CPU/RSS "
+        "figures), crr, enrol (default all; e.g. --only enrol for ztunnel's memory with --enrol-pods pods)",
+    )
     p.add_argument("--prefix", default=None, help="lab prefix (default bench<pid>)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each component")
     p.set_defaults(func=cmd_bench)
@@ -64,7 +72,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from services.bench.report import HEADERS, table_rows
-    from services.bench.run import BenchConfig, run_bench
+    from services.bench.run import SCENARIOS, BenchConfig, parse_scenarios, run_bench
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     quick = bool(args.quick)
@@ -79,6 +87,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if enrol > 2000:
         err_console.print("ambient bench: --enrol-pods is limited to 2000")
         return 2
+    try:
+        scenarios = parse_scenarios(args.only) if args.only is not None else SCENARIOS
+    except ValueError as exc:
+        err_console.print(f"ambient bench: --only: {exc}")
+        return 2
     out = args.out or DEFAULT_OUT_ROOT / stamp
     cfg = BenchConfig(
         prefix=args.prefix or f"bench{os.getpid() % 100000}",
@@ -92,6 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         enrol_pods=enrol,
         timeout=args.timeout,
         quick=quick,
+        scenarios=scenarios,
     )
     report, out_dir = run_bench(cfg, progress=_progress)
     table = Table(title=f"ambient bench ({report.machine.cpu_model}, {report.machine.vcpus} vCPU)")

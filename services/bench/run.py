@@ -15,6 +15,9 @@ Theory of operation
        127.0.0.1:15008 inside the pod until the listener accepts; ztunnel's RSS before and after
     7. `finally`: `lab.teardown` (processes by PID, namespaces, files); the JSON and Markdown are written
 
+`--only` (BenchConfig.scenarios) runs a subset of bulk, rr, crr, enrol, always in that order; steps 2-3 only
+when a traffic scenario is among them (so `--only enrol` measures a ztunnel that has carried no traffic).
+
 All traffic stays inside the lab's namespaces; the host namespace only runs `ip netns exec`.
 """
 
@@ -58,6 +61,22 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HBONE_PORT = 15008
 RSS_CHECKPOINTS = (100, 500)  # ztunnel's RSS is also recorded when this many pods are enrolled
+SCENARIOS = ("bulk", "rr", "crr", "enrol")  # what `--only` chooses from; rr also yields the ztunnel figures
+
+
+def parse_scenarios(text: str) -> tuple[str, ...]:
+    """`--only`'s value: comma-separated scenario names, in run order, without duplicates.
+
+    Raises:
+        ValueError: empty, or a name that is not in SCENARIOS.
+    """
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(names - set(SCENARIOS))
+    if unknown:
+        raise ValueError(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
+    if not names:
+        raise ValueError(f"no scenario named (choose from {', '.join(SCENARIOS)})")
+    return tuple(name for name in SCENARIOS if name in names)
 
 
 class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +91,7 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     enrol_pods: int = 100
     timeout: float = 60.0
     quick: bool = False
+    scenarios: tuple[str, ...] = SCENARIOS  # which to run (always in SCENARIOS order)
 
 
 # --- the machine and /proc -------------------------------------------------------------------------------
@@ -591,6 +611,7 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
             "crr_conc": cfg.crr_conc,
             "enrol_pods": cfg.enrol_pods,
             "quick": cfg.quick,
+            "scenarios": ",".join(cfg.scenarios),
         },
     )
     others_before = other_labs(cfg.prefix)
@@ -598,15 +619,21 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
     state = lab.up(prefix=cfg.prefix, world_file=world_file, timeout=cfg.timeout, progress=progress)
     try:
         bench = Bench(cfg, state, progress)
-        bench.start_servers()
-        bench.check_baseline_clean()
-        bench.warm_up(report)
-        report.scenarios.append(bench.bulk(1))
-        report.scenarios.append(bench.bulk(4))
-        report.scenarios.extend(bench.rr())
-        report.scenarios.append(bench.crr())
-        bench.check_baseline_clean()
-        report.scenarios.append(bench.enrol())
+        run = set(cfg.scenarios)
+        if run & {"bulk", "rr", "crr"}:  # the traffic scenarios need the servers and a warmed-up path
+            bench.start_servers()
+            bench.check_baseline_clean()
+            bench.warm_up(report)
+        if "bulk" in run:
+            report.scenarios.append(bench.bulk(1))
+            report.scenarios.append(bench.bulk(4))
+        if "rr" in run:
+            report.scenarios.extend(bench.rr())
+        if "crr" in run:
+            report.scenarios.append(bench.crr())
+        if "enrol" in run:
+            bench.check_baseline_clean()
+            report.scenarios.append(bench.enrol())
     finally:
         shutil.copytree(LabPaths(state.run_dir).logs, out_dir / "logs", dirs_exist_ok=True)
         progress(f"removing the bench lab {cfg.prefix!r} (its logs: {out_dir / 'logs'})")

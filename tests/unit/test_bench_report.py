@@ -16,6 +16,7 @@ from services.bench.report import (
     markdown_table,
     summarize,
 )
+from services.bench.run import SCENARIOS, parse_scenarios
 from services.bench.world import ARMS, NAMESPACES, arm_pods, bench_world, enrol_pod_ip, pod_blocks
 from services.istiod.world import validate
 from services.lab.topology import plan_lab
@@ -139,3 +140,41 @@ def test_pod_blocks_stay_inside_the_bench_range_for_any_seed() -> None:
         a, b = pod_blocks(seed)
         assert 100 <= a < b <= 239
         validate(bench_world(seed), "<bench>")
+
+
+def test_only_option_picks_scenarios_in_run_order_without_duplicates() -> None:
+    assert parse_scenarios("enrol") == ("enrol",)
+    assert parse_scenarios(" enrol, bulk ,enrol") == ("bulk", "enrol")
+    assert parse_scenarios("crr,rr,bulk,enrol") == SCENARIOS
+
+
+@pytest.mark.parametrize(("text", "message"), [("", "no scenario"), (",", "no scenario"),
+                                               ("enrol,ztunnel", "unknown scenario ztunnel")])  # fmt: skip
+def test_only_option_rejects_empty_and_unknown_names(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_scenarios(text)
+
+
+def test_bench_cli_only_option_reaches_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from services.bench import run
+    from shared import bench_cli
+
+    seen: list[run.BenchConfig] = []
+
+    def fake_run_bench(cfg: run.BenchConfig, *, progress: object) -> object:
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(run, "run_bench", fake_run_bench)
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers()
+    bench_cli.register(subparsers)
+    assert "--only" in subparsers.choices["bench"].format_help()
+    with pytest.raises(SystemExit):
+        args = parser.parse_args(["bench", "--only", "enrol", "--prefix", "t"])
+        args.func(args)
+    assert seen[0].scenarios == ("enrol",)
+    args = parser.parse_args(["bench", "--only", "nope"])
+    assert args.func(args) == 2
