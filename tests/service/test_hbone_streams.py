@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -12,6 +13,7 @@ from services.istiod.ca import CertificateAuthority
 from services.ztunnel.hbone.connection import HboneConnection, HboneStream
 from services.ztunnel.hbone.core import ClientCore, ConnectRequested, ServerCore
 from services.ztunnel.hbone.errors import ConnectionClosedError
+from services.ztunnel.hbone.relay import relay
 from services.ztunnel.hbone.tls import (
     TlsContextCache,
     check_established,
@@ -126,6 +128,81 @@ async def test_client_that_stops_reading_holds_back_the_server(nursery: trio.Nur
         while received < 3 * 1024 * 1024:
             received += len(await client.receive_some())
         await server.send_all(b"more")
+
+
+async def test_relay_delivers_in_order_to_a_slow_application(nursery: trio.Nursery, certs: FakeCerts,
+                                                              ca: CertificateAuthority) -> None:
+    """The reader writes into the app socket itself until its buffer is full; the rest queues and the relay
+    task writes it later: the application still gets every byte, in order."""
+    client, server = await hbone_pair(nursery, certs, ca)
+    app, captured = socket.socketpair()
+    captured.setblocking(False)
+    captured.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = os.urandom(3 * 1024 * 1024)
+    nursery.start_soon(relay, server, captured)
+
+    async def send() -> None:
+        for i in range(0, len(payload), 1000):  # many small chunks, so some go inline and some queue
+            await client.send_all(payload[i:i + 1000])
+        await client.send_eof()
+
+    nursery.start_soon(send)
+    app_t = trio.socket.from_stdlib_socket(app)
+    await trio.sleep(0.2)  # let the app's socket buffer fill up first
+    got = bytearray()
+    with trio.fail_after(30):
+        while chunk := await app_t.recv(4096):  # a little at a time, racing the reader's inline writes
+            got += chunk
+            await trio.lowlevel.checkpoint()
+    assert got == payload
+    assert server.bytes_received == len(payload)
+    app.close()
+
+
+async def test_bytes_queued_for_a_full_sink_are_not_overtaken(nursery: trio.Nursery, certs: FakeCerts,
+                                                               ca: CertificateAuthority) -> None:
+    """Once part of a chunk is queued (the sink socket was full), later chunks queue behind it even if the
+    socket has room again: inline writes never overtake queued bytes."""
+    _, server = await hbone_pair(nursery, certs, ca)
+    app, captured = socket.socketpair()
+    captured.setblocking(False)
+    server.set_sink(captured)
+    first = b"a" * (1024 * 1024)  # far more than the socket buffers take
+    server._on_data(first, len(first))
+    written = server.bytes_received
+    assert 0 < written < len(first)
+    app.setblocking(False)
+    drained = b""
+    while True:  # the application reads everything the socket holds: there is room again
+        try:
+            drained += app.recv(65536)
+        except BlockingIOError:
+            break
+    server._on_data(b"b" * 100, 100)
+    assert server.bytes_received == written  # queued, not written inline
+    queued = b""
+    while (chunk := server.receive_nowait()) is not None and chunk:
+        queued += chunk
+        if len(queued) >= len(first) - written + 100:
+            break
+    assert drained + queued == first + b"b" * 100
+    app.close()
+    captured.close()
+
+
+async def test_relay_raises_when_the_application_socket_fails(nursery: trio.Nursery, certs: FakeCerts,
+                                                              ca: CertificateAuthority) -> None:
+    """The app closed its socket: the reader's write fails, and the relay raises that error."""
+    client, server = await hbone_pair(nursery, certs, ca)
+    app, captured = socket.socketpair()
+    captured.setblocking(False)
+    app.close()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(client.send_all, b"to nobody")
+            with pytest.raises(OSError):
+                await relay(server, captured)
+    captured.close()
 
 
 async def test_half_close_each_way(nursery: trio.Nursery, certs: FakeCerts, ca: CertificateAuthority) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -112,6 +113,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._writable = trio.lowlevel.ParkingLot()
         self._send_busy = False
         self._receive_busy = False
+        self._sink: socket.socket | None = None
+        self._sink_error: OSError | None = None
 
     # --- called by the connection (reader task) ---
 
@@ -120,8 +123,30 @@ class HboneStream(trio.abc.HalfCloseableStream):
         if padding:
             self.conn.core.consumed(self.stream_id, padding)
         if data:
+            if self._sink is not None and not self._queue and self._error is None:
+                data = self._write_sink(data)
+                if not data:
+                    return
             self._queue.append(data)
         self._readable.unpark_all()
+
+    def _write_sink(self, data: bytes) -> bytes:
+        """Write to the sink socket right away (see `set_sink`); returns what it did not take."""
+        assert self._sink is not None
+        try:
+            sent = self._sink.send(data)
+        except BlockingIOError:
+            return data
+        except OSError as exc:
+            # The sink's consumer raises this; the bytes are dropped, as a failed send would drop them.
+            self._sink_error = exc
+            self._sink = None
+            self.conn.core.consumed(self.stream_id, len(data))
+            self._readable.unpark_all()
+            return b""
+        self.conn.core.consumed(self.stream_id, sent)
+        self.bytes_received += sent
+        return data[sent:]
 
     def _on_response(self, event: Responded) -> None:
         self.status = event.status
@@ -222,10 +247,21 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self.conn.wake_writer()
         await self.conn.wait_drained()
 
+    def set_sink(self, sock: socket.socket | None) -> None:
+        """Deliver received bytes straight into `sock` (non-blocking) from the connection's reader.
+
+        This saves a task switch per received chunk. Only bytes the socket does not take at once are queued
+        for `receive_some`, whose caller must then write them to the same socket, in order, before calling
+        it again. If writing to the socket fails, the next `receive_some` raises that `OSError`.
+        """
+        self._sink = sock
+
     def receive_nowait(self, max_bytes: int | None = None) -> bytes | None:
         """Queued bytes (b"" at the peer's END_STREAM), or None when nothing is there yet."""
         if self._closed:
             raise trio.ClosedResourceError("the HBONE stream is closed")
+        if self._sink_error is not None:
+            raise self._sink_error
         if self._queue:
             chunk = self._queue.popleft()
             if max_bytes is not None and len(chunk) > max_bytes:

@@ -7,9 +7,11 @@ to the h2 core synchronously (`send_nowait`), which copies what the flow-control
 only a tail the windows did not take is copied out before awaiting. Then it waits for the connection's
 writer to drain (`wait_drained`): that is the back-pressure from a slow peer.
 
-Stream -> socket takes one chunk at a time (`receive_some`, which returns the window to the peer) and writes
-it with non-blocking sends, waiting for the socket when the kernel buffer is full, so a slow application
-holds back the peer through HTTP/2 flow control.
+Stream -> socket: the connection's reader writes arriving bytes straight into the socket (the stream's
+sink), returning the window to the peer, so a request/response turn costs no extra task switch. What the
+kernel buffer does not take is queued; this direction's task takes it (`receive_some`) and writes it,
+waiting for the socket, with the sink off meanwhile, so a slow application holds back the peer through
+HTTP/2 flow control.
 
 EOF on the socket becomes END_STREAM; END_STREAM becomes `shutdown(SHUT_WR)`. The relay ends when both
 directions ended, or when the peer, after its END_STREAM, resets with NO_ERROR (it wants nothing more).
@@ -65,14 +67,23 @@ async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
 
 
 async def stream_to_socket(stream: HboneStream, sock: socket.socket) -> None:
-    """Copy until END_STREAM, then shut down the socket's write side."""
-    while True:
-        data = await stream.receive_some()
-        if not data:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
-            return
-        await _sock_send_all(sock, data)
+    """Copy until END_STREAM, then shut down the socket's write side.
+
+    While this waits, the connection's reader writes arriving bytes into `sock` itself (`set_sink`): this
+    task only sees what the socket did not take at once, and writes that, waiting for the socket.
+    """
+    try:
+        while True:
+            stream.set_sink(sock)
+            data = await stream.receive_some()
+            if not data:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+                return
+            stream.set_sink(None)  # until this chunk is out: later bytes queue behind it
+            await _sock_send_all(sock, data)
+    finally:
+        stream.set_sink(None)
 
 
 def _peer_done(stream: HboneStream, exc: BaseException) -> bool:
