@@ -33,7 +33,6 @@ from typing import Any
 
 import msgspec
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.identity.ca_client import GrpcCaClient
@@ -169,6 +168,8 @@ class ZtunnelApp:
 
     async def stats(self, request: HttpRequest) -> HttpResponse:
         if request.path in ("/metrics", "/stats/prometheus"):
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # first scrape: ~2.3 MiB
+
             return HttpResponse(body=generate_latest(self.telemetry.metrics.registry),
                                 content_type=CONTENT_TYPE_LATEST)
         return HttpResponse(status=404, body=b"not found; try /metrics or /stats/prometheus\n")

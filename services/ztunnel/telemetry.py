@@ -24,11 +24,15 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 ACCESS_LOGGER: Final = "access"
 
@@ -307,28 +311,124 @@ _TRAFFIC_LABELS: Final = (
 )
 
 
+class _Child:
+    """One label set's value of a family (what prometheus_client's `labels()` returns, minus its lock: the
+    process is single-threaded)."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class _Family:
+    """A counter or gauge family with prometheus_client's interface (`labels(**values)`, or `inc()` /
+    `set()` on a family without labels); exported by `Metrics.registry`'s collector."""
+
+    def __init__(self, kind: str, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.children: dict[tuple[str, ...], _Child] = {}
+        if not self.labelnames:
+            self.children[()] = _Child()
+
+    def labels(self, **values: str) -> _Child:
+        if set(values) != set(self.labelnames):
+            raise ValueError(f"{self.name}: incorrect label names {sorted(values)}")
+        key = tuple(str(values[name]) for name in self.labelnames)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = _Child()
+        return child
+
+    def _unlabelled(self) -> _Child:
+        if self.labelnames:
+            raise ValueError(f"{self.name}: no label values given")
+        return self.children[()]
+
+    def inc(self, amount: float = 1) -> None:
+        self._unlabelled().inc(amount)
+
+    def set(self, value: float) -> None:
+        self._unlabelled().set(value)
+
+
+class _Collector:
+    """Turns the families into prometheus_client metric families at scrape time (what its Counter and Gauge
+    would have exported: `_total` and `_created` samples per counter child)."""
+
+    def __init__(self, families: Sequence[_Family]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client import metrics as prometheus_metrics
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        created = prometheus_metrics._use_created  # as its Counter: PROMETHEUS_DISABLE_CREATED_SERIES
+        for family in self._families:
+            if family.kind == "counter":
+                counter = CounterMetricFamily(family.name, family.documentation, labels=family.labelnames)
+                for key, child in list(family.children.items()):
+                    counter.add_metric(key, child.value, child.created if created else None)
+                yield counter
+            else:
+                gauge = GaugeMetricFamily(family.name, family.documentation, labels=family.labelnames)
+                for key, child in list(family.children.items()):
+                    gauge.add_metric(key, child.value)
+                yield gauge
+
+
 class Metrics:
-    """The Prometheus families ztunnel exports, on one registry (served by the stats endpoint)."""
+    """The Prometheus families ztunnel exports.
+
+    Counting is plain Python (`_Family`); prometheus_client (about 2.3 MiB resident with the http.server,
+    email and urllib modules its package imports) is only imported when `registry` is first read, that is at
+    the first scrape of the stats endpoint.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        reg = self.registry
-        self.opened = Counter("istio_tcp_connections_opened", "The total number of TCP connections opened",
-                              _TRAFFIC_LABELS, registry=reg)
-        self.closed = Counter("istio_tcp_connections_closed", "The total number of TCP connections closed",
-                              _TRAFFIC_LABELS, registry=reg)
-        self.sent = Counter("istio_tcp_sent_bytes", "The size of total bytes sent during response in case of "
-                            "a TCP connection", _TRAFFIC_LABELS, registry=reg)
-        self.received = Counter("istio_tcp_received_bytes", "The size of total bytes received during request "
-                                "in case of a TCP connection", _TRAFFIC_LABELS, registry=reg)
-        self.failed = Counter("istio_tcp_connections_failed", "The total number of TCP connections that "
-                              "failed to establish", _TRAFFIC_LABELS, registry=reg)
-        self.active_proxies = Gauge("istio_active_proxy_count", "The total number of active workload proxies",
-                                    registry=reg)
-        self.proxies_started = Counter("istio_proxies_started", "The total number of proxies started",
-                                       registry=reg)
-        self.proxies_stopped = Counter("istio_proxies_stopped", "The total number of proxies stopped",
-                                       registry=reg)
+        counter, gauge, traffic = partial(_Family, "counter"), partial(_Family, "gauge"), _TRAFFIC_LABELS
+        self.opened = counter("istio_tcp_connections_opened", "The total number of TCP connections opened",
+                              traffic)
+        self.closed = counter("istio_tcp_connections_closed", "The total number of TCP connections closed",
+                              traffic)
+        self.sent = counter("istio_tcp_sent_bytes", "The size of total bytes sent during response in case of "
+                            "a TCP connection", traffic)
+        self.received = counter("istio_tcp_received_bytes", "The size of total bytes received during request "
+                                "in case of a TCP connection", traffic)
+        self.failed = counter("istio_tcp_connections_failed", "The total number of TCP connections that "
+                              "failed to establish", traffic)
+        self.active_proxies = gauge("istio_active_proxy_count", "The total number of active workload proxies")
+        self.proxies_started = counter("istio_proxies_started", "The total number of proxies started")
+        self.proxies_stopped = counter("istio_proxies_stopped", "The total number of proxies stopped")
+        self._registry = registry
+        if registry is not None:
+            registry.register(self._collector())
+
+    def _collector(self) -> _Collector:
+        return _Collector([self.opened, self.closed, self.sent, self.received, self.failed,
+                           self.active_proxies, self.proxies_started, self.proxies_stopped])
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry the families are exported on (made, and prometheus_client imported, on first use)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry()
+            self._registry.register(self._collector())
+        return self._registry
 
     @staticmethod
     def labels_of(record: ConnectionRecord) -> dict[str, str]:
@@ -371,13 +471,14 @@ class _Series:
     def __init__(self, metrics: Metrics, labels: dict[str, str]) -> None:
         self._metrics = metrics
         self._labels = labels
-        self._children: dict[str, Any] = {}
+        self._children: dict[str, _Child] = {}
 
-    def child(self, name: str) -> Any:
+    def child(self, name: str) -> _Child:
         """The child of family `name` (an attribute of `Metrics`); created on first use, as before."""
         found = self._children.get(name)
         if found is None:
-            found = self._children[name] = getattr(self._metrics, name).labels(**self._labels)
+            family: _Family = getattr(self._metrics, name)
+            found = self._children[name] = family.labels(**self._labels)
         return found
 
 

@@ -6,9 +6,11 @@ import io
 import json
 import logging
 import re
+import subprocess
+import sys
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from services.ztunnel.telemetry import (
     ConnectionRecord,
@@ -147,6 +149,53 @@ def test_metrics_count_connections_and_bytes_with_istio_convention() -> None:
     # received = request direction (client -> upstream), sent = response direction.
     assert re.search(r"^istio_tcp_received_bytes_total\{.*\} 123\.0$", text, re.M)
     assert re.search(r"^istio_tcp_sent_bytes_total\{.*\} 4567\.0$", text, re.M)
+
+
+def _without_created_values(exposition: bytes) -> str:
+    return re.sub(r"^(\w+_created(?:\{.*\})?) \S+$", r"\1 T", exposition.decode(), flags=re.M)
+
+
+def test_metrics_export_what_prometheus_client_counters_and_gauges_would() -> None:
+    tel, _ = capture()
+    rec = record()
+    tel.connection_opened(rec)
+    tel.connection_complete(rec)
+    tel.connection_complete(rec, "boom", opened=False)
+    tel.metrics.proxies_started.inc()
+    tel.metrics.active_proxies.set(3)
+
+    reference = CollectorRegistry()
+    labels = Metrics.labels_of(rec)
+    for attr in ("opened", "closed", "sent", "received", "failed"):
+        family = getattr(tel.metrics, attr)
+        counter = Counter(family.name, family.documentation, family.labelnames, registry=reference)
+        if attr == "sent":
+            counter.labels(**labels).inc(4567 * 2)
+        elif attr == "received":
+            counter.labels(**labels).inc(123 * 2)
+        else:
+            counter.labels(**labels).inc()
+    Gauge("istio_active_proxy_count", tel.metrics.active_proxies.documentation, registry=reference).set(3)
+    Counter("istio_proxies_started", tel.metrics.proxies_started.documentation, registry=reference).inc()
+    Counter("istio_proxies_stopped", tel.metrics.proxies_stopped.documentation, registry=reference)
+    assert _without_created_values(generate_latest(tel.metrics.registry)) == _without_created_values(
+        generate_latest(reference))
+
+
+def test_metrics_families_check_label_names_and_amounts() -> None:
+    metrics = Metrics()
+    with pytest.raises(ValueError, match="incorrect label names"):
+        metrics.opened.labels(reporter="source")
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.proxies_started.inc(-1)
+    with pytest.raises(ValueError, match="no label values"):
+        metrics.opened.inc()
+
+
+def test_ztunnel_imports_prometheus_client_only_for_a_scrape() -> None:
+    code = "import sys, services.ztunnel.app; print('prometheus_client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_set_log_level_accepts_upstream_names_and_rejects_others() -> None:
