@@ -115,8 +115,8 @@ async def relay(stream: HboneStream, sock: socket.socket) -> None:
             scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(one_way, "up", nursery.cancel_scope)
         nursery.start_soon(one_way, "down", nursery.cancel_scope)
+        await one_way("up", nursery.cancel_scope)  # in this task: one task spawned per relay, not two
     if errors:
         if not stream.finished:
             stream.reset(ERROR_CONNECT)

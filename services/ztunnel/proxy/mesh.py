@@ -150,6 +150,9 @@ class _Inbound:
         self.ctx = ctx
         self.mesh = mesh
         self.workload = workload
+        # The ends of the last record: every stream of a connection has the same, so the look-ups run once
+        # per connection and xDS generation, not twice per stream (opened, then complete).
+        self._ends: tuple[tuple[str, int, int], Peer, Peer] | None = None
 
     def authorize(self, info: InboundInfo) -> Decision:
         decision = authorize_from_state(self.mesh.store, info.authz_request())
@@ -175,14 +178,20 @@ class _Inbound:
                src_identity: str | None) -> ConnectionRecord:
         ctx = self.ctx
         store = self.mesh.store
-        src_workload = store.workload_by_ip(src_addr[0])
-        src = (workload_peer(src_workload, cluster=ctx.config.cluster_id) if src_workload is not None
-               else ctx.peers.by_address(src_addr[0]) or Peer())
-        if src_identity is not None:
+        key = (src_addr[0], target[1], store.generation)
+        if self._ends is not None and self._ends[0] == key:
+            src, dst = self._ends[1], self._ends[2]
+        else:
+            src_workload = store.workload_by_ip(src_addr[0])
+            src = (workload_peer(src_workload, cluster=ctx.config.cluster_id) if src_workload is not None
+                   else ctx.peers.by_address(src_addr[0]) or Peer())
+            dst = workload_peer(self.workload, mtls=True, cluster=ctx.config.cluster_id,
+                                service=service_for_port(store, self.workload, target[1]))
+            if src_workload is not None:
+                self._ends = (key, src, dst)
+        if src_identity is not None and src.identity != src_identity:
             src = Peer(workload=src.workload, namespace=src.namespace, identity=src_identity,
                        cluster=src.cluster, service=src.service)
-        dst = workload_peer(self.workload, mtls=True, cluster=ctx.config.cluster_id,
-                            service=service_for_port(store, self.workload, target[1]))
         return ConnectionRecord(direction="inbound", src_addr=format_addr(src_addr),
                                 dst_addr=format_addr(dst_addr), dst_hbone_addr=format_addr(target), src=src,
                                 dst=dst)
