@@ -16,12 +16,16 @@ Readiness (`/healthz/ready`) is the conjunction of named checks: the ZDS manager
 snapshot applied, nothing pending), plus "xDS synced" when XDS_ADDRESS is set. SIGTERM/SIGINT: stop the ZDS
 client (no new pods), every pod stops accepting, open connections get the drain deadline to finish, then
 everything is closed.
+
+Memory: the process (`main`) also returns free heap pages to the kernel every MALLOC_TRIM_INTERVAL seconds
+(`malloc_trim`); /metrics imports prometheus_client only when first scraped.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -29,7 +33,8 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -62,6 +67,36 @@ def raise_open_files_limit() -> None:
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+MALLOC_TRIM_INTERVAL: Final = 5.0  # seconds
+
+
+def libc_malloc_trim() -> Callable[[], object] | None:
+    """glibc's `malloc_trim(0)`, or None where the C library has none (musl)."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return partial(trim, 0)
+
+
+async def trim_malloc_periodically(interval: float = MALLOC_TRIM_INTERVAL) -> None:
+    """Hand free heap pages back to the kernel every `interval` seconds, for as long as it runs.
+
+    Traffic frees large blocks (TLS records, HTTP/2 frames up to 1 MiB); glibc then raises its trim threshold
+    and keeps the freed pages, so a ztunnel that has carried traffic stayed ~4 MiB larger than one that has
+    not. `malloc_trim(0)` returns them (measured: 100-300 us per call; no threads, so one arena).
+    """
+    trim = libc_malloc_trim()
+    if trim is None:
+        return
+    while True:
+        await trio.sleep(interval)
+        trim()
 
 
 def verify_syscalls(mark: int) -> None:
@@ -276,6 +311,7 @@ async def _main(config: ZtunnelConfig) -> None:
                     return
 
             nursery.start_soon(wait_signal)
+            nursery.start_soon(trim_malloc_periodically)
             await run_ztunnel(config, shutdown=shutdown)
             nursery.cancel_scope.cancel()
 

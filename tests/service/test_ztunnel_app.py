@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import trio
 
+from services.ztunnel import app as app_module
 from services.ztunnel.app import ZtunnelApp, run_ztunnel
 from services.ztunnel.config import ZtunnelConfig, drain_deadline, load_config
 from services.ztunnel.errors import ConfigError
@@ -190,3 +191,20 @@ async def test_xds_sync_gates_readiness_and_names_peers(tmp_path: Path, pipe_fds
             [pod] = dump["pods"]
             assert pod["identity"] == identity and pod["pool"] == []
             nursery.cancel_scope.cancel()
+
+
+def test_malloc_trim_is_glibcs_and_callable() -> None:
+    trim = app_module.libc_malloc_trim()
+    if trim is None:
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    assert trim() in (0, 1)
+
+
+async def test_free_heap_is_trimmed_every_interval(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    calls: list[float] = []
+    monkeypatch.setattr(app_module, "libc_malloc_trim", lambda: lambda: calls.append(trio.current_time()))
+    with trio.move_on_after(app_module.MALLOC_TRIM_INTERVAL * 3.5):
+        await app_module.trim_malloc_periodically()
+    assert calls == [app_module.MALLOC_TRIM_INTERVAL * k for k in (1, 2, 3)]
