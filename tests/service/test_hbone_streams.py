@@ -205,6 +205,20 @@ async def test_relay_raises_when_the_application_socket_fails(nursery: trio.Nurs
     captured.close()
 
 
+async def test_sending_after_goaway_is_a_broken_stream(nursery: trio.Nursery, certs: FakeCerts,
+                                                       ca: CertificateAuthority) -> None:
+    """h2 refuses every send once a GOAWAY went out: the stream reports that as a broken stream, not as
+    h2's ProtocolError (which the relay would not expect)."""
+    _, server = await hbone_pair(nursery, certs, ca)
+    server.conn.core.close()  # GOAWAY queued; the stream itself was never reset
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await server.send_all(b"too late")
+    assert isinstance(info.value.__cause__, ConnectionClosedError)
+    with pytest.raises(trio.BrokenResourceError):
+        await server.send_eof()
+    await server.aclose()  # a graceful close is still quiet
+
+
 async def test_half_close_each_way(nursery: trio.Nursery, certs: FakeCerts, ca: CertificateAuthority) -> None:
     client, server = await hbone_pair(nursery, certs, ca)
     with trio.fail_after(10):

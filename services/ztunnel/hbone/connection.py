@@ -168,6 +168,15 @@ class HboneStream(trio.abc.HalfCloseableStream):
     def _on_window(self) -> None:
         self._writable.unpark_all()
 
+    def _refused(self, exc: h2.exceptions.ProtocolError) -> trio.BrokenResourceError:
+        """h2 refused to send on this stream: fail it with the reason; the error for the caller to raise."""
+        if isinstance(exc, h2.exceptions.StreamClosedError):
+            self._fail(StreamResetError("the stream was closed by the peer", error_code=ERROR_CANCEL))
+        else:
+            # h2 sends nothing more once a GOAWAY went either way, not even on streams already open.
+            self._fail(ConnectionClosedError("the HBONE connection is going away (GOAWAY)"))
+        return trio.BrokenResourceError(str(self._error))
+
     # --- application API ---
 
     @property
@@ -197,9 +206,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._check_send()
         try:
             taken = self.conn.core.send_data(self.stream_id, data)
-        except h2.exceptions.StreamClosedError:
-            self._fail(StreamResetError("the stream was closed by the peer", error_code=ERROR_CANCEL))
-            raise trio.BrokenResourceError(str(self._error)) from self._error
+        except h2.exceptions.ProtocolError as exc:
+            raise self._refused(exc) from self._error
         if taken:
             self.bytes_sent += taken
             self.conn.wake_writer()
@@ -240,9 +248,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._check_send()
         try:
             self.conn.core.end_stream(self.stream_id)
-        except h2.exceptions.StreamClosedError:
-            self._fail(StreamResetError("the stream was closed by the peer", error_code=ERROR_CANCEL))
-            raise trio.BrokenResourceError(str(self._error)) from self._error
+        except h2.exceptions.ProtocolError as exc:
+            raise self._refused(exc) from self._error
         self._eof_sent = True
         self.conn.wake_writer()
         await self.conn.wait_drained()
@@ -325,7 +332,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 try:
                     core.end_stream(self.stream_id)
                     self._eof_sent = True
-                except h2.exceptions.StreamClosedError:
+                except h2.exceptions.ProtocolError:  # closed by the peer, or the connection is going away
                     pass
             if not self._eof_received:
                 core.reset(self.stream_id, ERROR_NO_ERROR)
@@ -661,8 +668,8 @@ class HboneConnection:
         assert isinstance(self.core, ServerCore)
         try:
             self.core.respond(stream.stream_id, status, headers)
-        except h2.exceptions.StreamClosedError:
-            stream._fail(StreamResetError("the client reset the stream", error_code=ERROR_CANCEL))
+        except h2.exceptions.ProtocolError as exc:
+            stream._refused(exc)
             return
         stream.status = status
         self.wake_writer()
