@@ -159,6 +159,43 @@ async def test_relay_delivers_in_order_to_a_slow_application(nursery: trio.Nurse
     app.close()
 
 
+class _Spawns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+async def test_a_short_exchange_is_relayed_without_a_second_task(nursery: trio.Nursery, certs: FakeCerts,
+                                                                 ca: CertificateAuthority) -> None:
+    """Request, response, half-close both ways: the reader delivers the bytes and the END_STREAM into the
+    app socket itself, so the relay never spawns its downstream task."""
+    client, server = await hbone_pair(nursery, certs, ca)
+    app, captured = socket.socketpair()
+    captured.setblocking(False)
+    app_t = trio.socket.from_stdlib_socket(app)
+    spawns = _Spawns()
+    trio.lowlevel.add_instrument(spawns)
+    try:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(relay, server, captured)
+            await trio.testing.wait_all_tasks_blocked()  # the relay is in place before the bytes come
+            await client.send_all(b"ping")
+            await client.send_eof()
+            assert await app_t.recv(100) == b"ping"
+            assert await app_t.recv(100) == b""  # END_STREAM arrived as a half-close
+            await app_t.send(b"pong")
+            app.shutdown(socket.SHUT_WR)
+            assert await client.receive_some() == b"pong"
+            assert await client.receive_some() == b""
+    finally:
+        trio.lowlevel.remove_instrument(spawns)
+    assert [name for name in spawns.names if "one_way" in name] == []
+    app.close()
+    captured.close()
+
+
 async def test_bytes_queued_for_a_full_sink_are_not_overtaken(nursery: trio.Nursery, certs: FakeCerts,
                                                                ca: CertificateAuthority) -> None:
     """Once part of a chunk is queued (the sink socket was full), later chunks queue behind it even if the

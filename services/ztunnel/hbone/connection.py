@@ -26,6 +26,7 @@ stream still open is failed with `ConnectionClosedError`, so their tasks see `Br
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import secrets
 import socket
@@ -115,6 +116,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._receive_busy = False
         self._sink: socket.socket | None = None
         self._sink_error: OSError | None = None
+        self._attention: Callable[[], None] | None = None
+        self._eof_delivered = False  # END_STREAM became shutdown(SHUT_WR) of the sink, inline
 
     # --- called by the connection (reader task) ---
 
@@ -122,13 +125,22 @@ class HboneStream(trio.abc.HalfCloseableStream):
         padding = flow_controlled_length - len(data)
         if padding:
             self.conn.core.consumed(self.stream_id, padding)
-        if data:
-            if self._sink is not None and not self._queue and self._error is None:
-                data = self._write_sink(data)
-                if not data:
-                    return
-            self._queue.append(data)
+        if not data:
+            return
+        if self._sink is not None and not self._queue and self._error is None:
+            data = self._write_sink(data)
+            if not data:
+                return
+        self._queue.append(data)
         self._readable.unpark_all()
+        self._call_attention()
+
+    def _call_attention(self) -> None:
+        """Inline delivery cannot go on (bytes queued, an error, ...): the sink's owner must start a task."""
+        attention = self._attention
+        if attention is not None:
+            self._attention = None
+            attention()
 
     def _write_sink(self, data: bytes) -> bytes:
         """Write to the sink socket right away (see `set_sink`); returns what it did not take."""
@@ -143,6 +155,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._sink = None
             self.conn.core.consumed(self.stream_id, len(data))
             self._readable.unpark_all()
+            self._call_attention()
             return b""
         self.conn.core.consumed(self.stream_id, sent)
         self.bytes_received += sent
@@ -157,13 +170,21 @@ class HboneStream(trio.abc.HalfCloseableStream):
 
     def _on_end(self) -> None:
         self._eof_received = True
+        if self._attention is not None and self._sink is not None and not self._queue:
+            # Inline delivery with nothing left behind: the half-close is delivered here too.
+            with contextlib.suppress(OSError):
+                self._sink.shutdown(socket.SHUT_WR)
+            self._eof_delivered = True
+            return
         self._readable.unpark_all()
+        self._call_attention()
 
     def _fail(self, error: HboneError) -> None:
         if self._error is None:
             self._error = error
         self._readable.unpark_all()
         self._writable.unpark_all()
+        self._call_attention()
 
     def _on_window(self) -> None:
         self._writable.unpark_all()
@@ -254,14 +275,32 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self.conn.wake_writer()
         await self.conn.wait_drained()
 
-    def set_sink(self, sock: socket.socket | None) -> None:
+    def set_sink(self, sock: socket.socket | None, *, attention: Callable[[], None] | None = None) -> None:
         """Deliver received bytes straight into `sock` (non-blocking) from the connection's reader.
 
         This saves a task switch per received chunk. Only bytes the socket does not take at once are queued
         for `receive_some`, whose caller must then write them to the same socket, in order, before calling
         it again. If writing to the socket fails, the next `receive_some` raises that `OSError`.
+
+        With `attention`, nobody is waiting in `receive_some` yet: the reader also turns END_STREAM into
+        `shutdown(SHUT_WR)` of `sock` itself, and calls `attention()` (once, synchronously) as soon as a task
+        is needed: bytes had to be queued, the socket or the stream failed, or the peer ended while bytes
+        were queued. See `needs_receiver`.
         """
         self._sink = sock
+        self._attention = attention if sock is not None else None
+
+    @property
+    def needs_receiver(self) -> bool:
+        """Something only a task in `receive_some` can handle is already there (bytes queued, an error, an
+        END_STREAM not yet delivered)."""
+        return (bool(self._queue) or self._error is not None or self._sink_error is not None
+                or (self._eof_received and not self._eof_delivered))
+
+    @property
+    def eof_delivered(self) -> bool:
+        """END_STREAM was already turned into `shutdown(SHUT_WR)` of the sink by the reader."""
+        return self._eof_delivered
 
     def receive_nowait(self, max_bytes: int | None = None) -> bytes | None:
         """Queued bytes (b"" at the peer's END_STREAM), or None when nothing is there yet."""

@@ -8,10 +8,11 @@ only a tail the windows did not take is copied out before awaiting. Then it wait
 writer to drain (`wait_drained`): that is the back-pressure from a slow peer.
 
 Stream -> socket: the connection's reader writes arriving bytes straight into the socket (the stream's
-sink), returning the window to the peer, so a request/response turn costs no extra task switch. What the
-kernel buffer does not take is queued; this direction's task takes it (`receive_some`) and writes it,
-waiting for the socket, with the sink off meanwhile, so a slow application holds back the peer through
-HTTP/2 flow control.
+sink), returning the window to the peer, so a request/response turn costs no extra task switch; it also
+turns END_STREAM into `shutdown(SHUT_WR)`. This direction gets a task of its own only when the reader
+cannot go on alone (most short connections never need one): what the kernel buffer did not take is queued,
+and the task takes it (`receive_some`) and writes it, waiting for the socket, with the sink off meanwhile,
+so a slow application holds back the peer through HTTP/2 flow control.
 
 EOF on the socket becomes END_STREAM; END_STREAM becomes `shutdown(SHUT_WR)`. The relay ends when both
 directions ended, or when the peer, after its END_STREAM, resets with NO_ERROR (it wants nothing more).
@@ -77,8 +78,9 @@ async def stream_to_socket(stream: HboneStream, sock: socket.socket) -> None:
             stream.set_sink(sock)
             data = await stream.receive_some()
             if not data:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_WR)
+                if not stream.eof_delivered:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_WR)
                 return
             stream.set_sink(None)  # until this chunk is out: later bytes queue behind it
             await _sock_send_all(sock, data)
@@ -115,8 +117,27 @@ async def relay(stream: HboneStream, sock: socket.socket) -> None:
             scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(one_way, "down", nursery.cancel_scope)
-        await one_way("up", nursery.cancel_scope)  # in this task: one task spawned per relay, not two
+        down_started = False
+
+        def start_down() -> None:
+            nonlocal down_started
+            if not down_started:
+                down_started = True
+                nursery.start_soon(one_way, "down", nursery.cancel_scope)
+
+        # The down direction starts inline (the reader writes into `sock` itself) and gets its own task
+        # only when it needs one: most short connections never do, which saves a task per connection.
+        try:
+            stream.set_sink(sock, attention=start_down)
+            if stream.needs_receiver:
+                start_down()
+            await one_way("up", nursery.cancel_scope)
+        finally:
+            if not down_started:
+                stream.set_sink(None)  # no attention call may reach this nursery once it is closing
+        if not down_started:  # upstream done, downstream still inline: finish it in this task
+            down_started = True
+            await one_way("down", nursery.cancel_scope)
     if errors:
         if not stream.finished:
             stream.reset(ERROR_CONNECT)
