@@ -23,7 +23,6 @@ Memory: the process (`main`) also returns free heap pages to the kernel every MA
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import logging
@@ -330,13 +329,17 @@ Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to enter pod namespaces."""
 
 def main(argv: list[str] | None = None) -> int:
     """Console script `ztunnel`; settings come from the environment (INPOD_UDS, NODE_NAME, LOG_FORMAT...)."""
-    parser = argparse.ArgumentParser(
-        prog="ztunnel",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="The node's ztunnel: per-pod listeners inside each pod's netns, HBONE, L4 policy.",
-        epilog=ENV_HELP,
-    )
-    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args:  # only --help (or a mistake) needs the parser: argparse costs ~0.3 MiB resident for nothing
+        import argparse
+
+        parser = argparse.ArgumentParser(
+            prog="ztunnel",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="The node's ztunnel: per-pod listeners inside each pod's netns, HBONE, L4 policy.",
+            epilog=ENV_HELP,
+        )
+        parser.parse_args(args)
     try:
         config = load_config()
     except ConfigError as exc:

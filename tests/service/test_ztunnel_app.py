@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -208,3 +210,15 @@ async def test_free_heap_is_trimmed_every_interval(
     with trio.move_on_after(app_module.MALLOC_TRIM_INTERVAL * 3.5):
         await app_module.trim_malloc_periodically()
     assert calls == [app_module.MALLOC_TRIM_INTERVAL * k for k in (1, 2, 3)]
+
+
+def test_help_still_parses_arguments_but_a_plain_start_does_not_load_argparse(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        app_module.main(["--help"])
+    assert exited.value.code == 0
+    assert "INPOD_UDS" in capsys.readouterr().out
+    code = "import sys, services.ztunnel.app; print({'argparse', 'prometheus_client'} & set(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "set()"
