@@ -440,8 +440,9 @@ class ClientCore(_Core):
         headers: list[Header] = [
             (b":method", b"CONNECT"),
             (b":authority", format_authority(target).encode()),
-            (b"forwarded", forwarded.encode()),
-            # Unique per stream: never indexed, so it does not churn the HPACK dynamic table.
+            # Unique per stream (the client's port, a random trace id): never indexed, so they do not churn
+            # the HPACK dynamic table, whose look-up is a linear scan of every entry on each header encoded.
+            hpack.NeverIndexedHeaderTuple(b"forwarded", forwarded.encode()),
             hpack.NeverIndexedHeaderTuple(b"traceparent", traceparent.encode()),
         ]
         if baggage:
