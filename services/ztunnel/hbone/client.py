@@ -272,13 +272,14 @@ class HbonePool:
             self._drop(key, conn)
 
     async def _release_when_idle(self, key: PoolKey, conn: HboneConnection) -> None:
+        # Wakes once per `idle_timeout` at most (not at every stream opened or closed): a connection is idle
+        # when it has had no stream, and none reserved, since `idle_timeout` seconds.
         while not conn.dead:
+            await trio.sleep_until(conn.last_activity + self.idle_timeout)
             if conn.active_streams or self._reserved(key, conn):
-                await conn.wait_activity()
+                conn.last_activity = trio.current_time()  # busy: look again a full timeout later
                 continue
-            with trio.move_on_after(self.idle_timeout) as scope:
-                await conn.wait_activity()
-            if scope.cancelled_caught and not conn.active_streams and not self._reserved(key, conn):
+            if trio.current_time() >= conn.last_activity + self.idle_timeout and not conn.dead:
                 self._drop(key, conn)  # first, so that no stream picks it while the GOAWAY goes out
                 conn.close()
                 return

@@ -420,6 +420,7 @@ class HboneConnection:
         self._nursery: trio.Nursery | None = None
         self._closed = trio.Event()
         self.active_streams = 0
+        self.last_activity = trio.current_time()  # a stream opened or closed (Trio clock), for idle release
 
     # --- lifetime ---
 
@@ -649,11 +650,13 @@ class HboneConnection:
     def _adopt(self, stream: HboneStream) -> None:
         self.streams[stream.stream_id] = stream
         self.active_streams += 1
+        self.last_activity = trio.current_time()
         self._activity.unpark_all()
 
     def _forget(self, stream: HboneStream) -> None:
         if self.streams.pop(stream.stream_id, None) is not None:
             self.active_streams -= 1
+            self.last_activity = trio.current_time()
             self._activity.unpark_all()
 
     async def wait_activity(self) -> None:
