@@ -266,6 +266,14 @@ class HboneStream(trio.abc.HalfCloseableStream):
         if self._eof_sent and self._error is None and not self._closed:
             await trio.lowlevel.checkpoint()
             return
+        self.send_eof_nowait()
+        await self.conn.wait_drained()
+
+    def send_eof_nowait(self) -> None:
+        """`send_eof` without waiting for the connection's output to drain (for copy loops that wait for
+        back-pressure themselves); a no-op when END_STREAM was already sent."""
+        if self._eof_sent and self._error is None and not self._closed:
+            return
         self._check_send()
         try:
             self.conn.core.end_stream(self.stream_id)
@@ -273,7 +281,6 @@ class HboneStream(trio.abc.HalfCloseableStream):
             raise self._refused(exc) from self._error
         self._eof_sent = True
         self.conn.wake_writer()
-        await self.conn.wait_drained()
 
     def set_sink(self, sock: socket.socket | None, *, attention: Callable[[], None] | None = None) -> None:
         """Deliver received bytes straight into `sock` (non-blocking) from the connection's reader.
@@ -324,12 +331,17 @@ class HboneStream(trio.abc.HalfCloseableStream):
         return None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return await self.receive_chunk(max_bytes)
+
+    async def receive_chunk(self, max_bytes: int | None = None) -> bytes:
+        """`receive_some` without its first checkpoint: returns at once when bytes are queued, so it is a
+        checkpoint only when it waits. For copy loops that reach a checkpoint elsewhere on every turn."""
         _check_max_bytes(max_bytes)
         if self._receive_busy:
             raise trio.BusyResourceError("another task is already receiving on this HBONE stream")
         self._receive_busy = True
         try:
-            await trio.lowlevel.checkpoint()
             while True:
                 data = self.receive_nowait(max_bytes)
                 if data is not None:

@@ -11,7 +11,7 @@ Stream -> socket: the connection's reader writes arriving bytes straight into th
 sink), returning the window to the peer, so a request/response turn costs no extra task switch; it also
 turns END_STREAM into `shutdown(SHUT_WR)`. This direction gets a task of its own only when the reader
 cannot go on alone (most short connections never need one): what the kernel buffer did not take is queued,
-and the task takes it (`receive_some`) and writes it, waiting for the socket, with the sink off meanwhile,
+and the task takes it (`receive_chunk`) and writes it, waiting for the socket, with the sink off meanwhile,
 so a slow application holds back the peer through HTTP/2 flow control.
 
 EOF on the socket becomes END_STREAM; END_STREAM becomes `shutdown(SHUT_WR)`. The relay ends when both
@@ -54,7 +54,9 @@ async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
             await trio.lowlevel.wait_readable(sock)
             continue
         if n == 0:
-            await stream.send_eof()
+            stream.send_eof_nowait()
+            if stream.conn.above_high_water:
+                await stream.wait_drained()
             return
         taken = stream.send_nowait(_shared_view[:n])
         if taken < n:
@@ -76,7 +78,9 @@ async def stream_to_socket(stream: HboneStream, sock: socket.socket) -> None:
     try:
         while True:
             stream.set_sink(sock)
-            data = await stream.receive_some()
+            # No checkpoint of its own when bytes are queued: the send below waits whenever the socket is
+            # full, and the queue empties (then this waits) since only the reader task fills it.
+            data = await stream.receive_chunk()
             if not data:
                 if not stream.eof_delivered:
                     with contextlib.suppress(OSError):
