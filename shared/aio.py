@@ -39,7 +39,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-import msgspec
 import trio
 import trio_asyncio
 from grpclib.client import Channel as _GrpcChannel
@@ -49,6 +48,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.server import Server as _GrpcServer
 
 from shared.errors import AmbientError
+from shared.grpc_target import GrpcTarget, client_tls_context
 
 log = logging.getLogger(__name__)
 
@@ -396,81 +396,6 @@ class Channel:
             if isinstance(exc, trio.Cancelled):
                 raise
             log.debug("closing %s stream: %r", method, exc)
-
-
-def client_tls_context(root_pem: str) -> ssl.SSLContext:
-    """A client TLS context trusting only `root_pem` (the stub's root-cert.pem), ALPN h2, hostname checked."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=root_pem)
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
-
-
-class GrpcTarget(msgspec.Struct, frozen=True, kw_only=True):
-    """Where and how to reach a gRPC server (istiod): address, TLS root (None = plaintext), bearer token and
-    extra metadata (upstream's XDS_HEADER_* / CA_HEADER_*)."""
-
-    host: str
-    port: int
-    root_cert_pem: str | None = None
-    token: str | None = None
-    headers: dict[str, str] = {}
-    keepalive: float | None = 10.0
-    keepalive_timeout: float = 20.0
-
-    def call_metadata(self) -> dict[str, str]:
-        md = dict(self.headers)
-        if self.token:
-            md["authorization"] = f"Bearer {self.token}"
-        return md
-
-    @classmethod
-    def from_env(
-        cls,
-        kind: str,
-        environ: Mapping[str, str],
-        *,
-        default_address: str = "https://istiod.istio-system.svc:15012",
-    ) -> GrpcTarget:
-        """Build from upstream-style settings: `<KIND>_ADDRESS` (https://host:port, or http:// for plaintext),
-        `<KIND>_ROOT_CERT` (default ./var/run/secrets/istio/root-cert.pem), `<KIND>_TOKEN_FILE` (default
-        ./var/run/secrets/tokens/istio-token; missing file = no token), `<KIND>_HEADER_<name>` extra metadata.
-
-        Raises:
-            ValueError: an address that is not [scheme://]host:port, or an unreadable root certificate.
-        """
-        address = environ.get(f"{kind}_ADDRESS", default_address)
-        scheme, sep, rest = address.partition("://")
-        if not sep:
-            scheme, rest = "https", address
-        host, _, port = rest.rstrip("/").rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"{kind}_ADDRESS {address!r} is not [https://]HOST:PORT")
-        root = None
-        if scheme != "http":
-            root_path = environ.get(f"{kind}_ROOT_CERT", "./var/run/secrets/istio/root-cert.pem")
-            try:
-                with open(root_path) as f:
-                    root = f.read()
-                client_tls_context(root)
-            except ssl.SSLError as exc:
-                raise ValueError(f"{kind}_ROOT_CERT {root_path} is not a PEM certificate: {exc}") from None
-            except OSError as exc:
-                raise ValueError(
-                    f"cannot read the root certificate {root_path} ({exc.strerror}); "
-                    f"set {kind}_ROOT_CERT to the stub's root-cert.pem (or use an http:// address: plaintext)"
-                ) from None
-        token = None
-        token_path = environ.get(f"{kind}_TOKEN_FILE", "./var/run/secrets/tokens/istio-token")
-        try:
-            with open(token_path) as f:
-                token = f.read().strip() or None
-        except OSError:
-            token = None
-        prefix = f"{kind}_HEADER_"
-        headers = {
-            k[len(prefix) :].lower().replace("_", "-"): v for k, v in environ.items() if k.startswith(prefix)
-        }
-        return cls(host=host.strip("[]"), port=int(port), root_cert_pem=root, token=token, headers=headers)
 
 
 @asynccontextmanager

@@ -33,17 +33,12 @@ import socket
 import sys
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
 
-from services.ztunnel.hbone.tls import TlsContextCache
-from services.ztunnel.identity.ca_client import GrpcCaClient
-from services.ztunnel.identity.manager import open_certificate_manager
 from services.ztunnel.state.store import StateStore
-from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
-from shared.aio import open_aio_loop
 from shared.netns import NetnsError, current_netns_fd, entered
 from shared.zds.client import run_zds_client
 from shared.zds.workloads import WorkloadManager, write_state_file
@@ -56,6 +51,9 @@ from .inpod.sockets import SO_MARK
 from .peers import StatePeers
 from .proxy.context import Mesh, SocketFactory
 from .telemetry import Metrics, Telemetry, current_log_levels, set_log_level, setup_logging
+
+if TYPE_CHECKING:
+    from services.ztunnel.xds.client import XdsClient
 
 log = logging.getLogger("ztunnel.app")
 
@@ -232,6 +230,12 @@ async def run_ztunnel(config: ZtunnelConfig, *, shutdown: trio.Event | None = No
     async with contextlib.AsyncExitStack() as stack:
         mesh: Mesh | None = None
         if config.xds_target is not None:
+            # Only with a control plane: grpclib, trio-asyncio and asyncio (~4 MiB resident), the CA client.
+            from services.ztunnel.hbone.tls import TlsContextCache
+            from services.ztunnel.identity.ca_client import GrpcCaClient
+            from services.ztunnel.identity.manager import open_certificate_manager
+            from shared.aio import open_aio_loop
+
             await stack.enter_async_context(open_aio_loop())  # grpclib runs on asyncio via trio-asyncio
             ca = GrpcCaClient(config.ca_target or config.xds_target)  # upstream: the CA is istiod by default
             certs = await stack.enter_async_context(open_certificate_manager(ca))
@@ -256,6 +260,8 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
 
             # --- xDS client (only when XDS_ADDRESS is set): workloads/services/policies into `store` -----
             if config.xds_target is not None:
+                from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
+
                 xds = XdsClient(config.xds_target, store, XdsClientConfig(
                     node_id=ztunnel_node_id(config.instance_ip, config.pod_name, config.pod_namespace),
                     node_metadata={"NAME": config.pod_name, "NAMESPACE": config.pod_namespace,

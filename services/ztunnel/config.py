@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from shared.aio import GrpcTarget
+from shared.grpc_target import GrpcTarget
 
 from .errors import ConfigError
 from .proxy.context import ProxyConfig
