@@ -31,13 +31,14 @@ thread (DESIGN §5): import it only from modules that talk gRPC.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import enum
 import logging
 import ssl
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import trio
 import trio_asyncio
@@ -51,6 +52,13 @@ from shared.errors import AmbientError
 from shared.grpc_target import GrpcTarget, client_tls_context
 
 log = logging.getLogger(__name__)
+
+# asyncio's TLS transport keeps a receive buffer of SSLProtocol.max_size (256 KiB, zero-filled, so resident)
+# for every connection, and reads up to that much per call. Control-plane gRPC messages are small: 64 KiB
+# (four TLS records) per read is plenty and saves 192 KiB per xDS/CA connection (and per node agent and
+# ztunnel connected to istiod).
+GRPC_TLS_READ_BUFFER: Final = 64 * 1024
+asyncio.sslproto.SSLProtocol.max_size = GRPC_TLS_READ_BUFFER
 
 __all__ = [
     "Channel",

@@ -10,10 +10,11 @@ import trio
 from services.istiod.server import Auth, IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
 from services.istiod.testing import bookinfo_world, open_test_istiod
+from services.istiod.world import Pod, world_to_json
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Action, PolicyKey, Scope, Service, TunnelProtocol, Workload
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
-from shared.aio import GrpcTarget, open_aio_loop
+from shared.aio import GRPC_TLS_READ_BUFFER, GrpcTarget, open_aio_loop
 
 
 def wl(store: StateStore, ip: str) -> Workload:
@@ -219,4 +220,24 @@ async def test_keepalive_notices_a_silent_server_and_the_client_recovers() -> No
             istiod.store.remove_pod("sleep", "sleep-5c6d7e")
             await client.store.wait_for(lambda s: s.workload_by_ip("10.244.1.20") is None)
             assert client.connects >= 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_push_larger_than_the_tls_read_buffer_arrives_whole() -> None:
+    world = bookinfo_world()
+    node = world.nodes[0].name
+    extra = [
+        Pod(name=f"bulk-{i}", namespace="bookinfo", node=node, ips=[f"10.244.{100 + i // 250}.{i % 250 + 1}"],
+            labels={"app": f"bulk-{i}", "padding": "x" * 60}, service_account=f"bulk-{i}")
+        for i in range(1500)
+    ]  # fmt: skip
+    big = msgspec.structs.replace(world, pods=[*world.pods, *extra])
+    assert len(world_to_json(big)) > 3 * GRPC_TLS_READ_BUFFER  # the initial push spans many TLS reads
+    with trio.fail_after(30):
+        async with open_test_istiod(big) as istiod, trio.open_nursery() as nursery:
+            client = new_client(istiod.target(node="node-a"))
+            await nursery.start(client.run)
+            await client.wait_synced()
+            assert len(client.store.workloads) == 8 + 1500
+            assert client.nacks_sent == []
             nursery.cancel_scope.cancel()
