@@ -10,6 +10,7 @@ import pytest
 
 from services.ztunnel.hbone.client import baggage_of
 from services.ztunnel.hbone.core import (
+    CLOSED_STREAMS_REMEMBERED,
     CONNECTION_WINDOW,
     MAX_FRAME_SIZE,
     STREAM_WINDOW,
@@ -279,6 +280,28 @@ def test_reset_reaches_the_peer() -> None:
     _, s_events = exchange(client, server)
     assert StreamReset(sid, 8) in s_events
     client.reset(sid)  # already closed: no-op
+
+
+def test_closed_streams_are_remembered_for_a_bounded_number() -> None:
+    """h2 keeps how each closed stream ended: bounded per connection (memory), yet a frame still in flight on
+    a stream just reset is ignored, not a protocol error."""
+    client, server = pair()
+    for _ in range(CLOSED_STREAMS_REMEMBERED + 500):
+        sid, _ = connect(client, server)
+        server.respond(sid, 200)
+        exchange(client, server)
+        client.reset(sid)
+        exchange(client, server)
+    for core in (client, server):
+        assert len(core._h2._closed_streams) <= CLOSED_STREAMS_REMEMBERED
+    sid, _ = connect(client, server)
+    server.respond(sid, 200)
+    exchange(client, server)
+    client.reset(sid)  # the server has not seen the reset yet and sends
+    server.send_data(sid, b"late")
+    late = server.data_to_send()
+    assert client.receive_data(late) == []  # ignored, no HboneProtocolError
+    exchange(client, server)
 
 
 def test_goaway_ends_the_connection() -> None:

@@ -53,6 +53,7 @@ Header = tuple[bytes, bytes]
 STREAM_WINDOW: Final = 4 * 1024 * 1024
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 MAX_FRAME_SIZE: Final = 1024 * 1024
+CLOSED_STREAMS_REMEMBERED: Final = 1000  # per connection, see _H2Connection
 CLIENT_MAX_HEADER_LIST_SIZE: Final = 16 * 1024
 SERVER_MAX_HEADER_LIST_SIZE: Final = 64 * 1024
 SERVER_MAX_CONCURRENT_STREAMS: Final = 200
@@ -233,6 +234,14 @@ def _settings(client: bool) -> h2.settings.Settings:
 # --- the cores ---------------------------------------------------------------------------------------------
 
 
+class _H2Connection(h2.connection.H2Connection):
+    # h2 remembers how each closed stream ended, so that frames still in flight on a stream it reset are
+    # ignored rather than taken for a protocol error, for the last 65,536 streams: ~105 bytes each, ~7 MB on
+    # a long-lived pooled connection that carried many short tunnels. Frames in flight only concern streams
+    # closed a round trip ago; the last thousand cover that.
+    MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
+
+
 class _Core:
     """What both roles share: settings, flow control, half-close, reset, PING, GOAWAY."""
 
@@ -242,7 +251,7 @@ class _Core:
         config = h2.config.H2Configuration(client_side=client, header_encoding=None,
                                            validate_inbound_headers=True, normalize_inbound_headers=True,
                                            validate_outbound_headers=False)
-        conn = h2.connection.H2Connection(config=config)
+        conn = _H2Connection(config=config)
         # Replacing local_settings before the preamble: h2 reads max_inbound_frame_size and the frame buffer's
         # limit once at construction, so both are set by hand (DESIGN §5), and the HPACK decoder's limit too.
         conn.local_settings = _settings(client)
