@@ -1,7 +1,7 @@
 """`ambient bench`: measure the mesh against no mesh in one run (root; builds and removes its own lab).
 
     ambient bench [--quick] [--out DIR] [--update-docs] [--reps N] [--seconds S] [--enrol-pods N]
-                  [--only bulk,rr,crr,enrol]
+                  [--only bulk,rr,sweep,crr,enrol]
 
 Writes DIR/bench.json and DIR/benchmarks.md (DIR defaults to /var/tmp/ambient-bench/<UTC time>);
 --update-docs also copies the Markdown to docs/benchmarks.md. The lab is removed at the end, also on failure.
@@ -63,7 +63,8 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="NAMES",
         help="run only these scenarios, comma-separated, from bulk, rr (also gives the ztunnel CPU/RSS "
-        "figures), crr, enrol (default all; e.g. --only enrol for ztunnel's memory with --enrol-pods pods)",
+        "figures), sweep (ztunnel CPU per request at 250/1000/2500 rps), crr, enrol (default all; e.g. "
+        "--only enrol for ztunnel's memory with --enrol-pods pods)",
     )
     p.add_argument("--prefix", default=None, help="lab prefix (default bench<pid>)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each component")

@@ -15,8 +15,12 @@ Theory of operation
        127.0.0.1:15008 inside the pod until the listener accepts; ztunnel's RSS before and after
     7. `finally`: `lab.teardown` (processes by PID, namespaces, files); the JSON and Markdown are written
 
-`--only` (BenchConfig.scenarios) runs a subset of bulk, rr, crr, enrol, always in that order; steps 2-3 only
-when a traffic scenario is among them (so `--only enrol` measures a ztunnel that has carried no traffic).
+The rate sweep (services/bench/sweep.py) runs the fixed-rate load through the mesh at a low, the reference
+and a high rate: ztunnel's CPU per request at each shows how much of it is paid per wake-up.
+
+`--only` (BenchConfig.scenarios) runs a subset of bulk, rr, sweep, crr, enrol, always in that order; steps
+2-3 only when a traffic scenario is among them (so `--only enrol` measures a ztunnel that has carried no
+traffic).
 
 All traffic stays inside the lab's namespaces; the host namespace only runs `ip netns exec`.
 """
@@ -47,6 +51,7 @@ from services.bench.report import (
     finish_scenario,
     markdown,
 )
+from services.bench.sweep import rate_sweep
 from services.istiod.world import world_to_json
 from services.lab import components, lab
 from services.lab.components import PYTHON, LabPaths
@@ -61,7 +66,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HBONE_PORT = 15008
 RSS_CHECKPOINTS = (100, 500)  # ztunnel's RSS is also recorded when this many pods are enrolled
-SCENARIOS = ("bulk", "rr", "crr", "enrol")  # what `--only` chooses from; rr also yields the ztunnel figures
+# What `--only` chooses from, in run order; rr also yields the ztunnel figures.
+SCENARIOS = ("bulk", "rr", "sweep", "crr", "enrol")
+TRAFFIC_SCENARIOS = frozenset({"bulk", "rr", "sweep", "crr"})  # these need the servers and a warmed-up path
 
 
 def parse_scenarios(text: str) -> tuple[str, ...]:
@@ -620,7 +627,7 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
     try:
         bench = Bench(cfg, state, progress)
         run = set(cfg.scenarios)
-        if run & {"bulk", "rr", "crr"}:  # the traffic scenarios need the servers and a warmed-up path
+        if run & TRAFFIC_SCENARIOS:
             bench.start_servers()
             bench.check_baseline_clean()
             bench.warm_up(report)
@@ -629,6 +636,8 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
             report.scenarios.append(bench.bulk(4))
         if "rr" in run:
             report.scenarios.extend(bench.rr())
+        if "sweep" in run:
+            report.scenarios.append(rate_sweep(bench))
         if "crr" in run:
             report.scenarios.append(bench.crr())
         if "enrol" in run:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from services.bench.report import SWEEP_RATES
+from services.bench.sweep import metric as sweep_metric
+
 # Root is handled by tests/conftest.py (skip locally, fail in CI). A missing iperf3 fails in CI as well.
 pytestmark = pytest.mark.skipif(
     shutil.which("iperf3") is None and os.environ.get("CI") != "true",
@@ -28,6 +31,7 @@ TRAFFIC = {
 MESH_ONLY = {
     "ztunnel": ["client_vcpu_per_1k", "server_vcpu_per_1k", "client_rss_mib", "server_rss_mib"],
     "enrol": ["p50_ms", "p99_ms", "total_s", "rss_after_mib"],
+    "sweep": [sweep_metric(role, rate) for role in ("client", "server") for rate in SWEEP_RATES],
 }
 
 

@@ -145,7 +145,7 @@ def test_pod_blocks_stay_inside_the_bench_range_for_any_seed() -> None:
 def test_only_option_picks_scenarios_in_run_order_without_duplicates() -> None:
     assert parse_scenarios("enrol") == ("enrol",)
     assert parse_scenarios(" enrol, bulk ,enrol") == ("bulk", "enrol")
-    assert parse_scenarios("crr,rr,bulk,enrol") == SCENARIOS
+    assert parse_scenarios("crr,sweep,rr,bulk,enrol") == SCENARIOS
 
 
 @pytest.mark.parametrize(("text", "message"), [("", "no scenario"), (",", "no scenario"),

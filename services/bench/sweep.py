@@ -1,0 +1,62 @@
+"""The rate sweep of `ambient bench`: ztunnel's CPU per request at a few fixed request rates (mesh only).
+
+Why it is there: the fixed-rate figure (vCPU per 1000 rps at 1000 rps) mixes two costs, the work of relaying
+a request and the cost of waking an idle Python process for it. At a low rate every request meets a process
+(and caches) gone cold; at a high rate several requests share one wake-up. Running the same 1 KB
+request/response load at a low, the reference and a high rate separates the two, so the table shows how much
+of ztunnel's CPU per request is paid per wake-up rather than per byte or per frame.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from services.bench import world as bw
+from services.bench.report import SWEEP_RATES, ArmResult, ScenarioResult, finish_scenario
+
+if TYPE_CHECKING:
+    from services.bench.run import Bench
+
+def metric(role: str, rate: float) -> str:
+    """The name of one figure: e.g. `client_us_per_req_at_250`."""
+    return f"{role}_us_per_req_at_{rate:g}"
+
+
+def rate_sweep(bench: Bench, *, rates: tuple[float, ...] = SWEEP_RATES) -> ScenarioResult:
+    """CPU microseconds per request of each ztunnel at each rate; one run per rate per repetition."""
+    from services.bench.run import ProcSampler  # run.py imports this module
+
+    cfg = bench.cfg
+    seconds = max(1.0, cfg.seconds / 2)
+    scenario = ScenarioResult(
+        name="sweep",
+        title="ztunnel CPU per request at several request rates",
+        method=f"the fixed-rate 1 KB request/response load through the mesh at "
+        f"{', '.join(f'{r:g}' for r in rates)} req/s over {cfg.conns} connections, {seconds:g} s each; "
+        "utime+stime of each ztunnel divided by the requests served. A cost that falls as the rate rises "
+        "is paid per wake-up of an idle process, not per request",
+        mesh_only=True,
+        arms={"mesh": ArmResult()},
+    )
+    for rep in range(cfg.reps):
+        run: dict[str, float] = {}
+        for rate in rates:
+            sampler = ProcSampler(bench.ztunnels)
+            sampler.start()
+            try:
+                out = bench.loadgen(
+                    "mesh", "rr", str(bw.RR_PORT), "--rate", f"{rate:g}",
+                    "--conns", str(cfg.conns), "--seconds", f"{seconds:g}",
+                )  # fmt: skip
+            finally:
+                sampler.stop()
+            requests = max(1.0, out["requests"])
+            for role in ("client", "server"):
+                run[metric(role, rate)] = sampler.cpu[role] * 1e6 / requests
+            run[f"rps_at_{rate:g}"] = out["rps"]
+        scenario.arms["mesh"].runs.append(run)
+        bench.progress(
+            f"sweep rep {rep + 1}: client ztunnel "
+            + ", ".join(f"{run[metric('client', r)]:.0f} us/req at {r:g} rps" for r in rates)
+        )
+    return finish_scenario(scenario)

@@ -1,0 +1,28 @@
+"""The rate sweep's figures reach the table under the names the report expects."""
+
+from __future__ import annotations
+
+from services.bench.report import (
+    SWEEP_RATES,
+    ArmResult,
+    BenchReport,
+    Machine,
+    ScenarioResult,
+    finish_scenario,
+    table_rows,
+)
+from services.bench.sweep import metric
+
+
+def test_every_swept_rate_has_a_row_per_ztunnel() -> None:
+    run = {metric(role, rate): 100.0 + rate / 10 for role in ("client", "server") for rate in SWEEP_RATES}
+    sweep = finish_scenario(ScenarioResult(name="sweep", title="t", method="m", mesh_only=True,
+                                           arms={"mesh": ArmResult(runs=[run])}))
+    report = BenchReport(command="ambient bench", started="t0", scenarios=[sweep],
+                         machine=Machine(cpu_model="c", vcpus=2, memory_gib=1.0, kernel="k", python="p"))
+    rows = {cells[0]: cells for cells in table_rows(report)}
+    for rate in SWEEP_RATES:
+        cells = rows[f"client-side ztunnel, CPU per request at {rate:g} rps (us)"]
+        assert cells[1] == "-"  # mesh only
+        assert cells[2] == f"{100.0 + rate / 10:,.0f}"
+        assert f"server-side ztunnel, CPU per request at {rate:g} rps (us)" in rows
