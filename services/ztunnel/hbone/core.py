@@ -66,8 +66,25 @@ ERROR_CANCEL: Final = int(h2.errors.ErrorCodes.CANCEL)
 ERROR_CONNECT: Final = int(h2.errors.ErrorCodes.CONNECT_ERROR)
 
 _FRAME_HEADER: Final = struct.Struct(">HBBBL")  # 24-bit length (as H + B), type, flags, stream id
+
+# Plain DATA frames bypass h2's frame parsing (_Core._receive_plain_data), which reads h2 internals: only with
+# the attributes it needs (checked once here), else every frame goes through h2.
+_probe = h2.connection.H2Connection()
+_probe.initiate_connection()
+_probe.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80")])
+FAST_DATA: bool = (
+    all(hasattr(_probe.incoming_buffer, name) for name in ("_data", "_preamble_len", "_headers_buffer"))
+    and all(hasattr(_probe.streams[1], n) for n in ("_inbound_window_manager", "_expected_content_length"))
+    and hasattr(_probe.streams[1].state_machine, "headers_received")
+    and hasattr(getattr(_probe, "_inbound_flow_control_window_manager", None), "current_window_size")
+)
+del _probe
 _SEND_DATA_CONN: Final = h2.connection.ConnectionInputs.SEND_DATA
 _SEND_DATA_STREAM: Final = h2.stream.StreamInputs.SEND_DATA
+_CONN_OPEN: Final = frozenset({h2.connection.ConnectionState.CLIENT_OPEN,
+                               h2.connection.ConnectionState.SERVER_OPEN})
+_STREAM_RECEIVING: Final = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
+_FRAME_DATA: Final = 0x0
 
 
 def _data_body_repr(self: hyperframe.frame.DataFrame) -> str:
@@ -275,16 +292,63 @@ class _Core:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the peer. Raises HboneProtocolError (a GOAWAY is then queued to send)."""
+        events: list[Event] = []
+        view = memoryview(data)
+        if FAST_DATA:
+            used = self._receive_plain_data(view, events)
+            if used == len(view):
+                return events
+            view = view[used:]
         try:
-            h2_events = self._h2.receive_data(data)
+            h2_events = self._h2.receive_data(view)
         except h2.exceptions.ProtocolError as exc:
             self.closed = True
             code = int(getattr(exc, "error_code", ERROR_PROTOCOL) or ERROR_PROTOCOL)
             raise HboneProtocolError(f"HTTP/2 protocol error from the peer: {exc}", error_code=code) from None
-        events: list[Event] = []
         for ev in h2_events:
             self._translate(ev, events)
         return events
+
+    def _receive_plain_data(self, view: memoryview, out: list[Event]) -> int:
+        """Take the leading run of plain DATA frames off `view` without h2's frame machinery; returns the
+        bytes consumed (the rest goes to h2).
+
+        "Plain": no flags (END_STREAM and padding go to h2), whole in `view`, within the frame size limit and
+        both receive windows, on a stream that is open for receiving and got its headers, with h2 between
+        frames (nothing buffered, no preamble or header block pending). For such a frame h2's bookkeeping is
+        exactly the two window decrements done here: its state machines stay where they are and emit only
+        the DataReceived event (DESIGN §5: h2 spent ~9 us per 1 KB DATA frame, a sixth of a relayed request).
+        Anything else ends the run, and h2 handles it and everything after it as before.
+        """
+        h2c = self._h2
+        buffer = h2c.incoming_buffer
+        if (buffer._data or buffer._preamble_len or buffer._headers_buffer
+                or h2c.state_machine.state not in _CONN_OPEN):
+            return 0
+        conn_window = h2c._inbound_flow_control_window_manager
+        max_frame = h2c.max_inbound_frame_size
+        streams = h2c.streams
+        pos, end = 0, len(view)
+        while end - pos >= 9:
+            high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(view, pos)
+            length = high << 8 | low
+            if kind != _FRAME_DATA or flags or length > max_frame or end - pos - 9 < length:
+                break
+            stream = streams.get(stream_id & 0x7FFFFFFF)
+            if stream is None:
+                break
+            machine = stream.state_machine
+            window = stream._inbound_window_manager
+            if (machine.state not in _STREAM_RECEIVING or not machine.headers_received
+                    or stream._expected_content_length is not None or length > window.current_window_size
+                    or length > conn_window.current_window_size):
+                break
+            conn_window.window_consumed(length)
+            window.window_consumed(length)
+            start = pos + 9
+            pos = start + length
+            out.append(DataReceived(stream.stream_id, bytes(view[start:pos]), length))
+        return pos
 
     def data_to_send(self) -> bytes | bytearray:
         """Everything queued for the wire (possibly b""). The caller owns the object returned."""
