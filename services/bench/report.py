@@ -135,9 +135,10 @@ ROWS: tuple[Row, ...] = (
         label="server-side ztunnel, waiting for a CPU, per request (ms)", compare="", digits=3),
     Row(scenario="rr", metric="host_busy_vcpu", label="whole host busy during the fixed-rate run (vCPU)",
         compare="added", digits=2),
-    *(Row(scenario="sweep", metric=f"{role}_us_per_req_at_{rate:g}",
-          label=f"{role}-side ztunnel, CPU per request at {rate:g} rps (us)", compare="", digits=0)
-      for role in ("client", "server") for rate in SWEEP_RATES),
+    *(Row(scenario="sweep", metric=f"{role}_{part}us_per_req_at_{rate:g}",
+          label=f"{role}-side ztunnel, {what} per request at {rate:g} rps (us)", compare="", digits=0)
+      for role in ("client", "server") for rate in SWEEP_RATES
+      for part, what in (("", "CPU"), ("kernel_", "of which kernel"))),
     Row(scenario="crr", metric="cps", label="new connections per second (100 B each way)", compare="ratio",
         target=">= 800", check=("mesh", ">=", 800.0), digits=0),
     Row(scenario="enrol", metric="p50_ms", label="pod enrolment, CNI ADD to listeners accepting, p50 (ms)",

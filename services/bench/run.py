@@ -125,9 +125,14 @@ def machine() -> Machine:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of `pid`, in seconds."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of every thread of `pid`, in seconds: its own code, and the kernel working for it."""
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -168,6 +173,8 @@ class ProcSampler:
         self.peak_anon: dict[str, int] = dict.fromkeys(pids, 0)
         self.cpu0: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.split0: dict[str, tuple[float, float]] = {}
+        self.kernel: dict[str, float] = {}  # of `cpu`, the part the kernel spent (stime)
         self.wait0: dict[str, float] = {}
         self.wait: dict[str, float] = {}  # runqueue wait between start() and stop()
         self.host0 = 0.0
@@ -185,7 +192,8 @@ class ProcSampler:
             self._sample()
 
     def start(self) -> None:
-        self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.split0 = {name: cpu_split(pid) for name, pid in self.pids.items()}
+        self.cpu0 = {name: sum(split) for name, split in self.split0.items()}
         self.wait0 = {name: runqueue_wait_seconds(pid) for name, pid in self.pids.items()}
         self.host0 = host_busy_seconds()
         self._sample()
@@ -196,6 +204,7 @@ class ProcSampler:
         self._thread.join()
         self._sample()
         self.cpu = {name: cpu_seconds(pid) - self.cpu0[name] for name, pid in self.pids.items()}
+        self.kernel = {name: cpu_split(pid)[1] - self.split0[name][1] for name, pid in self.pids.items()}
         self.host_busy = host_busy_seconds() - self.host0
         self.wait = {name: runqueue_wait_seconds(pid) - self.wait0[name] for name, pid in self.pids.items()}
 

@@ -22,6 +22,11 @@ def metric(role: str, rate: float) -> str:
     return f"{role}_us_per_req_at_{rate:g}"
 
 
+def kernel_metric(role: str, rate: float) -> str:
+    """Of `metric(role, rate)`, the kernel's part (stime): e.g. `client_kernel_us_per_req_at_250`."""
+    return f"{role}_kernel_us_per_req_at_{rate:g}"
+
+
 def rate_sweep(bench: Bench, *, rates: tuple[float, ...] = SWEEP_RATES) -> ScenarioResult:
     """CPU microseconds per request of each ztunnel at each rate; one run per rate per repetition."""
     from services.bench.run import ProcSampler  # run.py imports this module
@@ -33,8 +38,9 @@ def rate_sweep(bench: Bench, *, rates: tuple[float, ...] = SWEEP_RATES) -> Scena
         title="ztunnel CPU per request at several request rates",
         method=f"the fixed-rate 1 KB request/response load through the mesh at "
         f"{', '.join(f'{r:g}' for r in rates)} req/s over {cfg.conns} connections, {seconds:g} s each; "
-        "utime+stime of each ztunnel divided by the requests served. A cost that falls as the rate rises "
-        "is paid per wake-up of an idle process, not per request",
+        "utime+stime of each ztunnel divided by the requests served, and of that the kernel's part "
+        "(stime: system calls, packets through the namespaces' network stacks, wake-ups). A cost that "
+        "falls as the rate rises is paid per wake-up of an idle process, not per request",
         mesh_only=True,
         arms={"mesh": ArmResult()},
     )
@@ -53,6 +59,7 @@ def rate_sweep(bench: Bench, *, rates: tuple[float, ...] = SWEEP_RATES) -> Scena
             requests = max(1.0, out["requests"])
             for role in ("client", "server"):
                 run[metric(role, rate)] = sampler.cpu[role] * 1e6 / requests
+                run[kernel_metric(role, rate)] = sampler.kernel[role] * 1e6 / requests
             run[f"rps_at_{rate:g}"] = out["rps"]
         scenario.arms["mesh"].runs.append(run)
         bench.progress(

@@ -11,11 +11,12 @@ from services.bench.report import (
     finish_scenario,
     table_rows,
 )
-from services.bench.sweep import metric
+from services.bench.sweep import kernel_metric, metric
 
 
 def test_every_swept_rate_has_a_row_per_ztunnel() -> None:
     run = {metric(role, rate): 100.0 + rate / 10 for role in ("client", "server") for rate in SWEEP_RATES}
+    run |= {kernel_metric(role, rate): 40.0 for role in ("client", "server") for rate in SWEEP_RATES}
     sweep = finish_scenario(ScenarioResult(name="sweep", title="t", method="m", mesh_only=True,
                                            arms={"mesh": ArmResult(runs=[run])}))
     report = BenchReport(command="ambient bench", started="t0", scenarios=[sweep],
@@ -26,3 +27,4 @@ def test_every_swept_rate_has_a_row_per_ztunnel() -> None:
         assert cells[1] == "-"  # mesh only
         assert cells[2] == f"{100.0 + rate / 10:,.0f}"
         assert f"server-side ztunnel, CPU per request at {rate:g} rps (us)" in rows
+        assert rows[f"client-side ztunnel, of which kernel per request at {rate:g} rps (us)"][2] == "40"
