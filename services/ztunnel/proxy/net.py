@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -56,6 +57,7 @@ def local_addr(sock: socket.socket) -> Addr:
     return peer_addr(sock.getsockname())
 
 
+@functools.lru_cache(maxsize=1024)
 def family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 

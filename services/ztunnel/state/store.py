@@ -7,6 +7,7 @@ to changes wait with `wait_for(predicate)` or `wait_changed(generation)`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 
@@ -25,6 +26,7 @@ from services.ztunnel.state.types import (
 )
 
 
+@functools.lru_cache(maxsize=4096)  # a look-up per connection; addresses repeat
 def _canon(ip: str) -> str:
     return ipaddress.ip_address(ip).compressed
 
