@@ -27,4 +27,8 @@ def test_every_swept_rate_has_a_row_per_ztunnel() -> None:
         assert cells[1] == "-"  # mesh only
         assert cells[2] == f"{100.0 + rate / 10:,.0f}"
         assert f"server-side ztunnel, CPU per request at {rate:g} rps (us)" in rows
-        assert rows[f"client-side ztunnel, of which kernel per request at {rate:g} rps (us)"][2] == "40"
+        kernel = f"client-side ztunnel, of which kernel per request at {rate:g} rps (us)"
+        if rate >= 1000:
+            assert rows[kernel][2] == "40"
+        else:  # too few clock ticks at a low rate to split CPU time between user and kernel
+            assert kernel not in rows
