@@ -301,6 +301,19 @@ class Bench:
         data = json.loads(out)
         return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))}
 
+    def sampled_rr(self, arm: str, rate: float, seconds: float) -> tuple[dict[str, float], ProcSampler]:
+        """One fixed-rate request/response run of `arm`, both ztunnels' CPU and memory sampled meanwhile."""
+        sampler = ProcSampler(self.ztunnels)
+        sampler.start()
+        try:
+            out = self.loadgen(
+                arm, "rr", str(bw.RR_PORT), "--rate", f"{rate:g}",
+                "--conns", str(self.cfg.conns), "--seconds", f"{seconds:g}",
+            )  # fmt: skip
+        finally:
+            sampler.stop()
+        return out, sampler
+
     def order(self, rep: int) -> tuple[str, ...]:
         return bw.ARMS if rep % 2 == 0 else tuple(reversed(bw.ARMS))
 
@@ -436,15 +449,7 @@ class Bench:
         )
         for rep in range(cfg.reps):
             for arm in self.order(rep):
-                sampler = ProcSampler(self.ztunnels)
-                sampler.start()
-                try:
-                    out = self.loadgen(
-                        arm, "rr", str(bw.RR_PORT), "--rate", f"{cfg.rate:g}",
-                        "--conns", str(cfg.conns), "--seconds", f"{cfg.seconds:g}",
-                    )  # fmt: skip
-                finally:
-                    sampler.stop()
+                out, sampler = self.sampled_rr(arm, cfg.rate, cfg.seconds)
                 figures = {
                     k: out[k]
                     for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "rps", "late_sends")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from services.bench import world as bw
 from services.bench.report import SWEEP_RATES, ArmResult, ScenarioResult, finish_scenario
 
 if TYPE_CHECKING:
@@ -29,8 +28,6 @@ def kernel_metric(role: str, rate: float) -> str:
 
 def rate_sweep(bench: Bench, *, rates: tuple[float, ...] = SWEEP_RATES) -> ScenarioResult:
     """CPU microseconds per request of each ztunnel at each rate; one run per rate per repetition."""
-    from services.bench.run import ProcSampler  # run.py imports this module
-
     cfg = bench.cfg
     seconds = cfg.seconds
     scenario = ScenarioResult(
@@ -48,15 +45,7 @@ def rate_sweep(bench: Bench, *, rates: tuple[float, ...] = SWEEP_RATES) -> Scena
     for rep in range(cfg.reps):
         run: dict[str, float] = {}
         for rate in rates:
-            sampler = ProcSampler(bench.ztunnels)
-            sampler.start()
-            try:
-                out = bench.loadgen(
-                    "mesh", "rr", str(bw.RR_PORT), "--rate", f"{rate:g}",
-                    "--conns", str(cfg.conns), "--seconds", f"{seconds:g}",
-                )  # fmt: skip
-            finally:
-                sampler.stop()
+            out, sampler = bench.sampled_rr("mesh", rate, seconds)
             requests = max(1.0, out["requests"])
             for role in ("client", "server"):
                 run[metric(role, rate)] = sampler.cpu[role] * 1e6 / requests
