@@ -277,7 +277,7 @@ class HbonePool:
         while not conn.dead:
             await trio.sleep_until(conn.last_activity + self.idle_timeout)
             if conn.active_streams or self._reserved(key, conn):
-                conn.last_activity = trio.current_time()  # busy: look again a full timeout later
+                await trio.sleep(self.idle_timeout)  # busy: look again a full timeout later
                 continue
             if trio.current_time() >= conn.last_activity + self.idle_timeout and not conn.dead:
                 self._drop(key, conn)  # first, so that no stream picks it while the GOAWAY goes out

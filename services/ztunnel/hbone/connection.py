@@ -6,8 +6,9 @@ Theory of operation
 
 * the **reader** pulls batches of plaintext from the TLS stream (`receive_view`, the shared buffer), feeds
   them to the core *before any await*, and dispatches the events to `HboneStream`s: data is queued on the
-  stream, windows and resets wake the stream's waiters, and (server) each valid CONNECT starts a handler task
-  in the same nursery;
+  stream, or written straight into the stream's sink socket when it has one (`HboneStream.set_sink`, what
+  the relay uses), windows and resets wake the stream's waiters, and (server) each valid CONNECT starts a
+  handler task in the same nursery;
 * the **writer** is the only task that writes to the socket: it drains `core.data_to_send()` whenever someone
   woke it. Stream tasks only mutate the core and wake the writer, so a stream task being cancelled can never
   tear a frame; if the writer itself is cancelled mid-write the TLS stream marks itself broken;
