@@ -11,7 +11,7 @@ Everything a client needs is written to the state directory (default ./.istiod-s
   admin.token            the token `ambient world ...` presents (else --admin-token / ISTIOD_ADMIN_TOKEN)
 
 Signals: SIGINT/SIGTERM stop the stub; SIGHUP re-reads the --world file (a bad file is logged and ignored).
-Change the world at runtime with `ambient world ...` (see shared/world_cli.py).
+Change the world at runtime with `ambient world ...` (see ambient/world.py).
 """
 
 from __future__ import annotations

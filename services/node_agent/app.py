@@ -48,7 +48,7 @@ from services.node_agent.lifecycle import (
 from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING
 from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.rules import RuleSettings
-from shared.zds.server import DEFAULT_SOCKET_PATH, ZdsServer
+from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
 
 log = logging.getLogger("node_agent.app")
 

@@ -28,7 +28,7 @@ class CacheEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NetnsCache:
-    """uid -> (WorkloadInfo, netns fd). Implements shared.zds.server.SnapshotSource."""
+    """uid -> (WorkloadInfo, netns fd). Implements services.node_agent.zds_server.SnapshotSource."""
 
     def __init__(self) -> None:
         self._entries: dict[PodUid, CacheEntry] = {}

@@ -52,7 +52,7 @@ RETRY_MAX = 5.0
 
 
 class ZtunnelLink(Protocol):
-    """The ZDS server as the lifecycle uses it (shared.zds.server.ZdsServer satisfies it)."""
+    """The ZDS server as the lifecycle uses it (services.node_agent.zds_server.ZdsServer satisfies it)."""
 
     @property
     def connected(self) -> bool: ...

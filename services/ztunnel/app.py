@@ -38,19 +38,18 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 import trio
 
+from services.ztunnel.config import ZtunnelConfig, load_config
+from services.ztunnel.errors import ConfigError, StartupCheckError
+from services.ztunnel.httpd import HttpRequest, HttpResponse, serve_http
+from services.ztunnel.inpod.handler import InPodWorkloadHandler
+from services.ztunnel.inpod.sockets import SO_MARK
+from services.ztunnel.inpod.statemanager import WorkloadManager, write_state_file
+from services.ztunnel.inpod.zds_client import run_zds_client
+from services.ztunnel.peers import StatePeers
+from services.ztunnel.proxy.context import Mesh, SocketFactory
 from services.ztunnel.state.store import StateStore
+from services.ztunnel.telemetry import Metrics, Telemetry, current_log_levels, set_log_level, setup_logging
 from shared.netns import NetnsError, current_netns_fd, entered
-from shared.zds.client import run_zds_client
-from shared.zds.workloads import WorkloadManager, write_state_file
-
-from .config import ZtunnelConfig, load_config
-from .errors import ConfigError, StartupCheckError
-from .httpd import HttpRequest, HttpResponse, serve_http
-from .inpod.handler import InPodWorkloadHandler
-from .inpod.sockets import SO_MARK
-from .peers import StatePeers
-from .proxy.context import Mesh, SocketFactory
-from .telemetry import Metrics, Telemetry, current_log_levels, set_log_level, setup_logging
 
 if TYPE_CHECKING:
     from services.ztunnel.xds.client import XdsClient

@@ -32,10 +32,17 @@ from collections.abc import Iterable, Sequence
 
 import msgspec
 
+from services.ztunnel.state.store import StateStore
+from services.ztunnel.state.types import (
+    Action,
+    Authorization,
+    Match,
+    Scope,
+    ServiceAccountMatch,
+    StringMatch,
+    Workload,
+)
 from shared.identity import SpiffeId
-
-from .state.store import StateStore
-from .state.types import Action, Authorization, Match, Scope, ServiceAccountMatch, StringMatch, Workload
 
 log = logging.getLogger("ztunnel.authz")
 

@@ -8,10 +8,9 @@ from collections.abc import Mapping
 
 import msgspec
 
+from services.ztunnel.errors import ConfigError
+from services.ztunnel.proxy.context import ProxyConfig
 from shared.grpc_target import GrpcTarget
-
-from .errors import ConfigError
-from .proxy.context import ProxyConfig
 
 DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
 

@@ -1,20 +1,21 @@
 """Errors of the ztunnel process, each message written for the operator who reads the log line.
 
-`ProxyStartError` (from shared.zds.errors) is what a failed `start_workload` raises; the ZDS client's
-workload manager turns it into the NACK "failure to start proxy : <message>" and keeps the pod pending.
+`ProxyStartError` is what a failed `start_workload` raises; the in-pod state manager turns it into the NACK
+"failure to start proxy : <message>" and keeps the pod pending.
 """
 
 from __future__ import annotations
 
 from shared.errors import AmbientError
-from shared.zds.errors import ProxyStartError
-
-__all__ = ["ConfigError", "ConnectError", "ProxyStartError", "SelfCallError", "StartupCheckError",
-           "ZtunnelError"]
 
 
 class ZtunnelError(AmbientError):
     """Base of this package's errors."""
+
+
+class ProxyStartError(ZtunnelError):
+    """ztunnel could not start a pod's proxy (e.g. a port in use inside the pod). NACKed as
+    "failure to start proxy : <this>"; the pod stays pending and is retried."""
 
 
 class StartupCheckError(ZtunnelError):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Service, Workload
-
-from .telemetry import Peer
+from services.ztunnel.telemetry import Peer
 
 
 def workload_peer(workload: Workload, *, mtls: bool = False, service: Service | None = None,

@@ -28,11 +28,6 @@ class ZdsVersionError(ZdsProtocolError):
     """The client's hello carried no version, NOT_USED, or one this side does not speak."""
 
 
-class ProxyStartError(ZdsError):
-    """ztunnel could not start a pod's proxy (e.g. a port in use inside the pod). NACKed as
-    "failure to start proxy : <this>"; the pod stays pending and is retried."""
-
-
 class ZdsNoConnection(ZdsError):
     """The node agent has no ztunnel connection to send an add to (retryable)."""
 

@@ -12,8 +12,8 @@ Each role's object checks that what it sends and what it receives fits the phase
 rule, using one transition table per role. Anything absent from a table is a protocol error:
 `ZdsProtocolError` for a peer that broke the rules (answered with a NACK, then the connection is
 dropped), `LocalProtocolError` for our own code trying to send out of turn (a bug, never sent).
-The transport glue (shared/zds/server.py, shared/zds/client.py) feeds decoded messages in and writes
-the datagrams these objects return.
+The transport glue (services/node_agent/zds_server.py, services/ztunnel/inpod/zds_client.py) feeds
+decoded messages in and writes the datagrams these objects return.
 """
 
 from __future__ import annotations

@@ -14,16 +14,16 @@ from typing import Any
 
 import trio
 
-from shared.zds import conformance
+from ambient import conformance
+from ambient.conformance import ClientOptions, ServerOptions, Status
+from services.node_agent.zds_server import ZdsServer
 from shared.zds.codec import encode_ack, encode_request
-from shared.zds.conformance import ClientOptions, ServerOptions, Status
-from shared.zds.server import ZdsServer
 from shared.zds.transport import bind_server_socket, recv_datagram, send_datagram
 from shared.zds.types import DelWorkload, PodUid, SnapshotEntry, WorkloadInfo
 
 REPO = Path(__file__).resolve().parents[2]
 PY = shlex.quote(sys.executable)
-AMBIENT = f"{PY} -m shared.zds.cli"
+AMBIENT = f"{PY} -m ambient.zds"
 WATCH = f"{AMBIENT} zds watch --socket {{socket}} --state-file {{state}}"
 SERVE = (
     f"{AMBIENT} zds serve --socket {{socket}} --keep pod-2"
@@ -33,7 +33,7 @@ SERVE = (
 
 def run_kit(*args: str) -> tuple[int, list[dict[str, Any]], str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.zds.cli", "zds-conformance", "--json", *args],
+        [sys.executable, "-m", "ambient.zds", "zds-conformance", "--json", *args],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     results = json.loads(proc.stdout) if proc.stdout.strip() else []
@@ -98,7 +98,7 @@ async def test_client_role_with_pipe_fds_and_env_placeholders(tmp_path: Path) ->
     # The ztunnel style: socket and state file from the environment. {fail_uid} always fails, so case 15
     # passes with a note that the retry success could not be checked.
     script = (
-        "import os, sys; from shared.cli import main; "
+        "import os, sys; from ambient.cli import main; "
         "sys.argv = ['ambient', 'zds', 'watch', '--socket', os.environ['INPOD_UDS'], "
         "'--state-file', os.environ['ZTUNNEL_ZDS_STATE_FILE'], '--fail-uid', os.environ['FAIL_UID']]; main()"
     )

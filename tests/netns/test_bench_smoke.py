@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services.bench.report import SWEEP_RATES
-from services.bench.sweep import metric as sweep_metric
+from ambient.bench.report import SWEEP_RATES
+from ambient.bench.sweep import metric as sweep_metric
 
 # Root is handled by tests/conftest.py (skip locally, fail in CI). A missing iperf3 fails in CI as well.
 pytestmark = pytest.mark.skipif(
@@ -40,7 +40,7 @@ def test_bench_quick_writes_every_scenario_for_both_arms(tmp_path: Path) -> None
     prefix = f"bsmoke{os.getpid() % 10000}"
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-c", "from shared.cli import main; main()", "bench", "--quick",
+        [sys.executable, "-c", "from ambient.cli import main; main()", "bench", "--quick",
          "--seconds", "0.5", "--reps", "2", "--enrol-pods", "3", "--out", str(out), "--prefix", prefix],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip

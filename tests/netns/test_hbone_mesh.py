@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from services.lab import components, lab
-from services.lab.probe import http_get
+from ambient.lab import components, lab
+from ambient.lab.probe import http_get
 from services.ztunnel.telemetry import ParsedLine, parse_plain
 from shared.netns import entered, open_netns
 from tests.netns.test_lab_mesh import WORLD

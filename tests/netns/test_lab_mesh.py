@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from services.lab import components, lab
-from services.lab.state import load_state, process_start_time, stop_process
+from ambient.lab import components, lab
+from ambient.lab.state import load_state, process_start_time, stop_process
 from tests.netns.test_lab_topology import CLIENT_IP, NET_A, NET_B, WEB_IP, client_get, force_clean, lab_netns
 
 OUTSIDER_IP = f"10.244.{NET_A}.20"

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from services.lab import components, lab
-from services.lab.errors import AlreadyUpError, ComponentError
-from services.lab.state import is_running, load_state, process_start_time, run_dir, save_state
-from services.lab.topology import ETC_NETNS, apply_plan, plan_lab
+from ambient.lab import components, lab
+from ambient.lab.errors import AlreadyUpError, ComponentError
+from ambient.lab.state import is_running, load_state, process_start_time, run_dir, save_state
+from ambient.lab.topology import ETC_NETNS, apply_plan, plan_lab
 
 # Pod ranges are random per test run: node agents find a restarted pod's netns by scanning the host for
 # its IP, so labs of concurrent runs on one host must not share pod addresses.

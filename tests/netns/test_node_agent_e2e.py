@@ -15,9 +15,9 @@ from pathlib import Path
 import trio
 
 from services.node_agent import cni_plugin
+from services.ztunnel.inpod.statemanager import WorkloadManager
+from services.ztunnel.inpod.zds_client import run_zds_client
 from shared.netns import entered, open_netns
-from shared.zds.client import run_zds_client
-from shared.zds.workloads import WorkloadManager
 from tests.netns.conftest import run
 from tests.service.zds_fakes import RecordingHandler
 

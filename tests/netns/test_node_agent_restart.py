@@ -13,9 +13,9 @@ import trio
 from services.node_agent.app import AgentConfig, run_agent
 from services.node_agent.lifecycle import NodeAgent, PodSink
 from services.node_agent.model import Pod
-from shared.zds.client import run_zds_client
+from services.ztunnel.inpod.statemanager import WorkloadManager
+from services.ztunnel.inpod.zds_client import run_zds_client
 from shared.zds.types import PodUid
-from shared.zds.workloads import WorkloadManager
 from tests.netns.conftest import run
 from tests.service.zds_fakes import RecordingHandler
 

@@ -23,7 +23,7 @@ def test_ztunnel_passes_every_client_case(make_netns: Callable[[str], str]) -> N
         [
             sys.executable,
             "-m",
-            "shared.zds.cli",
+            "ambient.zds",
             "zds-conformance",
             "--json",
             "--netns",

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import trio
 
+from services.node_agent.zds_server import ZdsServer
+from services.ztunnel.inpod.statemanager import WorkloadManager
+from services.ztunnel.inpod.zds_client import run_zds_client
 from shared.netns import entered, is_netns, netns_id, open_netns
-from shared.zds.client import run_zds_client
-from shared.zds.server import ZdsServer
 from shared.zds.types import PodUid, WorkloadInfo
-from shared.zds.workloads import WorkloadManager
 from tests.service.zds_fakes import StaticSnapshot
 
 

@@ -1,7 +1,8 @@
 """The `ztunnel` console script as a real process in a node netns, driven over ZDS by this test.
 
-The test plays the node agent (shared.zds.server.ZdsServer, snapshot = one pod's netns fd); ztunnel runs in
-its own "node" netns and binds the pod's listeners in the pod netns through the fd it receives.
+The test plays the node agent (services.node_agent.zds_server.ZdsServer, snapshot = one pod's netns fd);
+ztunnel runs in its own "node" netns and binds the pod's listeners in the pod netns through the fd it
+receives.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from services.node_agent.zds_server import ZdsServer
 from services.ztunnel.telemetry import parse_plain
 from shared.netns import entered
-from shared.zds.server import ZdsServer
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
 from tests.netns.conftest import run
 from tests.netns.test_ztunnel_inpod import (

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.istiod.ca import CertificateAuthority
-
-from .test_hbone_helpers import FakeCerts
+from tests.service.test_hbone_helpers import FakeCerts
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,10 @@ from services.ztunnel.hbone.connection import HboneConnection, HboneStream
 from services.ztunnel.hbone.core import STREAM_WINDOW
 from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError, PeerIdentityError, TlsError
 from services.ztunnel.hbone.outbound import tunnel_outbound
-from services.ztunnel.hbone.resolve import HboneRoute
 from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone, serve_hbone_connection
 from services.ztunnel.hbone.tls import TlsContextCache
-from services.ztunnel.proxy.net import connect
+from services.ztunnel.net import connect
+from services.ztunnel.proxy.resolve import HboneRoute
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (
     Action,
@@ -44,8 +44,7 @@ from services.ztunnel.state.types import (
     WorkloadUid,
 )
 from shared.identity import CertBundle
-
-from .test_hbone_helpers import (
+from tests.service.test_hbone_helpers import (
     FakeCerts,
     Server,
     connect_upstream,

@@ -21,8 +21,7 @@ from services.ztunnel.hbone.tls import (
     server_connection,
 )
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
-
-from .test_hbone_helpers import FakeCerts, push_until_stalled, spiffe
+from tests.service.test_hbone_helpers import FakeCerts, push_until_stalled, spiffe
 
 CLIENT = spiffe("sleep")
 SERVER = spiffe("httpbin")

@@ -56,7 +56,7 @@ async def run_stub(state: Path) -> AsyncIterator[int]:
 async def ambient(state: Path, port: int, *args: str) -> None:
     env = {**os.environ, "AMBIENT_ISTIOD": f"127.0.0.1:{port}", "AMBIENT_ISTIOD_STATE": str(state)}
     result = await trio.run_process(
-        [sys.executable, "-c", "from shared.cli import main; main()", "world", *args],
+        [sys.executable, "-c", "from ambient.cli import main; main()", "world", *args],
         cwd=ROOT,
         env=env,
         capture_stdout=True,

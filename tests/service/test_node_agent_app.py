@@ -11,10 +11,10 @@ from pathlib import Path
 import trio
 
 from services.node_agent.app import AgentConfig, run_agent
-from services.node_agent.fakes import FakeRuleApplier
 from services.node_agent.lifecycle import NodeAgent
-from shared.zds.client import run_zds_client
-from shared.zds.workloads import WorkloadManager
+from services.node_agent.testing import FakeRuleApplier
+from services.ztunnel.inpod.statemanager import WorkloadManager
+from services.ztunnel.inpod.zds_client import run_zds_client
 from tests.service.zds_fakes import RecordingHandler
 
 

@@ -14,9 +14,9 @@ import trio
 from services.node_agent import cni_plugin
 from services.node_agent.cni_server import CniEndpoint, parse_add_request
 from services.node_agent.errors import CniRequestError
-from services.node_agent.fakes import FakeNode
 from services.node_agent.httpd import open_unix_listener, serve_http
 from services.node_agent.model import Pod
+from services.node_agent.testing import FakeNode
 from shared.zds.types import PodUid
 
 

@@ -13,15 +13,15 @@ import trio.testing
 
 from services.node_agent.cache import NetnsCache
 from services.node_agent.errors import EnrolmentError
-from services.node_agent.fakes import FakeNode, FakeRuleApplier, PipeNetnsOpener, RecordingStatus
 from services.node_agent.lifecycle import NodeAgent
 from services.node_agent.model import Pod
 from services.node_agent.rules import RuleSettings
+from services.node_agent.testing import FakeNode, FakeRuleApplier, PipeNetnsOpener, RecordingStatus
+from services.node_agent.zds_server import ZdsServer
+from services.ztunnel.inpod.statemanager import WorkloadManager
+from services.ztunnel.inpod.zds_client import run_zds_client
 from shared.netns import netns_id
-from shared.zds.client import run_zds_client
-from shared.zds.server import ZdsServer
 from shared.zds.types import PodUid
-from shared.zds.workloads import WorkloadManager
 from tests.service.zds_fakes import RecordingHandler
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}

@@ -15,17 +15,17 @@ import trio
 from services.istiod.testing import TestIstiod, bookinfo_world, open_test_istiod
 from services.istiod.world import REDIRECTION_ANNOTATION
 from services.node_agent.app import AgentConfig, run_agent
-from services.node_agent.fakes import FakeRuleApplier, FakeZtunnel, PipeNetnsOpener
 from services.node_agent.lifecycle import NodeAgent
 from services.node_agent.model import Pod
 from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.podwatch import PodSnapshot, PodUpserted, PodWatch, open_pod_watch
 from services.node_agent.rules import RuleSettings
+from services.node_agent.testing import FakeRuleApplier, FakeZtunnel, PipeNetnsOpener
 from services.node_agent.watch_source import PodWatchSource
+from services.ztunnel.inpod.statemanager import WorkloadManager
+from services.ztunnel.inpod.zds_client import run_zds_client
 from shared.aio import GrpcTarget
-from shared.zds.client import run_zds_client
 from shared.zds.types import PodUid
-from shared.zds.workloads import WorkloadManager
 from tests.service.test_node_agent_app import post
 from tests.service.zds_fakes import RecordingHandler
 

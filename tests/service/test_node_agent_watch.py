@@ -11,8 +11,8 @@ import trio
 
 pytest.importorskip("services.node_agent.podwatch")
 
-from services.node_agent.fakes import FakeNode
 from services.node_agent.podwatch import PodDeleted, PodEvent, PodInfo, PodSnapshot, PodUpserted
+from services.node_agent.testing import FakeNode
 from services.node_agent.watch_source import PodWatchSource
 from shared.zds.types import PodUid
 

@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 import trio
 
-from shared.zds.cli import parse_workload
+from ambient.zds import parse_workload
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def ambient(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.zds.cli", *args],
+        [sys.executable, "-m", "ambient.zds", *args],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False, input=stdin,
     )
 
@@ -128,7 +128,7 @@ def event(kind: str, uid: str | None = None) -> Any:
 
 async def test_serve_and_watch_talk_add_and_del_from_stdin(tmp_path: Path) -> None:
     sock, state = str(tmp_path / "zds.sock"), tmp_path / "state.json"
-    base = [sys.executable, "-m", "shared.zds.cli", "zds"]
+    base = [sys.executable, "-m", "ambient.zds", "zds"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     serve = await trio.lowlevel.open_process(
         [*base, "serve", "--socket", sock, "--workload", "pod-1=/proc/self/ns/net:web:shop:web-sa"],

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from shared.zds.client import run_zds_client
+from services.node_agent.zds_server import ZdsServer
+from services.ztunnel.inpod.statemanager import WorkloadManager
+from services.ztunnel.inpod.zds_client import run_zds_client
 from shared.zds.codec import decode_ack, decode_request, encode_ack, encode_hello, encode_request
 from shared.zds.errors import ZdsNack, ZdsNoConnection
-from shared.zds.server import ZdsServer
 from shared.zds.transport import ZdsSocketError, bind_server_socket, connect, recv_datagram, send_datagram
 from shared.zds.types import AddWorkload, DelWorkload, KeepWorkload, PodUid, SnapshotSent
-from shared.zds.workloads import WorkloadManager
 from tests.service.zds_fakes import RecordingHandler, StaticSnapshot, info, open_fd_count
 
 A, B = PodUid("a"), PodUid("b")

@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
+from services.ztunnel.inpod.statemanager import WorkloadManager
 from shared.zds.types import AddWorkload, DelWorkload, KeepWorkload, PodUid, SnapshotSent
-from shared.zds.workloads import WorkloadManager
 from tests.service.zds_fakes import RecordingHandler, info, open_fd_count
 
 A, B = PodUid("a"), PodUid("b")
@@ -185,7 +185,7 @@ async def test_readiness_false_after_disconnect(manager: WorkloadManager) -> Non
 async def test_retry_loop_runs_on_its_interval(
     manager: WorkloadManager, handler: RecordingHandler, autojump_clock: trio.testing.MockClock
 ) -> None:
-    from shared.zds.client import _retry_pending
+    from services.ztunnel.inpod.zds_client import _retry_pending
 
     handler.failing.add(A)
     await manager.handle(add(A))

@@ -15,12 +15,12 @@ import msgspec
 import pytest
 import trio
 
+from services.node_agent.zds_server import ZdsServer
 from services.ztunnel import app as app_module
 from services.ztunnel.app import ZtunnelApp, run_ztunnel
 from services.ztunnel.config import ZtunnelConfig, drain_deadline, load_config
 from services.ztunnel.errors import ConfigError
 from shared.zds.errors import ZdsNack
-from shared.zds.server import ZdsServer
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
 from tests.service.test_ztunnel_inpod import FakeSockets
 

@@ -22,11 +22,11 @@ from services.ztunnel.errors import ProxyStartError
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.proxies import PodHandle, run_pod_proxies
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
+from services.ztunnel.inpod.statemanager import WorkloadHandler, WorkloadManager
+from services.ztunnel.net import Addr, accept_forever
 from services.ztunnel.proxy.context import PodContext, ProxyConfig
-from services.ztunnel.proxy.net import Addr, accept_forever
 from services.ztunnel.telemetry import Telemetry
 from shared.zds.types import AddWorkload, DelWorkload, PodUid, SnapshotSent, WorkloadInfo
-from shared.zds.workloads import WorkloadHandler, WorkloadManager
 from tests.access_logs import LogCapture, capture_access_log
 
 INFO = WorkloadInfo(name="app", namespace="ns", service_account="sa")

@@ -22,8 +22,8 @@ from services.istiod.ca import CertificateAuthority
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import INBOUND_HBONE_PORT, PORTS, PodListener, PodListeners
+from services.ztunnel.net import Addr
 from services.ztunnel.proxy.context import Mesh, ProxyConfig
-from services.ztunnel.proxy.net import Addr
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (
     Action,
@@ -47,9 +47,8 @@ from shared.identity import SpiffeId
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid, WorkloadInfo
 from tests.access_logs import LogCapture, capture_access_log
-
-from .test_hbone_helpers import FakeCerts
-from .test_ztunnel_inpod import pipe_fd, read_to_eof
+from tests.service.test_hbone_helpers import FakeCerts
+from tests.service.test_ztunnel_inpod import pipe_fd, read_to_eof
 
 CLIENT_IP = "127.0.77.2"
 SERVER_IP = "127.0.77.3"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from shared.zds.errors import ProxyStartError
+from services.ztunnel.errors import ProxyStartError
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.bench.loadgen import percentiles
-from services.bench.report import (
+from ambient.bench.loadgen import percentiles
+from ambient.bench.report import (
     ArmResult,
     BenchReport,
     Machine,
@@ -16,10 +16,10 @@ from services.bench.report import (
     markdown_table,
     summarize,
 )
-from services.bench.run import SCENARIOS, parse_scenarios
-from services.bench.world import ARMS, NAMESPACES, arm_pods, bench_world, enrol_pod_ip, pod_blocks
+from ambient.bench.run import SCENARIOS, parse_scenarios
+from ambient.bench.world import ARMS, NAMESPACES, arm_pods, bench_world, enrol_pod_ip, pod_blocks
+from ambient.lab.topology import plan_lab
 from services.istiod.world import validate
-from services.lab.topology import plan_lab
 
 MACHINE = Machine(cpu_model="Test CPU", vcpus=2, memory_gib=4.0, kernel="6.1", python="3.11.7")
 
@@ -158,8 +158,8 @@ def test_only_option_rejects_empty_and_unknown_names(text: str, message: str) ->
 def test_bench_cli_only_option_reaches_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from services.bench import run
-    from shared import bench_cli
+    from ambient.bench import cli as bench_cli
+    from ambient.bench import run
 
     seen: list[run.BenchConfig] = []
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.bench.report import (
+from ambient.bench.report import (
     SWEEP_RATES,
     ArmResult,
     BenchReport,
@@ -11,7 +11,7 @@ from services.bench.report import (
     finish_scenario,
     table_rows,
 )
-from services.bench.sweep import kernel_metric, metric
+from ambient.bench.sweep import kernel_metric, metric
 
 
 def test_every_swept_rate_has_a_row_per_ztunnel() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.cli import build_parser
-from shared.world_cli import WorldCliError, _labels, _split_key, _to_json
+from ambient.cli import build_parser
+from ambient.world import WorldCliError, _labels, _split_key, _to_json
 
 
 def test_labels_kubectl_style() -> None:

@@ -7,10 +7,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.istiod.errors import WorldError
-from services.istiod.world import World, load_world
-from services.lab.errors import LabError, PlanError
-from services.lab.topology import (
+from ambient.lab.errors import LabError, PlanError
+from ambient.lab.topology import (
     as_container_node,
     bridge_mac,
     build_steps,
@@ -21,6 +19,8 @@ from services.lab.topology import (
     render_dnat,
     rescale_world,
 )
+from services.istiod.errors import WorldError
+from services.istiod.world import World, load_world
 
 BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 

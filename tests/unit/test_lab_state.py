@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from services.istiod.world import load_world
-from services.lab import components, lab
-from services.lab.components import LabPaths
-from services.lab.errors import ComponentError, LabError, NotUpError, PrerequisiteError, UnknownPodError
-from services.lab.state import (
+from ambient.lab import cli as lab_cli
+from ambient.lab import components, lab
+from ambient.lab.components import LabPaths
+from ambient.lab.errors import ComponentError, LabError, NotUpError, PrerequisiteError, UnknownPodError
+from ambient.lab.state import (
     ComponentSpec,
     LabState,
     ProcessRecord,
@@ -26,8 +26,8 @@ from services.lab.state import (
     save_state,
     stop_process,
 )
-from services.lab.topology import LabPlan, plan_lab
-from shared import lab_cli
+from ambient.lab.topology import LabPlan, plan_lab
+from services.istiod.world import load_world
 
 WORLD = b"""
 nodes: [{name: node-a, podCidr: 10.244.1.0/24}]
@@ -224,7 +224,7 @@ def test_cli_refuses_unknown_components() -> None:
 def test_cli_without_root_exits_non_zero_with_a_message(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from shared import cli
+    from ambient import cli
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(SystemExit) as info:

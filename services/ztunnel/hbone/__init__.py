@@ -12,7 +12,7 @@ Layers, bottom up:
 * `outbound`   `tunnel_outbound`: pool stream + relay for one captured connection, result for the log.
 """
 
-from .client import (
+from services.ztunnel.hbone.client import (
     HBONE_PORT,
     CertSource,
     HbonePool,
@@ -23,8 +23,8 @@ from .client import (
     open_hbone_pool,
     plain_socket,
 )
-from .connection import HboneConnection, HboneStream, new_traceparent
-from .errors import (
+from services.ztunnel.hbone.connection import HboneConnection, HboneStream, new_traceparent
+from services.ztunnel.hbone.errors import (
     ConnectionClosedError,
     HboneError,
     HboneProtocolError,
@@ -33,11 +33,11 @@ from .errors import (
     StreamResetError,
     TlsError,
 )
-from .outbound import OutboundResult, tunnel_outbound
-from .relay import relay
-from .resolve import HboneRoute, NoHealthyUpstream, Passthrough, resolve_outbound
-from .server import InboundInfo, InboundRecord, serve_hbone, serve_hbone_connection
-from .tls import TlsContextCache
+from services.ztunnel.hbone.outbound import OutboundResult, tunnel_outbound
+from services.ztunnel.hbone.relay import relay
+from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone, serve_hbone_connection
+from services.ztunnel.hbone.tls import TlsContextCache
+from services.ztunnel.proxy.resolve import HboneRoute, NoHealthyUpstream, Passthrough, resolve_outbound
 
 __all__ = [
     "HBONE_PORT",

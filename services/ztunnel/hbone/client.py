@@ -25,15 +25,14 @@ from typing import Any, NamedTuple, Protocol
 
 import trio
 
+from services.ztunnel.hbone.connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
+from services.ztunnel.hbone.core import Addr, ClientCore, format_authority
+from services.ztunnel.hbone.errors import TlsError
+from services.ztunnel.hbone.tls import TlsContextCache, check_established, client_connection
+from services.ztunnel.hbone.tlsstream import TlsSocketStream
+from services.ztunnel.net import connect, family_of
+from services.ztunnel.state.types import Workload
 from shared.identity import CertBundle, SpiffeId
-
-from ..proxy.net import connect, family_of
-from ..state.types import Workload
-from .connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
-from .core import Addr, ClientCore, format_authority
-from .errors import TlsError
-from .tls import TlsContextCache, check_established, client_connection
-from .tlsstream import TlsSocketStream
 
 HBONE_PORT = 15008
 MAX_STREAMS_PER_CONNECTION = 100

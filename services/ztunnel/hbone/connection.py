@@ -37,9 +37,7 @@ from typing import Final
 import h2.exceptions
 import trio
 
-from shared.identity import SpiffeId
-
-from .core import (
+from services.ztunnel.hbone.core import (
     ERROR_CANCEL,
     ERROR_NO_ERROR,
     Addr,
@@ -57,14 +55,15 @@ from .core import (
     StreamReset,
     WindowOpened,
 )
-from .errors import (
+from services.ztunnel.hbone.errors import (
     ConnectionClosedError,
     HboneError,
     HboneProtocolError,
     HttpStatusError,
     StreamResetError,
 )
-from .tlsstream import TlsSocketStream
+from services.ztunnel.hbone.tlsstream import TlsSocketStream
+from shared.identity import SpiffeId
 
 log = logging.getLogger("ztunnel.hbone")
 

@@ -45,7 +45,7 @@ import h2.stream
 import hpack
 import hyperframe.frame
 
-from .errors import HboneProtocolError
+from services.ztunnel.hbone.errors import HboneProtocolError
 
 Addr = tuple[str, int]
 Header = tuple[bytes, bytes]

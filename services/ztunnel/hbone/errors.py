@@ -8,7 +8,7 @@ from __future__ import annotations
 import http
 from typing import ClassVar
 
-from ..errors import ZtunnelError
+from services.ztunnel.errors import ZtunnelError
 
 
 class HboneError(ZtunnelError):

@@ -21,16 +21,15 @@ from collections.abc import Callable
 import msgspec
 import trio
 
+from services.ztunnel.hbone.client import HbonePool
+from services.ztunnel.hbone.connection import HboneStream
+from services.ztunnel.hbone.core import ERROR_CANCEL, Addr
+from services.ztunnel.hbone.errors import HttpStatusError
+from services.ztunnel.hbone.relay import relay
+from services.ztunnel.net import describe_os_error
+from services.ztunnel.proxy.resolve import HboneRoute
 from shared.errors import AmbientError
 from shared.identity import SpiffeId
-
-from ..proxy.net import describe_os_error
-from .client import HbonePool
-from .connection import HboneStream
-from .core import ERROR_CANCEL, Addr
-from .errors import HttpStatusError
-from .relay import relay
-from .resolve import HboneRoute
 
 
 class OutboundResult(msgspec.Struct, kw_only=True):

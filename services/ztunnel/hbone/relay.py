@@ -27,10 +27,10 @@ import socket
 
 import trio
 
-from ..rxbuf import receive_view as _shared_view
-from .connection import HboneStream
-from .core import ERROR_CONNECT, ERROR_NO_ERROR
-from .errors import StreamResetError
+from services.ztunnel.hbone.connection import HboneStream
+from services.ztunnel.hbone.core import ERROR_CONNECT, ERROR_NO_ERROR
+from services.ztunnel.hbone.errors import StreamResetError
+from services.ztunnel.rxbuf import receive_view as _shared_view
 
 
 async def _sock_send_all(sock: socket.socket, data: bytes) -> None:

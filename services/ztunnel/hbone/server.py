@@ -31,19 +31,29 @@ from typing import Any, Final
 import msgspec
 import trio
 
+from services.ztunnel.authz import AuthzRequest, Decision
+from services.ztunnel.errors import ConnectError
+from services.ztunnel.hbone.client import CertSource
+from services.ztunnel.hbone.connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
+from services.ztunnel.hbone.core import (
+    ERROR_CANCEL,
+    ERROR_INTERNAL,
+    ConnectRequested,
+    ServerCore,
+    StreamRejected,
+)
+from services.ztunnel.hbone.errors import HboneError
+from services.ztunnel.hbone.relay import relay
+from services.ztunnel.hbone.tls import (
+    TlsContextCache,
+    check_established,
+    describe_ssl_error,
+    server_connection,
+)
+from services.ztunnel.hbone.tlsstream import TlsSocketStream
+from services.ztunnel.net import accept_forever, describe_os_error, peer_addr
 from shared.errors import AmbientError
 from shared.identity import SpiffeId
-
-from ..authz import AuthzRequest, Decision
-from ..errors import ConnectError
-from ..proxy.net import accept_forever, describe_os_error, peer_addr
-from .client import CertSource
-from .connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
-from .core import ERROR_CANCEL, ERROR_INTERNAL, ConnectRequested, ServerCore, StreamRejected
-from .errors import HboneError
-from .relay import relay
-from .tls import TlsContextCache, check_established, describe_ssl_error, server_connection
-from .tlsstream import TlsSocketStream
 
 log = logging.getLogger("ztunnel.hbone")
 

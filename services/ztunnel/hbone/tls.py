@@ -24,9 +24,8 @@ from typing import Any, Final
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
+from services.ztunnel.hbone.errors import PeerIdentityError, TlsError
 from shared.identity import CertBundle, IdentityError, SpiffeId, load_cert, load_key, uri_sans
-
-from .errors import PeerIdentityError, TlsError
 
 ALPN_H2: Final = b"h2"
 TLS13_CIPHERSUITES: Final = b"TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"

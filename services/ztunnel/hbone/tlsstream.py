@@ -27,11 +27,11 @@ from typing import Final
 import trio
 from OpenSSL import SSL
 
-from ..rxbuf import RECEIVE_BUFFER_SIZE
-from ..rxbuf import receive_buffer as _shared
-from ..rxbuf import receive_view as _shared_view
-from .errors import PeerIdentityError, TlsError
-from .tls import describe_ssl_error, identity_failure
+from services.ztunnel.hbone.errors import PeerIdentityError, TlsError
+from services.ztunnel.hbone.tls import describe_ssl_error, identity_failure
+from services.ztunnel.rxbuf import RECEIVE_BUFFER_SIZE
+from services.ztunnel.rxbuf import receive_buffer as _shared
+from services.ztunnel.rxbuf import receive_view as _shared_view
 
 _RECORD: Final = 16 * 1024 + 256  # the most plaintext one SSL_read returns (one TLS record), with slack
 _FULL_RECORD: Final = 16 * 1024

@@ -27,12 +27,9 @@ from typing import Any
 
 import trio
 
-from shared.identity import SpiffeId
-from shared.netns import netns_id
-from shared.zds.types import PodUid, WorkloadInfo
-
-from ..errors import ProxyStartError
-from ..proxy.context import (
+from services.ztunnel.errors import ProxyStartError
+from services.ztunnel.inpod.proxies import PodHandle, run_pod_proxies
+from services.ztunnel.proxy.context import (
     InPodSocketFactory,
     Mesh,
     NoPeers,
@@ -41,8 +38,10 @@ from ..proxy.context import (
     ProxyConfig,
     SocketFactory,
 )
-from ..telemetry import Telemetry
-from .proxies import PodHandle, run_pod_proxies
+from services.ztunnel.telemetry import Telemetry
+from shared.identity import SpiffeId
+from shared.netns import netns_id
+from shared.zds.types import PodUid, WorkloadInfo
 
 log = logging.getLogger("ztunnel.inpod")
 
@@ -55,8 +54,8 @@ def _identity(ctx: PodContext) -> SpiffeId | None:
 class InPodWorkloadHandler:
     """Starts/stops per-pod proxy sets in `pods_nursery` (one child task, one nursery, per pod).
 
-    Implements `shared.zds.workloads.WorkloadHandler`. `on_exit(uid)` is called when a pod's proxy set ends
-    without a stop or drain having been asked for (e.g. `WorkloadManager.workload_exited`).
+    Implements `services.ztunnel.inpod.statemanager.WorkloadHandler`. `on_exit(uid)` is called when a pod's
+    proxy set ends without a stop or drain having been asked for (e.g. `WorkloadManager.workload_exited`).
     """
 
     def __init__(self, pods_nursery: trio.Nursery, *, config: ProxyConfig | None = None,

@@ -32,15 +32,14 @@ from typing import Final
 
 import trio
 
+from services.ztunnel.hbone.client import HbonePool, open_hbone_pool
+from services.ztunnel.inpod.sockets import PodListener
+from services.ztunnel.net import Addr, accept_forever
+from services.ztunnel.proxy.context import PodContext
+from services.ztunnel.proxy.mesh import handle_inbound_hbone, handle_inbound_plaintext, handle_outbound
 from shared.errors import AmbientError
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid
-
-from ..hbone.client import HbonePool, open_hbone_pool
-from ..proxy.context import PodContext
-from ..proxy.mesh import handle_inbound_hbone, handle_inbound_plaintext, handle_outbound
-from ..proxy.net import Addr, accept_forever
-from .sockets import PodListener
 
 log = logging.getLogger("ztunnel.inpod")
 

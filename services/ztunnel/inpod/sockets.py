@@ -21,9 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from services.ztunnel.errors import ProxyStartError
 from shared.netns import NetnsError, entered, is_netns
-
-from ..errors import ProxyStartError
 
 PACKET_MARK: Final = 1337
 OUTBOUND_PORT: Final = 15001

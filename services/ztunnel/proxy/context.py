@@ -16,17 +16,21 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
+from services.ztunnel.errors import ProxyStartError
+from services.ztunnel.hbone.client import CertSource, HbonePool
+from services.ztunnel.hbone.tls import TlsContextCache
+from services.ztunnel.inpod.sockets import (
+    PACKET_MARK,
+    PodListeners,
+    bind_pod_listeners,
+    create_upstream_socket,
+)
+from services.ztunnel.net import Addr, original_dst
+from services.ztunnel.state.store import StateStore
+from services.ztunnel.state.types import Workload
+from services.ztunnel.telemetry import Peer, Telemetry
 from shared.identity import SpiffeId
 from shared.zds.types import PodUid, WorkloadInfo
-
-from ..errors import ProxyStartError
-from ..hbone.client import CertSource, HbonePool
-from ..hbone.tls import TlsContextCache
-from ..inpod.sockets import PACKET_MARK, PodListeners, bind_pod_listeners, create_upstream_socket
-from ..state.store import StateStore
-from ..state.types import Workload
-from ..telemetry import Peer, Telemetry
-from .net import Addr, original_dst
 
 
 class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -35,22 +35,21 @@ import time
 
 import trio
 
+from services.ztunnel.authz import AuthzRequest, Decision, authorize_from_state
+from services.ztunnel.errors import ConnectError
+from services.ztunnel.hbone.client import baggage_of
+from services.ztunnel.hbone.connection import HboneConnection, HboneStream
+from services.ztunnel.hbone.outbound import tunnel_outbound
+from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone_connection
+from services.ztunnel.net import Addr, connect, local_addr
+from services.ztunnel.peers import workload_peer
+from services.ztunnel.proxy import passthrough
+from services.ztunnel.proxy.context import Mesh, PodContext
+from services.ztunnel.proxy.resolve import HboneRoute, NoHealthyUpstream, resolve_outbound
+from services.ztunnel.state.store import StateStore
+from services.ztunnel.state.types import Service, Workload
+from services.ztunnel.telemetry import ConnectionRecord, Peer, format_addr
 from shared.netns import NetnsError
-
-from ..authz import AuthzRequest, Decision, authorize_from_state
-from ..errors import ConnectError
-from ..hbone.client import baggage_of
-from ..hbone.connection import HboneConnection, HboneStream
-from ..hbone.outbound import tunnel_outbound
-from ..hbone.resolve import HboneRoute, NoHealthyUpstream, resolve_outbound
-from ..hbone.server import InboundInfo, InboundRecord, serve_hbone_connection
-from ..peers import workload_peer
-from ..state.store import StateStore
-from ..state.types import Service, Workload
-from ..telemetry import ConnectionRecord, Peer, format_addr
-from . import passthrough
-from .context import Mesh, PodContext
-from .net import Addr, connect, local_addr
 
 log = logging.getLogger("ztunnel.proxy")
 

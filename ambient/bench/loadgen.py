@@ -1,4 +1,4 @@
-"""`python -m services.bench.loadgen`: the request/response and connection-rate load of `ambient bench`.
+"""`python -m ambient.bench.loadgen`: the request/response and connection-rate load of `ambient bench`.
 
     loadgen serve --rr-port 8080 --crr-port 8081            the servers (in the server pod)
     loadgen rr HOST PORT --rate 1000 --conns 4 --seconds 10  1 KB HTTP/1.1 at a fixed rate (fortio-like)
@@ -394,7 +394,7 @@ def run_crr(host: str, port: int, *, conc: int, seconds: float) -> dict[str, obj
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.bench.loadgen", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ambient.bench.loadgen", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--rr-port", type=int, default=8080)

@@ -119,7 +119,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.lab import lab
+    from ambient.lab import lab
 
     state = lab.up(
         prefix=args.prefix, world_file=args.world, nodes=args.nodes, timeout=args.timeout, progress=_progress
@@ -132,7 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from services.lab import lab
+    from ambient.lab import lab
 
     if lab.down(prefix=args.prefix, progress=_progress):
         console.print(f"lab {args.prefix!r} removed")
@@ -181,7 +181,7 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from services.lab import lab
+    from ambient.lab import lab
 
     data = lab.status(prefix=args.prefix)
     if args.json:
@@ -193,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from services.lab import lab
+    from ambient.lab import lab
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -205,7 +205,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from services.lab import lab
+    from ambient.lab import lab
 
     key = lab.delete_pod(args.pod, prefix=args.prefix, timeout=args.timeout, progress=_progress)
     console.print(f"pod {key} deleted")
@@ -213,7 +213,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
-    from services.lab import lab
+    from ambient.lab import lab
 
     rest = list(args.args)
     if rest and rest[0] == "--":
@@ -225,14 +225,14 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    from services.lab import lab
+    from ambient.lab import lab
 
     lab.restart(args.component, args.node, prefix=args.prefix, timeout=args.timeout, progress=_progress)
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from services.lab import lab
+    from ambient.lab import lab
 
     for line in lab.access_logs(node=args.node, direction=args.direction, prefix=args.prefix):
         print(line)
@@ -240,12 +240,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from services.lab import demo
+    from ambient.lab import demo
 
     return demo.run_demo(prefix=args.prefix, keep=args.keep, console=console, progress=_progress)
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m shared.lab_cli` for debugging
+if __name__ == "__main__":  # pragma: no cover - `python -m ambient.lab.cli` for debugging
     parser = argparse.ArgumentParser(prog="ambient")
     register(parser.add_subparsers())
     ns = parser.parse_args()

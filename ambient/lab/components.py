@@ -33,9 +33,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.lab.errors import ComponentError
-from services.lab.probe import http_get, tcp_probe, unix_http
-from services.lab.state import (
+from ambient.lab.errors import ComponentError
+from ambient.lab.probe import http_get, tcp_probe, unix_http
+from ambient.lab.state import (
     Check,
     ComponentSpec,
     HttpCheck,
@@ -45,7 +45,7 @@ from services.lab.state import (
     is_running,
     process_start_time,
 )
-from services.lab.topology import ISTIOD_PORT, LabPlan, NodePlan, PodPlan
+from ambient.lab.topology import ISTIOD_PORT, LabPlan, NodePlan, PodPlan
 from shared.netns import NetnsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-    1. write the bench world (services.bench.world) into the run directory and `lab.up` it under a prefix
+    1. write the bench world (ambient.bench.world) into the run directory and `lab.up` it under a prefix
        of its own: a mesh pair and a baseline pair of client/server pods across node-a and node-b
     2. start the servers in both server pods (iperf3 -s, `loadgen serve`), recorded in the lab's state so
        `lab.teardown` stops them by PID even if this process dies half-way
@@ -15,7 +15,7 @@ Theory of operation
        127.0.0.1:15008 inside the pod until the listener accepts; ztunnel's RSS before and after
     7. `finally`: `lab.teardown` (processes by PID, namespaces, files); the JSON and Markdown are written
 
-The rate sweep (services/bench/sweep.py) runs the fixed-rate load through the mesh at a low, the reference
+The rate sweep (ambient/bench/sweep.py) runs the fixed-rate load through the mesh at a low, the reference
 and a high rate: ztunnel's CPU per request at each shows how much of it is paid per wake-up.
 
 `--only` (BenchConfig.scenarios) runs a subset of bulk, rr, sweep, crr, enrol, always in that order; steps
@@ -40,10 +40,10 @@ from pathlib import Path
 
 import msgspec
 
-from services.bench import world as bw
-from services.bench.errors import BenchError
-from services.bench.loadgen import percentiles
-from services.bench.report import (
+from ambient.bench import world as bw
+from ambient.bench.errors import BenchError
+from ambient.bench.loadgen import percentiles
+from ambient.bench.report import (
     ArmResult,
     BenchReport,
     Machine,
@@ -51,14 +51,14 @@ from services.bench.report import (
     finish_scenario,
     markdown,
 )
-from services.bench.sweep import rate_sweep
+from ambient.bench.sweep import rate_sweep
+from ambient.lab import components, lab
+from ambient.lab.components import PYTHON, LabPaths
+from ambient.lab.errors import PrerequisiteError
+from ambient.lab.probe import tcp_probe
+from ambient.lab.state import RUN_ROOT, ComponentSpec, LabState, TcpCheck, save_state
+from ambient.lab.topology import AppPlan, LabPlan, PodPlan, Step, create_netns, run_step
 from services.istiod.world import world_to_json
-from services.lab import components, lab
-from services.lab.components import PYTHON, LabPaths
-from services.lab.errors import PrerequisiteError
-from services.lab.probe import tcp_probe
-from services.lab.state import RUN_ROOT, ComponentSpec, LabState, TcpCheck, save_state
-from services.lab.topology import AppPlan, LabPlan, PodPlan, Step, create_netns, run_step
 from shared.netns import NetnsError
 
 Progress = Callable[[str], None]
@@ -296,7 +296,7 @@ class Bench:
     def loadgen(self, arm: str, *args: str) -> dict[str, float]:
         a = self.arms[arm]
         server_ip = self.pod(a.server).ip
-        argv = [PYTHON, "-m", "services.bench.loadgen", args[0], server_ip, *args[1:]]
+        argv = [PYTHON, "-m", "ambient.bench.loadgen", args[0], server_ip, *args[1:]]
         out = self.in_pod(a.client, argv, timeout=self.cfg.seconds * 3 + 30)
         data = json.loads(out)
         return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))}
@@ -322,7 +322,7 @@ class Bench:
     def start_servers(self) -> None:
         for arm in bw.ARMS:
             server = self.pod(self.arms[arm].server)
-            serve = [PYTHON, "-m", "services.bench.loadgen", "serve",
+            serve = [PYTHON, "-m", "ambient.bench.loadgen", "serve",
                      "--rr-port", str(bw.RR_PORT), "--crr-port", str(bw.CRR_PORT)]  # fmt: skip
             iperf = ["iperf3", "-s", "-p", str(bw.IPERF_PORT)]
             for what, argv, ports in (("loadgen-serve", serve, (bw.RR_PORT, bw.CRR_PORT)),

@@ -268,6 +268,6 @@ def register(subparsers: Any) -> None:
 
 
 if __name__ == "__main__":
-    from shared.cli import main
+    from ambient.cli import main
 
     main(["world", *sys.argv[1:]])

@@ -27,12 +27,12 @@ import random
 
 import trio
 
+from services.ztunnel.inpod.statemanager import RETRY_INTERVAL, WorkloadManager
 from shared.zds.codec import close_fds, decode_request
 from shared.zds.errors import ZdsEndOfStream, ZdsProtocolError, ZdsReadError
 from shared.zds.session import ClientSession
 from shared.zds.transport import connect, describe_connect_error, recv_datagram, send_datagram
 from shared.zds.types import AddWorkload
-from shared.zds.workloads import RETRY_INTERVAL, WorkloadManager
 
 log = logging.getLogger("zds.client")
 

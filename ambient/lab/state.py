@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgspec
 
-from services.lab.errors import LabError
+from ambient.lab.errors import LabError
 
 RUN_ROOT = Path(os.environ.get("AMBIENT_LAB_RUN_DIR", "/run/ambient-lab"))
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.rule import Rule
 
-from services.lab import lab
-from services.lab.errors import LabError
+from ambient.lab import lab
+from ambient.lab.errors import LabError
 
 REQUEST = "http://productpage.bookinfo:9080/productpage"
 
@@ -106,7 +106,7 @@ def run_demo(
     progress: Callable[[str], None] = print,
 ) -> int:
     """Run the demo; 0 when the request through the mesh succeeded."""
-    from shared.lab_cli import status_tables
+    from ambient.lab.cli import status_tables
 
     console = console or Console()
     _section(console, "1. lab up: istiod, two nodes (node agent + ztunnel), the bookinfo pods")

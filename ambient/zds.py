@@ -1,6 +1,6 @@
 """`ambient zds serve|watch` (scripted ZDS peers for humans) and `ambient zds-conformance` (the kit).
 
-This module only parses arguments and wires things together; the kit itself is shared/zds/conformance.py
+This module only parses arguments and wires things together; the kit itself is ambient/conformance.py
 and docs/zds-conformance.md describes its use and the client state-file interface.
 
     ambient zds serve --socket /tmp/zds.sock --workload pod1=ns1:web:default:web-sa [--keep pod2]
@@ -11,7 +11,7 @@ and docs/zds-conformance.md describes its use and the client state-file interfac
         keeps F up to date with the state-file interface.
     ambient zds-conformance [--server PATH | --server-cmd 'CMD {socket}'] [--client-cmd 'CMD {socket}']
 
-Also runnable as `python -m shared.zds.cli ...` (same arguments as `ambient`).
+Also runnable as `python -m ambient.zds ...` (same arguments as `ambient`).
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ from typing import Any, TypeVar
 import msgspec
 import trio
 
+from ambient import conformance
+from services.node_agent.zds_server import ZdsServer
+from services.ztunnel.errors import ProxyStartError
+from services.ztunnel.inpod.statemanager import RETRY_INTERVAL, WorkloadManager, write_state_file
 from shared.errors import AmbientError
 from shared.netns import NetnsError, is_netns, netns_id, open_netns
-from shared.zds import conformance
 from shared.zds.codec import close_fds
-from shared.zds.errors import ProxyStartError, ZdsError
-from shared.zds.server import ZdsServer
+from shared.zds.errors import ZdsError
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
-from shared.zds.workloads import RETRY_INTERVAL, WorkloadManager, write_state_file
 
 T = TypeVar("T")
 
@@ -294,7 +295,7 @@ class _Observer:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from shared.zds.client import run_zds_client
+    from services.ztunnel.inpod.zds_client import run_zds_client
 
     _setup_logging(args.verbose)
     handler = RecordingHandler(frozenset(args.fail_uid), args.fail_file)
@@ -448,6 +449,6 @@ def register(subparsers: Any) -> None:
 
 
 if __name__ == "__main__":
-    from shared.cli import main
+    from ambient.cli import main
 
     main()

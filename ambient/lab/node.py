@@ -1,6 +1,6 @@
-"""`python -m services.lab.node`: one node of the mesh in a container (docker-compose.yml's node-a, node-b).
+"""`python -m ambient.lab.node`: one node of the mesh in a container (docker-compose.yml's node-a, node-b).
 
-    python -m services.lab.node --world /etc/ambient/world.yaml --node node-a --istiod istiod:15012 \\
+    python -m ambient.lab.node --world /etc/ambient/world.yaml --node node-a --istiod istiod:15012 \\
         --peer node-b=172.30.0.12 --instance-ip 172.30.0.11
 
 Theory of operation
@@ -31,13 +31,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.istiod.world import load_world
-from services.lab import components
-from services.lab.components import LabPaths
-from services.lab.errors import ComponentError, PlanError
-from services.lab.lab import cni_add
-from services.lab.state import ProcessRecord, stop_process
-from services.lab.topology import (
+from ambient.lab import components
+from ambient.lab.components import LabPaths
+from ambient.lab.errors import ComponentError, PlanError
+from ambient.lab.lab import cni_add
+from ambient.lab.state import ProcessRecord, stop_process
+from ambient.lab.topology import (
     ETC_NETNS,
     as_container_node,
     container_node_steps,
@@ -49,6 +48,7 @@ from services.lab.topology import (
     wire_pod,
     write_hosts,
 )
+from services.istiod.world import load_world
 from shared.errors import AmbientError
 
 POD_PREFIX = "pod"
@@ -129,7 +129,7 @@ def run_node(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m services.lab.node", description="one mesh node in a container"
+        prog="python -m ambient.lab.node", description="one mesh node in a container"
     )
     p.add_argument("--world", default=os.environ.get("WORLD", "/etc/ambient/world.yaml"))
     p.add_argument("--node", default=os.environ.get("NODE_NAME"), required="NODE_NAME" not in os.environ)

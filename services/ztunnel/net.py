@@ -13,7 +13,7 @@ from typing import Final
 
 import trio
 
-from ..errors import ConnectError
+from services.ztunnel.errors import ConnectError
 
 SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IP
 IP6T_SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IPV6

@@ -33,10 +33,9 @@ from typing import Any
 
 import msgspec
 
-from services.istiod.world import REDIRECTION_ANNOTATION, World, load_world, world_to_json
-from services.lab import components
-from services.lab.components import LabPaths
-from services.lab.errors import (
+from ambient.lab import components
+from ambient.lab.components import LabPaths
+from ambient.lab.errors import (
     AlreadyUpError,
     ComponentError,
     EnrolmentError,
@@ -44,8 +43,8 @@ from services.lab.errors import (
     PrerequisiteError,
     UnknownPodError,
 )
-from services.lab.probe import http_get, unix_http
-from services.lab.state import (
+from ambient.lab.probe import http_get, unix_http
+from ambient.lab.state import (
     ComponentSpec,
     LabState,
     PodRecord,
@@ -56,7 +55,7 @@ from services.lab.state import (
     save_state,
     stop_process,
 )
-from services.lab.topology import (
+from ambient.lab.topology import (
     ETC_NETNS,
     LabPlan,
     PodPlan,
@@ -70,6 +69,7 @@ from services.lab.topology import (
     rescale_world,
     wire_pod,
 )
+from services.istiod.world import REDIRECTION_ANNOTATION, World, load_world, world_to_json
 from shared.netns import NetnsError
 
 DEFAULT_PREFIX = "amb"
@@ -689,7 +689,7 @@ def run_world_command(
     plan = plan_of(state)
     paths = LabPaths(state.run_dir)
     cmd = [
-        components.PYTHON, "-c", "from shared.cli import main; main()",
+        components.PYTHON, "-c", "from ambient.cli import main; main()",
         "world", "--istiod", plan.istiod_address, "--state-dir", str(paths.istiod_state), *argv,
     ]  # fmt: skip
     return subprocess.run(

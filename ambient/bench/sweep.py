@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from services.bench.report import SWEEP_RATES, ArmResult, ScenarioResult, finish_scenario
+from ambient.bench.report import SWEEP_RATES, ArmResult, ScenarioResult, finish_scenario
 
 if TYPE_CHECKING:
-    from services.bench.run import Bench
+    from ambient.bench.run import Bench
 
 def metric(role: str, rate: float) -> str:
     """The name of one figure: e.g. `client_us_per_req_at_250`."""

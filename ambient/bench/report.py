@@ -16,7 +16,7 @@ import msgspec
 SCHEMA_VERSION = 1
 
 SWEEP_RATES = (250.0, 1000.0, 2500.0)
-"""Request rates of the rate sweep (services/bench/sweep.py): well under, at and well over the fixed rate."""
+"""Request rates of the rate sweep (ambient/bench/sweep.py): well under, at and well over the fixed rate."""
 
 
 class Stat(msgspec.Struct, frozen=True, kw_only=True):

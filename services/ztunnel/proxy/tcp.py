@@ -32,7 +32,7 @@ from typing import Final
 
 import trio
 
-from ..rxbuf import receive_view as _view
+from services.ztunnel.rxbuf import receive_view as _view
 
 
 async def _send_all(sock: socket.socket, data: memoryview) -> None:

@@ -26,12 +26,11 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
+from services.ztunnel.hbone.client import HBONE_PORT, PoolKey
+from services.ztunnel.hbone.core import Addr
+from services.ztunnel.state.store import StateStore
+from services.ztunnel.state.types import GatewayAddress, Port, Service, TunnelProtocol, Workload
 from shared.identity import IdentityError, SpiffeId
-
-from ..state.store import StateStore
-from ..state.types import GatewayAddress, Port, Service, TunnelProtocol, Workload
-from .client import HBONE_PORT, PoolKey
-from .core import Addr
 
 
 class Passthrough(msgspec.Struct, frozen=True, kw_only=True):

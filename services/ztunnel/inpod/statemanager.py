@@ -27,9 +27,9 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
+from services.ztunnel.errors import ProxyStartError
 from shared.netns import NetnsId, netns_id
 from shared.zds.codec import close_fds
-from shared.zds.errors import ProxyStartError
 from shared.zds.types import (
     AddWorkload,
     DelWorkload,

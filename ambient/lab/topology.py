@@ -39,8 +39,8 @@ from pathlib import Path
 
 import msgspec
 
+from ambient.lab.errors import CommandError, LabError, PlanError
 from services.istiod.world import Node, Pod, Service, World
-from services.lab.errors import CommandError, LabError, PlanError
 from services.node_agent.eligibility import decide
 from services.node_agent.model import Pod as AgentPod
 from shared.netns import NETNS_RUN_DIR

@@ -12,10 +12,10 @@ from shared.errors import AmbientError
 
 # Modules that add subcommands; each defines register(subparsers) and sets `func` on its parsers.
 COMMAND_MODULES: tuple[str, ...] = (
-    "shared.zds.cli",
-    "shared.lab_cli",
-    "shared.world_cli",
-    "shared.bench_cli",
+    "ambient.zds",
+    "ambient.lab.cli",
+    "ambient.world",
+    "ambient.bench.cli",
 )
 
 

@@ -72,8 +72,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from services.bench.report import HEADERS, table_rows
-    from services.bench.run import SCENARIOS, BenchConfig, parse_scenarios, run_bench
+    from ambient.bench.report import HEADERS, table_rows
+    from ambient.bench.run import SCENARIOS, BenchConfig, parse_scenarios, run_bench
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     quick = bool(args.quick)
