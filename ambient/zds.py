@@ -256,7 +256,8 @@ class RecordingHandler:
             return False
         return uid in listed
 
-    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int) -> None:
+    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int, *,
+                             on_exit: Callable[[], None]) -> None:
         if self._should_fail(uid):
             _say({"event": "start_failed", "uid": uid})
             raise ProxyStartError(f"pod {uid}: start refused on request (--fail-uid/--fail-file)")
@@ -272,18 +273,12 @@ class RecordingHandler:
 
 
 class _Observer:
-    """on_change of the manager: writes the state file and prints connection-level events."""
+    """on_change of the manager: prints connection-level events."""
 
-    def __init__(self, state_file: str | None) -> None:
-        self.state_file = state_file
-        self.manager: WorkloadManager | None = None
+    def __init__(self) -> None:
         self.last: tuple[bool, bool, bool] = (False, False, False)
 
-    def __call__(self) -> None:
-        m = self.manager
-        assert m is not None
-        if self.state_file is not None:
-            write_state_file(self.state_file, m.state())
+    def __call__(self, m: WorkloadManager) -> None:
         now = (m.connected, m.snapshot_received, m.ready)
         if now[0] != self.last[0]:
             _say({"event": "connected", "connection": m.connections} if now[0] else {"event": "disconnected"})
@@ -299,9 +294,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     _setup_logging(args.verbose)
     handler = RecordingHandler(frozenset(args.fail_uid), args.fail_file)
-    observer = _Observer(args.state_file)
-    manager = WorkloadManager(handler, on_change=observer)
-    observer.manager = manager
+    manager = WorkloadManager(handler, state_file=args.state_file, on_change=_Observer())
     if args.state_file is not None:
         try:
             write_state_file(args.state_file, manager.state())

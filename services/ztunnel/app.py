@@ -1,4 +1,4 @@
-"""The ztunnel process: config, start-up checks, one root nursery, signal handling.
+"""The ztunnel process: config, start-up checks, one root nursery, signal handling (the endpoints: admin.py).
 
 Theory of operation
 -------------------
@@ -7,6 +7,9 @@ Theory of operation
                            the xDS client (XDS_ADDRESS set) filling the StateStore
       pods nursery         one child per pod (InPodWorkloadHandler -> run_pod_proxies, each with its pool)
         ZDS client         run_zds_client(INPOD_UDS, WorkloadManager(handler)) under its own cancel scope
+
+The parts are made in dependency order (store, handler, state manager, admin) and nothing calls back up:
+the state manager writes ZTUNNEL_ZDS_STATE_FILE itself and readiness polls it.
 
 With XDS_ADDRESS the pods share one `Mesh` (the store, the certificate manager, one TLS context cache):
 outbound connections are resolved from xDS and tunnelled with HBONE where the destination speaks it, and
@@ -33,26 +36,23 @@ import socket
 import sys
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import Final
 
-import msgspec
 import trio
 
+from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
 from services.ztunnel.config import ZtunnelConfig, load_config
 from services.ztunnel.errors import ConfigError, StartupCheckError
-from services.ztunnel.httpd import HttpRequest, HttpResponse, serve_http
+from services.ztunnel.httpd import serve_http
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import SO_MARK
-from services.ztunnel.inpod.statemanager import WorkloadManager, write_state_file
+from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
 from services.ztunnel.peers import StatePeers
 from services.ztunnel.proxy.context import Mesh, SocketFactory
 from services.ztunnel.state.store import StateStore
-from services.ztunnel.telemetry import Metrics, Telemetry, current_log_levels, set_log_level, setup_logging
+from services.ztunnel.telemetry import Metrics, Telemetry, setup_logging
 from shared.netns import NetnsError, current_netns_fd, entered
-
-if TYPE_CHECKING:
-    from services.ztunnel.xds.client import XdsClient
 
 log = logging.getLogger("ztunnel.app")
 
@@ -118,105 +118,9 @@ def verify_syscalls(mark: int) -> None:
         raise StartupCheckError(f"cannot set SO_MARK={mark} on a socket: {exc.strerror}.{hint}") from exc
 
 
-class Readiness:
-    """Named readiness checks; ready when all pass."""
-
-    def __init__(self) -> None:
-        self._checks: dict[str, Callable[[], bool]] = {}
-
-    def add(self, name: str, check: Callable[[], bool]) -> None:
-        self._checks[name] = check
-
-    def blocking(self) -> list[str]:
-        return [name for name, check in self._checks.items() if not check()]
-
-
-class ZtunnelApp:
-    """The running process's parts, as seen by the admin endpoints and by tests."""
-
-    def __init__(self, config: ZtunnelConfig, handler: InPodWorkloadHandler, manager: WorkloadManager,
-                 telemetry: Telemetry, readiness: Readiness) -> None:
-        self.config = config
-        self.handler = handler
-        self.manager = manager
-        self.telemetry = telemetry
-        self.readiness = readiness
-        self.addresses: dict[str, list[tuple[str, int]]] = {}
-        self.store: StateStore | None = None
-        self.xds: XdsClient | None = None
-        self.mesh: Mesh | None = None
-        self._changed = trio.Event()
-
-    def notify(self) -> None:
-        """Called by the ZDS workload manager after every change of its state."""
-        if self.config.zds_state_file:
-            write_state_file(self.config.zds_state_file, self.manager.state())
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        """Return once `condition()` holds (re-checked after every ZDS state change)."""
-        while not condition():
-            await self._changed.wait()
-
-    def config_dump(self) -> dict[str, Any]:
-        config = msgspec.to_builtins(self.config)
-        for target in ("xds_target", "ca_target"):
-            if config.get(target):
-                config[target]["token"] = "<redacted>" if config[target].get("token") else None
-        xds: dict[str, Any] | None = None
-        if self.xds is not None and self.store is not None:
-            xds = {"connected": self.xds.connected, "connects": self.xds.connects,
-                   "workloads": sorted(self.store.workloads), "services": sorted(self.store.services),
-                   "policies": sorted(self.store.policies)}
-        return {
-            "config": config,
-            "xds": xds,
-            "certificates": self.mesh.certs.dump() if self.mesh is not None else None,
-            "pods": self.handler.dump(),
-            "zds": self.manager.state(),
-            "readiness": {"ready": not self.readiness.blocking(), "blocking": self.readiness.blocking()},
-        }
-
-    async def admin(self, request: HttpRequest) -> HttpResponse:
-        if request.path == "/config_dump":
-            return HttpResponse(body=msgspec.json.format(msgspec.json.encode(self.config_dump())) + b"\n",
-                                content_type="application/json")
-        if request.path == "/logging":
-            levels = request.query.get("level")
-            if not levels:
-                return HttpResponse(body=f"current log level is {current_log_levels()}\n".encode())
-            try:
-                now = set_log_level(levels[0])
-            except ValueError as exc:
-                return HttpResponse(status=400, body=f"{exc}\n".encode())
-            return HttpResponse(body=f"set new log level to {now}\n".encode())
-        if request.path == "/healthz/ready":
-            return await self.ready(request)
-        if request.path in ("/metrics", "/stats/prometheus"):
-            return await self.stats(request)
-        return HttpResponse(status=404, body=b"not found; try /config_dump or /logging?level=info\n")
-
-    async def stats(self, request: HttpRequest) -> HttpResponse:
-        if request.path in ("/metrics", "/stats/prometheus"):
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # first scrape: ~2.3 MiB
-
-            return HttpResponse(body=generate_latest(self.telemetry.metrics.registry),
-                                content_type=CONTENT_TYPE_LATEST)
-        return HttpResponse(status=404, body=b"not found; try /metrics or /stats/prometheus\n")
-
-    async def ready(self, request: HttpRequest) -> HttpResponse:
-        if request.path != "/healthz/ready":
-            return HttpResponse(status=404, body=b"not found; try /healthz/ready\n")
-        blocking = self.readiness.blocking()
-        if blocking:
-            return HttpResponse(status=503, body=f"not ready: waiting for {', '.join(blocking)}\n".encode())
-        return HttpResponse(body=b"ready\n")
-
-
 async def run_ztunnel(config: ZtunnelConfig, *, shutdown: trio.Event | None = None,
                       sockets: SocketFactory | None = None,
-                      task_status: trio.TaskStatus[ZtunnelApp] = trio.TASK_STATUS_IGNORED) -> None:
+                      task_status: trio.TaskStatus[ZtunnelParts] = trio.TASK_STATUS_IGNORED) -> None:
     """Run until `shutdown` is set (never, if None and not cancelled), then drain and return.
 
     Args:
@@ -245,17 +149,15 @@ async def run_ztunnel(config: ZtunnelConfig, *, shutdown: trio.Event | None = No
 
 async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFactory | None,
                  telemetry: Telemetry, readiness: Readiness, store: StateStore, mesh: Mesh | None,
-                 task_status: trio.TaskStatus[ZtunnelApp]) -> None:
+                 task_status: trio.TaskStatus[ZtunnelParts]) -> None:
     async with trio.open_nursery() as servers:
         async with trio.open_nursery() as pods:
             handler = InPodWorkloadHandler(pods, config=config.proxy, telemetry=telemetry, sockets=sockets,
-                                           peers=StatePeers(store), mesh=mesh,
-                                           on_exit=lambda uid: manager.workload_exited(uid))
-            manager = WorkloadManager(handler, on_change=lambda: app.notify())
+                                           peers=StatePeers(store), mesh=mesh)
+            manager = WorkloadManager(handler, state_file=config.zds_state_file or None)
             readiness.add("inpod snapshot from the node agent", lambda: manager.ready)
-            app = ZtunnelApp(config, handler, manager, telemetry, readiness)
-            app.store = store
-            app.mesh = mesh
+            parts = ZtunnelParts(config=config, handler=handler, manager=manager, telemetry=telemetry,
+                                 readiness=readiness, store=store, mesh=mesh)
 
             # --- xDS client (only when XDS_ADDRESS is set): workloads/services/policies into `store` -----
             if config.xds_target is not None:
@@ -265,20 +167,14 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
                     node_id=ztunnel_node_id(config.instance_ip, config.pod_name, config.pod_namespace),
                     node_metadata={"NAME": config.pod_name, "NAMESPACE": config.pod_namespace,
                                    "INSTANCE_IPS": config.instance_ip, "NODE_NAME": config.node_name}))
-                app.xds = xds
-                synced = trio.Event()
-                readiness.add("xDS sync with the control plane", synced.is_set)
-
-                async def xds_synced() -> None:
-                    await xds.wait_synced()
-                    synced.set()
-                    app.notify()
-
+                parts.xds = xds
+                readiness.add("xDS sync with the control plane", xds.is_synced)
                 await servers.start(xds.run)
-                servers.start_soon(xds_synced)
-            app.addresses["admin"] = await servers.start(serve_http, app.admin, *config.admin_addr)
-            app.addresses["stats"] = await servers.start(serve_http, app.stats, *config.stats_addr)
-            app.addresses["readiness"] = await servers.start(serve_http, app.ready, *config.readiness_addr)
+            admin = Admin(parts)
+            for name, route, addr in (("admin", admin.admin, config.admin_addr),
+                                      ("stats", admin.stats, config.stats_addr),
+                                      ("readiness", admin.ready, config.readiness_addr)):
+                parts.addresses[name] = await servers.start(serve_http, route, *addr)
 
             # --- ZDS client: the node agent hands us pods over INPOD_UDS --------------------------------
             zds_scope = trio.CancelScope()
@@ -292,14 +188,13 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
             log.info("ztunnel started", extra={"fields": [
                 ("inpod_uds", config.inpod_uds), ("node", config.node_name or None),
                 ("admin", f"{config.admin_addr[0]}:{config.admin_addr[1]}")]})
-            task_status.started(app)
+            task_status.started(parts)
 
             await shutdown.wait()
             log.info("shutting down: draining pods",
                      extra={"fields": [("deadline", f"{config.drain_deadline}s")]})
             zds_scope.cancel()
             await handler.drain_all(grace=config.drain_deadline)
-            app.notify()
             pods.cancel_scope.cancel()
         servers.cancel_scope.cancel()
 

@@ -22,7 +22,8 @@ class NetnsCheckingHandler:
     def __init__(self) -> None:
         self.seen: dict[PodUid, tuple[tuple[int, int], str]] = {}
 
-    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int) -> None:
+    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int, *,
+                             on_exit: Callable[[], None]) -> None:
         assert is_netns(netns_fd)
         with entered(netns_fd):
             inode = os.readlink("/proc/thread-self/ns/net")

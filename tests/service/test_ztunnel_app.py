@@ -17,12 +17,14 @@ import trio
 
 from services.node_agent.zds_server import ZdsServer
 from services.ztunnel import app as app_module
-from services.ztunnel.app import ZtunnelApp, run_ztunnel
+from services.ztunnel.admin import ZtunnelParts
+from services.ztunnel.app import run_ztunnel
 from services.ztunnel.config import ZtunnelConfig, drain_deadline, load_config
 from services.ztunnel.errors import ConfigError
 from shared.zds.errors import ZdsNack
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
 from tests.service.test_ztunnel_inpod import FakeSockets
+from tests.service.zds_fakes import wait_until
 
 INFO = WorkloadInfo(name="app", namespace="ns", service_account="sa")
 
@@ -71,7 +73,7 @@ async def test_zds_drives_pods_and_endpoints_report_them(tmp_path: Path, pipe_fd
     shutdown = trio.Event()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            app: ZtunnelApp = await nursery.start(lambda **kw: run_ztunnel(cfg, shutdown=shutdown,
+            app: ZtunnelParts = await nursery.start(lambda **kw: run_ztunnel(cfg, shutdown=shutdown,
                                                                            sockets=fake, **kw))
             ready = app.addresses["readiness"][0]
             admin = app.addresses["admin"][0]
@@ -82,7 +84,7 @@ async def test_zds_drives_pods_and_endpoints_report_them(tmp_path: Path, pipe_fd
             server = ZdsServer(cfg.inpod_uds, snap, accept_interval=0)
             await nursery.start(server.serve)
             await server.wait_connections()
-            await app.wait_until(lambda: app.manager.ready)
+            await wait_until(lambda: app.manager.ready)
             assert (await http_get(ready, "/healthz/ready"))[0] == 200
 
             await server.add_workload(PodUid("pod-b"), INFO, pipe_fds[1])
@@ -113,7 +115,7 @@ async def test_zds_drives_pods_and_endpoints_report_them(tmp_path: Path, pipe_fd
             assert (await http_get(admin, "/nope"))[0] == 404
 
             shutdown.set()
-            await app.wait_until(lambda: not app.handler.pods)
+            await wait_until(lambda: not app.handler.pods)
             nursery.cancel_scope.cancel()
 
 
@@ -168,14 +170,15 @@ async def test_xds_sync_gates_readiness_and_names_peers(tmp_path: Path, pipe_fds
             node = world.nodes[0].name
             cfg = msgspec.structs.replace(config(tmp_path), xds_target=istiod.target(node=node),
                                           node_name=node)
-            app: ZtunnelApp = await nursery.start(lambda **kw: run_ztunnel(cfg, sockets=FakeSockets(), **kw))
+            app: ZtunnelParts = await nursery.start(lambda **kw: run_ztunnel(cfg, sockets=FakeSockets(),
+                                                                             **kw))
             snap = Snapshot()  # productpage runs on node-a: its certificate is fetched when its proxies start
             productpage = WorkloadInfo(name="productpage-v1-6f9c7d", namespace="bookinfo",
                                        service_account="bookinfo-productpage")
             snap.entries.append(SnapshotEntry(uid=PodUid("pp"), info=productpage, netns_fd=pipe_fds[0]))
             server = ZdsServer(cfg.inpod_uds, snap, accept_interval=0)
             await nursery.start(server.serve)
-            await app.wait_until(lambda: not app.readiness.blocking())
+            await wait_until(lambda: not app.readiness.blocking())
             assert (await http_get(app.addresses["readiness"][0], "/healthz/ready"))[0] == 200
             dump = json.loads((await http_get(app.addresses["admin"][0], "/config_dump"))[1])
             assert dump["xds"]["workloads"] and dump["config"]["xds_target"]["token"] == "<redacted>"

@@ -160,11 +160,17 @@ async def test_same_netns_is_a_no_op_and_a_new_netns_rebinds() -> None:
     fake = FakeSockets()
     with pipe_fd() as fd1, pipe_fd() as fd2:
         async with ztunnel(fake) as zt:
-            await zt.start_workload(PodUid("a"), INFO, fd1)
+            manager = WorkloadManager(zt)
+            manager.connection_started()
+            assert await manager.handle(SnapshotSent()) == ""
+            assert await manager.handle(AddWorkload(uid=PodUid("a"), workload_info=INFO,
+                                                    netns_fd=os.dup(fd1))) == ""
             first = zt.pods[PodUid("a")]
-            await zt.start_workload(PodUid("a"), INFO, fd1)
+            assert await manager.handle(AddWorkload(uid=PodUid("a"), workload_info=INFO,
+                                                    netns_fd=os.dup(fd1))) == ""
             assert len(fake.bind_calls) == 1 and zt.pods[PodUid("a")] is first
-            await zt.start_workload(PodUid("a"), INFO, fd2)
+            assert await manager.handle(AddWorkload(uid=PodUid("a"), workload_info=INFO,
+                                                    netns_fd=os.dup(fd2))) == ""
             assert len(fake.bind_calls) == 2 and zt.pods[PodUid("a")] is not first
             assert first.done.is_set()
 
@@ -370,15 +376,15 @@ async def test_a_pod_whose_accept_loop_dies_is_reported_once_and_stops_listing_a
     fake = FakeSockets()
     with pipe_fd() as fd, trio.fail_after(30):
         async with trio.open_nursery() as pods:
-            manager: WorkloadManager
             exited: list[PodUid] = []
 
-            def on_exit(uid: PodUid) -> None:
-                exited.append(uid)
-                manager.workload_exited(uid)
+            class Manager(WorkloadManager):
+                def workload_exited(self, uid: PodUid) -> None:
+                    exited.append(uid)
+                    super().workload_exited(uid)
 
-            zt = InPodWorkloadHandler(pods, sockets=fake, on_exit=on_exit)
-            manager = WorkloadManager(zt)
+            zt = InPodWorkloadHandler(pods, sockets=fake)
+            manager = Manager(zt)
             manager.connection_started()
             assert await manager.handle(SnapshotSent()) == ""
             assert await manager.handle(AddWorkload(uid=PodUid("a"), workload_info=INFO,

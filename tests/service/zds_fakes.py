@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+
+import trio
 
 from services.ztunnel.errors import ProxyStartError
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
@@ -20,7 +23,8 @@ class RecordingHandler:
         self.failing: set[PodUid] = set()
         self.kept_fds: dict[PodUid, int] = {}
 
-    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int) -> None:
+    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int, *,
+                             on_exit: Callable[[], None]) -> None:
         if uid in self.failing:
             raise ProxyStartError("address already in use (port 15008)")
         os.fstat(netns_fd)  # the fd must be alive during the call
@@ -38,6 +42,13 @@ class StaticSnapshot:
 
     def snapshot(self) -> list[SnapshotEntry]:
         return [SnapshotEntry(uid=u, info=i, netns_fd=fd) for u, (i, fd) in self.entries.items()]
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll `predicate` (every 5 ms of the test's clock) until it holds; fail after 5 seconds."""
+    with trio.fail_after(5):
+        while not predicate():
+            await trio.sleep(0.005)
 
 
 def open_fd_count() -> int:

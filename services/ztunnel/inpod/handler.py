@@ -2,17 +2,16 @@
 
 Theory of operation
 -------------------
-`InPodWorkloadHandler` is what the ZDS client (shared/zds/) calls for `AddWorkload` / `DelWorkload` and at
-snapshot reconciliation. It owns no protocol state (duplicate adds, pending retries and readiness live in the
-client-side manager); it only keeps `uid -> PodHandle` for the pods whose proxy sets are running, each
-started with `pods_nursery.start(run_pod_proxies, ...)` so `start_workload` returns exactly when the pod's
-listeners are all bound, or raises ProxyStartError with nothing left running. A pod whose set ends without
-being asked to (an accept loop died) is reported through `on_exit(uid)`, so the ZDS client-side manager stops
-listing it as running.
+`InPodWorkloadHandler` is what the in-pod state manager (statemanager.py) calls to start and stop a pod's
+proxies. It owns no protocol state and makes no decisions (duplicate adds, netns moves, pending retries and
+readiness are the state manager's); it only keeps `uid -> PodHandle` for the pods whose proxy sets are
+running, each started with `pods_nursery.start(run_pod_proxies, ...)` so `start_workload` returns exactly
+when the pod's listeners are all bound, or raises ProxyStartError with nothing left running. A pod whose set
+ends without being asked to (an accept loop died) is reported through the `on_exit()` given with its start.
 
     async with trio.open_nursery() as pods:
         handler = InPodWorkloadHandler(pods, config=ProxyConfig(), telemetry=Telemetry())
-        await handler.start_workload(uid, info, fd)   # the caller keeps and closes its own fd
+        await handler.start_workload(uid, info, fd, on_exit=...)   # the caller keeps and closes its own fd
         await handler.stop_workload(uid)              # immediate drain
         ...
         await handler.drain_all(grace=5.0)            # shutdown: stop accepting, then force-close
@@ -40,7 +39,6 @@ from services.ztunnel.proxy.context import (
 )
 from services.ztunnel.telemetry import Telemetry
 from shared.identity import SpiffeId
-from shared.netns import netns_id
 from shared.zds.types import PodUid, WorkloadInfo
 
 log = logging.getLogger("ztunnel.inpod")
@@ -54,16 +52,13 @@ def _identity(ctx: PodContext) -> SpiffeId | None:
 class InPodWorkloadHandler:
     """Starts/stops per-pod proxy sets in `pods_nursery` (one child task, one nursery, per pod).
 
-    Implements `services.ztunnel.inpod.statemanager.WorkloadHandler`. `on_exit(uid)` is called when a pod's
-    proxy set ends without a stop or drain having been asked for (e.g. `WorkloadManager.workload_exited`).
+    Implements `services.ztunnel.inpod.statemanager.WorkloadHandler`.
     """
 
     def __init__(self, pods_nursery: trio.Nursery, *, config: ProxyConfig | None = None,
                  telemetry: Telemetry | None = None, sockets: SocketFactory | None = None,
-                 peers: PeerLookup | None = None, mesh: Mesh | None = None,
-                 on_exit: Callable[[PodUid], None] | None = None) -> None:
+                 peers: PeerLookup | None = None, mesh: Mesh | None = None) -> None:
         self._nursery = pods_nursery
-        self._on_exit = on_exit
         self.mesh = mesh
         self.config = config if config is not None else ProxyConfig()
         self.telemetry = telemetry if telemetry is not None else Telemetry()
@@ -76,31 +71,26 @@ class InPodWorkloadHandler:
         """Running pods (read only by convention: used by the admin endpoint and tests)."""
         return self._pods
 
-    async def start_workload(self, uid: PodUid, info: WorkloadInfo | None, netns_fd: int) -> None:
+    async def start_workload(self, uid: PodUid, info: WorkloadInfo | None, netns_fd: int, *,
+                             on_exit: Callable[[], None] | None = None) -> None:
         """Bind and serve the pod's listener set; return once all are bound.
 
-        The fd is duplicated: the caller keeps (and closes) its own copy. A uid already running in the same
-        netns is left untouched; in another netns the old set is drained immediately and replaced.
+        The fd is duplicated: the caller keeps (and closes) its own copy. `uid` must not be running (the
+        state manager stops it first). `on_exit()` is called if the set later ends without a stop or drain
+        having been asked for.
 
         Raises:
             ProxyStartError: not a usable netns, or a listener could not be bound; nothing is left running.
         """
+        assert uid not in self._pods, f"pod {uid} is already running; the state manager stops it first"
         try:
             fd = os.dup(netns_fd)
         except OSError as exc:
             raise ProxyStartError(f"cannot use the netns fd of pod {uid}: {exc.strerror}") from exc
-        old = self._pods.get(uid)
-        if old is not None:
-            if old.netns == netns_id(fd):
-                os.close(fd)
-                return
-            log.info("pod moved to another network namespace; replacing its proxies",
-                     extra={"fields": [("uid", uid)]})
-            await self.stop_workload(uid)
         ctx = PodContext(uid=uid, info=info, netns_fd=fd, config=self.config, telemetry=self.telemetry,
                          sockets=self.sockets, peers=self.peers, mesh=self.mesh)
         try:
-            handle: PodHandle = await self._nursery.start(self._run_pod, ctx)
+            handle: PodHandle = await self._nursery.start(self._run_pod, ctx, on_exit)
         except ProxyStartError:
             raise
         except OSError as exc:
@@ -110,7 +100,8 @@ class InPodWorkloadHandler:
         metrics.proxies_started.inc()
         metrics.active_proxies.set(len(self._pods))
 
-    async def _run_pod(self, ctx: PodContext, *, task_status: trio.TaskStatus[PodHandle]) -> None:
+    async def _run_pod(self, ctx: PodContext, on_exit: Callable[[], None] | None, *,
+                       task_status: trio.TaskStatus[PodHandle]) -> None:
         ended: list[PodHandle] = []
         try:
             await run_pod_proxies(ctx, task_status=task_status)
@@ -123,10 +114,8 @@ class InPodWorkloadHandler:
             self.telemetry.metrics.active_proxies.set(len(self._pods))
             self._forget_identity(ctx)
         # Only on a normal return (not when the pods nursery is cancelled): the set failed on its own.
-        if self._on_exit is not None:
-            for handle in ended:
-                if not handle.stop_requested:
-                    self._on_exit(handle.uid)
+        if on_exit is not None and any(not handle.stop_requested for handle in ended):
+            on_exit()
 
     def _forget_identity(self, gone: PodContext) -> None:
         """The last pod of an identity left the node: stop rotating its certificate, drop its TLS contexts."""

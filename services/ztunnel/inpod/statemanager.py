@@ -1,8 +1,10 @@
-"""ztunnel's in-pod workload table: what each ZDS message does to the set of running pod proxies.
+"""ztunnel's in-pod state manager: what each ZDS message does to the set of running pod proxies.
 
 Theory of operation
 -------------------
-This is upstream ztunnel's `WorkloadProxyManagerState` (SPEC §1.5) in one object. It keeps
+This is upstream ztunnel's in-pod state manager (`WorkloadProxyManagerState`) in one object, and the one place
+that decides, for every message, whether a pod's proxies are added, kept, moved to a new netns, retried or
+deleted. The `WorkloadHandler` below it only starts and stops listener sets as told. It keeps
 
 * `running`: pods whose proxies are up, with the netns identity (st_ino, st_dev) they were started in;
 * `pending`: pods whose proxy failed to start, with their netns fd, retried every 5 s while connected;
@@ -14,6 +16,14 @@ the snapshot did not name is stopped. Starting and stopping proxies is delegated
 (ztunnel's per-pod proxy supervisor, or a recorder in tests and `ambient zds watch`). One lock serialises
 messages and retries, so the handler never sees two operations at once.
 
+The netns fd of an add is the manager's from the moment `handle()` is called: it is kept while the pod is
+pending (for the retries) and closed once the proxies run (the handler keeps its own duplicate) or the pod
+is dropped. A pod whose proxy set ends on its own (an accept loop died) is reported back through the
+`on_exit` callback handed to `start_workload`, so a later add starts it again.
+
+After every change of state the manager writes `state_file` (if set) and calls `on_change(manager)` (if
+set).
+
 The result of each operation is the text of the answer: "" for an ACK, upstream's NACK text otherwise.
 """
 
@@ -22,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import msgspec
@@ -48,11 +59,13 @@ RETRY_INTERVAL = 5.0  # upstream RETRY_DURATION
 class WorkloadHandler(Protocol):
     """Starts and stops one pod's proxy set. Implemented by ztunnel's in-pod supervisor."""
 
-    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int) -> None:
+    async def start_workload(self, uid: PodUid, info: WorkloadInfo, netns_fd: int, *,
+                             on_exit: Callable[[], None]) -> None:
         """Bind the pod's listeners inside `netns_fd` and serve them; return once all are bound.
 
-        Raises ProxyStartError (nothing left running) when it cannot. The fd stays the caller's:
-        duplicate it to keep it.
+        `uid` is not running (the manager stops a pod before starting it again). Raises ProxyStartError
+        (nothing left running) when it cannot. The fd stays the caller's: duplicate it to keep it.
+        `on_exit()` is to be called if the proxy set later ends without `stop_workload` having been asked.
         """
         ...
 
@@ -75,10 +88,12 @@ class _Pending(msgspec.Struct, kw_only=True):
 
 
 class WorkloadManager:
-    """See the module docstring. `on_change` is called after every change of state (for dumps/readiness)."""
+    """See the module docstring."""
 
-    def __init__(self, handler: WorkloadHandler, *, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, handler: WorkloadHandler, *, state_file: str | None = None,
+                 on_change: Callable[[WorkloadManager], None] | None = None) -> None:
         self.handler = handler
+        self.state_file = state_file
         self.on_change = on_change
         self.running: dict[PodUid, RunningWorkload] = {}
         self.pending: dict[PodUid, _Pending] = {}
@@ -189,14 +204,6 @@ class WorkloadManager:
                 close_fds([item.netns_fd])
             self._changed()
 
-    async def stop_all(self) -> None:
-        """Stop every running proxy (ztunnel shutdown) and drop pending pods."""
-        async with self._lock:
-            for uid in list(self.running):
-                await self._stop(uid)
-            self._drop_pending()
-            self._changed()
-
     def workload_exited(self, uid: PodUid) -> None:
         """The handler reports that a pod's proxies ended without being stopped (e.g. an accept loop died).
 
@@ -210,7 +217,7 @@ class WorkloadManager:
 
     async def _start(self, uid: PodUid, info: WorkloadInfo, fd: int, nid: NetnsId) -> str:
         try:
-            await self.handler.start_workload(uid, info, fd)
+            await self.handler.start_workload(uid, info, fd, on_exit=partial(self.workload_exited, uid))
         except ProxyStartError as exc:
             log.warning("failed to start proxies of pod %s (%s/%s): %s", uid, info.namespace, info.name, exc)
             return str(exc)
@@ -236,8 +243,10 @@ class WorkloadManager:
         self.pending.clear()
 
     def _changed(self) -> None:
+        if self.state_file is not None:
+            write_state_file(self.state_file, self.state())
         if self.on_change is not None:
-            self.on_change()
+            self.on_change(self)
 
     def state(self) -> dict[str, Any]:
         """A JSON-able view, the documented state interface of the conformance kit."""

@@ -82,6 +82,10 @@ class XdsClient:
             AUTHORIZATION_TYPE_URL: authorization_from_any,
         }
 
+    def is_synced(self) -> bool:
+        """Every subscribed type has had its first response (the readiness check)."""
+        return self._synced.is_set()
+
     async def wait_synced(self) -> None:
         """Return once every type URL has received its first response (the store holds a full view)."""
         await self._synced.wait()
