@@ -41,15 +41,12 @@ ROUTE_TABLE_INBOUND = 100
 RULE_PRIORITY = 32764
 CHAIN_PRERT = "ISTIO_PRERT"
 CHAIN_OUTPUT = "ISTIO_OUTPUT"
-CHAIN_POSTRT = "ISTIO_POSTRT"
 ZTUNNEL_OUTBOUND_PORT = 15001
 ZTUNNEL_INBOUND_PLAINTEXT_PORT = 15006
 ZTUNNEL_INBOUND_PORT = 15008
 DNS_CAPTURE_PORT = 15053
 HOST_PROBE_SNAT_IPV4 = "169.254.7.127"
 HOST_PROBE_SNAT_IPV6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
-PROBE_IPSET_V4 = "istio-inpod-probes-v4"
-PROBE_IPSET_V6 = "istio-inpod-probes-v6"
 TABLES = ("mangle", "nat", "raw")
 NFT_TABLES = ("istio-ambient-nat", "istio-ambient-mangle", "istio-ambient-raw")
 
@@ -498,18 +495,3 @@ def render_nft_delete(*, present: frozenset[str] | None = None) -> str:
         elif name in present:
             lines.append(f"delete table inet {name}")
     return "\n".join(lines) + ("\n" if lines else "")
-
-
-# --- host-side probe rules (SPEC §3.6) --------------------------------------------------------------------
-
-
-def host_probe_commands(settings: RuleSettings, family: Family) -> list[list[str]]:
-    """The host-netns SNAT of kubelet probes to the SNAT address, for pod IPs in the probe ipset."""
-    cmd = family.binary
-    ipset = PROBE_IPSET_V4 if family is Family.V4 else PROBE_IPSET_V6
-    return [
-        [cmd, "-w", "-t", "nat", "-N", CHAIN_POSTRT],
-        [cmd, "-w", "-t", "nat", "-A", "POSTROUTING", "-j", CHAIN_POSTRT],
-        [cmd, "-w", "-t", "nat", "-A", CHAIN_POSTRT, "-m", "owner", "--socket-exists", "-p", "tcp",
-         "-m", "set", "--match-set", ipset, "dst", "-j", "SNAT", "--to-source", settings.snat(family)],
-    ]  # fmt: skip

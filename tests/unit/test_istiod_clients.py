@@ -67,8 +67,7 @@ def test_store_indexes_follow_replacements_and_removals() -> None:
     assert store.workload_by_ip("10.0.0.1") is None and store.workload_by_ip("10.0.0.2") == moved
     store.apply_addresses([], ["u1", "ns/s.ns.svc"])
     assert store.workloads == {} and store.services == {} and store.service_by_vip("10.96.0.1") is None
-    dump = store.config_dump()
-    assert dump["generation"] == 3 and dump["workloads"] == []
+    assert store.generation == 3
 
 
 def test_pod_info_enablement_matches_spec_section_8() -> None:

@@ -24,7 +24,6 @@ from services.node_agent.rules import (
     RuleSettings,
     delete_commands,
     expected_saved,
-    host_probe_commands,
     inpod_rules,
     parse_saved,
     policy_routes,
@@ -174,12 +173,6 @@ def test_nft_delete_is_unconditional_or_limited_to_present() -> None:
         render_nft_delete(present=frozenset({"istio-ambient-nat"})) == "delete table inet istio-ambient-nat\n"
     )
     assert render_nft_delete(present=frozenset()) == ""
-
-
-@pytest.mark.parametrize("family", [Family.V4, Family.V6])
-def test_host_probe_rules_golden(family: Family) -> None:
-    text = "\n".join(" ".join(argv) for argv in host_probe_commands(RuleSettings(), family)) + "\n"
-    check_golden(f"hostprobe{'' if family is Family.V4 else '_ipv6'}.golden", text)
 
 
 def test_parse_saved_round_trips_expected() -> None:

@@ -11,7 +11,6 @@ import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 
-import msgspec
 import trio
 
 from services.ztunnel.state.types import (
@@ -122,15 +121,6 @@ class StateStore:
             ):
                 out.append(pol)
         return sorted(out, key=lambda p: p.key)
-
-    def config_dump(self) -> dict[str, object]:
-        """Everything known, as JSON-ready builtins (for the admin endpoint's /config_dump)."""
-        return {
-            "generation": self.generation,
-            "workloads": [msgspec.to_builtins(w) for _, w in sorted(self.workloads.items())],
-            "services": [msgspec.to_builtins(s) for _, s in sorted(self.services.items())],
-            "policies": [msgspec.to_builtins(p) for _, p in sorted(self.policies.items())],
-        }
 
     # --- waiting --------------------------------------------------------------------------------------------
 

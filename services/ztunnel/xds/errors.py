@@ -12,7 +12,3 @@ class ConversionError(AmbientError):
         super().__init__(f"resource {name!r}: {problem}")
         self.name = name
         self.problem = problem
-
-
-class XdsConfigError(AmbientError):
-    """The xDS client's settings (address, files, env) are unusable."""
