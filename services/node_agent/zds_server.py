@@ -18,7 +18,9 @@ Each connection has exactly two tasks, as upstream has one goroutine writer per 
 `add_workload()` queues on the newest connection only and reports the answer; `del_workload()` queues
 on every connection. Jobs own a duplicate of the netns fd, closed after sending or when the connection
 dies, so the caller's fd (the netns cache's) is never shared across tasks. A misbehaving or vanished
-ztunnel only ever ends its own connection.
+ztunnel only ever ends its own connection: a job the writer has taken when the reader finds the connection
+broken fails with `ZdsConnectionLost` (the lifecycle retries it on the next connection), and any other
+error tied to one connection closes that connection with a log line, never the listener.
 """
 
 from __future__ import annotations
@@ -225,6 +227,9 @@ class ZdsServer:
             except* ZdsError as group:
                 for exc in group.exceptions:
                     log.warning("%s closed: %s", peer, exc)
+            except* Exception as group:  # a bug tied to this connection: it closes, the server carries on
+                for exc in group.exceptions:
+                    log.error("%s closed on an internal error: %r", peer, exc, exc_info=exc)
         finally:
             if conn is not None:
                 self._teardown(conn)
@@ -274,6 +279,8 @@ class ZdsServer:
         cancel_scope.cancel()
 
     async def _exchange(self, conn: _Connection, request: Request) -> Ack:
+        if conn.closing:  # the reader found the connection broken after this job was taken from the queue
+            raise ZdsConnectionLost("connection closed")
         datagram = conn.session.send(request)
         try:
             await send_datagram(conn.sock, datagram)

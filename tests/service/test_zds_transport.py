@@ -16,7 +16,7 @@ from services.node_agent.zds_server import ZdsServer
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
 from shared.zds.codec import decode_ack, decode_request, encode_ack, encode_hello, encode_request
-from shared.zds.errors import ZdsNack, ZdsNoConnection
+from shared.zds.errors import ZdsConnectionLost, ZdsNack, ZdsNoConnection, ZdsTimeout
 from shared.zds.transport import ZdsSocketError, bind_server_socket, connect, recv_datagram, send_datagram
 from shared.zds.types import AddWorkload, DelWorkload, KeepWorkload, PodUid, SnapshotSent
 from tests.service.zds_fakes import RecordingHandler, StaticSnapshot, info, open_fd_count, wait_until
@@ -120,6 +120,64 @@ async def test_unsolicited_message_closes_only_that_connection(
     await wait_until(lambda: server.connection_count == 1)
     bad.close()
     good.close()
+
+
+@pytest.mark.parametrize("attempt", range(10))
+async def test_unsolicited_message_with_adds_queued_closes_only_that_connection(
+    served: tuple[ZdsServer, StaticSnapshot], sock_path: str, attempt: int
+) -> None:
+    """An answer with a second, unsolicited one behind it while more adds wait in the queue: the writer has
+    already taken the next job when the reader finds the connection broken. That job fails with a
+    connection error and the server keeps accepting; the node agent never goes down with one ztunnel."""
+    server, _ = served
+    bad = await raw_client(sock_path)
+    data, fds, _ = await recv_datagram(bad)
+    assert decode_request(data, fds) == SnapshotSent()
+    await send_datagram(bad, encode_ack())
+    await wait_until(lambda: server.connection_count == 1)
+    errors: list[Exception] = []
+
+    async def add(uid: PodUid) -> None:
+        try:
+            await server.add_workload(uid, info(uid), fd)
+        except (ZdsConnectionLost, ZdsTimeout) as exc:
+            errors.append(exc)
+
+    fd = pipe_fd()
+    async with trio.open_nursery() as nursery:
+        for uid in (A, B, PodUid("c")):
+            nursery.start_soon(add, uid)
+        data, fds, _ = await recv_datagram(bad)
+        os.close(decode_request(data, fds).netns_fd)  # type: ignore[union-attr]
+        await send_datagram(bad, encode_ack())
+        await send_datagram(bad, encode_ack())  # unsolicited
+    await expect_closed(bad)
+    bad.close()
+    os.close(fd)
+    assert len(errors) == 2 and all(isinstance(e, ZdsConnectionLost) for e in errors)
+    good = await raw_client(sock_path)  # the listener is still there, and serves
+    data, fds, _ = await recv_datagram(good)
+    assert decode_request(data, fds) == SnapshotSent()
+    good.close()
+
+
+async def test_an_internal_error_on_one_connection_closes_only_that_connection(
+    served: tuple[ZdsServer, StaticSnapshot], sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, snapshot = served
+
+    def broken() -> list[object]:
+        raise RuntimeError("snapshot source bug")
+
+    monkeypatch.setattr(snapshot, "snapshot", broken)
+    sock = await raw_client(sock_path)
+    await expect_closed(sock)
+    sock.close()
+    monkeypatch.undo()
+    sock = await raw_client(sock_path)  # the server outlived the bug and serves the next connection
+    data, fds, _ = await recv_datagram(sock)
+    assert decode_request(data, fds) == SnapshotSent()
+    sock.close()
 
 
 @pytest.mark.parametrize("hello", [b"\x08\x00", b"", b"\x08\x02", b"\xff\xff"])
