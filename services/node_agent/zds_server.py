@@ -228,8 +228,8 @@ class ZdsServer:
                 for exc in group.exceptions:
                     log.warning("%s closed: %s", peer, exc)
             except* Exception as group:  # a bug tied to this connection: it closes, the server carries on
-                for exc in group.exceptions:
-                    log.error("%s closed on an internal error: %r", peer, exc, exc_info=exc)
+                for bug in group.exceptions:
+                    log.error("%s closed on an internal error: %r", peer, bug, exc_info=bug)
         finally:
             if conn is not None:
                 self._teardown(conn)
