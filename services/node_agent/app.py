@@ -49,14 +49,14 @@ from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING
 from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.rules import RuleSettings
 from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
+from shared.addr import AddressError, split_host_port
+from shared.settings import EnvSettings
 
 log = logging.getLogger("node_agent.app")
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 DEFAULT_HEALTH_ADDR = "127.0.0.1:8000"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,17 +77,6 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def rule_settings(self) -> RuleSettings:
         return RuleSettings(dns_capture=self.dns_capture, ipv6=self.ipv6)
-
-
-def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    if raw.strip().lower() in _TRUE:
-        return True
-    if raw.strip().lower() in _FALSE:
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -148,8 +137,9 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     args = build_parser(env).parse_args(argv)
     if not args.node_name:
         raise ConfigError("node name missing: pass --node-name or set NODE_NAME")
-    dns = args.dns_capture if args.dns_capture is not None else _env_bool(env, "DNS_CAPTURE", False)
-    ipv6 = args.ipv6 if args.ipv6 is not None else _env_bool(env, "IPV6", False)
+    settings = EnvSettings(env, error=ConfigError)
+    dns = args.dns_capture if args.dns_capture is not None else settings.flag("DNS_CAPTURE", False)
+    ipv6 = args.ipv6 if args.ipv6 is not None else settings.flag("IPV6", False)
     health = args.health_addr or None
     if health is not None:
         _split_host_port(health)
@@ -170,10 +160,10 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
 
 
 def _split_host_port(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--health-addr {addr!r} is not host:port")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        return split_host_port(addr, default_host="127.0.0.1")
+    except AddressError as exc:
+        raise ConfigError(f"--health-addr: {exc}") from None
 
 
 def effective_capabilities() -> int:

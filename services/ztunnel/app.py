@@ -259,12 +259,9 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
 
             # --- xDS client (only when XDS_ADDRESS is set): workloads/services/policies into `store` -----
             if config.xds_target is not None:
-                from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
+                from services.ztunnel.xds.client import XdsClient, XdsClientConfig
 
-                xds = XdsClient(config.xds_target, store, XdsClientConfig(
-                    node_id=ztunnel_node_id(config.instance_ip, config.pod_name, config.pod_namespace),
-                    node_metadata={"NAME": config.pod_name, "NAMESPACE": config.pod_namespace,
-                                   "INSTANCE_IPS": config.instance_ip, "NODE_NAME": config.node_name}))
+                xds = XdsClient(config.xds_target, store, XdsClientConfig.for_ztunnel(config))
                 app.xds = xds
                 synced = trio.Event()
                 readiness.add("xDS sync with the control plane", synced.is_set)
