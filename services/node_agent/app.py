@@ -37,7 +37,6 @@ from services.node_agent.apply import Backend, NetnsRuleApplier, RuleApplier, fi
 from services.node_agent.cache import NetnsCache
 from services.node_agent.cni_server import DEFAULT_CNI_SOCKET, CniEndpoint
 from services.node_agent.errors import ConfigError, StartupCheckError
-from services.node_agent.httpd import Request, Response, json_response, open_unix_listener, serve_http
 from services.node_agent.lifecycle import (
     LogStatusReporter,
     NodeAgent,
@@ -50,6 +49,7 @@ from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.rules import RuleSettings
 from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
 from shared.addr import AddressError, split_host_port
+from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http
 from shared.settings import EnvSettings
 
 log = logging.getLogger("node_agent.app")
@@ -266,7 +266,7 @@ async def run_agent(
 
     async def health(request: Request) -> Response:
         if request.path not in ("/healthz", "/readyz"):
-            return json_response(404, {"error": "try /healthz or /readyz"})
+            return json_response({"error": "try /healthz or /readyz"}, 404)
         counts = {STATUS_ENABLED: 0, STATUS_PENDING: 0}
         for state in agent.pods.values():
             counts[state.status] = counts.get(state.status, 0) + 1
@@ -276,7 +276,7 @@ async def run_agent(
             "ztunnel_connected": server.connected,
             "pods": counts,
         }
-        return json_response(200, body)
+        return json_response(body)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -299,12 +299,12 @@ async def run_agent(
             await nursery.start(agent.run)
             cni_listener = await open_unix_listener(config.cni_socket)
             lookup = source.lookup if source is not None else None
-            await nursery.start(serve_http, [cni_listener], CniEndpoint(agent, lookup).route)
+            await nursery.start(serve_http, CniEndpoint(agent, lookup).route, [cni_listener])
             log.info("CNI-event endpoint on %s", config.cni_socket)
             if config.health_addr is not None:
                 host, port = _split_host_port(config.health_addr)
                 listeners = await trio.open_tcp_listeners(port, host=host)
-                await nursery.start(serve_http, listeners, health)
+                await nursery.start(serve_http, health, listeners)
                 log.info("health endpoint on http://%s/healthz", config.health_addr)
             log.info(
                 "node-agent ready on node %s (backend %s, DNS capture %s, IPv6 %s)",

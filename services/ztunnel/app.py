@@ -40,7 +40,6 @@ import trio
 
 from services.ztunnel.config import ZtunnelConfig, load_config
 from services.ztunnel.errors import ConfigError, StartupCheckError
-from services.ztunnel.httpd import HttpRequest, HttpResponse, serve_http
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import SO_MARK
 from services.ztunnel.inpod.statemanager import WorkloadManager, write_state_file
@@ -49,6 +48,7 @@ from services.ztunnel.peers import StatePeers
 from services.ztunnel.proxy.context import Mesh, SocketFactory
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry import Metrics, Telemetry, current_log_levels, set_log_level, setup_logging
+from shared.httpd import Request, Response, bound_addresses, serve_http_tcp
 from shared.netns import NetnsError, current_netns_fd, entered
 
 if TYPE_CHECKING:
@@ -178,40 +178,40 @@ class ZtunnelApp:
             "readiness": {"ready": not self.readiness.blocking(), "blocking": self.readiness.blocking()},
         }
 
-    async def admin(self, request: HttpRequest) -> HttpResponse:
+    async def admin(self, request: Request) -> Response:
         if request.path == "/config_dump":
-            return HttpResponse(body=msgspec.json.format(msgspec.json.encode(self.config_dump())) + b"\n",
-                                content_type="application/json")
+            return Response(body=msgspec.json.format(msgspec.json.encode(self.config_dump())) + b"\n",
+                            content_type="application/json")
         if request.path == "/logging":
             levels = request.query.get("level")
             if not levels:
-                return HttpResponse(body=f"current log level is {current_log_levels()}\n".encode())
+                return Response(body=f"current log level is {current_log_levels()}\n".encode())
             try:
                 now = set_log_level(levels[0])
             except ValueError as exc:
-                return HttpResponse(status=400, body=f"{exc}\n".encode())
-            return HttpResponse(body=f"set new log level to {now}\n".encode())
+                return Response(status=400, body=f"{exc}\n".encode())
+            return Response(body=f"set new log level to {now}\n".encode())
         if request.path == "/healthz/ready":
             return await self.ready(request)
         if request.path in ("/metrics", "/stats/prometheus"):
             return await self.stats(request)
-        return HttpResponse(status=404, body=b"not found; try /config_dump or /logging?level=info\n")
+        return Response(status=404, body=b"not found; try /config_dump or /logging?level=info\n")
 
-    async def stats(self, request: HttpRequest) -> HttpResponse:
+    async def stats(self, request: Request) -> Response:
         if request.path in ("/metrics", "/stats/prometheus"):
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # first scrape: ~2.3 MiB
 
-            return HttpResponse(body=generate_latest(self.telemetry.metrics.registry),
-                                content_type=CONTENT_TYPE_LATEST)
-        return HttpResponse(status=404, body=b"not found; try /metrics or /stats/prometheus\n")
+            return Response(body=generate_latest(self.telemetry.metrics.registry),
+                            content_type=CONTENT_TYPE_LATEST)
+        return Response(status=404, body=b"not found; try /metrics or /stats/prometheus\n")
 
-    async def ready(self, request: HttpRequest) -> HttpResponse:
+    async def ready(self, request: Request) -> Response:
         if request.path != "/healthz/ready":
-            return HttpResponse(status=404, body=b"not found; try /healthz/ready\n")
+            return Response(status=404, body=b"not found; try /healthz/ready\n")
         blocking = self.readiness.blocking()
         if blocking:
-            return HttpResponse(status=503, body=f"not ready: waiting for {', '.join(blocking)}\n".encode())
-        return HttpResponse(body=b"ready\n")
+            return Response(status=503, body=f"not ready: waiting for {', '.join(blocking)}\n".encode())
+        return Response(body=b"ready\n")
 
 
 async def run_ztunnel(config: ZtunnelConfig, *, shutdown: trio.Event | None = None,
@@ -273,9 +273,12 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
 
                 await servers.start(xds.run)
                 servers.start_soon(xds_synced)
-            app.addresses["admin"] = await servers.start(serve_http, app.admin, *config.admin_addr)
-            app.addresses["stats"] = await servers.start(serve_http, app.stats, *config.stats_addr)
-            app.addresses["readiness"] = await servers.start(serve_http, app.ready, *config.readiness_addr)
+            for name, endpoint, (host, port) in (("admin", app.admin, config.admin_addr),
+                                                 ("stats", app.stats, config.stats_addr),
+                                                 ("readiness", app.ready, config.readiness_addr)):
+                listeners = await servers.start(partial(serve_http_tcp, endpoint, port, host,
+                                                        server="ztunnel"))
+                app.addresses[name] = bound_addresses(listeners)
 
             # --- ZDS client: the node agent hands us pods over INPOD_UDS --------------------------------
             zds_scope = trio.CancelScope()
