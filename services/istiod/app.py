@@ -28,9 +28,10 @@ from pathlib import Path
 
 import trio
 
+from services.istiod.auth import Auth
 from services.istiod.ca import CertificateAuthority
 from services.istiod.errors import StartupError
-from services.istiod.server import DEFAULT_SERVER_NAMES, Auth, IstiodServer, server_ssl_context
+from services.istiod.server import DEFAULT_SERVER_NAMES, IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
 from services.istiod.world import World, load_world
 from shared.addr import AddressError, split_host_port
