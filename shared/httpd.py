@@ -30,7 +30,7 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import Final
+from typing import Final, TypeVar
 from urllib.parse import parse_qs
 
 import h11
@@ -42,6 +42,7 @@ from shared.addr import format_host_port
 log = logging.getLogger(__name__)
 
 READ_SIZE: Final = 64 * 1024
+M = TypeVar("M", h11.Request, h11.Response)  # a message head
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -215,15 +216,15 @@ async def serve_connection(
     while True:
         try:
             with trio.fail_after(limits.request_timeout):
-                got = await _read_request(stream, conn, limits.max_body)
+                head = await receive_head(stream, conn, h11.Request)
+                body = b"" if head is None else await receive_body(stream, conn, max_body=limits.max_body)
         except h11.RemoteProtocolError as exc:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 reason = f"bad request: {exc}\n" if exc.error_status_hint != 413 else f"{exc}\n"
                 await _send(stream, conn, text_response(reason, exc.error_status_hint), extra)
             return
-        if got is None:
+        if head is None:
             return
-        head, body = got
         request = Request(
             method=head.method.decode(),
             target=head.target.decode("latin-1"),
@@ -245,29 +246,54 @@ async def serve_connection(
             return
 
 
-async def _read_request(
-    stream: trio.abc.Stream, conn: h11.Connection, max_body: int
-) -> tuple[h11.Request, bytes] | None:
-    """The next complete request, or None when the peer closed (or pipelined past a request we refused)."""
-    head: h11.Request | None = None
+async def receive_head(stream: trio.abc.Stream, conn: h11.Connection, kind: type[M]) -> M | None:
+    """The head of the next message (a request on a server, a response on a client; 1xx responses are
+    skipped); None when the peer closed first (or, on a server, pipelined past a request we refused).
+
+    Raises:
+        h11.RemoteProtocolError: a malformed head, or one over the connection's max_incomplete_event_size.
+    """
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(READ_SIZE)))
+        elif isinstance(event, kind):
+            return event
+        elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            return None
+
+
+async def receive_body(
+    stream: trio.abc.Stream, conn: h11.Connection, *, max_body: int | None = None
+) -> bytes:
+    """The body of the message whose head `receive_head` returned, up to its end.
+
+    Raises:
+        h11.RemoteProtocolError: a malformed body, or one over `max_body` (suggesting 413).
+    """
     body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             conn.receive_data(bytes(await stream.receive_some(READ_SIZE)))
-        elif isinstance(event, h11.Request):
-            head = event
         elif isinstance(event, h11.Data):
             body += event.data
-            if len(body) > max_body:
+            if max_body is not None and len(body) > max_body:
                 raise h11.RemoteProtocolError(
                     f"request body too large (over {max_body} bytes)", error_status_hint=413
                 )
         elif isinstance(event, h11.EndOfMessage):
-            assert head is not None
-            return head, bytes(body)
-        else:  # ConnectionClosed, PAUSED
-            return None
+            return bytes(body)
+        else:  # h11 raises on a close mid-message; nothing else comes between a head and its end
+            raise h11.RemoteProtocolError(f"unexpected {event!r} inside a message", error_status_hint=400)
+
+
+def message_bytes(conn: h11.Connection, head: h11.Request | h11.Response, body: bytes) -> bytes:
+    """One whole HTTP/1.1 message (head, body, end) as `conn` frames it."""
+    data = conn.send(head) or b""
+    if body:
+        data += conn.send(h11.Data(data=body)) or b""
+    return data + (conn.send(h11.EndOfMessage()) or b"")
 
 
 async def _send(
@@ -278,11 +304,8 @@ async def _send(
         ("content-length", str(len(response.body))),
         *extra,
     ]
-    data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
-    if response.body:
-        data += conn.send(h11.Data(data=response.body)) or b""
-    data += conn.send(h11.EndOfMessage()) or b""
-    await stream.send_all(data)
+    head = h11.Response(status_code=response.status, headers=headers)
+    await stream.send_all(message_bytes(conn, head, response.body))
 
 
 def _peer(stream: trio.abc.Stream) -> str:

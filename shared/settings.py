@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from shared.addr import AddressError, split_host_port
 from shared.errors import AmbientError
+
+T = TypeVar("T")
 
 TRUE = frozenset({"1", "true", "yes", "on"})
 FALSE = frozenset({"0", "false", "no", "off"})
@@ -77,22 +80,19 @@ class EnvSettings:
         return None if raw is None else parse_bool(name, raw, error=self.error)
 
     def integer(self, name: str, default: int) -> int:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            return int(raw.strip())
-        except ValueError:
-            raise self.error(f"{name}={raw!r} is not a whole number") from None
+        return self._convert(name, default, int, "a whole number")
 
     def number(self, name: str, default: float) -> float:
+        return self._convert(name, default, float, "a number")
+
+    def _convert(self, name: str, default: T, convert: Callable[[str], T], what: str) -> T:
         raw = self._raw(name)
         if raw is None:
             return default
         try:
-            return float(raw.strip())
+            return convert(raw.strip())
         except ValueError:
-            raise self.error(f"{name}={raw!r} is not a number") from None
+            raise self.error(f"{name}={raw!r} is not {what}") from None
 
     def duration(self, name: str, default: float) -> float:
         raw = self._raw(name)

@@ -16,15 +16,7 @@ import h11
 import msgspec
 import trio
 
-READ_SIZE = 64 * 1024
-
-
-def _message_bytes(conn: h11.Connection, head: h11.Request, body: bytes) -> bytes:
-    """One whole HTTP/1.1 message (head, body, end) as `conn` frames it."""
-    data = conn.send(head) or b""
-    if body:
-        data += conn.send(h11.Data(data=body)) or b""
-    return data + (conn.send(h11.EndOfMessage()) or b"")
+from shared.httpd import message_bytes, receive_body, receive_head
 
 
 class FetchError(Exception):
@@ -101,18 +93,9 @@ async def _exchange(
     response: h11.Response | None = None
     try:
         head = h11.Request(method=method, target=target, headers=headers)
-        await stream.send_all(_message_bytes(conn, head, body))
-        out = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some(READ_SIZE)))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                out += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
+        await stream.send_all(message_bytes(conn, head, body))
+        response = await receive_head(stream, conn, h11.Response)
+        out = b"" if response is None else await receive_body(stream, conn)
     except (trio.BrokenResourceError, h11.ProtocolError) as exc:
         if response is None and not isinstance(exc, trio.BrokenResourceError):
             raise FetchError("empty reply from server (closed before any answer)", 52) from None
@@ -123,5 +106,5 @@ async def _exchange(
         status=response.status_code,
         reason=response.reason.decode("latin-1"),
         headers=[(k.decode(), v.decode("latin-1")) for k, v in response.headers],
-        body=bytes(out),
+        body=out,
     )

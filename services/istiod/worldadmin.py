@@ -3,6 +3,7 @@ add/remove pods and policies, set labels) and reads it back; every call needs th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from services.istiod.auth import Auth
@@ -25,50 +26,38 @@ class WorldAdminServicer:
         self.auth.check_admin(call.metadata)
         return await one_request(call)
 
-    async def _reply(self, call: ServerCall, generation: int) -> None:
+    async def _change(self, call: ServerCall, change: Callable[[Any], int]) -> None:
+        """Apply `change(request)` to the world; answer with the generation it returns."""
+        req = await self._request(call)
+        with world_errors():
+            generation = change(req)
         await call.send_message(worldadmin_pb2.WorldResponse(generation=generation))
 
     async def ApplyWorld(self, call: ServerCall) -> None:
-        req: worldadmin_pb2.ApplyWorldRequest = await self._request(call)
-        with world_errors():
-            world = load_world(req.document, req.source or "world")
-            generation = self.store.apply(world, req.source or "world")
-        await self._reply(call, generation)
+        def apply(req: worldadmin_pb2.ApplyWorldRequest) -> int:
+            return self.store.apply(load_world(req.document, req.source or "world"), req.source or "world")
+
+        await self._change(call, apply)
 
     async def AddPod(self, call: ServerCall) -> None:
-        req: worldadmin_pb2.AddPodRequest = await self._request(call)
-        with world_errors():
-            generation = self.store.add_pod(req.pod_json)
-        await self._reply(call, generation)
+        await self._change(call, lambda req: self.store.add_pod(req.pod_json))
 
     async def RemovePod(self, call: ServerCall) -> None:
-        req: worldadmin_pb2.RemovePodRequest = await self._request(call)
-        with world_errors():
-            generation = self.store.remove_pod(req.namespace, req.name)
-        await self._reply(call, generation)
+        await self._change(call, lambda req: self.store.remove_pod(req.namespace, req.name))
 
     async def SetLabels(self, call: ServerCall) -> None:
-        req: worldadmin_pb2.SetLabelsRequest = await self._request(call)
-        with world_errors():
+        def set_labels(req: worldadmin_pb2.SetLabelsRequest) -> int:
             if req.kind == worldadmin_pb2.SetLabelsRequest.NAMESPACE:
-                generation = self.store.set_namespace_labels(req.name, dict(req.set), list(req.remove))
-            else:
-                generation = self.store.set_pod_labels(
-                    req.namespace, req.name, dict(req.set), list(req.remove)
-                )
-        await self._reply(call, generation)
+                return self.store.set_namespace_labels(req.name, dict(req.set), list(req.remove))
+            return self.store.set_pod_labels(req.namespace, req.name, dict(req.set), list(req.remove))
+
+        await self._change(call, set_labels)
 
     async def AddPolicy(self, call: ServerCall) -> None:
-        req: worldadmin_pb2.AddPolicyRequest = await self._request(call)
-        with world_errors():
-            generation = self.store.add_policy(req.policy_json)
-        await self._reply(call, generation)
+        await self._change(call, lambda req: self.store.add_policy(req.policy_json))
 
     async def RemovePolicy(self, call: ServerCall) -> None:
-        req: worldadmin_pb2.RemovePolicyRequest = await self._request(call)
-        with world_errors():
-            generation = self.store.remove_policy(req.namespace, req.name)
-        await self._reply(call, generation)
+        await self._change(call, lambda req: self.store.remove_policy(req.namespace, req.name))
 
     async def GetWorld(self, call: ServerCall) -> None:
         await self._request(call)
