@@ -31,7 +31,7 @@ from typing import Protocol
 
 import trio
 
-from shared.accept import ACCEPT_CAPACITY_ERRNOS
+from shared.accept import ACCEPT_CAPACITY_ERRNOS, ACCEPT_RETRY_DELAY
 from shared.zds.codec import close_fds, decode_ack, decode_hello
 from shared.zds.errors import (
     ZdsConnectionLost,
@@ -187,7 +187,7 @@ class ZdsServer:
                     except OSError as exc:
                         if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                             log.error("accept on %s failed: %s; retrying in 100 ms", self.path, exc)
-                            await trio.sleep(0.1)
+                            await trio.sleep(ACCEPT_RETRY_DELAY)
                             continue
                         raise
                     nursery.start_soon(self._handle, sock)
