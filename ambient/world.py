@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 import trio
 
+from shared.addr import AddressError, split_host_port
 from shared.errors import AmbientError
 
 DEFAULT_ISTIOD = "127.0.0.1:15012"
@@ -80,9 +81,10 @@ def _to_json(data: bytes, source: str) -> bytes:
 def _target(args: argparse.Namespace) -> Any:
     from shared.aio import GrpcTarget
 
-    host, sep, port = args.istiod.rpartition(":")
-    if not sep or not port.isdigit():
-        raise WorldCliError(f"--istiod {args.istiod!r} is not HOST:PORT")
+    try:
+        host, port = split_host_port(args.istiod)
+    except AddressError:
+        raise WorldCliError(f"--istiod {args.istiod!r} is not HOST:PORT") from None
     state = Path(args.state_dir)
     root = None
     if not args.plaintext:
@@ -103,7 +105,7 @@ def _target(args: argparse.Namespace) -> Any:
             if args.token_file:
                 raise WorldCliError(f"cannot read the admin token file {token_path}") from None
             token = None
-    return GrpcTarget(host=host.strip("[]"), port=int(port), root_cert_pem=root, token=token)
+    return GrpcTarget(host=host, port=port, root_cert_pem=root, token=token)
 
 
 async def _call(args: argparse.Namespace, method: str, request: Any) -> Any:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import msgspec
 
+from shared.addr import AddressError, split_host_port
+
 __all__ = ["GrpcTarget", "client_tls_context"]
 
 
@@ -58,9 +60,10 @@ class GrpcTarget(msgspec.Struct, frozen=True, kw_only=True):
         scheme, sep, rest = address.partition("://")
         if not sep:
             scheme, rest = "https", address
-        host, _, port = rest.rstrip("/").rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"{kind}_ADDRESS {address!r} is not [https://]HOST:PORT")
+        try:
+            host, port = split_host_port(rest.rstrip("/"))
+        except AddressError:
+            raise ValueError(f"{kind}_ADDRESS {address!r} is not [https://]HOST:PORT") from None
         root = None
         if scheme != "http":
             root_path = environ.get(f"{kind}_ROOT_CERT", "./var/run/secrets/istio/root-cert.pem")
@@ -86,4 +89,4 @@ class GrpcTarget(msgspec.Struct, frozen=True, kw_only=True):
         headers = {
             k[len(prefix) :].lower().replace("_", "-"): v for k, v in environ.items() if k.startswith(prefix)
         }
-        return cls(host=host.strip("[]"), port=int(port), root_cert_pem=root, token=token, headers=headers)
+        return cls(host=host, port=port, root_cert_pem=root, token=token, headers=headers)

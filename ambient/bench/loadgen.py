@@ -36,6 +36,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from shared.accept import ACCEPT_CAPACITY_ERRNOS
+
 RR_SIZE = 1024
 CRR_SIZE = 100
 READ_SIZE = 65536
@@ -135,7 +137,7 @@ def serve(rr_port: int, crr_port: int) -> None:
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:
-                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                             break
                         raise
                     csock.setblocking(False)

@@ -9,12 +9,38 @@ of ztunnel's CPU per request is paid per wake-up rather than per byte or per fra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from ambient.bench.report import SWEEP_RATES, ArmResult, ScenarioResult, finish_scenario
 
-if TYPE_CHECKING:
-    from ambient.bench.run import Bench
+
+class CpuSample(Protocol):
+    cpu: dict[str, float]
+    """role -> CPU seconds (utime + stime) over the run"""
+    kernel: dict[str, float]
+    """role -> of those, the kernel's (stime)"""
+
+
+class SweepSettings(Protocol):
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def conns(self) -> int: ...
+    @property
+    def reps(self) -> int: ...
+
+
+class SweepBench(Protocol):
+    """What the sweep needs of the bench (run.Bench): its settings, one sampled fixed-rate run, progress."""
+
+    progress: Callable[[str], None]
+
+    @property
+    def cfg(self) -> SweepSettings: ...
+
+    def sampled_rr(self, arm: str, rate: float, seconds: float) -> tuple[dict[str, float], CpuSample]: ...
+
 
 def metric(role: str, rate: float) -> str:
     """The name of one figure: e.g. `client_us_per_req_at_250`."""
@@ -26,7 +52,7 @@ def kernel_metric(role: str, rate: float) -> str:
     return f"{role}_kernel_us_per_req_at_{rate:g}"
 
 
-def rate_sweep(bench: Bench, *, rates: tuple[float, ...] = SWEEP_RATES) -> ScenarioResult:
+def rate_sweep(bench: SweepBench, *, rates: tuple[float, ...] = SWEEP_RATES) -> ScenarioResult:
     """CPU microseconds per request of each ztunnel at each rate; one run per rate per repetition."""
     cfg = bench.cfg
     seconds = cfg.seconds

@@ -23,6 +23,7 @@ from rich.rule import Rule
 
 from ambient.lab import lab
 from ambient.lab.errors import LabError
+from ambient.lab.tables import status_tables
 
 REQUEST = "http://productpage.bookinfo:9080/productpage"
 
@@ -106,8 +107,6 @@ def run_demo(
     progress: Callable[[str], None] = print,
 ) -> int:
     """Run the demo; 0 when the request through the mesh succeeded."""
-    from ambient.lab.cli import status_tables
-
     console = console or Console()
     _section(console, "1. lab up: istiod, two nodes (node agent + ztunnel), the bookinfo pods")
     lab.up(prefix=prefix, progress=progress)

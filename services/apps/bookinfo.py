@@ -16,9 +16,11 @@ from typing import Any
 import msgspec
 import trio
 
-from services.apps.http import FetchError, Handler, Request, Response, fetch, json_response
+from services.apps.http import FetchError, fetch
+from shared.httpd import Handler, Limits, Request, Response, json_response
 
 UPSTREAM_TIMEOUT = 5.0
+LIMITS = Limits(max_body=1024 * 1024)  # what the apps serve with: the echo app takes bodies up to 1 MiB
 
 BOOK = {
     "id": 0,

@@ -13,11 +13,12 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
-from services.apps.bookinfo import APP_KINDS, make_handler
-from services.apps.http import serve_app
+from services.apps.bookinfo import APP_KINDS, LIMITS, make_handler
+from shared.httpd import serve_http_tcp
 
 log = logging.getLogger("apps.server")
 
@@ -28,7 +29,7 @@ async def run(kind: str, ports: Sequence[int]) -> None:
             if kind != "sleep":
                 handler = make_handler(kind, os.environ)
                 for port in ports:
-                    await nursery.start(serve_app, handler, port)
+                    await nursery.start(partial(serve_http_tcp, handler, port, limits=LIMITS))
                     log.info("%s serving on port %d", kind, port)
             else:
                 log.info("sleep: idle; use `ambient lab exec POD -- python -m services.apps.client URL`")

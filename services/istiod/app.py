@@ -28,11 +28,13 @@ from pathlib import Path
 
 import trio
 
+from services.istiod.auth import Auth
 from services.istiod.ca import CertificateAuthority
 from services.istiod.errors import StartupError
-from services.istiod.server import DEFAULT_SERVER_NAMES, Auth, IstiodServer, server_ssl_context
+from services.istiod.server import DEFAULT_SERVER_NAMES, IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
 from services.istiod.world import World, load_world
+from shared.addr import AddressError, split_host_port
 from shared.errors import AmbientError
 from shared.identity import IdentityError, load_cert, load_key
 
@@ -78,10 +80,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _split_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise StartupError(f"--listen {text!r} is not HOST:PORT (e.g. 127.0.0.1:15012)")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return split_host_port(text, default_host="0.0.0.0")
+    except AddressError:
+        raise StartupError(f"--listen {text!r} is not HOST:PORT (e.g. 127.0.0.1:15012)") from None
 
 
 class NodeTokens:

@@ -17,8 +17,9 @@ from pathlib import Path
 import msgspec
 import trio
 
+from services.istiod.auth import Auth
 from services.istiod.ca import CertificateAuthority
-from services.istiod.server import Auth, IstiodServer, server_ssl_context
+from services.istiod.server import IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
 from services.istiod.world import World, load_world
 from shared.aio import GrpcTarget, open_aio_loop

@@ -37,7 +37,6 @@ from services.node_agent.apply import Backend, NetnsRuleApplier, RuleApplier, fi
 from services.node_agent.cache import NetnsCache
 from services.node_agent.cni_server import DEFAULT_CNI_SOCKET, CniEndpoint
 from services.node_agent.errors import ConfigError, StartupCheckError
-from services.node_agent.httpd import Request, Response, json_response, open_unix_listener, serve_http
 from services.node_agent.lifecycle import (
     LogStatusReporter,
     NodeAgent,
@@ -49,14 +48,15 @@ from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING
 from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.rules import RuleSettings
 from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
+from shared.addr import AddressError, split_host_port
+from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http
+from shared.settings import EnvSettings
 
 log = logging.getLogger("node_agent.app")
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 DEFAULT_HEALTH_ADDR = "127.0.0.1:8000"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,17 +77,6 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def rule_settings(self) -> RuleSettings:
         return RuleSettings(dns_capture=self.dns_capture, ipv6=self.ipv6)
-
-
-def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    if raw.strip().lower() in _TRUE:
-        return True
-    if raw.strip().lower() in _FALSE:
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -148,8 +137,9 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     args = build_parser(env).parse_args(argv)
     if not args.node_name:
         raise ConfigError("node name missing: pass --node-name or set NODE_NAME")
-    dns = args.dns_capture if args.dns_capture is not None else _env_bool(env, "DNS_CAPTURE", False)
-    ipv6 = args.ipv6 if args.ipv6 is not None else _env_bool(env, "IPV6", False)
+    settings = EnvSettings(env, error=ConfigError)
+    dns = args.dns_capture if args.dns_capture is not None else settings.flag("DNS_CAPTURE", False)
+    ipv6 = args.ipv6 if args.ipv6 is not None else settings.flag("IPV6", False)
     health = args.health_addr or None
     if health is not None:
         _split_host_port(health)
@@ -170,10 +160,10 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
 
 
 def _split_host_port(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--health-addr {addr!r} is not host:port")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        return split_host_port(addr, default_host="127.0.0.1")
+    except AddressError as exc:
+        raise ConfigError(f"--health-addr: {exc}") from None
 
 
 def effective_capabilities() -> int:
@@ -276,7 +266,7 @@ async def run_agent(
 
     async def health(request: Request) -> Response:
         if request.path not in ("/healthz", "/readyz"):
-            return json_response(404, {"error": "try /healthz or /readyz"})
+            return json_response({"error": "try /healthz or /readyz"}, 404)
         counts = {STATUS_ENABLED: 0, STATUS_PENDING: 0}
         for state in agent.pods.values():
             counts[state.status] = counts.get(state.status, 0) + 1
@@ -286,7 +276,7 @@ async def run_agent(
             "ztunnel_connected": server.connected,
             "pods": counts,
         }
-        return json_response(200, body)
+        return json_response(body)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -309,12 +299,12 @@ async def run_agent(
             await nursery.start(agent.run)
             cni_listener = await open_unix_listener(config.cni_socket)
             lookup = source.lookup if source is not None else None
-            await nursery.start(serve_http, [cni_listener], CniEndpoint(agent, lookup).route)
+            await nursery.start(serve_http, CniEndpoint(agent, lookup).route, [cni_listener])
             log.info("CNI-event endpoint on %s", config.cni_socket)
             if config.health_addr is not None:
                 host, port = _split_host_port(config.health_addr)
                 listeners = await trio.open_tcp_listeners(port, host=host)
-                await nursery.start(serve_http, listeners, health)
+                await nursery.start(serve_http, health, listeners)
                 log.info("health endpoint on http://%s/healthz", config.health_addr)
             log.info(
                 "node-agent ready on node %s (backend %s, DNS capture %s, IPv6 %s)",

@@ -23,9 +23,9 @@ from collections.abc import Callable, Mapping
 import msgspec
 
 from services.node_agent.errors import CniRequestError, EnrolmentError
-from services.node_agent.httpd import Request, Response, json_response
 from services.node_agent.lifecycle import NodeAgent
 from services.node_agent.model import Pod
+from shared.httpd import Request, Response, Router, json_response
 from shared.zds.types import PodUid
 
 log = logging.getLogger("node_agent.cni")
@@ -115,15 +115,24 @@ class CniEndpoint:
     def __init__(self, agent: NodeAgent, lookup: PodLookup | None = None) -> None:
         self.agent = agent
         self.lookup = lookup
+        self.route = Router(
+            {"/cmdadd": self._post_cmdadd, "/healthz": self._health, "/readyz": self._health},
+            fallback=self._no_such_endpoint,
+        )
+        """The socket's handler (shared.httpd)."""
 
-    async def route(self, request: Request) -> Response:
-        if request.path == "/cmdadd":
-            if request.method != "POST":
-                return json_response(405, {"error": "use POST"})
-            return await self.cmdadd(request.body)
-        if request.path in ("/healthz", "/readyz"):
-            return json_response(200, {"status": "ok"})
-        return json_response(404, {"error": f"no such endpoint {request.path}"})
+    async def _post_cmdadd(self, request: Request) -> Response:
+        if request.method != "POST":
+            return json_response({"error": "use POST"}, 405)
+        return await self.cmdadd(request.body)
+
+    @staticmethod
+    async def _health(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    @staticmethod
+    async def _no_such_endpoint(request: Request) -> Response:
+        return json_response({"error": f"no such endpoint {request.path}"}, 404)
 
     async def cmdadd(self, body: bytes) -> Response:
         try:
@@ -131,13 +140,13 @@ class CniEndpoint:
             pod, ns_labels = pod_from_request(req, self.lookup)
         except CniRequestError as exc:
             log.warning("CNI event rejected: %s", exc)
-            return json_response(400, {"error": str(exc)})
+            return json_response({"error": str(exc)}, 400)
         try:
             decision = await self.agent.cni_add(pod, ns_labels)
         except EnrolmentError as exc:
             log.error("CNI event for %s: enrolment failed: %s", pod.key, exc)
-            return json_response(500, {"error": str(exc), "retryable": exc.retryable})
+            return json_response({"error": str(exc), "retryable": exc.retryable}, 500)
         if not decision.eligible:
             log.info("CNI event for %s: not ambient (%s); skipped", pod.key, decision.reason)
-            return json_response(200, {"status": "skipped", "reason": decision.reason})
-        return json_response(200, {"status": self.agent.status_of(pod.uid), "reason": decision.reason})
+            return json_response({"status": "skipped", "reason": decision.reason})
+        return json_response({"status": self.agent.status_of(pod.uid), "reason": decision.reason})

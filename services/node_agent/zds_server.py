@@ -33,6 +33,7 @@ from typing import Protocol
 
 import trio
 
+from shared.accept import ACCEPT_CAPACITY_ERRNOS, ACCEPT_RETRY_DELAY
 from shared.zds.codec import close_fds, decode_ack, decode_hello
 from shared.zds.errors import (
     ZdsConnectionLost,
@@ -65,7 +66,6 @@ DEFAULT_SOCKET_PATH = "/var/run/ztunnel/ztunnel.sock"
 READ_WRITE_DEADLINE = 5.0  # upstream readWriteDeadline
 QUEUE_SIZE = 100
 ACCEPT_INTERVAL = 0.2  # upstream rate-limits accepts to 5/s
-_ACCEPT_RETRY_ERRNOS = {23, 24, 12, 105}  # ENFILE, EMFILE, ENOMEM, ENOBUFS
 
 
 class SnapshotSource(Protocol):
@@ -187,9 +187,9 @@ class ZdsServer:
                     try:
                         sock, _ = await listener.accept()
                     except OSError as exc:
-                        if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                        if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                             log.error("accept on %s failed: %s; retrying in 100 ms", self.path, exc)
-                            await trio.sleep(0.1)
+                            await trio.sleep(ACCEPT_RETRY_DELAY)
                             continue
                         raise
                     nursery.start_soon(self._handle, sock)

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from services.ztunnel.config import ZtunnelConfig
-from services.ztunnel.httpd import HttpRequest, HttpResponse
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.proxy.context import Mesh
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry import Telemetry, current_log_levels, set_log_level
+from shared.httpd import Request, Response
 
 if TYPE_CHECKING:
     from services.ztunnel.xds.client import XdsClient
@@ -83,37 +83,37 @@ class Admin:
             "readiness": {"ready": not blocking, "blocking": blocking},
         }
 
-    async def admin(self, request: HttpRequest) -> HttpResponse:
+    async def admin(self, request: Request) -> Response:
         if request.path == "/config_dump":
-            return HttpResponse(body=msgspec.json.format(msgspec.json.encode(self.config_dump())) + b"\n",
+            return Response(body=msgspec.json.format(msgspec.json.encode(self.config_dump())) + b"\n",
                                 content_type="application/json")
         if request.path == "/logging":
             levels = request.query.get("level")
             if not levels:
-                return HttpResponse(body=f"current log level is {current_log_levels()}\n".encode())
+                return Response(body=f"current log level is {current_log_levels()}\n".encode())
             try:
                 now = set_log_level(levels[0])
             except ValueError as exc:
-                return HttpResponse(status=400, body=f"{exc}\n".encode())
-            return HttpResponse(body=f"set new log level to {now}\n".encode())
+                return Response(status=400, body=f"{exc}\n".encode())
+            return Response(body=f"set new log level to {now}\n".encode())
         if request.path == "/healthz/ready":
             return await self.ready(request)
         if request.path in ("/metrics", "/stats/prometheus"):
             return await self.stats(request)
-        return HttpResponse(status=404, body=b"not found; try /config_dump or /logging?level=info\n")
+        return Response(status=404, body=b"not found; try /config_dump or /logging?level=info\n")
 
-    async def stats(self, request: HttpRequest) -> HttpResponse:
+    async def stats(self, request: Request) -> Response:
         if request.path in ("/metrics", "/stats/prometheus"):
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # first scrape: ~2.3 MiB
 
-            return HttpResponse(body=generate_latest(self.parts.telemetry.metrics.registry),
+            return Response(body=generate_latest(self.parts.telemetry.metrics.registry),
                                 content_type=CONTENT_TYPE_LATEST)
-        return HttpResponse(status=404, body=b"not found; try /metrics or /stats/prometheus\n")
+        return Response(status=404, body=b"not found; try /metrics or /stats/prometheus\n")
 
-    async def ready(self, request: HttpRequest) -> HttpResponse:
+    async def ready(self, request: Request) -> Response:
         if request.path != "/healthz/ready":
-            return HttpResponse(status=404, body=b"not found; try /healthz/ready\n")
+            return Response(status=404, body=b"not found; try /healthz/ready\n")
         blocking = self.parts.readiness.blocking()
         if blocking:
-            return HttpResponse(status=503, body=f"not ready: waiting for {', '.join(blocking)}\n".encode())
-        return HttpResponse(body=b"ready\n")
+            return Response(status=503, body=f"not ready: waiting for {', '.join(blocking)}\n".encode())
+        return Response(body=b"ready\n")

@@ -43,7 +43,6 @@ import trio
 from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
 from services.ztunnel.config import ZtunnelConfig, load_config
 from services.ztunnel.errors import ConfigError, StartupCheckError
-from services.ztunnel.httpd import serve_http
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import SO_MARK
 from services.ztunnel.inpod.statemanager import WorkloadManager
@@ -52,6 +51,7 @@ from services.ztunnel.peers import StatePeers
 from services.ztunnel.proxy.context import Mesh, SocketFactory
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry import Metrics, Telemetry, setup_logging
+from shared.httpd import bound_addresses, serve_http_tcp
 from shared.netns import NetnsError, current_netns_fd, entered
 
 log = logging.getLogger("ztunnel.app")
@@ -161,20 +161,19 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
 
             # --- xDS client (only when XDS_ADDRESS is set): workloads/services/policies into `store` -----
             if config.xds_target is not None:
-                from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
+                from services.ztunnel.xds.client import XdsClient, XdsClientConfig
 
-                xds = XdsClient(config.xds_target, store, XdsClientConfig(
-                    node_id=ztunnel_node_id(config.instance_ip, config.pod_name, config.pod_namespace),
-                    node_metadata={"NAME": config.pod_name, "NAMESPACE": config.pod_namespace,
-                                   "INSTANCE_IPS": config.instance_ip, "NODE_NAME": config.node_name}))
+                xds = XdsClient(config.xds_target, store, XdsClientConfig.for_ztunnel(config))
                 parts.xds = xds
                 readiness.add("xDS sync with the control plane", xds.is_synced)
                 await servers.start(xds.run)
             admin = Admin(parts)
-            for name, route, addr in (("admin", admin.admin, config.admin_addr),
-                                      ("stats", admin.stats, config.stats_addr),
-                                      ("readiness", admin.ready, config.readiness_addr)):
-                parts.addresses[name] = await servers.start(serve_http, route, *addr)
+            for name, endpoint, (host, port) in (("admin", admin.admin, config.admin_addr),
+                                                 ("stats", admin.stats, config.stats_addr),
+                                                 ("readiness", admin.ready, config.readiness_addr)):
+                listeners = await servers.start(partial(serve_http_tcp, endpoint, port, host,
+                                                        server="ztunnel"))
+                parts.addresses[name] = bound_addresses(listeners)
 
             # --- ZDS client: the node agent hands us pods over INPOD_UDS --------------------------------
             zds_scope = trio.CancelScope()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 
 import msgspec
@@ -11,6 +10,7 @@ import msgspec
 from services.ztunnel.errors import ConfigError
 from services.ztunnel.proxy.context import ProxyConfig
 from shared.grpc_target import GrpcTarget
+from shared.settings import EnvSettings
 
 DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
 
@@ -42,50 +42,14 @@ class ZtunnelConfig(msgspec.Struct, frozen=True, kw_only=True):
     proxy: ProxyConfig = ProxyConfig()
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool | None) -> bool | None:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in {"1", "true", "yes", "on"}:
-        return True
-    if raw.lower() in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean (use true or false)")
-
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")
-
-
-def parse_duration(name: str, raw: str) -> float:
-    """`5s`, `500ms`, `1m` or a bare number of seconds."""
-    match = _DURATION.match(raw.strip())
-    if not match:
-        raise ConfigError(f"{name}={raw!r} is not a duration (examples: 5s, 500ms, 1m)")
-    value, unit = float(match.group(1)), match.group(2) or "s"
-    return value / 1000 if unit == "ms" else value * 60 if unit == "m" else value
-
-
-def _addr(env: Mapping[str, str], name: str, default: tuple[str | None, int]) -> tuple[str | None, int]:
-    raw = env.get(name)
-    if not raw:
-        return default
-    host, sep, port = raw.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"{name}={raw!r} must be HOST:PORT (e.g. 127.0.0.1:15000 or [::]:15020)")
-    host = host.strip("[]")
-    return (host or None), int(port)
-
-
 def drain_deadline(env: Mapping[str, str]) -> float:
     """Upstream: CONNECTION_TERMINATION_DEADLINE, else TERMINATION_GRACE_PERIOD_SECONDS - 5 s
     (- 1 s when <= 10 s, at least 1 s), else 5 s."""
-    if raw := env.get("CONNECTION_TERMINATION_DEADLINE"):
-        return parse_duration("CONNECTION_TERMINATION_DEADLINE", raw)
-    if raw := env.get("TERMINATION_GRACE_PERIOD_SECONDS"):
-        try:
-            grace = float(raw)
-        except ValueError:
-            raise ConfigError(f"TERMINATION_GRACE_PERIOD_SECONDS={raw!r} is not a number") from None
+    settings = EnvSettings(env, error=ConfigError)
+    if env.get("CONNECTION_TERMINATION_DEADLINE"):
+        return settings.duration("CONNECTION_TERMINATION_DEADLINE", 5.0)
+    if env.get("TERMINATION_GRACE_PERIOD_SECONDS"):
+        grace = settings.number("TERMINATION_GRACE_PERIOD_SECONDS", 0.0)
         return max(1.0, grace - (1 if grace <= 10 else 5))
     return 5.0
 
@@ -97,17 +61,17 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
         ConfigError: a value is malformed; the message names the variable.
     """
     env = os.environ if env is None else env
+    settings = EnvSettings(env, error=ConfigError)
     log_format = env.get("LOG_FORMAT", "plain").lower()
     if log_format not in {"plain", "json"}:
         raise ConfigError(f"LOG_FORMAT={log_format!r} must be plain or json")
-    admin_host, admin_port = _addr(env, "ADMIN_ADDR", ("127.0.0.1", 15000))
-    ipv6 = _bool(env, "IPV6_ENABLED", True)
+    admin_host, admin_port = settings.host_port("ADMIN_ADDR", ("127.0.0.1", 15000))
     proxy = ProxyConfig(
-        ipv6=bool(ipv6),
-        orig_src=_bool(env, "ENABLE_ORIG_SRC", None),
+        ipv6=settings.flag("IPV6_ENABLED", True),
+        orig_src=settings.optional_flag("ENABLE_ORIG_SRC"),
         cluster_id=env.get("CLUSTER_ID", "Kubernetes"),
-        connect_timeout=parse_duration("CONNECT_TIMEOUT", env.get("CONNECT_TIMEOUT", "10s")),
-        splice=bool(_bool(env, "ZTUNNEL_SPLICE", True)),
+        connect_timeout=settings.duration("CONNECT_TIMEOUT", 10.0),
+        splice=settings.flag("ZTUNNEL_SPLICE", True),
     )
     xds_target = None
     if env.get("XDS_ADDRESS"):
@@ -140,8 +104,8 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
         log_format=log_format,
         log_level=env.get("RUST_LOG", env.get("LOG_LEVEL", "info")),
         admin_addr=(admin_host or "127.0.0.1", admin_port),
-        stats_addr=_addr(env, "STATS_ADDR", (None, 15020)),
-        readiness_addr=_addr(env, "READINESS_ADDR", (None, 15021)),
+        stats_addr=settings.host_port("STATS_ADDR", (None, 15020)),
+        readiness_addr=settings.host_port("READINESS_ADDR", (None, 15021)),
         drain_deadline=drain_deadline(env),
         proxy=proxy,
     )

@@ -11,14 +11,20 @@ import msgspec
 import pytest
 import trio
 
-from services.apps.bookinfo import make_handler
-from services.apps.http import FetchError, fetch, serve_app
+from services.apps.bookinfo import LIMITS, make_handler
+from services.apps.http import FetchError, fetch
+from shared.httpd import serve_http_tcp
+
+
+async def serve(nursery: trio.Nursery, kind: str, env: Mapping[str, str]) -> int:
+    """Serve app `kind` as its server does (the apps' limits) on a free loopback port; the port."""
+    serving = partial(serve_http_tcp, make_handler(kind, env), 0, "127.0.0.1", limits=LIMITS)
+    listeners = await nursery.start(serving)
+    return int(listeners[0].socket.getsockname()[1])
 
 
 async def start(nursery: trio.Nursery, kind: str, env: Mapping[str, str]) -> str:
-    listeners = await nursery.start(serve_app, make_handler(kind, env), 0, "127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{await serve(nursery, kind, env)}"
 
 
 def decode(body: bytes) -> dict[str, Any]:
@@ -76,8 +82,7 @@ async def test_productpage_reports_an_unreachable_upstream_in_the_page() -> None
 async def test_echo_returns_method_path_body_and_keeps_the_connection_alive() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(serve_app, make_handler("echo", {}), 0, "127.0.0.1")
-            port = listeners[0].socket.getsockname()[1]
+            port = await serve(nursery, "echo", {})
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             request = b"POST /a?b=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi"
             await stream.send_all(request + request)
@@ -94,8 +99,7 @@ async def test_echo_returns_method_path_body_and_keeps_the_connection_alive() ->
 async def test_malformed_request_gets_a_400() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(serve_app, make_handler("echo", {}), 0, "127.0.0.1")
-            port = listeners[0].socket.getsockname()[1]
+            port = await serve(nursery, "echo", {})
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
             data = await stream.receive_some(65536)

@@ -184,7 +184,8 @@ async def test_reporter_retries_until_the_control_plane_answers_and_writes_only_
                 await reporter.report(sleep, "enabled")  # supersedes the unsent pending
                 assert reporter.backlog == 1
 
-                from services.istiod.server import Auth, IstiodServer, server_ssl_context
+                from services.istiod.auth import Auth
+                from services.istiod.server import IstiodServer, server_ssl_context
                 from services.istiod.store import WorldStore
 
                 server = IstiodServer(WorldStore(world), istiod.server.ca, Auth(istiod.tokens))

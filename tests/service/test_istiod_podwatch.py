@@ -80,7 +80,8 @@ async def test_resume_after_reconnect_sends_only_the_difference() -> None:
                 assert isinstance(status, WatchStatus) and not status.connected
 
                 # A new server on the same port with a changed world.
-                from services.istiod.server import Auth, IstiodServer, server_ssl_context
+                from services.istiod.auth import Auth
+                from services.istiod.server import IstiodServer, server_ssl_context
                 from services.istiod.store import WorldStore
 
                 server = IstiodServer(WorldStore(world), ca, Auth(tokens))

@@ -14,9 +14,9 @@ import trio
 from services.node_agent import cni_plugin
 from services.node_agent.cni_server import CniEndpoint, parse_add_request
 from services.node_agent.errors import CniRequestError
-from services.node_agent.httpd import open_unix_listener, serve_http
 from services.node_agent.model import Pod
 from services.node_agent.testing import FakeNode
+from shared.httpd import open_unix_listener, serve_http
 from shared.zds.types import PodUid
 
 
@@ -37,7 +37,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     try:
         async with trio.open_nursery() as nursery:
             listener = await open_unix_listener(w.path)
-            await nursery.start(serve_http, [listener], endpoint.route)
+            await nursery.start(serve_http, endpoint.route, [listener])
             await nursery.start(w.agent.run)
             yield w
             nursery.cancel_scope.cancel()

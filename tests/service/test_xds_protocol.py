@@ -104,8 +104,8 @@ async def test_nack_is_recorded_and_the_stream_keeps_working() -> None:
             second = await recv(call)
             assert list(second.removed_resources) == ["Kubernetes//Pod/sleep/sleep-5c6d7e"]
             assert second.nonce != first.nonce
-            assert [n.message for n in istiod.server.nacks] == ["cannot use resource x"]
-            assert istiod.server.nacks[0].nonce == first.nonce
+            assert [n.message for n in istiod.server.ads.nacks] == ["cannot use resource x"]
+            assert istiod.server.ads.nacks[0].nonce == first.nonce
 
 
 async def test_initial_resource_versions_get_only_the_difference() -> None:
@@ -173,9 +173,9 @@ async def test_client_nacks_what_it_cannot_convert_and_keeps_the_rest() -> None:
             assert "bad" not in client.versions[ADDRESS_TYPE_URL]
             assert len(client.nacks_sent) == 1 and "3 bytes" in client.nacks_sent[0]
             # The server records it once the NACK arrives.
-            while not istiod.server.nacks:
+            while not istiod.server.ads.nacks:
                 await trio.sleep(0.01)
-            assert "resource 'bad'" in istiod.server.nacks[0].message
+            assert "resource 'bad'" in istiod.server.ads.nacks[0].message
             nursery.cancel_scope.cancel()
 
 

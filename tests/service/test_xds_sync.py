@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import msgspec
 import trio
 
-from services.istiod.server import Auth, IstiodServer, server_ssl_context
+from services.istiod.auth import Auth
+from services.istiod.server import IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
 from services.istiod.testing import bookinfo_world, open_test_istiod
 from services.istiod.world import Pod, world_to_json
@@ -80,7 +81,7 @@ async def test_incremental_change_and_removal_reach_the_client() -> None:
             istiod.store.remove_policy("bookinfo", "deny-legacy")
             await store.wait_for(lambda s: "bookinfo/deny-legacy" not in s.policies)
             assert client.connects == 1
-            assert istiod.server.nacks == []
+            assert istiod.server.ads.nacks == []
             nursery.cancel_scope.cancel()
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.istiod.ca import CertificateAuthority
+from services.ztunnel.config import load_config
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import NetworkAddress, Service, Workload, WorkloadUid
 from services.ztunnel.xds.client import XdsClientConfig
@@ -41,16 +42,19 @@ def test_target_from_env(tmp_path: Path) -> None:
 
 
 def test_node_identity_from_env() -> None:
-    config = XdsClientConfig.from_env(
-        {
-            "INSTANCE_IP": "10.0.0.5",
-            "POD_NAME": "ztunnel-x",
-            "POD_NAMESPACE": "istio-system",
-            "NODE_NAME": "n1",
-        }
+    config = XdsClientConfig.for_ztunnel(
+        load_config(
+            {
+                "INSTANCE_IP": "10.0.0.5",
+                "POD_NAME": "ztunnel-x",
+                "POD_NAMESPACE": "istio-system",
+                "NODE_NAME": "n1",
+            }
+        )
     )
     assert config.node_id == "ztunnel~10.0.0.5~ztunnel-x.istio-system~istio-system.svc.cluster.local"
     assert config.node_metadata["NODE_NAME"] == "n1"
+    assert config.node_metadata["INSTANCE_IPS"] == "10.0.0.5"
 
 
 def test_store_indexes_follow_replacements_and_removals() -> None:

@@ -26,6 +26,7 @@ from ambient.lab.state import (
     save_state,
     stop_process,
 )
+from ambient.lab.tables import status_tables
 from ambient.lab.topology import LabPlan, plan_lab
 from services.istiod.world import load_world
 
@@ -261,6 +262,6 @@ def test_status_tables_render_every_pod() -> None:
         ],
         "components": [{"name": "istiod", "component": "istiod", "pid": 1, "running": True, "log": "l"}],
     }
-    tables = lab_cli.status_tables(data)
+    tables = status_tables(data)
     assert [t.title for t in tables] == ["lab t (up)", "pods", "services", "components"]
     assert tables[1].row_count == 1

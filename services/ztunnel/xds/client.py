@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
@@ -32,6 +33,9 @@ from services.ztunnel.xds.errors import ConversionError
 from shared.aio import GrpcTarget, RpcError, open_aio_loop, open_target
 from shared.api import discovery_grpc, discovery_pb2, envoy_base_pb2, rpc_status_pb2
 
+if TYPE_CHECKING:
+    from services.ztunnel.config import ZtunnelConfig
+
 log = logging.getLogger(__name__)
 
 INVALID_ARGUMENT = 3  # google.rpc.Code of a NACK
@@ -45,16 +49,14 @@ class XdsClientConfig(msgspec.Struct, frozen=True, kw_only=True):
     backoff_max: float = 15.0
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> XdsClientConfig:
-        """Upstream ztunnel's identity settings: INSTANCE_IP, POD_NAME, POD_NAMESPACE, NODE_NAME (with
-        defaults fit for a local run)."""
-        ip = environ.get("INSTANCE_IP", "127.0.0.1")
-        name = environ.get("POD_NAME", "ztunnel")
-        namespace = environ.get("POD_NAMESPACE", "istio-system")
-        metadata = {"NAME": name, "NAMESPACE": namespace, "INSTANCE_IPS": ip}
-        if "NODE_NAME" in environ:
-            metadata["NODE_NAME"] = environ["NODE_NAME"]
-        return cls(node_id=ztunnel_node_id(ip, name, namespace), node_metadata=metadata)
+    def for_ztunnel(cls, config: ZtunnelConfig) -> XdsClientConfig:
+        """Upstream ztunnel's node identity from its settings (INSTANCE_IP, POD_NAME, POD_NAMESPACE,
+        NODE_NAME)."""
+        return cls(
+            node_id=ztunnel_node_id(config.instance_ip, config.pod_name, config.pod_namespace),
+            node_metadata={"NAME": config.pod_name, "NAMESPACE": config.pod_namespace,
+                           "INSTANCE_IPS": config.instance_ip, "NODE_NAME": config.node_name},
+        )
 
 
 def ztunnel_node_id(instance_ip: str, pod_name: str, pod_namespace: str) -> str:
@@ -91,7 +93,7 @@ class XdsClient:
         await self._synced.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Stay connected until cancelled. started() right away; use wait_synced() for readiness."""
+        """Stay connected until cancelled. started() right away; is_synced() is the readiness check."""
         async with open_aio_loop():
             task_status.started()
             await self._run_forever()

@@ -36,6 +36,7 @@ from services.ztunnel.state.types import (
     WorkloadUid,
 )
 from services.ztunnel.xds.errors import ConversionError
+from shared.addr import canonical_ip
 from shared.api import authorization_pb2 as apb
 from shared.api import workload_pb2 as wpb
 
@@ -73,7 +74,7 @@ _ACTION = {apb.ALLOW: Action.ALLOW, apb.DENY: Action.DENY}
 def _ip(name: str, raw: bytes, what: str) -> str:
     if len(raw) not in (4, 16):
         raise ConversionError(name, f"{what} has {len(raw)} bytes; an address must be 4 (IPv4) or 16 (IPv6)")
-    return ipaddress.ip_address(raw).compressed
+    return canonical_ip(raw)
 
 
 def _enum(name: str, table: Mapping[Any, V], value: int, what: str) -> V:
