@@ -17,9 +17,9 @@ import time
 import trio
 from hbone_loopback import SERVER_ID, Loopback
 
-from services.ztunnel.hbone.client import open_hbone_connection
-from services.ztunnel.hbone.connection import HboneStream
+from services.ztunnel.hbone.pool import open_hbone_connection
 from services.ztunnel.hbone.server import InboundInfo, InboundRecord
+from services.ztunnel.hbone.stream import HboneStream
 
 
 def sink(sock: socket.socket) -> None:

@@ -12,9 +12,9 @@ import trio
 
 from services.istiod.ca import CertificateAuthority
 from services.ztunnel.authz import Decision
-from services.ztunnel.hbone.client import plain_socket
-from services.ztunnel.hbone.connection import HboneStream
+from services.ztunnel.hbone.pool import plain_socket
 from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone
+from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.net import connect
 from shared.identity import CertBundle, SpiffeId, generate_key, key_to_pem, make_csr

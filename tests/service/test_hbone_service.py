@@ -17,17 +17,18 @@ import trio.testing
 
 from services.istiod.ca import CertificateAuthority
 from services.ztunnel.authz import Decision, authorize_from_state
-from services.ztunnel.hbone.client import (
+from services.ztunnel.hbone.connection import HboneConnection
+from services.ztunnel.hbone.core import STREAM_WINDOW
+from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError, PeerIdentityError, TlsError
+from services.ztunnel.hbone.outbound import tunnel_outbound
+from services.ztunnel.hbone.pool import (
     PoolKey,
     connect_hbone,
     open_hbone_connection,
     open_hbone_pool,
 )
-from services.ztunnel.hbone.connection import HboneConnection, HboneStream
-from services.ztunnel.hbone.core import STREAM_WINDOW
-from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError, PeerIdentityError, TlsError
-from services.ztunnel.hbone.outbound import tunnel_outbound
 from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone, serve_hbone_connection
+from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.net import connect
 from services.ztunnel.proxy.resolve import HboneRoute

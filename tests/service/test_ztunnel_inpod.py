@@ -19,11 +19,12 @@ import trio
 import trio.testing
 
 from services.ztunnel.errors import ProxyStartError
+from services.ztunnel.hbone.core import Addr
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.proxies import PodHandle, run_pod_proxies
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
 from services.ztunnel.inpod.statemanager import WorkloadHandler, WorkloadManager
-from services.ztunnel.net import Addr, accept_forever
+from services.ztunnel.net import accept_forever
 from services.ztunnel.proxy.context import PodContext, ProxyConfig
 from services.ztunnel.telemetry import Telemetry
 from shared.zds.types import AddWorkload, DelWorkload, PodUid, SnapshotSent, WorkloadInfo

@@ -19,10 +19,11 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from services.istiod.ca import CertificateAuthority
+from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
-from services.ztunnel.inpod.sockets import INBOUND_HBONE_PORT, PORTS, PodListener, PodListeners
-from services.ztunnel.net import Addr
+from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
+from services.ztunnel.net import INBOUND_HBONE_PORT
 from services.ztunnel.proxy.context import Mesh, ProxyConfig
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (

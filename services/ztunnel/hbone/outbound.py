@@ -21,11 +21,11 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from services.ztunnel.hbone.client import HbonePool
-from services.ztunnel.hbone.connection import HboneStream
 from services.ztunnel.hbone.core import ERROR_CANCEL, Addr
 from services.ztunnel.hbone.errors import HttpStatusError
+from services.ztunnel.hbone.pool import HbonePool
 from services.ztunnel.hbone.relay import relay
+from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.net import describe_os_error
 from services.ztunnel.proxy.resolve import HboneRoute
 from shared.errors import AmbientError

@@ -33,8 +33,7 @@ import trio
 
 from services.ztunnel.authz import AuthzRequest, Decision
 from services.ztunnel.errors import ConnectError
-from services.ztunnel.hbone.client import CertSource
-from services.ztunnel.hbone.connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
+from services.ztunnel.hbone.connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection
 from services.ztunnel.hbone.core import (
     ERROR_CANCEL,
     ERROR_INTERNAL,
@@ -43,7 +42,9 @@ from services.ztunnel.hbone.core import (
     StreamRejected,
 )
 from services.ztunnel.hbone.errors import HboneError
+from services.ztunnel.hbone.pool import CertSource
 from services.ztunnel.hbone.relay import relay
+from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tls import (
     TlsContextCache,
     check_established,

@@ -32,9 +32,10 @@ from typing import Final
 
 import trio
 
-from services.ztunnel.hbone.client import HbonePool, open_hbone_pool
+from services.ztunnel.hbone.core import Addr
+from services.ztunnel.hbone.pool import HbonePool, open_hbone_pool
 from services.ztunnel.inpod.sockets import PodListener
-from services.ztunnel.net import Addr, accept_forever
+from services.ztunnel.net import accept_forever
 from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.proxy.mesh import handle_inbound_hbone, handle_inbound_plaintext, handle_outbound
 from shared.errors import AmbientError

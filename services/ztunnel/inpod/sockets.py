@@ -22,12 +22,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from services.ztunnel.errors import ProxyStartError
+from services.ztunnel.net import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PACKET_MARK
 from shared.netns import NetnsError, entered, is_netns
 
-PACKET_MARK: Final = 1337
-OUTBOUND_PORT: Final = 15001
-INBOUND_PLAINTEXT_PORT: Final = 15006
-INBOUND_HBONE_PORT: Final = 15008
 LISTEN_BACKLOG: Final = 128
 
 # Linux constants not (all) exported by Python 3.11's socket module.

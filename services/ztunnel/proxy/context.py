@@ -17,15 +17,15 @@ import msgspec
 import trio
 
 from services.ztunnel.errors import ProxyStartError
-from services.ztunnel.hbone.client import CertSource, HbonePool
+from services.ztunnel.hbone.core import Addr
+from services.ztunnel.hbone.pool import CertSource, HbonePool
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.inpod.sockets import (
-    PACKET_MARK,
     PodListeners,
     bind_pod_listeners,
     create_upstream_socket,
 )
-from services.ztunnel.net import Addr, original_dst
+from services.ztunnel.net import PACKET_MARK, original_dst
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Workload
 from services.ztunnel.telemetry import Peer, Telemetry

@@ -37,11 +37,12 @@ import trio
 
 from services.ztunnel.authz import AuthzRequest, Decision, authorize_from_state
 from services.ztunnel.errors import ConnectError
-from services.ztunnel.hbone.client import baggage_of
-from services.ztunnel.hbone.connection import HboneConnection, HboneStream
+from services.ztunnel.hbone.connection import HboneConnection
+from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.outbound import tunnel_outbound
 from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone_connection
-from services.ztunnel.net import Addr, connect, local_addr
+from services.ztunnel.hbone.stream import HboneStream
+from services.ztunnel.net import connect, local_addr
 from services.ztunnel.peers import workload_peer
 from services.ztunnel.proxy import passthrough
 from services.ztunnel.proxy.context import Mesh, PodContext
@@ -78,6 +79,26 @@ def service_for_port(store: StateStore, workload: Workload, port: int) -> Servic
 
 
 # --- outbound (15001) -----------------------------------------------------------------------------------
+
+
+def baggage_of(workload: Workload, *, cluster: str | None = None, region: str | None = None,
+               zone: str | None = None) -> str:
+    """The `baggage` header upstream sends for a source workload (SPEC §5): only the keys it knows.
+
+    `k8s.cluster.name, k8s.namespace.name, k8s.<workload_type>.name, service.name, service.version,
+    cloud.region, cloud.availability_zone`, comma-joined.
+    """
+    items = [
+        ("k8s.cluster.name", cluster or workload.cluster_id),
+        ("k8s.namespace.name", workload.namespace),
+        (f"k8s.{workload.workload_type.value}.name", workload.workload_name),
+        ("service.name", workload.canonical_name),
+        ("service.version", workload.canonical_revision),
+        ("cloud.region", region),
+        ("cloud.availability_zone", zone),
+    ]
+    return ",".join(f"{key}={value}" for key, value in items if value)
+
 
 
 async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) -> None:

@@ -23,8 +23,16 @@ from typing import Final
 import trio
 
 from services.ztunnel.errors import ConnectError
-from services.ztunnel.inpod.sockets import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
-from services.ztunnel.net import Addr, connect, describe_os_error, family_of, local_addr
+from services.ztunnel.hbone.core import Addr
+from services.ztunnel.net import (
+    INBOUND_HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    OUTBOUND_PORT,
+    connect,
+    describe_os_error,
+    family_of,
+    local_addr,
+)
 from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.proxy.tcp import copy_bidirectional
 from services.ztunnel.telemetry import ConnectionRecord, Peer, format_addr
