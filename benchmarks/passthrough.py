@@ -26,7 +26,7 @@ from services.ztunnel.hbone.core import Addr
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
 from services.ztunnel.proxy.context import ProxyConfig
-from services.ztunnel.telemetry import Telemetry
+from services.ztunnel.telemetry.access_log import Telemetry
 from shared.zds.types import PodUid, WorkloadInfo
 
 SINK = r"""

@@ -43,11 +43,11 @@ from services.ztunnel.state.types import (
     Workload,
     WorkloadUid,
 )
-from services.ztunnel.telemetry import ParsedLine, Telemetry
+from services.ztunnel.telemetry.access_log import Telemetry
 from shared.identity import SpiffeId
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid, WorkloadInfo
-from tests.access_logs import LogCapture, capture_access_log
+from tests.access_logs import LogCapture, ParsedLine, capture_access_log
 from tests.service.test_hbone_helpers import FakeCerts
 from tests.service.test_ztunnel_inpod import pipe_fd, read_to_eof
 

@@ -12,19 +12,22 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from services.ztunnel.telemetry import (
+from services.ztunnel.telemetry.access_log import (
     ConnectionRecord,
-    Display,
-    Metrics,
     Peer,
     Telemetry,
+    format_addr,
+    traffic_labels,
+)
+from services.ztunnel.telemetry.logging import (
+    Display,
     UpstreamFormatter,
     debug_quote,
-    format_addr,
     format_plain,
-    parse_plain,
     set_log_level,
 )
+from services.ztunnel.telemetry.metrics import Metrics
+from tests.access_logs import parse_plain
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -165,7 +168,7 @@ def test_metrics_export_what_prometheus_client_counters_and_gauges_would() -> No
     tel.metrics.active_proxies.set(3)
 
     reference = CollectorRegistry()
-    labels = Metrics.labels_of(rec)
+    labels = traffic_labels(rec)
     for attr in ("opened", "closed", "sent", "received", "failed"):
         family = getattr(tel.metrics, attr)
         counter = Counter(family.name, family.documentation, family.labelnames, registry=reference)

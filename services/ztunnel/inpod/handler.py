@@ -38,7 +38,7 @@ from services.ztunnel.proxy.context import (
     ProxyConfig,
     SocketFactory,
 )
-from services.ztunnel.telemetry import Telemetry
+from services.ztunnel.telemetry.access_log import Telemetry
 from shared.identity import SpiffeId
 from shared.netns import netns_id
 from shared.zds.types import PodUid, WorkloadInfo

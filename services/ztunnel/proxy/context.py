@@ -28,7 +28,7 @@ from services.ztunnel.inpod.sockets import (
 from services.ztunnel.net import PACKET_MARK, original_dst
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Workload
-from services.ztunnel.telemetry import Peer, Telemetry
+from services.ztunnel.telemetry.access_log import Peer, Telemetry
 from shared.identity import SpiffeId
 from shared.zds.types import PodUid, WorkloadInfo
 

@@ -49,7 +49,7 @@ from services.ztunnel.proxy.context import Mesh, PodContext
 from services.ztunnel.proxy.resolve import HboneRoute, NoHealthyUpstream, resolve_outbound
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Service, Workload
-from services.ztunnel.telemetry import ConnectionRecord, Peer, format_addr
+from services.ztunnel.telemetry.access_log import ConnectionRecord, Peer, format_addr
 from shared.netns import NetnsError
 
 log = logging.getLogger("ztunnel.proxy")

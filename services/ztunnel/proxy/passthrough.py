@@ -35,7 +35,7 @@ from services.ztunnel.net import (
 )
 from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.proxy.tcp import copy_bidirectional
-from services.ztunnel.telemetry import ConnectionRecord, Peer, format_addr
+from services.ztunnel.telemetry.access_log import ConnectionRecord, Peer, format_addr
 from shared.netns import NetnsError
 
 log = logging.getLogger("ztunnel.proxy")
