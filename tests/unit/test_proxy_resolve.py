@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.ztunnel.proxy.mesh import baggage_of
+from services.ztunnel.proxy.outbound import baggage_of
 from services.ztunnel.proxy.resolve import HboneRoute, NoHealthyUpstream, Passthrough, resolve_outbound
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (

@@ -5,6 +5,10 @@ pod's namespace and reads netfilter's original destination; service tests use a 
 
 With xDS configured, every pod also shares the process's `Mesh` (the xDS state, the certificate manager and
 the TLS context cache) and owns an HBONE client pool for its lifetime (`PodContext.pool`).
+
+A `PodContext` is immutable: the pod's proxy set (inpod/proxies.py) makes it once, and once more with the
+pool when the pool is open. What its connection handlers change while they run is counted in the one small
+mutable `PodCounters` it carries.
 """
 
 from __future__ import annotations
@@ -130,9 +134,11 @@ class Mesh:
     contexts: TlsContextCache
     node: str = ""
     workload_wait: float = WORKLOAD_WAIT
+    _workloads: dict[tuple[str, str, str], Workload | None] = field(default_factory=dict, repr=False)
+    _workloads_generation: int = field(default=-1, repr=False)
 
     def local_workload(self, info: WorkloadInfo) -> Workload | None:
-        """The node-local xDS workload of a pod: same name, namespace and service account (SPEC §1.7)."""
+        """The node-local xDS workload of a pod: same name, namespace and service account."""
         account = info.service_account or "default"
         for workload in self.store.workloads.values():
             if (workload.name == info.name and workload.namespace == info.namespace
@@ -141,8 +147,30 @@ class Mesh:
                 return workload
         return None
 
+    def workload_of(self, info: WorkloadInfo) -> Workload | None:
+        """`local_workload`, remembered until the store's next generation (it runs once per connection)."""
+        generation = self.store.generation
+        if generation != self._workloads_generation:
+            self._workloads.clear()
+            self._workloads_generation = generation
+        key = (info.name, info.namespace, info.service_account or "default")
+        try:
+            return self._workloads[key]
+        except KeyError:
+            found = self._workloads[key] = self.local_workload(info)
+            return found
 
-@dataclass
+
+class PodCounters:
+    """What a pod's connection handlers count while its proxy set runs (read by /config_dump)."""
+
+    __slots__ = ("active_connections",)
+
+    def __init__(self) -> None:
+        self.active_connections = 0
+
+
+@dataclass(frozen=True, slots=True)
 class PodContext:
     """One pod's proxy set context; `netns_fd` is owned (closed) by the pod's supervisor."""
 
@@ -153,25 +181,19 @@ class PodContext:
     telemetry: Telemetry
     sockets: SocketFactory
     peers: PeerLookup = field(default_factory=NoPeers)
-    active_connections: int = field(default=0)
     mesh: Mesh | None = None
     """None without xDS: every connection is plain passthrough."""
     pool: HbonePool | None = None
-    """The pod's HBONE client pool, open while its proxy set runs (set by run_pod_proxies)."""
+    """The pod's HBONE client pool, in the context run_pod_proxies hands to the handlers once it is open."""
+    counters: PodCounters = field(default_factory=PodCounters)
     draining: trio.Event = field(default_factory=trio.Event)
     """Set when the pod stops accepting (graceful drain): idle inbound HBONE connections are closed."""
-    _workload: Workload | None = field(default=None, repr=False)
-    _workload_generation: int = field(default=-1, repr=False)
 
     def workload(self) -> Workload | None:
-        """The pod's xDS workload as the store knows it now (cached per store generation)."""
+        """The pod's xDS workload as the store knows it now."""
         if self.mesh is None or self.info is None:
             return None
-        generation = self.mesh.store.generation
-        if generation != self._workload_generation:
-            self._workload = self.mesh.local_workload(self.info)
-            self._workload_generation = generation
-        return self._workload
+        return self.mesh.workload_of(self.info)
 
     async def wait_workload(self) -> Workload | None:
         """`workload()`, waiting up to the mesh's `workload_wait` for xDS to deliver it."""
@@ -180,6 +202,15 @@ class PodContext:
         with trio.move_on_after(self.mesh.workload_wait):
             await self.mesh.store.wait_for(lambda _: self.workload() is not None)
         return self.workload()
+
+    def missing_workload(self) -> str:
+        """The error of a connection that needs the pod's workload (its identity) when xDS has none."""
+        info = self.info
+        who = (f"{info.namespace}/{info.name} (service account {info.service_account or 'default'})" if info
+               else f"uid {self.uid}")
+        node = self.mesh.node if self.mesh is not None and self.mesh.node else "this node"
+        return (f"unknown source workload: xDS has no workload for pod {who} on {node}, so it has no "
+                f"identity (is the pod in the control plane's world, and NODE_NAME right?)")
 
     @property
     def peer(self) -> Peer:

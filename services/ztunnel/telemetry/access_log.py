@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-One `ConnectionRecord` follows a proxied connection: the copy loop bumps its byte counters, and
-`Telemetry.connection_complete()` writes the single access log line (logger `access`, so target `access`,
-formatted by logging.py) and updates the metrics (metrics.py) when it ends.
+One `ConnectionOutcome` follows a proxied connection: the copy loop (or the HBONE server) bumps its byte
+counters, and `Telemetry.connection_complete()` writes the single access log line (logger `access`, so
+target `access`, formatted by logging.py) and updates the metrics (metrics.py) when it ends.
 Byte counts in the log are "un-flipped" (bytes_sent = client -> upstream); in the metrics they follow Istio's
 convention (received = request direction, sent = response direction).
 """
@@ -41,11 +41,18 @@ def format_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> Display:
     return Display(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
 
-class ConnectionRecord:
-    """One proxied connection's facts, filled while it runs; byte counters are bumped by the copy loop."""
+class ConnectionOutcome:
+    """One proxied connection (or one HBONE tunnel), from accept to close: its ends, what it carried and how
+    it ended. The one record that feeds both the access log line and the metrics.
 
-    __slots__ = ("bytes_recv", "bytes_sent", "direction", "dst", "dst_addr", "dst_hbone_addr", "src",
-                 "src_addr", "start")
+    The handler makes it as soon as it knows the ends; the copy loop (or the HBONE server) bumps the byte
+    counters; `Telemetry.connection_opened` marks it `opened`; `Telemetry.connection_complete` writes it.
+    Bytes are counted from the client's side for both directions: `bytes_sent` = client -> upstream (the
+    request direction), `bytes_recv` = upstream -> client.
+    """
+
+    __slots__ = ("bytes_recv", "bytes_sent", "direction", "dst", "dst_addr", "dst_hbone_addr", "error",
+                 "opened", "src", "src_addr", "start", "status")
 
     def __init__(self, *, direction: str, src_addr: Display, dst_addr: Display, src: Peer | None = None,
                  dst: Peer | None = None, dst_hbone_addr: Display | None = None) -> None:
@@ -58,6 +65,12 @@ class ConnectionRecord:
         self.bytes_sent = 0  # client -> upstream
         self.bytes_recv = 0  # upstream -> client
         self.start = time.monotonic()
+        self.status: int | None = None
+        """The CONNECT answer of an HBONE tunnel (200, 401, 503, ...), when there was one."""
+        self.error: str | None = None
+        """Why it failed or ended early, in upstream's words; None for a clean end."""
+        self.opened = False
+        """It got through and was counted as opened; otherwise it is counted as failed when it ends."""
 
     def fields(self, *, with_bytes: bool) -> list[Field]:
         fields: list[Field] = [
@@ -82,7 +95,7 @@ class ConnectionRecord:
         return fields
 
 
-def traffic_labels(record: ConnectionRecord) -> dict[str, str]:
+def traffic_labels(record: ConnectionOutcome) -> dict[str, str]:
     """The `TRAFFIC_LABELS` values of a connection (unknown ends as "unknown", as upstream)."""
     def v(value: str | None) -> str:
         return value or "unknown"
@@ -145,7 +158,7 @@ class Telemetry:
         self.log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
         self._series: dict[tuple[str, Peer, Peer], _Series] = {}
 
-    def _series_of(self, record: ConnectionRecord) -> _Series:
+    def _series_of(self, record: ConnectionOutcome) -> _Series:
         # The labels depend only on the direction and the two peers (frozen, hashable).
         key = (record.direction, record.src, record.dst)
         series = self._series.get(key)
@@ -155,23 +168,24 @@ class Telemetry:
             series = self._series[key] = _Series(self.metrics, traffic_labels(record))
         return series
 
-    def connection_opened(self, record: ConnectionRecord) -> None:
-        self._series_of(record).child("opened").inc()
+    def connection_opened(self, outcome: ConnectionOutcome) -> None:
+        outcome.opened = True
+        self._series_of(outcome).child("opened").inc()
         if self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("connection opened", extra={"fields": record.fields(with_bytes=False)})
+            self.log.debug("connection opened", extra={"fields": outcome.fields(with_bytes=False)})
 
-    def connection_complete(self, record: ConnectionRecord, error: str | None = None, *,
-                            opened: bool = True) -> None:
-        """The connection's one access log line (info, or error with `error=`) and its metrics.
+    def connection_complete(self, outcome: ConnectionOutcome) -> None:
+        """The connection's one access log line (info, or error with `outcome.error`) and its metrics.
 
-        `opened=False`: it never got through (refused by policy, the peer's CONNECT answer, ...): counted
-        as failed rather than closed, since it was never counted as opened.
+        One that never got through (refused by policy, the peer's CONNECT answer, ...) was never counted as
+        opened, so it is counted as failed rather than closed.
         """
-        series = self._series_of(record)
-        series.child("closed" if opened else "failed").inc()
-        series.child("received").inc(record.bytes_sent)
-        series.child("sent").inc(record.bytes_recv)
-        fields = record.fields(with_bytes=True)
+        series = self._series_of(outcome)
+        series.child("closed" if outcome.opened else "failed").inc()
+        series.child("received").inc(outcome.bytes_sent)
+        series.child("sent").inc(outcome.bytes_recv)
+        fields = outcome.fields(with_bytes=True)
+        error = outcome.error
         if error is None:
             self.log.info("connection complete", extra={"fields": fields})
         else:
@@ -179,9 +193,12 @@ class Telemetry:
             self.log.error("connection complete", extra={"fields": fields})
 
     def connection_failed(self, *, src_addr: Display, dst_addr: Display, direction: str, error: str,
-                          record: ConnectionRecord | None = None) -> None:
-        if record is not None:
-            self._series_of(record).child("failed").inc()
+                          outcome: ConnectionOutcome | None = None) -> None:
+        """A `connection failed` line: the connection never reached the point of having an outcome to log
+        (no destination, no workload, refused handshake), or its upstream socket could not be made
+        (`outcome` given: counted as failed)."""
+        if outcome is not None:
+            self._series_of(outcome).child("failed").inc()
         fields: Sequence[Field] = (("src.addr", src_addr), ("dst.addr", dst_addr), ("direction", direction),
                                    ("error", error))
         self.log.warning("connection failed", extra={"fields": fields})
