@@ -29,8 +29,8 @@ import trio
 
 from services.ztunnel.errors import ProxyStartError
 from services.ztunnel.inpod.proxies import PodHandle, run_pod_proxies
+from services.ztunnel.inpod.sockets import InPodSocketFactory
 from services.ztunnel.proxy.context import (
-    InPodSocketFactory,
     Mesh,
     NoPeers,
     PeerLookup,

@@ -35,9 +35,8 @@ import trio
 
 from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.pool import HbonePool, open_hbone_pool
-from services.ztunnel.inpod.sockets import PodListener
 from services.ztunnel.net import accept_forever
-from services.ztunnel.proxy.context import PodContext
+from services.ztunnel.proxy.context import Listener, PodContext
 from services.ztunnel.proxy.inbound import handle_inbound_hbone
 from services.ztunnel.proxy.inbound_passthrough import handle_inbound_plaintext
 from services.ztunnel.proxy.outbound import handle_outbound
@@ -102,7 +101,7 @@ async def _run_connection(ctx: PodContext, handler: ConnHandler, conn: socket.so
         conn.close()
 
 
-async def serve_listener(ctx: PodContext, listener: PodListener, handler: ConnHandler,
+async def serve_listener(ctx: PodContext, listener: Listener, handler: ConnHandler,
                          handler_nursery: trio.Nursery) -> None:
     """Accept forever on `listener`, each connection handled in `handler_nursery`. Closes the listener."""
     sock = listener.sock
@@ -120,7 +119,7 @@ async def serve_listener(ctx: PodContext, listener: PodListener, handler: ConnHa
         sock.close()
 
 
-def _info(listener: PodListener, mark: int) -> ListenerInfo:
+def _info(listener: Listener, mark: int) -> ListenerInfo:
     host = str(listener.sock.getsockname()[0])
     return ListenerInfo(role=listener.role, address=f"[{host}]" if ":" in host else host, port=listener.port,
                         mark=mark)

@@ -1,7 +1,8 @@
 """What a pod's connection handlers need: its identity, its netns, config, telemetry and a socket factory.
 
-The socket factory is the seam between proxy logic and the kernel: the real one creates sockets inside the
-pod's namespace and reads netfilter's original destination; service tests use a loopback fake.
+The socket factory is the seam between proxy logic and the kernel: the real one (inpod/sockets.py) creates
+sockets inside the pod's namespace and reads netfilter's original destination; service tests use a
+loopback fake.
 
 With xDS configured, every pod also shares the process's `Mesh` (the xDS state, the certificate manager and
 the TLS context cache) and owns an HBONE client pool for its lifetime (`PodContext.pool`).
@@ -14,22 +15,17 @@ mutable `PodCounters` it carries.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
 import trio
 
-from services.ztunnel.errors import ProxyStartError
 from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.pool import CertSource, HbonePool
 from services.ztunnel.hbone.tls import TlsContextCache
-from services.ztunnel.inpod.sockets import (
-    PodListeners,
-    bind_pod_listeners,
-    create_upstream_socket,
-)
-from services.ztunnel.net import PACKET_MARK, original_dst
+from services.ztunnel.net import PACKET_MARK
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Workload
 from services.ztunnel.telemetry.access_log import Peer, Telemetry
@@ -51,8 +47,34 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
     benchmarks/passthrough.py); False = recv_into the shared buffer and send."""
 
 
+class Listener(Protocol):
+    """One bound, listening, non-blocking socket of a pod and what it is for (inpod/sockets.py's
+    `PodListener`)."""
+
+    @property
+    def role(self) -> str:
+        """"outbound" | "inbound_plaintext" | "inbound_hbone"."""
+        ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def sock(self) -> socket.socket: ...
+
+
+class ListenerSet(Protocol):
+    """A pod's whole listener set, bound (inpod/sockets.py's `PodListeners`)."""
+
+    def __iter__(self) -> Iterator[Listener]: ...
+
+    def close(self) -> None: ...
+
+
 class SocketFactory(Protocol):
-    def bind_listeners(self, netns_fd: int) -> PodListeners:
+    """Every socket a pod's proxy set makes (the real one is inpod/sockets.py's `InPodSocketFactory`)."""
+
+    def bind_listeners(self, netns_fd: int) -> ListenerSet:
         """Bind the pod's whole listener set or raise ProxyStartError leaving nothing open."""
         ...
 
@@ -64,29 +86,6 @@ class SocketFactory(Protocol):
     def original_dst(self, sock: socket.socket) -> Addr | None:
         """Where the accepted connection was going before it was redirected (None: not redirected)."""
         ...
-
-
-class InPodSocketFactory:
-    """The real factory: sockets created inside the pod netns via shared.netns.entered."""
-
-    def __init__(self, config: ProxyConfig) -> None:
-        self.config = config
-
-    def bind_listeners(self, netns_fd: int) -> PodListeners:
-        listeners = bind_pod_listeners(netns_fd, ipv6=self.config.ipv6, mark=self.config.packet_mark,
-                                       transparent=self.config.orig_src is not False)
-        if self.config.orig_src and not listeners.transparent:
-            listeners.close()
-            raise ProxyStartError("ENABLE_ORIG_SRC=true but IP_TRANSPARENT is not permitted on the pod's "
-                                  "listeners (needs CAP_NET_ADMIN); unset it to fall back to plain connects")
-        return listeners
-
-    def upstream(self, netns_fd: int, family: socket.AddressFamily, *,
-                 bind_source: str | None = None) -> socket.socket:
-        return create_upstream_socket(netns_fd, family, mark=self.config.packet_mark, bind_source=bind_source)
-
-    def original_dst(self, sock: socket.socket) -> Addr | None:
-        return original_dst(sock)
 
 
 class PeerLookup(Protocol):
