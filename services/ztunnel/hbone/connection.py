@@ -71,7 +71,7 @@ PING_TIMEOUT: Final = 20.0
 
 
 def new_traceparent() -> str:
-    """`00-<32 hex trace id>-<16 hex parent id>-00`, random per connection (SPEC §5)."""
+    """`00-<32 hex trace id>-<16 hex parent id>-00`, random per connection."""
     return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
 
 

@@ -7,7 +7,7 @@ is *created* inside `shared.netns.entered(fd)` (setns on the calling Trio thread
 about 6 us, no await inside) and then used from the Trio thread like any other socket. Binding happens in the
 same block, so "all bound" means exactly that the pod's set is complete before anything is served.
 
-Options follow upstream's in-pod socket factory (SPEC §4): SO_MARK = PACKET_MARK (1337) on every socket so
+Options follow upstream's in-pod socket factory: SO_MARK = PACKET_MARK (1337) on every socket so
 ztunnel's own traffic is not captured again, SO_REUSEPORT on listeners (a new ztunnel can bind while the old
 one drains), IP_TRANSPARENT best effort on listeners, backlog 128. `InPodSocketFactory` is what the proxies
 get as their `SocketFactory` (proxy/context.py): these two functions and netfilter's original destination.

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The in-pod outbound listener (15001) knows the original destination `ip:port` the app dialled; this module
-turns it into a route, the way upstream ztunnel does (SPEC §5, issue 6):
+turns it into a route, the way upstream ztunnel does:
 
 1. a Service VIP:port -> one healthy endpoint of that service, chosen at random, its port mapped
    (the endpoint's own mapping for the service port, else the service's `target_port`, else the port as is);

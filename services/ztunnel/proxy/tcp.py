@@ -8,7 +8,7 @@ inbound one from the client's own address when the kernel allows), copy both way
 write the connection's one `ConnectionOutcome`. Cancellation (the pod being removed) interrupts the copy;
 the caller's finally closes the client socket, which is upstream's "Immediate" drain.
 
-Every connection reads into the process's one 256 KiB receive buffer (rxbuf.py; DESIGN §5: a buffer per
+Every connection reads into the process's one 256 KiB receive buffer (rxbuf.py: a buffer per
 connection would cost 300 KiB each). That is only safe if no task can run between filling the buffer and
 emptying it, so each step is:
 `recv_into(shared)` then an immediate non-blocking `send` — both synchronous, no await between them. Only if
