@@ -63,6 +63,11 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 POLICY_REJECTION: Final = "connection closed due to policy rejection"
 
 
+def policy_rejection(reason: str) -> str:
+    """Upstream's error for a connection its policy denied, with the reason when there is one."""
+    return f"{POLICY_REJECTION}: {reason}" if reason else POLICY_REJECTION
+
+
 class InboundInfo(msgspec.Struct, frozen=True, kw_only=True):
     """One CONNECT request as the policy sees it."""
 
@@ -198,7 +203,7 @@ class _Server:
             verdict = policy.authorize(info)
             if not verdict.allowed:
                 outcome.status = 401
-                error = f"{POLICY_REJECTION}: {verdict.reason}" if verdict.reason else POLICY_REJECTION
+                error = policy_rejection(verdict.reason)
                 conn.respond(stream, 401)
                 return
             try:

@@ -17,18 +17,16 @@ from typing import Final
 
 from services.ztunnel.authz import AuthzRequest, authorize_from_state
 from services.ztunnel.hbone.core import Addr
-from services.ztunnel.hbone.server import POLICY_REJECTION
+from services.ztunnel.hbone.server import policy_rejection
 from services.ztunnel.net import (
     INBOUND_HBONE_PORT,
     INBOUND_PLAINTEXT_PORT,
     OUTBOUND_PORT,
-    describe_os_error,
     local_addr,
 )
 from services.ztunnel.proxy.context import PodContext
-from services.ztunnel.proxy.tcp import app_socket, proxy_tcp
+from services.ztunnel.proxy.tcp import proxy_tcp
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, Peer, format_addr
-from shared.netns import NetnsError
 
 SELF_CALL_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT})
 SELF_CALL_ERROR: Final = "attempted recursive call to ourselves"
@@ -48,15 +46,7 @@ async def handle_inbound_plaintext(ctx: PodContext, client: socket.socket, peer:
         decision = authorize_from_state(mesh.store, AuthzRequest(src_ip=peer[0], dst_ip=dst[0],
                                                                  dst_port=dst[1]))
         if not decision.allowed:
-            outcome.error = f"{POLICY_REJECTION}: {decision.reason}" if decision.reason else POLICY_REJECTION
+            outcome.error = policy_rejection(decision.reason)
             ctx.telemetry.connection_complete(outcome)
             return
-    try:
-        upstream = app_socket(ctx, peer, dst)
-    except (OSError, NetnsError) as exc:
-        error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
-        ctx.telemetry.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
-                                        direction="inbound", outcome=outcome,
-                                        error=f"cannot create the upstream socket: {error}")
-        return
-    await proxy_tcp(ctx, client, upstream, dst, outcome)
+    await proxy_tcp(ctx, client, dst, outcome, as_client=peer)

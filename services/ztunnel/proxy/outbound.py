@@ -31,7 +31,7 @@ from services.ztunnel.hbone.core import ERROR_CANCEL, Addr
 from services.ztunnel.hbone.errors import HttpStatusError
 from services.ztunnel.hbone.pool import HbonePool
 from services.ztunnel.hbone.relay import relay
-from services.ztunnel.net import describe_os_error, family_of, local_addr
+from services.ztunnel.net import describe_os_error, local_addr
 from services.ztunnel.peers import workload_peer
 from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.proxy.resolve import HboneRoute, NoHealthyUpstream, resolve_outbound
@@ -40,7 +40,6 @@ from services.ztunnel.state.types import Workload
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, Peer, Telemetry, format_addr
 from shared.errors import AmbientError
 from shared.identity import SpiffeId
-from shared.netns import NetnsError
 
 
 def baggage_of(workload: Workload, *, cluster: str | None = None, region: str | None = None,
@@ -72,7 +71,7 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
         return
     mesh, pool = ctx.mesh, ctx.pool
     if mesh is None or pool is None:
-        await _passthrough(ctx, client, dst, ConnectionOutcome(
+        await proxy_tcp(ctx, client, dst, ConnectionOutcome(
             direction="outbound", src_addr=format_addr(peer), dst_addr=format_addr(dst), src=ctx.peer,
             dst=ctx.peers.by_address(dst[0]) or Peer()))
         return
@@ -85,7 +84,7 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
     if not isinstance(route, HboneRoute):
         dst_peer = (workload_peer(route.workload, service=route.service) if route.workload is not None
                     else ctx.peers.by_address(dst[0]) or Peer())
-        await _passthrough(ctx, client, route.dst, ConnectionOutcome(
+        await proxy_tcp(ctx, client, route.dst, ConnectionOutcome(
             direction="outbound", src_addr=format_addr(peer), dst_addr=format_addr(route.dst), src=ctx.peer,
             dst=dst_peer))
         return
@@ -109,19 +108,6 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
     finally:
         ctx.counters.active_connections -= 1
         ctx.telemetry.connection_complete(outcome)
-
-
-async def _passthrough(ctx: PodContext, client: socket.socket, dst: Addr, outcome: ConnectionOutcome) -> None:
-    """Plain TCP from the pod's netns (marked, so not captured again) to `dst`."""
-    try:
-        upstream = ctx.sockets.upstream(ctx.netns_fd, family_of(dst[0]))
-    except (OSError, NetnsError) as exc:
-        error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
-        ctx.telemetry.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
-                                        direction="outbound", outcome=outcome,
-                                        error=f"cannot create the upstream socket: {error}")
-        return
-    await proxy_tcp(ctx, client, upstream, dst, outcome)
 
 
 async def tunnel(pool: HbonePool, route: HboneRoute, client: socket.socket, outcome: ConnectionOutcome, *,

@@ -45,6 +45,7 @@ from services.ztunnel.net import connect, describe_os_error, family_of
 from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.rxbuf import receive_view as _view
 from services.ztunnel.telemetry.access_log import ConnectionOutcome
+from shared.netns import NetnsError
 
 log = logging.getLogger("ztunnel.proxy")
 
@@ -185,10 +186,21 @@ async def copy_bidirectional(client: socket.socket, upstream: socket.socket,
         raise errors[0]
 
 
-async def proxy_tcp(ctx: PodContext, client: socket.socket, upstream: socket.socket, dst: Addr,
-                    outcome: ConnectionOutcome) -> None:
-    """Connect `upstream` to `dst`, copy both ways, write the access log. Closes `upstream`."""
+async def proxy_tcp(ctx: PodContext, client: socket.socket, dst: Addr, outcome: ConnectionOutcome, *,
+                    as_client: Addr | None = None) -> None:
+    """Plain TCP from the pod's netns to `dst`: make the upstream socket, connect, copy both ways, write
+    `outcome`. Marked, so not captured again; `as_client` (inbound): from the client's address when the
+    kernel allows (`app_socket`)."""
     tel = ctx.telemetry
+    try:
+        upstream = (app_socket(ctx, as_client, dst) if as_client is not None
+                    else ctx.sockets.upstream(ctx.netns_fd, family_of(dst[0])))
+    except (OSError, NetnsError) as exc:
+        error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        tel.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
+                              direction=outcome.direction, outcome=outcome,
+                              error=f"cannot create the upstream socket: {error}")
+        return
     counters = ctx.counters
     tel.connection_opened(outcome)
     outcome.error = "connection drained"
