@@ -1,5 +1,8 @@
-"""ztunnel's network ground floor, below `proxy/` and `hbone/`: its ports and packet mark, addresses, original
-destination, connect with a deadline, and the accept loop every listener runs."""
+"""ztunnel's network ground floor, below `proxy/` and `hbone/`'s I/O modules: its ports and packet mark,
+addresses, original destination, connect with a deadline, and the accept loop every listener runs.
+
+The one address type, `Addr`, is the sans-I/O HBONE core's (hbone/core.py, which imports no trio): the only
+module of `hbone/` this one imports."""
 
 from __future__ import annotations
 
