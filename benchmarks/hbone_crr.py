@@ -16,7 +16,7 @@ import time
 import trio
 from hbone_loopback import CLIENT_ID, SERVER_ID, Loopback
 
-from services.ztunnel.hbone.client import PoolKey, open_hbone_pool
+from services.ztunnel.hbone.pool import PoolKey, open_hbone_pool
 from services.ztunnel.hbone.relay import relay
 from services.ztunnel.hbone.server import InboundInfo
 

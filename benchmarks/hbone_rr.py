@@ -17,7 +17,7 @@ import time
 import trio
 from hbone_loopback import SERVER_ID, Loopback
 
-from services.ztunnel.hbone.client import open_hbone_connection
+from services.ztunnel.hbone.pool import open_hbone_connection
 from services.ztunnel.hbone.relay import relay
 from services.ztunnel.hbone.server import InboundInfo
 

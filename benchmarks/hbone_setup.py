@@ -16,8 +16,8 @@ import tracemalloc
 import trio
 from hbone_loopback import CLIENT_ID, SERVER_ID, Loopback
 
-from services.ztunnel.hbone.client import PoolKey, connect_hbone, open_hbone_pool
 from services.ztunnel.hbone.connection import HboneConnection
+from services.ztunnel.hbone.pool import PoolKey, connect_hbone, open_hbone_pool
 from services.ztunnel.hbone.server import InboundInfo
 
 

@@ -17,9 +17,10 @@ import time
 import trio
 from hbone_loopback import SERVER_ID, Loopback
 
-from services.ztunnel.hbone.client import open_hbone_connection
-from services.ztunnel.hbone.connection import HboneStream
-from services.ztunnel.hbone.server import InboundInfo, InboundRecord
+from services.ztunnel.hbone.pool import open_hbone_connection
+from services.ztunnel.hbone.server import InboundInfo
+from services.ztunnel.hbone.stream import HboneStream
+from services.ztunnel.telemetry.access_log import ConnectionOutcome
 
 
 def sink(sock: socket.socket) -> None:
@@ -31,10 +32,10 @@ def sink(sock: socket.socket) -> None:
 
 async def main(megabytes: int, streams: int, chunk_kib: int) -> None:
     loop = Loopback(backlog=16)
-    records: list[InboundRecord] = []
+    records: list[ConnectionOutcome] = []
     all_done = trio.Event()
 
-    def on_complete(record: InboundRecord) -> None:
+    def on_complete(record: ConnectionOutcome) -> None:
         records.append(record)
         if len(records) == streams:
             all_done.set()
@@ -59,7 +60,7 @@ async def main(megabytes: int, streams: int, chunk_kib: int) -> None:
         await stream.aclose()
 
     async with trio.open_nursery() as nursery:
-        bundle = await loop.start(nursery, open_upstream=open_upstream, on_complete=on_complete)
+        bundle = await loop.start(nursery, open_upstream=open_upstream, closed=on_complete)
         async with open_hbone_connection(loop.addr, bundle=bundle, expected=[SERVER_ID],
                                          contexts=loop.contexts) as conn:
             opened = [await conn.open_stream(loop.addr, forwarded_for=("127.0.0.1", 1))
@@ -71,7 +72,7 @@ async def main(megabytes: int, streams: int, chunk_kib: int) -> None:
             await all_done.wait()
             cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
         nursery.cancel_scope.cancel()
-    total = sum(r.bytes_recv for r in records)
+    total = sum(r.bytes_sent for r in records)  # client -> app
     gb = total / 1e9
     print(f"streams={streams} chunk={chunk_kib}KiB bytes={total} wall={wall:.2f}s")
     print(f"throughput: {total / 1e6 / wall:.0f} MB/s")

@@ -50,7 +50,9 @@ from services.ztunnel.inpod.zds_client import run_zds_client
 from services.ztunnel.peers import StatePeers
 from services.ztunnel.proxy.context import Mesh, SocketFactory
 from services.ztunnel.state.store import StateStore
-from services.ztunnel.telemetry import Metrics, Telemetry, setup_logging
+from services.ztunnel.telemetry.access_log import Telemetry
+from services.ztunnel.telemetry.logging import setup_logging
+from services.ztunnel.telemetry.metrics import Metrics
 from shared.httpd import bound_addresses, serve_http_tcp
 from shared.netns import NetnsError, current_netns_fd, entered
 

@@ -29,6 +29,3 @@ class ConfigError(ZtunnelError):
 class ConnectError(ZtunnelError):
     """An upstream connection (to a destination or to the app) could not be made."""
 
-
-class SelfCallError(ZtunnelError):
-    """Inbound traffic whose original destination is one of ztunnel's own in-pod ports (a loop)."""

@@ -1,4 +1,8 @@
-"""Small socket helpers for the proxies: original destination, connect with a deadline, address families."""
+"""ztunnel's network ground floor, below `proxy/` and `hbone/`'s I/O modules: its ports and packet mark,
+addresses, original destination, connect with a deadline, and the accept loop every listener runs.
+
+The one address type, `Addr`, is the sans-I/O HBONE core's (hbone/core.py, which imports no trio): the only
+module of `hbone/` this one imports."""
 
 from __future__ import annotations
 
@@ -14,13 +18,19 @@ from typing import Final
 import trio
 
 from services.ztunnel.errors import ConnectError
+from services.ztunnel.hbone.core import Addr
+
+PACKET_MARK: Final = 1337
+"""SO_MARK on every socket ztunnel makes in a pod, so the pod's own redirect rules skip its traffic."""
+OUTBOUND_PORT: Final = 15001
+INBOUND_PLAINTEXT_PORT: Final = 15006
+INBOUND_HBONE_PORT: Final = 15008
+"""A pod's HBONE port, and the default port of a peer's HBONE (xDS may name another for a gateway)."""
 
 SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IP
 IP6T_SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IPV6
 _SOL_IP: Final = 0
 _SOL_IPV6: Final = 41
-
-Addr = tuple[str, int]
 
 
 def unmap(host: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Service, Workload
-from services.ztunnel.telemetry import Peer
+from services.ztunnel.telemetry.access_log import Peer
 
 
 def workload_peer(workload: Workload, *, mtls: bool = False, service: Service | None = None,

@@ -21,7 +21,7 @@ import trio
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import SO_MARK
 from services.ztunnel.proxy.context import ProxyConfig
-from services.ztunnel.telemetry import Telemetry
+from services.ztunnel.telemetry.access_log import Telemetry
 from shared.netns import entered, open_netns
 from shared.zds.types import PodUid, WorkloadInfo
 from tests.access_logs import LogCapture, capture_access_log

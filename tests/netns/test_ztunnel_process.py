@@ -20,9 +20,9 @@ import pytest
 import trio
 
 from services.node_agent.zds_server import ZdsServer
-from services.ztunnel.telemetry import parse_plain
 from shared.netns import entered
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
+from tests.access_logs import parse_plain
 from tests.netns.conftest import run
 from tests.netns.test_ztunnel_inpod import (
     SERVER_PORT,

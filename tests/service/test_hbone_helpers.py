@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from services.istiod.ca import CertificateAuthority
 from services.ztunnel.authz import Decision
-from services.ztunnel.hbone.client import plain_socket
-from services.ztunnel.hbone.connection import HboneStream
-from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone
+from services.ztunnel.hbone.connection import HboneConnection
+from services.ztunnel.hbone.pool import plain_socket
+from services.ztunnel.hbone.server import InboundInfo, InboundPolicy, serve_hbone_connection
+from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tls import TlsContextCache
-from services.ztunnel.net import connect
+from services.ztunnel.net import accept_forever, connect
+from services.ztunnel.telemetry.access_log import ConnectionOutcome, Peer, format_addr
 from shared.identity import CertBundle, SpiffeId, generate_key, key_to_pem, make_csr
 
 
@@ -80,44 +83,86 @@ async def connect_upstream(info: InboundInfo) -> socket.socket:
     return sock
 
 
+UpstreamOpener = Callable[[InboundInfo], Awaitable[socket.socket]]
+
+
 @dataclass
 class Server:
+    """A running HBONE server and the `InboundPolicy` it asks: allows (or `decision`), connects to the
+    target on loopback, and keeps every outcome (refused connections and requests, ended streams)."""
+
     addr: tuple[str, int]
     identity: SpiffeId
-    records: list[InboundRecord] = field(default_factory=list)
+    upstream: UpstreamOpener = connect_upstream
+    records: list[ConnectionOutcome] = field(default_factory=list)
     infos: list[InboundInfo] = field(default_factory=list)
+    tunnels: list[ConnectionOutcome] = field(default_factory=list)
     decision: Decision = field(default_factory=lambda: Decision(allowed=True))
     record_event: trio.Event = field(default_factory=trio.Event)
     authorizer: Callable[[InboundInfo], Decision] | None = None
+
+    def accepted(self, conn: HboneConnection) -> None:
+        pass
+
+    def refused(self, outcome: ConnectionOutcome) -> None:
+        self._record(outcome)
+
+    def outcome(self, info: InboundInfo) -> ConnectionOutcome:
+        return ConnectionOutcome(direction="inbound", src_addr=format_addr(info.src_addr),
+                                 dst_addr=format_addr(info.dst_addr), dst_hbone_addr=format_addr(info.target),
+                                 src=Peer(identity=info.src_identity.uri))
 
     def authorize(self, info: InboundInfo) -> Decision:
         self.infos.append(info)
         return self.authorizer(info) if self.authorizer is not None else self.decision
 
-    def on_complete(self, record: InboundRecord) -> None:
-        self.records.append(record)
+    async def open_upstream(self, info: InboundInfo) -> socket.socket:
+        return await self.upstream(info)
+
+    def opened(self, outcome: ConnectionOutcome) -> None:
+        self.tunnels.append(outcome)
+
+    def closed(self, outcome: ConnectionOutcome) -> None:
+        self._record(outcome)
+
+    def _record(self, outcome: ConnectionOutcome) -> None:
+        self.records.append(outcome)
         self.record_event.set()
         self.record_event = trio.Event()
 
-    async def wait_records(self, n: int) -> list[InboundRecord]:
+    async def wait_records(self, n: int) -> list[ConnectionOutcome]:
         while len(self.records) < n:
             await self.record_event.wait()
         return self.records
 
 
+async def serve_hbone(listener: socket.socket, policy: InboundPolicy, *, identity: SpiffeId, certs: FakeCerts,
+                      contexts: TlsContextCache, **kwargs: Any) -> None:
+    """An accept loop around `serve_hbone_connection` (what the in-pod proxy set's listener does)."""
+    listener.setblocking(False)
+    async with trio.open_nursery() as nursery:
+        def spawn(sock: socket.socket, peer: tuple[str, int]) -> None:
+            nursery.start_soon(functools.partial(serve_hbone_connection, sock, peer, identity=identity,
+                                                 certs=certs, contexts=contexts, policy=policy, **kwargs))
+
+        def capacity_error(exc: OSError) -> None:
+            raise AssertionError(f"accept failed: {exc}")
+
+        await accept_forever(listener, spawn, on_capacity_error=capacity_error)
+
+
 @asynccontextmanager
 async def running_server(certs: FakeCerts, identity: SpiffeId, *, roots: list[str],
-                         open_upstream: Callable[[InboundInfo], object] = connect_upstream,
-                         **kwargs: object) -> AsyncIterator[Server]:
+                         open_upstream: UpstreamOpener = connect_upstream,
+                         **kwargs: Any) -> AsyncIterator[Server]:
     listener = loopback_listener()
-    server = Server(addr=listener.getsockname(), identity=identity)
+    server = Server(addr=listener.getsockname(), identity=identity, upstream=open_upstream)
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(
-            serve_hbone, listener, identity=identity, certs=certs, contexts=TlsContextCache(roots),
-            authorize=server.authorize, open_upstream=open_upstream,  # type: ignore[arg-type]
-            on_complete=server.on_complete, **kwargs))  # type: ignore[arg-type]
+        nursery.start_soon(functools.partial(serve_hbone, listener, server, identity=identity, certs=certs,
+                                             contexts=TlsContextCache(roots), **kwargs))
         yield server
         nursery.cancel_scope.cancel()
+    listener.close()
 
 
 async def push_until_stalled(stream: HboneStream, *, limit: int, quiet: float = 0.5) -> int:

@@ -17,19 +17,21 @@ import trio.testing
 
 from services.istiod.ca import CertificateAuthority
 from services.ztunnel.authz import Decision, authorize_from_state
-from services.ztunnel.hbone.client import (
+from services.ztunnel.hbone.connection import HboneConnection
+from services.ztunnel.hbone.core import STREAM_WINDOW
+from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError, PeerIdentityError, TlsError
+from services.ztunnel.hbone.pool import (
     PoolKey,
     connect_hbone,
     open_hbone_connection,
     open_hbone_pool,
 )
-from services.ztunnel.hbone.connection import HboneConnection, HboneStream
-from services.ztunnel.hbone.core import STREAM_WINDOW
-from services.ztunnel.hbone.errors import ConnectionClosedError, HttpStatusError, PeerIdentityError, TlsError
-from services.ztunnel.hbone.outbound import tunnel_outbound
-from services.ztunnel.hbone.server import InboundInfo, InboundRecord, serve_hbone, serve_hbone_connection
+from services.ztunnel.hbone.server import InboundInfo, serve_hbone_connection
+from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.net import connect
+from services.ztunnel.proxy.inbound import authz_request
+from services.ztunnel.proxy.outbound import tunnel
 from services.ztunnel.proxy.resolve import HboneRoute
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (
@@ -43,6 +45,8 @@ from services.ztunnel.state.types import (
     Workload,
     WorkloadUid,
 )
+from services.ztunnel.telemetry.access_log import ConnectionOutcome, Telemetry, format_addr
+from services.ztunnel.telemetry.logging import Display
 from shared.identity import CertBundle
 from tests.service.test_hbone_helpers import (
     FakeCerts,
@@ -50,6 +54,7 @@ from tests.service.test_hbone_helpers import (
     connect_upstream,
     push_until_stalled,
     running_server,
+    serve_hbone,
     spiffe,
     start_echo,
 )
@@ -101,7 +106,7 @@ async def test_connect_200_echo_with_half_close(server: Server, certs: FakeCerts
             await stream.aclose()
             [record] = await server.wait_records(1)
     assert record.status == 200 and record.error is None
-    assert record.src_identity == CLIENT
+    assert record.src.identity == CLIENT.uri
     assert record.bytes_recv == len(payload) and record.bytes_sent == len(payload)
     [info] = server.infos
     assert info.target == ("127.0.0.1", echo_port)
@@ -388,23 +393,18 @@ async def test_ipv6_authority_end_to_end(certs: FakeCerts, ca: CertificateAuthor
         async with trio.open_nursery() as nursery:
             [app] = await nursery.start(functools.partial(trio.serve_tcp, echo, 0, host="::1"))
             app_port = app.socket.getsockname()[1]
-            records: list[InboundRecord] = []
-            opened: list[InboundInfo] = []
-            await nursery.start(functools.partial(
-                serve_hbone, listener, identity=SERVER, certs=certs, contexts=contexts(ca),
-                authorize=lambda info: Decision(allowed=True), open_upstream=upstream,
-                on_complete=records.append, on_open=opened.append))
-            addr = listener.getsockname()[:2]
+            policy = Server(addr=listener.getsockname()[:2], identity=SERVER, upstream=upstream)
+            nursery.start_soon(functools.partial(serve_hbone, listener, policy, identity=SERVER, certs=certs,
+                                                 contexts=contexts(ca)))
+            addr = policy.addr
             async with open_hbone_connection(addr, bundle=await certs.fetch_certificate(CLIENT),
                                              expected=[SERVER], contexts=contexts(ca)) as conn:
                 stream = await conn.open_stream(("::1", app_port), forwarded_for=("fd00::1", 80))
                 assert await echo_round_trip(stream, b"v6") == b"v6"
                 await stream.aclose()
-            while not records:
-                await trio.sleep(0.01)
-            [record] = records
-            assert record.target == ("::1", app_port) and record.status == 200
-            assert [i.target for i in opened] == [("::1", app_port)]
+            [record] = await policy.wait_records(1)
+            assert record.dst_hbone_addr == f"[::1]:{app_port}" and record.status == 200
+            assert [o.dst_hbone_addr for o in policy.tunnels] == [f"[::1]:{app_port}"]
             nursery.cancel_scope.cancel()
 
 
@@ -440,7 +440,7 @@ async def test_policies_from_the_state_store_apply_to_the_next_stream(
                                     namespace="default", addresses=("127.0.0.1",))], [])
 
     def authorize(info: InboundInfo) -> Decision:
-        return authorize_from_state(store, info.authz_request())
+        return authorize_from_state(store, authz_request(info))
 
     bundle = await certs.fetch_certificate(CLIENT)
     with trio.fail_after(10):
@@ -518,7 +518,11 @@ async def test_tunnel_outbound_relays_an_app_socket(server: Server, certs: FakeC
     app, proxied = socket.socketpair()
     proxied.setblocking(False)
     payload = b"GET / HTTP/1.0\r\n\r\n" * 1000
-    opened: list[HboneStream] = []
+    result = ConnectionOutcome(direction="outbound", src_addr=Display("10.0.0.1:40000"),
+                               dst_addr=format_addr(server.addr))
+    denied = ConnectionOutcome(direction="outbound", src_addr=Display("10.0.0.1:40001"),
+                               dst_addr=format_addr(server.addr))
+    telemetry = Telemetry()
 
     def app_side() -> bytes:
         app.sendall(payload)
@@ -537,15 +541,15 @@ async def test_tunnel_outbound_relays_an_app_socket(server: Server, certs: FakeC
                     got.append(await trio.to_thread.run_sync(app_side))
 
                 nursery.start_soon(run_app)
-                result = await tunnel_outbound(pool, route, proxied, src_identity=CLIENT,
-                                               src_addr=("10.0.0.1", 40000), on_open=opened.append)
+                await tunnel(pool, route, proxied, result, src_identity=CLIENT, src_addr=("10.0.0.1", 40000),
+                             telemetry=telemetry)
             # A denied destination comes back as upstream's error text, not an exception.
             server.decision = Decision(allowed=False, reason="no")
-            denied = await tunnel_outbound(pool, route, proxied, src_identity=CLIENT,
-                                           src_addr=("10.0.0.1", 40001))
+            await tunnel(pool, route, proxied, denied, src_identity=CLIENT, src_addr=("10.0.0.1", 40001),
+                         telemetry=telemetry)
     app.close()
     proxied.close()
-    assert got == [payload] and len(opened) == 1
+    assert got == [payload] and result.opened and not denied.opened
     assert (result.status, result.error, result.bytes_sent, result.bytes_recv) == (200, None, len(payload),
                                                                                   len(payload))
     assert (denied.status, denied.error) == (401, "http status: 401 Unauthorized")
@@ -556,14 +560,13 @@ async def test_serve_hbone_connection_for_an_external_accept_loop(certs: FakeCer
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
-    records: list[InboundRecord] = []
+    policy = Server(addr=listener.getsockname(), identity=SERVER)
 
     async def accept_one() -> None:
         await trio.lowlevel.wait_readable(listener)
         sock, raw = listener.accept()
         await serve_hbone_connection(sock, raw, identity=SERVER, certs=certs, contexts=contexts(ca),
-                                     authorize=lambda info: Decision(allowed=True),
-                                     open_upstream=connect_upstream, on_complete=records.append)
+                                     policy=policy)
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -575,4 +578,4 @@ async def test_serve_hbone_connection_for_an_external_accept_loop(certs: FakeCer
                 assert await echo_round_trip(stream, b"own loop") == b"own loop"
                 await stream.aclose()
     listener.close()
-    assert [r.status for r in records] == [200]
+    assert [r.status for r in policy.records] == [200]

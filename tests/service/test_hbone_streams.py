@@ -10,10 +10,11 @@ import trio
 import trio.testing
 
 from services.istiod.ca import CertificateAuthority
-from services.ztunnel.hbone.connection import HboneConnection, HboneStream
+from services.ztunnel.hbone.connection import HboneConnection
 from services.ztunnel.hbone.core import ClientCore, ConnectRequested, ServerCore
 from services.ztunnel.hbone.errors import ConnectionClosedError
 from services.ztunnel.hbone.relay import relay
+from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tls import (
     TlsContextCache,
     check_established,

@@ -12,6 +12,7 @@ from services.istiod.server import IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
 from services.istiod.testing import bookinfo_world, open_test_istiod
 from services.istiod.world import Pod, world_to_json
+from services.ztunnel.authz import applicable
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Action, PolicyKey, Scope, Service, TunnelProtocol, Workload
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
@@ -49,7 +50,7 @@ async def test_initial_push_fills_the_store() -> None:
             svc = store.service_by_vip("10.96.0.12")
             assert svc is not None and svc.key == "bookinfo/reviews.bookinfo.svc.cluster.local"
             assert [wl.name for wl, _ in store.endpoints(svc)] == ["reviews-v1-7b8c4f", "reviews-v2-6d7e9a"]
-            names = [p.key for p in store.policies_for(ratings)]
+            names = [p.key for p in applicable(store.policies.values(), ratings)]
             assert names == ["bookinfo/deny-legacy", "bookinfo/ratings-from-reviews"]
             pol = store.policies[PolicyKey("bookinfo/ratings-from-reviews")]
             assert pol.scope is Scope.WORKLOAD_SELECTOR and pol.action is Action.ALLOW

@@ -19,13 +19,14 @@ import trio
 import trio.testing
 
 from services.ztunnel.errors import ProxyStartError
+from services.ztunnel.hbone.core import Addr
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.proxies import PodHandle, run_pod_proxies
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
 from services.ztunnel.inpod.statemanager import WorkloadHandler, WorkloadManager
-from services.ztunnel.net import Addr, accept_forever
+from services.ztunnel.net import accept_forever
 from services.ztunnel.proxy.context import PodContext, ProxyConfig
-from services.ztunnel.telemetry import Telemetry
+from services.ztunnel.telemetry.access_log import Telemetry
 from shared.zds.types import AddWorkload, DelWorkload, PodUid, SnapshotSent, WorkloadInfo
 from tests.access_logs import LogCapture, capture_access_log
 
@@ -460,7 +461,7 @@ async def test_graceful_drain_lets_open_connections_finish(access_log: LogCaptur
 
 
 async def test_remote_ends_are_named_from_the_peer_lookup(access_log: LogCapture) -> None:
-    from services.ztunnel.telemetry import Peer
+    from services.ztunnel.telemetry.access_log import Peer
 
     class Peers:
         def by_address(self, ip: str) -> Peer | None:

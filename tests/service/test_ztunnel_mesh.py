@@ -19,10 +19,11 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from services.istiod.ca import CertificateAuthority
+from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
-from services.ztunnel.inpod.sockets import INBOUND_HBONE_PORT, PORTS, PodListener, PodListeners
-from services.ztunnel.net import Addr
+from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
+from services.ztunnel.net import INBOUND_HBONE_PORT
 from services.ztunnel.proxy.context import Mesh, ProxyConfig
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (
@@ -42,11 +43,11 @@ from services.ztunnel.state.types import (
     Workload,
     WorkloadUid,
 )
-from services.ztunnel.telemetry import ParsedLine, Telemetry
+from services.ztunnel.telemetry.access_log import Telemetry
 from shared.identity import SpiffeId
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid, WorkloadInfo
-from tests.access_logs import LogCapture, capture_access_log
+from tests.access_logs import LogCapture, ParsedLine, capture_access_log
 from tests.service.test_hbone_helpers import FakeCerts
 from tests.service.test_ztunnel_inpod import pipe_fd, read_to_eof
 
@@ -275,10 +276,10 @@ async def test_pooled_connection_is_reused_and_closed_with_the_pod(ca: Certifica
                 echo, _ = await world.call((SERVER_IP, world.app_port), f"call {i}".encode())
                 assert echo == f"call {i}".encode()
             pod = world.handler.pods[PodUid("client-uid")]
-            pool = pod.context.pool
+            pool = pod.pool
             assert pool is not None and pool.connections_opened == 1
             await world.handler.stop_workload(PodUid("client-uid"))
-            assert pod.context.pool is None
+            assert pod.pool is None
             assert SpiffeId.parse("spiffe://cluster.local/ns/mesh/sa/client") in world.certs.forgotten
     outbound = lines(log, "outbound")
     assert len(outbound) == 3 and all(line.fields["dst.addr"] == f"{SERVER_IP}:15008" for line in outbound)
@@ -356,7 +357,7 @@ async def test_graceful_drain_sends_goaway_on_idle_inbound_connections(ca: Certi
     with trio.fail_after(30):
         async with two_pods(ca) as world:
             assert (await world.call((VIP, 80), b"before"))[0] == b"before"
-            client_pool = world.handler.pods[PodUid("client-uid")].context.pool
+            client_pool = world.handler.pods[PodUid("client-uid")].pool
             assert client_pool is not None
             [conn] = client_pool.connections()  # kept by the client's pool, idle
             server = world.handler.pods[PodUid("web-uid")]

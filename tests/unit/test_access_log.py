@@ -12,19 +12,22 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from services.ztunnel.telemetry import (
-    ConnectionRecord,
-    Display,
-    Metrics,
+from services.ztunnel.telemetry.access_log import (
+    ConnectionOutcome,
     Peer,
     Telemetry,
+    format_addr,
+    traffic_labels,
+)
+from services.ztunnel.telemetry.logging import (
+    Display,
     UpstreamFormatter,
     debug_quote,
-    format_addr,
     format_plain,
-    parse_plain,
     set_log_level,
 )
+from services.ztunnel.telemetry.metrics import Metrics
+from tests.access_logs import parse_plain
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -69,11 +72,12 @@ def test_addresses_are_bare_and_ipv6_bracketed() -> None:
     assert format_addr(("fd00::1", 443, 0, 0)) == "[fd00::1]:443"
 
 
-def record() -> ConnectionRecord:
-    rec = ConnectionRecord(direction="outbound", src_addr=Display("10.0.0.1:40000"),
+def record(error: str | None = None) -> ConnectionOutcome:
+    rec = ConnectionOutcome(direction="outbound", src_addr=Display("10.0.0.1:40000"),
                            dst_addr=Display("10.0.0.2:9080"), src=Peer(workload="a", namespace="ns"),
                            dst=Peer())
     rec.bytes_sent, rec.bytes_recv = 123, 4567
+    rec.error = error
     return rec
 
 
@@ -103,7 +107,7 @@ def test_connection_complete_success_line_parses_back() -> None:
 
 def test_connection_complete_failure_is_error_with_trailing_error_field() -> None:
     tel, out = capture()
-    tel.connection_complete(record(), error="io error: Connection refused (os error 111)")
+    tel.connection_complete(record(error="io error: Connection refused (os error 111)"))
     line = out.getvalue().rstrip("\n")
     parsed = parse_plain(line)
     assert parsed.level == "error"
@@ -130,7 +134,7 @@ def test_connection_opened_is_debug() -> None:
 
 def test_json_format() -> None:
     tel, out = capture(json_format=True)
-    tel.connection_complete(record(), error="boom")
+    tel.connection_complete(record(error="boom"))
     obj = json.loads(out.getvalue())
     assert obj["level"] == "error" and obj["scope"] == "access" and obj["message"] == "connection complete"
     assert TS.match(obj["time"])
@@ -160,12 +164,13 @@ def test_metrics_export_what_prometheus_client_counters_and_gauges_would() -> No
     rec = record()
     tel.connection_opened(rec)
     tel.connection_complete(rec)
-    tel.connection_complete(rec, "boom", opened=False)
+    rec.error, rec.opened = "boom", False  # the same ends, never got through: counted as failed
+    tel.connection_complete(rec)
     tel.metrics.proxies_started.inc()
     tel.metrics.active_proxies.set(3)
 
     reference = CollectorRegistry()
-    labels = Metrics.labels_of(rec)
+    labels = traffic_labels(rec)
     for attr in ("opened", "closed", "sent", "received", "failed"):
         family = getattr(tel.metrics, attr)
         counter = Counter(family.name, family.documentation, family.labelnames, registry=reference)

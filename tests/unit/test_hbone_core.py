@@ -8,7 +8,6 @@ import h2.events
 import hyperframe.frame
 import pytest
 
-from services.ztunnel.hbone.client import baggage_of
 from services.ztunnel.hbone.core import (
     CLOSED_STREAMS_REMEMBERED,
     CONNECTION_WINDOW,
@@ -28,7 +27,6 @@ from services.ztunnel.hbone.core import (
     parse_authority,
 )
 from services.ztunnel.hbone.errors import HboneProtocolError
-from services.ztunnel.state.types import Workload, WorkloadType, WorkloadUid
 
 TRACEPARENT = "00-" + "a" * 32 + "-" + "b" * 16 + "-00"
 
@@ -323,13 +321,3 @@ def test_many_streams_on_one_connection() -> None:
 def test_authority_round_trip(addr: tuple[str, int], text: str) -> None:
     assert format_authority(addr) == text
     assert parse_authority(text.encode()) == addr
-
-
-def test_baggage_lists_only_known_keys() -> None:
-    wl = Workload(uid=WorkloadUid("Kubernetes//Pod/ns/p"), name="p", namespace="ns",
-                  workload_name="reviews-v1", workload_type=WorkloadType.DEPLOYMENT, canonical_name="reviews",
-                  canonical_revision="v1", cluster_id="Kubernetes")
-    assert baggage_of(wl) == ("k8s.cluster.name=Kubernetes,k8s.namespace.name=ns,"
-                              "k8s.deployment.name=reviews-v1,service.name=reviews,service.version=v1")
-    bare = Workload(uid=WorkloadUid("x"), name="x", namespace="ns")
-    assert baggage_of(bare, region="eu") == "k8s.namespace.name=ns,cloud.region=eu"

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`ClientCore` and `ServerCore` wrap one `h2.connection.H2Connection` each and speak HBONE (SPEC §5):
+`ClientCore` and `ServerCore` wrap one `h2.connection.H2Connection` each and speak HBONE:
 
 * the client opens a stream per tunnel with a classic CONNECT (`:method`, `:authority` only, no `:scheme` or
   `:path`) plus `forwarded`, `traceparent` and `baggage`, and accepts only a 200 answer;
@@ -21,7 +21,7 @@ events back, and writes whatever `data_to_send()` returns. Flow control is expli
   before the peer has to stop.
 
 Half-close is END_STREAM each way (`end_stream()` / `StreamEnded`); errors reset the stream (`reset()`).
-Settings follow upstream ztunnel (SPEC §5, DESIGN §5): 4 MiB stream window, 16 MiB connection window, 1 MiB
+Settings follow upstream ztunnel: 4 MiB stream window, 16 MiB connection window, 1 MiB
 frames, header lists of 16 KiB (client) / 64 KiB (server), 200 concurrent streams on the server.
 """
 
@@ -96,7 +96,7 @@ def _frame_repr(self: hyperframe.frame.Frame) -> str:
 
 
 # h2 formats every received frame for a trace log even when nothing logs it (`repr(frame)` is an argument);
-# for DATA that was a hex dump of the whole payload (DESIGN §5: 3x receive CPU), and hyperframe's generic
+# for DATA that was a hex dump of the whole payload (3x receive CPU), and hyperframe's generic
 # repr with its flag and body formatting still cost ~3 % of a request/response turn. Done once, at import.
 hyperframe.frame.DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
 hyperframe.frame.Frame.__repr__ = _frame_repr  # type: ignore[method-assign]
@@ -270,7 +270,7 @@ class _Core:
                                            validate_outbound_headers=False)
         conn = _H2Connection(config=config)
         # Replacing local_settings before the preamble: h2 reads max_inbound_frame_size and the frame buffer's
-        # limit once at construction, so both are set by hand (DESIGN §5), and the HPACK decoder's limit too.
+        # limit once at construction, so both are set by hand, and the HPACK decoder's limit too.
         conn.local_settings = _settings(client)
         conn.max_inbound_frame_size = MAX_FRAME_SIZE
         conn.incoming_buffer.max_frame_size = MAX_FRAME_SIZE
@@ -317,7 +317,7 @@ class _Core:
         both receive windows, on a stream that is open for receiving and got its headers, with h2 between
         frames (nothing buffered, no preamble or header block pending). For such a frame h2's bookkeeping is
         exactly the two window decrements done here: its state machines stay where they are and emit only
-        the DataReceived event (DESIGN §5: h2 spent ~9 us per 1 KB DATA frame, a sixth of a relayed request).
+        the DataReceived event (h2 spent ~9 us per 1 KB DATA frame, a sixth of a relayed request).
         Anything else ends the run, and h2 handles it and everything after it as before.
         """
         h2c = self._h2

@@ -27,9 +27,9 @@ import socket
 
 import trio
 
-from services.ztunnel.hbone.connection import HboneStream
 from services.ztunnel.hbone.core import ERROR_CONNECT, ERROR_NO_ERROR
 from services.ztunnel.hbone.errors import StreamResetError
+from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.rxbuf import receive_view as _shared_view
 
 

@@ -1,4 +1,4 @@
-"""TLS for HBONE with pyOpenSSL: contexts per workload identity and SPIFFE peer verification (SPEC §5).
+"""TLS for HBONE with pyOpenSSL: contexts per workload identity and SPIFFE peer verification.
 
 Both sides: TLS 1.3 only (AES-256-GCM / AES-128-GCM suites), ALPN `h2`, the workload's key and certificate
 chain from memory, the mesh roots as the only trust anchors, no session resumption (no tickets, no cache).

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 `trio.SSLStream` pushes every byte through memory BIOs and reads one 16 KiB record per call; on the HBONE
-data path it ran 2.5x slower than letting OpenSSL own the file descriptor (DESIGN §5). Here OpenSSL reads and
+data path it ran 2.5x slower than letting OpenSSL own the file descriptor. Here OpenSSL reads and
 writes the socket itself; Trio is only asked to wait: `WantReadError` -> `wait_readable`, `WantWriteError` ->
 `wait_writable`, then the same call is retried (pyOpenSSL sets SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER and
 partial writes, so retrying with the unsent tail is allowed).

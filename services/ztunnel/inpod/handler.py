@@ -28,8 +28,8 @@ import trio
 
 from services.ztunnel.errors import ProxyStartError
 from services.ztunnel.inpod.proxies import PodHandle, run_pod_proxies
+from services.ztunnel.inpod.sockets import InPodSocketFactory
 from services.ztunnel.proxy.context import (
-    InPodSocketFactory,
     Mesh,
     NoPeers,
     PeerLookup,
@@ -37,7 +37,7 @@ from services.ztunnel.proxy.context import (
     ProxyConfig,
     SocketFactory,
 )
-from services.ztunnel.telemetry import Telemetry
+from services.ztunnel.telemetry.access_log import Telemetry
 from shared.identity import SpiffeId
 from shared.zds.types import PodUid, WorkloadInfo
 
@@ -161,10 +161,10 @@ class InPodWorkloadHandler:
                                                        "service_account": info.service_account},
                 "netns": {"inode": handle.netns[0], "dev": handle.netns[1]},
                 "state": "draining" if handle.accept_scope.cancel_called else "up",
-                "active_connections": handle.context.active_connections,
+                "active_connections": handle.context.counters.active_connections,
                 "listeners": [{"role": li.role, "address": f"{li.address}:{li.port}", "mark": li.mark}
                               for li in handle.listeners],
                 "identity": str(identity) if (identity := _identity(handle.context)) is not None else None,
-                "pool": handle.context.pool.dump() if handle.context.pool is not None else None,
+                "pool": handle.pool.dump() if handle.pool is not None else None,
             })
         return out

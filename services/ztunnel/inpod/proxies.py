@@ -14,14 +14,15 @@ scope the caller gets back in the `PodHandle`:
 Connections live in the outer nursery and accept loops in an inner one, so stopping the accept loops lets the
 pod's task end by itself once its last connection finishes. With the mesh (xDS), the pod's HBONE client pool
 wraps both: its connections are made in the pod's netns and live exactly as long as the pod's proxy set (a
-GOAWAY when it ends), and the pod's certificate is fetched as soon as its listeners run. Per-connection
-errors are caught and logged in the handler wrapper: nothing a peer does can take down the pod's other
-connections, or another pod.
+GOAWAY when it ends; the handlers get a copy of the immutable context with the pool in it), and the pod's
+certificate is fetched as soon as its listeners run. Per-connection errors are caught and logged in the
+handler wrapper: nothing a peer does can take down the pod's other connections, or another pod.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -32,11 +33,13 @@ from typing import Final
 
 import trio
 
-from services.ztunnel.hbone.client import HbonePool, open_hbone_pool
-from services.ztunnel.inpod.sockets import PodListener
-from services.ztunnel.net import Addr, accept_forever
-from services.ztunnel.proxy.context import PodContext
-from services.ztunnel.proxy.mesh import handle_inbound_hbone, handle_inbound_plaintext, handle_outbound
+from services.ztunnel.hbone.core import Addr
+from services.ztunnel.hbone.pool import HbonePool, open_hbone_pool
+from services.ztunnel.net import accept_forever
+from services.ztunnel.proxy.context import Listener, PodContext
+from services.ztunnel.proxy.inbound import handle_inbound_hbone
+from services.ztunnel.proxy.inbound_passthrough import handle_inbound_plaintext
+from services.ztunnel.proxy.outbound import handle_outbound
 from shared.errors import AmbientError
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid
@@ -70,6 +73,8 @@ class PodHandle:
     accept_scope: trio.CancelScope
     listeners: tuple[ListenerInfo, ...]
     context: PodContext
+    pool: HbonePool | None = None
+    """The pod's HBONE client pool while it is open (with the mesh)."""
     done: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -96,7 +101,7 @@ async def _run_connection(ctx: PodContext, handler: ConnHandler, conn: socket.so
         conn.close()
 
 
-async def serve_listener(ctx: PodContext, listener: PodListener, handler: ConnHandler,
+async def serve_listener(ctx: PodContext, listener: Listener, handler: ConnHandler,
                          handler_nursery: trio.Nursery) -> None:
     """Accept forever on `listener`, each connection handled in `handler_nursery`. Closes the listener."""
     sock = listener.sock
@@ -114,7 +119,7 @@ async def serve_listener(ctx: PodContext, listener: PodListener, handler: ConnHa
         sock.close()
 
 
-def _info(listener: PodListener, mark: int) -> ListenerInfo:
+def _info(listener: Listener, mark: int) -> ListenerInfo:
     host = str(listener.sock.getsockname()[0])
     return ListenerInfo(role=listener.role, address=f"[{host}]" if ":" in host else host, port=listener.port,
                         mark=mark)
@@ -133,11 +138,7 @@ async def _open_pool(ctx: PodContext) -> AsyncIterator[HbonePool | None]:
 
     async with open_hbone_pool(certs=mesh.certs, contexts=mesh.contexts, make_socket=make_socket,
                                connect_timeout=ctx.config.connect_timeout) as pool:
-        ctx.pool = pool
-        try:
-            yield pool
-        finally:
-            ctx.pool = None
+        yield pool
 
 
 async def _prefetch_certificate(ctx: PodContext) -> None:
@@ -168,12 +169,14 @@ async def run_pod_proxies(ctx: PodContext, *, handlers: Mapping[str, ConnHandler
             handle = PodHandle(uid=ctx.uid, netns=netns_id(ctx.netns_fd), scope=trio.CancelScope(),
                                accept_scope=trio.CancelScope(), listeners=infos, context=ctx)
             with handle.scope:
-                async with _open_pool(ctx), trio.open_nursery() as connections:
+                async with _open_pool(ctx) as pool, trio.open_nursery() as connections:
+                    handle.pool = pool
+                    served = ctx if pool is None else dataclasses.replace(ctx, pool=pool)
                     with handle.accept_scope:
                         async with trio.open_nursery() as accepting:
                             for listener in listeners:
-                                accepting.start_soon(serve_listener, ctx, listener, handlers[listener.role],
-                                                     connections)
+                                accepting.start_soon(serve_listener, served, listener,
+                                                     handlers[listener.role], connections)
                             if ctx.mesh is not None:
                                 accepting.start_soon(_prefetch_certificate, ctx)
                             log.info("pod proxies started", extra={"fields": [
@@ -193,4 +196,5 @@ async def run_pod_proxies(ctx: PodContext, *, handlers: Mapping[str, ConnHandler
     finally:
         os.close(ctx.netns_fd)
         if handle is not None:
+            handle.pool = None
             handle.done.set()

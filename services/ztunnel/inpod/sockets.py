@@ -7,9 +7,10 @@ is *created* inside `shared.netns.entered(fd)` (setns on the calling Trio thread
 about 6 us, no await inside) and then used from the Trio thread like any other socket. Binding happens in the
 same block, so "all bound" means exactly that the pod's set is complete before anything is served.
 
-Options follow upstream's in-pod socket factory (SPEC §4): SO_MARK = PACKET_MARK (1337) on every socket so
+Options follow upstream's in-pod socket factory: SO_MARK = PACKET_MARK (1337) on every socket so
 ztunnel's own traffic is not captured again, SO_REUSEPORT on listeners (a new ztunnel can bind while the old
-one drains), IP_TRANSPARENT best effort on listeners, backlog 128.
+one drains), IP_TRANSPARENT best effort on listeners, backlog 128. `InPodSocketFactory` is what the proxies
+get as their `SocketFactory` (proxy/context.py): these two functions and netfilter's original destination.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ from dataclasses import dataclass
 from typing import Final
 
 from services.ztunnel.errors import ProxyStartError
+from services.ztunnel.hbone.core import Addr
+from services.ztunnel.net import (
+    INBOUND_HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    OUTBOUND_PORT,
+    PACKET_MARK,
+    original_dst,
+)
+from services.ztunnel.proxy.context import ProxyConfig
 from shared.netns import NetnsError, entered, is_netns
 
-PACKET_MARK: Final = 1337
-OUTBOUND_PORT: Final = 15001
-INBOUND_PLAINTEXT_PORT: Final = 15006
-INBOUND_HBONE_PORT: Final = 15008
 LISTEN_BACKLOG: Final = 128
 
 # Linux constants not (all) exported by Python 3.11's socket module.
@@ -184,3 +190,26 @@ def create_upstream_socket(netns_fd: int, family: socket.AddressFamily, *, mark:
         sock.close()
         raise
     return sock
+
+
+class InPodSocketFactory:
+    """The real factory: sockets created inside the pod netns via shared.netns.entered."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+
+    def bind_listeners(self, netns_fd: int) -> PodListeners:
+        listeners = bind_pod_listeners(netns_fd, ipv6=self.config.ipv6, mark=self.config.packet_mark,
+                                       transparent=self.config.orig_src is not False)
+        if self.config.orig_src and not listeners.transparent:
+            listeners.close()
+            raise ProxyStartError("ENABLE_ORIG_SRC=true but IP_TRANSPARENT is not permitted on the pod's "
+                                  "listeners (needs CAP_NET_ADMIN); unset it to fall back to plain connects")
+        return listeners
+
+    def upstream(self, netns_fd: int, family: socket.AddressFamily, *,
+                 bind_source: str | None = None) -> socket.socket:
+        return create_upstream_socket(netns_fd, family, mark=self.config.packet_mark, bind_source=bind_source)
+
+    def original_dst(self, sock: socket.socket) -> Addr | None:
+        return original_dst(sock)

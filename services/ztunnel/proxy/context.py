@@ -1,34 +1,34 @@
 """What a pod's connection handlers need: its identity, its netns, config, telemetry and a socket factory.
 
-The socket factory is the seam between proxy logic and the kernel: the real one creates sockets inside the
-pod's namespace and reads netfilter's original destination; service tests use a loopback fake.
+The socket factory is the seam between proxy logic and the kernel: the real one (inpod/sockets.py) creates
+sockets inside the pod's namespace and reads netfilter's original destination; service tests use a
+loopback fake.
 
 With xDS configured, every pod also shares the process's `Mesh` (the xDS state, the certificate manager and
 the TLS context cache) and owns an HBONE client pool for its lifetime (`PodContext.pool`).
+
+A `PodContext` is immutable: the pod's proxy set (inpod/proxies.py) makes it once, and once more with the
+pool when the pool is open. What its connection handlers change while they run is counted in the one small
+mutable `PodCounters` it carries.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
 import trio
 
-from services.ztunnel.errors import ProxyStartError
-from services.ztunnel.hbone.client import CertSource, HbonePool
+from services.ztunnel.hbone.core import Addr
+from services.ztunnel.hbone.pool import CertSource, HbonePool
 from services.ztunnel.hbone.tls import TlsContextCache
-from services.ztunnel.inpod.sockets import (
-    PACKET_MARK,
-    PodListeners,
-    bind_pod_listeners,
-    create_upstream_socket,
-)
-from services.ztunnel.net import Addr, original_dst
+from services.ztunnel.net import PACKET_MARK
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Workload
-from services.ztunnel.telemetry import Peer, Telemetry
+from services.ztunnel.telemetry.access_log import Peer, Telemetry
 from shared.identity import SpiffeId
 from shared.zds.types import PodUid, WorkloadInfo
 
@@ -47,8 +47,34 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
     benchmarks/passthrough.py); False = recv_into the shared buffer and send."""
 
 
+class Listener(Protocol):
+    """One bound, listening, non-blocking socket of a pod and what it is for (inpod/sockets.py's
+    `PodListener`)."""
+
+    @property
+    def role(self) -> str:
+        """"outbound" | "inbound_plaintext" | "inbound_hbone"."""
+        ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def sock(self) -> socket.socket: ...
+
+
+class ListenerSet(Protocol):
+    """A pod's whole listener set, bound (inpod/sockets.py's `PodListeners`)."""
+
+    def __iter__(self) -> Iterator[Listener]: ...
+
+    def close(self) -> None: ...
+
+
 class SocketFactory(Protocol):
-    def bind_listeners(self, netns_fd: int) -> PodListeners:
+    """Every socket a pod's proxy set makes (the real one is inpod/sockets.py's `InPodSocketFactory`)."""
+
+    def bind_listeners(self, netns_fd: int) -> ListenerSet:
         """Bind the pod's whole listener set or raise ProxyStartError leaving nothing open."""
         ...
 
@@ -60,29 +86,6 @@ class SocketFactory(Protocol):
     def original_dst(self, sock: socket.socket) -> Addr | None:
         """Where the accepted connection was going before it was redirected (None: not redirected)."""
         ...
-
-
-class InPodSocketFactory:
-    """The real factory: sockets created inside the pod netns via shared.netns.entered."""
-
-    def __init__(self, config: ProxyConfig) -> None:
-        self.config = config
-
-    def bind_listeners(self, netns_fd: int) -> PodListeners:
-        listeners = bind_pod_listeners(netns_fd, ipv6=self.config.ipv6, mark=self.config.packet_mark,
-                                       transparent=self.config.orig_src is not False)
-        if self.config.orig_src and not listeners.transparent:
-            listeners.close()
-            raise ProxyStartError("ENABLE_ORIG_SRC=true but IP_TRANSPARENT is not permitted on the pod's "
-                                  "listeners (needs CAP_NET_ADMIN); unset it to fall back to plain connects")
-        return listeners
-
-    def upstream(self, netns_fd: int, family: socket.AddressFamily, *,
-                 bind_source: str | None = None) -> socket.socket:
-        return create_upstream_socket(netns_fd, family, mark=self.config.packet_mark, bind_source=bind_source)
-
-    def original_dst(self, sock: socket.socket) -> Addr | None:
-        return original_dst(sock)
 
 
 class PeerLookup(Protocol):
@@ -130,9 +133,11 @@ class Mesh:
     contexts: TlsContextCache
     node: str = ""
     workload_wait: float = WORKLOAD_WAIT
+    _workloads: dict[tuple[str, str, str], Workload | None] = field(default_factory=dict, repr=False)
+    _workloads_generation: int = field(default=-1, repr=False)
 
     def local_workload(self, info: WorkloadInfo) -> Workload | None:
-        """The node-local xDS workload of a pod: same name, namespace and service account (SPEC §1.7)."""
+        """The node-local xDS workload of a pod: same name, namespace and service account."""
         account = info.service_account or "default"
         for workload in self.store.workloads.values():
             if (workload.name == info.name and workload.namespace == info.namespace
@@ -141,8 +146,30 @@ class Mesh:
                 return workload
         return None
 
+    def workload_of(self, info: WorkloadInfo) -> Workload | None:
+        """`local_workload`, remembered until the store's next generation (it runs once per connection)."""
+        generation = self.store.generation
+        if generation != self._workloads_generation:
+            self._workloads.clear()
+            self._workloads_generation = generation
+        key = (info.name, info.namespace, info.service_account or "default")
+        try:
+            return self._workloads[key]
+        except KeyError:
+            found = self._workloads[key] = self.local_workload(info)
+            return found
 
-@dataclass
+
+class PodCounters:
+    """What a pod's connection handlers count while its proxy set runs (read by /config_dump)."""
+
+    __slots__ = ("active_connections",)
+
+    def __init__(self) -> None:
+        self.active_connections = 0
+
+
+@dataclass(frozen=True, slots=True)
 class PodContext:
     """One pod's proxy set context; `netns_fd` is owned (closed) by the pod's supervisor."""
 
@@ -153,25 +180,19 @@ class PodContext:
     telemetry: Telemetry
     sockets: SocketFactory
     peers: PeerLookup = field(default_factory=NoPeers)
-    active_connections: int = field(default=0)
     mesh: Mesh | None = None
     """None without xDS: every connection is plain passthrough."""
     pool: HbonePool | None = None
-    """The pod's HBONE client pool, open while its proxy set runs (set by run_pod_proxies)."""
+    """The pod's HBONE client pool, in the context run_pod_proxies hands to the handlers once it is open."""
+    counters: PodCounters = field(default_factory=PodCounters)
     draining: trio.Event = field(default_factory=trio.Event)
     """Set when the pod stops accepting (graceful drain): idle inbound HBONE connections are closed."""
-    _workload: Workload | None = field(default=None, repr=False)
-    _workload_generation: int = field(default=-1, repr=False)
 
     def workload(self) -> Workload | None:
-        """The pod's xDS workload as the store knows it now (cached per store generation)."""
+        """The pod's xDS workload as the store knows it now."""
         if self.mesh is None or self.info is None:
             return None
-        generation = self.mesh.store.generation
-        if generation != self._workload_generation:
-            self._workload = self.mesh.local_workload(self.info)
-            self._workload_generation = generation
-        return self._workload
+        return self.mesh.workload_of(self.info)
 
     async def wait_workload(self) -> Workload | None:
         """`workload()`, waiting up to the mesh's `workload_wait` for xDS to deliver it."""
@@ -180,6 +201,15 @@ class PodContext:
         with trio.move_on_after(self.mesh.workload_wait):
             await self.mesh.store.wait_for(lambda _: self.workload() is not None)
         return self.workload()
+
+    def missing_workload(self) -> str:
+        """The error of a connection that needs the pod's workload (its identity) when xDS has none."""
+        info = self.info
+        who = (f"{info.namespace}/{info.name} (service account {info.service_account or 'default'})" if info
+               else f"uid {self.uid}")
+        node = self.mesh.node if self.mesh is not None and self.mesh.node else "this node"
+        return (f"unknown source workload: xDS has no workload for pod {who} on {node}, so it has no "
+                f"identity (is the pod in the control plane's world, and NODE_NAME right?)")
 
     @property
     def peer(self) -> Peer:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The in-pod outbound listener (15001) knows the original destination `ip:port` the app dialled; this module
-turns it into a route, the way upstream ztunnel does (SPEC §5, issue 6):
+turns it into a route, the way upstream ztunnel does:
 
 1. a Service VIP:port -> one healthy endpoint of that service, chosen at random, its port mapped
    (the endpoint's own mapping for the service port, else the service's `target_port`, else the port as is);
@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from services.ztunnel.hbone.client import HBONE_PORT, PoolKey
 from services.ztunnel.hbone.core import Addr
+from services.ztunnel.hbone.pool import PoolKey
+from services.ztunnel.net import INBOUND_HBONE_PORT
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import GatewayAddress, Port, Service, TunnelProtocol, Workload
 from shared.identity import IdentityError, SpiffeId
@@ -125,15 +126,15 @@ def _waypoint_route(store: StateStore, gateway: GatewayAddress, target: Addr, *,
         return NoHealthyUpstream(reason=f"waypoint {what} has no healthy endpoint", service=service)
     ip = _first_address(waypoint, target[0])
     assert ip is not None
-    return HboneRoute(dst=(ip, gateway.hbone_mtls_port or HBONE_PORT), target=target,
+    return HboneRoute(dst=(ip, gateway.hbone_mtls_port or INBOUND_HBONE_PORT), target=target,
                       identities=frozenset([waypoint.identity]), workload=waypoint, service=service,
                       via_waypoint=True)
 
 
 def _workload_route(workload: Workload, ip: str, port: int, service: Service | None) -> Route:
     if workload.tunnel_protocol is TunnelProtocol.HBONE:
-        return HboneRoute(dst=(ip, HBONE_PORT), target=(ip, port), identities=_identities(workload, service),
-                          workload=workload, service=service)
+        return HboneRoute(dst=(ip, INBOUND_HBONE_PORT), target=(ip, port),
+                          identities=_identities(workload, service), workload=workload, service=service)
     return Passthrough(dst=(ip, port), workload=workload, service=service)
 
 

@@ -1,8 +1,14 @@
-"""Bidirectional byte copy with one shared receive buffer per process.
+"""Plain TCP for a pod's connections: the upstream sockets, and the bidirectional copy between two sockets.
 
 Theory of operation
 -------------------
-Every connection reads into the process's one 256 KiB receive buffer (rxbuf.py; DESIGN §5: a buffer per
+`proxy_tcp` is the whole plain-TCP half of every direction (outbound passthrough, inbound plaintext): connect
+the upstream socket (made in the pod's namespace, marked, so not captured again; `app_socket` makes the
+inbound one from the client's own address when the kernel allows), copy both ways with half-close, and
+write the connection's one `ConnectionOutcome`. Cancellation (the pod being removed) interrupts the copy;
+the caller's finally closes the client socket, which is upstream's "Immediate" drain.
+
+Every connection reads into the process's one 256 KiB receive buffer (rxbuf.py: a buffer per
 connection would cost 300 KiB each). That is only safe if no task can run between filling the buffer and
 emptying it, so each step is:
 `recv_into(shared)` then an immediate non-blocking `send` — both synchronous, no await between them. Only if
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -32,7 +39,15 @@ from typing import Final
 
 import trio
 
+from services.ztunnel.errors import ConnectError
+from services.ztunnel.hbone.core import Addr
+from services.ztunnel.net import connect, describe_os_error, family_of
+from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.rxbuf import receive_view as _view
+from services.ztunnel.telemetry.access_log import ConnectionOutcome
+from shared.netns import NetnsError
+
+log = logging.getLogger("ztunnel.proxy")
 
 
 async def _send_all(sock: socket.socket, data: memoryview) -> None:
@@ -169,3 +184,64 @@ async def copy_bidirectional(client: socket.socket, upstream: socket.socket,
         nursery.start_soon(one_way, upstream, client, received, nursery.cancel_scope)
     if errors:
         raise errors[0]
+
+
+async def proxy_tcp(ctx: PodContext, client: socket.socket, dst: Addr, outcome: ConnectionOutcome, *,
+                    as_client: Addr | None = None) -> None:
+    """Plain TCP from the pod's netns to `dst`: make the upstream socket, connect, copy both ways, write
+    `outcome`. Marked, so not captured again; `as_client` (inbound): from the client's address when the
+    kernel allows (`app_socket`)."""
+    tel = ctx.telemetry
+    try:
+        upstream = (app_socket(ctx, as_client, dst) if as_client is not None
+                    else ctx.sockets.upstream(ctx.netns_fd, family_of(dst[0])))
+    except (OSError, NetnsError) as exc:
+        error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        tel.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
+                              direction=outcome.direction, outcome=outcome,
+                              error=f"cannot create the upstream socket: {error}")
+        return
+    counters = ctx.counters
+    tel.connection_opened(outcome)
+    outcome.error = "connection drained"
+    counters.active_connections += 1
+    try:
+        await connect(upstream, dst, connect_timeout=ctx.config.connect_timeout)
+
+        def sent(n: int) -> None:
+            outcome.bytes_sent += n
+
+        def received(n: int) -> None:
+            outcome.bytes_recv += n
+
+        await copy_bidirectional(client, upstream, sent, received, splice=ctx.config.splice)
+        outcome.error = None
+    except ConnectError as exc:
+        outcome.error = str(exc)
+    except OSError as exc:
+        outcome.error = describe_os_error(exc)
+    finally:
+        counters.active_connections -= 1
+        upstream.close()
+        tel.connection_complete(outcome)
+
+
+def app_socket(ctx: PodContext, src: Addr, dst: Addr) -> socket.socket:
+    """A socket in the pod's netns for delivering to the app at `dst`, bound to the client's IP `src` when
+    the kernel allows (IP_TRANSPARENT), so the app sees who really called; if it refuses, a plain socket,
+    unless ENABLE_ORIG_SRC=true demands the client's address.
+
+    Raises:
+        OSError, NetnsError: the socket could not be made (or ENABLE_ORIG_SRC=true and spoofing failed).
+    """
+    family = family_of(dst[0])
+    if ctx.config.orig_src is False or src[0] == dst[0] or family_of(src[0]) != family:
+        return ctx.sockets.upstream(ctx.netns_fd, family)
+    try:
+        return ctx.sockets.upstream(ctx.netns_fd, family, bind_source=src[0])
+    except OSError as exc:
+        if ctx.config.orig_src:
+            raise
+        log.debug("cannot preserve source address, using a plain connect",
+                  extra={"fields": [("src", src[0]), ("error", describe_os_error(exc))]})
+        return ctx.sockets.upstream(ctx.netns_fd, family)

@@ -17,7 +17,6 @@ from services.ztunnel.state.types import (
     Authorization,
     PolicyKey,
     Port,
-    Scope,
     Service,
     ServiceKey,
     Workload,
@@ -109,18 +108,6 @@ class StateStore:
             for uid, wl in sorted(self.workloads.items())
             if service.key in wl.services
         ]
-
-    def policies_for(self, workload: Workload) -> list[Authorization]:
-        """Global policies, the workload namespace's policies, and the selector policies naming it."""
-        out = []
-        for pol in self.policies.values():
-            if (
-                pol.scope is Scope.GLOBAL
-                or (pol.scope is Scope.NAMESPACE and pol.namespace == workload.namespace)
-                or (pol.scope is Scope.WORKLOAD_SELECTOR and pol.key in workload.authorization_policies)
-            ):
-                out.append(pol)
-        return sorted(out, key=lambda p: p.key)
 
     # --- waiting --------------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.ztunnel.proxy.outbound import baggage_of
 from services.ztunnel.proxy.resolve import HboneRoute, NoHealthyUpstream, Passthrough, resolve_outbound
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (
@@ -15,6 +16,7 @@ from services.ztunnel.state.types import (
     ServiceKey,
     TunnelProtocol,
     Workload,
+    WorkloadType,
     WorkloadUid,
 )
 from shared.identity import SpiffeId
@@ -134,3 +136,13 @@ def test_missing_waypoint_is_refused() -> None:
     store = store_with(pod("details", "10.244.2.7", waypoint=gateway))
     route = resolve_outbound(store, ("10.244.2.7", 9080))
     assert isinstance(route, NoHealthyUpstream) and "waypoint" in route.reason
+
+
+def test_baggage_lists_only_known_keys() -> None:
+    wl = Workload(uid=WorkloadUid("Kubernetes//Pod/ns/p"), name="p", namespace="ns",
+                  workload_name="reviews-v1", workload_type=WorkloadType.DEPLOYMENT, canonical_name="reviews",
+                  canonical_revision="v1", cluster_id="Kubernetes")
+    assert baggage_of(wl) == ("k8s.cluster.name=Kubernetes,k8s.namespace.name=ns,"
+                              "k8s.deployment.name=reviews-v1,service.name=reviews,service.version=v1")
+    bare = Workload(uid=WorkloadUid("x"), name="x", namespace="ns")
+    assert baggage_of(bare, region="eu") == "k8s.namespace.name=ns,cloud.region=eu"

@@ -1,4 +1,4 @@
-"""HBONE client: make mTLS + HTTP/2 connections to a peer's 15008, and pool them like upstream.
+"""The HBONE client side: make mTLS + HTTP/2 connections to a peer's 15008, and pool them like upstream.
 
 Theory of operation
 -------------------
@@ -25,16 +25,15 @@ from typing import Any, NamedTuple, Protocol
 
 import trio
 
-from services.ztunnel.hbone.connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
+from services.ztunnel.hbone.connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection
 from services.ztunnel.hbone.core import Addr, ClientCore, format_authority
 from services.ztunnel.hbone.errors import TlsError
+from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tls import TlsContextCache, check_established, client_connection
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
 from services.ztunnel.net import connect, family_of
-from services.ztunnel.state.types import Workload
 from shared.identity import CertBundle, SpiffeId
 
-HBONE_PORT = 15008
 MAX_STREAMS_PER_CONNECTION = 100
 IDLE_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 10.0
@@ -46,25 +45,6 @@ class CertSource(Protocol):
     """Where workload certificates come from (the ztunnel certificate manager, or a fake)."""
 
     async def fetch_certificate(self, identity: SpiffeId) -> CertBundle: ...
-
-
-def baggage_of(workload: Workload, *, cluster: str | None = None, region: str | None = None,
-               zone: str | None = None) -> str:
-    """The `baggage` header upstream sends for a source workload (SPEC §5): only the keys it knows.
-
-    `k8s.cluster.name, k8s.namespace.name, k8s.<workload_type>.name, service.name, service.version,
-    cloud.region, cloud.availability_zone`, comma-joined.
-    """
-    items = [
-        ("k8s.cluster.name", cluster or workload.cluster_id),
-        ("k8s.namespace.name", workload.namespace),
-        (f"k8s.{workload.workload_type.value}.name", workload.workload_name),
-        ("service.name", workload.canonical_name),
-        ("service.version", workload.canonical_revision),
-        ("cloud.region", region),
-        ("cloud.availability_zone", zone),
-    ]
-    return ",".join(f"{key}={value}" for key, value in items if value)
 
 
 def plain_socket(family: socket.AddressFamily) -> socket.socket:

@@ -1,0 +1,149 @@
+"""The Prometheus families ztunnel exports, counted in plain Python and rendered by prometheus_client.
+
+Theory of operation
+-------------------
+Counting happens on the data path, so it is a dict look-up and a float add (`Family.labels()` -> `Child`);
+prometheus_client (about 2.3 MiB resident with the modules its package imports) is imported only when
+`Metrics.registry` is first read, at the first scrape, and `_Collector` turns the families into its metric
+families then. Which label values a connection gets is the access log's business (access_log.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+
+TRAFFIC_LABELS: Final = (
+    "reporter", "source_workload", "source_canonical_service", "source_canonical_revision",
+    "source_workload_namespace", "source_principal", "source_app", "source_version", "source_cluster",
+    "destination_service", "destination_service_namespace", "destination_service_name",
+    "destination_workload", "destination_canonical_service", "destination_canonical_revision",
+    "destination_workload_namespace", "destination_principal", "destination_app", "destination_version",
+    "destination_cluster", "request_protocol", "response_flags", "connection_security_policy",
+)
+
+
+class Child:
+    """One label set's value of a family (what prometheus_client's `labels()` returns, minus its lock: the
+    process is single-threaded)."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class Family:
+    """A counter or gauge family with prometheus_client's interface (`labels(**values)`, or `inc()` /
+    `set()` on a family without labels); exported by `Metrics.registry`'s collector."""
+
+    def __init__(self, kind: str, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.children: dict[tuple[str, ...], Child] = {}
+        if not self.labelnames:
+            self.children[()] = Child()
+
+    def labels(self, **values: str) -> Child:
+        if set(values) != set(self.labelnames):
+            raise ValueError(f"{self.name}: incorrect label names {sorted(values)}")
+        key = tuple(str(values[name]) for name in self.labelnames)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = Child()
+        return child
+
+    def _unlabelled(self) -> Child:
+        if self.labelnames:
+            raise ValueError(f"{self.name}: no label values given")
+        return self.children[()]
+
+    def inc(self, amount: float = 1) -> None:
+        self._unlabelled().inc(amount)
+
+    def set(self, value: float) -> None:
+        self._unlabelled().set(value)
+
+
+class _Collector:
+    """Turns the families into prometheus_client metric families at scrape time (what its Counter and Gauge
+    would have exported: `_total` and `_created` samples per counter child)."""
+
+    def __init__(self, families: Sequence[Family]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client import metrics as prometheus_metrics
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        created = prometheus_metrics._use_created  # as its Counter: PROMETHEUS_DISABLE_CREATED_SERIES
+        for family in self._families:
+            if family.kind == "counter":
+                counter = CounterMetricFamily(family.name, family.documentation, labels=family.labelnames)
+                for key, child in list(family.children.items()):
+                    counter.add_metric(key, child.value, child.created if created else None)
+                yield counter
+            else:
+                gauge = GaugeMetricFamily(family.name, family.documentation, labels=family.labelnames)
+                for key, child in list(family.children.items()):
+                    gauge.add_metric(key, child.value)
+                yield gauge
+
+
+class Metrics:
+    """The Prometheus families ztunnel exports.
+
+    Counting is plain Python (`Family`); prometheus_client (about 2.3 MiB resident with the http.server,
+    email and urllib modules its package imports) is only imported when `registry` is first read, that is at
+    the first scrape of the stats endpoint.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        counter, gauge, traffic = partial(Family, "counter"), partial(Family, "gauge"), TRAFFIC_LABELS
+        self.opened = counter("istio_tcp_connections_opened", "The total number of TCP connections opened",
+                              traffic)
+        self.closed = counter("istio_tcp_connections_closed", "The total number of TCP connections closed",
+                              traffic)
+        self.sent = counter("istio_tcp_sent_bytes", "The size of total bytes sent during response in case of "
+                            "a TCP connection", traffic)
+        self.received = counter("istio_tcp_received_bytes", "The size of total bytes received during request "
+                                "in case of a TCP connection", traffic)
+        self.failed = counter("istio_tcp_connections_failed", "The total number of TCP connections that "
+                              "failed to establish", traffic)
+        self.active_proxies = gauge("istio_active_proxy_count", "The total number of active workload proxies")
+        self.proxies_started = counter("istio_proxies_started", "The total number of proxies started")
+        self.proxies_stopped = counter("istio_proxies_stopped", "The total number of proxies stopped")
+        self._registry = registry
+        if registry is not None:
+            registry.register(self._collector())
+
+    def _collector(self) -> _Collector:
+        return _Collector([self.opened, self.closed, self.sent, self.received, self.failed,
+                           self.active_proxies, self.proxies_started, self.proxies_stopped])
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry the families are exported on (made, and prometheus_client imported, on first use)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._registry = CollectorRegistry()
+            self._registry.register(self._collector())
+        return self._registry
