@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import trio
 
-from services.ztunnel.telemetry import ParsedLine, UpstreamFormatter, parse_plain
+from shared.logs import ParsedLine, UpstreamFormatter, parse_plain
 
 
 class LogCapture(logging.Handler):

@@ -21,7 +21,8 @@ from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.proxy.context import Mesh
 from services.ztunnel.state.store import StateStore
-from services.ztunnel.telemetry import Telemetry, current_log_levels, set_log_level
+from services.ztunnel.telemetry import Telemetry
+from shared.logs import current_log_levels, set_log_level
 
 if TYPE_CHECKING:
     from services.ztunnel.xds.client import XdsClient

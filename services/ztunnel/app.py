@@ -51,7 +51,8 @@ from services.ztunnel.inpod.zds_client import run_zds_client
 from services.ztunnel.peers import StatePeers
 from services.ztunnel.proxy.context import Mesh, SocketFactory
 from services.ztunnel.state.store import StateStore
-from services.ztunnel.telemetry import Metrics, Telemetry, setup_logging
+from services.ztunnel.telemetry import Metrics, Telemetry
+from shared.logs import setup_logging
 from shared.netns import NetnsError, current_netns_fd, entered
 
 log = logging.getLogger("ztunnel.app")

@@ -2,15 +2,8 @@
 
 Theory of operation
 -------------------
-Logging goes through the standard `logging` module so that `/logging?level=` can change levels at run time;
-`UpstreamFormatter` renders a record the way ztunnel's tracing subscriber does (SPEC §6):
-
-    <RFC3339 UTC µs>\\t<level>\\t<target>\\t<message>\\t<k=v k=v ...>
-
-Structured fields travel in `record.fields` (a sequence of `(key, value)` pairs, in order). A `str` value is
-written Debug-quoted like Rust's `{:?}`, an `int` or a `Display` value bare (Rust's `%value`), `None` is
-left out. The access log's logger is named `access`, so its target is `access`; other loggers `a.b.c` are
-written as `a::b::c` the way Rust module paths look. `LOG_FORMAT=json` switches to one JSON object per line.
+The access log's logger is named `access`, so its target is `access`; its lines are written by the one
+formatter of every process (`shared.logs`: upstream's plain format, or `LOG_FORMAT=json`).
 
 One `ConnectionRecord` follows a proxied connection: the copy loop bumps its byte counters, and
 `Telemetry.connection_complete()` writes the single access log line and the metrics when it ends.
@@ -20,231 +13,21 @@ convention (received = request direction, sent = response direction).
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
+
+from shared.logs import Display, Field
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
 ACCESS_LOGGER: Final = "access"
-
-_LEVEL_NAMES: Final = {
-    logging.DEBUG: "debug",
-    logging.INFO: "info",
-    logging.WARNING: "warn",
-    logging.ERROR: "error",
-    logging.CRITICAL: "error",
-}
-TRACE = 5
-logging.addLevelName(TRACE, "TRACE")
-
-LEVELS: Final = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-                 "error": logging.ERROR, "off": logging.CRITICAL + 10}
-
-
-class Display(str):
-    """A value written bare, like Rust's `%value` (addresses, enum-like words)."""
-
-    __slots__ = ()
-
-
-Field = tuple[str, object]
-
-
-def debug_quote(value: str) -> str:
-    """Rust's `{:?}` for a string: double quotes, with `"`, `\\` and control characters escaped."""
-    if value.isprintable() and '"' not in value and "\\" not in value:
-        return f'"{value}"'  # the common case (names, identities), without the per-character loop
-    out = ['"']
-    for ch in value:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\0":
-            out.append("\\0")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{{{ord(ch):x}}}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _render_value(value: object) -> str:
-    if isinstance(value, Display):
-        return str(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, str):
-        return debug_quote(value)
-    return str(value)
-
-
-def format_timestamp(epoch: float) -> str:
-    """RFC3339 in UTC with microseconds and a `Z`, as upstream prints it."""
-    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def format_plain(*, epoch: float, level: str, target: str, message: str, fields: Iterable[Field] = ()) -> str:
-    """One log line in upstream's plain format (without the newline)."""
-    parts = [f"{key}={_render_value(value)}" for key, value in fields if value is not None]
-    line = f"{format_timestamp(epoch)}\t{level}\t{target}\t{message}"
-    return f"{line}\t{' '.join(parts)}" if parts else line
-
-
-def format_json(*, epoch: float, level: str, target: str, message: str, fields: Iterable[Field] = ()) -> str:
-    """One log line as a JSON object: level, time, scope, message, then the fields in order."""
-    obj: dict[str, Any] = {"level": level, "time": format_timestamp(epoch), "scope": target,
-                           "message": message}
-    for key, value in fields:
-        if value is None:
-            continue
-        obj[key] = str(value) if isinstance(value, Display) else value
-    return json.dumps(obj, separators=(",", ":"))
-
-
-def target_of(logger_name: str) -> str:
-    return logger_name.replace(".", "::")
-
-
-class UpstreamFormatter(logging.Formatter):
-    """Formats every record like ztunnel; structured fields come from `extra={"fields": [...]}`."""
-
-    def __init__(self, *, json_format: bool = False) -> None:
-        super().__init__()
-        self.json_format = json_format
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields: list[Field] = list(getattr(record, "fields", ()))
-        message = record.getMessage()
-        if record.exc_info and record.levelno >= logging.ERROR:
-            fields.append(("error", self.formatException(record.exc_info).splitlines()[-1]))
-        render = format_json if self.json_format else format_plain
-        level = _LEVEL_NAMES.get(record.levelno, "trace" if record.levelno <= TRACE else "info")
-        return render(epoch=record.created, level=level, target=target_of(record.name), message=message,
-                      fields=fields)
-
-
-def setup_logging(*, json_format: bool, level: str = "info", stream: Any = None) -> logging.Handler:
-    """Install the upstream formatter on the root logger (stderr by default). Returns the handler."""
-    # Our format uses none of the caller, thread or process fields: not collecting them saves a fifth of an
-    # access log line's cost (the logging HOWTO's "Optimization" section).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(UpstreamFormatter(json_format=json_format))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(LEVELS.get(level, logging.INFO))
-    return handler
-
-
-def set_log_level(spec: str) -> str:
-    """Apply `/logging?level=` syntax: `info`, or `target=level,target=level` (targets with `::`).
-
-    Returns:
-        a one-line description of the resulting levels.
-    Raises:
-        ValueError: an unknown level name.
-    """
-    for item in (part.strip() for part in spec.split(",") if part.strip()):
-        target, _, name = item.rpartition("=")
-        if name.lower() not in LEVELS:
-            raise ValueError(f"unknown log level {name!r} (expected one of {', '.join(LEVELS)})")
-        logger = logging.getLogger(target.replace("::", ".")) if target else logging.getLogger()
-        logger.setLevel(LEVELS[name.lower()])
-    return current_log_levels()
-
-
-def current_log_levels() -> str:
-    names = {v: k for k, v in LEVELS.items()}
-    root = logging.getLogger()
-    parts = [names.get(root.level, str(root.level))]
-    for name, logger in sorted(logging.root.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
-            parts.append(f"{target_of(name)}={names.get(logger.level, str(logger.level))}")
-    return ",".join(parts)
-
-
-# --- parsing back (tests, tools) -----------------------------------------------------------------------
-
-
-class ParsedLine(msgspec.Struct, frozen=True, kw_only=True):
-    timestamp: str
-    level: str
-    target: str
-    message: str
-    fields: dict[str, str | int]
-
-
-def _parse_fields(text: str) -> dict[str, str | int]:
-    fields: dict[str, str | int] = {}
-    i = 0
-    n = len(text)
-    while i < n:
-        while i < n and text[i] == " ":
-            i += 1
-        if i >= n:
-            break
-        eq = text.index("=", i)
-        key = text[i:eq]
-        i = eq + 1
-        if i < n and text[i] == '"':
-            i += 1
-            buf = []
-            while text[i] != '"':
-                if text[i] == "\\":
-                    nxt = text[i + 1]
-                    if nxt == "u":
-                        end = text.index("}", i)
-                        buf.append(chr(int(text[i + 3:end], 16)))
-                        i = end + 1
-                        continue
-                    buf.append({"n": "\n", "r": "\r", "t": "\t", "0": "\0"}.get(nxt, nxt))
-                    i += 2
-                    continue
-                buf.append(text[i])
-                i += 1
-            i += 1
-            fields[key] = "".join(buf)
-        else:
-            end = text.find(" ", i)
-            end = n if end < 0 else end
-            raw = text[i:end]
-            fields[key] = int(raw) if raw.isdigit() else raw
-            i = end
-    return fields
-
-
-def parse_plain(line: str) -> ParsedLine:
-    """Parse one plain-format line back (inverse of `format_plain`); quoted values come back unescaped."""
-    parts = line.rstrip("\n").split("\t", 4)
-    if len(parts) < 4:
-        raise ValueError(f"not an upstream-format log line: {line!r}")
-    fields = _parse_fields(parts[4]) if len(parts) == 5 else {}
-    return ParsedLine(timestamp=parts[0], level=parts[1], target=parts[2], message=parts[3], fields=fields)
-
 
 # --- connections -------------------------------------------------------------------------------------
 

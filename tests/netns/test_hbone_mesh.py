@@ -25,7 +25,7 @@ import pytest
 
 from ambient.lab import components, lab
 from ambient.lab.probe import http_get
-from services.ztunnel.telemetry import ParsedLine, parse_plain
+from shared.logs import ParsedLine, parse_plain
 from shared.netns import entered, open_netns
 from tests.netns.test_lab_mesh import WORLD
 from tests.netns.test_lab_topology import client_get, force_clean

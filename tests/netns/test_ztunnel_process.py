@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from services.node_agent.zds_server import ZdsServer
-from services.ztunnel.telemetry import parse_plain
+from shared.logs import parse_plain
 from shared.netns import entered
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
 from tests.netns.conftest import run

@@ -42,8 +42,9 @@ from services.ztunnel.state.types import (
     Workload,
     WorkloadUid,
 )
-from services.ztunnel.telemetry import ParsedLine, Telemetry
+from services.ztunnel.telemetry import Telemetry
 from shared.identity import SpiffeId
+from shared.logs import ParsedLine
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid, WorkloadInfo
 from tests.access_logs import LogCapture, capture_access_log

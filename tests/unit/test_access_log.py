@@ -12,19 +12,8 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from services.ztunnel.telemetry import (
-    ConnectionRecord,
-    Display,
-    Metrics,
-    Peer,
-    Telemetry,
-    UpstreamFormatter,
-    debug_quote,
-    format_addr,
-    format_plain,
-    parse_plain,
-    set_log_level,
-)
+from services.ztunnel.telemetry import ConnectionRecord, Metrics, Peer, Telemetry, format_addr
+from shared.logs import Display, UpstreamFormatter, debug_quote, format_plain, parse_plain, set_log_level
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
