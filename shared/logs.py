@@ -238,7 +238,8 @@ def parse_plain(line: str) -> ParsedLine:
 
 
 LOG_FORMATS: Final = ("plain", "json")
-LOG_FORMAT_HELP: Final = "LOG_FORMAT=plain|json  log lines as upstream's tab-separated text (default) or JSON"
+LOG_FORMAT_HELP: Final = ("environment: LOG_FORMAT=plain (upstream's tab-separated log lines, the default) "
+                          "or json (one object a line)")
 
 
 def log_format_from(env: Mapping[str, str]) -> str:
