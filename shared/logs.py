@@ -49,24 +49,18 @@ class Display(str):
 Field = tuple[str, object]
 
 
+_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
+
+
 def debug_quote(value: str) -> str:
     """Rust's `{:?}` for a string: double quotes, with `"`, `\\` and control characters escaped."""
     if value.isprintable() and '"' not in value and "\\" not in value:
         return f'"{value}"'  # the common case (names, identities), without the per-character loop
     out = ['"']
     for ch in value:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\0":
-            out.append("\\0")
+        escaped = _ESCAPES.get(ch)
+        if escaped is not None:
+            out.append(escaped)
         elif ord(ch) < 0x20 or ord(ch) == 0x7F:
             out.append(f"\\u{{{ord(ch):x}}}")
         else:
