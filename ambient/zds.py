@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ from services.node_agent.zds_server import ZdsServer
 from services.ztunnel.errors import ProxyStartError
 from services.ztunnel.inpod.statemanager import RETRY_INTERVAL, WorkloadManager, write_state_file
 from shared.errors import AmbientError
+from shared.logs import LOG_FORMAT_HELP, log_format_from, setup_logging
 from shared.netns import NetnsError, is_netns, netns_id, open_netns
 from shared.zds.codec import close_fds
 from shared.zds.errors import ZdsError
@@ -91,10 +91,14 @@ def _say(obj: dict[str, Any] | str) -> None:
     print(line, flush=True)
 
 
-def _setup_logging(verbose: bool, default: int = logging.WARNING) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else default, stream=sys.stderr, format="%(name)s: %(message)s"
-    )
+def _setup_logging(verbose: bool, default: str = "warn") -> None:
+    """Logs on stderr in the processes' one format (LOG_FORMAT=plain|json); raises AmbientError for a bad
+    LOG_FORMAT."""
+    try:
+        log_format = log_format_from(os.environ)
+    except ValueError as exc:
+        raise AmbientError(str(exc)) from None
+    setup_logging(json_format=log_format == "json", level="debug" if verbose else default, stream=sys.stderr)
 
 
 def _run(prog: str, fn: Callable[[], Any]) -> int:
@@ -161,7 +165,7 @@ def _open_spec(spec: WorkloadSpec) -> SnapshotEntry:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.verbose, logging.INFO)
+    _setup_logging(args.verbose, "info")
     snap = _Snapshot()
     try:
         for spec in args.workload:
@@ -385,6 +389,7 @@ def register(subparsers: Any) -> None:
         "serve", help="node-agent role: serve a snapshot of workloads, take add/del lines on stdin",
         description="Serve ZDS like istio-cni's node agent. The snapshot is the --workload/--keep pods; "
         f"stdin lines 'add {WORKLOAD_FORMAT}' and 'del UID' send later changes and print the answer.",
+        epilog=LOG_FORMAT_HELP,
     )
     serve.add_argument("--socket", required=True, metavar="PATH", help="socket path to listen on")
     serve.add_argument("--workload", action="append", default=[], type=_workload_arg, metavar=WORKLOAD_FORMAT,
@@ -400,6 +405,7 @@ def register(subparsers: Any) -> None:
         "watch", help="ztunnel role: connect, ack, print events as JSON lines",
         description="Connect to a ZDS server like ztunnel, accept every pod (start nothing) and print each "
         "event as a JSON line. --state-file keeps the conformance kit's state interface up to date.",
+        epilog=LOG_FORMAT_HELP,
     )
     watch.add_argument("--socket", required=True, metavar="PATH", help="the node agent's socket (INPOD_UDS)")
     watch.add_argument("--state-file", metavar="FILE", help="rewrite FILE with the JSON state on each change")
@@ -416,6 +422,7 @@ def register(subparsers: Any) -> None:
         "zds-conformance", help="check a ZDS server and/or client against SPEC §9 cases 1-19",
         description="Run the ZDS conformance cases against a server (--server/--server-cmd) and/or a client "
         "(--client-cmd). Prints a pass/fail table; exits 1 if a case fails. See docs/zds-conformance.md.",
+        epilog=LOG_FORMAT_HELP,
     )
     conf.add_argument("--server", metavar="PATH", help="socket of a running ZDS server to check")
     conf.add_argument("--server-cmd", metavar="CMD",

@@ -319,7 +319,7 @@ class ClientCall:
         except GRPCError as exc:
             raise RpcError(RpcStatus(exc.status.value), exc.message or exc.status.name) from None
         except Exception as exc:  # no usable trailers: keep the original error
-            log.debug("no status in trailers: %r", exc)
+            log.debug("no status in trailers", extra={"fields": [("error", repr(exc))]})
 
     async def send_message(self, message: Any, *, end: bool = False) -> None:
         with _translate_errors("send to server"):
@@ -396,14 +396,15 @@ class Channel:
             try:
                 await trio_asyncio.aio_as_trio(stream.cancel)()
             except Exception as exc:  # not sent yet, already reset, or the connection is gone
-                log.debug("cancel of %s stream: %r", method, exc)
+                log.debug("cancel of a stream failed",
+                          extra={"fields": [("method", method), ("error", repr(exc))]})
         closing = asyncio.CancelledError()
         try:
             await trio_asyncio.aio_as_trio(stream.__aexit__)(type(closing), closing, None)
         except BaseException as exc:
             if isinstance(exc, trio.Cancelled):
                 raise
-            log.debug("closing %s stream: %r", method, exc)
+            log.debug("closing a stream failed", extra={"fields": [("method", method), ("error", repr(exc))]})
 
 
 @asynccontextmanager

@@ -196,7 +196,8 @@ async def _on_connection(
     try:
         await serve_connection(stream, handler, limits=limits, server=server)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-        log.debug("HTTP connection from %s ended: %r", _peer(stream) or "a local socket", exc)
+        log.debug("HTTP connection ended",
+                  extra={"fields": [("peer", _peer(stream) or "a local socket"), ("error", repr(exc))]})
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -235,7 +236,8 @@ async def serve_connection(
         try:
             response = await handler(request)
         except Exception as exc:
-            log.exception("HTTP handler for %s %s failed", request.method, request.path)
+            log.exception("HTTP handler failed",
+                          extra={"fields": [("method", request.method), ("path", request.path)]})
             response = text_response(f"internal error: {exc}\n", 500)
         await _send(stream, conn, response, extra)
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import msgspec
 import trio
 
-from services.ztunnel.telemetry.logging import UpstreamFormatter
+from shared.logs import UpstreamFormatter
 
 
 class ParsedLine(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,6 +19,7 @@ import trio
 
 from services.apps.bookinfo import APP_KINDS, LIMITS, make_handler
 from shared.httpd import serve_http_tcp
+from shared.logs import LOG_FORMAT_HELP, log_format_from, setup_logging
 
 log = logging.getLogger("apps.server")
 
@@ -30,23 +31,30 @@ async def run(kind: str, ports: Sequence[int]) -> None:
                 handler = make_handler(kind, os.environ)
                 for port in ports:
                     await nursery.start(partial(serve_http_tcp, handler, port, limits=LIMITS))
-                    log.info("%s serving on port %d", kind, port)
+                    log.info("app serving", extra={"fields": [("app", kind), ("port", port)]})
             else:
-                log.info("sleep: idle; use `ambient lab exec POD -- python -m services.apps.client URL`")
+                log.info("idle; use `ambient lab exec POD -- python -m services.apps.client URL`",
+                         extra={"fields": [("app", kind)]})
             async for signum in signals:
-                log.info("received %s, exiting", signal.Signals(signum).name)
+                log.info("received signal, exiting",
+                         extra={"fields": [("signal", signal.Signals(signum).name)]})
                 nursery.cancel_scope.cancel()
                 break
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m services.apps.server", description="run one sample app in this netns"
+        prog="python -m services.apps.server", description="run one sample app in this netns",
+        epilog=LOG_FORMAT_HELP,
     )
     parser.add_argument("kind", choices=APP_KINDS)
     parser.add_argument("--port", type=int, action="append", default=[], help="port to serve (repeatable)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        log_format = log_format_from(os.environ)
+    except ValueError as exc:
+        parser.error(str(exc))
+    setup_logging(json_format=log_format == "json")
     ports = args.port or ([] if args.kind == "sleep" else [9080])
     try:
         trio.run(run, args.kind, ports)

@@ -79,7 +79,8 @@ class AggregatedDiscoveryServicer:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(reader)
-                log.info("xDS stream opened by %s (node %s)", call.peer, node or "-")
+                log.info("xDS stream opened",
+                         extra={"fields": [("peer", str(call.peer)), ("node", node or None)]})
                 try:
                     while True:
                         await wakeup.wait()
@@ -88,7 +89,8 @@ class AggregatedDiscoveryServicer:
                             if response is not None:
                                 await call.send_message(response)
                 finally:
-                    log.info("xDS stream of %s (%s) closed", node_id, call.peer)
+                    log.info("xDS stream closed",
+                             extra={"fields": [("node_id", node_id), ("peer", str(call.peer))]})
 
     def _on_request(
         self, req: discovery_pb2.DeltaDiscoveryRequest, subs: dict[str, _Subscription], node_id: str
@@ -105,9 +107,9 @@ class AggregatedDiscoveryServicer:
                 list(req.resource_names_unsubscribe),
                 dict(req.initial_resource_versions),
             )
-            log.info(
-                "%s subscribed to %s (%d known)", node_id, req.type_url, len(req.initial_resource_versions)
-            )
+            log.info("xDS subscription", extra={"fields": [
+                ("node_id", node_id), ("type_url", req.type_url),
+                ("known", len(req.initial_resource_versions))]})
             return
         if req.response_nonce:
             if req.HasField("error_detail"):
@@ -119,13 +121,9 @@ class AggregatedDiscoveryServicer:
                 )
                 self.nacks.append(nack)
                 del self.nacks[:-MAX_RECORDED_NACKS]
-                log.warning(
-                    "NACK from %s for %s (nonce %s): %s",
-                    node_id,
-                    req.type_url,
-                    req.response_nonce,
-                    nack.message,
-                )
+                log.warning("xDS NACK", extra={"fields": [
+                    ("node_id", node_id), ("type_url", req.type_url), ("nonce", req.response_nonce),
+                    ("error", nack.message)]})
             else:
                 self.acks += 1
         for name in req.resource_names_subscribe:

@@ -37,6 +37,7 @@ from services.istiod.world import World, load_world
 from shared.addr import AddressError, split_host_port
 from shared.errors import AmbientError
 from shared.identity import IdentityError, load_cert, load_key
+from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
 
 log = logging.getLogger("istiod-stub")
 
@@ -75,8 +76,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--root-key", type=Path, help="the CA's private key (PEM, ECDSA)")
     p.add_argument("--tls-cert", type=Path, help="serve with this certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="the serving certificate's key")
-    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
-    return p.parse_args(argv)
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"), help="(LOG_LEVEL)")
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="plain: upstream's tab-separated lines with k=v fields (default); json: one object a line "
+        "(LOG_FORMAT)",
+    )
+    args = p.parse_args(argv)
+    if args.log_format is None:
+        try:
+            args.log_format = log_format_from(os.environ)
+        except ValueError as exc:
+            p.error(str(exc))
+    return args
 
 
 def _split_listen(text: str) -> tuple[str, int]:
@@ -130,7 +143,8 @@ async def keep_tokens(store: WorldStore, auth: Auth, tokens: NodeTokens) -> None
             try:
                 auth.set_node_tokens(tokens.ensure(store.world))
             except OSError as exc:
-                log.error("cannot write node tokens to %s: %s", tokens.token_dir, exc)
+                log.error("cannot write node tokens",
+                          extra={"fields": [("path", str(tokens.token_dir)), ("error", str(exc))]})
 
 
 def _load_world_file(path: Path) -> World:
@@ -152,9 +166,10 @@ async def handle_signals(path: Path | None, store: WorldStore, cancel: trio.Canc
                 try:
                     store.apply(_load_world_file(path), str(path))
                 except AmbientError as exc:
-                    log.error("SIGHUP: keeping the current world: %s", exc)
+                    log.error("SIGHUP: keeping the current world", extra={"fields": [("error", str(exc))]})
                 continue
-            log.info("received %s, shutting down", signal.Signals(signum).name)
+            log.info("received signal, shutting down",
+                     extra={"fields": [("signal", signal.Signals(signum).name)]})
             cancel.cancel()
             return
 
@@ -230,26 +245,18 @@ async def run(args: argparse.Namespace) -> None:
             )
         except OSError as exc:
             raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        log.info(
-            "istiod-stub serving %s on %s:%d (%d pods, %d services, %d policies); root cert %s",
-            "plaintext" if args.plaintext else "TLS",
-            host,
-            bound,
-            len(world.pods),
-            len(world.services),
-            len(world.policies),
-            state_dir / "root-cert.pem",
-        )
+        log.info("istiod-stub serving", extra={"fields": [
+            ("address", Display(f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}")),
+            ("transport", Display("plaintext" if args.plaintext else "tls")), ("pods", len(world.pods)),
+            ("services", len(world.services)), ("policies", len(world.policies)),
+            ("root_cert", str(state_dir / "root-cert.pem"))]})
         nursery.start_soon(keep_tokens, store, auth, tokens)
         nursery.start_soon(handle_signals, args.world, store, nursery.cancel_scope)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(json_format=args.log_format == "json", level=str(args.log_level))
     try:
         trio.run(run, args)
     except* AmbientError as group:

@@ -60,5 +60,6 @@ class CertificateServicer:
             chain = self.ca.sign_workload_csr(req.csr, identity, req.validity_duration)
         except CaError as exc:
             raise RpcError(RpcStatus.INVALID_ARGUMENT, str(exc)) from None
-        log.info("issued a certificate for %s to %s", identity.uri, node or call.peer)
+        log.info("certificate issued", extra={"fields": [
+            ("identity", identity.uri), ("node", node or None), ("peer", str(call.peer))]})
         await call.send_message(ca_pb2.IstioCertificateResponse(cert_chain=chain))

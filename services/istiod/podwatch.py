@@ -33,9 +33,8 @@ class PodWatchServicer:
         if req.node not in self.store.resources.pods_by_node:
             nodes = ", ".join(sorted(self.store.resources.pods_by_node)) or "none"
             raise RpcError(RpcStatus.NOT_FOUND, f"unknown node {req.node!r} (world nodes: {nodes})")
-        log.info(
-            "pod watch for node %s opened by %s (%d known)", req.node, call.peer, len(req.known_versions)
-        )
+        log.info("pod watch opened", extra={"fields": [
+            ("node", req.node), ("peer", str(call.peer)), ("known", len(req.known_versions))]})
         with self.store.subscribe() as wakeup:
             current = self.store.resources.pods_by_node.get(req.node, {})
             known = dict(req.known_versions)
@@ -100,9 +99,9 @@ class PodWatchServicer:
             generation, changed = self.store.set_pod_redirection(req.namespace, req.name, value, uid=req.uid)
         version = self.store.resources.pods_by_node[pod.node][pod.kube_uid].version
         if changed:
-            log.info(
-                "node %s set %s of pod %s to %s", req.node, REDIRECTION_ANNOTATION, key, value or "(removed)"
-            )
+            log.info("pod annotation set", extra={"fields": [
+                ("node", req.node), ("pod", key), ("annotation", REDIRECTION_ANNOTATION),
+                ("value", value or "(removed)")]})
         await call.send_message(
             podwatch_pb2.SetRedirectionResponse(revision=generation, version=version, changed=changed)
         )

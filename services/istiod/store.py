@@ -31,6 +31,7 @@ from services.istiod.world import (
     decode_fragment,
     validate,
 )
+from shared.logs import Display, Field
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,13 @@ class WorldStore:
         finally:
             self._wakeups.discard(wakeup)
 
-    def _swap(self, world: World, source: str, what: str) -> int:
+    def _swap(self, world: World, source: str, change: str, *fields: Field) -> int:
         validate(world, source)
         resources = Resources(world)
         self.world, self.resources = world, resources
         self.generation += 1
-        log.info("world generation %d: %s", self.generation, what)
+        log.info("world changed",
+                 extra={"fields": [("generation", self.generation), ("change", Display(change)), *fields]})
         for wakeup in self._wakeups:
             wakeup.set()
         return self.generation
@@ -101,14 +103,15 @@ class WorldStore:
 
     def apply(self, world: World, source: str = "world") -> int:
         world = msgspec.structs.replace(world, pods=self._keep_redirection(world.pods))
-        return self._swap(world, source, f"applied {source}")
+        return self._swap(world, source, "applied", ("source", source))
 
     def add_pod(self, pod_json: bytes) -> int:
         pod = decode_fragment(pod_json, Pod, "pod", "$")
         pods = [p for p in self.world.pods if p.key != pod.key] + self._keep_redirection([pod])
         index = len(pods) - 1
         try:
-            return self._swap(msgspec.structs.replace(self.world, pods=pods), "pod", f"pod {pod.key} added")
+            return self._swap(msgspec.structs.replace(self.world, pods=pods), "pod", "pod_added",
+                              ("namespace", pod.namespace), ("name", pod.name))
         except WorldError as exc:
             # Report the path relative to the pod the operator sent, not the whole world.
             prefix = f"$.pods[{index}]"
@@ -121,7 +124,8 @@ class WorldStore:
         pods = [p for p in self.world.pods if p.key != key]
         if len(pods) == len(self.world.pods):
             raise NotFoundError(f"no pod {key} in the world")
-        return self._swap(msgspec.structs.replace(self.world, pods=pods), "pod", f"pod {key} removed")
+        return self._swap(msgspec.structs.replace(self.world, pods=pods), "pod", "pod_removed",
+                          ("namespace", namespace), ("name", name))
 
     def set_pod_labels(self, namespace: str, name: str, set_: Mapping[str, str], remove: list[str]) -> int:
         key = f"{namespace}/{name}"
@@ -133,9 +137,8 @@ class WorldStore:
                 break
         else:
             raise NotFoundError(f"no pod {key} in the world")
-        return self._swap(
-            msgspec.structs.replace(self.world, pods=pods), "labels", f"labels of pod {key} changed"
-        )
+        return self._swap(msgspec.structs.replace(self.world, pods=pods), "labels", "pod_labels",
+                          ("namespace", namespace), ("name", name))
 
     def set_pod_redirection(
         self, namespace: str, name: str, value: str | None, *, uid: str = ""
@@ -171,8 +174,9 @@ class WorldStore:
         if value is not None:
             annotations[REDIRECTION_ANNOTATION] = value
         pods[i] = msgspec.structs.replace(pod, annotations=annotations)
-        what = f"redirection of pod {key} {'set to ' + value if value else 'removed'}"
-        return self._swap(msgspec.structs.replace(self.world, pods=pods), "status", what), True
+        world = msgspec.structs.replace(self.world, pods=pods)
+        return self._swap(world, "status", "pod_redirection", ("namespace", namespace), ("name", name),
+                          ("status", value or "removed")), True
 
     def set_namespace_labels(self, name: str, set_: Mapping[str, str], remove: list[str]) -> int:
         namespaces = list(self.world.namespaces)
@@ -184,13 +188,14 @@ class WorldStore:
         else:
             raise NotFoundError(f"no namespace {name} in the world")
         world = msgspec.structs.replace(self.world, namespaces=namespaces)
-        return self._swap(world, "labels", f"labels of namespace {name} changed")
+        return self._swap(world, "labels", "namespace_labels", ("namespace", name))
 
     def add_policy(self, policy_json: bytes) -> int:
         pol = decode_fragment(policy_json, Policy, "policy", "$")
         policies = [p for p in self.world.policies if p.key != pol.key] + [pol]
         world = msgspec.structs.replace(self.world, policies=policies)
-        return self._swap(world, f"policy {pol.key}", f"policy {pol.key} added")
+        return self._swap(world, f"policy {pol.key}", "policy_added", ("namespace", pol.namespace),
+                          ("name", pol.name))
 
     def remove_policy(self, namespace: str, name: str) -> int:
         key = f"{namespace}/{name}"
@@ -198,4 +203,4 @@ class WorldStore:
         if len(policies) == len(self.world.policies):
             raise NotFoundError(f"no policy {key} in the world")
         world = msgspec.structs.replace(self.world, policies=policies)
-        return self._swap(world, "policy", f"policy {key} removed")
+        return self._swap(world, "policy", "policy_removed", ("namespace", namespace), ("name", name))

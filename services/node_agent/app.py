@@ -50,6 +50,7 @@ from services.node_agent.rules import RuleSettings
 from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
 from shared.addr import AddressError, split_host_port
 from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http
+from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
 from shared.settings import EnvSettings
 
 log = logging.getLogger("node_agent.app")
@@ -73,6 +74,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_on_start: bool = True
     watch_sync_timeout: float = 30.0
     log_level: str = "info"
+    log_format: str = "plain"
 
     @property
     def rule_settings(self) -> RuleSettings:
@@ -123,7 +125,16 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--zds-allowed-uid", type=int, action="append", help="peer uid allowed on the ZDS socket")
     p.add_argument("--no-reconcile-on-start", dest="reconcile", action="store_false", default=True)
     p.add_argument(
-        "--log-level", default=env.get("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default=env.get("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="(env LOG_LEVEL)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="plain: upstream's tab-separated lines with k=v fields (default); json: one object a line "
+        "(env LOG_FORMAT)",
     )
     return p
 
@@ -143,6 +154,10 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     health = args.health_addr or None
     if health is not None:
         _split_host_port(health)
+    try:
+        log_format = args.log_format or log_format_from(env)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return AgentConfig(
         node_name=args.node_name,
         control_plane=args.control_plane or None,
@@ -156,6 +171,7 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
         zds_allowed_uids=frozenset(args.zds_allowed_uid) if args.zds_allowed_uid else None,
         reconcile_on_start=args.reconcile,
         log_level=args.log_level,
+        log_format=log_format,
     )
 
 
@@ -225,7 +241,8 @@ def _pod_source(config: AgentConfig, env: Mapping[str, str]) -> tuple[PodSource 
         from shared.aio import GrpcTarget
     except ImportError as exc:
         log.warning(
-            "control plane %s configured but the pod watch is unavailable (%s)", config.control_plane, exc
+            "control plane configured but the pod watch is unavailable",
+            extra={"fields": [("control_plane", config.control_plane), ("error", str(exc))]},
         )
         return None, LogStatusReporter()
     try:
@@ -292,38 +309,33 @@ async def run_agent(
                     await listed.event.wait()
                 if not listed.event.is_set():
                     log.warning(
-                        "the pod watch has not listed this node's pods after %.0f s; starting without them",
-                        config.watch_sync_timeout,
+                        "the pod watch has not listed this node's pods in time; starting without them",
+                        extra={"fields": [("timeout", f"{config.watch_sync_timeout:.0f}s")]},
                     )
             await nursery.start(server.serve)
             await nursery.start(agent.run)
             cni_listener = await open_unix_listener(config.cni_socket)
             lookup = source.lookup if source is not None else None
             await nursery.start(serve_http, CniEndpoint(agent, lookup).route, [cni_listener])
-            log.info("CNI-event endpoint on %s", config.cni_socket)
+            log.info("CNI-event endpoint listening", extra={"fields": [("path", config.cni_socket)]})
             if config.health_addr is not None:
                 host, port = _split_host_port(config.health_addr)
                 listeners = await trio.open_tcp_listeners(port, host=host)
                 await nursery.start(serve_http, health, listeners)
-                log.info("health endpoint on http://%s/healthz", config.health_addr)
-            log.info(
-                "node-agent ready on node %s (backend %s, DNS capture %s, IPv6 %s)",
-                config.node_name,
-                config.backend.value,
-                "on" if config.dns_capture else "off",
-                "on" if config.ipv6 else "off",
-            )
+                log.info("health endpoint listening",
+                         extra={"fields": [("address", Display(config.health_addr)), ("path", "/healthz")]})
+            log.info("node-agent ready", extra={"fields": [
+                ("node", config.node_name), ("backend", Display(config.backend.value)),
+                ("dns_capture", config.dns_capture), ("ipv6", config.ipv6)]})
             task_status.started(agent)
     finally:
         enrolled = len(agent.pods)
         agent.close()
         with contextlib.suppress(OSError):
             os.unlink(config.cni_socket)
-        log.info(
-            "node-agent stopped; %d enrolled pod(s) keep their redirection rules (fail closed until a "
-            "node agent and ztunnel take them again)",
-            enrolled,
-        )
+        # fail closed until a node agent and ztunnel take them again
+        log.info("node-agent stopped; enrolled pods keep their redirection rules",
+                 extra={"fields": [("enrolled", enrolled)]})
 
 
 async def _main(config: AgentConfig) -> None:
@@ -331,7 +343,8 @@ async def _main(config: AgentConfig) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             await nursery.start(run_agent, config)
             async for signum in signals:
-                log.info("received %s; shutting down", signal.Signals(signum).name)
+                log.info("received signal; shutting down",
+                         extra={"fields": [("signal", signal.Signals(signum).name)]})
                 nursery.cancel_scope.cancel()
                 break
 
@@ -343,10 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"node-agent: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(json_format=config.log_format == "json", level=config.log_level)
     try:
         startup_check(config)
     except StartupCheckError as exc:

@@ -297,7 +297,8 @@ class NetnsRuleApplier:
                 install = family in families(self.settings)
                 if have:
                     log.warning(
-                        "%s rules in the pod netns differ from ours; repairing them in place", family.binary
+                        "rules in the pod netns differ from ours; repairing them in place",
+                        extra={"fields": [("binary", family.binary)]},
                     )
                     text = render_repair(redirect, self.settings, family, have, install=install)
                 else:

@@ -139,14 +139,16 @@ class CniEndpoint:
             req = parse_add_request(body)
             pod, ns_labels = pod_from_request(req, self.lookup)
         except CniRequestError as exc:
-            log.warning("CNI event rejected: %s", exc)
+            log.warning("CNI event rejected", extra={"fields": [("error", str(exc))]})
             return json_response({"error": str(exc)}, 400)
         try:
             decision = await self.agent.cni_add(pod, ns_labels)
         except EnrolmentError as exc:
-            log.error("CNI event for %s: enrolment failed: %s", pod.key, exc)
+            log.error("CNI event: enrolment failed",
+                      extra={"fields": [*pod.log_fields(), ("error", str(exc))]})
             return json_response({"error": str(exc), "retryable": exc.retryable}, 500)
         if not decision.eligible:
-            log.info("CNI event for %s: not ambient (%s); skipped", pod.key, decision.reason)
+            log.info("CNI event: pod not ambient; skipped",
+                     extra={"fields": [*pod.log_fields(), ("reason", decision.reason)]})
             return json_response({"status": "skipped", "reason": decision.reason})
         return json_response({"status": self.agent.status_of(pod.uid), "reason": decision.reason})

@@ -103,7 +103,8 @@ class LogStatusReporter:
     """StatusReporter for a node without a control plane: the status goes to the log only."""
 
     async def report(self, pod: Pod, status: str | None) -> None:
-        log.info("pod %s: redirection status %s", pod.key, status or "removed")
+        log.info("pod redirection status",
+                 extra={"fields": [*pod.log_fields(), ("status", status or "removed")]})
 
 
 class PathNetnsOpener:
@@ -122,7 +123,8 @@ class PathNetnsOpener:
                 fd, path = await find_pod_netns(pod.ips, prefix=self.prefix)
             except NetnsGoneError as exc:
                 raise NetnsGoneError(f"pod {pod.key}: {exc}") from None
-            log.info("pod %s: found its network namespace at %s", pod.key, path)
+            log.info("found the pod's network namespace",
+                     extra={"fields": [*pod.log_fields(), ("netns", path)]})
             return fd
         path = pod.netns_path
         if self.prefix and path.startswith("/"):
@@ -188,7 +190,8 @@ class NodeAgent:
                 known = self.cache.get(pod.uid)
                 if pod.netns_path is None and known is None and not pod.ips:
                     log.info(
-                        "pod %s is ambient (%s); waiting for its CNI event or netns", pod.key, decision.reason
+                        "pod is ambient; waiting for its CNI event or netns",
+                        extra={"fields": [*pod.log_fields(), ("reason", decision.reason)]},
                     )
                     return decision
                 await self.enrol(pod)
@@ -200,10 +203,11 @@ class NodeAgent:
                     # as upstream re-adds an ambient pod that is not annotated `enabled`
                     await self._report(pod, state.status)
             elif enrolled:
-                log.info("pod %s leaves the mesh: %s", pod.key, decision.reason)
+                log.info("pod leaves the mesh",
+                         extra={"fields": [*pod.log_fields(), ("reason", decision.reason)]})
                 await self.unenrol(pod, pod_gone=pod.terminated)
         except NodeAgentError as exc:
-            log.warning("pod %s: %s", pod.key, exc)
+            log.warning("pod change not applied", extra={"fields": [*pod.log_fields(), ("error", str(exc))]})
         return decision
 
     async def pod_deleted(self, pod: Pod) -> None:
@@ -269,7 +273,7 @@ class NodeAgent:
             os.close(fd)
             self._forget(pod.uid)
             raise
-        log.info("pod %s: redirection %s", pod.key, outcome.value)
+        log.info("pod redirection", extra={"fields": [*pod.log_fields(), ("outcome", outcome.value)]})
         fd = self.cache.upsert(pod.uid, pod.workload_info, fd)
         state = self.pods.get(pod.uid)
         if state is None:
@@ -300,9 +304,8 @@ class NodeAgent:
             state.delay = min(state.delay * 2, self.retry_max)
             if not retrying:
                 log.warning(
-                    "pod %s: rules installed but ztunnel has not taken the pod (%s); pending, retrying",
-                    pod.key,
-                    exc,
+                    "rules installed but ztunnel has not taken the pod; pending, retrying",
+                    extra={"fields": [*pod.log_fields(), ("error", str(exc))]},
                 )
                 state.status = STATUS_PENDING
                 await self._report(pod, STATUS_PENDING)
@@ -310,7 +313,7 @@ class NodeAgent:
             return
         state.status = STATUS_ENABLED
         state.delay, state.due = self.retry_initial, 0.0
-        log.info("pod %s: enrolled, ztunnel acked", pod.key)
+        log.info("pod enrolled, ztunnel acked", extra={"fields": pod.log_fields()})
         await self._report(pod, STATUS_ENABLED)
 
     async def unenrol(self, pod: Pod, *, pod_gone: bool) -> None:
@@ -324,20 +327,22 @@ class NodeAgent:
                     try:
                         await self.applier.delete(entry.netns_fd)
                     except (RuleApplyError, NetnsGoneError) as exc:
-                        log.warning("pod %s: removing redirection failed: %s", pod.key, exc)
+                        log.warning("removing redirection failed",
+                                    extra={"fields": [*pod.log_fields(), ("error", str(exc))]})
             finally:
                 if entry is not None and entry.netns_fd is not None:
                     os.close(entry.netns_fd)
             await self.ztunnel.del_workload(pod.uid)
             await self._report(pod, None)
-            log.info("pod %s: removed from the mesh", pod.key)
+            log.info("pod removed from the mesh", extra={"fields": pod.log_fields()})
         self._locks.pop(pod.uid, None)
 
     async def _report(self, pod: Pod, status: str | None) -> None:
         try:
             await self.status.report(pod, status)
         except Exception as exc:  # a status write never decides enrolment (the real reporter retries it)
-            log.warning("pod %s: could not report status %s: %s", pod.key, status or "removed", exc)
+            log.warning("could not report the pod's status", extra={"fields": [
+                *pod.log_fields(), ("status", status or "removed"), ("error", str(exc))]})
 
     # --- restart ----------------------------------------------------------------------------------------
 
@@ -369,15 +374,18 @@ class NodeAgent:
             try:
                 fd = await self.opener.open(pod)
             except NetnsGoneError as exc:
-                log.warning("pod %s: enabled before restart, netns not found (%s); kept as is", pod.key, exc)
+                log.warning("pod enabled before restart, netns not found; kept as is",
+                            extra={"fields": [*pod.log_fields(), ("error", str(exc))]})
                 self.cache.ensure(pod.uid, pod.workload_info)
                 continue
             if reconcile_rules:
                 try:
                     outcome = await self.applier.apply(fd, resolve_redirect(pod.annotations, self.settings))
-                    log.info("pod %s: rules reconciled after restart: %s", pod.key, outcome.value)
+                    log.info("pod rules reconciled after restart",
+                             extra={"fields": [*pod.log_fields(), ("outcome", outcome.value)]})
                 except NodeAgentError as exc:
-                    log.error("pod %s: reconciling rules after restart failed: %s", pod.key, exc)
+                    log.error("reconciling pod rules after restart failed",
+                              extra={"fields": [*pod.log_fields(), ("error", str(exc))]})
             self.cache.upsert(pod.uid, pod.workload_info, fd)
             self.pods[pod.uid] = PodState(pod=pod, status=STATUS_ENABLED)
 
@@ -407,7 +415,8 @@ class NodeAgent:
             if state is None or state.status != STATUS_PENDING:
                 return
             if entry is None or entry.netns_fd is None:  # cannot happen while pending; never spin on it
-                log.error("pod %s: pending without a netns handle; dropping it", state.pod.key)
+                log.error("pod pending without a netns handle; dropping it",
+                          extra={"fields": state.pod.log_fields()})
                 self.pods.pop(uid, None)
                 return
             await self._send_add(state, entry.netns_fd)

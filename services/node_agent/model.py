@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from shared.logs import Field
 from shared.zds.types import PodUid, WorkloadInfo
 
 LABEL_DATAPLANE_MODE = "istio.io/dataplane-mode"
@@ -41,6 +42,10 @@ class Pod(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def log_fields(self) -> list[Field]:
+        """The pod in a log line: its namespace and name, as upstream's node agent names it."""
+        return [("namespace", self.namespace), ("name", self.name)]
 
 
 class Namespace(msgspec.Struct, frozen=True, kw_only=True):

@@ -84,7 +84,8 @@ def find_netns_by_ips(ips: Iterable[str], *, prefix: str = "") -> tuple[int, str
                     keep = True
                     match = (fd, path)
             except (OSError, NetnsError) as exc:
-                log.debug("skipping %s: %s", path, exc)
+                log.debug("netns scan: skipping a namespace",
+                          extra={"fields": [("netns", path), ("error", str(exc))]})
             finally:
                 if not keep:
                     os.close(fd)

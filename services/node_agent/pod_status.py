@@ -38,6 +38,7 @@ import msgspec
 import trio
 
 from services.node_agent.model import Pod
+from shared.logs import Field
 from shared.zds.types import PodUid
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ class ControlPlaneStatusReporter:
         from shared.aio import RpcError, RpcStatus
 
         pod, status = write.pod, write.status
-        what = f"redirection status {status or 'removed'} of pod {pod.key}"
+        what: list[Field] = [*pod.log_fields(), ("status", status or "removed")]
         try:
             with trio.fail_after(self._call_timeout):
                 changed = await set_redirection(channel, self.target, self.node, pod, status)
@@ -154,25 +155,28 @@ class ControlPlaneStatusReporter:
             return self._failed(what, f"no answer within {self._call_timeout:g} s", retry=True)
         except RpcError as exc:
             if exc.status == RpcStatus.NOT_FOUND:
-                log.info("%s not written: %s", what, exc.message)
+                log.info("redirection status not written", extra={"fields": [*what, ("error", exc.message)]})
                 return True
             return self._failed(what, str(exc), retry=_retryable(exc))
         if self.last_error is not None:
-            log.info("%s written; the control plane takes status writes again", what)
+            log.info("redirection status written; the control plane takes status writes again",
+                     extra={"fields": what})
             self.last_error = None
         else:
-            log.debug("%s written (changed: %s)", what, changed)
+            log.debug("redirection status written", extra={"fields": [*what, ("changed", changed)]})
         self.written += 1
         return True
 
-    def _failed(self, what: str, reason: str, *, retry: bool) -> bool:
+    def _failed(self, what: list[Field], reason: str, *, retry: bool) -> bool:
+        fields = [*what, ("error", reason)]
         if not retry:
-            log.error("%s not written, and retrying cannot help: %s", what, reason)
+            log.error("redirection status not written, and retrying cannot help", extra={"fields": fields})
             return True
         if self.last_error is None:  # one warning per outage, not one per attempt
-            log.warning("cannot write %s (%s); retrying with backoff, enrolment is unaffected", what, reason)
+            log.warning("cannot write the redirection status; retrying with backoff, enrolment is unaffected",
+                        extra={"fields": fields})
         else:
-            log.debug("cannot write %s: %s", what, reason)
+            log.debug("cannot write the redirection status", extra={"fields": fields})
         self.last_error = reason
         return False
 

@@ -170,7 +170,8 @@ class PodWatch:
                 if self.connected:
                     self.connected = False
                     await self._send.send(WatchStatus(connected=False, reason=reason))
-                log.warning("pod watch for node %s: %s; retrying in %.1fs", self.node, reason, backoff)
+                log.warning("pod watch lost; retrying", extra={"fields": [
+                    ("node", self.node), ("error", reason), ("backoff", f"{backoff:.1f}s")]})
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, self._backoff_max)
 
@@ -223,7 +224,8 @@ class PodWatch:
             return [
                 PodDeleted(uid=event.removed.uid, name=event.removed.name, namespace=event.removed.namespace)
             ]
-        log.warning("pod watch: ignoring an event of unknown kind %r (newer server?)", kind)
+        log.warning("pod watch: ignoring an event of unknown kind (newer server?)",
+                    extra={"fields": [("kind", kind)]})
         return []
 
 

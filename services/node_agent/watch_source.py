@@ -78,7 +78,8 @@ class PodWatchSource:
                     if not started:
                         self.view = {p.uid: p for p in event.pods}
                         await sink.initial_pods([(to_pod(p), dict(p.namespace_labels)) for p in event.pods])
-                        log.info("pod watch: %d pod(s) on node %s", len(event.pods), self.node)
+                        log.info("pod watch listed the node's pods",
+                                 extra={"fields": [("node", self.node), ("pods", len(event.pods))]})
                         task_status.started()
                         started = True
                         continue
@@ -103,7 +104,8 @@ class PodWatchSource:
                     if event.connected:
                         log.info("pod watch reconnected")
                     else:
-                        log.warning("pod watch lost (%s); keeping the last known view", event.reason)
+                        log.warning("pod watch lost; keeping the last known view",
+                                    extra={"fields": [("error", event.reason)]})
 
     async def _changed(self, sink: PodSink, info: PodInfo) -> None:
         self.view[info.uid] = info

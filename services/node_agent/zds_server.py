@@ -34,6 +34,7 @@ from typing import Protocol
 import trio
 
 from shared.accept import ACCEPT_CAPACITY_ERRNOS, ACCEPT_RETRY_DELAY
+from shared.logs import Display, Field
 from shared.zds.codec import close_fds, decode_ack, decode_hello
 from shared.zds.errors import (
     ZdsConnectionLost,
@@ -68,6 +69,10 @@ QUEUE_SIZE = 100
 ACCEPT_INTERVAL = 0.2  # upstream rate-limits accepts to 5/s
 
 
+def _uid_list(uids: frozenset[int]) -> str:
+    return ",".join(map(str, sorted(uids)))
+
+
 class SnapshotSource(Protocol):
     """What the node agent knows about its enrolled pods (its netns cache)."""
 
@@ -92,7 +97,7 @@ class _Job:
 class _Connection:
     number: int
     sock: trio.socket.SocketType
-    peer: str
+    peer: list[Field]  # the connection in log lines: number, pid and uid of the ztunnel process
     session: ServerSession = field(default_factory=ServerSession)
     answers_send: trio.MemorySendChannel[Ack] = field(init=False)
     answers_recv: trio.MemoryReceiveChannel[Ack] = field(init=False)
@@ -179,7 +184,8 @@ class ZdsServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled. Calls task_status.started() once the socket is bound."""
         listener = bind_server_socket(self.path)
-        log.info("ZDS server listening on %s (allowed peer uids: %s)", self.path, sorted(self.allowed_uids))
+        log.info("ZDS server listening", extra={"fields": [
+            ("path", self.path), ("allowed_uids", _uid_list(self.allowed_uids))]})
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
@@ -188,7 +194,8 @@ class ZdsServer:
                         sock, _ = await listener.accept()
                     except OSError as exc:
                         if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                            log.error("accept on %s failed: %s; retrying in 100 ms", self.path, exc)
+                            log.error("accept failed, retrying in 100 ms",
+                                      extra={"fields": [("path", self.path), ("error", str(exc))]})
                             await trio.sleep(ACCEPT_RETRY_DELAY)
                             continue
                         raise
@@ -204,13 +211,11 @@ class ZdsServer:
         conn: _Connection | None = None
         try:
             pid, uid, _gid = peer_credentials(sock)
-            peer = f"ztunnel connection #{self._counter} (pid {pid}, uid {uid})"
+            peer: list[Field] = [("connection", self._counter), ("pid", pid), ("peer_uid", uid)]
             if uid not in self.allowed_uids:
                 log.warning(
-                    "refused %s: uid %d is not allowed (allowed: %s); run ztunnel as an allowed user",
-                    peer,
-                    uid,
-                    sorted(self.allowed_uids),
+                    "ztunnel connection refused: its uid is not allowed; run ztunnel as an allowed user",
+                    extra={"fields": [*peer, ("allowed_uids", _uid_list(self.allowed_uids))]},
                 )
                 return
             conn = _Connection(number=self._counter, sock=sock, peer=peer)
@@ -218,7 +223,7 @@ class ZdsServer:
                 return
             self._connections.append(conn)
             self._notify()
-            log.info("%s established", peer)
+            log.info("ztunnel connection established", extra={"fields": peer})
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._reader, conn, nursery.cancel_scope)
@@ -226,10 +231,11 @@ class ZdsServer:
                     nursery.cancel_scope.cancel()
             except* ZdsError as group:
                 for exc in group.exceptions:
-                    log.warning("%s closed: %s", peer, exc)
+                    log.warning("ztunnel connection closed", extra={"fields": [*peer, ("error", str(exc))]})
             except* Exception as group:  # a bug tied to this connection: it closes, the server carries on
                 for bug in group.exceptions:
-                    log.error("%s closed on an internal error: %r", peer, bug, exc_info=bug)
+                    log.error("ztunnel connection closed on an internal error",
+                              extra={"fields": [*peer, ("error", repr(bug))]}, exc_info=bug)
         finally:
             if conn is not None:
                 self._teardown(conn)
@@ -242,19 +248,22 @@ class ZdsServer:
             hello = decode_hello(data, fds, flags)
             conn.session.receive_hello(hello)
         except trio.TooSlowError:
-            log.warning("%s sent no hello within %.0f s; closing", conn.peer, self.deadline)
+            log.warning("ztunnel sent no hello in time; closing",
+                        extra={"fields": [*conn.peer, ("deadline", f"{self.deadline:.0f}s")]})
             return False
         except ZdsEndOfStream:
-            log.info("%s closed before its hello", conn.peer)
+            log.info("ztunnel connection closed before its hello", extra={"fields": conn.peer})
             return False
         except ZdsVersionError as exc:
-            log.warning("%s: %s", conn.peer, exc)
+            log.warning("ztunnel hello refused", extra={"fields": [*conn.peer, ("error", str(exc))]})
             return False
         except (ZdsReadError, ZdsProtocolError) as exc:
-            log.warning("%s sent an unreadable hello (%s); closing", conn.peer, exc)
+            log.warning("ztunnel sent an unreadable hello; closing",
+                        extra={"fields": [*conn.peer, ("error", str(exc))]})
             return False
         except OSError as exc:
-            log.warning("%s failed before its hello: %s", conn.peer, exc)
+            log.warning("ztunnel connection failed before its hello",
+                        extra={"fields": [*conn.peer, ("error", str(exc))]})
             return False
         return True
 
@@ -267,13 +276,14 @@ class ZdsServer:
                 conn.session.receive_ack(ack)
                 conn.answers_send.send_nowait(ack)
         except ZdsEndOfStream:
-            log.info("%s: ztunnel closed the connection", conn.peer)
+            log.info("ztunnel closed the connection", extra={"fields": conn.peer})
         except ZdsProtocolError:
-            log.warning("%s: ztunnel protocol error, unexpected message; closing", conn.peer)
+            log.warning("ztunnel protocol error, unexpected message; closing", extra={"fields": conn.peer})
         except ZdsReadError as exc:
-            log.warning("%s: unreadable answer (%s); closing", conn.peer, exc)
+            log.warning("unreadable answer from ztunnel; closing",
+                        extra={"fields": [*conn.peer, ("error", str(exc))]})
         except OSError as exc:
-            log.warning("%s: read failed: %s", conn.peer, exc)
+            log.warning("read from ztunnel failed", extra={"fields": [*conn.peer, ("error", str(exc))]})
         conn.closing = True
         await conn.answers_send.aclose()
         cancel_scope.cancel()
@@ -309,13 +319,14 @@ class ZdsServer:
                     if entry.netns_fd is not None:
                         close_fds([entry.netns_fd])
                 if not ack.ok:
-                    log.warning("%s: snapshot entry %s was NACKed: %s", conn.peer, entry.uid, ack.error)
+                    log.warning("snapshot entry NACKed", extra={"fields": [
+                        *conn.peer, ("uid", entry.uid), ("error", ack.error)]})
         finally:
             close_fds([e.netns_fd for e in entries if e.netns_fd is not None])
         ack = await self._exchange(conn, SnapshotSent())
         if not ack.ok:
-            log.warning("%s: snapshot_sent was NACKed: %s", conn.peer, ack.error)
-        log.info("%s: snapshot delivered", conn.peer)
+            log.warning("snapshot_sent NACKed", extra={"fields": [*conn.peer, ("error", ack.error)]})
+        log.info("snapshot delivered", extra={"fields": conn.peer})
         async for job in conn.jobs_recv:
             try:
                 answer = await self._exchange(conn, job.request)
@@ -347,7 +358,9 @@ class ZdsServer:
     async def _submit_logged(self, conn: _Connection, job: _Job) -> None:
         await self._submit(conn, job)
         if job.error is not None:
-            log.warning("%s: %s for %s", conn.peer, job.error, job.request)
+            log.warning("request to ztunnel failed", extra={"fields": [
+                *conn.peer, ("request", Display(type(job.request).__name__)),
+                ("uid", getattr(job.request, "uid", None)), ("error", str(job.error))]})
 
     def _teardown(self, conn: _Connection) -> None:
         conn.closing = True

@@ -21,8 +21,8 @@ from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.proxy.context import Mesh
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry.access_log import Telemetry
-from services.ztunnel.telemetry.logging import current_log_levels, set_log_level
 from shared.httpd import Request, Response
+from shared.logs import current_log_levels, set_log_level
 
 if TYPE_CHECKING:
     from services.ztunnel.xds.client import XdsClient

@@ -51,9 +51,9 @@ from services.ztunnel.peers import StatePeers
 from services.ztunnel.proxy.context import Mesh, SocketFactory
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry.access_log import Telemetry
-from services.ztunnel.telemetry.logging import setup_logging
 from services.ztunnel.telemetry.metrics import Metrics
 from shared.httpd import bound_addresses, serve_http_tcp
+from shared.logs import setup_logging
 from shared.netns import NetnsError, current_netns_fd, entered
 
 log = logging.getLogger("ztunnel.app")

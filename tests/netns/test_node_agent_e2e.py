@@ -18,6 +18,7 @@ from services.node_agent import cni_plugin
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
 from shared.netns import entered, open_netns
+from tests.access_logs import parse_plain
 from tests.netns.conftest import run
 from tests.service.zds_fakes import RecordingHandler
 
@@ -95,7 +96,11 @@ async def test_node_agent_process_enrols_pod_end_to_end(
             proc.send_signal(signal.SIGTERM)
             await proc.wait()
         assert proc.returncode == 0
-        assert "keep their redirection rules" in log_path.read_text()
+        text = log_path.read_text()
+        lines = [p for p in map(parse_plain, text.splitlines()) if p.target == "node_agent::app"]
+        assert [(p.message, p.fields) for p in lines if p.message.startswith("node-agent stopped")] == [
+            ("node-agent stopped; enrolled pods keep their redirection rules", {"enrolled": 1})
+        ], text
         assert "ISTIO_OUTPUT" in run("iptables-save", netns=pod).stdout  # fail closed: rules stay
     finally:
         if proc.poll() is None:

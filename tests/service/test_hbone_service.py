@@ -46,8 +46,8 @@ from services.ztunnel.state.types import (
     WorkloadUid,
 )
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, Telemetry, format_addr
-from services.ztunnel.telemetry.logging import Display
 from shared.identity import CertBundle
+from shared.logs import Display
 from tests.service.test_hbone_helpers import (
     FakeCerts,
     Server,

@@ -16,6 +16,7 @@ from services.node_agent.podwatch import PodSnapshot, PodUpserted, open_pod_watc
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig
 from shared.aio import GrpcTarget
+from tests.access_logs import ParsedLine, parse_plain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,12 +42,18 @@ async def run_stub(state: Path) -> AsyncIterator[int]:
     try:
         assert proc.stderr is not None
         log = b""
-        while b"serving TLS on 127.0.0.1:" not in log:
+        serving: list[ParsedLine] = []
+        while not serving:
             chunk = await proc.stderr.receive_some()
             assert chunk, f"istiod-stub exited: {log.decode()}"
             log += chunk
-        port = int(log.split(b"serving TLS on 127.0.0.1:")[1].split(b" ")[0])
-        yield port
+            lines = [parse_plain(line.decode()) for line in log.split(b"\n")[:-1]]  # whole lines only
+            serving = [p for p in lines if (p.target, p.message) == ("istiod-stub", "istiod-stub serving")]
+        [line] = serving
+        assert line.fields["transport"] == "tls", line
+        host, _, port = str(line.fields["address"]).rpartition(":")
+        assert host == "127.0.0.1", line
+        yield int(port)
     finally:
         proc.terminate()
         with trio.CancelScope(shield=True):

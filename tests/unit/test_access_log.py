@@ -19,14 +19,8 @@ from services.ztunnel.telemetry.access_log import (
     format_addr,
     traffic_labels,
 )
-from services.ztunnel.telemetry.logging import (
-    Display,
-    UpstreamFormatter,
-    debug_quote,
-    format_plain,
-    set_log_level,
-)
 from services.ztunnel.telemetry.metrics import Metrics
+from shared.logs import Display, UpstreamFormatter, debug_quote, format_plain, set_log_level
 from tests.access_logs import parse_plain
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

@@ -24,6 +24,7 @@ import trio
 from services.ztunnel.identity.ca_client import CaClient
 from services.ztunnel.identity.errors import CertificateError
 from shared.identity import CertBundle, IdentityError, SpiffeId, load_cert
+from shared.logs import Display, format_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ class CertificateManager:
         except Exception as exc:
             # A bug or an unexpected failure in a CaClient must not take every identity's rotation down with
             # it: treat it like a refused request (logged with its traceback, retried with backoff).
-            log.exception("unexpected error fetching a certificate for %s", identity.uri)
+            log.exception("unexpected error fetching a certificate",
+                          extra={"fields": [("identity", identity.uri)]})
             raise CertificateError(f"fetching a certificate for {identity.uri} failed: {exc!r}") from exc
 
     async def _maintain(self, identity: SpiffeId, entry: _Entry) -> None:
@@ -166,20 +168,19 @@ class CertificateManager:
                     old = entry.bundle
                     retry_at = self.clock.now() + backoff
                     if old is not None and self._valid(old):
-                        log.warning(
-                            "renewing %s failed, keeping the current certificate: %s", identity.uri, exc
-                        )
+                        log.warning("renewing the certificate failed, keeping the current one",
+                                    extra={"fields": [("identity", identity.uri), ("error", str(exc))]})
                         retry_at = min(retry_at, old.not_after)
                     else:
-                        log.warning(
-                            "no certificate for %s: %s (retrying in %.0fs)", identity.uri, exc, backoff
-                        )
+                        log.warning("no certificate; retrying", extra={"fields": [
+                            ("identity", identity.uri), ("error", str(exc)), ("backoff", f"{backoff:.0f}s")]})
                     await self.clock.sleep_until(retry_at)
                     backoff = min(backoff * 2, self._retry_max)
                     continue
                 backoff = self._retry_initial
                 self._set(entry, bundle, None)
-                log.info("certificate for %s valid until %s", identity.uri, time.ctime(bundle.not_after))
+                log.info("certificate fetched", extra={"fields": [
+                    ("identity", identity.uri), ("expiration", Display(format_timestamp(bundle.not_after)))]})
                 await self.clock.sleep_until(bundle.refresh_at)
 
 

@@ -157,10 +157,11 @@ class WorkloadManager:
         current = self.running.get(uid)
         if current is not None and current.netns == nid:
             close_fds([fd])
-            log.debug("pod %s already running in the same netns; nothing to do", uid)
+            log.debug("pod already running in the same netns; nothing to do",
+                      extra={"fields": [("uid", uid)]})
             return ""
         if current is not None:
-            log.info("pod %s moved to another netns; replacing its proxies", uid)
+            log.info("pod moved to another netns; replacing its proxies", extra={"fields": [("uid", uid)]})
             await self._stop(uid)
         old = self.pending.pop(uid, None)
         if old is not None:
@@ -183,11 +184,12 @@ class WorkloadManager:
         if uid in self.running:
             await self._stop(uid)
         else:
-            log.debug("del for unknown pod %s; ignored", uid)
+            log.debug("del for an unknown pod; ignored", extra={"fields": [("uid", uid)]})
 
     async def _reconcile(self) -> None:
         for uid in [u for u in self.running if u not in self.snapshot_names]:
-            log.info("pod %s is not in the node agent's snapshot; stopping its proxies", uid)
+            log.info("pod not in the node agent's snapshot; stopping its proxies",
+                     extra={"fields": [("uid", uid)]})
             await self._stop(uid)
         self.snapshot_received = True
 
@@ -198,7 +200,8 @@ class WorkloadManager:
                 error = await self._start(uid, item.info, item.netns_fd, netns_id(item.netns_fd))
                 if error:
                     item.error = error
-                    log.warning("pod %s still failing to start: %s", uid, error)
+                    log.warning("pod still failing to start",
+                                extra={"fields": [("uid", uid), ("error", error)]})
                     continue
                 del self.pending[uid]
                 close_fds([item.netns_fd])
@@ -210,7 +213,8 @@ class WorkloadManager:
         The pod is no longer listed as running, so a later add for it starts it again.
         """
         if self.running.pop(uid, None) is not None:
-            log.warning("pod %s proxies exited on their own; no longer running", uid)
+            log.warning("pod proxies exited on their own; no longer running",
+                        extra={"fields": [("uid", uid)]})
             self._changed()
 
     # --- helpers ----------------------------------------------------------------------------------------
@@ -219,14 +223,16 @@ class WorkloadManager:
         try:
             await self.handler.start_workload(uid, info, fd, on_exit=partial(self.workload_exited, uid))
         except ProxyStartError as exc:
-            log.warning("failed to start proxies of pod %s (%s/%s): %s", uid, info.namespace, info.name, exc)
+            log.warning("failed to start the pod's proxies", extra={"fields": [
+                ("uid", uid), ("name", info.name), ("namespace", info.namespace), ("error", str(exc))]})
             return str(exc)
         except Exception as exc:  # a handler bug must not take the ZDS connection or other pods down
-            log.exception("unexpected error starting proxies of pod %s", uid)
+            log.exception("unexpected error starting the pod's proxies", extra={"fields": [("uid", uid)]})
             return f"internal error: {exc!r}"
         self._generation += 1
         self.running[uid] = RunningWorkload(uid=uid, info=info, netns=nid, generation=self._generation)
-        log.info("pod %s (%s/%s) proxies started", uid, info.namespace, info.name)
+        log.info("pod proxies started",
+                 extra={"fields": [("uid", uid), ("name", info.name), ("namespace", info.namespace)]})
         return ""
 
     async def _stop(self, uid: PodUid) -> None:
@@ -234,8 +240,8 @@ class WorkloadManager:
         try:
             await self.handler.stop_workload(uid)
         except Exception:
-            log.exception("unexpected error stopping proxies of pod %s", uid)
-        log.info("pod %s proxies stopped", uid)
+            log.exception("unexpected error stopping the pod's proxies", extra={"fields": [("uid", uid)]})
+        log.info("pod proxies stopped", extra={"fields": [("uid", uid)]})
 
     def _drop_pending(self) -> None:
         for item in self.pending.values():

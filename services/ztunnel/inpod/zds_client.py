@@ -73,12 +73,13 @@ async def run_zds_client(
         except OSError as exc:
             delay = backoff.next_delay()
             if not failing:
-                log.warning("%s; retrying with backoff", describe_connect_error(path, exc))
+                log.warning("cannot connect to the node agent; retrying with backoff", extra={"fields": [
+                    ("path", os.fspath(path)), ("error", describe_connect_error(path, exc))]})
                 failing = True
             await trio.sleep(delay)
             continue
         if failing:
-            log.info("connected to the node agent over %s", os.fspath(path))
+            log.info("connected to the node agent", extra={"fields": [("path", os.fspath(path))]})
         failing = False
         try:
             clean = await _serve_connection(sock, manager, retry_interval)
@@ -98,7 +99,7 @@ async def _serve_connection(
     try:
         await send_datagram(sock, session.hello())
     except OSError as exc:
-        log.warning("failed to announce to the node agent (hello): %s", exc)
+        log.warning("failed to announce to the node agent (hello)", extra={"fields": [("error", str(exc))]})
         return False
     manager.connection_started()
     async with trio.open_nursery() as nursery:
@@ -113,7 +114,7 @@ async def _read_loop(sock: trio.socket.SocketType, session: ClientSession, manag
         try:
             data, fds, flags = await recv_datagram(sock)
         except OSError as exc:
-            log.warning("ZDS read failed: %s; reconnecting", exc)
+            log.warning("ZDS read failed; reconnecting", extra={"fields": [("error", str(exc))]})
             return False
         try:
             request = decode_request(data, fds, flags)
@@ -122,7 +123,8 @@ async def _read_loop(sock: trio.socket.SocketType, session: ClientSession, manag
             return True
         except ZdsReadError as exc:
             session.reject_unreadable()
-            log.error("failure to read message : %s; NACKing and reconnecting", exc)
+            log.error("failure to read message; NACKing and reconnecting",
+                      extra={"fields": [("error", str(exc))]})
             await _send_quietly(sock, session.respond(f"failure to read message : {exc}"))
             return False
         try:
@@ -130,14 +132,16 @@ async def _read_loop(sock: trio.socket.SocketType, session: ClientSession, manag
         except ZdsProtocolError as exc:
             if isinstance(request, AddWorkload):
                 close_fds([request.netns_fd])
-            log.error("failure to process message : %s; NACKing and reconnecting", exc)
+            log.error("failure to process message; NACKing and reconnecting",
+                      extra={"fields": [("error", str(exc))]})
             await _send_quietly(sock, session.respond(f"failure to process message : {exc}"))
             return False
         error = await manager.handle(request)
         try:
             await send_datagram(sock, session.respond(error))
         except OSError as exc:
-            log.warning("failed to answer the node agent: %s; reconnecting", exc)
+            log.warning("failed to answer the node agent; reconnecting",
+                        extra={"fields": [("error", str(exc))]})
             return False
 
 
@@ -145,7 +149,7 @@ async def _send_quietly(sock: trio.socket.SocketType, datagram: tuple[bytes, lis
     try:
         await send_datagram(sock, datagram)
     except OSError as exc:
-        log.debug("could not send NACK: %s", exc)
+        log.debug("could not send NACK", extra={"fields": [("error", str(exc))]})
 
 
 async def _retry_pending(manager: WorkloadManager, interval: float) -> None:

@@ -18,8 +18,8 @@ from typing import Final
 
 import msgspec
 
-from services.ztunnel.telemetry.logging import Display, Field
 from services.ztunnel.telemetry.metrics import Child, Family, Metrics
+from shared.logs import Display, Field
 
 ACCESS_LOGGER: Final = "access"
 

@@ -32,6 +32,7 @@ from services.ztunnel.xds.convert import (
 from services.ztunnel.xds.errors import ConversionError
 from shared.aio import GrpcTarget, RpcError, open_aio_loop, open_target
 from shared.api import discovery_grpc, discovery_pb2, envoy_base_pb2, rpc_status_pb2
+from shared.logs import Display
 
 if TYPE_CHECKING:
     from services.ztunnel.config import ZtunnelConfig
@@ -111,15 +112,13 @@ class XdsClient:
                 self.connected = False
             if delivered:
                 backoff = self.config.backoff_initial
-            log.warning(
-                "xDS stream to %s:%d ended: %s; reconnecting in %.1fs",
-                self.target.host,
-                self.target.port,
-                reason,
-                backoff,
-            )
+            log.warning("xDS stream ended; reconnecting", extra={"fields": [
+                ("address", self._address()), ("error", reason), ("backoff", f"{backoff:.1f}s")]})
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.config.backoff_max)
+
+    def _address(self) -> Display:
+        return Display(f"{self.target.host}:{self.target.port}")
 
     def _node(self) -> envoy_base_pb2.Node:
         metadata = struct_pb2.Struct()
@@ -146,9 +145,8 @@ class XdsClient:
                 )
             self.connected = True
             self.connects += 1
-            log.info(
-                "xDS connected to %s:%d (connection %d)", self.target.host, self.target.port, self.connects
-            )
+            log.info("xDS connected",
+                     extra={"fields": [("address", self._address()), ("connection", self.connects)]})
             while (response := await call.recv_message()) is not None:
                 delivered = True
                 await call.send_message(self.handle_response(response))
@@ -181,9 +179,9 @@ class XdsClient:
             self.store.apply_addresses([x for x in good if isinstance(x, Workload | Service)], removed)
         else:
             self.store.apply_authorizations([x for x in good if isinstance(x, Authorization)], removed)
-        log.debug(
-            "xDS %s: %d updated, %d removed, %d rejected", type_url, len(good), len(removed), len(failures)
-        )
+        log.debug("xDS response applied", extra={"fields": [
+            ("type_url", type_url), ("updated", len(good)), ("removed", len(removed)),
+            ("rejected", len(failures))]})
         self._synced_types.add(type_url)
         if self._synced_types >= set(self.config.type_urls):
             self._synced.set()
@@ -195,7 +193,8 @@ class XdsClient:
         self, reply: discovery_pb2.DeltaDiscoveryRequest, failures: list[str]
     ) -> discovery_pb2.DeltaDiscoveryRequest:
         message = "; ".join(failures)
-        log.warning("NACK %s (nonce %s): %s", reply.type_url, reply.response_nonce, message)
+        log.warning("sending NACK", extra={"fields": [
+            ("type_url", reply.type_url), ("nonce", reply.response_nonce), ("error", message)]})
         self.nacks_sent.append(message)
         reply.error_detail.CopyFrom(rpc_status_pb2.Status(code=INVALID_ARGUMENT, message=message))
         return reply

@@ -1,16 +1,18 @@
-"""ztunnel's logging framework: upstream's line format (plain or JSON), and run-time levels.
+"""The one logging dialect of every process: upstream ztunnel's tracing lines, with structured fields.
 
 Theory of operation
 -------------------
-Logging goes through the standard `logging` module so that `/logging?level=` can change levels at run time;
-`UpstreamFormatter` renders a record the way ztunnel's tracing subscriber does:
+Logging goes through the standard `logging` module so that levels can change at run time (ztunnel's
+`/logging?level=`); `UpstreamFormatter` renders a record the way ztunnel's tracing subscriber does:
 
     <RFC3339 UTC µs>\\t<level>\\t<target>\\t<message>\\t<k=v k=v ...>
 
-Structured fields travel in `record.fields` (a sequence of `(key, value)` pairs, in order). A `str` value is
-written Debug-quoted like Rust's `{:?}`, an `int` or a `Display` value bare (Rust's `%value`), `None` is
-left out. Loggers `a.b.c` are written as `a::b::c` the way Rust module paths look (the access log's logger
-is `access`, see access_log.py). `LOG_FORMAT=json` switches to one JSON object per line.
+A message is a short constant phrase; what varies travels as structured fields in `record.fields`, a
+sequence of `(key, value)` pairs in order, given as `log.info("pod enrolled", extra={"fields": [("uid",
+uid)]})`. A `str` value is written Debug-quoted like Rust's `{:?}`, an `int` or a `Display` value bare
+(Rust's `%value`), `None` is left out. A logger `a.b.c` is written as target `a::b::c` the way Rust module
+paths look (ztunnel's access log's logger is `access`). `LOG_FORMAT=json` switches to one JSON object per
+line (`setup_logging(json_format=True)`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 _LEVEL_NAMES: Final = {
@@ -33,6 +35,7 @@ logging.addLevelName(TRACE, "TRACE")
 
 LEVELS: Final = {"trace": TRACE, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
                  "error": logging.ERROR, "off": logging.CRITICAL + 10}
+_LEVEL_ALIASES: Final = {"warning": "warn"}  # Python's name, which the node agent's --log-level takes
 
 
 class Display(str):
@@ -44,24 +47,18 @@ class Display(str):
 Field = tuple[str, object]
 
 
+_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
+
+
 def debug_quote(value: str) -> str:
     """Rust's `{:?}` for a string: double quotes, with `"`, `\\` and control characters escaped."""
     if value.isprintable() and '"' not in value and "\\" not in value:
         return f'"{value}"'  # the common case (names, identities), without the per-character loop
     out = ['"']
     for ch in value:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\0":
-            out.append("\\0")
+        escaped = _ESCAPES.get(ch)
+        if escaped is not None:
+            out.append(escaped)
         elif ord(ch) < 0x20 or ord(ch) == 0x7F:
             out.append(f"\\u{{{ord(ch):x}}}")
         else:
@@ -141,7 +138,8 @@ def setup_logging(*, json_format: bool, level: str = "info", stream: Any = None)
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(LEVELS.get(level, logging.INFO))
+    name = level.lower()
+    root.setLevel(LEVELS.get(_LEVEL_ALIASES.get(name, name), logging.INFO))
     return handler
 
 
@@ -170,3 +168,23 @@ def current_log_levels() -> str:
         if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
             parts.append(f"{target_of(name)}={names.get(logger.level, str(logger.level))}")
     return ",".join(parts)
+
+
+# --- parsing back (tests, tools) -----------------------------------------------------------------------
+
+
+LOG_FORMATS: Final = ("plain", "json")
+LOG_FORMAT_HELP: Final = ("environment: LOG_FORMAT=plain (upstream's tab-separated log lines, the default) "
+                          "or json (one object a line)")
+
+
+def log_format_from(env: Mapping[str, str]) -> str:
+    """`LOG_FORMAT` (plain or json, any case; default plain).
+
+    Raises:
+        ValueError: another value (the message names the variable).
+    """
+    value = env.get("LOG_FORMAT", "plain").strip().lower() or "plain"
+    if value not in LOG_FORMATS:
+        raise ValueError(f"LOG_FORMAT={value!r} must be plain or json")
+    return value
