@@ -1,5 +1,6 @@
 """Who may import whom: shared/ is the ground floor, services/ stand on it, ambient/ (the CLI and the kits)
-on top; and no import cycle anywhere among the project's modules.
+on top; no process imports another's folder; inside ztunnel hbone/ (transport) imports nothing of proxy/,
+inpod/ or the state, and proxy/ nothing of inpod/; and no import cycle anywhere among the project's modules.
 
 The graph is read from the source with `ast`, every import statement counted: module level, inside
 functions (lazy imports) and under `if TYPE_CHECKING:`, since each is an arrow a reader has to follow.
@@ -15,9 +16,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("shared", "services", "ambient")
-FORBIDDEN = {  # importer's top-level package -> packages it may not import
+SERVICES = ("services.node_agent", "services.ztunnel", "services.istiod", "services.apps")
+ZTUNNEL = "services.ztunnel"
+FORBIDDEN: dict[str, tuple[str, ...]] = {  # importer's package (and below) -> what it may not import
     "shared": ("services", "ambient"),
     "services": ("ambient",),
+    # one process never imports another's folder: what two processes share lives in shared/
+    **{svc: tuple(other for other in SERVICES if other != svc) for svc in SERVICES},
+    # ztunnel's floors: hbone/ is transport only, proxy/ never reaches up into inpod/, net.py and
+    # telemetry/ sit below both
+    f"{ZTUNNEL}.hbone": tuple(f"{ZTUNNEL}.{m}" for m in ("proxy", "inpod", "state", "authz", "xds", "peers",
+                                                         "app", "admin")),
+    f"{ZTUNNEL}.proxy": (f"{ZTUNNEL}.inpod", f"{ZTUNNEL}.app", f"{ZTUNNEL}.admin"),
+    f"{ZTUNNEL}.net": (f"{ZTUNNEL}.proxy", f"{ZTUNNEL}.inpod"),
+    f"{ZTUNNEL}.telemetry": (f"{ZTUNNEL}.proxy", f"{ZTUNNEL}.inpod", f"{ZTUNNEL}.hbone"),
 }
 
 Graph = dict[str, set[str]]
@@ -68,12 +80,16 @@ def _known(module: str, files: Mapping[str, Path]) -> str:
     return ""
 
 
-def upward_imports(graph: Graph) -> list[str]:
-    """Every arrow that points up a floor, as "importer -> imported"."""
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def upward_imports(graph: Graph, rules: Mapping[str, tuple[str, ...]] = FORBIDDEN) -> list[str]:
+    """Every arrow that a rule forbids (an upward or sideways one), as "importer -> imported"."""
     bad = []
     for importer, targets in sorted(graph.items()):
-        forbidden = FORBIDDEN.get(importer.split(".")[0], ())
-        bad += [f"{importer} -> {t}" for t in sorted(targets) if t.split(".")[0] in forbidden]
+        forbidden = [f for package, banned in rules.items() if _within(importer, package) for f in banned]
+        bad += [f"{importer} -> {t}" for t in sorted(targets) if any(_within(t, f) for f in forbidden)]
     return bad
 
 
@@ -157,6 +173,9 @@ def test_the_checker_finds_upward_imports_and_cycles_in_a_synthetic_tree(tmp_pat
     assert graph["shared.ground"] == {"services.svc.app"}
     assert graph["services.svc.c"] == {"services.svc.a"}
     assert upward_imports(graph) == ["services.svc.app -> ambient.cli", "shared.ground -> services.svc.app"]
+    rules = {"services.svc.c": ("services.svc.a",), "services.svc.b": ("services.svc.cc",)}
+    # rules match whole module names: services.svc.c is not inside services.svc.cc
+    assert upward_imports(graph, rules) == ["services.svc.c -> services.svc.a"]
     assert import_cycles(graph) == [["services.svc.a", "services.svc.b", "services.svc.c", "services.svc.a"]]
 
 
@@ -171,7 +190,7 @@ def test_a_clean_tree_passes(tmp_path: Path) -> None:
 # --- the project -------------------------------------------------------------------------------------------
 
 
-def test_shared_imports_nothing_above_it_and_no_service_imports_ambient() -> None:
+def test_every_arrow_points_down_and_no_process_imports_another() -> None:
     assert upward_imports(import_graph(ROOT)) == []
 
 
