@@ -20,31 +20,25 @@ snapshot applied, nothing pending), plus "xDS synced" when XDS_ADDRESS is set. S
 client (no new pods), every pod stops accepting, open connections get the drain deadline to finish, then
 everything is closed.
 
-Memory: the process (`main`) also returns free heap pages to the kernel every MALLOC_TRIM_INTERVAL seconds
-(`malloc_trim`); /metrics imports prometheus_client only when first scraped.
+Memory: the process (`main`) also returns free heap pages to the kernel every few seconds (host.py);
+/metrics imports prometheus_client only when first scraped. The endpoints' routes are in admin.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import os
-import resource
 import signal
-import socket
 import sys
-from collections.abc import Callable
 from functools import partial
-from typing import Final
 
 import trio
 
 from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
 from services.ztunnel.config import ZtunnelConfig, load_config
 from services.ztunnel.errors import ConfigError, StartupCheckError
+from services.ztunnel.host import raise_open_files_limit, trim_malloc_periodically, verify_syscalls
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
-from services.ztunnel.inpod.sockets import SO_MARK
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
 from services.ztunnel.peers import StatePeers
@@ -54,70 +48,8 @@ from services.ztunnel.telemetry.access_log import Telemetry
 from services.ztunnel.telemetry.metrics import Metrics
 from shared.httpd import bound_addresses, serve_http_tcp
 from shared.logs import setup_logging
-from shared.netns import NetnsError, current_netns_fd, entered
 
 log = logging.getLogger("ztunnel.app")
-
-
-def raise_open_files_limit() -> None:
-    """Every proxied connection holds two sockets: lift the soft fd limit to the hard one (as upstream)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-MALLOC_TRIM_INTERVAL: Final = 5.0  # seconds
-
-
-def libc_malloc_trim() -> Callable[[], object] | None:
-    """glibc's `malloc_trim(0)`, or None where the C library has none (musl)."""
-    try:
-        libc = ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return partial(trim, 0)
-
-
-async def trim_malloc_periodically(interval: float = MALLOC_TRIM_INTERVAL) -> None:
-    """Hand free heap pages back to the kernel every `interval` seconds, for as long as it runs.
-
-    Traffic frees large blocks (TLS records, HTTP/2 frames up to 1 MiB); glibc then raises its trim threshold
-    and keeps the freed pages, so a ztunnel that has carried traffic stayed ~4 MiB larger than one that has
-    not. `malloc_trim(0)` returns them (measured: 100-300 us per call; no threads, so one arena).
-    """
-    trim = libc_malloc_trim()
-    if trim is None:
-        return
-    while True:
-        await trio.sleep(interval)
-        trim()
-
-
-def verify_syscalls(mark: int) -> None:
-    """Upstream's start-up self check: setns into our own netns works, and SO_MARK is settable.
-
-    Raises:
-        StartupCheckError: with what is missing (usually: not running as root).
-    """
-    hint = "" if os.geteuid() == 0 else " ztunnel must run as root (CAP_NET_ADMIN and CAP_SYS_ADMIN)."
-    try:
-        fd = current_netns_fd()
-        try:
-            with entered(fd):
-                pass
-        finally:
-            os.close(fd)
-    except (NetnsError, OSError) as exc:
-        raise StartupCheckError(f"cannot switch network namespaces: {exc}.{hint}") from exc
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-    except OSError as exc:
-        raise StartupCheckError(f"cannot set SO_MARK={mark} on a socket: {exc.strerror}.{hint}") from exc
 
 
 async def run_ztunnel(config: ZtunnelConfig, *, shutdown: trio.Event | None = None,

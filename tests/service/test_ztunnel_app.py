@@ -17,6 +17,7 @@ import trio
 
 from services.node_agent.zds_server import ZdsServer
 from services.ztunnel import app as app_module
+from services.ztunnel import host
 from services.ztunnel.admin import ZtunnelParts
 from services.ztunnel.app import run_ztunnel
 from services.ztunnel.config import ZtunnelConfig, drain_deadline, load_config
@@ -199,7 +200,7 @@ async def test_xds_sync_gates_readiness_and_names_peers(tmp_path: Path, pipe_fds
 
 
 def test_malloc_trim_is_glibcs_and_callable() -> None:
-    trim = app_module.libc_malloc_trim()
+    trim = host.libc_malloc_trim()
     if trim is None:
         pytest.skip("the C library has no malloc_trim (not glibc)")
     assert trim() in (0, 1)
@@ -209,10 +210,10 @@ async def test_free_heap_is_trimmed_every_interval(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
     calls: list[float] = []
-    monkeypatch.setattr(app_module, "libc_malloc_trim", lambda: lambda: calls.append(trio.current_time()))
-    with trio.move_on_after(app_module.MALLOC_TRIM_INTERVAL * 3.5):
-        await app_module.trim_malloc_periodically()
-    assert calls == [app_module.MALLOC_TRIM_INTERVAL * k for k in (1, 2, 3)]
+    monkeypatch.setattr(host, "libc_malloc_trim", lambda: lambda: calls.append(trio.current_time()))
+    with trio.move_on_after(host.MALLOC_TRIM_INTERVAL * 3.5):
+        await host.trim_malloc_periodically()
+    assert calls == [host.MALLOC_TRIM_INTERVAL * k for k in (1, 2, 3)]
 
 
 def test_help_still_parses_arguments_and_unused_libraries_stay_unloaded(

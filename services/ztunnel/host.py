@@ -1,0 +1,85 @@
+"""What ztunnel needs of its host, apart from the proxy: the start-up self checks, the open-files limit, and
+handing freed heap pages back to the kernel.
+
+    raise_open_files_limit()       at start: every proxied connection holds two sockets
+    verify_syscalls(mark)          at start: setns and SO_MARK work here (else ztunnel cannot run at all)
+    trim_malloc_periodically()     for the process's life: `malloc_trim(0)` every MALLOC_TRIM_INTERVAL s
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import socket
+from collections.abc import Callable
+from functools import partial
+from typing import Final
+
+import trio
+
+from services.ztunnel.errors import StartupCheckError
+from services.ztunnel.inpod.sockets import SO_MARK
+from shared.netns import NetnsError, current_netns_fd, entered
+
+
+def raise_open_files_limit() -> None:
+    """Every proxied connection holds two sockets: lift the soft fd limit to the hard one (as upstream)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+MALLOC_TRIM_INTERVAL: Final = 5.0  # seconds
+
+
+def libc_malloc_trim() -> Callable[[], object] | None:
+    """glibc's `malloc_trim(0)`, or None where the C library has none (musl)."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return partial(trim, 0)
+
+
+async def trim_malloc_periodically(interval: float = MALLOC_TRIM_INTERVAL) -> None:
+    """Hand free heap pages back to the kernel every `interval` seconds, for as long as it runs.
+
+    Traffic frees large blocks (TLS records, HTTP/2 frames up to 1 MiB); glibc then raises its trim threshold
+    and keeps the freed pages, so a ztunnel that has carried traffic stayed ~4 MiB larger than one that has
+    not. `malloc_trim(0)` returns them (measured: 100-300 us per call; no threads, so one arena).
+    """
+    trim = libc_malloc_trim()
+    if trim is None:
+        return
+    while True:
+        await trio.sleep(interval)
+        trim()
+
+
+def verify_syscalls(mark: int) -> None:
+    """Upstream's start-up self check: setns into our own netns works, and SO_MARK is settable.
+
+    Raises:
+        StartupCheckError: with what is missing (usually: not running as root).
+    """
+    hint = "" if os.geteuid() == 0 else " ztunnel must run as root (CAP_NET_ADMIN and CAP_SYS_ADMIN)."
+    try:
+        fd = current_netns_fd()
+        try:
+            with entered(fd):
+                pass
+        finally:
+            os.close(fd)
+    except (NetnsError, OSError) as exc:
+        raise StartupCheckError(f"cannot switch network namespaces: {exc}.{hint}") from exc
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as exc:
+        raise StartupCheckError(f"cannot set SO_MARK={mark} on a socket: {exc.strerror}.{hint}") from exc
