@@ -37,7 +37,6 @@ import trio
 from services.ztunnel.hbone.core import (
     ERROR_CANCEL,
     ERROR_NO_ERROR,
-    Addr,
     ClientCore,
     ConnectionClosed,
     ConnectRequested,
@@ -61,6 +60,7 @@ from services.ztunnel.hbone.errors import (
 )
 from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
+from shared.addr import Addr
 from shared.identity import SpiffeId
 
 log = logging.getLogger("ztunnel.hbone")

@@ -36,7 +36,6 @@ from services.ztunnel.hbone.connection import PING_INTERVAL, PING_TIMEOUT, Hbone
 from services.ztunnel.hbone.core import (
     ERROR_CANCEL,
     ERROR_INTERNAL,
-    Addr,
     ConnectRequested,
     ServerCore,
     StreamRejected,
@@ -54,6 +53,7 @@ from services.ztunnel.hbone.tls import (
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
 from services.ztunnel.net import describe_os_error, peer_addr
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, format_addr
+from shared.addr import Addr
 from shared.errors import AmbientError
 from shared.identity import SpiffeId
 
