@@ -24,8 +24,8 @@ peer cannot keep a call hanging for the 30 s a TLS close waits for close_notify.
 Cancellation crosses the bridge both ways: cancelling the Trio caller cancels the asyncio future (and the gRPC
 call); grpclib cancelling a handler (client gone, server closing) cancels the Trio method.
 
-Importing this module imports trio_asyncio, which changes how pyroute2's sync IPRoute behaves on the Trio
-thread (DESIGN §5): import it only from modules that talk gRPC.
+Importing this module imports trio_asyncio, after which pyroute2's sync IPRoute refuses to run on the Trio
+thread (it must go to a worker thread): import it only from modules that talk gRPC.
 """
 
 from __future__ import annotations
