@@ -42,7 +42,7 @@ from services.ztunnel.state.types import (
     StringMatch,
     Workload,
 )
-from shared.addr import ip_address
+from shared.addr import format_host_port, ip_address
 from shared.identity import SpiffeId
 
 log = logging.getLogger("ztunnel.authz")
@@ -196,7 +196,7 @@ def evaluate(policies: Iterable[Authorization], req: AuthzRequest) -> Decision:
                      + (f" ({shadow.reason})" if shadow.reason else ""))
     if notes:
         log.info("dry-run authorization result", extra={"fields": [
-            ("src.addr", req.src_ip), ("dst.addr", f"{req.dst_ip}:{req.dst_port}"),
+            ("src.addr", req.src_ip), ("dst.addr", format_host_port(req.dst_ip, req.dst_port)),
             ("src.identity", str(req.src_identity) if req.src_identity else None),
             ("enforced", "allow" if decision.allowed else "deny"), ("dry_run", "; ".join(notes))]})
     return msgspec.structs.replace(decision, dry_run=tuple(notes))
