@@ -22,11 +22,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.ztunnel.hbone.core import Addr
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
 from services.ztunnel.proxy.context import ProxyConfig
 from services.ztunnel.telemetry.access_log import Telemetry
+from shared.addr import Addr
 from shared.zds.types import PodUid, WorkloadInfo
 
 SINK = r"""

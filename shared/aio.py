@@ -24,8 +24,8 @@ peer cannot keep a call hanging for the 30 s a TLS close waits for close_notify.
 Cancellation crosses the bridge both ways: cancelling the Trio caller cancels the asyncio future (and the gRPC
 call); grpclib cancelling a handler (client gone, server closing) cancels the Trio method.
 
-Importing this module imports trio_asyncio, which changes how pyroute2's sync IPRoute behaves on the Trio
-thread (DESIGN §5): import it only from modules that talk gRPC.
+Importing this module imports trio_asyncio, after which pyroute2's sync IPRoute refuses to run on the Trio
+thread (it must go to a worker thread): import it only from modules that talk gRPC.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from grpclib.const import Status as _GrpcStatus
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.server import Server as _GrpcServer
 
+from shared.addr import format_host_port
 from shared.errors import AmbientError
 from shared.grpc_target import GrpcTarget, client_tls_context
 
@@ -148,7 +149,7 @@ class ServerCall:
         self._stream = stream
         self.metadata: Mapping[str, str] = {k: v for k, v in (stream.metadata or {}).items()}
         addr = stream.peer.addr() if stream.peer is not None else None
-        self.peer = f"{addr[0]}:{addr[1]}" if addr else "unknown"
+        self.peer = format_host_port(addr[0], addr[1]) if addr else "unknown"
 
     async def recv_message(self) -> Any | None:
         """The next request message, or None once the client has finished sending."""

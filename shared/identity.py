@@ -1,7 +1,7 @@
 """SPIFFE identities and the certificate/key helpers both the CA (istiod stub) and its clients (ztunnel) use.
 
-Identity format (SPEC §5): `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`. Keys are ECDSA
-P-256; a CSR has an empty subject and exactly one URI SAN, the SPIFFE id (SPEC §7).
+Identity format: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`. Keys are ECDSA
+P-256; a CSR has an empty subject and exactly one URI SAN, the SPIFFE id.
 """
 
 from __future__ import annotations

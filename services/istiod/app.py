@@ -34,7 +34,7 @@ from services.istiod.errors import StartupError
 from services.istiod.server import DEFAULT_SERVER_NAMES, IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
 from services.istiod.world import World, load_world
-from shared.addr import AddressError, split_host_port
+from shared.addr import AddressError, format_host_port, split_host_port
 from shared.errors import AmbientError
 from shared.identity import IdentityError, load_cert, load_key
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
@@ -246,7 +246,7 @@ async def run(args: argparse.Namespace) -> None:
         except OSError as exc:
             raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         log.info("istiod-stub serving", extra={"fields": [
-            ("address", Display(f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}")),
+            ("address", Display(format_host_port(host, bound))),
             ("transport", Display("plaintext" if args.plaintext else "tls")), ("pods", len(world.pods)),
             ("services", len(world.services)), ("policies", len(world.policies)),
             ("root_cert", str(state_dir / "root-cert.pem"))]})

@@ -13,7 +13,7 @@ Theory of operation
 
 Before the ZDS server accepts anything, pods the pod source reports as `enabled` (enrolled by an earlier
 run) are put back in the netns cache and their rules reconciled, so a reconnecting ztunnel gets them in
-its snapshot (SPEC §8, agent restart). On SIGTERM/SIGINT everything is cancelled and the rules of every
+its snapshot. On SIGTERM/SIGINT everything is cancelled and the rules of every
 enrolled pod are left in place on purpose: their traffic keeps failing closed until an agent and a
 ztunnel take them again.
 """

@@ -20,7 +20,7 @@ The nftables backend renders a script that adds and flushes its own tables befor
 replaces our rules atomically in one transaction; apply compares the tables' listing before and after
 to report UNCHANGED.
 
-`delete` is idempotent: every command that finds nothing to remove is ignored (SPEC §3.5).
+`delete` is idempotent: every command that finds nothing to remove is ignored.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The node agent's pod netns cache (upstream `podNetnsCache`, SPEC §2) and the ZDS snapshot it yields.
+"""The node agent's pod netns cache (upstream `podNetnsCache`) and the ZDS snapshot it yields.
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""Which pods the node agent enrols (SPEC §8). Pure: labels and annotations in, a decision out.
+"""Which pods the node agent enrols. Pure: labels and annotations in, a decision out.
 
 Upstream's default enablement selectors: a pod is ambient when it carries `istio.io/dataplane-mode=ambient`
 itself, or when its namespace does and the pod does not opt out with `istio.io/dataplane-mode=none` (any

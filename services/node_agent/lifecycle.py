@@ -1,4 +1,4 @@
-"""Pod lifecycle of the node agent (SPEC §8): enrol, report, retry, remove, restore after a restart.
+"""Pod lifecycle of the node agent: enrol, report, retry, remove, restore after a restart.
 
 Theory of operation
 -------------------
@@ -363,7 +363,7 @@ class NodeAgent:
                 await self._report(pod, state.status)
 
     async def restore(self, pods: list[Pod], *, reconcile_rules: bool = True) -> None:
-        """Rebuild the cache from pods annotated `enabled` before this agent started (SPEC §8, restart).
+        """Rebuild the cache from pods annotated `enabled` before this agent started.
 
         Pods whose netns can be opened go in with their handle (rules reconciled if asked); the others as a
         placeholder, so the snapshot sends `keep` for them. Call before the ZDS server starts serving.
@@ -392,7 +392,7 @@ class NodeAgent:
     # --- retry loop -------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Retry pending pods until cancelled (per-pod exponential backoff, SPEC §8)."""
+        """Retry pending pods until cancelled (per-pod exponential backoff)."""
         task_status.started()
         while True:
             pending = [s for s in self.pods.values() if s.status == STATUS_PENDING]

@@ -1,5 +1,5 @@
 """Find a pod's network namespace by its IP addresses, for pods the agent did not get a CNI event for
-(enrolled before a restart, or made ambient by a label change after they started). SPEC §8: upstream scans
+(enrolled before a restart, or made ambient by a label change after they started). Upstream scans
 /host/proc for the pod's netns; we look at named namespaces (/run/netns, what the lab and `ip netns` make)
 and every process's namespace, and pick the one holding one of the pod's IPs.
 

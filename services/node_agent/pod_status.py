@@ -26,7 +26,7 @@ The backoff is for the whole writer, not per pod: those errors mean the control 
 unwell, and every pending write would fail the same way.
 
 This module imports shared.aio (and so trio_asyncio) only when the writer runs, so importing it for the type
-does not affect pyroute2 on the Trio thread (DESIGN §5).
+does not affect pyroute2 on the Trio thread (under trio_asyncio its sync IPRoute refuses to run there).
 """
 
 from __future__ import annotations

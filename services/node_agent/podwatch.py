@@ -22,10 +22,10 @@ Event types (all frozen msgspec Structs)
   is known to have changed), and after a reconnect the watch resumes with the versions it holds and only the
   differences arrive as PodUpserted/PodDeleted.
 
-`PodInfo.is_ambient` applies SPEC §8's default enablement rule to the pod and its namespace labels.
+`PodInfo.is_ambient` applies upstream's default enablement rule to the pod and its namespace labels.
 
 This module imports shared.aio (and so trio_asyncio) only when a watch is opened, so importing it for the
-types does not affect pyroute2 on the Trio thread (DESIGN §5).
+types does not affect pyroute2 on the Trio thread (under trio_asyncio its sync IPRoute refuses to run there).
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ class PodInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def is_ambient(self) -> bool:
-        """SPEC §8: pod label ambient, or namespace label ambient and the pod not opted out with `none`;
-        never a pod with a sidecar, never a host-network pod."""
+        """Upstream's default rule: pod label ambient, or namespace label ambient and the pod not opted out
+        with `none`; never a pod with a sidecar, never a host-network pod."""
         if ANNOTATION_SIDECAR_STATUS in self.annotations or self.host_network:
             return False
         mode = self.labels.get(LABEL_DATAPLANE_MODE)

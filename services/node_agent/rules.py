@@ -4,15 +4,15 @@ Theory of operation
 -------------------
 `resolve_redirect(annotations, settings)` turns a pod's annotations and the agent's settings into a
 `PodRedirect` (DNS capture on or off, inbound bypass, virtual interfaces), rejecting values upstream would
-not accept. `inpod_rules(redirect, settings, family)` lists the rules in upstream's generation order (SPEC
-§3.2, one `IptRule` per rule, numbered as there); every other function renders that one list:
+not accept. `inpod_rules(redirect, settings, family)` lists the rules in upstream's generation order (one
+`IptRule` per rule, numbered in that order in comments); every other function renders that one list:
 
-- `render_restore`      the `iptables-restore --noflush` / `ip6tables-restore --noflush` input (SPEC §3.4),
+- `render_restore`      the `iptables-restore --noflush` / `ip6tables-restore --noflush` input,
 - `render_repair`       restore input that turns a drifted state into exactly ours, in one transaction,
 - `expected_saved`      what `iptables-save` shows once that input is applied (used to detect drift),
-- `render_nft`          the native nftables script (SPEC §3.7), both families in `inet` tables,
-- `delete_commands`     the idempotent delete (SPEC §3.5): jumps, then flush, then delete the chains,
-- `policy_routes`       the fwmark rule and the table-100 local route (SPEC §3.3, end).
+- `render_nft`          the native nftables script, both families in `inet` tables,
+- `delete_commands`     the idempotent delete: jumps, then flush, then delete the chains,
+- `policy_routes`       the fwmark rule and the table-100 local route.
 
 Rendering twice gives the same text; golden files under tests/unit/testdata/rules/ pin it byte for byte.
 """
@@ -175,7 +175,7 @@ def resolve_redirect(annotations: Mapping[str, str], settings: RuleSettings) -> 
 
 
 def inpod_rules(redirect: PodRedirect, settings: RuleSettings, family: Family) -> list[IptRule]:
-    """The rules in upstream's generation order (SPEC §3.2); comments give the rule numbers used there."""
+    """The rules in upstream's generation order; the comments number them in that order."""
     lo = family.loopback
     snat = settings.snat(family)
     snat_saved = f"{snat}/32" if family is Family.V4 else f"{snat}/128"
@@ -343,7 +343,7 @@ def render_repair(
 
 
 def delete_commands(family: Family) -> list[list[str]]:
-    """argv lists that remove our rules (SPEC §3.5): jumps, then -F, then -X, for mangle, nat and raw.
+    """argv lists that remove our rules: jumps, then -F, then -X, for mangle, nat and raw.
 
     Each may fail when the thing is already gone; the caller ignores those failures.
     """
@@ -378,7 +378,7 @@ def families(settings: RuleSettings) -> tuple[Family, ...]:
     return (Family.V4, Family.V6) if settings.ipv6 else (Family.V4,)
 
 
-# --- nftables (SPEC §3.7) ---------------------------------------------------------------------------------
+# --- nftables ----------------------------------------------------------------------------------------------
 
 
 def render_nft(redirect: PodRedirect, settings: RuleSettings) -> str:

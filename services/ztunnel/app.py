@@ -46,6 +46,7 @@ from services.ztunnel.proxy.context import Mesh, SocketFactory
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry.access_log import Telemetry
 from services.ztunnel.telemetry.metrics import Metrics
+from shared.addr import format_host_port
 from shared.httpd import bound_addresses, serve_http_tcp
 from shared.logs import setup_logging
 
@@ -120,7 +121,7 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
             # -------------------------------------------------------------------------------------------
             log.info("ztunnel started", extra={"fields": [
                 ("inpod_uds", config.inpod_uds), ("node", config.node_name or None),
-                ("admin", f"{config.admin_addr[0]}:{config.admin_addr[1]}")]})
+                ("admin", format_host_port(*config.admin_addr))]})
             task_status.started(parts)
 
             await shutdown.wait()

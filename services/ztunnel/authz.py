@@ -42,6 +42,7 @@ from services.ztunnel.state.types import (
     StringMatch,
     Workload,
 )
+from shared.addr import format_host_port, ip_address
 from shared.identity import SpiffeId
 
 log = logging.getLogger("ztunnel.authz")
@@ -89,12 +90,7 @@ def _network(text: str) -> IpNetwork:
     return ipaddress.ip_network(text, strict=False)
 
 
-@functools.lru_cache(maxsize=4096)
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    addr = ipaddress.ip_address(text)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+_ip = functools.lru_cache(maxsize=4096)(ip_address)  # per connection; addresses repeat
 
 
 def _in_any(ip: str, cidrs: Sequence[str]) -> bool:
@@ -200,7 +196,7 @@ def evaluate(policies: Iterable[Authorization], req: AuthzRequest) -> Decision:
                      + (f" ({shadow.reason})" if shadow.reason else ""))
     if notes:
         log.info("dry-run authorization result", extra={"fields": [
-            ("src.addr", req.src_ip), ("dst.addr", f"{req.dst_ip}:{req.dst_port}"),
+            ("src.addr", req.src_ip), ("dst.addr", format_host_port(req.dst_ip, req.dst_port)),
             ("src.identity", str(req.src_identity) if req.src_identity else None),
             ("enforced", "allow" if decision.allowed else "deny"), ("dry_run", "; ".join(notes))]})
     return msgspec.structs.replace(decision, dry_run=tuple(notes))

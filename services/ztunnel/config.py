@@ -1,4 +1,4 @@
-"""ztunnel's settings, read from upstream-named environment variables (SPEC §1, §4, §6, §7)."""
+"""ztunnel's settings, read from upstream-named environment variables."""
 
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
 """ztunnel's network ground floor, below `proxy/` and `hbone/`'s I/O modules: its ports and packet mark,
 addresses, original destination, connect with a deadline, and the accept loop every listener runs.
 
-The one address type, `Addr`, is the sans-I/O HBONE core's (hbone/core.py, which imports no trio): the only
-module of `hbone/` this one imports."""
+Addresses as text (`Addr`, unmapping, family) are the ground floor's, shared/addr.py; the accept loop's
+retry rule is shared/accept.py's."""
 
 from __future__ import annotations
 
-import errno
-import functools
-import ipaddress
 import os
 import socket
 import struct
@@ -18,7 +15,8 @@ from typing import Final
 import trio
 
 from services.ztunnel.errors import ConnectError
-from services.ztunnel.hbone.core import Addr
+from shared.accept import ACCEPT_CAPACITY_ERRNOS, ACCEPT_RETRY_DELAY
+from shared.addr import Addr, unmap
 
 PACKET_MARK: Final = 1337
 """SO_MARK on every socket ztunnel makes in a pod, so the pod's own redirect rules skip its traffic."""
@@ -31,13 +29,6 @@ SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IP
 IP6T_SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IPV6
 _SOL_IP: Final = 0
 _SOL_IPV6: Final = 41
-
-
-def unmap(host: str) -> str:
-    """`::ffff:10.0.0.1` (what a dual-stack socket reports for IPv4 peers) -> `10.0.0.1`."""
-    if host.startswith("::ffff:") and "." in host:
-        return host[len("::ffff:"):]
-    return host
 
 
 def peer_addr(raw: tuple[object, ...]) -> Addr:
@@ -65,11 +56,6 @@ def original_dst(sock: socket.socket) -> Addr | None:
 
 def local_addr(sock: socket.socket) -> Addr:
     return peer_addr(sock.getsockname())
-
-
-@functools.lru_cache(maxsize=1024)
-def family_of(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -102,16 +88,14 @@ async def connect(sock: socket.socket, addr: Addr, *, connect_timeout: float) ->
         raise ConnectError(describe_os_error(OSError(err, os.strerror(err))))
 
 
-ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-
-
 async def accept_forever(listener: socket.socket, spawn: Callable[[socket.socket, Addr], None], *,
                          on_capacity_error: Callable[[OSError], None]) -> None:
     """Accept on the non-blocking `listener` until cancelled; does not close it.
 
     Each connection is made non-blocking with TCP_NODELAY and handed to `spawn(conn, peer)`, which must
     not block (it starts the connection's task). Accept errors from resource exhaustion (EMFILE, ENFILE,
-    ENOMEM, ENOBUFS) go to `on_capacity_error` and are retried after 100 ms; any other error propagates.
+    ENOMEM, ENOBUFS) go to `on_capacity_error` and are retried after ACCEPT_RETRY_DELAY (100 ms); any other
+    error propagates.
     """
     while True:
         try:
@@ -122,7 +106,7 @@ async def accept_forever(listener: socket.socket, spawn: Callable[[socket.socket
         except OSError as exc:
             if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                 on_capacity_error(exc)
-                await trio.sleep(0.1)
+                await trio.sleep(ACCEPT_RETRY_DELAY)
                 continue
             raise
         conn.setblocking(False)

@@ -1,7 +1,7 @@
-"""The process's one receive buffer (DESIGN §5: one shared buffer, not 256 KiB per connection).
+"""The process's one receive buffer (one shared buffer, not 256 KiB per connection).
 
 Every data-path reader fills it and drains it with no checkpoint in between: the plaintext splice loop
-(proxy/copy.py), the HBONE upstream direction (hbone/relay.py) and the batched TLS reader
+(proxy/tcp.py), the HBONE upstream direction (hbone/relay.py) and the batched TLS reader
 (hbone/tlsstream.py). Whatever must outlive the next `await` is copied out first.
 """
 

@@ -19,7 +19,6 @@ import trio
 import trio.testing
 
 from services.ztunnel.errors import ProxyStartError
-from services.ztunnel.hbone.core import Addr
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.proxies import PodHandle, run_pod_proxies
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
@@ -27,6 +26,7 @@ from services.ztunnel.inpod.statemanager import WorkloadHandler, WorkloadManager
 from services.ztunnel.net import accept_forever
 from services.ztunnel.proxy.context import PodContext, ProxyConfig
 from services.ztunnel.telemetry.access_log import Telemetry
+from shared.addr import Addr
 from shared.zds.types import AddWorkload, DelWorkload, PodUid, SnapshotSent, WorkloadInfo
 from tests.access_logs import LogCapture, capture_access_log
 

@@ -19,7 +19,6 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from services.istiod.ca import CertificateAuthority
-from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
@@ -44,6 +43,7 @@ from services.ztunnel.state.types import (
     WorkloadUid,
 )
 from services.ztunnel.telemetry.access_log import Telemetry
+from shared.addr import Addr
 from shared.identity import SpiffeId
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid, WorkloadInfo

@@ -23,10 +23,10 @@ from services.ztunnel.hbone.core import (
     StreamRejected,
     StreamReset,
     WindowOpened,
-    format_authority,
     parse_authority,
 )
 from services.ztunnel.hbone.errors import HboneProtocolError
+from shared.addr import format_host_port
 
 TRACEPARENT = "00-" + "a" * 32 + "-" + "b" * 16 + "-00"
 
@@ -319,5 +319,5 @@ def test_many_streams_on_one_connection() -> None:
 @pytest.mark.parametrize(("addr", "text"), [(("10.1.2.3", 80), "10.1.2.3:80"),
                                            (("fd00::1", 8080), "[fd00::1]:8080")])
 def test_authority_round_trip(addr: tuple[str, int], text: str) -> None:
-    assert format_authority(addr) == text
+    assert format_host_port(*addr) == text
     assert parse_authority(text.encode()) == addr

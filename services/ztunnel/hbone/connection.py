@@ -37,7 +37,6 @@ import trio
 from services.ztunnel.hbone.core import (
     ERROR_CANCEL,
     ERROR_NO_ERROR,
-    Addr,
     ClientCore,
     ConnectionClosed,
     ConnectRequested,
@@ -61,6 +60,7 @@ from services.ztunnel.hbone.errors import (
 )
 from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
+from shared.addr import Addr, format_host_port
 from shared.identity import SpiffeId
 
 log = logging.getLogger("ztunnel.hbone")
@@ -139,13 +139,13 @@ class HboneConnection:
         if self.error is None:
             self.error = exc
             log.debug("HBONE connection ended", extra={"fields": [
-                ("peer", f"{self.peer_addr[0]}:{self.peer_addr[1]}"), ("identity", str(self.peer_identity)),
+                ("peer", format_host_port(*self.peer_addr)), ("identity", str(self.peer_identity)),
                 ("error", str(exc))]})
 
     def _shutdown(self) -> None:
         self.dead = True
         reason = ConnectionClosedError(
-            f"the HBONE connection to {self.peer_addr[0]}:{self.peer_addr[1]} ended"
+            f"the HBONE connection to {format_host_port(*self.peer_addr)} ended"
             + (f": {self.error}" if self.error is not None else ""))
         for stream in list(self.streams.values()):
             stream._fail(reason)
@@ -393,7 +393,7 @@ class HboneConnection:
             raise
         if stream.status != 200:
             stream.close_nowait()
-            raise HttpStatusError(stream.status, f"{target[0]}:{target[1]}")
+            raise HttpStatusError(stream.status, format_host_port(*target))
         return stream
 
     def respond(self, stream: HboneStream, status: int, headers: tuple[Header, ...] = ()) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import struct
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,8 +45,8 @@ import hpack
 import hyperframe.frame
 
 from services.ztunnel.hbone.errors import HboneProtocolError
+from shared.addr import Addr, format_host_port, parse_ip_port, unmapped_ip
 
-Addr = tuple[str, int]
 Header = tuple[bytes, bytes]
 
 STREAM_WINDOW: Final = 4 * 1024 * 1024
@@ -195,12 +194,6 @@ def _find(headers: Iterable[Header], name: bytes) -> bytes | None:
     return None
 
 
-def format_authority(addr: Addr) -> str:
-    """`ip:port`, IPv6 bracketed: `[fd00::1]:8080`."""
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @functools.lru_cache(maxsize=1024)
 def parse_authority(value: bytes) -> Addr | None:
     """`ip:port` (IPv6 bracketed) -> (canonical ip, port); None when it is not an IP literal and a port."""
@@ -208,31 +201,7 @@ def parse_authority(value: bytes) -> Addr | None:
         text = value.decode("ascii")
     except UnicodeDecodeError:
         return None
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            return None
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep or ":" in host:
-            return None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if text.startswith("[") and ip.version != 6:
-        return None
-    return ip.compressed, int(port)
-
-
-@functools.lru_cache(maxsize=1024)
-def _canon(ip: str) -> str:
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.compressed
-    return addr.compressed
+    return parse_ip_port(text)
 
 
 def _settings(client: bool) -> h2.settings.Settings:
@@ -507,12 +476,12 @@ class ClientCore(_Core):
             baggage: upstream's comma-joined `k=v` list, omitted when None or empty.
             host: the service hostname, added to `forwarded` as `;host=` when known.
         """
-        forwarded = f'for="{format_authority(forwarded_for)}"'
+        forwarded = f'for="{format_host_port(*forwarded_for)}"'
         if host:
             forwarded += f";host={host}"
         headers: list[Header] = [
             (b":method", b"CONNECT"),
-            (b":authority", format_authority(target).encode()),
+            (b":authority", format_host_port(*target).encode()),
             # Unique per stream (the client's port, a random trace id): never indexed, so they do not churn
             # the HPACK dynamic table, whose look-up is a linear scan of every entry on each header encoded.
             hpack.NeverIndexedHeaderTuple(b"forwarded", forwarded.encode()),
@@ -545,7 +514,7 @@ class ServerCore(_Core):
 
     def __init__(self, local_ips: Collection[str]) -> None:
         super().__init__(client=False)
-        self.local_ips = frozenset(_canon(ip) for ip in local_ips)
+        self.local_ips = frozenset(unmapped_ip(ip) for ip in local_ips)
 
     def respond(self, stream_id: int, status: int, headers: Sequence[Header] = ()) -> None:
         """Answer a CONNECT. Any status but 200 also ends the stream."""
@@ -568,7 +537,7 @@ class ServerCore(_Core):
         if target is None:
             self._reject(ev.stream_id, 400, f"authority {authority!r} is not ip:port", out)
             return
-        if _canon(target[0]) not in self.local_ips:
+        if unmapped_ip(target[0]) not in self.local_ips:
             self._reject(ev.stream_id, 400,
                          f"target {target[0]} is not this workload's IP "
                          f"({', '.join(sorted(self.local_ips))})", out)

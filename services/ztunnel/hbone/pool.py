@@ -26,12 +26,13 @@ from typing import Any, NamedTuple, Protocol
 import trio
 
 from services.ztunnel.hbone.connection import PING_INTERVAL, PING_TIMEOUT, HboneConnection
-from services.ztunnel.hbone.core import Addr, ClientCore, format_authority
+from services.ztunnel.hbone.core import ClientCore
 from services.ztunnel.hbone.errors import TlsError
 from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tls import TlsContextCache, check_established, client_connection
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
-from services.ztunnel.net import connect, family_of
+from services.ztunnel.net import connect
+from shared.addr import Addr, format_host_port, ip_family
 from shared.identity import CertBundle, SpiffeId
 
 MAX_STREAMS_PER_CONNECTION = 100
@@ -66,7 +67,7 @@ async def connect_hbone(dst: Addr, *, bundle: CertBundle, expected: Collection[S
         ConnectError: TCP connect failed or timed out.
         TlsError / PeerIdentityError: the handshake failed or the server is not who we expect.
     """
-    sock = make_socket(family_of(dst[0]))
+    sock = make_socket(ip_family(dst[0]))
     try:
         sock.setblocking(False)
         await connect(sock, dst, connect_timeout=connect_timeout)
@@ -74,7 +75,8 @@ async def connect_hbone(dst: Addr, *, bundle: CertBundle, expected: Collection[S
         with trio.move_on_after(connect_timeout) as scope:
             await tls.do_handshake()
         if scope.cancelled_caught:
-            raise TlsError(f"TLS handshake with {format_authority(dst)} timed out after {connect_timeout:g}s")
+            raise TlsError(f"TLS handshake with {format_host_port(*dst)} timed out "
+                           f"after {connect_timeout:g}s")
         peer = check_established(tls.ssl)
         local = sock.getsockname()
     except BaseException:
@@ -181,9 +183,9 @@ class HbonePool:
             out.append({
                 "src_identity": key.src_identity.uri,
                 "dst_identities": sorted(i.uri for i in key.dst_identities),
-                "dst": format_authority(key.dst),
+                "dst": format_host_port(*key.dst),
                 "src_ip": key.src_ip,
-                "connections": [{"local": format_authority(e.conn.local_addr),
+                "connections": [{"local": format_host_port(*e.conn.local_addr),
                                  "streams": e.conn.active_streams, "dead": e.conn.dead} for e in entries],
             })
         return out

@@ -36,7 +36,6 @@ from services.ztunnel.hbone.connection import PING_INTERVAL, PING_TIMEOUT, Hbone
 from services.ztunnel.hbone.core import (
     ERROR_CANCEL,
     ERROR_INTERNAL,
-    Addr,
     ConnectRequested,
     ServerCore,
     StreamRejected,
@@ -54,6 +53,7 @@ from services.ztunnel.hbone.tls import (
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
 from services.ztunnel.net import describe_os_error, peer_addr
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, format_addr
+from shared.addr import Addr, format_host_port
 from shared.errors import AmbientError
 from shared.identity import SpiffeId
 
@@ -162,7 +162,7 @@ class _Server:
                 identity = check_established(tls.ssl)
             except AmbientError as exc:  # TLS/identity failures, or no certificate for this workload
                 log.warning("inbound HBONE connection refused", extra={"fields": [
-                    ("src.addr", f"{peer[0]}:{peer[1]}"), ("error", str(exc))]})
+                    ("src.addr", format_host_port(*peer)), ("error", str(exc))]})
                 self._refused(peer, local, str(exc))
                 return
             conn = HboneConnection(tls, ServerCore([local[0]]), peer_identity=identity, local_addr=local,
@@ -182,7 +182,7 @@ class _Server:
             await conn.run()
             if conn.error is not None and isinstance(conn.error, HboneError) and not conn.streams:
                 log.debug("inbound HBONE connection ended", extra={"fields": [
-                    ("src.addr", f"{peer[0]}:{peer[1]}"), ("error", str(conn.error))]})
+                    ("src.addr", format_host_port(*peer)), ("error", str(conn.error))]})
         finally:
             sock.close()
 
@@ -225,8 +225,8 @@ class _Server:
         except Exception as exc:
             # A bug in the policy: this stream fails, the connection and its other streams carry on.
             log.exception("inbound HBONE stream failed", extra={"fields": [
-                ("src.addr", f"{conn.peer_addr[0]}:{conn.peer_addr[1]}"),
-                ("dst.hbone_addr", f"{event.target[0]}:{event.target[1]}")]})
+                ("src.addr", format_host_port(*conn.peer_addr)),
+                ("dst.hbone_addr", format_host_port(*event.target))]})
             error = f"internal error: {exc!r}"
             if stream.status is None:
                 conn.respond(stream, 503)
@@ -255,7 +255,7 @@ async def _guarded(server: _Server, sock: socket.socket, peer: Addr) -> None:
     except Exception as exc:
         # One connection's failure never takes down the listener or the pod's other connections.
         log.exception("inbound HBONE connection failed", extra={"fields": [
-            ("src.addr", f"{peer[0]}:{peer[1]}"), ("error", describe_ssl_error(exc))]})
+            ("src.addr", format_host_port(*peer)), ("error", describe_ssl_error(exc))]})
     finally:
         sock.close()
 

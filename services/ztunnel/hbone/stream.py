@@ -25,13 +25,13 @@ import trio
 from services.ztunnel.hbone.core import (
     ERROR_CANCEL,
     ERROR_NO_ERROR,
-    Addr,
     ClientCore,
     Header,
     Responded,
     ServerCore,
 )
 from services.ztunnel.hbone.errors import ConnectionClosedError, HboneError, StreamResetError
+from shared.addr import Addr
 
 
 class StreamOwner(Protocol):

@@ -1,4 +1,4 @@
-"""The CA client: asks istiod's IstioCertificateService for a workload certificate (SPEC §7).
+"""The CA client: asks istiod's IstioCertificateService for a workload certificate.
 
 A fresh ECDSA P-256 key per request, a CSR with an empty subject and one URI SAN (the SPIFFE id), metadata
 `{"ImpersonatedIdentity": <spiffe id>}` (ztunnel's shared mode), and the node token as bearer.

@@ -38,6 +38,7 @@ from services.ztunnel.proxy.context import (
     SocketFactory,
 )
 from services.ztunnel.telemetry.access_log import Telemetry
+from shared.addr import format_host_port
 from shared.identity import SpiffeId
 from shared.zds.types import PodUid, WorkloadInfo
 
@@ -162,8 +163,8 @@ class InPodWorkloadHandler:
                 "netns": {"inode": handle.netns[0], "dev": handle.netns[1]},
                 "state": "draining" if handle.accept_scope.cancel_called else "up",
                 "active_connections": handle.context.counters.active_connections,
-                "listeners": [{"role": li.role, "address": f"{li.address}:{li.port}", "mark": li.mark}
-                              for li in handle.listeners],
+                "listeners": [{"role": li.role, "address": format_host_port(li.address, li.port),
+                               "mark": li.mark} for li in handle.listeners],
                 "identity": str(identity) if (identity := _identity(handle.context)) is not None else None,
                 "pool": handle.pool.dump() if handle.pool is not None else None,
             })

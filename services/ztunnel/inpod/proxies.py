@@ -33,13 +33,13 @@ from typing import Final
 
 import trio
 
-from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.pool import HbonePool, open_hbone_pool
 from services.ztunnel.net import accept_forever
 from services.ztunnel.proxy.context import Listener, PodContext
 from services.ztunnel.proxy.inbound import handle_inbound_hbone
 from services.ztunnel.proxy.inbound_passthrough import handle_inbound_plaintext
 from services.ztunnel.proxy.outbound import handle_outbound
+from shared.addr import Addr
 from shared.errors import AmbientError
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid
@@ -121,7 +121,7 @@ async def serve_listener(ctx: PodContext, listener: Listener, handler: ConnHandl
 
 def _info(listener: Listener, mark: int) -> ListenerInfo:
     host = str(listener.sock.getsockname()[0])
-    return ListenerInfo(role=listener.role, address=f"[{host}]" if ":" in host else host, port=listener.port,
+    return ListenerInfo(role=listener.role, address=host, port=listener.port,
                         mark=mark)
 
 

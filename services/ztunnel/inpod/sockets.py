@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from services.ztunnel.errors import ProxyStartError
-from services.ztunnel.hbone.core import Addr
 from services.ztunnel.net import (
     INBOUND_HBONE_PORT,
     INBOUND_PLAINTEXT_PORT,
@@ -32,6 +31,7 @@ from services.ztunnel.net import (
     original_dst,
 )
 from services.ztunnel.proxy.context import ProxyConfig
+from shared.addr import Addr
 from shared.netns import NetnsError, entered, is_netns
 
 LISTEN_BACKLOG: Final = 128

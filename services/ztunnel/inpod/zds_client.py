@@ -6,7 +6,7 @@ Theory of operation
 connection started (it resets its snapshot bookkeeping), then read one request at a time, apply it through
 the `WorkloadManager`, and answer it. A second task retries pending pods every 5 s while connected.
 
-How the connection ends follows upstream ztunnel, with one deliberate difference (DESIGN.md §3):
+How the connection ends follows upstream ztunnel, with one deliberate difference (on a protocol error):
 
 * unreadable datagram (decode error, wrong fds, truncation): NACK "failure to read message : ..." then
   close and reconnect;

@@ -22,13 +22,13 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
-from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.pool import CertSource, HbonePool
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.net import PACKET_MARK
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Workload
 from services.ztunnel.telemetry.access_log import Peer, Telemetry
+from shared.addr import Addr
 from shared.identity import SpiffeId
 from shared.zds.types import PodUid, WorkloadInfo
 

@@ -28,7 +28,6 @@ import trio
 from services.ztunnel.authz import AuthzRequest, Decision, authorize_from_state
 from services.ztunnel.errors import ConnectError
 from services.ztunnel.hbone.connection import HboneConnection
-from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.server import InboundInfo, serve_hbone_connection
 from services.ztunnel.net import connect, local_addr
 from services.ztunnel.peers import workload_peer
@@ -37,6 +36,7 @@ from services.ztunnel.proxy.tcp import app_socket
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Service, Workload
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, Peer, format_addr
+from shared.addr import Addr
 from shared.netns import NetnsError
 
 log = logging.getLogger("ztunnel.proxy")

@@ -16,7 +16,6 @@ import socket
 from typing import Final
 
 from services.ztunnel.authz import AuthzRequest, authorize_from_state
-from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.server import policy_rejection
 from services.ztunnel.net import (
     INBOUND_HBONE_PORT,
@@ -27,6 +26,7 @@ from services.ztunnel.net import (
 from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.proxy.tcp import proxy_tcp
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, Peer, format_addr
+from shared.addr import Addr
 
 SELF_CALL_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT})
 SELF_CALL_ERROR: Final = "attempted recursive call to ourselves"

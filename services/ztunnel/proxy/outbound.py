@@ -27,7 +27,7 @@ import socket
 
 import trio
 
-from services.ztunnel.hbone.core import ERROR_CANCEL, Addr
+from services.ztunnel.hbone.core import ERROR_CANCEL
 from services.ztunnel.hbone.errors import HttpStatusError
 from services.ztunnel.hbone.pool import HbonePool
 from services.ztunnel.hbone.relay import relay
@@ -38,6 +38,7 @@ from services.ztunnel.proxy.resolve import HboneRoute, NoHealthyUpstream, resolv
 from services.ztunnel.proxy.tcp import proxy_tcp
 from services.ztunnel.state.types import Workload
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, Peer, Telemetry, format_addr
+from shared.addr import Addr
 from shared.errors import AmbientError
 from shared.identity import SpiffeId
 

@@ -26,11 +26,11 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.pool import PoolKey
 from services.ztunnel.net import INBOUND_HBONE_PORT
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import GatewayAddress, Port, Service, TunnelProtocol, Workload
+from shared.addr import Addr
 from shared.identity import IdentityError, SpiffeId
 
 

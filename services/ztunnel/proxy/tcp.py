@@ -40,11 +40,11 @@ from typing import Final
 import trio
 
 from services.ztunnel.errors import ConnectError
-from services.ztunnel.hbone.core import Addr
-from services.ztunnel.net import connect, describe_os_error, family_of
+from services.ztunnel.net import connect, describe_os_error
 from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.rxbuf import receive_view as _view
 from services.ztunnel.telemetry.access_log import ConnectionOutcome
+from shared.addr import Addr, ip_family
 from shared.netns import NetnsError
 
 log = logging.getLogger("ztunnel.proxy")
@@ -194,7 +194,7 @@ async def proxy_tcp(ctx: PodContext, client: socket.socket, dst: Addr, outcome: 
     tel = ctx.telemetry
     try:
         upstream = (app_socket(ctx, as_client, dst) if as_client is not None
-                    else ctx.sockets.upstream(ctx.netns_fd, family_of(dst[0])))
+                    else ctx.sockets.upstream(ctx.netns_fd, ip_family(dst[0])))
     except (OSError, NetnsError) as exc:
         error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         tel.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
@@ -234,8 +234,8 @@ def app_socket(ctx: PodContext, src: Addr, dst: Addr) -> socket.socket:
     Raises:
         OSError, NetnsError: the socket could not be made (or ENABLE_ORIG_SRC=true and spoofing failed).
     """
-    family = family_of(dst[0])
-    if ctx.config.orig_src is False or src[0] == dst[0] or family_of(src[0]) != family:
+    family = ip_family(dst[0])
+    if ctx.config.orig_src is False or src[0] == dst[0] or ip_family(src[0]) != family:
         return ctx.sockets.upstream(ctx.netns_fd, family)
     try:
         return ctx.sockets.upstream(ctx.netns_fd, family, bind_source=src[0])

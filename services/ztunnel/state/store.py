@@ -7,8 +7,6 @@ to changes wait with `wait_for(predicate)` or `wait_changed(generation)`.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from collections.abc import Callable, Iterable
 
 import trio
@@ -22,11 +20,7 @@ from services.ztunnel.state.types import (
     Workload,
     WorkloadUid,
 )
-
-
-@functools.lru_cache(maxsize=4096)  # a look-up per connection; addresses repeat
-def _canon(ip: str) -> str:
-    return ipaddress.ip_address(ip).compressed
+from shared.addr import canonical_ip
 
 
 class StateStore:
@@ -91,11 +85,11 @@ class StateStore:
         return self.workloads.get(WorkloadUid(uid))
 
     def workload_by_ip(self, ip: str, network: str = "") -> Workload | None:
-        uid = self._by_addr.get((network, _canon(ip)))
+        uid = self._by_addr.get((network, canonical_ip(ip)))
         return self.workloads.get(uid) if uid is not None else None
 
     def service_by_vip(self, ip: str, network: str = "") -> Service | None:
-        key = self._by_vip.get((network, _canon(ip)))
+        key = self._by_vip.get((network, canonical_ip(ip)))
         return self.services.get(key) if key is not None else None
 
     def service_by_key(self, key: str) -> Service | None:

@@ -1,8 +1,8 @@
 """ztunnel's view of the mesh as domain types: what the xDS client converts istio.workload / istio.security
 protobufs into (the protobuf classes never get past services/ztunnel/xds/convert.py).
 
-Addresses are canonical text (`ipaddress.ip_address(...).compressed`), CIDRs `addr/len`. Enums are strings so
-that config dumps read well.
+Addresses are canonical text (`shared.addr.canonical_ip`, ipaddress's compressed form), CIDRs `addr/len`.
+Enums are strings so that config dumps read well.
 """
 
 from __future__ import annotations

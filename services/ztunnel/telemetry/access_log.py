@@ -19,6 +19,7 @@ from typing import Final
 import msgspec
 
 from services.ztunnel.telemetry.metrics import Child, Family, Metrics
+from shared.addr import format_host_port, unmap
 from shared.logs import Display, Field
 
 ACCESS_LOGGER: Final = "access"
@@ -35,10 +36,7 @@ class Peer(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def format_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> Display:
-    host, port = addr[0], addr[1]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[len("::ffff:"):]
-    return Display(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return Display(format_host_port(unmap(addr[0]), addr[1]))
 
 
 class ConnectionOutcome:

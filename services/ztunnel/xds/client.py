@@ -30,6 +30,7 @@ from services.ztunnel.xds.convert import (
     authorization_from_any,
 )
 from services.ztunnel.xds.errors import ConversionError
+from shared.addr import format_host_port
 from shared.aio import GrpcTarget, RpcError, open_aio_loop, open_target
 from shared.api import discovery_grpc, discovery_pb2, envoy_base_pb2, rpc_status_pb2
 from shared.logs import Display
@@ -118,7 +119,7 @@ class XdsClient:
             backoff = min(backoff * 2, self.config.backoff_max)
 
     def _address(self) -> Display:
-        return Display(f"{self.target.host}:{self.target.port}")
+        return Display(format_host_port(self.target.host, self.target.port))
 
     def _node(self) -> envoy_base_pb2.Node:
         metadata = struct_pb2.Struct()
