@@ -28,7 +28,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {  # importer's package (and below) -> w
     f"{ZTUNNEL}.hbone": tuple(f"{ZTUNNEL}.{m}" for m in ("proxy", "inpod", "state", "authz", "xds", "peers",
                                                          "app", "admin")),
     f"{ZTUNNEL}.proxy": (f"{ZTUNNEL}.inpod", f"{ZTUNNEL}.app", f"{ZTUNNEL}.admin"),
-    f"{ZTUNNEL}.net": (f"{ZTUNNEL}.proxy", f"{ZTUNNEL}.inpod"),
+    f"{ZTUNNEL}.net": (f"{ZTUNNEL}.proxy", f"{ZTUNNEL}.inpod", f"{ZTUNNEL}.hbone"),
     f"{ZTUNNEL}.telemetry": (f"{ZTUNNEL}.proxy", f"{ZTUNNEL}.inpod", f"{ZTUNNEL}.hbone"),
 }
 
