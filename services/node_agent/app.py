@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
     root nursery
-      ZDS server          ZdsServer(--zds-socket, snapshot=the netns cache): ztunnel connects here
+      ZDS server          ZdsServer(--ztunnel-uds-address, snapshot=the netns cache): ztunnel connects here
       lifecycle           NodeAgent.run: retries pending pods with backoff
       CNI-event socket    POST /cmdadd on --cni-socket (h11), the `ambient-cni` plugin's target
       health              GET /healthz, /readyz on --health-addr
@@ -28,6 +28,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -50,7 +51,9 @@ from services.node_agent.rules import RuleSettings
 from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
 from shared.addr import AddressError, split_host_port
 from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http
-from shared.settings import EnvSettings
+from shared.rundir import make_parents, remove_made
+from shared.settings import EnvSettings, check_listen
+from shared.version import version_text
 
 log = logging.getLogger("node_agent.app")
 
@@ -73,17 +76,54 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_on_start: bool = True
     watch_sync_timeout: float = 30.0
     log_level: str = "info"
+    warnings: tuple[str, ...] = ()
+    """Deprecated settings in use, logged once logging is set up."""
 
     @property
     def rule_settings(self) -> RuleSettings:
         return RuleSettings(dns_capture=self.dns_capture, ipv6=self.ipv6)
 
 
+ENV_HELP = f"""settings (environment variables; a flag wins over its variable):
+  NODE_NAME                  this node's name (required; or --node-name)
+  CONTROL_PLANE_ADDRESS      istiod [https://]HOST:PORT (http:// for plaintext); unset: CNI events only
+  CONTROL_PLANE_ROOT_CERT    CA certificate istiod is verified with
+                             (default ./var/run/secrets/istio/root-cert.pem)
+  CONTROL_PLANE_TOKEN_FILE   bearer token file (default ./var/run/secrets/tokens/istio-token; missing: none)
+  CONTROL_PLANE_HEADER_<N>   extra request metadata <n> (underscores become dashes)
+  ZTUNNEL_UDS_ADDRESS        ZDS socket path, upstream istio-cni's name (default {DEFAULT_SOCKET_PATH});
+                             ZDS_SOCKET is still read, with a warning, when ZTUNNEL_UDS_ADDRESS is unset
+  CNI_SOCKET                 CNI-event socket path (default {DEFAULT_CNI_SOCKET})
+  RULE_BACKEND               iptables or nftables (default iptables)
+  DNS_CAPTURE, IPV6          true/false (default false)
+  HEALTH_ADDR                HOST:PORT of /healthz and /readyz (default {DEFAULT_HEALTH_ADDR}; empty: off)
+  HOST_PREFIX                prefix for netns paths (default none)
+  LOG_LEVEL                  debug, info, warning or error (default info)
+Missing parent directories of the two sockets are created at start and removed again at exit.
+Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and the iptables or nft binaries."""
+
+
+def zds_socket_setting(flag: str | None, env: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The ZDS socket path and any deprecation warnings: --ztunnel-uds-address/--zds-socket, then
+    ZTUNNEL_UDS_ADDRESS (upstream istio-cni's name), then the old ZDS_SOCKET, then the default."""
+    old = env.get("ZDS_SOCKET") or None
+    new = env.get("ZTUNNEL_UDS_ADDRESS") or None
+    warnings: list[str] = []
+    if old is not None and new is None and flag is None:
+        warnings.append(f"ZDS_SOCKET is deprecated; set ZTUNNEL_UDS_ADDRESS={old} instead")
+    elif old is not None and old != (flag or new):
+        warnings.append(f"ZDS_SOCKET={old} ignored: the socket is {flag or new} (ZDS_SOCKET is deprecated)")
+    return flag or new or old or DEFAULT_SOCKET_PATH, warnings
+
+
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="node-agent",
         description="Enrol this node's ambient pods: in-pod redirection, netns handed to ztunnel over ZDS.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=ENV_HELP,
     )
+    p.add_argument("--version", action="version", version=version_text("node-agent"))
     p.add_argument("--node-name", default=env.get("NODE_NAME"), help="this node's name (env NODE_NAME)")
     p.add_argument(
         "--control-plane",
@@ -91,9 +131,22 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="istiod address host:port for the pod watch and status (env CONTROL_PLANE_ADDRESS); "
         "without it only CNI events enrol pods",
     )
-    p.add_argument("--zds-socket", default=env.get("ZDS_SOCKET", DEFAULT_SOCKET_PATH), help="ZDS socket path")
     p.add_argument(
-        "--cni-socket", default=env.get("CNI_SOCKET", DEFAULT_CNI_SOCKET), help="CNI-event socket path"
+        "--ztunnel-uds-address",
+        "--zds-socket",
+        dest="zds_socket",
+        default=None,
+        metavar="PATH",
+        help="the ZDS socket ztunnel connects to, named as upstream istio-cni's setting (env "
+        f"ZTUNNEL_UDS_ADDRESS; default {DEFAULT_SOCKET_PATH}); ztunnel's INPOD_UDS must name the same path. "
+        "--zds-socket is the old spelling of the flag",
+    )
+    p.add_argument(
+        "--cni-socket",
+        default=env.get("CNI_SOCKET", DEFAULT_CNI_SOCKET),
+        metavar="PATH",
+        help="socket the ambient-cni plugin posts pod events to "
+        f"(env CNI_SOCKET; default {DEFAULT_CNI_SOCKET})",
     )
     p.add_argument(
         "--rule-backend",
@@ -118,12 +171,30 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="host:port of /healthz and /readyz; empty to disable (env HEALTH_ADDR)",
     )
     p.add_argument(
-        "--host-prefix", default=env.get("HOST_PREFIX", ""), help="prefix for netns paths (upstream /host)"
+        "--host-prefix",
+        default=env.get("HOST_PREFIX", ""),
+        help="prefix for netns paths, where the host's /proc and /var/run are mounted (env HOST_PREFIX; "
+        "upstream /host)",
     )
-    p.add_argument("--zds-allowed-uid", type=int, action="append", help="peer uid allowed on the ZDS socket")
-    p.add_argument("--no-reconcile-on-start", dest="reconcile", action="store_false", default=True)
     p.add_argument(
-        "--log-level", default=env.get("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
+        "--zds-allowed-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="peer uid allowed on the ZDS socket (repeatable; default: this process's uid)",
+    )
+    p.add_argument(
+        "--no-reconcile-on-start",
+        dest="reconcile",
+        action="store_false",
+        default=True,
+        help="do not rewrite the rules of already-enrolled pods when starting",
+    )
+    p.add_argument(
+        "--log-level",
+        default=env.get("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="(env LOG_LEVEL; default info)",
     )
     return p
 
@@ -142,11 +213,13 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     ipv6 = args.ipv6 if args.ipv6 is not None else settings.flag("IPV6", False)
     health = args.health_addr or None
     if health is not None:
-        _split_host_port(health)
+        _split_host_port(health, _health_setting(argv))
+    zds_socket, warnings = zds_socket_setting(args.zds_socket, env)
     return AgentConfig(
         node_name=args.node_name,
         control_plane=args.control_plane or None,
-        zds_socket=args.zds_socket,
+        zds_socket=zds_socket,
+        warnings=tuple(warnings),
         cni_socket=args.cni_socket,
         backend=Backend(args.rule_backend),
         dns_capture=dns,
@@ -159,11 +232,30 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     )
 
 
-def _split_host_port(addr: str) -> tuple[str, int]:
+def _health_setting(argv: Sequence[str] | None) -> str:
+    """How the operator gave the health address: the flag when on the command line, else the variable."""
+    given = sys.argv[1:] if argv is None else argv
+    return "--health-addr" if any(a.startswith("--health-addr") for a in given) else "HEALTH_ADDR"
+
+
+def _split_host_port(addr: str, setting: str = "--health-addr") -> tuple[str, int]:
     try:
         return split_host_port(addr, default_host="127.0.0.1")
     except AddressError as exc:
-        raise ConfigError(f"--health-addr: {exc}") from None
+        raise ConfigError(f"{setting}={addr!r} {exc.problem}") from None
+
+
+def check_listen_addresses(config: AgentConfig, argv: Sequence[str] | None = None) -> None:
+    """Refuse, before anything starts, a health address that cannot be bound (in use, not of this host).
+
+    Raises:
+        ConfigError: naming the setting, its value and what to do.
+    """
+    if config.health_addr is not None:
+        setting = _health_setting(argv)
+        host, port = _split_host_port(config.health_addr, setting)
+        if port:
+            check_listen(setting, host, port, error=ConfigError)
 
 
 def effective_capabilities() -> int:
@@ -278,7 +370,11 @@ async def run_agent(
         }
         return json_response(body)
 
+    made: list[Path] = []
     try:
+        # this agent serves both sockets, so it owns their directories: made when missing, removed at exit
+        made += make_parents(config.zds_socket)
+        made += make_parents(config.cni_socket)
         async with trio.open_nursery() as nursery:
             if isinstance(status, ControlPlaneStatusReporter):
                 # before any pod is enrolled; a write failure is retried by it, never fatal here
@@ -319,6 +415,7 @@ async def run_agent(
         agent.close()
         with contextlib.suppress(OSError):
             os.unlink(config.cni_socket)
+        remove_made(made)
         log.info(
             "node-agent stopped; %d enrolled pod(s) keep their redirection rules (fail closed until a "
             "node agent and ztunnel take them again)",
@@ -340,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script `node-agent`."""
     try:
         config = load_config(argv, os.environ)
+        check_listen_addresses(config, argv)
     except ConfigError as exc:
         print(f"node-agent: error: {exc}", file=sys.stderr)
         return 2
@@ -347,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, config.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for warning in config.warnings:
+        log.warning(warning)
     try:
         startup_check(config)
     except StartupCheckError as exc:

@@ -41,7 +41,7 @@ from typing import Final
 import trio
 
 from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
-from services.ztunnel.config import ZtunnelConfig, load_config
+from services.ztunnel.config import ZtunnelConfig, check_listen_addresses, load_config
 from services.ztunnel.errors import ConfigError, StartupCheckError
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import SO_MARK
@@ -53,6 +53,7 @@ from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry import Metrics, Telemetry, setup_logging
 from shared.httpd import bound_addresses, serve_http_tcp
 from shared.netns import NetnsError, current_netns_fd, entered
+from shared.version import version_text
 
 log = logging.getLogger("ztunnel.app")
 
@@ -219,9 +220,11 @@ ENV_HELP = """settings (environment variables, named as upstream ztunnel's):
   NODE_NAME, POD_NAME, POD_NAMESPACE, INSTANCE_IP, CLUSTER_ID
   XDS_ADDRESS, XDS_ROOT_CERT, XDS_TOKEN_FILE, XDS_HEADER_*   control plane (xDS); unset: passthrough only
   CA_ADDRESS, CA_ROOT_CERT, CA_TOKEN_FILE, CA_HEADER_*        certificate authority (default: the xDS ones)
-  LOG_FORMAT=plain|json, RUST_LOG=info|debug|...
-  IPV6_ENABLED, ENABLE_ORIG_SRC, CONNECT_TIMEOUT, CONNECTION_TERMINATION_DEADLINE
-  ADMIN_ADDR (127.0.0.1:15000), STATS_ADDR (:15020), READINESS_ADDR (:15021)
+  LOG_FORMAT=plain|json, RUST_LOG=info|debug|... (LOG_LEVEL when RUST_LOG is unset)
+  IPV6_ENABLED, ENABLE_ORIG_SRC, CONNECT_TIMEOUT
+  CONNECTION_TERMINATION_DEADLINE (else TERMINATION_GRACE_PERIOD_SECONDS - 5s, else 5s): drain on SIGTERM
+  ZTUNNEL_SPLICE             copy bytes with splice(2) where it can (default true)
+  ADMIN_ADDR (127.0.0.1:15000), STATS_ADDR (:15020), READINESS_ADDR (:15021); checked at start
   ZTUNNEL_ZDS_STATE_FILE     write the in-pod state as JSON after every change (conformance kit)
 Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to enter pod namespaces."""
 
@@ -238,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             description="The node's ztunnel: per-pod listeners inside each pod's netns, HBONE, L4 policy.",
             epilog=ENV_HELP,
         )
+        parser.add_argument("--version", action="version", version=version_text("ztunnel"))
         parser.parse_args(args)
     try:
         config = load_config()
+        check_listen_addresses(config)
     except ConfigError as exc:
         print(f"ztunnel: {exc}", file=sys.stderr)
         return 2
