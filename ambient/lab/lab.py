@@ -66,6 +66,7 @@ from ambient.lab.topology import (
     netns_exists,
     plan_lab,
     remove_tree,
+    rescale_notes,
     rescale_world,
     wire_pod,
 )
@@ -100,7 +101,11 @@ def check_prerequisites() -> None:
             )
 
 
-def load_lab_world(world_file: Path | None, nodes: int | None) -> tuple[World, str]:
+def load_lab_world(
+    world_file: Path | None, nodes: int | None, *, progress: Progress = _quiet
+) -> tuple[World, str]:
+    """The world file (default examples/bookinfo.yaml), laid out over `nodes` nodes when given; what that
+    re-addressing changed goes to `progress`."""
     path = world_file or DEFAULT_WORLD
     try:
         data = path.read_bytes()
@@ -108,7 +113,10 @@ def load_lab_world(world_file: Path | None, nodes: int | None) -> tuple[World, s
         raise PrerequisiteError(f"cannot read the world file {path}: {exc.strerror}") from None
     world = load_world(data, str(path))
     if nodes is not None:
-        world = rescale_world(world, nodes)
+        rescaled = rescale_world(world, nodes)
+        for note in rescale_notes(world, rescaled):
+            progress(f"--nodes {nodes}: {note}")
+        world = rescaled
     return world, str(path)
 
 
@@ -356,7 +364,7 @@ def up(
     """
     check_prefix(prefix)
     check_prerequisites()
-    world, source = load_lab_world(world_file, nodes)
+    world, source = load_lab_world(world_file, nodes, progress=progress)
     plan = plan_lab(world, prefix=prefix, source=source)
     existing = load_state(prefix, root)
     if existing is not None or run_dir(prefix, root).exists():
