@@ -1,4 +1,4 @@
-"""ZDS conformance kit: SPEC §9 cases 1-19 against any implementation of either role.
+"""ZDS conformance kit: 19 numbered cases (docs/zds-conformance.md) against any implementation of either role.
 
 Theory of operation
 -------------------
@@ -1311,7 +1311,7 @@ def render(results: Sequence[CaseResult], *, console: Any = None) -> None:
 
     if console is None:
         console = make_console()
-    table = Table(title="ZDS conformance (SPEC §9)", show_lines=False)
+    table = Table(title="ZDS conformance", show_lines=False)
     table.add_column("role")
     table.add_column("case", justify="right")
     table.add_column("what")

@@ -1,4 +1,4 @@
-"""The node agent's pod lifecycle with fakes (SPEC §8, §9 cases 36-38), and once against the real ZDS
+"""The node agent's pod lifecycle with fakes (enrol, retry, unenrol, restart), and once against the real ZDS
 server with a real ZDS client (ztunnel side) over a Unix socket."""
 
 from __future__ import annotations
