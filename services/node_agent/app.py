@@ -214,6 +214,8 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     health = args.health_addr or None
     if health is not None:
         _split_host_port(health, _health_setting(argv))
+    if args.control_plane:
+        _check_control_plane(args.control_plane, _given(argv, "--control-plane", "CONTROL_PLANE_ADDRESS"))
     zds_socket, warnings = zds_socket_setting(args.zds_socket, env)
     return AgentConfig(
         node_name=args.node_name,
@@ -232,10 +234,26 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     )
 
 
-def _health_setting(argv: Sequence[str] | None) -> str:
-    """How the operator gave the health address: the flag when on the command line, else the variable."""
+def _given(argv: Sequence[str] | None, flag: str, variable: str) -> str:
+    """How the operator gave a setting: the flag when it is on the command line, else the variable."""
     given = sys.argv[1:] if argv is None else argv
-    return "--health-addr" if any(a.startswith("--health-addr") for a in given) else "HEALTH_ADDR"
+    return flag if any(a == flag or a.startswith(flag + "=") for a in given) else variable
+
+
+def _health_setting(argv: Sequence[str] | None) -> str:
+    return _given(argv, "--health-addr", "HEALTH_ADDR")
+
+
+def _check_control_plane(address: str, setting: str) -> None:
+    """[https://|http://]HOST:PORT with a port istiod can listen on (1-65535), before anything starts."""
+    _, sep, rest = address.partition("://")
+    try:
+        _, port = split_host_port((rest if sep else address).rstrip("/"))
+    except AddressError as exc:
+        problem = exc.problem.replace("host:port", "[https://]HOST:PORT", 1)
+        raise ConfigError(f"{setting}={address!r} {problem}") from None
+    if port == 0:
+        raise ConfigError(f"{setting}={address!r} has port 0, which nothing listens on; use 1-65535")
 
 
 def _split_host_port(addr: str, setting: str = "--health-addr") -> tuple[str, int]:

@@ -85,6 +85,23 @@ def test_node_agent_refuses_a_bad_or_taken_health_address(
     assert f"--health-addr='127.0.0.1:{taken_port}': the address is already in use" in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--control-plane", "127.0.0.1:99999"], {}, "--control-plane='127.0.0.1:99999' is not [https://]HOST:PORT"),
+        ([], {"CONTROL_PLANE_ADDRESS": "http://x:0"}, "CONTROL_PLANE_ADDRESS='http://x:0' has port 0"),
+    ],
+)
+def test_node_agent_refuses_a_bad_control_plane_port(
+    argv: list[str], env: dict[str, str], needle: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _, err = run(node_agent_main, ["--node-name", "n1", "--health-addr", "", *argv], capsys)
+    assert needle in err and "use" in err
+
+
 def test_istiod_refuses_a_bad_or_taken_listen_address(
     taken_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
