@@ -155,6 +155,11 @@ def eventually_ok(prefix: str, url: str, within: float = 15.0) -> tuple[int, str
 def test_exec_exits_as_a_shell_would_and_deleting_a_pod_unenrols_it(mesh_lab: str, tmp_path: Path) -> None:
     """One lab for both: exec's exit codes; then delete, after which exec and status know the pod is gone."""
     prefix = mesh_lab
+    fresh = load_state(prefix)
+    assert fresh is not None
+    for node in ("node-a", "node-b"):  # a fresh lab: nothing restarted, so nothing to warn about
+        agent_log = components.LabPaths(fresh.run_dir).log(f"node-agent/{node}").read_text()
+        assert " WARNING " not in agent_log, agent_log
     missing = lab.exec_in_pod(["nosuchcmd"], pod="client", prefix=prefix, capture=True)
     assert missing.returncode == 127 and b"nosuchcmd: command not found" in missing.stderr
     plain = tmp_path / "not-a-program"
