@@ -50,6 +50,7 @@ from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.rules import RuleSettings
 from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
 from shared.addr import AddressError, split_host_port
+from shared.errors import AmbientError, start_failure
 from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http
 from shared.rundir import make_parents, remove_made
 from shared.settings import EnvSettings, check_listen
@@ -472,8 +473,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         trio.run(_main, config)
-    except OSError as exc:
-        print(f"node-agent: error: cannot start: {exc}", file=sys.stderr)
+    except (OSError, AmbientError, BaseExceptionGroup) as exc:
+        failure = start_failure(exc)  # e.g. an address taken after the start-up check, a socket path
+        if failure is None:
+            raise
+        print(f"node-agent: error: cannot start: {failure}", file=sys.stderr)
         return 1
     return 0
 

@@ -51,6 +51,7 @@ from services.ztunnel.peers import StatePeers
 from services.ztunnel.proxy.context import Mesh, SocketFactory
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry import Metrics, Telemetry, setup_logging
+from shared.errors import AmbientError, start_failure
 from shared.httpd import bound_addresses, serve_http_tcp
 from shared.netns import NetnsError, current_netns_fd, entered
 from shared.version import version_text
@@ -259,8 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         trio.run(_main, config)
-    except OSError as exc:
-        print(f"ztunnel: cannot start: {exc}", file=sys.stderr)
+    except (OSError, AmbientError, BaseExceptionGroup) as exc:
+        failure = start_failure(exc)  # e.g. an address taken after the start-up check
+        if failure is None:
+            raise
+        print(f"ztunnel: cannot start: {failure}", file=sys.stderr)
         return 1
     return 0
 

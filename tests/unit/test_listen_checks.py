@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from services.istiod.app import main as istiod_main
+from services.node_agent import app as node_agent_app
 from services.node_agent.app import main as node_agent_main
 from services.ztunnel.app import main as ztunnel_main
+from shared.errors import start_failure
 from shared.settings import SettingError, check_listen
 
 ZTUNNEL_FREE = {"ADMIN_ADDR": "127.0.0.1:0", "STATS_ADDR": "127.0.0.1:0", "READINESS_ADDR": "127.0.0.1:0"}
@@ -118,3 +121,24 @@ def test_check_listen_names_what_is_wrong() -> None:
     with pytest.raises(SettingError, match=r"X='192\.0\.2\.1:80': not an address of this host"):
         check_listen("X", "192.0.2.1", 80)
     check_listen("X", "127.0.0.1", 0)  # a free port: fine, and nothing stays bound
+
+
+def test_a_failure_while_starting_is_one_line_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the start-up checks cannot see (here: the ZDS socket path is a directory) fails inside the event
+    loop, wrapped in exception groups; it is still one line, without a traceback."""
+    monkeypatch.setattr(node_agent_app, "startup_check", lambda config: None)
+    (tmp_path / "zds.sock").mkdir()
+    argv = ["--node-name", "n1", "--health-addr", "", "--ztunnel-uds-address", str(tmp_path / "zds.sock"),
+            "--cni-socket", str(tmp_path / "cni.sock")]  # fmt: skip
+    code, err = run(node_agent_main, argv, capsys)
+    assert code == 1 and err.startswith("node-agent: error: cannot start: ")
+    assert "zds.sock exists and is a directory; remove it or choose another socket path" in err
+
+
+def test_start_failure_finds_the_one_operator_error_in_nested_groups() -> None:
+    bind = OSError(98, "address in use")
+    assert start_failure(BaseExceptionGroup("outer", [BaseExceptionGroup("inner", [bind])])) is bind
+    assert start_failure(ExceptionGroup("mixed", [bind, KeyError("bug")])) is None  # a bug: traceback
+    assert start_failure(KeyError("bug")) is None
