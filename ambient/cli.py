@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from shared.errors import AmbientError
+from shared.version import version_text
 
 # Modules that add subcommands; each defines register(subparsers) and sets `func` on its parsers.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -21,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ambient", description="Operate the Trio ambient mesh data plane.")
+    parser.add_argument("--version", action="version", version=version_text("ambient"))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -1,4 +1,4 @@
-"""ZDS conformance kit: SPEC §9 cases 1-19 against any implementation of either role.
+"""ZDS conformance kit: 19 numbered cases (docs/zds-conformance.md) against any implementation of either role.
 
 Theory of operation
 -------------------
@@ -64,7 +64,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1306,12 +1305,13 @@ async def _case_multi_connection(h: ServerHarness, report: Report, *, older: Pee
 
 def render(results: Sequence[CaseResult], *, console: Any = None) -> None:
     """Print the pass/fail table with rich."""
-    from rich.console import Console
     from rich.table import Table
 
+    from ambient.output import make_console
+
     if console is None:
-        console = Console() if sys.stdout.isatty() else Console(width=160)
-    table = Table(title="ZDS conformance (SPEC §9)", show_lines=False)
+        console = make_console()
+    table = Table(title="ZDS conformance", show_lines=False)
     table.add_column("role")
     table.add_column("case", justify="right")
     table.add_column("what")

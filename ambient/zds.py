@@ -419,7 +419,7 @@ def register(subparsers: Any) -> None:
     watch.set_defaults(func=cmd_watch)
 
     conf = subparsers.add_parser(
-        "zds-conformance", help="check a ZDS server and/or client against SPEC §9 cases 1-19",
+        "zds-conformance", help="check a ZDS server and/or client against the 19 conformance cases",
         description="Run the ZDS conformance cases against a server (--server/--server-cmd) and/or a client "
         "(--client-cmd). Prints a pass/fail table; exits 1 if a case fails. See docs/zds-conformance.md.",
         epilog=LOG_FORMAT_HELP,

@@ -22,7 +22,13 @@ Addr = tuple[str, int]
 
 
 class AddressError(ValueError):
-    """Text that is not the address it should be; the message quotes it and shows the expected form."""
+    """Text that is not the address it should be; the message quotes it and shows the expected form.
+
+    `problem` is the message without the quoted text, for callers that name the setting themselves."""
+
+    def __init__(self, text: str, problem: str) -> None:
+        super().__init__(f"{text!r} {problem}")
+        self.problem = problem
 
 
 @functools.lru_cache(maxsize=4096)  # looked up per connection; addresses repeat
@@ -78,8 +84,11 @@ def split_host_port(text: str, *, default_host: str | None = None) -> tuple[str,
         host = host[1:-1]
     elif ":" in host or "[" in host or "]" in host:
         sep = ""  # an IPv6 host must be bracketed
-    if not sep or not port.isdigit() or int(port) > 65535 or (not host and default_host is None):
-        raise AddressError(f"{text!r} is not host:port (e.g. 127.0.0.1:15000 or [::]:15020)")
+    if sep and port.isdigit() and int(port) > 65535:
+        problem = f"is not host:port: port {int(port)} is out of range; use a port from 0 to 65535"
+        raise AddressError(text, problem)
+    if not sep or not port.isdigit() or (not host and default_host is None):
+        raise AddressError(text, "is not host:port (e.g. 127.0.0.1:15000 or [::]:15020)")
     return host or (default_host or ""), int(port)
 
 

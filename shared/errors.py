@@ -5,3 +5,17 @@ from __future__ import annotations
 
 class AmbientError(Exception):
     """Base for errors an operator can act on; str(exc) is the whole message, hint included."""
+
+
+def start_failure(exc: BaseException) -> OSError | AmbientError | None:
+    """The one error a process can report in a line when it fails to start: `exc` itself, or the first of
+    the (possibly nested) exception group Trio wraps it in, when every error in it is an OSError (a bind or
+    a path that failed) or an AmbientError (written for an operator). None for anything else: a bug keeps
+    its traceback."""
+    if isinstance(exc, OSError | AmbientError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [start_failure(inner) for inner in exc.exceptions]
+        if found and all(f is not None for f in found):
+            return found[0]
+    return None

@@ -62,8 +62,11 @@ class GrpcTarget(msgspec.Struct, frozen=True, kw_only=True):
             scheme, rest = "https", address
         try:
             host, port = split_host_port(rest.rstrip("/"))
-        except AddressError:
-            raise ValueError(f"{kind}_ADDRESS {address!r} is not [https://]HOST:PORT") from None
+        except AddressError as exc:
+            problem = exc.problem.replace("host:port", "[https://]HOST:PORT", 1)
+            raise ValueError(f"{kind}_ADDRESS={address!r} {problem}") from None
+        if port == 0:
+            raise ValueError(f"{kind}_ADDRESS={address!r} has port 0, which nothing listens on; use 1-65535")
         root = None
         if scheme != "http":
             root_path = environ.get(f"{kind}_ROOT_CERT", "./var/run/secrets/istio/root-cert.pem")

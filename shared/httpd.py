@@ -113,14 +113,12 @@ class Router:
 
 
 async def open_unix_listener(path: str, *, mode: int = 0o600, backlog: int = 64) -> trio.SocketListener:
-    """Bind a stream Unix socket at `path` (a stale socket file is replaced; any other file is refused).
+    """Bind a stream Unix socket at `path` (a stale socket file is replaced; any other file is refused;
+    the directory must exist).
 
     Raises:
         OSError: the path exists and is not a socket (EEXIST), or the bind failed.
     """
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -134,6 +132,11 @@ async def open_unix_listener(path: str, *, mode: int = 0o600, backlog: int = 64)
         await sock.bind(path)
         os.chmod(path, mode)
         sock.listen(backlog)
+    except FileNotFoundError:  # the owner makes the directory (shared.rundir.make_parents), never this
+        sock.close()
+        directory = os.path.dirname(path) or "."
+        message = f"{directory} does not exist; create it or choose another socket path"
+        raise OSError(errno.ENOENT, message) from None
     except BaseException:
         sock.close()
         raise

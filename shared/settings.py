@@ -4,6 +4,7 @@
     ipv6 = env.flag("IPV6_ENABLED", True)                 # 1/true/yes/on, 0/false/no/off; unset or "": True
     deadline = env.duration("CONNECT_TIMEOUT", 10.0)      # 5s, 500ms, 1m or bare seconds
     host, port = env.host_port("ADMIN_ADDR", ("127.0.0.1", 15000))
+    check_listen("ADMIN_ADDR", host, port, error=ConfigError)  # in use? refused before anything starts
 
 Every error names the variable, quotes its value and shows what would be accepted:
 `IPV6_ENABLED='maybe' is not a boolean; use true or false`.
@@ -11,11 +12,13 @@ Every error names the variable, quotes its value and shows what would be accepte
 
 from __future__ import annotations
 
+import errno
 import re
+import socket
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-from shared.addr import AddressError, split_host_port
+from shared.addr import AddressError, format_host_port, split_host_port
 from shared.errors import AmbientError
 
 T = TypeVar("T")
@@ -54,9 +57,46 @@ def parse_host_port(
     """`host:port`, `[v6]:port` or `:port` (host `default_host`, None when that is None)."""
     try:
         host, port = split_host_port(raw, default_host="")
-    except AddressError:
-        raise error(f"{name}={raw!r} is not host:port (e.g. 127.0.0.1:15000 or [::]:15020)") from None
+    except AddressError as exc:
+        raise error(f"{name}={raw!r} {exc.problem}") from None
     return host or default_host, port
+
+
+def check_listen(
+    name: str, host: str | None, port: int, *, error: Callable[[str], Exception] = SettingError
+) -> None:
+    """Bind (host, port) once and let go, so a listen address that cannot work is refused before anything
+    starts, naming the setting: in use, not an address of this host, a privileged port, an unknown name.
+    `host` None means every wildcard address (v4 and v6), as the listeners bind it."""
+    value = format_host_port(host or "", port)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        problem = f"cannot resolve {host!r} ({exc.strerror}); use an IP address"
+        raise error(f"{name}={value!r}: {problem}") from None
+    for family, kind, proto, _name, sockaddr in infos:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this host lacks (no IPv6): the listeners skip it too
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listeners: TIME_WAIT is fine
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                raise error(f"{name}={value!r}: {_bind_problem(exc, port)}") from None
+
+
+def _bind_problem(exc: OSError, port: int) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"the address is already in use; stop what listens on port {port} or choose another port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "not an address of this host; use one of its addresses (or 0.0.0.0 / [::] for all)"
+    if exc.errno == errno.EACCES:
+        return f"port {port} needs privileges; run as root or choose a port above 1023"
+    return f"cannot listen there ({exc.strerror}); choose another address"
 
 
 class EnvSettings:

@@ -18,12 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-# Piped output (a log, CI) gets a wide table rather than rich's 80-column default.
-console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=200)
-err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+from ambient.output import make_console
+
+# Piped output (a log, CI) is never wrapped (ambient.output).
+console = make_console()
+err_console = make_console(stderr=True)
 DOCS_FILE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 DEFAULT_OUT_ROOT = Path("/var/tmp/ambient-bench")
 

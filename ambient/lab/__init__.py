@@ -1,1 +1,1 @@
-"""The lab: a multi-node ambient cluster built from network namespaces on one Linux host (DESIGN §6)."""
+"""The lab: a multi-node ambient cluster built from network namespaces on one Linux host (README.md here)."""

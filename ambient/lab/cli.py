@@ -1,4 +1,4 @@
-"""`ambient lab ...`, `ambient logs` and `ambient demo`: the local stack in network namespaces (DESIGN §6).
+"""`ambient lab ...`, `ambient logs` and `ambient demo`: the local stack in network namespaces.
 
     ambient lab up [--world FILE] [--nodes N] [--prefix P]    build the lab and start everything in it
     ambient lab down [--prefix P]                             stop and remove exactly what `up` made
@@ -17,21 +17,40 @@ Every command needs root. The prefix (default `amb`, env AMBIENT_LAB_PREFIX) sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
+from ambient.lab.errors import LabError
 from ambient.lab.tables import status_tables
+from ambient.output import make_console
 
 DEFAULT_PREFIX = os.environ.get("AMBIENT_LAB_PREFIX", "amb")
 COMPONENTS = ("ztunnel", "node-agent", "istiod")
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = make_console()  # piped output is never wrapped
+err_console = make_console(stderr=True)
+
+
+LAB_DESCRIPTION = """\
+Build, inspect and remove the local lab: a multi-node ambient cluster made of network namespaces on this
+host. A fabric namespace joins the nodes (one namespace each, with a bridge for its pods); istiod runs in a
+control-plane namespace; each node runs a node agent and a ztunnel; each pod is a namespace with a veth into
+its node's bridge, enrolled by the node agent through a CNI ADD, running its app. Everything it makes is
+recorded in /run/ambient-lab/PREFIX/state.json first, so `down` removes exactly that.
+More in ambient/lab/README.md."""
+
+POD_ADD_REFUSED = (
+    "`lab world -- pod add` is refused: istiod would record the pod, but nothing would start it in the lab "
+    "(a pod needs a network namespace, a veth into its node, a CNI ADD to the node agent and its app). "
+    "To run another pod, add it to a copy of the world file and start a lab from it: "
+    "`ambient lab up --world FILE --prefix NEW` (or `lab down` first and reuse the prefix)"
+)
 
 
 def _progress(message: str) -> None:
@@ -51,23 +70,50 @@ def register(subparsers: Any) -> None:
     lab = subparsers.add_parser(
         "lab",
         help="a multi-node ambient lab in network namespaces (root)",
-        description="Build, inspect and remove the local lab (DESIGN §6).",
+        description=LAB_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     lab_sub = lab.add_subparsers(dest="lab_command", metavar="COMMAND")
     lab.set_defaults(func=lambda args: (lab.print_help(), 2)[1])
 
-    up = lab_sub.add_parser("up", help="build the lab and start everything")
+    up = lab_sub.add_parser(
+        "up",
+        help="build the lab and start everything",
+        description="Build the lab from a world file and start everything in it: the fabric and node "
+        "namespaces, istiod, per node the node agent and ztunnel, then every pod (netns, veth, CNI ADD to "
+        "the node agent, its app), and wait until every ambient pod is enrolled. A failure, Ctrl-C or "
+        "SIGTERM removes everything made so far.",
+    )
     up.add_argument("--world", type=Path, default=None, help="world file (default examples/bookinfo.yaml)")
-    up.add_argument("--nodes", type=int, default=None, help="lay the world's pods out over N nodes")
-    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each component")
+    up.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="lay the world's pods out over N nodes (1-26); pods keep their address where it fits the new "
+        "node, and `up` says which were re-addressed and which policies that affects",
+    )
+    up.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for each component (default 30)"
+    )
     _add_prefix(up)
     up.set_defaults(func=cmd_up)
 
-    down = lab_sub.add_parser("down", help="stop and remove everything `up` made")
+    down = lab_sub.add_parser(
+        "down",
+        help="stop and remove everything `up` made",
+        description="Stop the lab's processes and remove its namespaces, files and run directory: exactly "
+        "what `up` recorded in the lab's state file, nothing else.",
+    )
     _add_prefix(down)
     down.set_defaults(func=cmd_down)
 
-    status = lab_sub.add_parser("status", help="nodes, pods and services of the lab")
+    status = lab_sub.add_parser(
+        "status",
+        help="nodes, pods and services of the lab",
+        description="The lab's nodes, its pods (IP, node, app label, enrolment: the pod's "
+        "ambient.istio.io/redirection annotation as istiod has it), services and component processes.",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable, with PIDs, logs, netns names")
     _add_prefix(status)
     status.set_defaults(func=cmd_status)
@@ -78,38 +124,62 @@ def register(subparsers: Any) -> None:
         description="Run CMD inside POD's netns with its name resolution, like kubectl exec. "
         "POD is ns/name, name, a unique name prefix or an app label.",
     )
-    ex.add_argument("pod")
-    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    ex.add_argument("pod", metavar="POD", help="ns/name, name, a unique name prefix or an app label")
+    ex.add_argument(
+        "cmd",
+        nargs=argparse.REMAINDER,
+        help="-- CMD [ARGS...]; exit code CMD's (127: not found, 126: not executable)",
+    )
     _add_prefix(ex)
     ex.set_defaults(func=cmd_exec)
 
     rm = lab_sub.add_parser(
-        "delete", help="delete a pod: istiod forgets it, the node agent unenrols it, its netns goes"
+        "delete",
+        help="delete a pod: istiod forgets it, the node agent unenrols it, its netns goes",
+        description="Delete a pod as Kubernetes does: istiod forgets it first (the node agent's pod watch "
+        "unenrols it and ztunnel lets it go), then its app is stopped and its netns removed. Afterwards "
+        "`lab exec` and `lab status` know it as deleted.",
     )
-    rm.add_argument("pod")
-    rm.add_argument("--timeout", type=float, default=30.0)
+    rm.add_argument("pod", metavar="POD", help="ns/name, name, a unique name prefix or an app label")
+    rm.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for ztunnel to let the pod go (default 30)",
+    )
     _add_prefix(rm)
     rm.set_defaults(func=cmd_delete)
 
     wd = lab_sub.add_parser(
         "world",
         help="`ambient world ...` against the lab's istiod (e.g. policy add FILE)",
-        description="Run `ambient world ARGS` inside the control-plane netns with the lab's credentials.",
+        description="Run `ambient world ARGS` inside the control-plane netns with the lab's credentials. "
+        "`pod add` is refused: istiod would record the pod, but nothing would start it in the lab (a pod "
+        "needs a netns, a veth, a CNI ADD and its app); add it to a world file and `lab up --world FILE`.",
     )
     wd.add_argument("args", nargs=argparse.REMAINDER, help="-- ARGS (see `ambient world --help`)")
     _add_prefix(wd)
     wd.set_defaults(func=cmd_world)
 
-    rs = lab_sub.add_parser("restart", help="restart one component (all nodes unless NODE is given)")
-    rs.add_argument("component", choices=COMPONENTS)
-    rs.add_argument("node", nargs="?", default=None)
-    rs.add_argument("--timeout", type=float, default=30.0)
+    rs = lab_sub.add_parser(
+        "restart",
+        help="restart one component (all nodes unless NODE is given)",
+        description="Stop and start ztunnel, the node agent or istiod (on every node, or on NODE), wait "
+        "until it is ready and ztunnel holds the node's ambient pods again.",
+    )
+    rs.add_argument("component", choices=COMPONENTS, help="which component")
+    rs.add_argument("node", nargs="?", default=None, metavar="NODE", help="only on this node (default all)")
+    rs.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for it to be ready (default 30)"
+    )
     _add_prefix(rs)
     rs.set_defaults(func=cmd_restart)
 
     logs = subparsers.add_parser("logs", help="ztunnel access logs of the lab")
-    logs.add_argument("node", nargs="?", default=None)
-    logs.add_argument("--direction", choices=("inbound", "outbound"), default=None)
+    logs.add_argument("node", nargs="?", default=None, metavar="NODE", help="only this node's ztunnel")
+    logs.add_argument(
+        "--direction", choices=("inbound", "outbound"), default=None, help="only this direction's lines"
+    )
     _add_prefix(logs)
     logs.set_defaults(func=cmd_logs)
 
@@ -119,12 +189,33 @@ def register(subparsers: Any) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+@contextlib.contextmanager
+def sigterm_rolls_back() -> Iterator[None]:
+    """Within: SIGTERM stops the command the way Ctrl-C does, as an exception (`up` then removes what it
+    made), and the process exits 143 (128 + SIGTERM). A second SIGTERM during that clean-up is ignored."""
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from ambient.lab import lab
 
-    state = lab.up(
-        prefix=args.prefix, world_file=args.world, nodes=args.nodes, timeout=args.timeout, progress=_progress
-    )
+    with sigterm_rolls_back():
+        state = lab.up(
+            prefix=args.prefix,
+            world_file=args.world,
+            nodes=args.nodes,
+            timeout=args.timeout,
+            progress=_progress,
+        )
     console.print(
         f"[green]lab {state.prefix!r} is up[/]: {len(state.pods)} pods; "
         f"`ambient lab status --prefix {state.prefix}`, `ambient lab down --prefix {state.prefix}`"
@@ -183,6 +274,8 @@ def cmd_world(args: argparse.Namespace) -> int:
     if not rest:
         err_console.print("usage: ambient lab world [--prefix P] -- COMMAND ... (e.g. policy add deny.yaml)")
         return 2
+    if rest[:2] == ["pod", "add"]:
+        raise LabError(POD_ADD_REFUSED)
     return lab.world_command(rest, prefix=args.prefix).returncode
 
 
@@ -204,7 +297,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ambient.lab import demo
 
-    return demo.run_demo(prefix=args.prefix, keep=args.keep, console=console, progress=_progress)
+    with sigterm_rolls_back():
+        return demo.run_demo(prefix=args.prefix, keep=args.keep, console=console, progress=_progress)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m ambient.lab.cli` for debugging

@@ -4,7 +4,7 @@ This is the one place that knows the components' command lines, environment and 
 
     istiod      control-plane netns   python -m services.istiod.app --world ... --listen 0.0.0.0:15012
                                       ready: TCP 15012 accepts
-    node-agent  node netns            python -m services.node_agent.app (NODE_NAME, ZDS_SOCKET, ...)
+    node-agent  node netns            python -m services.node_agent.app (NODE_NAME, ZTUNNEL_UDS_ADDRESS, ...)
                                       ready: GET /healthz on its CNI-event Unix socket answers 200
     ztunnel     node netns            python -m services.ztunnel.app (upstream's environment variables)
                                       ready: GET :15021/healthz/ready answers 200 (any answer while no
@@ -153,7 +153,7 @@ def node_agent_spec(
     netns = node.netns if netns is None else netns
     env = {
         "NODE_NAME": node.name,
-        "ZDS_SOCKET": str(paths.zds_socket(node.name)),  # the ZDS server socket ztunnel connects to
+        "ZTUNNEL_UDS_ADDRESS": str(paths.zds_socket(node.name)),  # the ZDS server socket ztunnel connects to
         "CNI_SOCKET": str(paths.cni_socket(node.name)),  # POST /cmdadd, GET /healthz
         "HEALTH_ADDR": "127.0.0.1:8000",  # inside the node netns
         "CONTROL_PLANE_ADDRESS": f"https://{istiod or plan.istiod_address}",  # the pod watch

@@ -19,17 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
-from rich.rule import Rule
 
 from ambient.lab import lab
 from ambient.lab.errors import LabError
 from ambient.lab.tables import status_tables
+from ambient.output import make_console, section
 
 REQUEST = "http://productpage.bookinfo:9080/productpage"
 
 
 def _section(console: Console, title: str) -> None:
-    console.print(Rule(f"[bold]{title}"))
+    section(console, title)
 
 
 def _in_pod(prefix: str, pod: str, argv: list[str]) -> subprocess.CompletedProcess[bytes]:
@@ -74,7 +74,7 @@ def deny(prefix: str, console: Console, *, wait: float = 5.0) -> bool:
     path.write_text(DENY_POLICY)
     console.print(DENY_POLICY.rstrip(), markup=False)
     console.print(f"$ ambient lab world --prefix {prefix} -- policy add {path}")
-    seen = len(list(lab.access_logs(prefix=prefix)))
+    seen = set(lab.access_logs(prefix=prefix))  # lines, not a count: the nodes' logs interleave
     applied = lab.world_command(["policy", "add", str(path)], prefix=prefix, capture=True)
     if applied.returncode != 0:
         console.print(f"[red]could not apply the policy[/]: {applied.stderr.decode().strip()}")
@@ -91,12 +91,25 @@ def deny(prefix: str, console: Console, *, wait: float = 5.0) -> bool:
         )
         return False
     console.print(f"refused as expected (client exit {result.returncode}): {result.stderr.decode().strip()}")
-    time.sleep(0.3)
-    fresh = list(lab.access_logs(prefix=prefix))[seen:]
-    refused = [line for line in fresh if "error=" in line and "sleep" in line]
-    for line in refused[-2:]:
+    for line in refused_lines(prefix, seen, wait=wait):
         console.print(line, markup=False, soft_wrap=True)
     return True
+
+
+def refused_lines(prefix: str, seen: set[str], *, wait: float) -> list[str]:
+    """The newest refused-connection line of each direction that is not in `seen`: the sleep side's outbound
+    line (the peer's answer) and productpage's inbound one (the policy rejection). Waits up to `wait` s for
+    both, as each ztunnel writes its line when its side of the connection closes."""
+    deadline = time.monotonic() + wait
+    while True:
+        newest = {}
+        for direction in ("outbound", "inbound"):
+            for line in lab.access_logs(prefix=prefix, direction=direction):
+                if line not in seen and "error=" in line and "sleep" in line:
+                    newest[direction] = line
+        if len(newest) == 2 or time.monotonic() > deadline:
+            return list(newest.values())
+        time.sleep(0.2)
 
 
 def run_demo(
@@ -107,7 +120,7 @@ def run_demo(
     progress: Callable[[str], None] = print,
 ) -> int:
     """Run the demo; 0 when the request through the mesh succeeded."""
-    console = console or Console()
+    console = console or make_console()
     _section(console, "1. lab up: istiod, two nodes (node agent + ztunnel), the bookinfo pods")
     lab.up(prefix=prefix, progress=progress)
     ok = False

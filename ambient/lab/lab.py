@@ -27,7 +27,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from ambient.lab.topology import (
     netns_exists,
     plan_lab,
     remove_tree,
+    rescale_notes,
     rescale_world,
     wire_pod,
 )
@@ -100,7 +101,11 @@ def check_prerequisites() -> None:
             )
 
 
-def load_lab_world(world_file: Path | None, nodes: int | None) -> tuple[World, str]:
+def load_lab_world(
+    world_file: Path | None, nodes: int | None, *, progress: Progress = _quiet
+) -> tuple[World, str]:
+    """The world file (default examples/bookinfo.yaml), laid out over `nodes` nodes when given; what that
+    re-addressing changed goes to `progress`."""
     path = world_file or DEFAULT_WORLD
     try:
         data = path.read_bytes()
@@ -108,7 +113,10 @@ def load_lab_world(world_file: Path | None, nodes: int | None) -> tuple[World, s
         raise PrerequisiteError(f"cannot read the world file {path}: {exc.strerror}") from None
     world = load_world(data, str(path))
     if nodes is not None:
-        world = rescale_world(world, nodes)
+        rescaled = rescale_world(world, nodes)
+        for note in rescale_notes(world, rescaled):
+            progress(f"--nodes {nodes}: {note}")
+        world = rescaled
     return world, str(path)
 
 
@@ -356,7 +364,7 @@ def up(
     """
     check_prefix(prefix)
     check_prerequisites()
-    world, source = load_lab_world(world_file, nodes)
+    world, source = load_lab_world(world_file, nodes, progress=progress)
     plan = plan_lab(world, prefix=prefix, source=source)
     existing = load_state(prefix, root)
     if existing is not None or run_dir(prefix, root).exists():
@@ -470,7 +478,8 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
                 "ambient": pod.ambient,
                 "enrolment": enrolment,
                 "redirection": redirection or None,
-                "app": pod.app.kind,
+                "app": pod.labels.get("app", ""),
+                "program": pod.app.kind,
                 "uid": pod.uid,
             }
         )
@@ -512,17 +521,40 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
     }
 
 
-def find_pod(plan: LabPlan, query: str) -> PodPlan:
-    """A pod by `ns/name`, name, or a unique prefix of its name / its `app` label (`sleep`)."""
-    exact = [p for p in plan.pods if query in (p.key, p.name)]
+def find_pod(plan: LabPlan, query: str, *, deleted: Collection[str] = ()) -> PodPlan:
+    """A pod by `ns/name`, name, or a unique prefix of its name / its `app` label (`sleep`). Pods whose key
+    is in `deleted` (`lab delete`) match nothing; asking for one says it was deleted."""
+
+    def hits(pods: Iterable[PodPlan]) -> tuple[list[PodPlan], list[PodPlan]]:
+        pods = list(pods)
+        exact = [p for p in pods if query in (p.key, p.name)]
+        return exact, [p for p in pods if p.name.startswith(query) or p.labels.get("app") == query]
+
+    live = [p for p in plan.pods if p.key not in deleted]
+    exact, matches = hits(live)
     if exact:
         return exact[0]
-    matches = [p for p in plan.pods if p.name.startswith(query) or p.labels.get("app") == query]
     if len(matches) == 1:
         return matches[0]
-    names = ", ".join(p.key for p in (matches or plan.pods))
+    names = ", ".join(p.key for p in (matches or live)) or "none"
+    if not matches:
+        gone_exact, gone = hits(p for p in plan.pods if p.key in deleted)
+        if gone_exact or gone:
+            raise UnknownPodError(
+                f"pod {(gone_exact or gone)[0].key} was deleted (`ambient lab delete`); pods: {names}"
+            )
     what = "more than one pod" if matches else "no pod"
     raise UnknownPodError(f"{what} matches {query!r}; pods: {names}")
+
+
+def deleted_pods(state: LabState) -> set[str]:
+    """Keys of the pods `lab delete` removed."""
+    return {r.key for r in state.pods if r.status == "deleted"}
+
+
+COMMAND_NOT_FOUND = 127
+"""The shell's exit code for a command that does not exist (`kubectl exec` passes it on too)."""
+COMMAND_NOT_EXECUTABLE = 126
 
 
 def exec_in_pod(
@@ -536,14 +568,42 @@ def exec_in_pod(
     """Run `argv` inside a pod's netns with its name resolution (its hosts file), like `kubectl exec`."""
     check_prerequisites()
     state = require_state(prefix, root)
-    target = find_pod(plan_of(state), pod)
+    target = find_pod(plan_of(state), pod, deleted=deleted_pods(state))
+    if not netns_exists(target.netns):
+        raise UnknownPodError(
+            f"pod {target.key} has no network namespace {target.netns} any more; "
+            f"`ambient lab status --prefix {prefix}` shows what runs"
+        )
     spec = components.app_spec(target, LabPaths(state.run_dir))
+    env = components.process_env(spec)
+    problem = _command_problem(argv[0], env.get("PATH", os.defpath))
+    if problem is not None:
+        code, text = problem
+        message = f"ambient lab exec: {text} (in pod {target.key})\n"
+        if not capture:
+            os.write(2, message.encode())
+        return subprocess.CompletedProcess(list(argv), code, b"" if capture else None,
+                                           message.encode() if capture else None)  # fmt: skip
     return subprocess.run(
         ["ip", "netns", "exec", target.netns, *argv],
-        env=components.process_env(spec),
+        env=env,
         capture_output=capture,
         check=False,
     )
+
+
+def _command_problem(command: str, path: str) -> tuple[int, str] | None:
+    """(exit code, message) when `command` cannot be run, as a shell says it: 127 not found, 126 not
+    executable; None when it can. (`ip netns exec` would answer 255 with its own wording.)"""
+    if "/" in command:
+        if not os.path.exists(command):
+            return COMMAND_NOT_FOUND, f"{command}: no such file"
+        if os.path.isdir(command) or not os.access(command, os.X_OK):
+            return COMMAND_NOT_EXECUTABLE, f"{command}: not an executable file"
+        return None
+    if shutil.which(command, path=path) is None:
+        return COMMAND_NOT_FOUND, f"{command}: command not found (PATH {path})"
+    return None
 
 
 def restart(
@@ -717,7 +777,7 @@ def delete_pod(
     check_prerequisites()
     state = require_state(prefix, root)
     plan = plan_of(state)
-    target = find_pod(plan, pod)
+    target = find_pod(plan, pod, deleted=deleted_pods(state))
     record = state.pod(target.key)
     if record is None or record.status == "deleted":
         raise UnknownPodError(f"pod {target.key} is not running in lab {prefix!r}")

@@ -40,7 +40,7 @@ from pathlib import Path
 import msgspec
 
 from ambient.lab.errors import CommandError, LabError, PlanError
-from services.istiod.world import Node, Pod, Service, World
+from services.istiod.world import Match, Node, Pod, Policy, Service, World
 from services.node_agent.eligibility import decide
 from services.node_agent.model import Pod as AgentPod
 from shared.netns import NETNS_RUN_DIR
@@ -432,22 +432,106 @@ def plan_lab(
 
 
 def rescale_world(world: World, nodes: int) -> World:
-    """The same world on `nodes` nodes (node-a, node-b, ...): pods dealt round-robin, re-addressed.
+    """The same world on `nodes` nodes (node-a, node-b, ...): pods dealt round-robin.
 
-    Used by `ambient lab up --nodes N`; pod i on node k gets 10.244.(k+1).(10+i).
+    Used by `ambient lab up --nodes N`. Node k's pods live in 10.244.(k+1).0/24: a pod keeps the address the
+    world gives it when that is in its new node's range, otherwise it gets the next free one from .10 up.
+    Policies that name a re-addressed pod's address exactly (`a.b.c.d` or `/32`) are rewritten to its new
+    one; `rescale_notes` says what moved and which wider ranges no longer match.
     """
     if not 1 <= nodes <= 26:
         raise PlanError("--nodes", "$", f"{nodes} nodes: the lab supports 1 to 26")
     names = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
-    new_nodes = [Node(name=n, pod_cidr=f"10.244.{i + 1}.0/24") for i, n in enumerate(names)]
-    counters = [0] * nodes
+    cidrs = [ipaddress.ip_network(f"10.244.{i + 1}.0/24") for i in range(nodes)]
+    new_nodes = [Node(name=n, pod_cidr=str(cidr)) for n, cidr in zip(names, cidrs, strict=True)]
+    placed = [(pod, i % nodes) for i, pod in enumerate(world.pods)]
+    taken = {
+        ip for pod, k in placed for ip in pod.ips[:1] if _in_network(ip, cidrs[k])
+    }  # kept addresses are never handed out again
+    counters = [10] * nodes
+    moved: dict[str, str] = {}
     pods = []
-    for i, pod in enumerate(world.pods):
-        k = i % nodes
-        ip = f"10.244.{k + 1}.{10 + counters[k]}"
-        counters[k] += 1
+    for pod, k in placed:
+        if pod.ips and _in_network(pod.ips[0], cidrs[k]):
+            ip = pod.ips[0]
+        else:
+            while (ip := f"10.244.{k + 1}.{counters[k]}") in taken:
+                counters[k] += 1
+            taken.add(ip)
+            if pod.ips:
+                moved[pod.ips[0]] = ip
         pods.append(msgspec.structs.replace(pod, node=names[k], ips=[ip]))
-    return msgspec.structs.replace(world, nodes=new_nodes, pods=pods)
+    policies = [_readdress_policy(policy, moved) for policy in world.policies]
+    return msgspec.structs.replace(world, nodes=new_nodes, pods=pods, policies=policies)
+
+
+def rescale_notes(before: World, after: World) -> list[str]:
+    """What `rescale_world` changed that the operator should know: re-addressed pods, rewritten policies,
+    and policy ranges that matched a pod's old address but not its new one (those the lab cannot fix)."""
+    notes = []
+    old_ips = {(p.namespace, p.name): p.ips[0] for p in before.pods if p.ips}
+    moves = [
+        (f"{p.namespace}/{p.name}", old_ips[(p.namespace, p.name)], p.ips[0])
+        for p in after.pods
+        if (p.namespace, p.name) in old_ips and p.ips and old_ips[(p.namespace, p.name)] != p.ips[0]
+    ]
+    if moves:
+        notes.append("re-addressed for the new nodes: " + ", ".join(f"{k} {a} -> {b}" for k, a, b in moves))
+    for old_policy, policy in zip(before.policies, after.policies, strict=True):
+        if policy != old_policy:
+            notes.append(f"policy {policy.namespace}/{policy.name}: pod addresses rewritten to the new ones")
+        for cidr in sorted(set(_policy_ips(policy))):
+            lost = [k for k, a, b in moves if _in_network(a, cidr) and not _in_network(b, cidr)]
+            if lost and "/" in cidr and not cidr.endswith("/32"):
+                notes.append(
+                    f"policy {policy.namespace}/{policy.name}: {cidr} no longer matches {', '.join(lost)}; "
+                    "edit the world file, or run without --nodes"
+                )
+    return notes
+
+
+def _in_network(ip: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network | str) -> bool:
+    try:
+        return ipaddress.ip_address(ip) in ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return False
+
+
+_POLICY_IP_FIELDS = ("source_ips", "not_source_ips", "destination_ips", "not_destination_ips")
+
+
+def _policy_ips(policy: Policy) -> Iterable[str]:
+    for rule in policy.rules:
+        for clause in rule.clauses:
+            for match in clause.matches:
+                for field in _POLICY_IP_FIELDS:
+                    yield from getattr(match, field)
+
+
+def _readdress_policy(policy: Policy, moved: Mapping[str, str]) -> Policy:
+    """`policy` with each exact pod address in `moved` (`a.b.c.d` or `a.b.c.d/32`) replaced by its new one."""
+
+    def swap(values: list[str]) -> list[str]:
+        out = []
+        for value in values:
+            address, _, bits = value.partition("/")
+            exact = address in moved and bits in ("", "32")
+            out.append(moved[address] + (f"/{bits}" if bits else "") if exact else value)
+        return out
+
+    def fix_match(match: Match) -> Match:
+        return msgspec.structs.replace(match, **{f: swap(getattr(match, f)) for f in _POLICY_IP_FIELDS})
+
+    rules = [
+        msgspec.structs.replace(
+            rule,
+            clauses=[
+                msgspec.structs.replace(c, matches=[fix_match(m) for m in c.matches]) for c in rule.clauses
+            ],
+        )
+        for rule in policy.rules
+    ]
+    return msgspec.structs.replace(policy, rules=rules)
 
 
 # --- rendering (pure) ------------------------------------------------------------------------------------

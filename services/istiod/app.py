@@ -38,16 +38,30 @@ from shared.addr import AddressError, format_host_port, split_host_port
 from shared.errors import AmbientError
 from shared.identity import IdentityError, load_cert, load_key
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
+from shared.settings import check_listen
+from shared.version import version_text
 
 log = logging.getLogger("istiod-stub")
 
 DEFAULT_LISTEN = "127.0.0.1:15012"
 
 
+ENV_HELP = f"""settings (environment variables; a flag wins over its variable):
+  ISTIOD_LISTEN              HOST:PORT to serve on (default {DEFAULT_LISTEN}); checked at start
+  ISTIOD_STATE_DIR           root CA, tokens (default ./.istiod-state)
+  ISTIOD_NODE_TOKENS         NODE=TOKEN,NODE=TOKEN: given node tokens (others are generated)
+  ISTIOD_ADMIN_TOKEN         the admin token (default: generated, in STATE_DIR/admin.token)
+  LOG_LEVEL                  debug, info, warning or error (default info)"""
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="istiod-stub", description="Control plane stub: delta xDS, CA, pod watch."
+        prog="istiod-stub",
+        description="Control plane stub: delta xDS, CA, pod watch.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=ENV_HELP,
     )
+    p.add_argument("--version", action="version", version=version_text("istiod-stub"))
     p.add_argument("--world", type=Path, help="world file (YAML/JSON); default: an empty world")
     p.add_argument(
         "--listen", default=os.environ.get("ISTIOD_LISTEN", DEFAULT_LISTEN), help="HOST:PORT (ISTIOD_LISTEN)"
@@ -76,7 +90,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--root-key", type=Path, help="the CA's private key (PEM, ECDSA)")
     p.add_argument("--tls-cert", type=Path, help="serve with this certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="the serving certificate's key")
-    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"), help="(LOG_LEVEL)")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        type=str.lower,
+        help="(LOG_LEVEL; default info)",
+    )
     p.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
@@ -92,11 +112,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _split_listen(text: str) -> tuple[str, int]:
+def _listen_setting(argv: Sequence[str] | None) -> str:
+    """How the operator gave the listen address: the flag when on the command line, else the variable."""
+    given = sys.argv[1:] if argv is None else argv
+    return "--listen" if any(a.startswith("--listen") for a in given) else "ISTIOD_LISTEN"
+
+
+def _split_listen(text: str, setting: str = "--listen") -> tuple[str, int]:
     try:
         return split_host_port(text, default_host="0.0.0.0")
-    except AddressError:
-        raise StartupError(f"--listen {text!r} is not HOST:PORT (e.g. 127.0.0.1:15012)") from None
+    except AddressError as exc:
+        raise StartupError(f"{setting}={text!r} {exc.problem}") from None
+
+
+def check_listen_address(args: argparse.Namespace, argv: Sequence[str] | None = None) -> None:
+    """Refuse, before anything starts, a listen address that is malformed or cannot be bound.
+
+    Raises:
+        StartupError: naming the setting, its value and what to do.
+    """
+    setting = _listen_setting(argv)
+    host, port = _split_listen(args.listen, setting)
+    if port:
+        check_listen(setting, host, port, error=StartupError)
 
 
 class NodeTokens:
@@ -256,6 +294,11 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        check_listen_address(args, argv)
+    except StartupError as problem:
+        print(f"istiod-stub: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     setup_logging(json_format=args.log_format == "json", level=str(args.log_level))
     try:
         trio.run(run, args)

@@ -1,7 +1,7 @@
 """Derive upstream's xDS resources from a World, the way istiod does (pure functions, no I/O).
 
 * pod -> istio.workload.Workload, keyed by uid `<clusterId>//Pod/<namespace>/<name>`; tunnel_protocol HBONE
-  when the pod is ambient-enabled (SPEC §8), NONE otherwise; `services` lists every Service whose selector
+  when the pod is ambient-enabled (is_ambient), NONE otherwise; `services` lists every Service whose selector
   matches the pod (key `<namespace>/<hostname>`, ports with resolved target ports); `authorization_policies`
   lists the WORKLOAD_SELECTOR policies of its namespace that select it.
 * service -> istio.workload.Service, keyed `<namespace>/<hostname>`.
@@ -49,7 +49,7 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
 
 
 def is_ambient(world: World, pod: Pod) -> bool:
-    """SPEC §8 default enablement: pod label ambient, or namespace label ambient and pod not opted out with
+    """Upstream's default enablement: pod label ambient, or namespace label ambient and pod not opted out with
     `none`; pods with a sidecar and host-network pods are never captured."""
     if SIDECAR_STATUS_ANNOTATION in pod.annotations or pod.host_network:
         return False

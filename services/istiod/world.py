@@ -21,7 +21,7 @@ from services.istiod.errors import WorldError
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
-# Written by the node agent (PodWatch.SetRedirection), like upstream's pods/status patch (SPEC §8).
+# Written by the node agent (PodWatch.SetRedirection), like upstream's node agent patches the pod.
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 REDIRECTION_VALUES = ("pending", "enabled")
 

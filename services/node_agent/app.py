@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
     root nursery
-      ZDS server          ZdsServer(--zds-socket, snapshot=the netns cache): ztunnel connects here
+      ZDS server          ZdsServer(--ztunnel-uds-address, snapshot=the netns cache): ztunnel connects here
       lifecycle           NodeAgent.run: retries pending pods with backoff
       CNI-event socket    POST /cmdadd on --cni-socket (h11), the `ambient-cni` plugin's target
       health              GET /healthz, /readyz on --health-addr
@@ -28,6 +28,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -49,9 +50,12 @@ from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.rules import RuleSettings
 from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
 from shared.addr import AddressError, split_host_port
+from shared.errors import AmbientError, start_failure
 from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
-from shared.settings import EnvSettings
+from shared.rundir import make_parents, remove_made
+from shared.settings import EnvSettings, check_listen
+from shared.version import version_text
 
 log = logging.getLogger("node_agent.app")
 
@@ -75,17 +79,54 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     watch_sync_timeout: float = 30.0
     log_level: str = "info"
     log_format: str = "plain"
+    warnings: tuple[str, ...] = ()
+    """Deprecated settings in use, logged once logging is set up."""
 
     @property
     def rule_settings(self) -> RuleSettings:
         return RuleSettings(dns_capture=self.dns_capture, ipv6=self.ipv6)
 
 
+ENV_HELP = f"""settings (environment variables; a flag wins over its variable):
+  NODE_NAME                  this node's name (required; or --node-name)
+  CONTROL_PLANE_ADDRESS      istiod [https://]HOST:PORT (http:// for plaintext); unset: CNI events only
+  CONTROL_PLANE_ROOT_CERT    CA certificate istiod is verified with
+                             (default ./var/run/secrets/istio/root-cert.pem)
+  CONTROL_PLANE_TOKEN_FILE   bearer token file (default ./var/run/secrets/tokens/istio-token; missing: none)
+  CONTROL_PLANE_HEADER_<N>   extra request metadata <n> (underscores become dashes)
+  ZTUNNEL_UDS_ADDRESS        ZDS socket path, upstream istio-cni's name (default {DEFAULT_SOCKET_PATH});
+                             ZDS_SOCKET is still read, with a warning, when ZTUNNEL_UDS_ADDRESS is unset
+  CNI_SOCKET                 CNI-event socket path (default {DEFAULT_CNI_SOCKET})
+  RULE_BACKEND               iptables or nftables (default iptables)
+  DNS_CAPTURE, IPV6          true/false (default false)
+  HEALTH_ADDR                HOST:PORT of /healthz and /readyz (default {DEFAULT_HEALTH_ADDR}; empty: off)
+  HOST_PREFIX                prefix for netns paths (default none)
+  LOG_LEVEL                  debug, info, warning or error (default info)
+Missing parent directories of the two sockets are created at start and removed again at exit.
+Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and the iptables or nft binaries."""
+
+
+def zds_socket_setting(flag: str | None, env: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The ZDS socket path and any deprecation warnings: --ztunnel-uds-address/--zds-socket, then
+    ZTUNNEL_UDS_ADDRESS (upstream istio-cni's name), then the old ZDS_SOCKET, then the default."""
+    old = env.get("ZDS_SOCKET") or None
+    new = env.get("ZTUNNEL_UDS_ADDRESS") or None
+    warnings: list[str] = []
+    if old is not None and new is None and flag is None:
+        warnings.append(f"ZDS_SOCKET is deprecated; set ZTUNNEL_UDS_ADDRESS={old} instead")
+    elif old is not None and old != (flag or new):
+        warnings.append(f"ZDS_SOCKET={old} ignored: the socket is {flag or new} (ZDS_SOCKET is deprecated)")
+    return flag or new or old or DEFAULT_SOCKET_PATH, warnings
+
+
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="node-agent",
         description="Enrol this node's ambient pods: in-pod redirection, netns handed to ztunnel over ZDS.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=ENV_HELP,
     )
+    p.add_argument("--version", action="version", version=version_text("node-agent"))
     p.add_argument("--node-name", default=env.get("NODE_NAME"), help="this node's name (env NODE_NAME)")
     p.add_argument(
         "--control-plane",
@@ -93,9 +134,22 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="istiod address host:port for the pod watch and status (env CONTROL_PLANE_ADDRESS); "
         "without it only CNI events enrol pods",
     )
-    p.add_argument("--zds-socket", default=env.get("ZDS_SOCKET", DEFAULT_SOCKET_PATH), help="ZDS socket path")
     p.add_argument(
-        "--cni-socket", default=env.get("CNI_SOCKET", DEFAULT_CNI_SOCKET), help="CNI-event socket path"
+        "--ztunnel-uds-address",
+        "--zds-socket",
+        dest="zds_socket",
+        default=None,
+        metavar="PATH",
+        help="the ZDS socket ztunnel connects to, named as upstream istio-cni's setting (env "
+        f"ZTUNNEL_UDS_ADDRESS; default {DEFAULT_SOCKET_PATH}); ztunnel's INPOD_UDS must name the same path. "
+        "--zds-socket is the old spelling of the flag",
+    )
+    p.add_argument(
+        "--cni-socket",
+        default=env.get("CNI_SOCKET", DEFAULT_CNI_SOCKET),
+        metavar="PATH",
+        help="socket the ambient-cni plugin posts pod events to "
+        f"(env CNI_SOCKET; default {DEFAULT_CNI_SOCKET})",
     )
     p.add_argument(
         "--rule-backend",
@@ -120,15 +174,30 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="host:port of /healthz and /readyz; empty to disable (env HEALTH_ADDR)",
     )
     p.add_argument(
-        "--host-prefix", default=env.get("HOST_PREFIX", ""), help="prefix for netns paths (upstream /host)"
+        "--host-prefix",
+        default=env.get("HOST_PREFIX", ""),
+        help="prefix for netns paths, where the host's /proc and /var/run are mounted (env HOST_PREFIX; "
+        "upstream /host)",
     )
-    p.add_argument("--zds-allowed-uid", type=int, action="append", help="peer uid allowed on the ZDS socket")
-    p.add_argument("--no-reconcile-on-start", dest="reconcile", action="store_false", default=True)
+    p.add_argument(
+        "--zds-allowed-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="peer uid allowed on the ZDS socket (repeatable; default: this process's uid)",
+    )
+    p.add_argument(
+        "--no-reconcile-on-start",
+        dest="reconcile",
+        action="store_false",
+        default=True,
+        help="do not rewrite the rules of already-enrolled pods when starting",
+    )
     p.add_argument(
         "--log-level",
         default=env.get("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
-        help="(env LOG_LEVEL)",
+        help="(env LOG_LEVEL; default info)",
     )
     p.add_argument(
         "--log-format",
@@ -153,15 +222,19 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     ipv6 = args.ipv6 if args.ipv6 is not None else settings.flag("IPV6", False)
     health = args.health_addr or None
     if health is not None:
-        _split_host_port(health)
+        _split_host_port(health, _health_setting(argv))
+    if args.control_plane:
+        _check_control_plane(args.control_plane, _given(argv, "--control-plane", "CONTROL_PLANE_ADDRESS"))
     try:
         log_format = args.log_format or log_format_from(env)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    zds_socket, warnings = zds_socket_setting(args.zds_socket, env)
     return AgentConfig(
         node_name=args.node_name,
         control_plane=args.control_plane or None,
-        zds_socket=args.zds_socket,
+        zds_socket=zds_socket,
+        warnings=tuple(warnings),
         cni_socket=args.cni_socket,
         backend=Backend(args.rule_backend),
         dns_capture=dns,
@@ -175,11 +248,46 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     )
 
 
-def _split_host_port(addr: str) -> tuple[str, int]:
+def _given(argv: Sequence[str] | None, flag: str, variable: str) -> str:
+    """How the operator gave a setting: the flag when it is on the command line, else the variable."""
+    given = sys.argv[1:] if argv is None else argv
+    return flag if any(a == flag or a.startswith(flag + "=") for a in given) else variable
+
+
+def _health_setting(argv: Sequence[str] | None) -> str:
+    return _given(argv, "--health-addr", "HEALTH_ADDR")
+
+
+def _check_control_plane(address: str, setting: str) -> None:
+    """[https://|http://]HOST:PORT with a port istiod can listen on (1-65535), before anything starts."""
+    _, sep, rest = address.partition("://")
+    try:
+        _, port = split_host_port((rest if sep else address).rstrip("/"))
+    except AddressError as exc:
+        problem = exc.problem.replace("host:port", "[https://]HOST:PORT", 1)
+        raise ConfigError(f"{setting}={address!r} {problem}") from None
+    if port == 0:
+        raise ConfigError(f"{setting}={address!r} has port 0, which nothing listens on; use 1-65535")
+
+
+def _split_host_port(addr: str, setting: str = "--health-addr") -> tuple[str, int]:
     try:
         return split_host_port(addr, default_host="127.0.0.1")
     except AddressError as exc:
-        raise ConfigError(f"--health-addr: {exc}") from None
+        raise ConfigError(f"{setting}={addr!r} {exc.problem}") from None
+
+
+def check_listen_addresses(config: AgentConfig, argv: Sequence[str] | None = None) -> None:
+    """Refuse, before anything starts, a health address that cannot be bound (in use, not of this host).
+
+    Raises:
+        ConfigError: naming the setting, its value and what to do.
+    """
+    if config.health_addr is not None:
+        setting = _health_setting(argv)
+        host, port = _split_host_port(config.health_addr, setting)
+        if port:
+            check_listen(setting, host, port, error=ConfigError)
 
 
 def effective_capabilities() -> int:
@@ -295,7 +403,11 @@ async def run_agent(
         }
         return json_response(body)
 
+    made: list[Path] = []
     try:
+        # this agent serves both sockets, so it owns their directories: made when missing, removed at exit
+        made += make_parents(config.zds_socket)
+        made += make_parents(config.cni_socket)
         async with trio.open_nursery() as nursery:
             if isinstance(status, ControlPlaneStatusReporter):
                 # before any pod is enrolled; a write failure is retried by it, never fatal here
@@ -333,6 +445,7 @@ async def run_agent(
         agent.close()
         with contextlib.suppress(OSError):
             os.unlink(config.cni_socket)
+        remove_made(made)
         # fail closed until a node agent and ztunnel take them again
         log.info("node-agent stopped; enrolled pods keep their redirection rules",
                  extra={"fields": [("enrolled", enrolled)]})
@@ -353,10 +466,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script `node-agent`."""
     try:
         config = load_config(argv, os.environ)
+        check_listen_addresses(config, argv)
     except ConfigError as exc:
         print(f"node-agent: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(json_format=config.log_format == "json", level=config.log_level)
+    for warning in config.warnings:
+        log.warning("deprecated setting in use", extra={"fields": [("detail", warning)]})
     try:
         startup_check(config)
     except StartupCheckError as exc:
@@ -364,8 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         trio.run(_main, config)
-    except OSError as exc:
-        print(f"node-agent: error: cannot start: {exc}", file=sys.stderr)
+    except (OSError, AmbientError, BaseExceptionGroup) as exc:
+        failure = start_failure(exc)  # e.g. an address taken after the start-up check, a socket path
+        if failure is None:
+            raise
+        print(f"node-agent: error: cannot start: {failure}", file=sys.stderr)
         return 1
     return 0
 

@@ -118,11 +118,8 @@ class PathNetnsOpener:
     async def open(self, pod: Pod) -> int:
         if not pod.netns_path:
             if not self.scan:
-                raise NetnsGoneError(f"pod {pod.key}: no network namespace path known (no CNI event yet)")
-            try:
-                fd, path = await find_pod_netns(pod.ips, prefix=self.prefix)
-            except NetnsGoneError as exc:
-                raise NetnsGoneError(f"pod {pod.key}: {exc}") from None
+                raise NetnsGoneError("no network namespace path known (no CNI event yet)")
+            fd, path = await find_pod_netns(pod.ips, prefix=self.prefix)  # NetnsGoneError naming no pod
             log.info("found the pod's network namespace",
                      extra={"fields": [*pod.log_fields(), ("netns", path)]})
             return fd
@@ -132,7 +129,7 @@ class PathNetnsOpener:
         try:
             return open_netns(path)
         except NetnsError as exc:
-            raise NetnsGoneError(f"pod {pod.key}: {exc}") from None
+            raise NetnsGoneError(str(exc)) from None
 
 
 class PodState(msgspec.Struct, kw_only=True):
@@ -257,7 +254,7 @@ class NodeAgent:
         except NodeAgentError as exc:
             if not was_cached:  # a `keep` placeholder from a restart stays: ztunnel may still serve the pod
                 self._forget(pod.uid)
-            raise EnrolmentError(f"pod {pod.key}: {exc}", retryable=False) from None
+            raise EnrolmentError(str(exc), retryable=False) from None  # the caller names the pod
         try:
             outcome = await self.applier.apply(fd, redirect)
         except (RuleApplyError, NetnsGoneError) as exc:
@@ -267,7 +264,7 @@ class NodeAgent:
                 await self.ztunnel.del_workload(pod.uid)
                 await self._report(pod, None)
             raise EnrolmentError(
-                f"pod {pod.key}: redirection not installed: {exc}", retryable=False
+                f"redirection not installed: {exc}", retryable=False
             ) from None
         except BaseException:
             os.close(fd)
@@ -356,17 +353,25 @@ class NodeAgent:
         eligible = [
             p for p, labels in pods if decide(p, labels, system_namespace=self.system_namespace).eligible
         ]
-        await self.restore(eligible, reconcile_rules=self.reconcile_on_start)
+        annotated = {p.uid for p in eligible if p.annotations.get(ANNOTATION_REDIRECTION) == STATUS_ENABLED}
+        reconcile = self.reconcile_on_start
+        await self.restore([p for p in eligible if p.uid in annotated], reconcile_rules=reconcile)
+        # not annotated: enrolled here only if its netns exists already; else a fresh pod, enrolled later
+        fresh = [p for p in eligible if p.uid not in annotated]
+        await self.restore(fresh, reconcile_rules=reconcile, found_only=True)
         for pod in eligible:
             state = self.pods.get(pod.uid)
             if state is not None and pod.annotations.get(ANNOTATION_REDIRECTION) != state.status:
                 await self._report(pod, state.status)
 
-    async def restore(self, pods: list[Pod], *, reconcile_rules: bool = True) -> None:
+    async def restore(
+        self, pods: list[Pod], *, reconcile_rules: bool = True, found_only: bool = False
+    ) -> None:
         """Rebuild the cache from pods annotated `enabled` before this agent started.
 
         Pods whose netns can be opened go in with their handle (rules reconciled if asked); the others as a
-        placeholder, so the snapshot sends `keep` for them. Call before the ZDS server starts serving.
+        placeholder, so the snapshot sends `keep` for them (with `found_only`, skipped quietly: pods that were
+        never enrolled, as on a fresh node). Call before the ZDS server starts serving.
         """
         for pod in pods:
             if pod.terminated:
@@ -374,6 +379,8 @@ class NodeAgent:
             try:
                 fd = await self.opener.open(pod)
             except NetnsGoneError as exc:
+                if found_only:
+                    continue
                 log.warning("pod enabled before restart, netns not found; kept as is",
                             extra={"fields": [*pod.log_fields(), ("error", str(exc))]})
                 self.cache.ensure(pod.uid, pod.workload_info)

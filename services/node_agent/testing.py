@@ -106,7 +106,7 @@ class PipeNetnsOpener:
         await trio.lowlevel.checkpoint()
         path = pod.netns_path or (f"ip:{pod.ips[0]}" if pod.ips else None)
         if path is None or path in self.missing:
-            raise NetnsGoneError(f"pod {pod.key}: network namespace {path} does not exist")
+            raise NetnsGoneError(f"network namespace {path} does not exist")
         if path not in self.handles:
             r, w = os.pipe()
             os.close(w)

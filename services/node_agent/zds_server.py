@@ -35,6 +35,7 @@ import trio
 
 from shared.accept import ACCEPT_CAPACITY_ERRNOS, ACCEPT_RETRY_DELAY
 from shared.logs import Display, Field
+from shared.rundir import make_parents, remove_made
 from shared.zds.codec import close_fds, decode_ack, decode_hello
 from shared.zds.errors import (
     ZdsConnectionLost,
@@ -48,7 +49,13 @@ from shared.zds.errors import (
     ZdsVersionError,
 )
 from shared.zds.session import ServerSession
-from shared.zds.transport import bind_server_socket, peer_credentials, recv_datagram, send_datagram
+from shared.zds.transport import (
+    ZdsSocketError,
+    bind_server_socket,
+    peer_credentials,
+    recv_datagram,
+    send_datagram,
+)
 from shared.zds.types import (
     Ack,
     AddWorkload,
@@ -182,8 +189,18 @@ class ZdsServer:
     # --- serving ----------------------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and serve until cancelled. Calls task_status.started() once the socket is bound."""
-        listener = bind_server_socket(self.path)
+        """Listen and serve until cancelled. Calls task_status.started() once the socket is bound.
+
+        Missing parent directories of the socket are made (this server owns them) and removed at exit."""
+        try:
+            made = make_parents(self.path)
+        except OSError as exc:
+            raise ZdsSocketError(f"ZDS socket {self.path}: {exc.strerror}") from None
+        try:
+            listener = bind_server_socket(self.path)
+        except BaseException:
+            remove_made(made)
+            raise
         log.info("ZDS server listening", extra={"fields": [
             ("path", self.path), ("allowed_uids", _uid_list(self.allowed_uids))]})
         try:
@@ -205,6 +222,7 @@ class ZdsServer:
             listener.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+            remove_made(made)
 
     async def _handle(self, sock: trio.socket.SocketType) -> None:
         self._counter += 1

@@ -35,7 +35,7 @@ from functools import partial
 import trio
 
 from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
-from services.ztunnel.config import ZtunnelConfig, load_config
+from services.ztunnel.config import ZtunnelConfig, check_listen_addresses, load_config
 from services.ztunnel.errors import ConfigError, StartupCheckError
 from services.ztunnel.host import raise_open_files_limit, trim_malloc_periodically, verify_syscalls
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
@@ -47,8 +47,10 @@ from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry.access_log import Telemetry
 from services.ztunnel.telemetry.metrics import Metrics
 from shared.addr import format_host_port
+from shared.errors import AmbientError, start_failure
 from shared.httpd import bound_addresses, serve_http_tcp
 from shared.logs import setup_logging
+from shared.version import version_text
 
 log = logging.getLogger("ztunnel.app")
 
@@ -154,9 +156,11 @@ ENV_HELP = """settings (environment variables, named as upstream ztunnel's):
   NODE_NAME, POD_NAME, POD_NAMESPACE, INSTANCE_IP, CLUSTER_ID
   XDS_ADDRESS, XDS_ROOT_CERT, XDS_TOKEN_FILE, XDS_HEADER_*   control plane (xDS); unset: passthrough only
   CA_ADDRESS, CA_ROOT_CERT, CA_TOKEN_FILE, CA_HEADER_*        certificate authority (default: the xDS ones)
-  LOG_FORMAT=plain|json, RUST_LOG=info|debug|...
-  IPV6_ENABLED, ENABLE_ORIG_SRC, CONNECT_TIMEOUT, CONNECTION_TERMINATION_DEADLINE
-  ADMIN_ADDR (127.0.0.1:15000), STATS_ADDR (:15020), READINESS_ADDR (:15021)
+  LOG_FORMAT=plain|json, RUST_LOG=info|debug|... (LOG_LEVEL when RUST_LOG is unset)
+  IPV6_ENABLED, ENABLE_ORIG_SRC, CONNECT_TIMEOUT
+  CONNECTION_TERMINATION_DEADLINE (else TERMINATION_GRACE_PERIOD_SECONDS - 5s, else 5s): drain on SIGTERM
+  ZTUNNEL_SPLICE             copy bytes with splice(2) where it can (default true)
+  ADMIN_ADDR (127.0.0.1:15000), STATS_ADDR (:15020), READINESS_ADDR (:15021); checked at start
   ZTUNNEL_ZDS_STATE_FILE     write the in-pod state as JSON after every change (conformance kit)
 Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to enter pod namespaces."""
 
@@ -173,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             description="The node's ztunnel: per-pod listeners inside each pod's netns, HBONE, L4 policy.",
             epilog=ENV_HELP,
         )
+        parser.add_argument("--version", action="version", version=version_text("ztunnel"))
         parser.parse_args(args)
     try:
         config = load_config()
+        check_listen_addresses(config)
     except ConfigError as exc:
         print(f"ztunnel: {exc}", file=sys.stderr)
         return 2
@@ -189,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         trio.run(_main, config)
-    except OSError as exc:
-        print(f"ztunnel: cannot start: {exc}", file=sys.stderr)
+    except (OSError, AmbientError, BaseExceptionGroup) as exc:
+        failure = start_failure(exc)  # e.g. an address taken after the start-up check
+        if failure is None:
+            raise
+        print(f"ztunnel: cannot start: {failure}", file=sys.stderr)
         return 1
     return 0
 

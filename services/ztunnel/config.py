@@ -10,7 +10,7 @@ import msgspec
 from services.ztunnel.errors import ConfigError
 from services.ztunnel.proxy.context import ProxyConfig
 from shared.grpc_target import GrpcTarget
-from shared.settings import EnvSettings
+from shared.settings import EnvSettings, check_listen
 
 DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
 
@@ -109,3 +109,15 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
         drain_deadline=drain_deadline(env),
         proxy=proxy,
     )
+
+
+def check_listen_addresses(config: ZtunnelConfig) -> None:
+    """Refuse, before anything starts, a listen address that cannot be bound (in use, not of this host).
+
+    Raises:
+        ConfigError: naming the setting, its value and what to do.
+    """
+    for name, (host, port) in (("ADMIN_ADDR", config.admin_addr), ("STATS_ADDR", config.stats_addr),
+                               ("READINESS_ADDR", config.readiness_addr)):
+        if port:  # port 0: the kernel picks a free one
+            check_listen(name, host, port, error=ConfigError)

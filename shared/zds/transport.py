@@ -74,10 +74,8 @@ def bind_server_socket(path: str | os.PathLike[str], *, mode: int = 0o600) -> tr
             what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a socket"
             raise ZdsSocketError(f"{target} exists and is {what}; remove it or choose another socket path")
         target.unlink()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ZdsSocketError(f"cannot create {target.parent}: {exc.strerror}") from None
+    if not target.parent.is_dir():  # the owner makes it (shared.rundir.make_parents); never silently here
+        raise ZdsSocketError(f"{target.parent} does not exist; create it or choose another socket path")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o777 & ~mode)
     try:

@@ -1,6 +1,6 @@
 """The ZDS conformance kit against our own peers: `ambient zds serve` (server role) and `ambient zds watch`
 (client role), through the CLI as CI runs it and in-process; plus checks that the kit's own wire encoder
-matches SPEC §1.2 and that the kit fails a server that breaks the rules."""
+matches upstream's ZDS byte fixtures and that the kit fails a server that breaks the rules."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def verdicts(results: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
     return {(r["role"], r["number"]): r["status"] for r in results}
 
 
-# --- the kit's wire encoder equals SPEC §1.2's fixtures (and our codec) -------------------------------------
+# --- the kit's wire encoder equals upstream's byte fixtures (and our codec) -------------------------------
 
 
 def test_kit_encoder_matches_spec_fixtures() -> None:

@@ -42,7 +42,7 @@ POD_RANGE = ipaddress.ip_network("10.244.0.0/16")
 CLIENT_ID = "spiffe://cluster.local/ns/mesh/sa/client"
 WEB_ID = "spiffe://cluster.local/ns/mesh/sa/web"
 
-# upstream's field order (SPEC §6); a line carries a subset of these, in this order
+# upstream ztunnel's access-log field order; a line carries a subset of these, in this order
 FIELD_ORDER = ["src.addr", "src.workload", "src.namespace", "src.identity", "src.cluster", "dst.addr",
                "dst.hbone_addr", "dst.service", "dst.workload", "dst.namespace", "dst.identity",
                "dst.cluster", "direction", "bytes_sent", "bytes_recv", "duration", "error"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ambient.lab import components, lab
+from ambient.lab.errors import UnknownPodError
 from ambient.lab.state import load_state, process_start_time, stop_process
 from tests.netns.test_lab_topology import CLIENT_IP, NET_A, NET_B, WEB_IP, client_get, force_clean, lab_netns
 
@@ -151,8 +152,23 @@ def eventually_ok(prefix: str, url: str, within: float = 15.0) -> tuple[int, str
         time.sleep(0.3)
 
 
-def test_deleting_a_pod_unenrols_it_and_removes_its_namespace(mesh_lab: str) -> None:
+def test_exec_exits_as_a_shell_would_and_deleting_a_pod_unenrols_it(mesh_lab: str, tmp_path: Path) -> None:
+    """One lab for both: exec's exit codes; then delete, after which exec and status know the pod is gone."""
     prefix = mesh_lab
+    fresh = load_state(prefix)
+    assert fresh is not None
+    for node in ("node-a", "node-b"):  # a fresh lab: nothing restarted, so nothing to warn about
+        agent_log = components.LabPaths(fresh.run_dir).log(f"node-agent/{node}").read_text()
+        assert " WARNING " not in agent_log, agent_log
+    missing = lab.exec_in_pod(["nosuchcmd"], pod="client", prefix=prefix, capture=True)
+    assert missing.returncode == 127 and b"nosuchcmd: command not found" in missing.stderr
+    plain = tmp_path / "not-a-program"
+    plain.write_text("data\n")
+    plain.chmod(0o644)
+    not_exec = lab.exec_in_pod([str(plain)], pod="client", prefix=prefix, capture=True)
+    assert not_exec.returncode == 126
+    assert lab.exec_in_pod(["sh", "-c", "exit 7"], pod="client", prefix=prefix).returncode == 7
+
     state = load_state(prefix)
     assert state is not None
     web_uid = next(p.uid for p in lab.plan_of(state).pods if p.name == "web")
@@ -167,6 +183,11 @@ def test_deleting_a_pod_unenrols_it_and_removes_its_namespace(mesh_lab: str) -> 
     assert code != 0
     # the rest of the mesh is unaffected
     assert status["client"] == "enabled"
+    # a deleted pod matches nothing any more, and asking for it by name says so
+    with pytest.raises(UnknownPodError, match=r"pod mesh/web was deleted \(`ambient lab delete`\)"):
+        lab.exec_in_pod(["true"], pod="web", prefix=prefix)
+    apps = {p["name"]: (p["app"], p["program"]) for p in lab.status(prefix=prefix)["pods"]}
+    assert apps["client"] == ("sleep", "sleep") and apps["web"] == ("web", "echo")  # the app label
 
 
 def test_labelling_a_namespace_ambient_enrols_its_running_pod(mesh_lab: str) -> None:

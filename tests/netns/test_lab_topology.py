@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +190,32 @@ def test_down_after_a_crashed_up_removes_what_the_state_file_recorded(prefix: st
     assert len(lab_netns(prefix)) == 5
     assert lab.down(prefix=prefix)
     assert_gone(prefix, [(record.pid, record.start_time)])
+
+
+def test_sigterm_during_up_rolls_back_like_ctrl_c(prefix: str, world_file: Path) -> None:
+    """`ambient lab up` killed with SIGTERM mid-build removes what it made and exits 143."""
+    up = subprocess.Popen(
+        [sys.executable, "-c", "from ambient.cli import main; main()", "lab", "up", "--prefix", prefix,
+         "--world", str(world_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # mid-build: istiod launched, not yet up
+            state = load_state(prefix)
+            if state is not None and state.processes:
+                break
+            assert up.poll() is None and time.monotonic() < deadline, "lab up never got going"
+            time.sleep(0.05)
+        pids = [(p.pid, p.start_time) for p in state.processes]
+        assert state.phase == "building"
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 143, err.decode()
+    assert b"lab up failed: removing what was made" in err and b"Traceback" not in err
+    assert_gone(prefix, pids)

@@ -1,4 +1,4 @@
-"""SPEC §9 case 38 with real namespaces: an agent restart rebuilds its cache from the pod source's first
+"""Agent restart with real namespaces: an agent restart rebuilds its cache from the pod source's first
 listing (netns found by the pod's IP, rules reconciled without change) before ztunnel can connect, and a
 reconnecting ztunnel gets the pod in its snapshot."""
 

@@ -1,4 +1,4 @@
-"""Real namespaces, real iptables/nft, real sockets: the in-pod rules redirect what SPEC §3.8 says they do.
+"""Real namespaces, real iptables/nft, real sockets: the in-pod rules redirect what upstream's do.
 
 Topology (all inside namespaces this test creates; nothing is added to the host namespace):
 
@@ -94,7 +94,7 @@ def original_dst(conn: socket.socket) -> tuple[str, int]:
 
 
 async def our_state(netns_fd: int) -> Snapshot:
-    # pyroute2's sync IPRoute must not run on the Trio thread once trio_asyncio is imported (DESIGN §5)
+    # pyroute2 0.9's sync IPRoute refuses to run on the Trio thread once trio_asyncio is imported
     return await trio.to_thread.run_sync(in_netns, netns_fd, inspect_here)
 
 

@@ -1,8 +1,8 @@
-# ruff: noqa: E501  (the rule text is verbatim SPEC §3.3)
+# ruff: noqa: E501  (the rule text is upstream's ztunnel-redirect-inpod.sh, verbatim)
 """ztunnel's in-pod listener sets in real namespaces, with the upstream redirect rules applied by the test.
 
 Topology per test: one "server" netns; per pod a netns joined to the server ns by a veth pair created from
-inside those namespaces (pod i = 10.250.i.1/24, server side 10.250.i.2/24). The pod gets SPEC §3.3's
+inside those namespaces (pod i = 10.250.i.1/24, server side 10.250.i.2/24). The pod gets upstream's in-pod
 mangle+nat rules and the table-100 policy route. ztunnel runs in this test process and binds into the pod
 through the netns fd, exactly as it does with a ZDS-delivered fd.
 """

@@ -114,6 +114,9 @@ async def test_serve_http_on_a_unix_socket(tmp_path: Path) -> None:
     async def hello(request: Request) -> Response:
         return text_response("hello\n")
 
+    with pytest.raises(OSError, match="run does not exist; create it"):  # never made silently
+        await open_unix_listener(path)
+    (tmp_path / "run").mkdir()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             listener = await open_unix_listener(path)

@@ -63,3 +63,36 @@ async def test_run_agent_enrols_via_cni_and_ztunnel_acks(tmp_path: Path) -> None
             nursery.cancel_scope.cancel()
     assert not os.path.exists(config.cni_socket)
     assert [c for c in applier.calls if c[0] == "delete"] == []  # shutdown leaves rules in place
+
+
+async def test_run_agent_makes_missing_socket_directories_and_removes_them_at_exit(tmp_path: Path) -> None:
+    kept = tmp_path / "kept"  # exists before: not the agent's, never removed
+    kept.mkdir()
+    config = AgentConfig(
+        node_name="n1",
+        zds_socket=str(tmp_path / "made" / "ztunnel" / "zds.sock"),
+        cni_socket=str(kept / "cni" / "cni.sock"),
+        health_addr=None,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_agent, config, applier=FakeRuleApplier()))
+            assert os.path.exists(config.zds_socket) and os.path.exists(config.cni_socket)
+            nursery.cancel_scope.cancel()
+    assert not (tmp_path / "made").exists()  # made by the agent: gone, sockets and all
+    assert kept.is_dir() and not (kept / "cni").exists()
+
+
+async def test_a_made_directory_that_gained_other_files_is_left_in_place(tmp_path: Path) -> None:
+    config = AgentConfig(
+        node_name="n1",
+        zds_socket=str(tmp_path / "run" / "zds.sock"),
+        cni_socket=str(tmp_path / "run" / "cni.sock"),
+        health_addr=None,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_agent, config, applier=FakeRuleApplier()))
+            (tmp_path / "run" / "someone-elses").write_text("x")
+            nursery.cancel_scope.cancel()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["someone-elses"]

@@ -32,6 +32,7 @@ class World(FakeNode):
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
+    (tmp_path / "cni").mkdir()  # the server socket's owner makes its directory
     w = World(str(tmp_path / "cni" / "pluginevent.sock"))
     endpoint = CniEndpoint(w.agent, w.lookup)
     try:

@@ -1,25 +1,34 @@
-"""The node agent's pod lifecycle with fakes (SPEC §8, §9 cases 36-38), and once against the real ZDS
+"""The node agent's pod lifecycle with fakes (enrol, retry, unenrol, restart), and once against the real ZDS
 server with a real ZDS client (ztunnel side) over a Unix socket."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 import trio.testing
 
 from services.node_agent.cache import NetnsCache
 from services.node_agent.errors import EnrolmentError
-from services.node_agent.lifecycle import NodeAgent
-from services.node_agent.model import Pod
+from services.node_agent.lifecycle import NodeAgent, PathNetnsOpener
+from services.node_agent.model import ANNOTATION_REDIRECTION, STATUS_ENABLED, Pod
 from services.node_agent.rules import RuleSettings
-from services.node_agent.testing import FakeNode, FakeRuleApplier, PipeNetnsOpener, RecordingStatus
+from services.node_agent.testing import (
+    FakeNode,
+    FakeRuleApplier,
+    FakeZtunnel,
+    PipeNetnsOpener,
+    RecordingStatus,
+)
 from services.node_agent.zds_server import ZdsServer
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
+from shared.logs import UpstreamFormatter
 from shared.netns import netns_id
 from shared.zds.types import PodUid
 from tests.service.zds_fakes import RecordingHandler
@@ -249,3 +258,46 @@ async def test_keep_placeholder_survives_a_failed_open(env: Env) -> None:
     with pytest.raises(EnrolmentError):
         await env.agent.enrol(p)
     assert [e.uid for e in env.agent.cache.snapshot()] == [p.uid]
+
+
+async def test_a_pod_without_its_netns_is_logged_with_its_name_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real opener's error, wrapped by enrol and logged by the pod watch path, names the pod once."""
+    agent = NodeAgent(
+        applier=FakeRuleApplier(),
+        ztunnel=FakeZtunnel(),
+        status=RecordingStatus(),
+        settings=RuleSettings(),
+        opener=PathNetnsOpener(str(tmp_path)),  # an empty host: no namespace holds the pod's IP
+    )
+    p = msgspec.structs.replace(pod("extra", ips=("10.244.2.50",)), netns_path=None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="node_agent"):
+            await agent.pod_changed(p, {})
+    finally:
+        agent.close()
+    [record] = [r for r in caplog.records if "10.244.2.50" in str(getattr(r, "fields", ""))]
+    fields = dict(record.fields)  # type: ignore[attr-defined]
+    assert (fields["namespace"], fields["name"]) == ("default", "extra")
+    assert str(fields["error"]).startswith("no network namespace on this node holds 10.244.2.50")
+    line = UpstreamFormatter(json_format=False).format(record)
+    assert line.count("extra") == 1, line  # the pod is named once: by its fields, not again in the error
+
+
+async def test_first_listing_restores_annotated_pods_and_skips_fresh_ones_quietly(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh node: pods never enrolled (not annotated `enabled`) whose netns does not exist yet are no
+    warning and no `keep`; a pod annotated `enabled` whose netns is gone is both."""
+    fresh, found = pod("fresh"), pod("found")
+    enabled = pod("was", annotations={ANNOTATION_REDIRECTION: STATUS_ENABLED})
+    env.opener.missing.update({"/run/netns/fresh", "/run/netns/was"})
+    with caplog.at_level(logging.WARNING, logger="node_agent"):
+        await env.agent.initial_pods([(fresh, {}), (found, {}), (enabled, {})])
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].getMessage().startswith("pod enabled before restart")
+    assert dict(warnings[0].fields)["name"] == "was"  # type: ignore[attr-defined]
+    entries = {e.uid: e for e in env.agent.cache.snapshot()}
+    assert set(entries) == {found.uid, enabled.uid}
+    assert entries[enabled.uid].netns_fd is None and entries[found.uid].netns_fd is not None

@@ -1,5 +1,5 @@
-"""Every row of SPEC §1.5 (ztunnel's handling of each ZDS message) against WorkloadManager, with pipe fds
-standing in for netns fds and a recording handler standing in for the proxy supervisor."""
+"""ztunnel's handling of each ZDS message, in each state it can arrive in, against WorkloadManager, with
+pipe fds standing in for netns fds and a recording handler standing in for the proxy supervisor."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ SERVER_INFO = WorkloadInfo(name="web", namespace="mesh", service_account="web")
 WEB_SERVICE = Service(name="web", namespace="mesh", hostname="web.mesh.svc.cluster.local",
                       addresses=(NetworkAddress(address=VIP),), ports=(Port(service_port=80, target_port=0),))
 
-# upstream's field order (SPEC §6); a line carries a subset of these, in this order
+# upstream ztunnel's access-log field order; a line carries a subset of these, in this order
 FIELD_ORDER = ["src.addr", "src.workload", "src.namespace", "src.identity", "src.cluster", "dst.addr",
                "dst.hbone_addr", "dst.service", "dst.workload", "dst.namespace", "dst.identity",
                "dst.cluster", "direction", "bytes_sent", "bytes_recv", "duration", "error"]

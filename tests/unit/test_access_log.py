@@ -1,4 +1,4 @@
-"""Access log lines in upstream ztunnel's format (SPEC §6), formatted and parsed back; metrics labels."""
+"""Access log lines in upstream ztunnel's format, formatted and parsed back; metrics labels."""
 
 from __future__ import annotations
 

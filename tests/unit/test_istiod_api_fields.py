@@ -1,4 +1,4 @@
-"""The generated classes carry upstream's package names and field numbers (SPEC §7): what makes a real istiod
+"""The generated classes carry upstream's package names and field numbers: what makes a real istiod
 or a real ztunnel interoperate with ours."""
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from ambient.lab.topology import (
     plan_lab,
     pod_steps,
     render_dnat,
+    rescale_notes,
     rescale_world,
 )
 from services.istiod.errors import WorldError
@@ -294,3 +295,32 @@ def test_container_node_needs_every_peer_address() -> None:
     plan = as_container_node(plan_lab(world(), prefix="pod"), "node-a")
     with pytest.raises(PlanError, match="no address for node node-b; pass --peer node-b=IP"):
         container_node_steps(plan, "node-a", {})
+
+
+def test_rescale_keeps_world_addresses_it_can_and_rewrites_policies_naming_moved_pods() -> None:
+    bookinfo = load_world(BOOKINFO.read_bytes(), str(BOOKINFO))
+    rescaled = rescale_world(bookinfo, 3)
+    ips = {p.name: (p.node, p.ips[0]) for p in rescaled.pods}
+    assert ips["productpage-v1-6f9c7d"] == ("node-a", "10.244.1.10")  # in its new node's range: kept
+    assert ips["legacy-app-1b2c3d"] == ("node-b", "10.244.2.11")  # moved to node-b: re-addressed
+    assert len({ip for _, ip in ips.values()}) == len(ips)
+    [deny] = [p for p in rescaled.policies if p.name == "deny-legacy"]
+    assert deny.rules[0].clauses[0].matches[0].source_ips == ["10.244.2.11/32"]  # still matches legacy-app
+    notes = rescale_notes(bookinfo, rescaled)
+    assert "legacy/legacy-app-1b2c3d 10.244.1.30 -> 10.244.2.11" in notes[0]
+    assert "policy bookinfo/deny-legacy: pod addresses rewritten to the new ones" in notes
+
+
+def test_rescale_names_the_policy_ranges_it_invalidates() -> None:
+    text = SMALL + b"""policies:
+  - name: from-node-a
+    namespace: mesh
+    action: allow
+    rules: [{clauses: [{matches: [{sourceIps: [10.244.1.0/24]}]}]}]
+"""
+    before = world(text)
+    notes = rescale_notes(before, rescale_world(before, 3))
+    assert notes[-1] == (
+        "policy mesh/from-node-a: 10.244.1.0/24 no longer matches mesh/web-2; edit the world file, "
+        "or run without --nodes"
+    )

@@ -110,14 +110,14 @@ def test_component_specs_put_each_process_in_its_namespace(tmp_path: Path) -> No
     node = p.nodes[0]
     agent = components.node_agent_spec(p, node, paths)
     assert agent.netns == "t-node-a"
-    assert agent.env["ZDS_SOCKET"] == str(paths.zds_socket("node-a"))
+    assert agent.env["ZTUNNEL_UDS_ADDRESS"] == str(paths.zds_socket("node-a"))
     assert agent.env["CONTROL_PLANE_ADDRESS"] == "https://172.29.0.2:15012"
     # the agent's "host" holds only its own node's pods: a netns scan by IP cannot reach another lab
     assert agent.env["HOST_PREFIX"] == str(paths.node_host("node-a"))
     container = components.node_agent_spec(p, node, paths, istiod="istiod:15012", netns="")
     assert "HOST_PREFIX" not in container.env and container.netns == ""
     zt = components.ztunnel_spec(p, node, paths, with_agent=True)
-    assert zt.env["INPOD_UDS"] == agent.env["ZDS_SOCKET"]
+    assert zt.env["INPOD_UDS"] == agent.env["ZTUNNEL_UDS_ADDRESS"]
     assert zt.netns == "t-node-a"
     web = next(pod for pod in p.pods if pod.name == "web-1")
     app = components.app_spec(web, paths)

@@ -61,3 +61,25 @@ def test_main_reports_config_errors_without_traceback(capsys: pytest.CaptureFixt
     assert main(["--health-addr", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("node-agent: error:") and "Traceback" not in err
+
+
+def test_the_zds_socket_is_upstreams_setting_with_the_old_names_still_working() -> None:
+    env = {"NODE_NAME": "n"}
+    assert load_config([], {**env, "ZTUNNEL_UDS_ADDRESS": "/run/a.sock"}).zds_socket == "/run/a.sock"
+    assert load_config(["--ztunnel-uds-address", "/run/f.sock"], env).zds_socket == "/run/f.sock"
+    assert load_config(["--zds-socket", "/run/old.sock"], env).zds_socket == "/run/old.sock"
+    flag_wins = load_config(["--zds-socket", "/run/f.sock"], {**env, "ZTUNNEL_UDS_ADDRESS": "/run/a.sock"})
+    assert (flag_wins.zds_socket, flag_wins.warnings) == ("/run/f.sock", ())
+    deprecated = load_config([], {**env, "ZDS_SOCKET": "/run/d.sock"})
+    assert deprecated.zds_socket == "/run/d.sock"
+    assert deprecated.warnings == ("ZDS_SOCKET is deprecated; set ZTUNNEL_UDS_ADDRESS=/run/d.sock instead",)
+    both = load_config([], {**env, "ZDS_SOCKET": "/run/d.sock", "ZTUNNEL_UDS_ADDRESS": "/run/a.sock"})
+    assert both.zds_socket == "/run/a.sock" and "ZDS_SOCKET=/run/d.sock ignored" in both.warnings[0]
+
+
+def test_help_documents_the_zds_socket_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "--ztunnel-uds-address PATH, --zds-socket PATH" in out and "ZTUNNEL_UDS_ADDRESS" in out
+    assert "removed again at exit" in out

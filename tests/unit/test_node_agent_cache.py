@@ -1,4 +1,4 @@
-"""The netns cache (SPEC §2): same inode keeps the old handle, keep placeholders, take hands the fd over."""
+"""The netns cache: same inode keeps the old handle, keep placeholders, take hands the fd over."""
 
 from __future__ import annotations
 

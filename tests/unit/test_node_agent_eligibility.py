@@ -1,4 +1,4 @@
-"""SPEC §9 case 35: the eligibility matrix (upstream's default enablement selectors)."""
+"""The eligibility matrix (upstream's default enablement selectors)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Golden tests for the in-pod redirection rules (SPEC §9 cases 20-25).
+"""Golden tests for the in-pod redirection rules (upstream's iptables and nftables rule sets, per setting).
 
 Each case renders the iptables-restore input (v4 in `<case>.golden`, v6 in `<case>_ipv6.golden`) and the
 nftables script (`nft_<case>.golden`, `nft_<case>_ipv6.golden` with both families), compared byte for byte.
@@ -89,7 +89,7 @@ def test_nft_text_matches_golden(case: str, ipv6: bool) -> None:
 
 
 def test_dns_on_globally_is_the_upstream_script_text() -> None:
-    """SPEC §3.3 (ztunnel-redirect-inpod.sh), in restore-input form: same rules, same per-chain order."""
+    """Upstream's ztunnel-redirect-inpod.sh, in restore-input form: same rules, same per-chain order."""
     redirect, settings = settings_for("dns_on_globally", ipv6=False)
     saved = expected_saved(redirect, settings, Family.V4)
     assert saved[("nat", "ISTIO_OUTPUT")] == [
@@ -112,7 +112,7 @@ def test_dns_on_globally_is_the_upstream_script_text() -> None:
 
 
 def test_nft_default_equals_upstream_golden() -> None:
-    """Upstream's nftables `default.golden` is rendered with DNS capture on (SPEC §3.7)."""
+    """Upstream's nftables `default.golden` is rendered with DNS capture on."""
     redirect, settings = settings_for("dns_on_globally", ipv6=False)
     assert render_nft(redirect, settings) == (TESTDATA / "nft_upstream_default.golden").read_text()
 

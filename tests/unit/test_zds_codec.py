@@ -1,4 +1,4 @@
-"""ZDS codec: byte-for-byte fixtures from SPEC §1.2 and upstream's datagram/fd rules, no event loop."""
+"""ZDS codec: byte-for-byte fixtures of upstream's messages and its datagram/fd rules, no event loop."""
 
 from __future__ import annotations
 

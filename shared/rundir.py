@@ -1,0 +1,51 @@
+"""Directories a server makes for its own sockets, and takes away again when it made them.
+
+    made = make_parents("/var/run/ztunnel/ztunnel.sock")   # [] when /var/run/ztunnel already exists
+    ...serve...
+    remove_made(made)                                     # only the ones made above, and only when empty
+
+A process creates the parent directories of a socket only when it is the one serving it (the owner);
+clients never create directories, they wait for the server. What was made is logged, so nothing appears
+on the host silently, and removed at exit, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("shared.rundir")
+
+
+def make_parents(path: str | os.PathLike[str], *, mode: int = 0o755) -> list[Path]:
+    """Create the missing parent directories of `path`; return those created, outermost first.
+
+    Raises:
+        OSError: a parent cannot be created (its message names the directory).
+    """
+    missing: list[Path] = []
+    parent = Path(path).absolute().parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    made: list[Path] = []
+    try:
+        for directory in reversed(missing):
+            directory.mkdir(mode=mode)
+            made.append(directory)
+    except OSError as exc:
+        remove_made(made)
+        raise OSError(exc.errno, f"cannot create {exc.filename or directory}: {exc.strerror}") from None
+    if made:
+        log.info("created the socket directory; removed again at exit",
+                 extra={"fields": [("directory", str(made[0])), ("socket", str(path))]})
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the directories `make_parents` created, innermost first, each only if it is empty now."""
+    for directory in reversed(made):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
