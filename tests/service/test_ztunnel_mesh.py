@@ -9,6 +9,7 @@ the istiod stub's CA; the xDS state is written straight into a StateStore.
 from __future__ import annotations
 
 import errno
+import json
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -16,13 +17,21 @@ from typing import Any
 
 import pytest
 import trio
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.istiod.ca import CertificateAuthority
+from services.istiod.derive import ADDRESS_TYPE_URL, Resources
+from services.istiod.world import World, load_world
+from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
+from services.ztunnel.config import ZtunnelConfig
 from services.ztunnel.hbone.core import Addr
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
+from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.net import INBOUND_HBONE_PORT
 from services.ztunnel.proxy.context import Mesh, ProxyConfig
 from services.ztunnel.state.store import StateStore
@@ -44,6 +53,8 @@ from services.ztunnel.state.types import (
     WorkloadUid,
 )
 from services.ztunnel.telemetry.access_log import Telemetry
+from services.ztunnel.xds.convert import address_from_any
+from shared.httpd import Request
 from shared.identity import SpiffeId
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid, WorkloadInfo
@@ -158,6 +169,16 @@ class Mesh2:
         keep = {p.key for p in policies}
         self.store.apply_authorizations(policies, [key for key in self.store.policies if key not in keep])
 
+    def apply_world(self, world: World) -> None:
+        """Replace the state with what the istiod stub derives from `world`, through ztunnel's conversion
+        of the serialized resources (what the xDS client does with them)."""
+        derived = Resources(world).by_type[ADDRESS_TYPE_URL]
+        addresses = [address_from_any(name, _packed(ADDRESS_TYPE_URL, msg))
+                     for name, (_, msg) in derived.items()]
+        self.store.apply_addresses(addresses, [name for name in [*self.store.workloads, *self.store.services]
+                                               if name not in derived])
+        self.store.apply_authorizations([], list(self.store.policies))
+
     async def call(self, original: Addr, payload: bytes) -> tuple[bytes, str]:
         """Connect as the client app (from the client pod's address) to `original`; returns the echo and
         the address the app saw."""
@@ -175,6 +196,10 @@ class Mesh2:
                 data = b""
         seen, _, echo = data.partition(b"\n")
         return echo, seen.decode()
+
+
+def _packed(type_url: str, msg: Message) -> any_pb2.Any:
+    return any_pb2.Any(type_url=type_url, value=msg.SerializeToString())
 
 
 async def _echo_app(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -199,7 +224,8 @@ def log() -> Iterator[LogCapture]:
 
 
 @asynccontextmanager
-async def two_pods(ca: CertificateAuthority) -> AsyncIterator[Mesh2]:
+async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_INFO,
+                   server: WorkloadInfo = SERVER_INFO) -> AsyncIterator[Mesh2]:
     probe = socket.socket()
     try:
         probe.bind((SERVER_IP, INBOUND_HBONE_PORT))
@@ -221,8 +247,8 @@ async def two_pods(ca: CertificateAuthority) -> AsyncIterator[Mesh2]:
                                            telemetry=Telemetry(), sockets=sockets, mesh=mesh)
             world = Mesh2(store, sockets, handler, app_port, certs)
             world.set_world()
-            await handler.start_workload(PodUid("client-uid"), CLIENT_INFO, client_fd)
-            await handler.start_workload(PodUid("web-uid"), SERVER_INFO, server_fd)
+            await handler.start_workload(PodUid("client-uid"), client, client_fd)
+            await handler.start_workload(PodUid("web-uid"), server, server_fd)
             try:
                 yield world
             finally:
@@ -365,3 +391,75 @@ async def test_graceful_drain_sends_goaway_on_idle_inbound_connections(ca: Certi
             await server.done.wait()  # without a GOAWAY it would wait for the client pool's idle release
             await conn.wait_closed()
             assert not client_pool.connections()
+
+
+# Pods whose names differ from their workload names (Deployment-owned), labelled as Kubernetes apps are.
+NAMED_CLIENT = WorkloadInfo(name="client-5d4c3b", namespace="mesh", service_account="client")
+NAMED_SERVER = WorkloadInfo(name="web-v1-7f8e9d", namespace="mesh", service_account="web")
+
+
+def named_world(app_port: int) -> World:
+    """The two pods as the istiod stub's world: client `client-5d4c3b` of workload `client` labelled with
+    the app.kubernetes.io labels, server `web-v1-7f8e9d` of workload `web-v1` labelled app=web, version=v1,
+    behind Service web (VIP:80 -> the echo app's port)."""
+    server_labels = {"app": "web", "version": "v1"}
+    doc = {
+        "nodes": [{"name": NODE}],
+        "namespaces": [{"name": "mesh", "labels": {"istio.io/dataplane-mode": "ambient"}}],
+        "pods": [
+            {"name": NAMED_CLIENT.name, "namespace": "mesh", "node": NODE, "ips": [CLIENT_IP],
+             "workload": "client", "serviceAccount": "client",
+             "labels": {"app.kubernetes.io/name": "client-app", "app.kubernetes.io/version": "2.1"}},
+            {"name": NAMED_SERVER.name, "namespace": "mesh", "node": NODE, "ips": [SERVER_IP],
+             "workload": "web-v1", "serviceAccount": "web", "labels": server_labels},
+        ],
+        "services": [{"name": "web", "namespace": "mesh", "vips": [VIP], "selector": {"app": "web"},
+                      "ports": [{"port": 80, "targetPort": app_port}]}],
+    }
+    return load_world(json.dumps(doc).encode(), "named world")
+
+
+def standard_labels(reporter: str) -> dict[str, str]:
+    """Every label upstream puts on a TCP series of the named world's HBONE call."""
+    return {
+        "reporter": reporter,
+        "source_workload": "client", "source_canonical_service": "client-app",
+        "source_canonical_revision": "2.1", "source_workload_namespace": "mesh",
+        "source_principal": "spiffe://cluster.local/ns/mesh/sa/client", "source_app": "client-app",
+        "source_version": "2.1", "source_cluster": "Kubernetes",
+        "destination_service": "web.mesh.svc.cluster.local", "destination_service_namespace": "mesh",
+        "destination_service_name": "web", "destination_workload": "web-v1",
+        "destination_canonical_service": "web", "destination_canonical_revision": "v1",
+        "destination_workload_namespace": "mesh", "destination_principal": "spiffe://cluster.local/ns/mesh/sa/web",
+        "destination_app": "web", "destination_version": "v1", "destination_cluster": "Kubernetes",
+        "request_protocol": "tcp", "response_flags": "-", "connection_security_policy": "mutual_tls",
+    }
+
+
+async def scrape(world: Mesh2) -> str:
+    """GET /metrics on the stats endpoint's handler over these pods' telemetry."""
+    handler = world.handler
+    parts = ZtunnelParts(config=ZtunnelConfig(), handler=handler, manager=WorkloadManager(handler),
+                         telemetry=handler.telemetry, readiness=Readiness(), store=world.store)
+    response = await Admin(parts).stats(Request(method="GET", target="/metrics"))
+    assert response.status == 200
+    return response.body.decode()
+
+
+async def test_metrics_carry_every_standard_label_as_upstream(ca: CertificateAuthority,
+                                                              log: LogCapture) -> None:
+    with trio.fail_after(30):
+        async with two_pods(ca, client=NAMED_CLIENT, server=NAMED_SERVER) as world:
+            world.apply_world(named_world(world.app_port))
+            echo, _ = await world.call((VIP, 80), b"labelled")
+            assert echo == b"labelled"
+            await log.wait_for("connection complete", count=2)
+            text = await scrape(world)
+    samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    for reporter in ("source", "destination"):
+        [closed] = [x for x in samples if x.name == "istio_tcp_connections_closed_total"
+                    and x.labels["reporter"] == reporter]
+        assert closed.labels == standard_labels(reporter) and closed.value == 1
+    assert "_created" not in text
+    [build] = [x for x in samples if x.name == "istio_build"]
+    assert build.labels["component"] == "ztunnel" and build.labels["tag"] and build.value == 1

@@ -25,13 +25,24 @@ ACCESS_LOGGER: Final = "access"
 
 
 class Peer(msgspec.Struct, frozen=True, kw_only=True):
-    """What is known about one end of a connection (all optional: unknown ends are logged by address)."""
+    """What is known about one end of a connection (all optional: unknown ends are logged by address).
+
+    `workload` is the xDS workload name (the pod name only when xDS has nothing); `identity` is set only
+    when mTLS proved it, while `principal` is the identity xDS gives the workload (upstream reports it as
+    `destination_principal` even for plain TCP). `service*` name the destination's Service.
+    """
 
     workload: str | None = None
     namespace: str | None = None
     identity: str | None = None
     cluster: str | None = None
     service: str | None = None
+    """The Service's hostname (`dst.service`, `destination_service`)."""
+    service_name: str | None = None
+    service_namespace: str | None = None
+    canonical_service: str | None = None
+    canonical_revision: str | None = None
+    principal: str | None = None
 
 
 def format_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> Display:
@@ -96,32 +107,36 @@ class ConnectionOutcome:
 
 
 def traffic_labels(record: ConnectionOutcome) -> dict[str, str]:
-    """The `TRAFFIC_LABELS` values of a connection (unknown ends as "unknown", as upstream)."""
+    """The `TRAFFIC_LABELS` values of a connection, filled as upstream fills them (src/proxy/metrics.rs):
+    workload = the xDS workload name, app and canonical service = its canonical name, version and canonical
+    revision = its canonical revision; the source principal only when mTLS proved it, the destination's
+    from xDS; anything unknown "unknown"."""
     def v(value: str | None) -> str:
         return value or "unknown"
 
-    mtls = record.src.identity is not None and record.dst.identity is not None
+    src, dst = record.src, record.dst
+    mtls = src.identity is not None and dst.identity is not None
     return {
         "reporter": "source" if record.direction == "outbound" else "destination",
-        "source_workload": v(record.src.workload),
-        "source_canonical_service": v(record.src.workload),
-        "source_canonical_revision": "latest" if record.src.workload else "unknown",
-        "source_workload_namespace": v(record.src.namespace),
-        "source_principal": v(record.src.identity),
-        "source_app": v(record.src.workload),
-        "source_version": "latest" if record.src.workload else "unknown",
-        "source_cluster": v(record.src.cluster),
-        "destination_service": v(record.dst.service),
-        "destination_service_namespace": v(record.dst.namespace if record.dst.service else None),
-        "destination_service_name": v(record.dst.service.split(".")[0] if record.dst.service else None),
-        "destination_workload": v(record.dst.workload),
-        "destination_canonical_service": v(record.dst.workload),
-        "destination_canonical_revision": "latest" if record.dst.workload else "unknown",
-        "destination_workload_namespace": v(record.dst.namespace),
-        "destination_principal": v(record.dst.identity),
-        "destination_app": v(record.dst.workload),
-        "destination_version": "latest" if record.dst.workload else "unknown",
-        "destination_cluster": v(record.dst.cluster),
+        "source_workload": v(src.workload),
+        "source_canonical_service": v(src.canonical_service),
+        "source_canonical_revision": v(src.canonical_revision),
+        "source_workload_namespace": v(src.namespace),
+        "source_principal": v(src.identity),
+        "source_app": v(src.canonical_service),
+        "source_version": v(src.canonical_revision),
+        "source_cluster": v(src.cluster),
+        "destination_service": v(dst.service),
+        "destination_service_namespace": v(dst.service_namespace),
+        "destination_service_name": v(dst.service_name),
+        "destination_workload": v(dst.workload),
+        "destination_canonical_service": v(dst.canonical_service),
+        "destination_canonical_revision": v(dst.canonical_revision),
+        "destination_workload_namespace": v(dst.namespace),
+        "destination_principal": v(dst.identity or dst.principal),
+        "destination_app": v(dst.canonical_service),
+        "destination_version": v(dst.canonical_revision),
+        "destination_cluster": v(dst.cluster),
         "request_protocol": "tcp",
         "response_flags": "-",
         "connection_security_policy": "mutual_tls" if mtls else "unknown",
