@@ -33,6 +33,7 @@ from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.net import INBOUND_HBONE_PORT
+from services.ztunnel.peers import StatePeers
 from services.ztunnel.proxy.context import Mesh, ProxyConfig
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (
@@ -244,7 +245,8 @@ async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_IN
         async with trio.open_nursery() as nursery:
             app_port = await nursery.start(_echo_app)
             handler = InPodWorkloadHandler(nursery, config=ProxyConfig(connect_timeout=5),
-                                           telemetry=Telemetry(), sockets=sockets, mesh=mesh)
+                                           telemetry=Telemetry(), sockets=sockets, peers=StatePeers(store),
+                                           mesh=mesh)
             world = Mesh2(store, sockets, handler, app_port, certs)
             world.set_world()
             await handler.start_workload(PodUid("client-uid"), client, client_fd)
@@ -398,11 +400,13 @@ NAMED_CLIENT = WorkloadInfo(name="client-5d4c3b", namespace="mesh", service_acco
 NAMED_SERVER = WorkloadInfo(name="web-v1-7f8e9d", namespace="mesh", service_account="web")
 
 
-def named_world(app_port: int) -> World:
+def named_world(app_port: int, *, server_meshed: bool = True) -> World:
     """The two pods as the istiod stub's world: client `client-5d4c3b` of workload `client` labelled with
     the app.kubernetes.io labels, server `web-v1-7f8e9d` of workload `web-v1` labelled app=web, version=v1,
     behind Service web (VIP:80 -> the echo app's port)."""
     server_labels = {"app": "web", "version": "v1"}
+    if not server_meshed:
+        server_labels["istio.io/dataplane-mode"] = "none"
     doc = {
         "nodes": [{"name": NODE}],
         "namespaces": [{"name": "mesh", "labels": {"istio.io/dataplane-mode": "ambient"}}],
@@ -463,3 +467,41 @@ async def test_metrics_carry_every_standard_label_as_upstream(ca: CertificateAut
     assert "_created" not in text
     [build] = [x for x in samples if x.name == "istio_build"]
     assert build.labels["component"] == "ztunnel" and build.labels["tag"] and build.value == 1
+
+
+async def test_every_path_names_workloads_by_their_xds_workload_name(ca: CertificateAuthority,
+                                                                     log: LogCapture) -> None:
+    names = {"src.workload": "client", "dst.workload": "web-v1"}
+    with trio.fail_after(30):
+        async with two_pods(ca, client=NAMED_CLIENT, server=NAMED_SERVER) as world:
+            world.apply_world(named_world(world.app_port))
+            assert (await world.call((VIP, 80), b"hbone"))[0] == b"hbone"
+            await log.wait_for("connection complete", count=2)
+            # plaintext into the server pod's 15006, as redirected from the client pod's address
+            sock = socket.socket()
+            sock.bind((CLIENT_IP, 0))
+            world.sockets.original[sock.getsockname()[1]] = (SERVER_IP, world.app_port)
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            await stream.socket.connect((SERVER_IP, world.sockets.ports[SERVER_IP]["inbound_plaintext"]))
+            async with stream:
+                await stream.send_all(b"plain")
+                await stream.send_eof()
+                assert (await read_to_eof(stream)).endswith(b"plain")
+            await log.wait_for("connection complete", count=3)
+            # the server outside the mesh: outbound passthrough to its endpoint
+            world.apply_world(named_world(world.app_port, server_meshed=False))
+            assert (await world.call((VIP, 80), b"passthrough"))[0] == b"passthrough"
+            await log.wait_for("connection complete", count=4)
+            labels = [sample.labels for family in text_string_to_metric_families(await scrape(world))
+                      for sample in family.samples if sample.name == "istio_tcp_connections_closed_total"]
+    hbone_out, hbone_in = lines(log, "outbound")[0], lines(log, "inbound")[0]
+    [plain_in] = [line for line in lines(log, "inbound") if "dst.hbone_addr" not in line.fields]
+    [passthrough] = [line for line in lines(log, "outbound") if "dst.hbone_addr" not in line.fields]
+    for line in (hbone_out, hbone_in, plain_in, passthrough):
+        assert {key: line.fields.get(key) for key in names} == names, line
+        assert line.fields["dst.service"] == "web.mesh.svc.cluster.local", line
+    assert "src.identity" not in plain_in.fields and "src.identity" not in passthrough.fields
+    assert len(labels) == 4
+    for series in labels:
+        assert (series["source_workload"], series["destination_workload"]) == ("client", "web-v1"), series
+        assert series["destination_canonical_service"] == "web" and series["destination_version"] == "v1"
