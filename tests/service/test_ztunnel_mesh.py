@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import pytest
 import trio
 from google.protobuf import any_pb2
@@ -55,7 +56,7 @@ from services.ztunnel.state.types import (
 )
 from services.ztunnel.telemetry.access_log import Telemetry
 from services.ztunnel.xds.convert import address_from_any
-from shared.httpd import Request
+from shared.httpd import Request, serve_http_tcp
 from shared.identity import SpiffeId
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid, WorkloadInfo
@@ -505,3 +506,74 @@ async def test_every_path_names_workloads_by_their_xds_workload_name(ca: Certifi
     for series in labels:
         assert (series["source_workload"], series["destination_workload"]) == ("client", "web-v1"), series
         assert series["destination_canonical_service"] == "web" and series["destination_version"] == "v1"
+
+
+class TraceReader:
+    """A client of ztunnel's admin `/debug/connections`: the streamed JSON lines, one at a time."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+        self.buffer = b""
+        self.status: int | None = None
+
+    @classmethod
+    async def open(cls, addr: tuple[str, int], query: str) -> TraceReader:
+        reader = cls(await trio.open_tcp_stream(*addr))
+        request = h11.Request(method="GET", target=f"/debug/connections?{query}", headers=[("host", "x")])
+        await reader.stream.send_all(reader.conn.send(request) or b"")
+        return reader
+
+    async def next(self) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                self.status = event.status_code
+            elif isinstance(event, h11.Data):
+                self.buffer += event.data
+            else:
+                raise AssertionError(f"the trace ended: {event!r}")
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        decoded: dict[str, Any] = json.loads(line)
+        return decoded
+
+
+async def test_live_trace_shows_each_connection_of_one_pod(ca: CertificateAuthority,
+                                                           log: LogCapture) -> None:
+    policy = deny("no-client", Match(principals=(StringMatch(kind="exact",
+                                                             value="cluster.local/ns/mesh/sa/client"),)))
+    with trio.fail_after(30):
+        async with two_pods(ca) as world, trio.open_nursery() as nursery:
+            handler = world.handler
+            parts = ZtunnelParts(config=ZtunnelConfig(), handler=handler, manager=WorkloadManager(handler),
+                                 telemetry=handler.telemetry, readiness=Readiness(), store=world.store)
+            [listener] = await nursery.start(serve_http_tcp, Admin(parts).admin, 0, "127.0.0.1")
+            addr = listener.socket.getsockname()
+            client = await TraceReader.open(addr, "pod=mesh/client")
+            server = await TraceReader.open(addr, "pod=web-uid")
+            assert (await client.next()) == {"event": "tracing", "pod": "mesh/client",
+                                             "running": [{"uid": "client-uid", "pod": "mesh/client"}]}
+            assert (await server.next())["running"] == [{"uid": "web-uid", "pod": "mesh/web"}]
+            assert client.status == 200
+            assert (await world.call((VIP, 80), b"traced"))[0] == b"traced"
+            out, inb = await client.next(), await server.next()
+            world.set_world(policies=(policy,))
+            assert (await world.call((VIP, 80), b"denied")) == (b"", "")
+            denied_out, denied_in = await client.next(), await server.next()
+            nursery.cancel_scope.cancel()
+    target = f"{SERVER_IP}:{world.app_port}"
+    assert out["listener"] == "outbound (15001)" and out["pod"] == "mesh/client"
+    assert (out["original_dst"], out["route"]) == (f"{VIP}:80", f"HBONE to the ztunnel at {SERVER_IP}:15008")
+    assert (out["hbone_target"], out["dst_service"], out["dst_workload"]) == (
+        target, "web.mesh.svc.cluster.local", "web")
+    assert out["policy"] is None and out["status"] == 200 and out["error"] is None
+    assert out["bytes_sent"] == len(b"traced") and out["duration_ms"] >= 0
+    assert (inb["listener"], inb["pod"], inb["uid"]) == ("inbound HBONE (15008)", "mesh/web", "web-uid")
+    assert (inb["original_dst"], inb["src_identity"]) == (target, "spiffe://cluster.local/ns/mesh/sa/client")
+    assert inb["policy"] == "allow (no policy applies)" and inb["route"] == "delivered to the app"
+    assert denied_out["status"] == 401 and denied_out["error"] == "http status: 401 Unauthorized"
+    assert denied_in["policy"] == "deny: explicitly denied by: mesh/no-client"
+    assert denied_in["error"] == ("connection closed due to policy rejection: explicitly denied by: "
+                                  "mesh/no-client")

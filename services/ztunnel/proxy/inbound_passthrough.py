@@ -51,6 +51,7 @@ async def handle_inbound_plaintext(ctx: PodContext, client: socket.socket, peer:
     if mesh is not None:
         decision = authorize_from_state(mesh.store, AuthzRequest(src_ip=peer[0], dst_ip=dst[0],
                                                                  dst_port=dst[1]))
+        outcome.verdict = decision
         if not decision.allowed:
             outcome.error = policy_rejection(decision.reason)
             ctx.telemetry.connection_complete(outcome)
