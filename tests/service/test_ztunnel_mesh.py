@@ -577,3 +577,42 @@ async def test_live_trace_shows_each_connection_of_one_pod(ca: CertificateAuthor
     assert denied_in["policy"] == "deny: explicitly denied by: mesh/no-client"
     assert denied_in["error"] == ("connection closed due to policy rejection: explicitly denied by: "
                                   "mesh/no-client")
+
+
+async def test_ambient_trace_prints_each_connection_of_the_pod(ca: CertificateAuthority, log: LogCapture,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from ambient.cli import main
+
+    with trio.fail_after(30):
+        async with two_pods(ca) as world, trio.open_nursery() as nursery:
+            handler = world.handler
+            parts = ZtunnelParts(config=ZtunnelConfig(), handler=handler, manager=WorkloadManager(handler),
+                                 telemetry=handler.telemetry, readiness=Readiness(), store=world.store)
+            [listener] = await nursery.start(serve_http_tcp, Admin(parts).admin, 0, "127.0.0.1")
+            host, port = listener.socket.getsockname()
+            argv = ["trace", "web", "--admin", f"{host}:{port}", "--count", "2"]
+            exits: list[object] = []
+
+            def trace() -> None:
+                with pytest.raises(SystemExit) as exited:
+                    main(argv)
+                exits.append(exited.value.code)
+
+            nursery.start_soon(trio.to_thread.run_sync, trace)
+            while not handler.telemetry.trace.subscribers:
+                await trio.sleep(0.01)
+            assert (await world.call((VIP, 80), b"one"))[0] == b"one"
+            assert (await world.call((SERVER_IP, world.app_port), b"two"))[0] == b"two"
+            while not exits:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert exits == [0]
+    head, first, second = capsys.readouterr().out.splitlines()
+    assert head == (f"tracing web on ztunnel admin {host}:{port}; running there: mesh/web (uid web-uid); "
+                    "Ctrl-C stops")
+    target = f"{SERVER_IP}:{world.app_port}"
+    for line in (first, second):  # the server pod's view: both calls arrive at its 15008
+        assert f" inbound HBONE (15008) {CLIENT_IP}:" in line, line
+        assert (f" -> {target} (web.mesh.svc.cluster.local) | delivered to the app workload web from "
+                "spiffe://cluster.local/ns/mesh/sa/client | policy: allow (no policy applies) | 200 | sent "
+                "3 B, received 14 B, ") in line, line

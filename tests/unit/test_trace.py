@@ -89,3 +89,26 @@ def test_telemetry_views_tag_their_pod_and_share_everything_else() -> None:
     assert (failed["event"], failed["listener"], failed["error"]) == (
         "connection failed", "inbound HBONE (15008)", "no workload")
     assert list(root.metrics.closed.children) == list(view.metrics.closed.children)
+
+
+def test_ambient_trace_describes_each_event_on_one_line() -> None:
+    from ambient.trace import describe
+
+    outbound = {"event": "connection complete", "time": "T", "listener": "outbound (15001)",
+                "direction": "outbound", "src": "10.0.0.1:4000", "original_dst": "10.96.0.10:9080",
+                "dst_service": "productpage.bookinfo.svc.cluster.local",
+                "route": "HBONE via waypoint waypoint at 10.0.0.9:15008", "hbone_target": "10.96.0.10:9080",
+                "dst_workload": "waypoint", "policy": None, "status": 503, "bytes_sent": 0, "bytes_recv": 0,
+                "duration_ms": 4, "error": "http status: 503 Service Unavailable"}
+    assert describe(outbound) == (
+        "T outbound (15001) 10.0.0.1:4000 -> 10.96.0.10:9080 (productpage.bookinfo.svc.cluster.local) "
+        "| HBONE via waypoint waypoint at 10.0.0.9:15008 target 10.96.0.10:9080 workload waypoint "
+        "| policy: none here (the destination decides) | 503 | sent 0 B, received 0 B, 4 ms "
+        "| error: http status: 503 Service Unavailable")
+    failed = {"event": "connection failed", "time": "T", "listener": "outbound (15001)",
+              "src": "10.0.0.1:4001", "original_dst": "10.96.0.11:80", "error": "no healthy upstream"}
+    assert describe(failed) == "T outbound (15001) 10.0.0.1:4001 -> 10.96.0.11:80 failed: no healthy upstream"
+    assert describe({"event": "dropped", "count": 3}) == (
+        "... 3 connection(s) not shown: this reader fell behind")
+    assert describe({"event": "tracing", "pod": "a/b", "running": []}, where="the ztunnel of node-a") == (
+        "tracing a/b on the ztunnel of node-a; not running there (yet): it shows once it is; Ctrl-C stops")
