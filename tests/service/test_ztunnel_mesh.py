@@ -441,12 +441,23 @@ def standard_labels(reporter: str) -> dict[str, str]:
     }
 
 
+def admin_of(world: Mesh2) -> Admin:
+    """ztunnel's admin, stats and readiness handlers over these pods."""
+    handler = world.handler
+    return Admin(ZtunnelParts(config=ZtunnelConfig(), handler=handler, manager=WorkloadManager(handler),
+                              telemetry=handler.telemetry, readiness=Readiness(), store=world.store))
+
+
+async def serve_admin(world: Mesh2, nursery: trio.Nursery) -> tuple[str, int]:
+    """The admin handler served on 127.0.0.1 until `nursery` ends; its address."""
+    [listener] = await nursery.start(serve_http_tcp, admin_of(world).admin, 0, "127.0.0.1")
+    host, port = listener.socket.getsockname()
+    return host, port
+
+
 async def scrape(world: Mesh2) -> str:
     """GET /metrics on the stats endpoint's handler over these pods' telemetry."""
-    handler = world.handler
-    parts = ZtunnelParts(config=ZtunnelConfig(), handler=handler, manager=WorkloadManager(handler),
-                         telemetry=handler.telemetry, readiness=Readiness(), store=world.store)
-    response = await Admin(parts).stats(Request(method="GET", target="/metrics"))
+    response = await admin_of(world).stats(Request(method="GET", target="/metrics"))
     assert response.status == 200
     return response.body.decode()
 
@@ -546,11 +557,7 @@ async def test_live_trace_shows_each_connection_of_one_pod(ca: CertificateAuthor
                                                              value="cluster.local/ns/mesh/sa/client"),)))
     with trio.fail_after(30):
         async with two_pods(ca) as world, trio.open_nursery() as nursery:
-            handler = world.handler
-            parts = ZtunnelParts(config=ZtunnelConfig(), handler=handler, manager=WorkloadManager(handler),
-                                 telemetry=handler.telemetry, readiness=Readiness(), store=world.store)
-            [listener] = await nursery.start(serve_http_tcp, Admin(parts).admin, 0, "127.0.0.1")
-            addr = listener.socket.getsockname()
+            addr = await serve_admin(world, nursery)
             client = await TraceReader.open(addr, "pod=mesh/client")
             server = await TraceReader.open(addr, "pod=web-uid")
             assert (await client.next()) == {"event": "tracing", "pod": "mesh/client",
@@ -585,11 +592,7 @@ async def test_ambient_trace_prints_each_connection_of_the_pod(ca: CertificateAu
 
     with trio.fail_after(30):
         async with two_pods(ca) as world, trio.open_nursery() as nursery:
-            handler = world.handler
-            parts = ZtunnelParts(config=ZtunnelConfig(), handler=handler, manager=WorkloadManager(handler),
-                                 telemetry=handler.telemetry, readiness=Readiness(), store=world.store)
-            [listener] = await nursery.start(serve_http_tcp, Admin(parts).admin, 0, "127.0.0.1")
-            host, port = listener.socket.getsockname()
+            host, port = await serve_admin(world, nursery)
             argv = ["trace", "web", "--admin", f"{host}:{port}", "--count", "2"]
             exits: list[object] = []
 
@@ -599,7 +602,7 @@ async def test_ambient_trace_prints_each_connection_of_the_pod(ca: CertificateAu
                 exits.append(exited.value.code)
 
             nursery.start_soon(trio.to_thread.run_sync, trace)
-            while not handler.telemetry.trace.subscribers:
+            while not world.handler.telemetry.trace.subscribers:
                 await trio.sleep(0.01)
             assert (await world.call((VIP, 80), b"one"))[0] == b"one"
             assert (await world.call((SERVER_IP, world.app_port), b"two"))[0] == b"two"
