@@ -114,8 +114,10 @@ def describe(event: dict[str, Any], *, where: str = "ztunnel") -> str:
     kind = event.get("event")
     if kind == "tracing":
         running = ", ".join(f"{p['pod'] or p['uid']} (uid {p['uid']})" for p in event.get("running", []))
-        state = f"running there: {running}" if running else "not running there (yet): it shows once it is"
-        return f"tracing {event.get('pod')} on {where}; {state}; Ctrl-C stops"
+        if not running:
+            return (f"tracing {event.get('pod')} on {where}; not running there (yet): it shows once it is; "
+                    "Ctrl-C stops")
+        return f"tracing {running} on {where}; Ctrl-C stops"
     if kind == "dropped":
         return f"... {event['count']} connection(s) not shown: this reader fell behind"
     parts = [event.get("time", ""), event.get("listener", ""), event.get("src", "?"), "->",

@@ -611,8 +611,7 @@ async def test_ambient_trace_prints_each_connection_of_the_pod(ca: CertificateAu
             nursery.cancel_scope.cancel()
     assert exits == [0]
     head, first, second = capsys.readouterr().out.splitlines()
-    assert head == (f"tracing web on ztunnel admin {host}:{port}; running there: mesh/web (uid web-uid); "
-                    "Ctrl-C stops")
+    assert head == f"tracing mesh/web (uid web-uid) on ztunnel admin {host}:{port}; Ctrl-C stops"
     target = f"{SERVER_IP}:{world.app_port}"
     for line in (first, second):  # the server pod's view: both calls arrive at its 15008
         assert f" inbound HBONE (15008) {CLIENT_IP}:" in line, line
