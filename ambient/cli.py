@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ambient.lab.cli",
     "ambient.world",
     "ambient.bench.cli",
+    "ambient.trace",
 )
 
 

@@ -23,12 +23,13 @@ A failure only ever ends its own connection, never the server.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Final, TypeVar
 from urllib.parse import parse_qs
@@ -79,6 +80,9 @@ class Response(msgspec.Struct, frozen=True, kw_only=True):
     status: int = 200
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
+    stream: Callable[[], AsyncGenerator[bytes, None]] | None = None
+    """A streamed body instead of `body`: each chunk goes out as it comes (chunked), until the iterator ends
+    or the client goes away (then it is cancelled); the connection closes after it."""
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -304,6 +308,9 @@ def message_bytes(conn: h11.Connection, head: h11.Request | h11.Response, body: 
 async def _send(
     stream: trio.abc.Stream, conn: h11.Connection, response: Response, extra: list[tuple[str, str]]
 ) -> None:
+    if response.stream is not None:
+        await _send_streamed(stream, conn, response, extra)
+        return
     headers = [
         ("content-type", response.content_type),
         ("content-length", str(len(response.body))),
@@ -311,6 +318,29 @@ async def _send(
     ]
     head = h11.Response(status_code=response.status, headers=headers)
     await stream.send_all(message_bytes(conn, head, response.body))
+
+
+async def _send_streamed(
+    stream: trio.abc.Stream, conn: h11.Connection, response: Response, extra: list[tuple[str, str]]
+) -> None:
+    assert response.stream is not None
+    headers = [("content-type", response.content_type), ("connection", "close"), *extra]
+    await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
+
+    async def until_client_leaves(scope: trio.CancelScope) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while await stream.receive_some(READ_SIZE):
+                pass  # nothing more is expected on a connection that is closed after this response
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(until_client_leaves, nursery.cancel_scope)
+        async with contextlib.aclosing(response.stream()) as chunks:
+            async for chunk in chunks:
+                if chunk:
+                    await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        nursery.cancel_scope.cancel()
 
 
 def _peer(stream: trio.abc.Stream) -> str:

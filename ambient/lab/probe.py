@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+from collections.abc import Iterator
 
 from shared.netns import entered, open_netns
 
@@ -81,3 +82,22 @@ def unix_http(
         sock.close()
         raise
     return _request(sock, "localhost", method, url_path, body, timeout)
+
+
+def stream_lines(sock: socket.socket, host: str, path: str) -> Iterator[bytes]:
+    """GET `path` on the connected `sock` and yield the response body line by line as it arrives (a
+    streamed, chunked answer), until the server ends it. Raises http.client.HTTPException on a status
+    other than 200."""
+    sock.settimeout(None)  # a trace waits for as long as nothing happens
+    conn = _Conn(sock, host, timeout=0.0)  # the timeout is only for connecting, and sock is connected
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        if response.status != 200:
+            raise http.client.HTTPException(
+                f"HTTP {response.status}: {response.read().decode(errors='replace').strip()}"
+            )
+        while line := response.readline():
+            yield line
+    finally:
+        conn.close()

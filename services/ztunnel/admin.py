@@ -21,6 +21,7 @@ from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.proxy.context import Mesh
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry.access_log import Telemetry
+from services.ztunnel.telemetry.trace import PodRef, stream_events
 from shared.httpd import Request, Response
 from shared.logs import current_log_levels, set_log_level
 
@@ -99,9 +100,21 @@ class Admin:
             return Response(body=f"set new log level to {now}\n".encode())
         if request.path == "/healthz/ready":
             return await self.ready(request)
+        if request.path == "/debug/connections":
+            return self.connections(request)
         if request.path in ("/metrics", "/stats/prometheus"):
             return await self.stats(request)
         return Response(status=404, body=b"not found; try /config_dump or /logging?level=info\n")
+
+    def connections(self, request: Request) -> Response:
+        """`/debug/connections?pod=<uid, ns/name or name>`: the live trace (telemetry/trace.py) of that pod's
+        connections, or every pod's without `pod`, as JSON lines until the client leaves."""
+        pods = request.query.get("pod")
+        pod = pods[0] if pods else None
+        running = [PodRef(uid=uid, info=h.context.info) for uid, h in self.parts.handler.pods.items()]
+        trace = self.parts.telemetry.trace
+        return Response(content_type="application/x-ndjson",
+                        stream=lambda: stream_events(trace, pod, running))
 
     async def stats(self, request: Request) -> Response:
         if request.path in ("/metrics", "/stats/prometheus"):

@@ -9,11 +9,22 @@ from services.ztunnel.telemetry.access_log import Peer
 
 def workload_peer(workload: Workload, *, mtls: bool = False, service: Service | None = None,
                   cluster: str | None = None) -> Peer:
-    """A log/metrics end for an xDS workload; `mtls` adds its SPIFFE identity (only proven ends carry one)."""
+    """A log/metrics end for an xDS workload, named by its workload name (the pod name only when xDS gives
+    none); `mtls` adds its SPIFFE identity as proven (only proven ends carry `identity`)."""
+    principal = workload.identity.uri
     return Peer(workload=workload.workload_name or workload.name, namespace=workload.namespace,
-                identity=workload.identity.uri if mtls else None,
+                identity=principal if mtls else None,
                 cluster=workload.cluster_id or cluster or None,
-                service=service.hostname if service is not None else None)
+                canonical_service=workload.canonical_name or None,
+                canonical_revision=workload.canonical_revision or None, principal=principal,
+                **service_fields(service))
+
+
+def service_fields(service: Service | None) -> dict[str, str | None]:
+    """The `service*` fields of a Peer whose destination is `service`."""
+    if service is None:
+        return {}
+    return {"service": service.hostname, "service_name": service.name, "service_namespace": service.namespace}
 
 
 class StatePeers:
@@ -28,5 +39,5 @@ class StatePeers:
             return workload_peer(workload)
         service = self.store.service_by_vip(ip)
         if service is not None:
-            return Peer(service=service.hostname, namespace=service.namespace)
+            return Peer(**service_fields(service))
         return None

@@ -7,7 +7,10 @@ SPIFFE identities of both ends (tests/netns/test_hbone_mesh.py looks at the wire
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ import pytest
 
 from ambient.lab import components, lab
 from ambient.lab.errors import UnknownPodError
+from ambient.lab.probe import http_get
 from ambient.lab.state import load_state, process_start_time, stop_process
 from tests.netns.test_lab_topology import CLIENT_IP, NET_A, NET_B, WEB_IP, client_get, force_clean, lab_netns
 
@@ -98,9 +102,24 @@ def test_cross_node_request_through_the_mesh(mesh_lab: str) -> None:
     for port in (":15001", ":15006", ":15008", ":8080"):
         assert port in listening
 
-    code, body, err = client_get(prefix, "http://web/through-mesh")
+    # `ambient trace client` follows the client's connections on node-a's ztunnel while it calls web
+    trace = subprocess.Popen(
+        [sys.executable, "-c", "from ambient.cli import main; main()", "trace", "client", "--prefix", prefix,
+         "--json", "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert trace.stdout is not None
+        tracing = json.loads(trace.stdout.readline())
+        assert tracing["event"] == "tracing" and tracing["running"][0]["pod"] == "mesh/client", tracing
+        code, body, err = client_get(prefix, "http://web/through-mesh")
+        traced = json.loads(trace.stdout.readline())
+        assert trace.wait(timeout=10) == 0
+    finally:
+        trace.kill()
+        trace.wait()
     assert code == 0, err
     assert body is not None and body["path"] == "/through-mesh"
+    assert (traced["listener"], traced["original_dst"], traced["route"], traced["error"]) == (
+        "outbound (15001)", "10.96.0.50:80", f"HBONE to the ztunnel at {WEB_IP}:15008", None), traced
 
     outbound = wait_for_lines(prefix, "node-a", "outbound", f"src.addr={CLIENT_IP}:")
     inbound = wait_for_lines(prefix, "node-b", "inbound", f"{WEB_IP}:")
@@ -113,6 +132,19 @@ def test_cross_node_request_through_the_mesh(mesh_lab: str) -> None:
         assert 'src.identity="spiffe://cluster.local/ns/mesh/sa/client"' in line
         assert 'dst.identity="spiffe://cluster.local/ns/mesh/sa/web"' in line
     assert not list(lab.access_logs(prefix=prefix, node="node-b", direction="outbound"))
+    # node-b's metrics, labelled from the Workloads the lab's istiod sent: client is app=sleep
+    state = load_state(prefix)
+    assert state is not None
+    status_code, metrics = http_get(lab.plan_of(state).node("node-b").netns, "127.0.0.1", 15020, "/metrics")
+    assert status_code == 200 and b"_created" not in metrics
+    closed = [line for line in metrics.decode().splitlines()
+              if line.startswith("istio_tcp_connections_closed_total{") and 'reporter="destination"' in line]
+    assert closed, metrics.decode()
+    for label in ('source_workload="client"', 'source_canonical_service="sleep"', 'source_app="sleep"',
+                  'source_version="latest"', 'destination_workload="web"', 'destination_app="web"',
+                  'destination_service="web.mesh.svc.cluster.local"', 'destination_service_name="web"',
+                  'connection_security_policy="mutual_tls"'):
+        assert label in closed[0], closed[0]
 
     # a pod outside the mesh reaches the meshed service too (plain TCP into web's inbound capture)
     code, _, err = client_get(prefix, "http://web.mesh/from-outside", pod="outsider")

@@ -4,6 +4,7 @@ errors, keep-alive."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,44 @@ async def test_open_unix_listener_replaces_a_stale_socket_but_no_other_file(tmp_
     Path(path).write_text("not a socket")
     with pytest.raises(OSError, match="exists and is not a socket"):
         await open_unix_listener(path)
+
+
+async def test_a_streamed_response_is_chunked_and_cancelled_when_the_client_leaves() -> None:
+    release = trio.Event()
+    finished: list[str] = []
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        try:
+            yield b"first\n"
+            await release.wait()
+            yield b"second\n"
+            await trio.sleep_forever()
+        finally:
+            finished.append("closed")
+
+    async def streamed(request: Request) -> Response:
+        return Response(content_type="application/x-ndjson", stream=chunks)
+
+    client, server_end = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            async def serve() -> None:
+                try:
+                    await serve_connection(server_end, streamed)
+                finally:
+                    await server_end.aclose()
+                    finished.append("connection closed")
+
+            nursery.start_soon(serve)
+            await client.send_all(b"GET /s HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = b""
+            while b"first\n" not in head:
+                head += await client.receive_some(65536)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert b"transfer-encoding: chunked" in head.lower() and b"content-length" not in head.lower()
+            release.set()
+            rest = b""
+            while b"second\n" not in rest:
+                rest += await client.receive_some(65536)
+            await client.aclose()  # the reader goes away mid-stream
+    assert finished == ["closed", "connection closed"]

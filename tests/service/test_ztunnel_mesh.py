@@ -9,20 +9,31 @@ the istiod stub's CA; the xDS state is written straight into a StateStore.
 from __future__ import annotations
 
 import errno
+import json
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h11
 import pytest
 import trio
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.istiod.ca import CertificateAuthority
+from services.istiod.derive import ADDRESS_TYPE_URL, Resources
+from services.istiod.world import World, load_world
+from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
+from services.ztunnel.config import ZtunnelConfig
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
+from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.net import INBOUND_HBONE_PORT
+from services.ztunnel.peers import StatePeers
 from services.ztunnel.proxy.context import Mesh, ProxyConfig
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (
@@ -43,7 +54,9 @@ from services.ztunnel.state.types import (
     WorkloadUid,
 )
 from services.ztunnel.telemetry.access_log import Telemetry
+from services.ztunnel.xds.convert import address_from_any
 from shared.addr import Addr
+from shared.httpd import Request, serve_http_tcp
 from shared.identity import SpiffeId
 from shared.netns import NetnsId, netns_id
 from shared.zds.types import PodUid, WorkloadInfo
@@ -158,6 +171,16 @@ class Mesh2:
         keep = {p.key for p in policies}
         self.store.apply_authorizations(policies, [key for key in self.store.policies if key not in keep])
 
+    def apply_world(self, world: World) -> None:
+        """Replace the state with what the istiod stub derives from `world`, through ztunnel's conversion
+        of the serialized resources (what the xDS client does with them)."""
+        derived = Resources(world).by_type[ADDRESS_TYPE_URL]
+        addresses = [address_from_any(name, _packed(ADDRESS_TYPE_URL, msg))
+                     for name, (_, msg) in derived.items()]
+        self.store.apply_addresses(addresses, [name for name in [*self.store.workloads, *self.store.services]
+                                               if name not in derived])
+        self.store.apply_authorizations([], list(self.store.policies))
+
     async def call(self, original: Addr, payload: bytes) -> tuple[bytes, str]:
         """Connect as the client app (from the client pod's address) to `original`; returns the echo and
         the address the app saw."""
@@ -175,6 +198,10 @@ class Mesh2:
                 data = b""
         seen, _, echo = data.partition(b"\n")
         return echo, seen.decode()
+
+
+def _packed(type_url: str, msg: Message) -> any_pb2.Any:
+    return any_pb2.Any(type_url=type_url, value=msg.SerializeToString())
 
 
 async def _echo_app(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -199,7 +226,8 @@ def log() -> Iterator[LogCapture]:
 
 
 @asynccontextmanager
-async def two_pods(ca: CertificateAuthority) -> AsyncIterator[Mesh2]:
+async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_INFO,
+                   server: WorkloadInfo = SERVER_INFO) -> AsyncIterator[Mesh2]:
     probe = socket.socket()
     try:
         probe.bind((SERVER_IP, INBOUND_HBONE_PORT))
@@ -218,11 +246,12 @@ async def two_pods(ca: CertificateAuthority) -> AsyncIterator[Mesh2]:
         async with trio.open_nursery() as nursery:
             app_port = await nursery.start(_echo_app)
             handler = InPodWorkloadHandler(nursery, config=ProxyConfig(connect_timeout=5),
-                                           telemetry=Telemetry(), sockets=sockets, mesh=mesh)
+                                           telemetry=Telemetry(), sockets=sockets, peers=StatePeers(store),
+                                           mesh=mesh)
             world = Mesh2(store, sockets, handler, app_port, certs)
             world.set_world()
-            await handler.start_workload(PodUid("client-uid"), CLIENT_INFO, client_fd)
-            await handler.start_workload(PodUid("web-uid"), SERVER_INFO, server_fd)
+            await handler.start_workload(PodUid("client-uid"), client, client_fd)
+            await handler.start_workload(PodUid("web-uid"), server, server_fd)
             try:
                 yield world
             finally:
@@ -365,3 +394,227 @@ async def test_graceful_drain_sends_goaway_on_idle_inbound_connections(ca: Certi
             await server.done.wait()  # without a GOAWAY it would wait for the client pool's idle release
             await conn.wait_closed()
             assert not client_pool.connections()
+
+
+# Pods whose names differ from their workload names (Deployment-owned), labelled as Kubernetes apps are.
+NAMED_CLIENT = WorkloadInfo(name="client-5d4c3b", namespace="mesh", service_account="client")
+NAMED_SERVER = WorkloadInfo(name="web-v1-7f8e9d", namespace="mesh", service_account="web")
+
+
+def named_world(app_port: int, *, server_meshed: bool = True) -> World:
+    """The two pods as the istiod stub's world: client `client-5d4c3b` of workload `client` labelled with
+    the app.kubernetes.io labels, server `web-v1-7f8e9d` of workload `web-v1` labelled app=web, version=v1,
+    behind Service web (VIP:80 -> the echo app's port)."""
+    server_labels = {"app": "web", "version": "v1"}
+    if not server_meshed:
+        server_labels["istio.io/dataplane-mode"] = "none"
+    doc = {
+        "nodes": [{"name": NODE}],
+        "namespaces": [{"name": "mesh", "labels": {"istio.io/dataplane-mode": "ambient"}}],
+        "pods": [
+            {"name": NAMED_CLIENT.name, "namespace": "mesh", "node": NODE, "ips": [CLIENT_IP],
+             "workload": "client", "serviceAccount": "client",
+             "labels": {"app.kubernetes.io/name": "client-app", "app.kubernetes.io/version": "2.1"}},
+            {"name": NAMED_SERVER.name, "namespace": "mesh", "node": NODE, "ips": [SERVER_IP],
+             "workload": "web-v1", "serviceAccount": "web", "labels": server_labels},
+        ],
+        "services": [{"name": "web", "namespace": "mesh", "vips": [VIP], "selector": {"app": "web"},
+                      "ports": [{"port": 80, "targetPort": app_port}]}],
+    }
+    return load_world(json.dumps(doc).encode(), "named world")
+
+
+def standard_labels(reporter: str) -> dict[str, str]:
+    """Every label upstream puts on a TCP series of the named world's HBONE call."""
+    return {
+        "reporter": reporter,
+        "source_workload": "client", "source_canonical_service": "client-app",
+        "source_canonical_revision": "2.1", "source_workload_namespace": "mesh",
+        "source_principal": "spiffe://cluster.local/ns/mesh/sa/client", "source_app": "client-app",
+        "source_version": "2.1", "source_cluster": "Kubernetes",
+        "destination_service": "web.mesh.svc.cluster.local", "destination_service_namespace": "mesh",
+        "destination_service_name": "web", "destination_workload": "web-v1",
+        "destination_canonical_service": "web", "destination_canonical_revision": "v1",
+        "destination_workload_namespace": "mesh", "destination_principal": "spiffe://cluster.local/ns/mesh/sa/web",
+        "destination_app": "web", "destination_version": "v1", "destination_cluster": "Kubernetes",
+        "request_protocol": "tcp", "response_flags": "-", "connection_security_policy": "mutual_tls",
+    }
+
+
+def admin_of(world: Mesh2) -> Admin:
+    """ztunnel's admin, stats and readiness handlers over these pods."""
+    handler = world.handler
+    return Admin(ZtunnelParts(config=ZtunnelConfig(), handler=handler, manager=WorkloadManager(handler),
+                              telemetry=handler.telemetry, readiness=Readiness(), store=world.store))
+
+
+async def serve_admin(world: Mesh2, nursery: trio.Nursery) -> tuple[str, int]:
+    """The admin handler served on 127.0.0.1 until `nursery` ends; its address."""
+    [listener] = await nursery.start(serve_http_tcp, admin_of(world).admin, 0, "127.0.0.1")
+    host, port = listener.socket.getsockname()
+    return host, port
+
+
+async def scrape(world: Mesh2) -> str:
+    """GET /metrics on the stats endpoint's handler over these pods' telemetry."""
+    response = await admin_of(world).stats(Request(method="GET", target="/metrics"))
+    assert response.status == 200
+    return response.body.decode()
+
+
+async def test_metrics_carry_every_standard_label_as_upstream(ca: CertificateAuthority,
+                                                              log: LogCapture) -> None:
+    with trio.fail_after(30):
+        async with two_pods(ca, client=NAMED_CLIENT, server=NAMED_SERVER) as world:
+            world.apply_world(named_world(world.app_port))
+            echo, _ = await world.call((VIP, 80), b"labelled")
+            assert echo == b"labelled"
+            await log.wait_for("connection complete", count=2)
+            text = await scrape(world)
+    samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    for reporter in ("source", "destination"):
+        [closed] = [x for x in samples if x.name == "istio_tcp_connections_closed_total"
+                    and x.labels["reporter"] == reporter]
+        assert closed.labels == standard_labels(reporter) and closed.value == 1
+    assert "_created" not in text
+    [build] = [x for x in samples if x.name == "istio_build"]
+    assert build.labels["component"] == "ztunnel" and build.labels["tag"] and build.value == 1
+
+
+async def test_every_path_names_workloads_by_their_xds_workload_name(ca: CertificateAuthority,
+                                                                     log: LogCapture) -> None:
+    names = {"src.workload": "client", "dst.workload": "web-v1"}
+    with trio.fail_after(30):
+        async with two_pods(ca, client=NAMED_CLIENT, server=NAMED_SERVER) as world:
+            world.apply_world(named_world(world.app_port))
+            assert (await world.call((VIP, 80), b"hbone"))[0] == b"hbone"
+            await log.wait_for("connection complete", count=2)
+            # plaintext into the server pod's 15006, as redirected from the client pod's address
+            sock = socket.socket()
+            sock.bind((CLIENT_IP, 0))
+            world.sockets.original[sock.getsockname()[1]] = (SERVER_IP, world.app_port)
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            await stream.socket.connect((SERVER_IP, world.sockets.ports[SERVER_IP]["inbound_plaintext"]))
+            async with stream:
+                await stream.send_all(b"plain")
+                await stream.send_eof()
+                assert (await read_to_eof(stream)).endswith(b"plain")
+            await log.wait_for("connection complete", count=3)
+            # the server outside the mesh: outbound passthrough to its endpoint
+            world.apply_world(named_world(world.app_port, server_meshed=False))
+            assert (await world.call((VIP, 80), b"passthrough"))[0] == b"passthrough"
+            await log.wait_for("connection complete", count=4)
+            labels = [sample.labels for family in text_string_to_metric_families(await scrape(world))
+                      for sample in family.samples if sample.name == "istio_tcp_connections_closed_total"]
+    hbone_out, hbone_in = lines(log, "outbound")[0], lines(log, "inbound")[0]
+    [plain_in] = [line for line in lines(log, "inbound") if "dst.hbone_addr" not in line.fields]
+    [passthrough] = [line for line in lines(log, "outbound") if "dst.hbone_addr" not in line.fields]
+    for line in (hbone_out, hbone_in, plain_in, passthrough):
+        assert {key: line.fields.get(key) for key in names} == names, line
+        assert line.fields["dst.service"] == "web.mesh.svc.cluster.local", line
+    assert "src.identity" not in plain_in.fields and "src.identity" not in passthrough.fields
+    assert len(labels) == 4
+    for series in labels:
+        assert (series["source_workload"], series["destination_workload"]) == ("client", "web-v1"), series
+        assert series["destination_canonical_service"] == "web" and series["destination_version"] == "v1"
+
+
+class TraceReader:
+    """A client of ztunnel's admin `/debug/connections`: the streamed JSON lines, one at a time."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+        self.buffer = b""
+        self.status: int | None = None
+
+    @classmethod
+    async def open(cls, addr: tuple[str, int], query: str) -> TraceReader:
+        reader = cls(await trio.open_tcp_stream(*addr))
+        request = h11.Request(method="GET", target=f"/debug/connections?{query}", headers=[("host", "x")])
+        await reader.stream.send_all(reader.conn.send(request) or b"")
+        return reader
+
+    async def next(self) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                self.status = event.status_code
+            elif isinstance(event, h11.Data):
+                self.buffer += event.data
+            else:
+                raise AssertionError(f"the trace ended: {event!r}")
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        decoded: dict[str, Any] = json.loads(line)
+        return decoded
+
+
+async def test_live_trace_shows_each_connection_of_one_pod(ca: CertificateAuthority,
+                                                           log: LogCapture) -> None:
+    policy = deny("no-client", Match(principals=(StringMatch(kind="exact",
+                                                             value="cluster.local/ns/mesh/sa/client"),)))
+    with trio.fail_after(30):
+        async with two_pods(ca) as world, trio.open_nursery() as nursery:
+            addr = await serve_admin(world, nursery)
+            client = await TraceReader.open(addr, "pod=mesh/client")
+            server = await TraceReader.open(addr, "pod=web-uid")
+            assert (await client.next()) == {"event": "tracing", "pod": "mesh/client",
+                                             "running": [{"uid": "client-uid", "pod": "mesh/client"}]}
+            assert (await server.next())["running"] == [{"uid": "web-uid", "pod": "mesh/web"}]
+            assert client.status == 200
+            assert (await world.call((VIP, 80), b"traced"))[0] == b"traced"
+            out, inb = await client.next(), await server.next()
+            world.set_world(policies=(policy,))
+            assert (await world.call((VIP, 80), b"denied")) == (b"", "")
+            denied_out, denied_in = await client.next(), await server.next()
+            nursery.cancel_scope.cancel()
+    target = f"{SERVER_IP}:{world.app_port}"
+    assert out["listener"] == "outbound (15001)" and out["pod"] == "mesh/client"
+    assert (out["original_dst"], out["route"]) == (f"{VIP}:80", f"HBONE to the ztunnel at {SERVER_IP}:15008")
+    assert (out["hbone_target"], out["dst_service"], out["dst_workload"]) == (
+        target, "web.mesh.svc.cluster.local", "web")
+    assert out["policy"] is None and out["status"] == 200 and out["error"] is None
+    assert out["bytes_sent"] == len(b"traced") and out["duration_ms"] >= 0
+    assert (inb["listener"], inb["pod"], inb["uid"]) == ("inbound HBONE (15008)", "mesh/web", "web-uid")
+    assert (inb["original_dst"], inb["src_identity"]) == (target, "spiffe://cluster.local/ns/mesh/sa/client")
+    assert inb["policy"] == "allow (no policy applies)" and inb["route"] == "delivered to the app"
+    assert denied_out["status"] == 401 and denied_out["error"] == "http status: 401 Unauthorized"
+    assert denied_in["policy"] == "deny: explicitly denied by: mesh/no-client"
+    assert denied_in["error"] == ("connection closed due to policy rejection: explicitly denied by: "
+                                  "mesh/no-client")
+
+
+async def test_ambient_trace_prints_each_connection_of_the_pod(ca: CertificateAuthority, log: LogCapture,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from ambient.cli import main
+
+    with trio.fail_after(30):
+        async with two_pods(ca) as world, trio.open_nursery() as nursery:
+            host, port = await serve_admin(world, nursery)
+            argv = ["trace", "web", "--admin", f"{host}:{port}", "--count", "2"]
+            exits: list[object] = []
+
+            def trace() -> None:
+                with pytest.raises(SystemExit) as exited:
+                    main(argv)
+                exits.append(exited.value.code)
+
+            nursery.start_soon(trio.to_thread.run_sync, trace)
+            while not world.handler.telemetry.trace.subscribers:
+                await trio.sleep(0.01)
+            assert (await world.call((VIP, 80), b"one"))[0] == b"one"
+            assert (await world.call((SERVER_IP, world.app_port), b"two"))[0] == b"two"
+            while not exits:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert exits == [0]
+    head, first, second = capsys.readouterr().out.splitlines()
+    assert head == f"tracing mesh/web (uid web-uid) on ztunnel admin {host}:{port}; Ctrl-C stops"
+    target = f"{SERVER_IP}:{world.app_port}"
+    for line in (first, second):  # the server pod's view: both calls arrive at its 15008
+        assert f" inbound HBONE (15008) {CLIENT_IP}:" in line, line
+        assert (f" -> {target} (web.mesh.svc.cluster.local) | delivered to the app workload web from "
+                "spiffe://cluster.local/ns/mesh/sa/client | policy: allow (no policy applies) | 200 | sent "
+                "3 B, received 14 B, ") in line, line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
+import msgspec
 import pytest
 from google.protobuf import any_pb2
 
@@ -20,7 +21,14 @@ from services.istiod.derive import (
 from services.istiod.testing import bookinfo_world
 from services.istiod.world import World, load_world
 from services.ztunnel.authz import AuthzRequest, evaluate
-from services.ztunnel.state.types import Action, Scope, StringMatch, TunnelProtocol, WorkloadType
+from services.ztunnel.state.types import (
+    Action,
+    Scope,
+    StringMatch,
+    TunnelProtocol,
+    Workload,
+    WorkloadType,
+)
 from services.ztunnel.xds.convert import address_from_any, authorization_from_any
 from services.ztunnel.xds.errors import ConversionError
 from shared.api import authorization_pb2 as apb
@@ -48,6 +56,29 @@ def test_workload_from_ambient_pod(world: World) -> None:
     assert dict(wl.services)["bookinfo/reviews.bookinfo.svc.cluster.local"].ports[0].target_port == 9080
     assert list(wl.authorization_policies) == []
     assert wl.cluster_id == "Kubernetes"
+
+
+@pytest.mark.parametrize("labels,workload,expected", [
+    ({"service.istio.io/canonical-name": "cn", "app.kubernetes.io/name": "kn", "app": "a",
+      "service.istio.io/canonical-revision": "cr", "app.kubernetes.io/version": "kv", "version": "v"},
+     "deploy", ("cn", "cr")),
+    ({"app.kubernetes.io/name": "kn", "app": "a", "app.kubernetes.io/version": "kv", "version": "v"},
+     "deploy", ("kn", "kv")),
+    ({"app": "a", "version": "v"}, "deploy", ("a", "v")),
+    ({}, "deploy", ("deploy", "latest")),
+    ({}, None, ("reviews-v2-6d7e9a", "latest")),  # a bare pod: its own name is the workload name
+])
+def test_canonical_name_and_revision_follow_istios_label_order(
+        world: World, labels: dict[str, str], workload: str | None, expected: tuple[str, str]) -> None:
+    base = pod(world, "reviews-v2")
+    wl = derive_workload(world, msgspec.structs.replace(base, labels=labels, workload=workload))
+    assert (wl.canonical_name, wl.canonical_revision) == expected
+    assert wl.workload_name == (workload or base.name)
+    resource = any_pb2.Any(type_url=ADDRESS_TYPE_URL, value=wpb.Address(workload=wl).SerializeToString())
+    converted = address_from_any(wl.uid, resource)
+    assert isinstance(converted, Workload)
+    assert (converted.canonical_name, converted.canonical_revision, converted.workload_name) == (
+        *expected, workload or base.name)
 
 
 def test_enablement_follows_spec_section_8(world: World) -> None:

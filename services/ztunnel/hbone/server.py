@@ -53,6 +53,7 @@ from services.ztunnel.hbone.tls import (
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
 from services.ztunnel.net import describe_os_error, peer_addr
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, format_addr
+from services.ztunnel.telemetry.trace import Verdict
 from shared.addr import Addr, format_host_port
 from shared.errors import AmbientError
 from shared.identity import SpiffeId
@@ -81,18 +82,6 @@ class InboundInfo(msgspec.Struct, frozen=True, kw_only=True):
     forwarded: str | None = None
     traceparent: str | None = None
     baggage: str | None = None
-
-
-class Verdict(Protocol):
-    """An authorization decision as the server reads it (`authz.Decision` is one)."""
-
-    @property
-    def allowed(self) -> bool: ...
-
-    @property
-    def reason(self) -> str:
-        """Why it was denied ("" when allowed, or when there is nothing to say)."""
-        ...
 
 
 class InboundPolicy(Protocol):
@@ -201,6 +190,7 @@ class _Server:
         try:
             outcome = policy.outcome(info)
             verdict = policy.authorize(info)
+            outcome.verdict = verdict
             if not verdict.allowed:
                 outcome.status = 401
                 error = policy_rejection(verdict.reason)

@@ -88,7 +88,8 @@ class InPodWorkloadHandler:
             fd = os.dup(netns_fd)
         except OSError as exc:
             raise ProxyStartError(f"cannot use the netns fd of pod {uid}: {exc.strerror}") from exc
-        ctx = PodContext(uid=uid, info=info, netns_fd=fd, config=self.config, telemetry=self.telemetry,
+        ctx = PodContext(uid=uid, info=info, netns_fd=fd, config=self.config,
+                         telemetry=self.telemetry.for_pod(uid, info),
                          sockets=self.sockets, peers=self.peers, mesh=self.mesh)
         try:
             handle: PodHandle = await self._nursery.start(self._run_pod, ctx, on_exit)

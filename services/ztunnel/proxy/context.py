@@ -25,6 +25,7 @@ import trio
 from services.ztunnel.hbone.pool import CertSource, HbonePool
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.net import PACKET_MARK
+from services.ztunnel.peers import workload_peer
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Workload
 from services.ztunnel.telemetry.access_log import Peer, Telemetry
@@ -213,6 +214,11 @@ class PodContext:
 
     @property
     def peer(self) -> Peer:
+        """This pod as an end of its connections: its xDS workload, else (no xDS, or none for it yet) its
+        pod name from ZDS."""
+        workload = self.workload()
+        if workload is not None:
+            return workload_peer(workload, cluster=self.config.cluster_id)
         if self.info is None:
             return Peer(cluster=self.config.cluster_id)
         return Peer(workload=self.info.name, namespace=self.info.namespace, cluster=self.config.cluster_id)

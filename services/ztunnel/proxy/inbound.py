@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import socket
 
+import msgspec
 import trio
 
 from services.ztunnel.authz import AuthzRequest, Decision, authorize_from_state
@@ -116,8 +117,7 @@ class _Inbound:
                 self._ends = (key, src, dst)
         src_identity = info.src_identity.uri
         if src.identity != src_identity:
-            src = Peer(workload=src.workload, namespace=src.namespace, identity=src_identity,
-                       cluster=src.cluster, service=src.service)
+            src = msgspec.structs.replace(src, identity=src_identity)
         return ConnectionOutcome(direction="inbound", src_addr=format_addr(src_addr),
                                  dst_addr=format_addr(info.dst_addr), dst_hbone_addr=format_addr(target),
                                  src=src, dst=dst)

@@ -23,7 +23,9 @@ from services.ztunnel.net import (
     OUTBOUND_PORT,
     local_addr,
 )
+from services.ztunnel.peers import workload_peer
 from services.ztunnel.proxy.context import PodContext
+from services.ztunnel.proxy.inbound import service_for_port
 from services.ztunnel.proxy.tcp import proxy_tcp
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, Peer, format_addr
 from shared.addr import Addr
@@ -39,12 +41,17 @@ async def handle_inbound_plaintext(ctx: PodContext, client: socket.socket, peer:
         ctx.telemetry.connection_failed(src_addr=format_addr(peer), dst_addr=format_addr(dst),
                                         direction="inbound", error=SELF_CALL_ERROR)
         return
-    outcome = ConnectionOutcome(direction="inbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
-                                src=ctx.peers.by_address(peer[0]) or Peer(), dst=ctx.peer)
     mesh = ctx.mesh
+    workload = ctx.workload()
+    dst_peer = (workload_peer(workload, cluster=ctx.config.cluster_id,
+                              service=service_for_port(mesh.store, workload, dst[1]))
+                if workload is not None and mesh is not None else ctx.peer)
+    outcome = ConnectionOutcome(direction="inbound", src_addr=format_addr(peer), dst_addr=format_addr(dst),
+                                src=ctx.peers.by_address(peer[0]) or Peer(), dst=dst_peer)
     if mesh is not None:
         decision = authorize_from_state(mesh.store, AuthzRequest(src_ip=peer[0], dst_ip=dst[0],
                                                                  dst_port=dst[1]))
+        outcome.verdict = decision
         if not decision.allowed:
             outcome.error = policy_rejection(decision.reason)
             ctx.telemetry.connection_complete(outcome)

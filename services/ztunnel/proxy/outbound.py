@@ -85,9 +85,11 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
     if not isinstance(route, HboneRoute):
         dst_peer = (workload_peer(route.workload, service=route.service) if route.workload is not None
                     else ctx.peers.by_address(dst[0]) or Peer())
-        await proxy_tcp(ctx, client, route.dst, ConnectionOutcome(
+        outcome = ConnectionOutcome(
             direction="outbound", src_addr=format_addr(peer), dst_addr=format_addr(route.dst), src=ctx.peer,
-            dst=dst_peer))
+            dst=dst_peer)
+        outcome.original = dst
+        await proxy_tcp(ctx, client, route.dst, outcome)
         return
     if source is None:
         source = await ctx.wait_workload()
@@ -101,6 +103,9 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
         dst_hbone_addr=format_addr(route.target),
         src=workload_peer(source, mtls=True, cluster=cluster),
         dst=workload_peer(route.workload, mtls=True, service=route.service, cluster=cluster))
+    outcome.original = dst
+    if route.via_waypoint:
+        outcome.waypoint = route.workload.workload_name or route.workload.name
     outcome.error = "connection drained"
     ctx.counters.active_connections += 1
     try:

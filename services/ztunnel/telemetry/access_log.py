@@ -6,11 +6,14 @@ One `ConnectionOutcome` follows a proxied connection: the copy loop (or the HBON
 counters, and `Telemetry.connection_complete()` writes the single access log line (logger `access`, so
 target `access`, formatted by logging.py) and updates the metrics (metrics.py) when it ends.
 Byte counts in the log are "un-flipped" (bytes_sent = client -> upstream); in the metrics they follow Istio's
-convention (received = request direction, sent = response direction).
+convention (received = request direction, sent = response direction). While someone traces a pod
+(trace.py, ztunnel's admin `/debug/connections`), the same record also goes to them, tagged with the pod
+by that pod's `Telemetry.for_pod` view.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -19,20 +22,43 @@ from typing import Final
 import msgspec
 
 from services.ztunnel.telemetry.metrics import Child, Family, Metrics
+from services.ztunnel.telemetry.trace import (
+    ConnectionTrace,
+    Event,
+    PodRef,
+    Verdict,
+    addr_text,
+    failed_event,
+    listener_of,
+    now_text,
+    policy_text,
+)
 from shared.addr import format_host_port, unmap
 from shared.logs import Display, Field
+from shared.zds.types import WorkloadInfo
 
 ACCESS_LOGGER: Final = "access"
 
 
 class Peer(msgspec.Struct, frozen=True, kw_only=True):
-    """What is known about one end of a connection (all optional: unknown ends are logged by address)."""
+    """What is known about one end of a connection (all optional: unknown ends are logged by address).
+
+    `workload` is the xDS workload name (the pod name only when xDS has nothing); `identity` is set only
+    when mTLS proved it, while `principal` is the identity xDS gives the workload (upstream reports it as
+    `destination_principal` even for plain TCP). `service*` name the destination's Service.
+    """
 
     workload: str | None = None
     namespace: str | None = None
     identity: str | None = None
     cluster: str | None = None
     service: str | None = None
+    """The Service's hostname (`dst.service`, `destination_service`)."""
+    service_name: str | None = None
+    service_namespace: str | None = None
+    canonical_service: str | None = None
+    canonical_revision: str | None = None
+    principal: str | None = None
 
 
 def format_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> Display:
@@ -50,7 +76,7 @@ class ConnectionOutcome:
     """
 
     __slots__ = ("bytes_recv", "bytes_sent", "direction", "dst", "dst_addr", "dst_hbone_addr", "error",
-                 "opened", "src", "src_addr", "start", "status")
+                 "opened", "original", "src", "src_addr", "start", "status", "verdict", "waypoint")
 
     def __init__(self, *, direction: str, src_addr: Display, dst_addr: Display, src: Peer | None = None,
                  dst: Peer | None = None, dst_hbone_addr: Display | None = None) -> None:
@@ -69,6 +95,13 @@ class ConnectionOutcome:
         """Why it failed or ended early, in upstream's words; None for a clean end."""
         self.opened = False
         """It got through and was counted as opened; otherwise it is counted as failed when it ends."""
+        # For the live trace only (trace.py): what the log line does not say.
+        self.original: tuple[str, int] | None = None
+        """Outbound: where the app was going (a service VIP, say), when `dst_addr` is elsewhere."""
+        self.waypoint: str | None = None
+        """Outbound through a waypoint: its workload name."""
+        self.verdict: Verdict | None = None
+        """Inbound: the authorization decision."""
 
     def fields(self, *, with_bytes: bool) -> list[Field]:
         fields: list[Field] = [
@@ -93,33 +126,66 @@ class ConnectionOutcome:
         return fields
 
 
+    def trace_event(self, pod: PodRef | None) -> Event:
+        """This connection as the live trace shows it (trace.py): its listener, where the app was going,
+        the route, the policy decision, bytes, duration and error."""
+        hbone = self.dst_hbone_addr is not None
+        if self.direction == "outbound":
+            original = addr_text(self.original) or str(self.dst_addr)
+            if not hbone:
+                route = "passthrough"
+            elif self.waypoint is not None:
+                route = f"HBONE via waypoint {self.waypoint} at {self.dst_addr}"
+            else:
+                route = f"HBONE to the ztunnel at {self.dst_addr}"
+        else:
+            original = str(self.dst_hbone_addr if hbone else self.dst_addr)
+            route = "delivered to the app"
+        src, dst = self.src, self.dst
+        return {
+            "time": now_text(), "event": "connection complete", "pod": pod.key if pod else None,
+            "uid": pod.uid if pod else None, "direction": self.direction,
+            "listener": listener_of(self.direction, None, hbone),
+            "src": str(self.src_addr), "src_workload": src.workload, "src_identity": src.identity,
+            "original_dst": original, "route": route, "hbone_target": addr_text(self.dst_hbone_addr),
+            "dst_service": dst.service, "dst_workload": dst.workload, "dst_identity": dst.identity,
+            "policy": policy_text(self.verdict), "status": self.status,
+            "bytes_sent": self.bytes_sent, "bytes_recv": self.bytes_recv,
+            "duration_ms": int((time.monotonic() - self.start) * 1000), "error": self.error,
+        }
+
+
 def traffic_labels(record: ConnectionOutcome) -> dict[str, str]:
-    """The `TRAFFIC_LABELS` values of a connection (unknown ends as "unknown", as upstream)."""
+    """The `TRAFFIC_LABELS` values of a connection, filled as upstream fills them (src/proxy/metrics.rs):
+    workload = the xDS workload name, app and canonical service = its canonical name, version and canonical
+    revision = its canonical revision; the source principal only when mTLS proved it, the destination's
+    from xDS; anything unknown "unknown"."""
     def v(value: str | None) -> str:
         return value or "unknown"
 
-    mtls = record.src.identity is not None and record.dst.identity is not None
+    src, dst = record.src, record.dst
+    mtls = src.identity is not None and dst.identity is not None
     return {
         "reporter": "source" if record.direction == "outbound" else "destination",
-        "source_workload": v(record.src.workload),
-        "source_canonical_service": v(record.src.workload),
-        "source_canonical_revision": "latest" if record.src.workload else "unknown",
-        "source_workload_namespace": v(record.src.namespace),
-        "source_principal": v(record.src.identity),
-        "source_app": v(record.src.workload),
-        "source_version": "latest" if record.src.workload else "unknown",
-        "source_cluster": v(record.src.cluster),
-        "destination_service": v(record.dst.service),
-        "destination_service_namespace": v(record.dst.namespace if record.dst.service else None),
-        "destination_service_name": v(record.dst.service.split(".")[0] if record.dst.service else None),
-        "destination_workload": v(record.dst.workload),
-        "destination_canonical_service": v(record.dst.workload),
-        "destination_canonical_revision": "latest" if record.dst.workload else "unknown",
-        "destination_workload_namespace": v(record.dst.namespace),
-        "destination_principal": v(record.dst.identity),
-        "destination_app": v(record.dst.workload),
-        "destination_version": "latest" if record.dst.workload else "unknown",
-        "destination_cluster": v(record.dst.cluster),
+        "source_workload": v(src.workload),
+        "source_canonical_service": v(src.canonical_service),
+        "source_canonical_revision": v(src.canonical_revision),
+        "source_workload_namespace": v(src.namespace),
+        "source_principal": v(src.identity),
+        "source_app": v(src.canonical_service),
+        "source_version": v(src.canonical_revision),
+        "source_cluster": v(src.cluster),
+        "destination_service": v(dst.service),
+        "destination_service_namespace": v(dst.service_namespace),
+        "destination_service_name": v(dst.service_name),
+        "destination_workload": v(dst.workload),
+        "destination_canonical_service": v(dst.canonical_service),
+        "destination_canonical_revision": v(dst.canonical_revision),
+        "destination_workload_namespace": v(dst.namespace),
+        "destination_principal": v(dst.identity or dst.principal),
+        "destination_app": v(dst.canonical_service),
+        "destination_version": v(dst.canonical_revision),
+        "destination_cluster": v(dst.cluster),
         "request_protocol": "tcp",
         "response_flags": "-",
         "connection_security_policy": "mutual_tls" if mtls else "unknown",
@@ -155,6 +221,15 @@ class Telemetry:
         self.metrics = metrics if metrics is not None else Metrics()
         self.log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
         self._series: dict[tuple[str, Peer, Peer], _Series] = {}
+        self.trace = ConnectionTrace()
+        self.pod: PodRef | None = None
+        """The pod this view writes for (`for_pod`); None for the process's own."""
+
+    def for_pod(self, uid: str, info: WorkloadInfo | None) -> Telemetry:
+        """A view for one pod's proxy set: the same metrics, log and trace; its trace events name the pod."""
+        view = copy.copy(self)
+        view.pod = PodRef(uid=uid, info=info)
+        return view
 
     def _series_of(self, record: ConnectionOutcome) -> _Series:
         # The labels depend only on the direction and the two peers (frozen, hashable).
@@ -189,6 +264,8 @@ class Telemetry:
         else:
             fields.append(("error", error))
             self.log.error("connection complete", extra={"fields": fields})
+        if self.trace.subscribers:
+            self.trace.publish(self.pod, lambda: outcome.trace_event(self.pod))
 
     def connection_failed(self, *, src_addr: Display, dst_addr: Display, direction: str, error: str,
                           outcome: ConnectionOutcome | None = None) -> None:
@@ -200,3 +277,6 @@ class Telemetry:
         fields: Sequence[Field] = (("src.addr", src_addr), ("dst.addr", dst_addr), ("direction", direction),
                                    ("error", error))
         self.log.warning("connection failed", extra={"fields": fields})
+        if self.trace.subscribers:
+            self.trace.publish(self.pod, lambda: failed_event(self.pod, src_addr=src_addr, dst_addr=dst_addr,
+                                                              direction=direction, error=error))

@@ -10,7 +10,6 @@ families then. Which label values a connection gets is the access log's business
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Final
@@ -33,11 +32,10 @@ class Child:
     """One label set's value of a family (what prometheus_client's `labels()` returns, minus its lock: the
     process is single-threaded)."""
 
-    __slots__ = ("created", "value")
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
         self.value = 0.0
-        self.created = time.time()
 
     def inc(self, amount: float = 1) -> None:
         if amount < 0:
@@ -84,27 +82,35 @@ class Family:
 
 class _Collector:
     """Turns the families into prometheus_client metric families at scrape time (what its Counter and Gauge
-    would have exported: `_total` and `_created` samples per counter child)."""
+    export with `_created` series disabled: one `_total` sample per counter child, as upstream ztunnel)."""
 
     def __init__(self, families: Sequence[Family]) -> None:
         self._families = families
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client import metrics as prometheus_metrics
         from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
-        created = prometheus_metrics._use_created  # as its Counter: PROMETHEUS_DISABLE_CREATED_SERIES
         for family in self._families:
             if family.kind == "counter":
                 counter = CounterMetricFamily(family.name, family.documentation, labels=family.labelnames)
                 for key, child in list(family.children.items()):
-                    counter.add_metric(key, child.value, child.created if created else None)
+                    counter.add_metric(key, child.value)
                 yield counter
             else:
                 gauge = GaugeMetricFamily(family.name, family.documentation, labels=family.labelnames)
                 for key, child in list(family.children.items()):
                     gauge.add_metric(key, child.value)
                 yield gauge
+
+
+def build_tag() -> str:
+    """`istio_build`'s `tag`: upstream puts the Istio release there; ours is this project's version."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("trio-ambient")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class Metrics:
@@ -130,13 +136,19 @@ class Metrics:
         self.active_proxies = gauge("istio_active_proxy_count", "The total number of active workload proxies")
         self.proxies_started = counter("istio_proxies_started", "The total number of proxies started")
         self.proxies_stopped = counter("istio_proxies_stopped", "The total number of proxies stopped")
+        self.build = gauge("istio_build", "Istio component build info", ("component", "tag"))
         self._registry = registry
         if registry is not None:
             registry.register(self._collector())
 
     def _collector(self) -> _Collector:
+        """Made once prometheus_client is imported (the registry's first use)."""
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # upstream exports no `_created` series; nor do prometheus_client's here
+        self.build.labels(component="ztunnel", tag=build_tag()).set(1)
         return _Collector([self.opened, self.closed, self.sent, self.received, self.failed,
-                           self.active_proxies, self.proxies_started, self.proxies_stopped])
+                           self.active_proxies, self.proxies_started, self.proxies_stopped, self.build])
 
     @property
     def registry(self) -> CollectorRegistry:
