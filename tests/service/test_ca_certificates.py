@@ -145,6 +145,16 @@ def ca_on(clock: FakeClock) -> CertificateAuthority:
     return CertificateAuthority.create(now=lambda: dt.datetime.fromtimestamp(clock.now(), dt.UTC))
 
 
+async def expire_unrenewed(ca: FlakyCa, clock: FakeClock, bundle: CertBundle) -> None:
+    """Let `bundle` expire while the CA refuses, and wait for the manager's next (failing) try."""
+    ca.failing = True
+    calls = ca.calls
+    clock.advance_to(bundle.not_after + 1)
+    while ca.calls == calls:
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.lowlevel.checkpoint()
+
+
 async def test_manager_caches_and_rotates_at_half_life() -> None:
     with trio.fail_after(20):
         clock = FakeClock(time.time())
@@ -183,12 +193,7 @@ async def test_failed_renewal_keeps_the_old_certificate_then_recovers() -> None:
                 second = await manager.wait_renewed(REVIEWS, first)
                 assert second != first
                 # Once expired with no renewal possible, the manager says so.
-                ca.failing = True
-                calls = ca.calls
-                clock.advance_to(second.not_after + 1)
-                while ca.calls == calls:
-                    await trio.testing.wait_all_tasks_blocked()
-                    await trio.lowlevel.checkpoint()
+                await expire_unrenewed(ca, clock, second)
                 with pytest.raises(CertificateError, match="CA unreachable"):
                     await manager.fetch_certificate(REVIEWS)
 
@@ -220,12 +225,7 @@ async def test_manager_dump_is_upstreams_certificate_states() -> None:
                 assert leaf["validFrom"] == time.strftime(rfc3339, time.gmtime(bundle.not_before))
                 assert leaf["expirationTime"] == time.strftime(rfc3339, time.gmtime(bundle.not_after))
                 # Expired, not renewed: unavailable, the old chain still shown (istioctl: VALID CERT false).
-                ca.failing = True
-                calls = ca.calls
-                clock.advance_to(bundle.not_after + 1)
-                while ca.calls == calls:
-                    await trio.testing.wait_all_tasks_blocked()
-                    await trio.lowlevel.checkpoint()
+                await expire_unrenewed(ca, clock, bundle)
                 [held] = manager.dump()
                 assert held["state"] == "Unavailable: CA unreachable (test)" and held["certChain"] == [leaf]
 
