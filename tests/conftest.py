@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +39,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     for key, value in item.user_properties:
         if key == "ci_netns_unavailable":
             pytest.fail(f"CI=true but this root/netns test cannot run: {value}", pytrace=False)
+
+
+def istioctl_path() -> str | None:
+    """Upstream's istioctl, as scripts/build-istioctl caches it (or $ISTIOCTL); None when it is not built."""
+    path = os.environ.get("ISTIOCTL")
+    if not path:
+        script = Path(__file__).resolve().parents[1] / "scripts" / "build-istioctl"
+        path = subprocess.run([str(script), "--print-path"], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    return path if os.access(path, os.X_OK) else None
+
+
+@pytest.fixture(scope="session")
+def istioctl() -> str:
+    """The istioctl binary. Locally a test that needs it is skipped when it is not built; in CI it fails."""
+    path = istioctl_path()
+    if path is None:
+        reason = "upstream's istioctl is not built: run scripts/build-istioctl (needs Go, the module proxy)"
+        if IN_CI:
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return path

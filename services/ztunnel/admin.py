@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from services.ztunnel import configdump
 from services.ztunnel.config import ZtunnelConfig
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.statemanager import WorkloadManager
@@ -64,24 +65,35 @@ class Admin:
         self.parts = parts
 
     def config_dump(self) -> dict[str, Any]:
+        """Upstream ztunnel's config dump (configdump.py), then this ztunnel's own sections under keys
+        upstream does not use: `xds` (the xDS client), `pods` (the running proxy sets, their listeners and
+        connection counts), `zds` (the in-pod state manager) and `readiness`."""
         parts = self.parts
+        store = parts.store
         config = msgspec.to_builtins(parts.config)
         for target in ("xds_target", "ca_target"):
             if config.get(target):
                 config[target]["token"] = "<redacted>" if config[target].get("token") else None
         xds: dict[str, Any] | None = None
         if parts.xds is not None:
-            store = parts.store
             xds = {"connected": parts.xds.connected, "connects": parts.xds.connects,
                    "workloads": sorted(store.workloads), "services": sorted(store.services),
                    "policies": sorted(store.policies)}
+        manager = parts.manager
         blocking = parts.readiness.blocking()
         return {
+            "workloads": [configdump.workload(wl) for _, wl in sorted(store.workloads.items())],
+            "services": [configdump.service(svc, (wl for wl, _ in store.endpoints(svc)))
+                         for _, svc in sorted(store.services.items())],
+            "policies": [configdump.policy(pol) for _, pol in sorted(store.policies.items())],
+            "certificates": parts.mesh.certs.dump() if parts.mesh is not None else [],
+            "workloadState": configdump.workload_state(
+                {uid: w.info for uid, w in manager.running.items()},
+                {uid: p.info for uid, p in manager.pending.items()}),
             "config": config,
             "xds": xds,
-            "certificates": parts.mesh.certs.dump() if parts.mesh is not None else None,
             "pods": parts.handler.dump(),
-            "zds": parts.manager.state(),
+            "zds": manager.state(),
             "readiness": {"ready": not blocking, "blocking": blocking},
         }
 

@@ -276,7 +276,8 @@ def test_cross_node_traffic_is_hbone_only_and_never_plaintext(
     assert status == 200
     dump = json.loads(raw)
     [cert] = [c for c in dump["certificates"] if c["identity"] == CLIENT_ID]
-    assert cert["state"] == "available" and cert["serial"] and cert["expiration"].endswith("Z")
+    assert cert["state"] == "Available" and cert["certChain"][0]["serialNumber"].isdigit()
+    assert cert["certChain"][0]["expirationTime"].endswith("Z") and cert["rootCerts"]
     [pod] = [p for p in dump["pods"] if p["workload"]["name"] == "client"]
     assert pod["identity"] == CLIENT_ID
     assert [k["dst"] for k in pod["pool"]] == [f"{WEB_IP}:15008"] and pod["pool"][0]["connections"]

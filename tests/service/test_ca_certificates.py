@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import time
 
@@ -17,7 +18,7 @@ from services.istiod.ca import CertificateAuthority
 from services.istiod.testing import bookinfo_world, open_test_istiod
 from services.ztunnel.identity.ca_client import GrpcCaClient
 from services.ztunnel.identity.errors import CertificateError
-from services.ztunnel.identity.manager import open_certificate_manager
+from services.ztunnel.identity.manager import open_certificate_manager, split_pem
 from shared.aio import RpcError, RpcStatus, open_target
 from shared.api import ca_grpc, ca_pb2
 from shared.identity import CertBundle, SpiffeId, generate_key, load_cert, make_csr, uri_sans
@@ -144,6 +145,16 @@ def ca_on(clock: FakeClock) -> CertificateAuthority:
     return CertificateAuthority.create(now=lambda: dt.datetime.fromtimestamp(clock.now(), dt.UTC))
 
 
+async def expire_unrenewed(ca: FlakyCa, clock: FakeClock, bundle: CertBundle) -> None:
+    """Let `bundle` expire while the CA refuses, and wait for the manager's next (failing) try."""
+    ca.failing = True
+    calls = ca.calls
+    clock.advance_to(bundle.not_after + 1)
+    while ca.calls == calls:
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.lowlevel.checkpoint()
+
+
 async def test_manager_caches_and_rotates_at_half_life() -> None:
     with trio.fail_after(20):
         clock = FakeClock(time.time())
@@ -182,11 +193,43 @@ async def test_failed_renewal_keeps_the_old_certificate_then_recovers() -> None:
                 second = await manager.wait_renewed(REVIEWS, first)
                 assert second != first
                 # Once expired with no renewal possible, the manager says so.
-                ca.failing = True
-                calls = ca.calls
-                clock.advance_to(second.not_after + 1)
-                while ca.calls == calls:
-                    await trio.testing.wait_all_tasks_blocked()
-                    await trio.lowlevel.checkpoint()
+                await expire_unrenewed(ca, clock, second)
                 with pytest.raises(CertificateError, match="CA unreachable"):
                     await manager.fetch_certificate(REVIEWS)
+
+
+async def test_manager_dump_is_upstreams_certificate_states() -> None:
+    with trio.fail_after(20):
+        clock = FakeClock(time.time())
+        async with open_test_istiod(bookinfo_world(), ca=ca_on(clock)) as istiod:
+            ca = FlakyCa(GrpcCaClient(istiod.target(node="node-a"), ttl_seconds=3600))
+            ca.failing = True
+            async with open_certificate_manager(ca, clock=clock, retry_initial=10) as manager:
+                with pytest.raises(CertificateError):
+                    await manager.fetch_certificate(REVIEWS)
+                assert manager.dump() == [{"identity": REVIEWS.uri, "certChain": [], "rootCerts": [],
+                                           "state": "Unavailable: CA unreachable (test)"}]
+                ca.failing = False
+                clock.advance_to(clock.now() + 10)
+                while (bundle := manager.cached(REVIEWS)) is None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    await trio.lowlevel.checkpoint()
+                [held] = manager.dump()
+                assert held["state"] == "Available"
+                [leaf], [root] = held["certChain"], held["rootCerts"]
+                assert base64.b64decode(leaf["pem"]).decode() == bundle.leaf_pem
+                leaf_cert, root_cert = load_cert(bundle.leaf_pem), load_cert(base64.b64decode(root["pem"]))
+                assert leaf["serialNumber"] == str(leaf_cert.serial_number)
+                assert root["serialNumber"] == str(root_cert.serial_number) != leaf["serialNumber"]
+                rfc3339 = "%Y-%m-%dT%H:%M:%SZ"
+                assert leaf["validFrom"] == time.strftime(rfc3339, time.gmtime(bundle.not_before))
+                assert leaf["expirationTime"] == time.strftime(rfc3339, time.gmtime(bundle.not_after))
+                # Expired, not renewed: unavailable, the old chain still shown (istioctl: VALID CERT false).
+                await expire_unrenewed(ca, clock, bundle)
+                [held] = manager.dump()
+                assert held["state"] == "Unavailable: CA unreachable (test)" and held["certChain"] == [leaf]
+
+
+def test_split_pem_keeps_each_certificate() -> None:
+    one, two = (CertificateAuthority.create().root_pem for _ in range(2))
+    assert split_pem(one + two) == [one, two] and split_pem(one) == [one] and split_pem("") == []

@@ -189,11 +189,13 @@ async def test_xds_sync_gates_readiness_and_names_peers(tmp_path: Path, pipe_fds
             assert peer is not None and peer.workload and peer.namespace
             identity = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
             assert app.mesh is not None
-            while not any(c["state"] == "available" for c in app.mesh.certs.dump()):
+            while not any(c["state"] == "Available" for c in app.mesh.certs.dump()):
                 await trio.sleep(0.05)
             dump = json.loads((await http_get(app.addresses["admin"][0], "/config_dump"))[1])
             [cert] = dump["certificates"]
-            assert cert["identity"] == identity and cert["serial"] and cert["expiration"]
+            assert cert["identity"] == identity and cert["state"] == "Available"
+            [leaf] = cert["certChain"]
+            assert leaf["serialNumber"].isdigit() and leaf["expirationTime"].endswith("Z")
             [pod] = dump["pods"]
             assert pod["identity"] == identity and pod["pool"] == []
             nursery.cancel_scope.cancel()

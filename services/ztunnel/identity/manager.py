@@ -13,6 +13,7 @@ Time comes from an injectable Clock (POSIX seconds) so tests can jump to the hal
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,27 @@ log = logging.getLogger(__name__)
 
 def _rfc3339(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+_PEM_END = "-----END CERTIFICATE-----"
+
+
+def split_pem(text: str) -> list[str]:
+    """The certificates of a PEM text, each as its own PEM block (with a trailing newline)."""
+    return [block.strip() + "\n" + _PEM_END + "\n" for block in text.split(_PEM_END)[:-1]]
+
+
+def _cert_dump(pem: str) -> dict[str, str]:
+    out = {"pem": base64.b64encode(pem.encode()).decode(), "serialNumber": "", "validFrom": "",
+           "expirationTime": ""}
+    try:
+        cert = load_cert(pem)
+    except IdentityError:  # a chain member the CA sent but nothing could parse: shown, without its facts
+        return out
+    out.update(serialNumber=str(cert.serial_number),
+               validFrom=_rfc3339(cert.not_valid_before_utc.timestamp()),
+               expirationTime=_rfc3339(cert.not_valid_after_utc.timestamp()))
+    return out
 
 
 class Clock(Protocol):
@@ -108,26 +130,27 @@ class CertificateManager:
             await entry.updated.wait()
 
     def dump(self) -> list[dict[str, Any]]:
-        """Every managed identity's certificate (serial, validity, state), for the admin `/config_dump`."""
+        """Every managed identity's certificates in upstream ztunnel's config-dump shape, sorted by identity:
+        `identity`, `state` (`Initializing`, `Available`, or `Unavailable: <reason>`), `certChain` (leaf and
+        intermediates) and `rootCerts` (the last certificate of the CA's chain), each certificate with
+        `pem` (base64 of the PEM text), `serialNumber` (decimal), `validFrom`, `expirationTime` (RFC 3339)."""
         out: list[dict[str, Any]] = []
         for identity, entry in sorted(self._entries.items()):
-            item: dict[str, Any] = {"identity": identity.uri}
             bundle = entry.bundle
             if bundle is None:
-                item["state"] = "unavailable" if entry.attempted.is_set() else "initializing"
+                state = f"Unavailable: {entry.error}" if entry.attempted.is_set() else "Initializing"
+            elif self._valid(bundle):
+                state = "Available"
             else:
-                item["state"] = "available" if self._valid(bundle) else "expired"
-                try:
-                    item["serial"] = format(load_cert(bundle.leaf_pem).serial_number, "x")
-                except IdentityError:
-                    item["serial"] = None
-                item["valid_from"] = _rfc3339(bundle.not_before)
-                item["expiration"] = _rfc3339(bundle.not_after)
-                item["refresh_at"] = _rfc3339(bundle.refresh_at)
-                item["chain_length"] = len(bundle.cert_chain)
-            if entry.error is not None:
-                item["last_error"] = str(entry.error)
-            out.append(item)
+                reason = entry.error or f"the certificate expired at {_rfc3339(bundle.not_after)}"
+                state = f"Unavailable: {reason}"
+            chain = bundle.cert_chain if bundle is not None else ()
+            # The CA answers one chain, root last (several roots may share that last PEM text).
+            leaf_and_intermediates = chain[:-1] if len(chain) > 1 else chain
+            roots = split_pem(chain[-1]) if len(chain) > 1 else []
+            out.append({"identity": identity.uri, "state": state,
+                        "certChain": [_cert_dump(pem) for pem in leaf_and_intermediates],
+                        "rootCerts": [_cert_dump(pem) for pem in roots]})
         return out
 
     def forget(self, identity: SpiffeId) -> None:
