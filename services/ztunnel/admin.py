@@ -1,6 +1,7 @@
 """ztunnel's admin, stats and readiness endpoints: what an operator asks the running process.
 
-    admin      127.0.0.1:15000   /config_dump, /logging?level=..., and the other two sets
+    admin      127.0.0.1:15000   /config_dump (upstream's schema, see configdump.py), /logging?level=...,
+                                 /debug/connections?pod=... (the live trace), and the other two sets
     stats      :15020            /metrics (also /stats/prometheus), Prometheus text
     readiness  :15021            /healthz/ready: 200 once every named readiness check passes, else 503
 
@@ -116,7 +117,8 @@ class Admin:
             return self.connections(request)
         if request.path in ("/metrics", "/stats/prometheus"):
             return await self.stats(request)
-        return Response(status=404, body=b"not found; try /config_dump or /logging?level=info\n")
+        return Response(status=404, body=b"not found; try /config_dump, /logging?level=info or "
+                                          b"/debug/connections?pod=NAME\n")
 
     def connections(self, request: Request) -> Response:
         """`/debug/connections?pod=<uid, ns/name or name>`: the live trace (telemetry/trace.py) of that pod's
