@@ -248,13 +248,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from ambient.lab import lab
 
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
+    prefix, cmd = exec_options(args.prefix, list(args.cmd))
     if not cmd:
-        err_console.print("usage: ambient lab exec POD -- CMD [ARGS...]")
+        err_console.print("usage: ambient lab exec [--prefix P] POD [--prefix P] -- CMD [ARGS...]")
         return 2
-    return lab.exec_in_pod(cmd, pod=args.pod, prefix=args.prefix).returncode
+    return lab.exec_in_pod(cmd, pod=args.pod, prefix=prefix).returncode
+
+
+def exec_options(prefix: str, rest: list[str]) -> tuple[str, list[str]]:
+    """`lab exec`'s options given after POD (argparse hands them over inside the command), and the command.
+
+    Only `--prefix` may stand between POD and `--`; anything else there is refused, never run as the command.
+    """
+    if not rest or not rest[0].startswith("-") or "--" not in rest:
+        return prefix, rest  # `lab exec POD CMD ...` without options or separator: all of it is the command
+    split = rest.index("--")
+    options, cmd = rest[:split], rest[split + 1:]
+    parser = argparse.ArgumentParser(prog="ambient lab exec POD", add_help=False)
+    parser.add_argument("--prefix", default=prefix)
+    return parser.parse_args(options).prefix, cmd
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

@@ -206,6 +206,13 @@ def test_cli_parses_the_lab_commands() -> None:
     args = parser.parse_args(["lab", "exec", "--prefix", "p", "sleep", "--", "curl", "-s", "http://x"])
     assert (args.func, args.pod, args.prefix) == (lab_cli.cmd_exec, "sleep", "p")
     assert args.cmd[-3:] == ["curl", "-s", "http://x"]
+    args = parser.parse_args(["lab", "exec", "sleep", "--prefix", "q", "--", "curl", "--prefix", "x"])
+    assert lab_cli.exec_options(args.prefix, args.cmd) == ("q", ["curl", "--prefix", "x"])
+    assert lab_cli.exec_options("amb", ["--", "id"]) == ("amb", ["id"])
+    assert lab_cli.exec_options("amb", ["id", "-u"]) == ("amb", ["id", "-u"])
+    assert lab_cli.exec_options("amb", ["sh", "-c", "--", "x"]) == ("amb", ["sh", "-c", "--", "x"])
+    with pytest.raises(SystemExit):
+        lab_cli.exec_options("amb", ["--nodes", "3", "--", "id"])  # refused, not run as the command
     args = parser.parse_args(["lab", "restart", "ztunnel", "node-b"])
     assert (args.component, args.node) == ("ztunnel", "node-b")
     args = parser.parse_args(["logs", "node-a", "--direction", "inbound"])
