@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from services.ztunnel.telemetry.access_log import (
     ConnectionOutcome,
@@ -177,6 +177,12 @@ def test_metrics_export_what_prometheus_client_counters_and_gauges_would() -> No
     Gauge("istio_active_proxy_count", tel.metrics.active_proxies.documentation, registry=reference).set(3)
     Counter("istio_proxies_started", tel.metrics.proxies_started.documentation, registry=reference).inc()
     Counter("istio_proxies_stopped", tel.metrics.proxies_stopped.documentation, registry=reference)
+    for attr in ("dns_requests", "dns_upstream_requests", "dns_upstream_failures"):  # no query yet
+        family = getattr(tel.metrics, attr)
+        Counter(family.name, family.documentation, family.labelnames, registry=reference)
+    duration = tel.metrics.dns_upstream_duration
+    Histogram(duration.name, duration.documentation, duration.labelnames, buckets=duration.buckets,
+              registry=reference)
     assert _without_created_values(generate_latest(tel.metrics.registry)) == _without_created_values(
         generate_latest(reference))
 

@@ -27,6 +27,11 @@ TRAFFIC_LABELS: Final = (
     "destination_workload_namespace", "destination_principal", "destination_app", "destination_version",
     "destination_cluster", "request_protocol", "response_flags", "connection_security_policy",
 )
+DNS_LABELS: Final = (
+    "request_query_type", "request_protocol", "source_canonical_service", "source_canonical_revision",
+    "source_workload", "source_workload_namespace",
+)
+DNS_DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.1, 1.0, 5.0)
 
 
 class Child:
@@ -46,6 +51,49 @@ class Child:
 
     def set(self, value: float) -> None:
         self.value = float(value)
+
+
+class HistogramChild:
+    """One label set's observations of a histogram family: cumulative bucket counts, sum and count."""
+
+    __slots__ = ("buckets", "count", "counts", "created", "sum")
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.count = 0
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.count += 1
+        self.sum += value
+
+
+class Histogram:
+    """A histogram family (`labels(**values).observe(seconds)`), exported like prometheus_client's."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.buckets = tuple(sorted(buckets))
+        self.children: dict[tuple[str, ...], HistogramChild] = {}
+
+    def labels(self, **values: str) -> HistogramChild:
+        if set(values) != set(self.labelnames):
+            raise ValueError(f"{self.name}: incorrect label names {sorted(values)}")
+        key = tuple(str(values[name]) for name in self.labelnames)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = HistogramChild(self.buckets)
+        return child
 
 
 class Family:
@@ -86,16 +134,27 @@ class _Collector:
     """Turns the families into prometheus_client metric families at scrape time (what its Counter and Gauge
     would have exported: `_total` and `_created` samples per counter child)."""
 
-    def __init__(self, families: Sequence[Family]) -> None:
+    def __init__(self, families: Sequence[Family | Histogram]) -> None:
         self._families = families
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client import metrics as prometheus_metrics
-        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.metrics_core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         created = prometheus_metrics._use_created  # as its Counter: PROMETHEUS_DISABLE_CREATED_SERIES
         for family in self._families:
-            if family.kind == "counter":
+            if isinstance(family, Histogram):
+                histogram = HistogramMetricFamily(family.name, family.documentation, labels=family.labelnames)
+                for key, hist in list(family.children.items()):
+                    bounds = [*(format(b, "g") for b in hist.buckets), "+Inf"]
+                    counts = [*hist.counts, hist.count]
+                    histogram.add_metric(list(key), list(zip(bounds, counts, strict=True)), hist.sum)
+                yield histogram
+            elif family.kind == "counter":
                 counter = CounterMetricFamily(family.name, family.documentation, labels=family.labelnames)
                 for key, child in list(family.children.items()):
                     counter.add_metric(key, child.value, child.created if created else None)
@@ -130,13 +189,23 @@ class Metrics:
         self.active_proxies = gauge("istio_active_proxy_count", "The total number of active workload proxies")
         self.proxies_started = counter("istio_proxies_started", "The total number of proxies started")
         self.proxies_stopped = counter("istio_proxies_stopped", "The total number of proxies stopped")
+        self.dns_requests = counter("istio_dns_requests", "Total number of DNS requests", DNS_LABELS)
+        self.dns_upstream_requests = counter("istio_dns_upstream_requests", "Total number of DNS requests "
+                                             "forwarded to upstream", DNS_LABELS)
+        self.dns_upstream_failures = counter("istio_dns_upstream_failures", "Total number of DNS requests "
+                                             "that failed to forward upstream", DNS_LABELS)
+        self.dns_upstream_duration = Histogram("istio_dns_upstream_request_duration_seconds", "Total time in "
+                                               "seconds ztunnel takes to get a DNS response from upstream",
+                                               DNS_LABELS, DNS_DURATION_BUCKETS)
         self._registry = registry
         if registry is not None:
             registry.register(self._collector())
 
     def _collector(self) -> _Collector:
         return _Collector([self.opened, self.closed, self.sent, self.received, self.failed,
-                           self.active_proxies, self.proxies_started, self.proxies_stopped])
+                           self.active_proxies, self.proxies_started, self.proxies_stopped,
+                           self.dns_requests, self.dns_upstream_requests, self.dns_upstream_failures,
+                           self.dns_upstream_duration])
 
     @property
     def registry(self) -> CollectorRegistry:
