@@ -159,6 +159,7 @@ def node_agent_spec(
         "CONTROL_PLANE_ADDRESS": f"https://{istiod or plan.istiod_address}",  # the pod watch
         "CONTROL_PLANE_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
         "CONTROL_PLANE_TOKEN_FILE": str(cwd / TOKEN_PATH),
+        "DNS_CAPTURE": "false",  # until the lab has its own cluster DNS: the node's resolvers are the host's
     }
     if netns:  # many nodes share this machine: confine the agent's netns lookups to its own pods
         env["HOST_PREFIX"] = str(paths.node_host(node.name))
