@@ -108,7 +108,7 @@ def test_two_nodes_two_pods_cross_node_traffic_then_clean_down(prefix: str, worl
     assert (served["pod"], served["namespace"]) == ("web", "plain")
     assert str(served["peer"]).startswith(f"{CLIENT_IP}:")
 
-    # by service name: the pod's hosts file gives the VIP, the node's DNAT the endpoint
+    # by service name: the cluster DNS (the pod's resolv.conf) gives the VIP, the node's DNAT the endpoint
     code, body, err = client_get(prefix, "http://web/by-name")
     assert code == 0, err
     assert body is not None and body["path"] == "/by-name"
