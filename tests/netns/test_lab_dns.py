@@ -9,6 +9,7 @@ Every query stays inside this test's lab namespaces.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import uuid
@@ -16,10 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from ambient.lab import components, lab
 from ambient.lab.cluster_dns import KUBE_DNS_VIP
 from ambient.lab.components import LabPaths
+from ambient.lab.demo import dns_answer
 from ambient.lab.probe import http_get
 from ambient.lab.state import load_state
 from ambient.lab.topology import ETC_NETNS
@@ -139,3 +142,11 @@ def test_meshed_pods_ask_ztunnel_and_opted_out_pods_the_cluster_dns(dns_lab: str
         code, out = getent_eventually(prefix, pod, "extra.mesh")
         assert code == 0 and out.startswith("10.96.0.51 "), (pod, out)
     assert "extra.mesh.svc.cluster.local from " + SLEEP_IP not in queries_seen(prefix)
+
+
+def test_the_demo_shows_a_dns_answer_and_who_gave_it(dns_lab: str) -> None:
+    console = Console(record=True, width=200, file=io.StringIO())
+    assert dns_answer(dns_lab, console, pod="sleep", name="web.mesh") == "ztunnel"
+    text = console.export_text()
+    assert "web.mesh. 30 IN A 10.96.0.50" in text and "flags QR AA" in text
+    assert dns_answer(dns_lab, console, pod="optout", name="web.mesh.svc.cluster.local") == "cluster-dns"

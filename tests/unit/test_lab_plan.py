@@ -1,4 +1,4 @@
-"""The lab's pure plan: world -> namespaces, links, addresses, routes, resolv.conf files, DNAT, apps; bad worlds."""
+"""The lab's pure plan: world -> namespaces, links, addresses, routes, resolv.conf, DNAT, apps; bad worlds."""
 
 from __future__ import annotations
 
