@@ -10,16 +10,14 @@ Every query stays inside this test's lab namespaces.
 from __future__ import annotations
 
 import io
-import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from ambient.lab import components, lab
+from ambient.lab import lab
 from ambient.lab.cluster_dns import KUBE_DNS_VIP
 from ambient.lab.components import LabPaths
 from ambient.lab.demo import dns_answer
@@ -27,7 +25,7 @@ from ambient.lab.probe import http_get
 from ambient.lab.state import load_state
 from ambient.lab.topology import ETC_NETNS
 from tests.netns.conftest import run
-from tests.netns.test_lab_topology import NET_A, force_clean
+from tests.netns.test_lab_topology import NET_A, needs_mesh, running_lab
 
 SLEEP_IP, OPTOUT_IP, WEB_IP = (f"10.244.{NET_A}.{i}" for i in (10, 11, 12))
 WORLD = f"""
@@ -48,25 +46,13 @@ services:
 NEW_SERVICE = ("  - {name: extra, namespace: mesh, vips: [10.96.0.51], selector: {app: web},\n"
                "     ports: [{port: 81}]}\n")
 
-pytestmark = pytest.mark.skipif(
-    not (components.available("node-agent") and components.available("ztunnel")),
-    reason="needs the node agent and ztunnel processes",
-)
+pytestmark = needs_mesh
 
 
 @pytest.fixture
 def dns_lab(tmp_path: Path) -> Iterator[str]:
-    prefix = f"d{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
-    world = tmp_path / "dns.yaml"
-    world.write_text(WORLD)
-    try:
-        lab.up(prefix=prefix, world_file=world, timeout=30)
+    with running_lab("d", WORLD, tmp_path) as prefix:
         yield prefix
-    finally:
-        try:
-            lab.down(prefix=prefix)
-        finally:
-            force_clean(prefix)
 
 
 def getent(prefix: str, pod: str, name: str) -> tuple[int, str]:

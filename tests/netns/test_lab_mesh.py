@@ -15,9 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from ambient.lab import components, lab
+from ambient.lab import lab
 from ambient.lab.state import load_state, process_start_time, stop_process
-from tests.netns.test_lab_topology import CLIENT_IP, NET_A, NET_B, WEB_IP, client_get, force_clean, lab_netns
+from tests.netns.test_lab_topology import (
+    CLIENT_IP,
+    NET_A,
+    NET_B,
+    WEB_IP,
+    client_get,
+    force_clean,
+    lab_netns,
+    needs_mesh,
+    running_lab,
+)
 
 OUTSIDER_IP = f"10.244.{NET_A}.20"
 
@@ -41,25 +51,13 @@ services:
 LAB_WORLD = WORLD.replace("10.244.1.", f"10.244.{NET_A}.").replace("10.244.2.", f"10.244.{NET_B}.")
 
 
-pytestmark = pytest.mark.skipif(
-    not (components.available("node-agent") and components.available("ztunnel")),
-    reason="needs the node agent and ztunnel processes",
-)
+pytestmark = needs_mesh
 
 
 @pytest.fixture
 def mesh_lab(tmp_path: Path) -> Iterator[str]:
-    prefix = f"m{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
-    world = tmp_path / "mesh.yaml"
-    world.write_text(LAB_WORLD)
-    try:
-        lab.up(prefix=prefix, world_file=world, timeout=30)
+    with running_lab("m", LAB_WORLD, tmp_path) as prefix:
         yield prefix
-    finally:
-        try:
-            lab.down(prefix=prefix)
-        finally:
-            force_clean(prefix)
 
 
 def wait_for_lines(prefix: str, node: str, direction: str, needle: str, timeout: float = 5.0) -> list[str]:

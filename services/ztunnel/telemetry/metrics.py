@@ -53,6 +53,13 @@ class Child:
         self.value = float(value)
 
 
+def _label_key(name: str, labelnames: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]:
+    """The child key of a label set; ValueError when the names are not the family's."""
+    if set(values) != set(labelnames):
+        raise ValueError(f"{name}: incorrect label names {sorted(values)}")
+    return tuple(str(values[label]) for label in labelnames)
+
+
 class HistogramChild:
     """One label set's observations of a histogram family: cumulative bucket counts, sum and count."""
 
@@ -87,9 +94,7 @@ class Histogram:
         self.children: dict[tuple[str, ...], HistogramChild] = {}
 
     def labels(self, **values: str) -> HistogramChild:
-        if set(values) != set(self.labelnames):
-            raise ValueError(f"{self.name}: incorrect label names {sorted(values)}")
-        key = tuple(str(values[name]) for name in self.labelnames)
+        key = _label_key(self.name, self.labelnames, values)
         child = self.children.get(key)
         if child is None:
             child = self.children[key] = HistogramChild(self.buckets)
@@ -110,9 +115,7 @@ class Family:
             self.children[()] = Child()
 
     def labels(self, **values: str) -> Child:
-        if set(values) != set(self.labelnames):
-            raise ValueError(f"{self.name}: incorrect label names {sorted(values)}")
-        key = tuple(str(values[name]) for name in self.labelnames)
+        key = _label_key(self.name, self.labelnames, values)
         child = self.children.get(key)
         if child is None:
             child = self.children[key] = Child()
