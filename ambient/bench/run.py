@@ -588,7 +588,7 @@ class Bench:
             name=name, namespace=bw.NAMESPACES["mesh"], uid=f"bench-enrol-{self.cfg.prefix}-{i}",
             node=bw.CLIENT_NODE, netns=netns, host_veth="", address=f"{ip}/32", gateway=ip,
             service_account="bench-enrol", labels={"app": "enrol"}, annotations={}, ambient=True,
-            ambient_reason="bench", hosts="", app=AppPlan(kind="sleep"),
+            ambient_reason="bench", resolv_conf="", app=AppPlan(kind="sleep"),
         )  # fmt: skip
 
 

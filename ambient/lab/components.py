@@ -4,6 +4,8 @@ This is the one place that knows the components' command lines, environment and 
 
     istiod      control-plane netns   python -m services.istiod.app --world ... --listen 0.0.0.0:15012
                                       ready: TCP 15012 accepts
+    cluster-dns control-plane netns   dnsmasq --conf-file <run>/cluster-dns/dnsmasq.conf (cluster_dns.py)
+                                      ready: TCP 53 on the kube-dns VIP accepts
     node-agent  node netns            python -m services.node_agent.app (NODE_NAME, ZTUNNEL_UDS_ADDRESS, ...)
                                       ready: GET /healthz on its CNI-event Unix socket answers 200
     ztunnel     node netns            python -m services.ztunnel.app (upstream's environment variables)
@@ -33,6 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ambient.lab.cluster_dns import KUBE_DNS_VIP, dnsmasq_conf
 from ambient.lab.errors import ComponentError
 from ambient.lab.probe import http_get, tcp_probe, unix_http
 from ambient.lab.state import (
@@ -45,7 +48,7 @@ from ambient.lab.state import (
     is_running,
     process_start_time,
 )
-from ambient.lab.topology import ISTIOD_PORT, LabPlan, NodePlan, PodPlan
+from ambient.lab.topology import ETC_NETNS, ISTIOD_PORT, LabPlan, NodePlan, PodPlan
 from shared.netns import NetnsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -118,6 +121,20 @@ class LabPaths:
     def log(self, name: str) -> Path:
         return self.logs / (name.replace("/", "_") + ".log")
 
+    @property
+    def cluster_dns(self) -> Path:
+        return self.run_dir / "cluster-dns"
+
+    @property
+    def cluster_dns_hosts(self) -> Path:
+        """dnsmasq's hostsdir: the world's names, re-read by dnsmasq whenever the lab rewrites them."""
+        return self.cluster_dns / "hosts.d"
+
+    @property
+    def cluster_dns_queries(self) -> Path:
+        """Every query the cluster DNS saw (dnsmasq's `log-queries`)."""
+        return self.logs / "cluster-dns-queries.log"
+
 
 def _python(module: str, *args: str) -> list[str]:
     return [PYTHON, "-m", module, *args]
@@ -142,6 +159,23 @@ def istiod_spec(
         env=env,
         log=str(paths.log("istiod")),
         checks=[TcpCheck(netns=cp.netns, host=cp.ip, port=ISTIOD_PORT)],
+    )
+
+
+def cluster_dns_spec(plan: LabPlan, paths: LabPaths) -> ComponentSpec:
+    """dnsmasq as the cluster DNS in the control-plane netns (its configuration is written here)."""
+    conf = paths.cluster_dns / "dnsmasq.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    conf.write_text(dnsmasq_conf(hosts_dir=paths.cluster_dns_hosts, query_log=paths.cluster_dns_queries))
+    cp = plan.control_plane
+    return ComponentSpec(
+        name="cluster-dns",
+        component="cluster-dns",
+        netns=cp.netns,
+        argv=["dnsmasq", f"--conf-file={conf}"],
+        log=str(paths.log("cluster-dns")),
+        checks=[TcpCheck(netns=cp.netns, host=KUBE_DNS_VIP, port=53)],
     )
 
 
@@ -204,6 +238,8 @@ def ztunnel_spec(
         "CLUSTER_ID": "Kubernetes",
         "LOG_FORMAT": "plain",
     }
+    if netns:  # the node's resolv.conf names the cluster DNS: forwarded queries never leave the lab
+        env["DNS_RESOLV_CONF"] = str(ETC_NETNS / netns / "resolv.conf")
     return ComponentSpec(
         name=f"ztunnel/{node.name}",
         component="ztunnel",

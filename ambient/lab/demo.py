@@ -1,7 +1,7 @@
 """`ambient demo`: the seed article's flow in a fresh lab, narrated.
 
 1. lab up with examples/bookinfo.yaml (istiod, two nodes with node agent + ztunnel, eight pods)
-2. the enrolled pods (lab status)
+2. the enrolled pods (lab status), then one DNS answer from inside the sleep pod and which server gave it
 3. the sleep pod calls productpage, which calls details and reviews (which calls ratings)
 4. the in-pod rules of productpage (`iptables-save` inside its netns)
 5. the listeners ztunnel holds inside that pod (`ss -ltnp` inside the netns)
@@ -21,7 +21,9 @@ from pathlib import Path
 from rich.console import Console
 
 from ambient.lab import lab
+from ambient.lab.components import LabPaths
 from ambient.lab.errors import LabError
+from ambient.lab.probe import http_get
 from ambient.lab.tables import status_tables
 from ambient.output import make_console, section
 
@@ -50,6 +52,59 @@ def _served_by(body: bytes) -> list[str]:
     if ratings:
         hops.append(f"ratings: {ratings.get('served_by', {}).get('pod') or ratings.get('error')}")
     return hops
+
+
+DIG = """\
+import dns.message, dns.query, sys
+server = next(line.split()[1] for line in open("/etc/resolv.conf") if line.startswith("nameserver"))
+answer = dns.query.udp(dns.message.make_query(sys.argv[1], "A"), server, timeout=5)
+print(answer.to_text())
+print(";; SERVER: " + server + "#53 (udp)")
+"""
+
+
+def _dns_requests(node_netns: str, namespace: str) -> float:
+    """ztunnel's istio_dns_requests_total for the pods of `namespace`, read from its stats port in the node
+    netns (-1 when it does not answer)."""
+    try:
+        status, body = http_get(node_netns, "127.0.0.1", 15020, "/metrics")
+    except OSError:
+        return -1.0
+    if status != 200:
+        return -1.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode(errors="replace").splitlines()
+               if line.startswith("istio_dns_requests_total{")
+               and f'source_workload_namespace="{namespace}"' in line)
+
+
+def dns_answer(prefix: str, console: Console, *, pod: str = "sleep",
+               name: str = "productpage.bookinfo") -> str:
+    """A dig-style answer for `name` asked from inside `pod` (dnspython, to the pod's resolv.conf server),
+    and which server really answered: the pod's ztunnel (its DNS metric moved, the cluster DNS never saw the
+    query) or the cluster DNS (its query log has the query). Returns "ztunnel", "cluster-dns" or "none"."""
+    state = lab.require_state(prefix)
+    plan = lab.plan_of(state)
+    target = lab.find_pod(plan, pod)
+    node_netns = plan.node(target.node).netns
+    queries = LabPaths(state.run_dir).cluster_dns_queries
+    seen = queries.read_text() if queries.exists() else ""
+    before = _dns_requests(node_netns, target.namespace)
+    console.print(f"$ ambient lab exec --prefix {prefix} {pod} -- python -c '<dig {name} A>'")
+    result = _in_pod(prefix, pod, ["python", "-c", DIG, name])
+    console.print(result.stdout.decode(errors="replace").rstrip() or result.stderr.decode(errors="replace"),
+                  markup=False)
+    after = _dns_requests(node_netns, target.namespace)
+    now = queries.read_text() if queries.exists() else ""
+    if f" {name} from {target.ip}" in now[len(seen):]:
+        console.print(f"answered by the cluster DNS (dnsmasq at the VIP): its query log has {name}")
+        return "cluster-dns"
+    if after > before >= 0:
+        console.print(f"answered by ztunnel on {target.node}, inside the pod on 15053: its "
+                      f"istio_dns_requests_total for {target.namespace} went {before:g} -> {after:g}, "
+                      "and the cluster DNS never saw the query")
+        return "ztunnel"
+    console.print("[yellow]neither ztunnel nor the cluster DNS counted the query[/]")
+    return "none"
 
 
 DENY_POLICY = """\
@@ -129,6 +184,9 @@ def run_demo(
         data = lab.status(prefix=prefix)
         for table in status_tables(data)[:3]:
             console.print(table)
+
+        _section(console, "DNS: sleep resolves productpage.bookinfo (its resolv.conf names the cluster DNS)")
+        dns_answer(prefix, console)
 
         _section(console, f"3. sleep -> {REQUEST}")
         console.print(

@@ -6,8 +6,9 @@ Theory of operation
 
     1. load and plan the world (a PlanError leaves nothing behind), refuse a prefix that is in use
     2. record, then create, the fabric, control-plane and node namespaces; wire them
-    3. start istiod in the control-plane netns; per node the node agent, then ztunnel; wait until ready
-    4. per pod: netns + hosts file, veth into the node's bridge, address, route; CNI ADD to the node agent
+    3. start istiod and the cluster DNS (dnsmasq, cluster_dns.py) in the control-plane netns; per node the
+       node agent, then ztunnel; wait until ready
+    4. per pod: netns + resolv.conf, veth into the node's bridge, address, route; CNI ADD to the node agent
        (ambient pods only, as the istio-cni plugin decides); only then start the pod's app
     5. wait until every ambient pod is enrolled (CNI answered "enabled", or ztunnel holds it)
 
@@ -33,7 +34,7 @@ from typing import Any
 
 import msgspec
 
-from ambient.lab import components
+from ambient.lab import cluster_dns, components
 from ambient.lab.components import LabPaths
 from ambient.lab.errors import (
     AlreadyUpError,
@@ -75,8 +76,8 @@ from shared.netns import NetnsError
 
 DEFAULT_PREFIX = "amb"
 DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
-REQUIRED_BINARIES = ("ip", "iptables-restore", "sysctl")
-STOP_ORDER = {"app": 0, "ztunnel": 1, "node-agent": 2, "istiod": 3}
+REQUIRED_BINARIES = ("ip", "iptables-restore", "sysctl", "dnsmasq")
+STOP_ORDER = {"app": 0, "ztunnel": 1, "node-agent": 2, "istiod": 3, "cluster-dns": 4}
 
 Progress = Callable[[str], None]
 
@@ -97,7 +98,7 @@ def check_prerequisites() -> None:
         if shutil.which(binary, path=path) is None:
             raise PrerequisiteError(
                 f"the lab needs the `{binary}` command; "
-                "install it with: apt-get install iproute2 iptables procps"
+                "install it with: apt-get install iproute2 iptables procps dnsmasq-base"
             )
 
 
@@ -194,6 +195,11 @@ class LabBuilder:
         self.progress(f"istiod starting in {plan.control_plane.netns} (log {istiod.spec.log})")
         components.wait_ready(istiod, timeout=self.timeout)
         self.progress(f"istiod ready on {plan.istiod_address}")
+        cluster_dns.write_hosts(paths.cluster_dns_hosts, self.world)
+        dns = self.launch(components.cluster_dns_spec(plan, paths))
+        components.wait_ready(dns, timeout=self.timeout)
+        self.progress(f"cluster DNS ready on {cluster_dns.KUBE_DNS_VIP} (dnsmasq, no upstream; queries "
+                      f"logged to {paths.cluster_dns_queries})")
 
         started: list[ProcessRecord] = []
         for node in plan.nodes:
@@ -565,7 +571,7 @@ def exec_in_pod(
     root: Path | None = None,
     capture: bool = False,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run `argv` inside a pod's netns with its name resolution (its hosts file), like `kubectl exec`."""
+    """Run `argv` inside a pod's netns with its resolv.conf (the cluster DNS), like `kubectl exec`."""
     check_prerequisites()
     state = require_state(prefix, root)
     target = find_pod(plan_of(state), pod, deleted=deleted_pods(state))
@@ -736,10 +742,25 @@ def world_command(
     """Run `ambient world ARGV...` against the lab's istiod, from inside the control-plane netns.
 
     The lab's root certificate and admin token are passed from istiod's state directory; the call never
-    leaves the lab's namespaces.
+    leaves the lab's namespaces. After a change the cluster DNS is given the new world.
     """
     check_prerequisites()
-    return run_world_command(require_state(prefix, root), argv, capture=capture)
+    state = require_state(prefix, root)
+    result = run_world_command(state, argv, capture=capture)
+    if result.returncode == 0 and "show" not in argv:
+        refresh_cluster_dns(state)
+    return result
+
+
+def refresh_cluster_dns(state: LabState) -> bool:
+    """Give the cluster DNS the world istiod holds now (dnsmasq re-reads its hosts directory by itself);
+    False when istiod did not answer."""
+    result = run_world_command(state, ["--timeout", "5", "show"], capture=True)
+    if result.returncode != 0:
+        return False
+    world = load_world(result.stdout, "istiod's world")
+    cluster_dns.write_hosts(LabPaths(state.run_dir).cluster_dns_hosts, world)
+    return True
 
 
 def run_world_command(
@@ -784,6 +805,7 @@ def delete_pod(
     result = run_world_command(state, ["pod", "rm", target.key], capture=True)
     if result.returncode != 0:
         raise ComponentError(f"istiod did not remove {target.key}: {result.stderr.decode().strip()}")
+    refresh_cluster_dns(state)
     progress(f"istiod removed {target.key}; waiting for the node agent to unenrol it")
     if target.ambient and state.process(f"ztunnel/{target.node}") is not None:
         deadline = time.monotonic() + timeout

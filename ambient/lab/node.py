@@ -13,7 +13,8 @@ does what the lab's `up` does for one node, with the same plan and the same comp
     2. wait for istiod's root certificate on the shared volume (services retry instead of gating on a
        health check, which podman-compose ignores), then start the node agent and ztunnel and wait until
        both are ready
-    3. each pod of this node: netns, hosts file, veth into cbr0, CNI ADD to the node agent, then its app
+    3. each pod of this node: netns, resolv.conf, veth into cbr0, CNI ADD to the node agent, then its app
+       (the containers have no cluster DNS: a meshed pod's service names are answered by its ztunnel)
     4. print "node <name> ready" and wait for SIGTERM/SIGINT; then stop every process by PID and delete
        the pod namespaces
 
@@ -46,7 +47,7 @@ from ambient.lab.topology import (
     remove_tree,
     run_step,
     wire_pod,
-    write_hosts,
+    write_resolv_conf,
 )
 from services.istiod.world import load_world
 from shared.errors import AmbientError
@@ -105,7 +106,7 @@ def run_node(args: argparse.Namespace) -> int:
         for pod in (p for p in plan.pods if p.node == node.name):
             made.append(pod.netns)
             create_netns(pod.netns)
-            write_hosts(pod)
+            write_resolv_conf(pod.netns, pod.resolv_conf)
             wire_pod(plan, pod)
             status = cni_add(paths, pod, timeout=args.timeout) if pod.ambient else "not-ambient"
             app = components.start(components.app_spec(pod, paths))

@@ -3,14 +3,15 @@
 Theory of operation
 -------------------
 `plan_lab(world, prefix=...)` is a pure function: it lays the world out as network namespaces and returns a
-`LabPlan` (every namespace, link, address and route, the hosts file of each pod, the service DNAT rules of
+`LabPlan` (every namespace, link, address and route, the resolv.conf of each pod, the service DNAT rules of
 each node, the app each pod runs). It checks what the istiod stub's world validation does not: pod ranges
 are IPv4 /24-or-smaller blocks inside 10.244.0.0/16 that do not overlap, each pod address lies in its
 node's block and is not the block's gateway. A world the lab cannot build raises PlanError before anything
 exists.
 
     <prefix>-fabric      bridge fabric0; one veth per node and one for the control plane
-    <prefix>-cp          eth0 172.29.0.2/24 on the fabric; routes to every pod block via its node
+    <prefix>-cp          eth0 172.29.0.2/24 on the fabric; routes to every pod block via its node;
+                         the cluster DNS's VIP 10.96.255.10 on lo (cluster_dns.py), routed there by every node
     <prefix>-node-a      eth0 172.29.0.10/24 on the fabric, bridge cbr0 10.244.1.1/24 for its pods,
                          ip_forward=1, routes to the other nodes' blocks, kube-proxy-like DNAT for VIPs
     <prefix>-<ns>-<pod>  eth0 10.244.1.10/24, default via 10.244.1.1; peer veth<hash> in cbr0 of its node
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import msgspec
 
+from ambient.lab.cluster_dns import KUBE_DNS_VIP, node_resolv_conf, pod_resolv_conf
 from ambient.lab.errors import CommandError, LabError, PlanError
 from services.istiod.world import Match, Node, Pod, Policy, Service, World
 from services.node_agent.eligibility import decide
@@ -125,7 +127,7 @@ class PodPlan(msgspec.Struct, frozen=True, kw_only=True):
     annotations: dict[str, str]
     ambient: bool
     ambient_reason: str
-    hosts: str  # contents of /etc/netns/<netns>/hosts
+    resolv_conf: str  # contents of /etc/netns/<netns>/resolv.conf: the cluster DNS
     app: AppPlan
 
     @property
@@ -243,26 +245,6 @@ def _selects(svc: Service, pod: Pod) -> bool:
         and bool(svc.selector)
         and all(pod.labels.get(k) == v for k, v in svc.selector.items())
     )
-
-
-def _hosts_file(world: World, pod: Pod, ip: str) -> str:
-    lines = [
-        "# written by the trio-ambient lab (ambient lab up): service names -> VIPs, as cluster DNS would",
-        "127.0.0.1\tlocalhost",
-        "::1\tlocalhost ip6-localhost ip6-loopback",
-        f"{ip}\t{pod.name}",
-    ]
-    for svc in world.services:
-        fqdn = world.service_hostname(svc)
-        names = [fqdn, f"{svc.name}.{svc.namespace}.svc", f"{svc.name}.{svc.namespace}"]
-        if svc.namespace == pod.namespace:
-            names.append(svc.name)
-        lines.extend(
-            f"{vip}\t{' '.join(dict.fromkeys(names))}"
-            for vip in svc.vips
-            if ipaddress.ip_address(vip).version == 4
-        )
-    return "\n".join(lines) + "\n"
 
 
 def _service_url(world: World, namespace: str, name: str) -> str | None:
@@ -391,10 +373,14 @@ def plan_lab(
                 annotations=dict(pod.annotations),
                 ambient=decision.eligible,
                 ambient_reason=decision.reason,
-                hosts=_hosts_file(world, pod, str(ip)),
+                resolv_conf=pod_resolv_conf(pod.namespace, domain=world.domain_suffix),
                 app=_app_for(world, pod),
             )
         )
+    for i, svc in enumerate(world.services):
+        if KUBE_DNS_VIP in svc.vips:
+            raise PlanError(source, f"$.services[{i}].vips",
+                            f"{KUBE_DNS_VIP} is the lab's cluster DNS address; give the service another VIP")
     pod_ip = {p.key: p.ip for p in pods}
     services: list[ServicePlan] = []
     dnat: list[DnatTarget] = []
@@ -599,8 +585,10 @@ def build_steps(plan: LabPlan) -> list[Step]:
             _ip(netns, "link", "set", "eth0", "up"),
         ]
         steps += [_ip(netns, "route", "add", r.dst, "via", r.via) for r in routes]
+    steps.append(_ip(cp.netns, "addr", "add", f"{KUBE_DNS_VIP}/32", "dev", "lo"))  # the cluster DNS
     for node in plan.nodes:
         steps += [
+            _ip(node.netns, "route", "add", f"{KUBE_DNS_VIP}/32", "via", cp.ip),
             _ip(node.netns, "link", "add", node.bridge, "address", bridge_mac(node.name), "type", "bridge"),
             _ip(node.netns, "addr", "add", node.gateway, "dev", node.bridge),
             _ip(node.netns, "link", "set", node.bridge, "up"),
@@ -703,11 +691,12 @@ def set_ip_forward(netns: str) -> None:
     run_step(Step(argv=["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], netns=netns))
 
 
-def write_hosts(pod: PodPlan) -> Path:
-    """Write /etc/netns/<pod netns>/hosts (used by `ip netns exec`); returns the directory made."""
-    directory = ETC_NETNS / pod.netns
+def write_resolv_conf(netns: str, text: str) -> Path:
+    """Write /etc/netns/<netns>/resolv.conf (which `ip netns exec` mounts over /etc/resolv.conf); returns
+    the directory made."""
+    directory = ETC_NETNS / netns
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "hosts").write_text(pod.hosts)
+    (directory / "resolv.conf").write_text(text)
     return directory
 
 
@@ -745,6 +734,9 @@ def apply_plan(
     for name in no_pods.all_netns():
         on_netns(name)
         create_netns(name)
+    for node in plan.nodes:  # what ztunnel forwards goes to the cluster DNS, never to the host's resolvers
+        _record_etc_netns(node.netns, on_file)
+        write_resolv_conf(node.netns, node_resolv_conf())
     for pod in wired:
         create_pod_netns(pod, on_netns=on_netns, on_file=on_file)
     for step in build_steps(no_pods):
@@ -760,11 +752,14 @@ def create_pod_netns(
 ) -> None:
     on_netns(pod.netns)
     create_netns(pod.netns)
+    _record_etc_netns(pod.netns, on_file)
+    write_resolv_conf(pod.netns, pod.resolv_conf)
+
+
+def _record_etc_netns(netns: str, on_file: Callable[[str], None]) -> None:
     if not ETC_NETNS.exists():
         on_file(str(ETC_NETNS))  # removed by `down` only when empty (another tool may use it by then)
-    directory = ETC_NETNS / pod.netns
-    on_file(str(directory))
-    write_hosts(pod)
+    on_file(str(ETC_NETNS / netns))
 
 
 def wire_pod(plan: LabPlan, pod: PodPlan) -> None:

@@ -2,7 +2,8 @@
 
 Each app is a handler factory taking its settings from the environment the lab gives the pod:
 POD_NAME, POD_NAMESPACE, SERVICE_ACCOUNT, SERVICE_VERSION and the upstream URLs (DETAILS_URL, REVIEWS_URL,
-RATINGS_URL, e.g. `http://details:9080`: the name resolves to the service VIP through the pod's hosts file).
+RATINGS_URL, e.g. `http://details:9080`: the name resolves to the service VIP through the cluster DNS, or
+through the pod's ztunnel when it is meshed).
 Every response says which pod served it and which peer address it saw, so a request's path through the
 mesh can be read off the answer. A failed upstream call is reported in the page (as bookinfo does), not as
 a failure of the page itself.

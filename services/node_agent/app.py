@@ -70,7 +70,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     zds_socket: str = DEFAULT_SOCKET_PATH
     cni_socket: str = DEFAULT_CNI_SOCKET
     backend: Backend = Backend.IPTABLES
-    dns_capture: bool = False
+    dns_capture: bool = True
     ipv6: bool = False
     health_addr: str | None = DEFAULT_HEALTH_ADDR
     host_prefix: str = ""
@@ -163,7 +163,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--no-dns-capture",
         dest="dns_capture",
         action="store_false",
-        help="capture pods' DNS to ztunnel's 15053 (env DNS_CAPTURE; default off: nothing serves 15053 yet)",
+        help="capture pods' DNS to ztunnel's 15053 (env DNS_CAPTURE; default on, as upstream since 1.25; "
+        "a pod overrides it with the ambient.istio.io/dns-capture annotation)",
     )
     ipv6 = p.add_mutually_exclusive_group()
     ipv6.add_argument("--ipv6", dest="ipv6", action="store_true", default=None)
@@ -218,7 +219,7 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     if not args.node_name:
         raise ConfigError("node name missing: pass --node-name or set NODE_NAME")
     settings = EnvSettings(env, error=ConfigError)
-    dns = args.dns_capture if args.dns_capture is not None else settings.flag("DNS_CAPTURE", False)
+    dns = args.dns_capture if args.dns_capture is not None else settings.flag("DNS_CAPTURE", True)
     ipv6 = args.ipv6 if args.ipv6 is not None else settings.flag("IPV6", False)
     health = args.health_addr or None
     if health is not None:

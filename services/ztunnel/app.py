@@ -160,6 +160,9 @@ ENV_HELP = """settings (environment variables, named as upstream ztunnel's):
   IPV6_ENABLED, ENABLE_ORIG_SRC, CONNECT_TIMEOUT
   CONNECTION_TERMINATION_DEADLINE (else TERMINATION_GRACE_PERIOD_SECONDS - 5s, else 5s): drain on SIGTERM
   ZTUNNEL_SPLICE             copy bytes with splice(2) where it can (default true)
+  ISTIO_META_DNS_CAPTURE     serve the DNS proxy on 15053 in every pod (default true)
+  DNS_RESOLV_CONF            where forwarded DNS queries go (default /etc/resolv.conf: its nameservers)
+  DNS_FORWARD_TIMEOUT (5s), DNS_MAX_INFLIGHT (64)   per forwarded query; forwards in flight per pod
   ADMIN_ADDR (127.0.0.1:15000), STATS_ADDR (:15020), READINESS_ADDR (:15021); checked at start
   ZTUNNEL_ZDS_STATE_FILE     write the in-pod state as JSON after every change (conformance kit)
 Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to enter pod namespaces."""

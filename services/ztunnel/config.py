@@ -7,12 +7,32 @@ from collections.abc import Mapping
 
 import msgspec
 
+from services.ztunnel.dns.forwarder import read_nameservers
 from services.ztunnel.errors import ConfigError
 from services.ztunnel.proxy.context import ProxyConfig
 from shared.grpc_target import GrpcTarget
 from shared.settings import EnvSettings, check_listen
 
 DEFAULT_INPOD_UDS = "/var/run/ztunnel/ztunnel.sock"
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+
+
+def resolv_conf_nameservers(path: str) -> tuple[str, ...]:
+    """The node's resolvers (DNS_RESOLV_CONF, default /etc/resolv.conf): where forwarded queries go.
+
+    Raises:
+        ConfigError: DNS_RESOLV_CONF names a file that cannot be read (a missing default file is no
+            resolvers: forwarded queries then get SERVFAIL).
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return read_nameservers(f.read())
+    except FileNotFoundError:
+        if path == DEFAULT_RESOLV_CONF:
+            return ()
+        raise ConfigError(f"DNS_RESOLV_CONF={path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"DNS_RESOLV_CONF={path}: {exc.strerror}") from None
 
 
 class ZtunnelConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +92,10 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
         cluster_id=env.get("CLUSTER_ID", "Kubernetes"),
         connect_timeout=settings.duration("CONNECT_TIMEOUT", 10.0),
         splice=settings.flag("ZTUNNEL_SPLICE", True),
+        dns_capture=settings.flag("ISTIO_META_DNS_CAPTURE", True),
+        dns_upstreams=resolv_conf_nameservers(env.get("DNS_RESOLV_CONF", DEFAULT_RESOLV_CONF)),
+        dns_timeout=settings.duration("DNS_FORWARD_TIMEOUT", 5.0),
+        dns_max_inflight=settings.integer("DNS_MAX_INFLIGHT", 64),
     )
     xds_target = None
     if env.get("XDS_ADDRESS"):

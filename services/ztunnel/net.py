@@ -24,6 +24,8 @@ OUTBOUND_PORT: Final = 15001
 INBOUND_PLAINTEXT_PORT: Final = 15006
 INBOUND_HBONE_PORT: Final = 15008
 """A pod's HBONE port, and the default port of a peer's HBONE (xDS may name another for a gateway)."""
+DNS_PROXY_PORT: Final = 15053
+"""The DNS proxy, UDP and TCP, on the pod's loopback (the node agent's DNS rules redirect port 53 here)."""
 
 SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IP
 IP6T_SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IPV6

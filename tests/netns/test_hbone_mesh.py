@@ -28,7 +28,7 @@ from ambient.lab.probe import http_get
 from shared.netns import entered, open_netns
 from tests.access_logs import ParsedLine, parse_plain
 from tests.netns.test_lab_mesh import WORLD
-from tests.netns.test_lab_topology import client_get, force_clean
+from tests.netns.test_lab_topology import client_get, running_lab
 
 pytestmark = pytest.mark.skipif(
     not (components.available("node-agent") and components.available("ztunnel")),
@@ -164,17 +164,8 @@ def streams(segments: list[Segment]) -> dict[tuple[str, int, str, int], bytes]:
 
 @pytest.fixture(scope="module")
 def mesh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    prefix = f"h{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
-    world = tmp_path_factory.mktemp("hbone") / "mesh.yaml"
-    world.write_text(WORLD)
-    try:
-        lab.up(prefix=prefix, world_file=world, timeout=30)
+    with running_lab("h", WORLD, tmp_path_factory.mktemp("hbone")) as prefix:
         yield prefix
-    finally:
-        try:
-            lab.down(prefix=prefix)
-        finally:
-            force_clean(prefix)
 
 
 def access_lines(prefix: str, node: str, direction: str, *, since: int = 0) -> list[ParsedLine]:

@@ -22,7 +22,17 @@ from ambient.lab import components, lab
 from ambient.lab.errors import UnknownPodError
 from ambient.lab.probe import http_get
 from ambient.lab.state import load_state, process_start_time, stop_process
-from tests.netns.test_lab_topology import CLIENT_IP, NET_A, NET_B, WEB_IP, client_get, force_clean, lab_netns
+from tests.netns.test_lab_topology import (
+    CLIENT_IP,
+    NET_A,
+    NET_B,
+    WEB_IP,
+    client_get,
+    force_clean,
+    lab_netns,
+    needs_mesh,
+    running_lab,
+)
 
 OUTSIDER_IP = f"10.244.{NET_A}.20"
 
@@ -46,25 +56,13 @@ services:
 LAB_WORLD = WORLD.replace("10.244.1.", f"10.244.{NET_A}.").replace("10.244.2.", f"10.244.{NET_B}.")
 
 
-pytestmark = pytest.mark.skipif(
-    not (components.available("node-agent") and components.available("ztunnel")),
-    reason="needs the node agent and ztunnel processes",
-)
+pytestmark = needs_mesh
 
 
 @pytest.fixture
 def mesh_lab(tmp_path: Path) -> Iterator[str]:
-    prefix = f"m{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
-    world = tmp_path / "mesh.yaml"
-    world.write_text(LAB_WORLD)
-    try:
-        lab.up(prefix=prefix, world_file=world, timeout=30)
+    with running_lab("m", LAB_WORLD, tmp_path) as prefix:
         yield prefix
-    finally:
-        try:
-            lab.down(prefix=prefix)
-        finally:
-            force_clean(prefix)
 
 
 def wait_for_lines(prefix: str, node: str, direction: str, needle: str, timeout: float = 5.0) -> list[str]:

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,28 @@ def force_clean(prefix: str) -> None:
         for path in ETC_NETNS.glob(f"{prefix}-*"):
             subprocess.run(["rm", "-rf", str(path)], check=False)
     subprocess.run(["rm", "-rf", str(run_dir(prefix))], check=False)
+
+
+needs_mesh = pytest.mark.skipif(
+    not (components.available("node-agent") and components.available("ztunnel")),
+    reason="needs the node agent and ztunnel processes",
+)
+
+
+@contextmanager
+def running_lab(letter: str, world: str, directory: Path) -> Iterator[str]:
+    """A lab up from `world` (YAML text) under a unique prefix starting with `letter`; always removed."""
+    prefix = f"{letter}{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
+    path = directory / f"{prefix}.yaml"
+    path.write_text(world)
+    try:
+        lab.up(prefix=prefix, world_file=path, timeout=30)
+        yield prefix
+    finally:
+        try:
+            lab.down(prefix=prefix)
+        finally:
+            force_clean(prefix)
 
 
 @pytest.fixture
@@ -111,7 +134,7 @@ def test_two_nodes_two_pods_cross_node_traffic_then_clean_down(prefix: str, worl
     assert (served["pod"], served["namespace"]) == ("web", "plain")
     assert str(served["peer"]).startswith(f"{CLIENT_IP}:")
 
-    # by service name: the pod's hosts file gives the VIP, the node's DNAT the endpoint
+    # by service name: the cluster DNS (the pod's resolv.conf) gives the VIP, the node's DNAT the endpoint
     code, body, err = client_get(prefix, "http://web/by-name")
     assert code == 0, err
     assert body is not None and body["path"] == "/by-name"

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from services.ztunnel.telemetry.access_log import (
     ConnectionOutcome,
@@ -175,6 +175,12 @@ def test_metrics_export_what_prometheus_client_counters_and_gauges_would() -> No
     Counter("istio_proxies_stopped", tel.metrics.proxies_stopped.documentation, registry=reference)
     Gauge("istio_build", "Istio component build info", ["component", "tag"],
           registry=reference).labels(component="ztunnel", tag=build_tag()).set(1)
+    for attr in ("dns_requests", "dns_upstream_requests", "dns_upstream_failures"):  # no query yet
+        family = getattr(tel.metrics, attr)
+        Counter(family.name, family.documentation, family.labelnames, registry=reference)
+    duration = tel.metrics.dns_upstream_duration
+    Histogram(duration.name, duration.documentation, duration.labelnames, buckets=duration.buckets,
+              registry=reference)
     ours = generate_latest(tel.metrics.registry)
     assert ours == generate_latest(reference)
     assert b"_created" not in ours  # upstream exports none; prometheus_client's Counter does by default

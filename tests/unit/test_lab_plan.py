@@ -1,4 +1,4 @@
-"""The lab's pure plan: world -> namespaces, links, addresses, routes, hosts files, DNAT, apps; bad worlds."""
+"""The lab's pure plan: world -> namespaces, links, addresses, routes, resolv.conf, DNAT, apps; bad worlds."""
 
 from __future__ import annotations
 
@@ -105,14 +105,14 @@ def test_node_without_pod_cidr_gets_a_default_block() -> None:
     assert plan.pods[0].gateway == "10.244.2.1"
 
 
-def test_hosts_file_maps_service_names_to_vips_short_name_only_in_own_namespace() -> None:
+def test_every_pod_resolves_through_the_cluster_dns_with_its_namespace_first() -> None:
     plan = plan_lab(world(), prefix="t")
     client = next(p for p in plan.pods if p.name == "client")
-    other = next(p for p in plan.pods if p.name == "other")
-    assert "10.96.0.50\tweb.mesh.svc.cluster.local web.mesh.svc web.mesh web\n" in client.hosts
-    assert "10.96.0.50\tweb.mesh.svc.cluster.local web.mesh.svc web.mesh\n" in other.hosts
-    assert "10.244.1.10\tclient\n" in client.hosts
-    assert "127.0.0.1\tlocalhost" in client.hosts
+    assert client.resolv_conf.splitlines()[1:] == [
+        "nameserver 10.96.255.10",
+        f"search {client.namespace}.svc.cluster.local svc.cluster.local cluster.local",
+        "options ndots:5",
+    ]
 
 
 def test_apps_and_ports_come_from_labels_and_services() -> None:

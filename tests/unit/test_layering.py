@@ -30,6 +30,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {  # importer's package (and below) -> w
     f"{ZTUNNEL}.proxy": (f"{ZTUNNEL}.inpod", f"{ZTUNNEL}.app", f"{ZTUNNEL}.admin"),
     f"{ZTUNNEL}.net": (f"{ZTUNNEL}.proxy", f"{ZTUNNEL}.inpod", f"{ZTUNNEL}.hbone"),
     f"{ZTUNNEL}.telemetry": (f"{ZTUNNEL}.proxy", f"{ZTUNNEL}.inpod", f"{ZTUNNEL}.hbone"),
+    # the DNS proxy stands on the state and telemetry, beside proxy/, below inpod/
+    f"{ZTUNNEL}.dns": tuple(f"{ZTUNNEL}.{m}" for m in ("proxy", "inpod", "hbone", "xds", "app", "admin")),
 }
 
 Graph = dict[str, set[str]]

@@ -11,12 +11,13 @@ from services.node_agent.errors import ConfigError
 ALL_CAPS = (1 << CAP_NET_ADMIN) | (1 << CAP_SYS_ADMIN)
 
 
-def test_defaults_match_upstream_and_dns_is_off() -> None:
+def test_defaults_match_upstream_and_dns_is_captured() -> None:
     config = load_config([], {"NODE_NAME": "n1"})
     assert config.zds_socket == "/var/run/ztunnel/ztunnel.sock"
     assert config.cni_socket == "/var/run/istio-cni/pluginevent.sock"
     assert config.backend is Backend.IPTABLES
-    assert not config.dns_capture and not config.ipv6
+    assert config.dns_capture and not config.ipv6
+    assert not load_config([], {"NODE_NAME": "n1", "DNS_CAPTURE": "false"}).dns_capture
 
 
 def test_flags_override_environment() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -33,7 +34,11 @@ from typing import Final
 
 import trio
 
+from services.ztunnel.dns.forwarder import Forwarder, Upstream
+from services.ztunnel.dns.resolver import Resolver
+from services.ztunnel.dns.server import DnsProxy
 from services.ztunnel.hbone.pool import HbonePool, open_hbone_pool
+from services.ztunnel.inpod.sockets import create_dns_upstream_socket
 from services.ztunnel.net import accept_forever
 from services.ztunnel.proxy.context import Listener, PodContext
 from services.ztunnel.proxy.inbound import handle_inbound_hbone
@@ -119,6 +124,39 @@ async def serve_listener(ctx: PodContext, listener: Listener, handler: ConnHandl
         sock.close()
 
 
+DNS_ROLES: Final = frozenset({"dns_tcp", "dns_udp"})
+
+
+def _dns_proxy(ctx: PodContext) -> DnsProxy:
+    """The pod's DNS proxy: answers from the mesh's state (none without xDS: all is forwarded), forwards
+    from the pod's netns with ztunnel's mark."""
+    config = ctx.config
+
+    def make_socket(family: socket.AddressFamily, kind: socket.SocketKind) -> socket.socket:
+        return create_dns_upstream_socket(ctx.netns_fd, family, kind, mark=config.packet_mark)
+
+    def source() -> dict[str, str]:
+        workload = ctx.workload()
+        info = ctx.info
+        return {
+            "source_canonical_service": (workload.canonical_name if workload else "") or "unknown",
+            "source_canonical_revision": (workload.canonical_revision if workload else "") or "unknown",
+            "source_workload": (workload.workload_name if workload else "") or (info.name if info else "")
+                               or "unknown",
+            "source_workload_namespace": (info.namespace if info else "") or "unknown",
+        }
+
+    forwarder = Forwarder([Upstream(host) for host in config.dns_upstreams], timeout=config.dns_timeout,
+                          make_socket=make_socket)
+    resolver = Resolver(ctx.mesh.store) if ctx.mesh is not None else None
+    return DnsProxy(resolver, forwarder, ctx.telemetry.metrics, client_namespace=ctx.info.namespace
+                    if ctx.info else "", source=source, max_inflight=config.dns_max_inflight)
+
+
+async def _serve_dns_tcp(dns: DnsProxy, ctx: PodContext, conn: socket.socket, raw_peer: Addr) -> None:
+    await dns.handle_tcp(conn)
+
+
 def _info(listener: Listener, mark: int) -> ListenerInfo:
     host = str(listener.sock.getsockname()[0])
     return ListenerInfo(role=listener.role, address=host, port=listener.port,
@@ -174,9 +212,17 @@ async def run_pod_proxies(ctx: PodContext, *, handlers: Mapping[str, ConnHandler
                     served = ctx if pool is None else dataclasses.replace(ctx, pool=pool)
                     with handle.accept_scope:
                         async with trio.open_nursery() as accepting:
+                            dns = (_dns_proxy(served) if any(li.role in DNS_ROLES for li in listeners)
+                                   else None)
                             for listener in listeners:
-                                accepting.start_soon(serve_listener, served, listener,
-                                                     handlers[listener.role], connections)
+                                if dns is not None and listener.role == "dns_udp":
+                                    accepting.start_soon(dns.serve_udp, listener.sock, connections)
+                                elif dns is not None and listener.role == "dns_tcp":
+                                    accepting.start_soon(serve_listener, served, listener,
+                                                         functools.partial(_serve_dns_tcp, dns), connections)
+                                else:
+                                    accepting.start_soon(serve_listener, served, listener,
+                                                         handlers[listener.role], connections)
                             if ctx.mesh is not None:
                                 accepting.start_soon(_prefetch_certificate, ctx)
                             log.info("pod proxies started", extra={"fields": [

@@ -24,6 +24,7 @@ from typing import Final
 
 from services.ztunnel.errors import ProxyStartError
 from services.ztunnel.net import (
+    DNS_PROXY_PORT,
     INBOUND_HBONE_PORT,
     INBOUND_PLAINTEXT_PORT,
     OUTBOUND_PORT,
@@ -54,7 +55,7 @@ _SOCK_FLAGS: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLO
 class PodListener:
     """One bound, listening, non-blocking socket of a pod and what it is for."""
 
-    role: str  # "outbound" | "inbound_plaintext" | "inbound_hbone"
+    role: str  # "outbound" | "inbound_plaintext" | "inbound_hbone" | "dns_tcp" | "dns_udp"
     port: int
     sock: socket.socket
 
@@ -100,6 +101,36 @@ def _listener(family: socket.AddressFamily, port: int, *, mark: int,
     return sock, is_transparent
 
 
+def _dns_sockets(ipv6: bool, mark: int) -> list[PodListener]:
+    """The DNS proxy's sockets: TCP (listening) and UDP on 127.0.0.1:15053, and on [::1] when the pod's
+    loopback has IPv6 (upstream binds both loopbacks, nothing else)."""
+    made: list[PodListener] = []
+    hosts = [(socket.AF_INET, "127.0.0.1")] + ([(socket.AF_INET6, "::1")] if ipv6 else [])
+    try:
+        for family, host in hosts:
+            for role, kind in (("dns_tcp", socket.SOCK_STREAM), ("dns_udp", socket.SOCK_DGRAM)):
+                sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                made.append(PodListener(role=role, port=DNS_PROXY_PORT, sock=sock))
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                sock.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(SOL_IPV6, IPV6_V6ONLY, 1)
+                try:
+                    sock.bind((host, DNS_PROXY_PORT))
+                except OSError as exc:
+                    if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                        made.pop().sock.close()  # no IPv6 on the pod's loopback: v4 only
+                        break
+                    raise
+                if kind == socket.SOCK_STREAM:
+                    sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        for listener in made:
+            listener.sock.close()
+        raise
+    return made
+
+
 def _describe_fd(fd: int) -> str:
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
@@ -117,13 +148,14 @@ def _bind_hint(exc: OSError, port: int) -> str:
 
 def bind_pod_listeners(netns_fd: int, *, ipv6: bool = True, mark: int = PACKET_MARK,
                        transparent: bool = True,
-                       ports: tuple[tuple[str, int], ...] = PORTS) -> PodListeners:
+                       ports: tuple[tuple[str, int], ...] = PORTS, dns: bool = False) -> PodListeners:
     """Create and bind the pod's listeners inside its namespace; all or nothing.
 
     Args:
         netns_fd: handle to the pod's network namespace.
         ipv6: bind the dual-stack wildcard `[::]` (falls back to `0.0.0.0` when the pod has no IPv6).
         transparent: set IP_TRANSPARENT when permitted (best effort).
+        dns: also bind the DNS proxy's UDP and TCP sockets on the pod's loopback, port 15053.
     Returns:
         the bound, listening, non-blocking sockets.
     Raises:
@@ -150,6 +182,12 @@ def bind_pod_listeners(netns_fd: int, *, ipv6: bool = True, mark: int = PACKET_M
                                               f"{_bind_hint(exc, port)}") from exc
                 any_transparent = any_transparent or tp
                 made.append(PodListener(role=role, port=port, sock=sock))
+            if dns:
+                try:
+                    made += _dns_sockets(ipv6, mark)
+                except OSError as exc:
+                    raise ProxyStartError(f"cannot bind the DNS proxy on port {DNS_PROXY_PORT}: "
+                                          f"{_bind_hint(exc, DNS_PROXY_PORT)}") from exc
     except NetnsError as exc:
         for listener in made:
             listener.sock.close()
@@ -159,6 +197,20 @@ def bind_pod_listeners(netns_fd: int, *, ipv6: bool = True, mark: int = PACKET_M
             listener.sock.close()
         raise
     return PodListeners(listeners=tuple(made), ipv6=ipv6, transparent=any_transparent)
+
+
+def create_dns_upstream_socket(netns_fd: int, family: socket.AddressFamily, kind: socket.SocketKind, *,
+                               mark: int = PACKET_MARK) -> socket.socket:
+    """A non-blocking UDP or TCP socket in the pod's namespace for a forwarded DNS query, marked so the
+    pod's DNS rules let it out to the resolver instead of back to 15053."""
+    with entered(netns_fd):
+        sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def create_upstream_socket(netns_fd: int, family: socket.AddressFamily, *, mark: int = PACKET_MARK,
@@ -200,7 +252,8 @@ class InPodSocketFactory:
 
     def bind_listeners(self, netns_fd: int) -> PodListeners:
         listeners = bind_pod_listeners(netns_fd, ipv6=self.config.ipv6, mark=self.config.packet_mark,
-                                       transparent=self.config.orig_src is not False)
+                                       transparent=self.config.orig_src is not False,
+                                       dns=self.config.dns_capture)
         if self.config.orig_src and not listeners.transparent:
             listeners.close()
             raise ProxyStartError("ENABLE_ORIG_SRC=true but IP_TRANSPARENT is not permitted on the pod's "

@@ -43,6 +43,14 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
     orig_src: bool | None = None
     """ENABLE_ORIG_SRC: None = best effort, True = required, False = never spoof the client's address."""
     cluster_id: str = "Kubernetes"
+    dns_capture: bool = False
+    """Bind the DNS proxy (15053) in every pod (proxy metadata DNS_CAPTURE; load_config defaults it on)."""
+    dns_upstreams: tuple[str, ...] = ()
+    """The resolvers forwarded queries go to: the node's resolv.conf nameservers, read at start."""
+    dns_timeout: float = 5.0
+    """Seconds each upstream resolver gets to answer a forwarded query before the next is tried."""
+    dns_max_inflight: int = 64
+    """Forwarded queries one pod may have open at once; more are answered SERVFAIL."""
     splice: bool = True
     """Move plaintext passthrough bytes with os.splice (about half the CPU of the shared-buffer copy, see
     benchmarks/passthrough.py); False = recv_into the shared buffer and send."""

@@ -26,6 +26,11 @@ TRAFFIC_LABELS: Final = (
     "destination_workload_namespace", "destination_principal", "destination_app", "destination_version",
     "destination_cluster", "request_protocol", "response_flags", "connection_security_policy",
 )
+DNS_LABELS: Final = (
+    "request_query_type", "request_protocol", "source_canonical_service", "source_canonical_revision",
+    "source_workload", "source_workload_namespace",
+)
+DNS_DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.1, 1.0, 5.0)
 
 
 class Child:
@@ -46,6 +51,53 @@ class Child:
         self.value = float(value)
 
 
+def _label_key(name: str, labelnames: tuple[str, ...], values: dict[str, str]) -> tuple[str, ...]:
+    """The child key of a label set; ValueError when the names are not the family's."""
+    if set(values) != set(labelnames):
+        raise ValueError(f"{name}: incorrect label names {sorted(values)}")
+    return tuple(str(values[label]) for label in labelnames)
+
+
+class HistogramChild:
+    """One label set's observations of a histogram family: cumulative bucket counts, sum and count."""
+
+    __slots__ = ("buckets", "count", "counts", "sum")
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.count += 1
+        self.sum += value
+
+
+class Histogram:
+    """A histogram family (`labels(**values).observe(seconds)`), exported like prometheus_client's."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.buckets = tuple(sorted(buckets))
+        self.children: dict[tuple[str, ...], HistogramChild] = {}
+
+    def labels(self, **values: str) -> HistogramChild:
+        key = _label_key(self.name, self.labelnames, values)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = HistogramChild(self.buckets)
+        return child
+
+
 class Family:
     """A counter or gauge family with prometheus_client's interface (`labels(**values)`, or `inc()` /
     `set()` on a family without labels); exported by `Metrics.registry`'s collector."""
@@ -60,9 +112,7 @@ class Family:
             self.children[()] = Child()
 
     def labels(self, **values: str) -> Child:
-        if set(values) != set(self.labelnames):
-            raise ValueError(f"{self.name}: incorrect label names {sorted(values)}")
-        key = tuple(str(values[name]) for name in self.labelnames)
+        key = _label_key(self.name, self.labelnames, values)
         child = self.children.get(key)
         if child is None:
             child = self.children[key] = Child()
@@ -84,14 +134,25 @@ class _Collector:
     """Turns the families into prometheus_client metric families at scrape time (what its Counter and Gauge
     export with `_created` series disabled: one `_total` sample per counter child, as upstream ztunnel)."""
 
-    def __init__(self, families: Sequence[Family]) -> None:
+    def __init__(self, families: Sequence[Family | Histogram]) -> None:
         self._families = families
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.metrics_core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         for family in self._families:
-            if family.kind == "counter":
+            if isinstance(family, Histogram):
+                histogram = HistogramMetricFamily(family.name, family.documentation, labels=family.labelnames)
+                for key, hist in list(family.children.items()):
+                    bounds = [*(format(b, "g") for b in hist.buckets), "+Inf"]
+                    counts = [*hist.counts, hist.count]
+                    histogram.add_metric(list(key), list(zip(bounds, counts, strict=True)), hist.sum)
+                yield histogram
+            elif family.kind == "counter":
                 counter = CounterMetricFamily(family.name, family.documentation, labels=family.labelnames)
                 for key, child in list(family.children.items()):
                     counter.add_metric(key, child.value)
@@ -137,6 +198,14 @@ class Metrics:
         self.proxies_started = counter("istio_proxies_started", "The total number of proxies started")
         self.proxies_stopped = counter("istio_proxies_stopped", "The total number of proxies stopped")
         self.build = gauge("istio_build", "Istio component build info", ("component", "tag"))
+        self.dns_requests = counter("istio_dns_requests", "Total number of DNS requests", DNS_LABELS)
+        self.dns_upstream_requests = counter("istio_dns_upstream_requests", "Total number of DNS requests "
+                                             "forwarded to upstream", DNS_LABELS)
+        self.dns_upstream_failures = counter("istio_dns_upstream_failures", "Total number of DNS requests "
+                                             "that failed to forward upstream", DNS_LABELS)
+        self.dns_upstream_duration = Histogram("istio_dns_upstream_request_duration_seconds", "Total time in "
+                                               "seconds ztunnel takes to get a DNS response from upstream",
+                                               DNS_LABELS, DNS_DURATION_BUCKETS)
         self._registry = registry
         if registry is not None:
             registry.register(self._collector())
@@ -148,7 +217,9 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # upstream exports no `_created` series; nor do prometheus_client's here
         self.build.labels(component="ztunnel", tag=build_tag()).set(1)
         return _Collector([self.opened, self.closed, self.sent, self.received, self.failed,
-                           self.active_proxies, self.proxies_started, self.proxies_stopped, self.build])
+                           self.active_proxies, self.proxies_started, self.proxies_stopped, self.build,
+                           self.dns_requests, self.dns_upstream_requests, self.dns_upstream_failures,
+                           self.dns_upstream_duration])
 
     @property
     def registry(self) -> CollectorRegistry:
