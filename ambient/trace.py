@@ -29,7 +29,9 @@ from shared.netns import NetnsError
 DESCRIPTION = """\
 Print each connection of POD as it happens: which of the pod's listeners took it, where the app was going,
 the route (passthrough, or HBONE to which ztunnel or through which waypoint), the inbound policy decision
-and the policy that made it, bytes, duration and error. One line per connection as it ends; Ctrl-C stops.
+and the policy that made it, bytes, duration and error. One line per connection as it ends, and one per DNS
+query the pod's DNS proxy (15053) answers: the name, who answered (ztunnel from the mesh, or the upstream
+resolver), the response code and addresses. Ctrl-C stops.
 
 In the lab, POD is ns/name, name, a unique name prefix or an app label, and the trace is read from the
 ztunnel of the pod's node. With --admin, POD (uid, ns/name or name) is sent as is to that ztunnel.
@@ -120,6 +122,12 @@ def describe(event: dict[str, Any], *, where: str = "ztunnel") -> str:
         return f"tracing {running} on {where}; Ctrl-C stops"
     if kind == "dropped":
         return f"... {event['count']} connection(s) not shown: this reader fell behind"
+    if kind == "dns query":
+        answers = ", ".join(event.get("answers") or []) or "no address"
+        line = (f"{event.get('time', '')} {event.get('listener', '')} {event.get('protocol', '')} "
+                f"{event.get('name')} {event.get('type')} | answered by {event.get('answered_by')} | "
+                f"{event.get('rcode')} | {answers}")
+        return f"{line} | error: {event['error']}" if event.get("error") else line
     parts = [event.get("time", ""), event.get("listener", ""), event.get("src", "?"), "->",
              event.get("original_dst", "?")]
     if event.get("dst_service"):

@@ -15,16 +15,19 @@ import dns.flags
 import dns.message
 import dns.rcode
 import dns.rrset
+import pytest
 import trio
 import trio.testing
 
 from services.ztunnel.dns.forwarder import Forwarder, Upstream
 from services.ztunnel.dns.resolver import Resolver
-from services.ztunnel.dns.server import DnsProxy
+from services.ztunnel.dns.server import DnsProxy, TracePublish
 from services.ztunnel.net import accept_forever
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import NetworkAddress, Service
 from services.ztunnel.telemetry.metrics import Family, Metrics
+from services.ztunnel.telemetry.trace import ConnectionTrace, PodRef
+from shared.zds.types import WorkloadInfo
 
 LOOPBACK = "127.0.0.1"
 PRODUCTPAGE = Service(name="productpage", namespace="bookinfo",
@@ -95,9 +98,29 @@ class Running:
     tcp: tuple[str, int]
 
 
+async def udp_and_tcp_on_one_port() -> tuple[trio.socket.SocketType, trio.socket.SocketType, int]:
+    """A UDP and a listening TCP socket on the same ephemeral loopback port (a resolver's two halves). The
+    UDP port's TCP twin may be taken by someone else's connection: then another port is tried."""
+    for _ in range(20):
+        udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await udp.bind((LOOPBACK, 0))
+        port = udp.getsockname()[1]
+        tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            await tcp.bind((LOOPBACK, port))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        tcp.listen(8)
+        return udp, tcp, port
+    raise AssertionError("no loopback port free for both UDP and TCP in 20 tries")
+
+
 @asynccontextmanager
 async def running(upstream: FakeUpstream | None = None, *, forward_timeout: float = 5.0,
-                  max_inflight: int = 64) -> AsyncIterator[Running]:
+                  max_inflight: int = 64, trace: TracePublish | None = None) -> AsyncIterator[Running]:
     """The fake upstream (when given) and one pod's DNS proxy, both on 127.0.0.1 ephemeral ports."""
     store = StateStore()
     store.apply_addresses([PRODUCTPAGE], [])
@@ -105,18 +128,12 @@ async def running(upstream: FakeUpstream | None = None, *, forward_timeout: floa
     async with trio.open_nursery() as nursery:
         upstreams = []
         if upstream is not None:
-            up_udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            await up_udp.bind((LOOPBACK, 0))
-            port = up_udp.getsockname()[1]
-            up_tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            up_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await up_tcp.bind((LOOPBACK, port))
-            up_tcp.listen(8)
+            up_udp, up_tcp, port = await udp_and_tcp_on_one_port()
             nursery.start_soon(upstream.serve_udp, up_udp)
             nursery.start_soon(upstream.serve_tcp, up_tcp)
             upstreams.append(Upstream(LOOPBACK, port))
         proxy = DnsProxy(Resolver(store), Forwarder(upstreams, timeout=forward_timeout), metrics,
-                         client_namespace="bookinfo", max_inflight=max_inflight)
+                         client_namespace="bookinfo", max_inflight=max_inflight, trace=trace)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         udp.bind((LOOPBACK, 0))
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -232,6 +249,27 @@ async def test_silent_upstream_gives_servfail_and_counts_a_failure() -> None:
         reply = await ask_udp(r.udp, query("www.example.com").to_wire())
         assert reply.rcode() == dns.rcode.SERVFAIL
         assert count(r.metrics, "dns_upstream_failures", request_query_type="A") == 1
+
+
+async def test_each_answered_query_is_in_the_pods_live_trace() -> None:
+    trace = ConnectionTrace()
+    pod = PodRef(uid="uid-1", info=WorkloadInfo(name="sleep", namespace="bookinfo", service_account="sleep"))
+    other = PodRef(uid="uid-2")
+    with trace.subscribe("bookinfo/sleep") as sub, trace.subscribe("uid-2") as not_ours:
+        publish = functools.partial(trace.publish, pod)
+        async with running(FakeUpstream(address="192.0.2.7"), trace=publish) as r:
+            await ask_udp(r.udp, query("productpage").to_wire())
+            await ask_tcp(r.tcp, query("www.example.com").to_wire())
+        local, forwarded = sub.receive.receive_nowait(), sub.receive.receive_nowait()
+        shown = ("event", "protocol", "name", "type", "answered_by", "rcode", "answers")
+        assert {k: local[k] for k in shown} == {
+            "event": "dns query", "protocol": "udp", "name": "productpage", "type": "A",
+            "answered_by": "ztunnel", "rcode": "NOERROR", "answers": ["10.96.0.20"]}
+        assert (forwarded["protocol"], forwarded["name"], forwarded["answered_by"], forwarded["answers"]) == (
+            "tcp", "www.example.com", "upstream", ["192.0.2.7"])
+        assert not_ours.pod == other.uid
+        with pytest.raises(trio.WouldBlock):
+            not_ours.receive.receive_nowait()  # another pod's reader sees none of it
 
 
 async def test_no_upstream_configured_gives_servfail() -> None:

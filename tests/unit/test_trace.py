@@ -108,6 +108,15 @@ def test_ambient_trace_describes_each_event_on_one_line() -> None:
     failed = {"event": "connection failed", "time": "T", "listener": "outbound (15001)",
               "src": "10.0.0.1:4001", "original_dst": "10.96.0.11:80", "error": "no healthy upstream"}
     assert describe(failed) == "T outbound (15001) 10.0.0.1:4001 -> 10.96.0.11:80 failed: no healthy upstream"
+    dns_query = {"event": "dns query", "time": "T", "listener": "DNS (15053)", "protocol": "udp",
+                 "name": "productpage.bookinfo", "type": "A", "answered_by": "ztunnel", "rcode": "NOERROR",
+                 "answers": ["10.96.0.20"], "error": None}
+    assert describe(dns_query) == (
+        "T DNS (15053) udp productpage.bookinfo A | answered by ztunnel | NOERROR | 10.96.0.20")
+    assert describe({**dns_query, "answered_by": "upstream", "rcode": "SERVFAIL", "answers": [],
+                     "error": "no upstream answered"}) == (
+        "T DNS (15053) udp productpage.bookinfo A | answered by upstream | SERVFAIL | no address "
+        "| error: no upstream answered")
     assert describe({"event": "dropped", "count": 3}) == (
         "... 3 connection(s) not shown: this reader fell behind")
     assert describe({"event": "tracing", "pod": "a/b", "running": []}, where="the ztunnel of node-a") == (

@@ -30,7 +30,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import dns.exception
 import dns.flags
@@ -46,6 +46,7 @@ from services.ztunnel.dns.errors import StreamEnded, UpstreamError
 from services.ztunnel.dns.forwarder import MAX_MESSAGE, Forwarder, receive_exactly
 from services.ztunnel.dns.resolver import TTL, Forward, NxDomain, Records, Resolver
 from services.ztunnel.telemetry.metrics import Metrics
+from services.ztunnel.telemetry.trace import now_text
 
 log = logging.getLogger("ztunnel.dns")
 
@@ -110,13 +111,40 @@ def fit_raw(raw: bytes, query: dns.message.Message, limit: int) -> bytes:
     return reply.to_wire(max_size=limit)
 
 
+TracePublish = Callable[[Callable[[], dict[str, Any]]], None]
+
+
+def _parsed(raw: bytes) -> dns.message.Message | None:
+    try:
+        return dns.message.from_wire(raw)
+    except (dns.exception.DNSException, ValueError, UnicodeError):
+        return None
+
+
+def dns_event(query: dns.message.Message, rdtype: str, protocol: str, reply: dns.message.Message | None, *,
+              answered_by: str, error: str | None = None) -> dict[str, Any]:
+    """The live-trace event of one answered query: the name and type asked, who answered (`ztunnel` from
+    the mesh's state, or the `upstream` resolver it was forwarded to), the response code and addresses."""
+    answers = [] if reply is None else [rdata.to_text() for rrset in reply.answer for rdata in rrset]
+    return {
+        "time": now_text(), "event": "dns query", "listener": "DNS (15053)", "protocol": protocol,
+        "name": query.question[0].name.to_text(omit_final_dot=True), "type": rdtype,
+        "answered_by": answered_by,
+        "rcode": dns.rcode.to_text(reply.rcode()) if reply is not None else "SERVFAIL",
+        "answers": answers, "error": error,
+    }
+
+
 class DnsProxy:
     """The DNS proxy of one pod (one per pod, so one pod's floods and failures stay its own)."""
 
     def __init__(self, resolver: Resolver | None, forwarder: Forwarder, metrics: Metrics, *,
                  client_namespace: str = "", source: SourceLabels = _unknown_source,
                  max_inflight: int = MAX_INFLIGHT, max_tcp: int = MAX_TCP,
-                 tcp_idle: float = TCP_IDLE) -> None:
+                 tcp_idle: float = TCP_IDLE, trace: TracePublish | None = None) -> None:
+        """`trace`, when given, is offered a `dns query` event per answered query (the pod's live trace:
+        `publish(make)` calls `make()` only when someone is tracing the pod)."""
+        self.trace = trace
         self.resolver = resolver
         self.forwarder = forwarder
         self.metrics = metrics
@@ -162,6 +190,8 @@ class DnsProxy:
         elif isinstance(answer, Records) and answer.addresses:
             reply.answer.append(dns.rrset.from_text_list(question.name, TTL, dns.rdataclass.IN,
                                                          question.rdtype, list(answer.addresses)))
+        if self.trace is not None:
+            self.trace(lambda: dns_event(query, rdtype, protocol, reply, answered_by="ztunnel"))
         return fit(reply, udp_limit(query) if protocol == "udp" else MAX_MESSAGE)
 
     async def forward(self, forwarded: Forwarded, protocol: str) -> bytes:
@@ -180,10 +210,17 @@ class DnsProxy:
             self.metrics.dns_upstream_failures.labels(**labels).inc()
             log.debug("dns forward failed", extra={"fields": [
                 ("name", query.question[0].name.to_text()), ("error", str(exc))]})
+            if self.trace is not None:
+                error = str(exc)
+                self.trace(lambda: dns_event(query, forwarded.rdtype, protocol, None, answered_by="upstream",
+                                             error=error))
             return _error_reply(query.id, dns.rcode.SERVFAIL, query)
         finally:
             self.inflight -= 1
             self.metrics.dns_upstream_duration.labels(**labels).observe(time.monotonic() - start)
+        if self.trace is not None:
+            self.trace(lambda: dns_event(query, forwarded.rdtype, protocol, _parsed(raw),
+                                         answered_by="upstream"))
         return fit_raw(raw, query, udp_limit(query)) if protocol == "udp" else raw
 
     async def answer(self, wire: bytes, protocol: str) -> bytes | None:

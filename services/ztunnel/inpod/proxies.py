@@ -30,6 +30,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final
 
 import trio
@@ -149,8 +150,10 @@ def _dns_proxy(ctx: PodContext) -> DnsProxy:
     forwarder = Forwarder([Upstream(host) for host in config.dns_upstreams], timeout=config.dns_timeout,
                           make_socket=make_socket)
     resolver = Resolver(ctx.mesh.store) if ctx.mesh is not None else None
-    return DnsProxy(resolver, forwarder, ctx.telemetry.metrics, client_namespace=ctx.info.namespace
-                    if ctx.info else "", source=source, max_inflight=config.dns_max_inflight)
+    telemetry = ctx.telemetry
+    return DnsProxy(resolver, forwarder, telemetry.metrics, client_namespace=ctx.info.namespace
+                    if ctx.info else "", source=source, max_inflight=config.dns_max_inflight,
+                    trace=partial(telemetry.trace.publish, telemetry.pod))
 
 
 async def _serve_dns_tcp(dns: DnsProxy, ctx: PodContext, conn: socket.socket, raw_peer: Addr) -> None:
