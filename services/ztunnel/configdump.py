@@ -1,7 +1,8 @@
 """ztunnel's `/config_dump` in upstream ztunnel's JSON schema, so that upstream tooling reads it
 (`istioctl ztunnel-config all|workload|service|policy|certificate|connections --file DUMP`).
 
-Pure functions from the domain types (state/types.py, the ZDS workload info) to JSON-able dicts. Upstream's
+Pure functions from the domain types (state/types.py, the ZDS workload info, the connection records of
+telemetry/access_log.py) to JSON-able dicts. Upstream's
 top-level keys and what fills them here:
 
     workloads      every xDS Workload the store holds, sorted by uid          (`workload`)
@@ -16,6 +17,16 @@ top-level keys and what fills them here:
 Field names are upstream's (camelCase; enum values as upstream spells them: `HBONE`/`TCP`, `Healthy`,
 `Allow`/`Deny`, `Global`/`Namespace`/`WorkloadSelector`); fields ztunnel leaves out when empty are left out
 here too. Addresses are upstream's `network/ip`, a namespaced hostname `namespace/hostname`.
+
+Connections are the ones open when the dump is taken, each pod's in the order they opened (upstream's come
+from hash sets, in no order), every entry `{src, originalDst, actualDst, protocol}` with `ip:port` strings:
+
+    inbound    src = the TCP peer (for HBONE, the client ztunnel's connection from the client pod's IP);
+               originalDst = the service hostname of the client's `Forwarded: host=`, else null;
+               actualDst = the app address delivered to; protocol HBONE (15008) or TCP (15006)
+    outbound   src = the app's address; originalDst = where it was going (SO_ORIGINAL_DST, a VIP say);
+               actualDst = where ztunnel connected: the peer's (or waypoint's) 15008, or the passthrough
+               destination; protocol HBONE or TCP
 """
 
 from __future__ import annotations
