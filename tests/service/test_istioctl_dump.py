@@ -9,7 +9,6 @@ HBONE to a service VIP, outbound passthrough, inbound plaintext."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -29,7 +28,6 @@ from services.ztunnel.admin import ZtunnelParts
 from services.ztunnel.app import run_ztunnel
 from services.ztunnel.errors import ProxyStartError
 from services.ztunnel.inpod.sockets import PodListeners
-from services.ztunnel.net import INBOUND_HBONE_PORT
 from shared.addr import Addr
 from shared.netns import netns_id
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
@@ -45,6 +43,7 @@ from tests.service.test_ztunnel_mesh import (
     PodSockets,
     echo_app,
     named_world,
+    skip_if_server_hbone_port_taken,
 )
 from tests.service.zds_fakes import wait_until
 
@@ -326,15 +325,7 @@ async def mesh_dump(tmp_path: Path, fds: list[int]) -> tuple[dict[str, Any], Hel
     HBONE call to the service VIP, a passthrough call and a plaintext call into the server are open."""
     from services.istiod.testing import open_test_istiod
 
-    probe = socket.socket()
-    try:
-        probe.bind((SERVER_IP, INBOUND_HBONE_PORT))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            pytest.skip(f"{SERVER_IP}:{INBOUND_HBONE_PORT} is in use on this host")
-        raise
-    finally:
-        probe.close()
+    skip_if_server_hbone_port_taken()
     sockets = PodSockets()
     sockets.ip_of.update({netns_id(fds[0]): CLIENT_IP, netns_id(fds[1]): SERVER_IP})
     with trio.fail_after(30):

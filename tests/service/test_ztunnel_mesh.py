@@ -226,9 +226,8 @@ def log() -> Iterator[LogCapture]:
         yield capture
 
 
-@asynccontextmanager
-async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_INFO,
-                   server: WorkloadInfo = SERVER_INFO) -> AsyncIterator[Mesh2]:
+def skip_if_server_hbone_port_taken() -> None:
+    """The server pod's 15008 must be free on this host (its address is loopback: 127/8 is shared)."""
     probe = socket.socket()
     try:
         probe.bind((SERVER_IP, INBOUND_HBONE_PORT))
@@ -238,6 +237,12 @@ async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_IN
         raise
     finally:
         probe.close()
+
+
+@asynccontextmanager
+async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_INFO,
+                   server: WorkloadInfo = SERVER_INFO) -> AsyncIterator[Mesh2]:
+    skip_if_server_hbone_port_taken()
     store = StateStore()
     sockets = PodSockets()
     certs = MeshCerts(ca)
