@@ -90,7 +90,8 @@ class Admin:
             "certificates": parts.mesh.certs.dump() if parts.mesh is not None else [],
             "workloadState": configdump.workload_state(
                 {uid: w.info for uid, w in manager.running.items()},
-                {uid: p.info for uid, p in manager.pending.items()}),
+                {uid: p.info for uid, p in manager.pending.items()},
+                {uid: h.context.telemetry.open for uid, h in parts.handler.pods.items()}),
             "config": config,
             "xds": xds,
             "pods": parts.handler.dump(),

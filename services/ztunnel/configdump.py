@@ -1,7 +1,8 @@
 """ztunnel's `/config_dump` in upstream ztunnel's JSON schema, so that upstream tooling reads it
 (`istioctl ztunnel-config all|workload|service|policy|certificate|connections --file DUMP`).
 
-Pure functions from the domain types (state/types.py, the ZDS workload info) to JSON-able dicts. Upstream's
+Pure functions from the domain types (state/types.py, the ZDS workload info, the connection records of
+telemetry/access_log.py) to JSON-able dicts. Upstream's
 top-level keys and what fills them here:
 
     workloads      every xDS Workload the store holds, sorted by uid          (`workload`)
@@ -9,11 +10,23 @@ top-level keys and what fills them here:
     policies       every Authorization, sorted by key                         (`policy`)
     certificates   the certificate manager's entries (identity/manager.py)
     workloadState  ZDS pod uid -> state, info, connections                    (`workload_state`)
+                   connections: the pod's open connections (access_log.OpenConnections), as upstream's
+                   connection manager lists them                              (`connections`)
     config         the process's settings (our own names; tokens redacted)
 
 Field names are upstream's (camelCase; enum values as upstream spells them: `HBONE`/`TCP`, `Healthy`,
 `Allow`/`Deny`, `Global`/`Namespace`/`WorkloadSelector`); fields ztunnel leaves out when empty are left out
 here too. Addresses are upstream's `network/ip`, a namespaced hostname `namespace/hostname`.
+
+Connections are the ones open when the dump is taken, each pod's in the order they opened (upstream's come
+from hash sets, in no order), every entry `{src, originalDst, actualDst, protocol}` with `ip:port` strings:
+
+    inbound    src = the TCP peer (for HBONE, the client ztunnel's connection from the client pod's IP);
+               originalDst = the service hostname of the client's `Forwarded: host=`, else null;
+               actualDst = the app address delivered to; protocol HBONE (15008) or TCP (15006)
+    outbound   src = the app's address; originalDst = where it was going (SO_ORIGINAL_DST, a VIP say);
+               actualDst = where ztunnel connected: the peer's (or waypoint's) 15008, or the passthrough
+               destination; protocol HBONE or TCP
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ from services.ztunnel.state.types import (
     TunnelProtocol,
     Workload,
 )
+from services.ztunnel.telemetry.access_log import ConnectionOutcome, OpenConnections
+from shared.addr import format_host_port, unmap
 from shared.zds.types import PodUid, WorkloadInfo
 
 _PROTOCOL = {TunnelProtocol.NONE: "TCP", TunnelProtocol.HBONE: "HBONE",
@@ -153,17 +168,48 @@ def workload_info(info: WorkloadInfo) -> dict[str, str]:
     return {"name": info.name, "namespace": info.namespace, "serviceAccount": info.service_account}
 
 
-def workload_state(running: Mapping[PodUid, WorkloadInfo], pending: Mapping[PodUid, WorkloadInfo]
-                   ) -> dict[str, Any]:
-    """ZDS pod uid -> upstream's proxy state: `Up` (proxies running) or `Pending` (start failed, retried).
+def _protocol(outcome: ConnectionOutcome) -> str:
+    # Through a tunnel (15008 in, a CONNECT out) or plain TCP (15006 in, passthrough out).
+    return "HBONE" if outcome.dst_hbone_addr is not None else "TCP"
 
-    `connections` is upstream's list of open connections per direction; this ztunnel keeps only a count per
-    pod (under `pods` in the dump), so the lists are empty.
-    """
+
+def outbound_connection(outcome: ConnectionOutcome) -> dict[str, Any]:
+    """Upstream's `OutboundConnection`: the app's address, where it was going (SO_ORIGINAL_DST), where
+    ztunnel connected for it (a peer's 15008, or the passthrough destination) and how."""
+    original = outcome.original
+    return {"src": str(outcome.src_addr),
+            "originalDst": (format_host_port(unmap(original[0]), original[1]) if original is not None
+                            else str(outcome.dst_addr)),
+            "actualDst": str(outcome.dst_addr),
+            "protocol": _protocol(outcome)}
+
+
+def inbound_connection(outcome: ConnectionOutcome) -> dict[str, Any]:
+    """Upstream's `InboundConnectionDump`: the TCP peer, the service hostname the client named (the
+    `Forwarded` host; null when none), the app address the connection was delivered to, and how it came."""
+    return {"src": str(outcome.src_addr),
+            "originalDst": outcome.for_host,
+            "actualDst": str(outcome.dst_hbone_addr if outcome.dst_hbone_addr is not None
+                             else outcome.dst_addr),
+            "protocol": _protocol(outcome)}
+
+
+def connections(open_connections: OpenConnections | None) -> dict[str, list[dict[str, Any]]]:
+    """A pod's open connections per direction, in the order they opened."""
+    if open_connections is None:
+        return {"inbound": [], "outbound": []}
+    return {"inbound": [inbound_connection(o) for o in open_connections.inbound],
+            "outbound": [outbound_connection(o) for o in open_connections.outbound]}
+
+
+def workload_state(running: Mapping[PodUid, WorkloadInfo], pending: Mapping[PodUid, WorkloadInfo],
+                   open_connections: Mapping[PodUid, OpenConnections]) -> dict[str, Any]:
+    """ZDS pod uid -> upstream's proxy state: `Up` (proxies running), with the pod's open connections, or
+    `Pending` (start failed, retried), with none."""
     out: dict[str, Any] = {}
     for uid, info in sorted(pending.items()):
         out[uid] = {"state": "Pending", "info": workload_info(info)}
     for uid, info in sorted(running.items()):
-        out[uid] = {"state": "Up", "connections": {"inbound": [], "outbound": []},
+        out[uid] = {"state": "Up", "connections": connections(open_connections.get(uid)),
                     "info": workload_info(info)}
     return dict(sorted(out.items()))

@@ -1,13 +1,18 @@
 """Upstream's reader proves the /config_dump schema: a ztunnel run in-process syncs a world from the istiod
 stub over xDS, takes two pods from a real ZDS server (one of which cannot start), fetches their certificates
 from the stub's CA; its dump, written to a file, is read by the real `istioctl ztunnel-config ... --file`
-(built from the istio.io/istio module by scripts/build-istioctl)."""
+(built from the istio.io/istio module by scripts/build-istioctl).
+
+The connections table needs traffic: a second ztunnel runs two pods on loopback addresses (the sockets of
+tests/service/test_ztunnel_mesh.py) and is dumped while connections of every kind are held open through it:
+HBONE to a service VIP, outbound passthrough, inbound plaintext."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import socket
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,9 +28,23 @@ from services.ztunnel.admin import ZtunnelParts
 from services.ztunnel.app import run_ztunnel
 from services.ztunnel.errors import ProxyStartError
 from services.ztunnel.inpod.sockets import PodListeners
+from shared.addr import Addr
+from shared.netns import netns_id
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
 from tests.service.test_ztunnel_app import Snapshot, config, http_get, pipe_fds
 from tests.service.test_ztunnel_inpod import FakeSockets
+from tests.service.test_ztunnel_mesh import (
+    CLIENT_IP,
+    NAMED_CLIENT,
+    NAMED_SERVER,
+    NODE,
+    SERVER_IP,
+    VIP,
+    PodSockets,
+    echo_app,
+    named_world,
+    skip_if_server_hbone_port_taken,
+)
 from tests.service.zds_fakes import wait_until
 
 __all__ = ["pipe_fds"]  # the fixture, used by name
@@ -246,15 +265,11 @@ def test_istioctl_reads_certificates_and_states(istioctl: str, dump_file: Dumped
     cert_json = json.loads(run(istioctl, "certificate", *f, "-o", "json", tmp_path=tmp_path))
     assert cert_json == dump["certificates"]
 
-    cons = run(istioctl, "connections", *f, "-o", "short", tmp_path=tmp_path)
-    # This ztunnel keeps per-pod connection counts, not the open connections themselves: no rows.
-    assert rows(cons, "WORKLOAD DIRECTION LOCAL REMOTE REMOTE TARGET PROTOCOL") == []
     states = json.loads(run(istioctl, "connections", *f, "-o", "json", tmp_path=tmp_path))
     assert [(s["info"]["name"], s["state"]) for s in states] == [
         ("details-v1-5f4d58", "Pending"), ("productpage-v1-6f9c7d", "Up"), ("reviews-v1-7b8c4f", "Up")]
     assert states[1]["info"] == {"name": "productpage-v1-6f9c7d", "namespace": "bookinfo", "trustDomain": "",
                                  "serviceAccount": "bookinfo-productpage"}
-    assert states[1]["connections"] == {"inbound": [], "outbound": []}
 
 
 def test_istioctl_all_prints_every_section(istioctl: str, dump_file: Dumped, tmp_path: Path) -> None:
@@ -269,3 +284,135 @@ def test_istioctl_all_prints_every_section(istioctl: str, dump_file: Dumped, tmp
                                                                        "Namespace"]
     assert json.loads(run(istioctl, "all", *f, "-o", "json", tmp_path=tmp_path)) == dump
     assert dump["workloadState"] and dump["config"]["node_name"] == "node-a"
+
+
+OUTSIDE_IP = "127.0.77.4"  # an address outside the mesh: outbound passthrough
+CONNECTIONS = "WORKLOAD DIRECTION LOCAL REMOTE REMOTE TARGET PROTOCOL"
+
+
+class Held(msgspec.Struct, kw_only=True):
+    """What the mesh dump held open, and the ports it ran on."""
+
+    app_port: int
+    outside_port: int
+    hbone_port: int
+    """The client app's port of its call to the service VIP (HBONE)."""
+    passthrough_port: int
+    plain_port: int
+    """The client's port of its plaintext call into the server pod's 15006."""
+    after: dict[str, Any]
+    """The dump taken once all of them had closed."""
+
+
+async def hold(sockets: PodSockets, original: Addr, listener: Addr) -> trio.SocketStream:
+    """A connection from the client pod's address, as redirected from `original` to `listener`, with a
+    round trip through it (so every proxy on the way has opened it), left open."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((CLIENT_IP, 0))
+    sockets.original[sock.getsockname()[1]] = original
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    await stream.socket.connect(listener)
+    await stream.send_all(b"held\n")
+    got = b""
+    while got.count(b"\n") < 2:  # the echo app's `<peer ip>` line, then our own
+        got += await stream.receive_some(4096)
+    assert got.endswith(b"held\n"), got
+    return stream
+
+
+async def mesh_dump(tmp_path: Path, fds: list[int]) -> tuple[dict[str, Any], Held]:
+    """A ztunnel with the client and server pods of the named world on loopback addresses, dumped while an
+    HBONE call to the service VIP, a passthrough call and a plaintext call into the server are open."""
+    from services.istiod.testing import open_test_istiod
+
+    skip_if_server_hbone_port_taken()
+    sockets = PodSockets()
+    sockets.ip_of.update({netns_id(fds[0]): CLIENT_IP, netns_id(fds[1]): SERVER_IP})
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            app_port: int = await nursery.start(echo_app)
+            outside_port: int = await nursery.start(echo_app, OUTSIDE_IP)
+            world = named_world(app_port)
+            async with open_test_istiod(world) as istiod:
+                cfg = msgspec.structs.replace(config(tmp_path), xds_target=istiod.target(node=NODE),
+                                              node_name=NODE)
+                app: ZtunnelParts = await nursery.start(lambda **kw: run_ztunnel(cfg, sockets=sockets, **kw))
+                snap = Snapshot()
+                snap.entries += [entry(world, NAMED_CLIENT.name, fds[0]),
+                                 entry(world, NAMED_SERVER.name, fds[1])]
+                server = ZdsServer(cfg.inpod_uds, snap, accept_interval=0)
+                nursery.start_soon(server.serve)
+                await wait_until(lambda: len(app.manager.running) == 2 and len(app.store.services) == 1
+                                 and len(app.store.workloads) == 2)
+                assert app.mesh is not None
+                while [c["state"] for c in app.mesh.certs.dump()] != ["Available", "Available"]:
+                    await trio.sleep(0.05)
+                outbound = sockets.ports[CLIENT_IP]["outbound"]
+                held = [
+                    await hold(sockets, (VIP, 80), (CLIENT_IP, outbound)),
+                    await hold(sockets, (OUTSIDE_IP, outside_port), (CLIENT_IP, outbound)),
+                    await hold(sockets, (SERVER_IP, app_port),
+                               (SERVER_IP, sockets.ports[SERVER_IP]["inbound_plaintext"])),
+                ]
+                status, body = await http_get(app.addresses["admin"][0], "/config_dump")
+                assert status == 200
+                ports = [s.socket.getsockname()[1] for s in held]
+                for stream in held:
+                    await stream.aclose()
+                pods = list(app.handler.pods.values())
+                await wait_until(lambda: all(len(p.context.telemetry.open) == 0 for p in pods))
+                status, after = await http_get(app.addresses["admin"][0], "/config_dump")
+                assert status == 200
+                nursery.cancel_scope.cancel()
+    return json.loads(body), Held(app_port=app_port, outside_port=outside_port, hbone_port=ports[0],
+                                  passthrough_port=ports[1], plain_port=ports[2], after=json.loads(after))
+
+
+def test_istioctl_lists_the_connections_open_during_the_dump(istioctl: str, tmp_path: Path,
+                                                            pipe_fds: list[int]) -> None:
+    dump, held = trio.run(mesh_dump, tmp_path, pipe_fds)
+    path = tmp_path / "mesh.json"
+    path.write_text(json.dumps(dump, indent=2))
+    f = ("--file", str(path))
+    client, server = f"{NAMED_CLIENT.name}.mesh", f"{NAMED_SERVER.name}.mesh"
+    outside = f"{OUTSIDE_IP}:{held.outside_port}"
+    states = {s["info"]["name"]: s for s in json.loads(run(istioctl, "connections", *f, "-o", "json",
+                                                           tmp_path=tmp_path))}
+    assert sorted(states) == [NAMED_CLIENT.name, NAMED_SERVER.name]
+    # The inbound HBONE connection comes from the client pod's pooled connection (its own port).
+    [hbone_in, _] = states[NAMED_SERVER.name]["connections"]["inbound"]
+    pool_host, _, pool_port = hbone_in["src"].rpartition(":")
+    assert pool_host == CLIENT_IP and int(pool_port) not in (held.hbone_port, held.plain_port)
+    assert states[NAMED_CLIENT.name]["connections"] == {"inbound": [], "outbound": [
+        {"src": f"{CLIENT_IP}:{held.hbone_port}", "originalDst": f"{VIP}:80",
+         "actualDst": f"{SERVER_IP}:15008", "protocol": "HBONE"},
+        {"src": f"{CLIENT_IP}:{held.passthrough_port}", "originalDst": outside, "actualDst": outside,
+         "protocol": "TCP"},
+    ]}
+    assert states[NAMED_SERVER.name]["connections"] == {"outbound": [], "inbound": [
+        {"src": f"{CLIENT_IP}:{pool_port}", "originalDst": "web.mesh.svc.cluster.local",
+         "actualDst": f"{SERVER_IP}:{held.app_port}", "protocol": "HBONE"},
+        {"src": f"{CLIENT_IP}:{held.plain_port}", "originalDst": "",  # istioctl reads null as ""
+         "actualDst": f"{SERVER_IP}:{held.app_port}", "protocol": "TCP"},
+    ]}
+
+    service = "web.mesh.svc.cluster.local"
+    expected = [
+        [client, "Outbound", f"{client}:{held.hbone_port}", f"{server}:15008", f"{service}:80", "HBONE"],
+        [client, "Outbound", f"{client}:{held.passthrough_port}", outside, outside, "TCP"],
+        [server, "Inbound", f"{server}:{held.app_port}", f"{client}:{pool_port}", service, "HBONE"],
+        [server, "Inbound", f"{server}:{held.app_port}", f"{client}:{held.plain_port}", "TCP"],  # no target
+    ]
+    table = run(istioctl, "connections", *f, "-o", "short", tmp_path=tmp_path)
+    assert rows(table, CONNECTIONS) == expected
+    inbound = rows(run(istioctl, "connections", *f, "--direction", "inbound", tmp_path=tmp_path), CONNECTIONS)
+    assert inbound == expected[2:]
+    summary = run(istioctl, "all", *f, "-o", "short", "--with-headers", tmp_path=tmp_path)
+    assert rows(summary, CONNECTIONS) == expected
+
+    # Once they closed, the pods list none.
+    after = tmp_path / "after.json"
+    after.write_text(json.dumps(held.after))
+    assert rows(run(istioctl, "connections", "--file", str(after), tmp_path=tmp_path), CONNECTIONS) == []
+    assert [s["connections"] for s in held.after["workloadState"].values()] == [
+        {"inbound": [], "outbound": []}] * 2

@@ -204,8 +204,9 @@ def _packed(type_url: str, msg: Message) -> any_pb2.Any:
     return any_pb2.Any(type_url=type_url, value=msg.SerializeToString())
 
 
-async def _echo_app(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """On the server pod's address: answers `<peer ip>\\n` and then echoes until EOF."""
+async def echo_app(host: str = SERVER_IP, *,
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """On `host` (the server pod's address): answers `<peer ip>\\n` and then echoes until EOF."""
     async def serve(stream: trio.SocketStream) -> None:
         async with stream:
             await stream.send_all(f"{stream.socket.getpeername()[0]}\n".encode())
@@ -213,7 +214,7 @@ async def _echo_app(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
                 await stream.send_all(data)
             await stream.send_eof()
 
-    listeners = await trio.open_tcp_listeners(0, host=SERVER_IP)
+    listeners = await trio.open_tcp_listeners(0, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(serve, listeners)
 
@@ -225,9 +226,8 @@ def log() -> Iterator[LogCapture]:
         yield capture
 
 
-@asynccontextmanager
-async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_INFO,
-                   server: WorkloadInfo = SERVER_INFO) -> AsyncIterator[Mesh2]:
+def skip_if_server_hbone_port_taken() -> None:
+    """The server pod's 15008 must be free on this host (its address is loopback: 127/8 is shared)."""
     probe = socket.socket()
     try:
         probe.bind((SERVER_IP, INBOUND_HBONE_PORT))
@@ -237,6 +237,12 @@ async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_IN
         raise
     finally:
         probe.close()
+
+
+@asynccontextmanager
+async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_INFO,
+                   server: WorkloadInfo = SERVER_INFO) -> AsyncIterator[Mesh2]:
+    skip_if_server_hbone_port_taken()
     store = StateStore()
     sockets = PodSockets()
     certs = MeshCerts(ca)
@@ -244,7 +250,7 @@ async def two_pods(ca: CertificateAuthority, *, client: WorkloadInfo = CLIENT_IN
     with pipe_fd() as client_fd, pipe_fd() as server_fd:
         sockets.ip_of.update({netns_id(client_fd): CLIENT_IP, netns_id(server_fd): SERVER_IP})
         async with trio.open_nursery() as nursery:
-            app_port = await nursery.start(_echo_app)
+            app_port = await nursery.start(echo_app)
             handler = InPodWorkloadHandler(nursery, config=ProxyConfig(connect_timeout=5),
                                            telemetry=Telemetry(), sockets=sockets, peers=StatePeers(store),
                                            mesh=mesh)

@@ -126,6 +126,46 @@ def test_connection_opened_is_debug() -> None:
     assert "bytes_sent" not in parsed.fields
 
 
+def test_each_pod_view_keeps_its_open_connections_until_they_are_written() -> None:
+    tel, _ = capture()
+    pod_a, pod_b = tel.for_pod("a", None), tel.for_pod("b", None)
+    out1, out2 = record(), record()
+    inb = ConnectionOutcome(direction="inbound", src_addr=Display("10.0.0.2:40001"),
+                            dst_addr=Display("10.0.0.1:8080"))
+    for view, outcome in ((pod_a, out1), (pod_a, inb), (pod_a, out2)):
+        view.connection_opened(outcome)
+    pod_b.connection_opened(other := record())
+    assert list(pod_a.open.outbound) == [out1, out2] and list(pod_a.open.inbound) == [inb]
+    assert list(pod_b.open.outbound) == [other] and len(pod_b.open) == 1
+    assert len(tel.open) == 0  # the process's own view holds none of the pods'
+    pod_a.connection_complete(out1)
+    pod_a.connection_complete(inb)
+    assert list(pod_a.open.outbound) == [out2] and not pod_a.open.inbound
+    # a connection that never opened (refused, or no upstream socket) is written without having been held
+    never = record()
+    pod_a.connection_complete(never)
+    pod_a.connection_failed(src_addr=never.src_addr, dst_addr=never.dst_addr, direction="outbound",
+                            error="cannot create the upstream socket", outcome=never)
+    assert list(pod_a.open.outbound) == [out2]
+    pod_a.connection_failed(src_addr=out2.src_addr, dst_addr=out2.dst_addr, direction="outbound",
+                            error="x", outcome=out2)
+    pod_b.connection_complete(other)
+    assert len(pod_a.open) == len(pod_b.open) == 0
+
+
+def test_open_connections_hold_the_records_not_copies() -> None:
+    tel, _ = capture()
+    view = tel.for_pod("a", None)
+    held = [record() for _ in range(1000)]
+    for outcome in held:
+        view.connection_opened(outcome)
+    held[500].bytes_sent = 9
+    assert next(o for i, o in enumerate(view.open.outbound) if i == 500).bytes_sent == 9
+    for outcome in reversed(held):
+        view.connection_complete(outcome)
+    assert len(view.open) == 0
+
+
 def test_json_format() -> None:
     tel, out = capture(json_format=True)
     tel.connection_complete(record(error="boom"))

@@ -25,6 +25,8 @@ from services.ztunnel.state.types import (
     WorkloadType,
     WorkloadUid,
 )
+from services.ztunnel.telemetry.access_log import ConnectionOutcome, OpenConnections, Peer
+from shared.logs import Display
 from shared.zds.types import PodUid, WorkloadInfo
 
 
@@ -87,8 +89,60 @@ def test_policy_matches_in_upstreams_spelling() -> None:
 
 def test_workload_state_up_and_pending() -> None:
     info = WorkloadInfo(name="a", namespace="ns", service_account="sa")
-    assert configdump.workload_state({PodUid("u2"): info}, {PodUid("u1"): info}) == {
+    assert configdump.workload_state({PodUid("u2"): info}, {PodUid("u1"): info}, {}) == {
         "u1": {"state": "Pending", "info": {"name": "a", "namespace": "ns", "serviceAccount": "sa"}},
         "u2": {"state": "Up", "connections": {"inbound": [], "outbound": []},
                "info": {"name": "a", "namespace": "ns", "serviceAccount": "sa"}},
     }
+
+
+def open_connections() -> OpenConnections:
+    """A pod's four kinds of open connection, as the proxies make their outcomes."""
+    hbone_out = ConnectionOutcome(direction="outbound", src_addr=Display("10.244.1.10:40000"),
+                                  dst_addr=Display("10.244.2.12:15008"),
+                                  dst_hbone_addr=Display("10.244.2.12:9080"))
+    hbone_out.original = ("10.96.0.13", 9080)
+    passthrough = ConnectionOutcome(direction="outbound", src_addr=Display("10.244.1.10:40002"),
+                                    dst_addr=Display("1.2.3.4:443"))
+    passthrough.original = ("::ffff:1.2.3.4", 443)
+    bare = ConnectionOutcome(direction="outbound", src_addr=Display("10.244.1.10:40004"),
+                             dst_addr=Display("1.2.3.5:80"))  # no xDS: the original is the destination
+    hbone_in = ConnectionOutcome(direction="inbound", src_addr=Display("10.244.2.12:50000"),
+                                 dst_addr=Display("10.244.1.10:15008"),
+                                 dst_hbone_addr=Display("10.244.1.10:9080"),
+                                 src=Peer(identity="spiffe://cluster.local/ns/b/sa/r"))
+    hbone_in.for_host = "productpage.bookinfo.svc.cluster.local"
+    plain_in = ConnectionOutcome(direction="inbound", src_addr=Display("10.244.1.30:50002"),
+                                 dst_addr=Display("10.244.1.10:9080"))
+    held = OpenConnections()
+    for outcome in (hbone_out, hbone_in, passthrough, plain_in, bare):
+        held.add(outcome)
+    return held
+
+
+def test_open_connections_in_upstreams_shape() -> None:
+    assert configdump.connections(open_connections()) == {
+        "inbound": [
+            {"src": "10.244.2.12:50000", "originalDst": "productpage.bookinfo.svc.cluster.local",
+             "actualDst": "10.244.1.10:9080", "protocol": "HBONE"},
+            {"src": "10.244.1.30:50002", "originalDst": None, "actualDst": "10.244.1.10:9080",
+             "protocol": "TCP"},
+        ],
+        "outbound": [
+            {"src": "10.244.1.10:40000", "originalDst": "10.96.0.13:9080", "actualDst": "10.244.2.12:15008",
+             "protocol": "HBONE"},
+            {"src": "10.244.1.10:40002", "originalDst": "1.2.3.4:443", "actualDst": "1.2.3.4:443",
+             "protocol": "TCP"},
+            {"src": "10.244.1.10:40004", "originalDst": "1.2.3.5:80", "actualDst": "1.2.3.5:80",
+             "protocol": "TCP"},
+        ],
+    }
+    assert configdump.connections(None) == {"inbound": [], "outbound": []}
+
+
+def test_workload_state_lists_each_running_pods_own_connections() -> None:
+    info = WorkloadInfo(name="a", namespace="ns", service_account="sa")
+    held = open_connections()
+    state = configdump.workload_state({PodUid("u1"): info, PodUid("u2"): info}, {}, {PodUid("u1"): held})
+    assert state["u1"]["connections"] == configdump.connections(held)
+    assert state["u2"]["connections"] == {"inbound": [], "outbound": []}

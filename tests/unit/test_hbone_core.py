@@ -26,6 +26,7 @@ from services.ztunnel.hbone.core import (
     parse_authority,
 )
 from services.ztunnel.hbone.errors import HboneProtocolError
+from services.ztunnel.proxy.inbound import forwarded_host
 from shared.addr import format_host_port
 
 TRACEPARENT = "00-" + "a" * 32 + "-" + "b" * 16 + "-00"
@@ -98,6 +99,11 @@ def test_forwarded_host_when_service_known() -> None:
     _, [req] = exchange(client, server)
     assert isinstance(req, ConnectRequested)
     assert req.header(b"forwarded") == b'for="10.0.0.1:1";host=details.ns.svc.cluster.local'
+    # ...as the inbound side reads it back (the `originalDst` of its open connection, configdump.py)
+    assert forwarded_host((req.header(b"forwarded") or b"").decode()) == "details.ns.svc.cluster.local"
+    assert forwarded_host('for="10.0.0.1:1"') is None and forwarded_host(None) is None
+    assert forwarded_host('for="[::1]:80"; Host="web.ns.svc"') == "web.ns.svc"
+    assert forwarded_host("for=x;host=") is None
 
 
 def test_success_200_then_bytes_both_ways_with_half_close() -> None:

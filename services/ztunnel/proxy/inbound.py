@@ -49,6 +49,21 @@ def authz_request(info: InboundInfo) -> AuthzRequest:
                         src_identity=info.src_identity)
 
 
+def forwarded_host(forwarded: str | None) -> str | None:
+    """The `host=` parameter of a `Forwarded` header (RFC 7239; the client's ztunnel names the service it
+    resolved this way), unquoted; None when absent or empty."""
+    if not forwarded:
+        return None
+    for part in forwarded.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name.strip().lower() == "host":
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value or None
+    return None
+
+
 def service_for_port(store: StateStore, workload: Workload, port: int) -> Service | None:
     """The service of `workload` that maps some port to its `port` (for `dst.service` of inbound lines)."""
     for key, ports in sorted(workload.services.items()):
@@ -118,9 +133,11 @@ class _Inbound:
         src_identity = info.src_identity.uri
         if src.identity != src_identity:
             src = msgspec.structs.replace(src, identity=src_identity)
-        return ConnectionOutcome(direction="inbound", src_addr=format_addr(src_addr),
-                                 dst_addr=format_addr(info.dst_addr), dst_hbone_addr=format_addr(target),
-                                 src=src, dst=dst)
+        outcome = ConnectionOutcome(direction="inbound", src_addr=format_addr(src_addr),
+                                    dst_addr=format_addr(info.dst_addr), dst_hbone_addr=format_addr(target),
+                                    src=src, dst=dst)
+        outcome.for_host = forwarded_host(info.forwarded)
+        return outcome
 
     def opened(self, outcome: ConnectionOutcome) -> None:
         self.ctx.telemetry.connection_opened(outcome)

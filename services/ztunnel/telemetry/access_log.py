@@ -9,6 +9,11 @@ Byte counts in the log are "un-flipped" (bytes_sent = client -> upstream); in th
 convention (received = request direction, sent = response direction). While someone traces a pod
 (trace.py, ztunnel's admin `/debug/connections`), the same record also goes to them, tagged with the pod
 by that pod's `Telemetry.for_pod` view.
+
+Each view also keeps its pod's open connections (`OpenConnections`): the record goes in when
+`connection_opened` marks it and comes out when `connection_complete` (or `connection_failed`) writes it,
+both O(1) dict operations at those two points, nothing on the byte path. ztunnel's `/config_dump` lists them
+(configdump.py) as upstream's `workloadState[uid].connections`.
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ class ConnectionOutcome:
     """
 
     __slots__ = ("bytes_recv", "bytes_sent", "direction", "dst", "dst_addr", "dst_hbone_addr", "error",
-                 "opened", "original", "src", "src_addr", "start", "status", "verdict", "waypoint")
+                 "for_host", "opened", "original", "src", "src_addr", "start", "status", "verdict",
+                 "waypoint")
 
     def __init__(self, *, direction: str, src_addr: Display, dst_addr: Display, src: Peer | None = None,
                  dst: Peer | None = None, dst_hbone_addr: Display | None = None) -> None:
@@ -98,6 +104,8 @@ class ConnectionOutcome:
         # For the live trace only (trace.py): what the log line does not say.
         self.original: tuple[str, int] | None = None
         """Outbound: where the app was going (a service VIP, say), when `dst_addr` is elsewhere."""
+        self.for_host: str | None = None
+        """Inbound HBONE: the service hostname the client named (`Forwarded: ...;host=`), if it did."""
         self.waypoint: str | None = None
         """Outbound through a waypoint: its workload name."""
         self.verdict: Verdict | None = None
@@ -214,6 +222,37 @@ class _Series:
 _SERIES_CACHE_MAX: Final = 4096
 
 
+class OpenConnections:
+    """One pod's open connections, per direction, in the order they opened: the live `ConnectionOutcome`
+    records themselves (keyed by identity), added when a connection is counted as opened and removed when
+    its outcome is written.
+
+    Bounded by what it holds: an entry lives exactly as long as its connection, and every open connection
+    holds at least one file descriptor of its own (the app's socket, outbound; the socket to the app,
+    inbound), so the process's fd limit (host.py raises it at start-up) bounds the registry. Nothing is
+    copied: a dump reads the records as they are now.
+    """
+
+    __slots__ = ("inbound", "outbound")
+
+    def __init__(self) -> None:
+        self.inbound: dict[ConnectionOutcome, None] = {}
+        self.outbound: dict[ConnectionOutcome, None] = {}
+
+    def _of(self, outcome: ConnectionOutcome) -> dict[ConnectionOutcome, None]:
+        return self.outbound if outcome.direction == "outbound" else self.inbound
+
+    def add(self, outcome: ConnectionOutcome) -> None:
+        self._of(outcome)[outcome] = None
+
+    def discard(self, outcome: ConnectionOutcome) -> None:
+        """Forget `outcome` (nothing happens if it was never added)."""
+        self._of(outcome).pop(outcome, None)
+
+    def __len__(self) -> int:
+        return len(self.inbound) + len(self.outbound)
+
+
 class Telemetry:
     """Writes access log lines and updates metrics for connections."""
 
@@ -224,11 +263,15 @@ class Telemetry:
         self.trace = ConnectionTrace()
         self.pod: PodRef | None = None
         """The pod this view writes for (`for_pod`); None for the process's own."""
+        self.open = OpenConnections()
+        """The connections opened through this view and not yet written: each pod's own (`for_pod`)."""
 
     def for_pod(self, uid: str, info: WorkloadInfo | None) -> Telemetry:
-        """A view for one pod's proxy set: the same metrics, log and trace; its trace events name the pod."""
+        """A view for one pod's proxy set: the same metrics, log and trace; its trace events name the pod,
+        and it keeps the pod's own open connections."""
         view = copy.copy(self)
         view.pod = PodRef(uid=uid, info=info)
+        view.open = OpenConnections()
         return view
 
     def _series_of(self, record: ConnectionOutcome) -> _Series:
@@ -243,6 +286,7 @@ class Telemetry:
 
     def connection_opened(self, outcome: ConnectionOutcome) -> None:
         outcome.opened = True
+        self.open.add(outcome)
         self._series_of(outcome).child("opened").inc()
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug("connection opened", extra={"fields": outcome.fields(with_bytes=False)})
@@ -253,6 +297,7 @@ class Telemetry:
         One that never got through (refused by policy, the peer's CONNECT answer, ...) was never counted as
         opened, so it is counted as failed rather than closed.
         """
+        self.open.discard(outcome)
         series = self._series_of(outcome)
         series.child("closed" if outcome.opened else "failed").inc()
         series.child("received").inc(outcome.bytes_sent)
@@ -273,6 +318,7 @@ class Telemetry:
         (no destination, no workload, refused handshake), or its upstream socket could not be made
         (`outcome` given: counted as failed)."""
         if outcome is not None:
+            self.open.discard(outcome)
             self._series_of(outcome).child("failed").inc()
         fields: Sequence[Field] = (("src.addr", src_addr), ("dst.addr", dst_addr), ("direction", direction),
                                    ("error", error))
