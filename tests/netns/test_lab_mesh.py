@@ -100,20 +100,24 @@ def test_cross_node_request_through_the_mesh(mesh_lab: str) -> None:
     for port in (":15001", ":15006", ":15008", ":8080"):
         assert port in listening
 
-    # `ambient trace client` follows the client's connections on node-a's ztunnel while it calls web
+    # `ambient trace client` follows the client's DNS queries and connections on node-a's ztunnel while it
+    # calls web: first the lookups of `web` (answered by ztunnel's DNS proxy), then the connection
     trace = subprocess.Popen(
         [sys.executable, "-c", "from ambient.cli import main; main()", "trace", "client", "--prefix", prefix,
-         "--json", "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert trace.stdout is not None
         tracing = json.loads(trace.stdout.readline())
         assert tracing["event"] == "tracing" and tracing["running"][0]["pod"] == "mesh/client", tracing
         code, body, err = client_get(prefix, "http://web/through-mesh")
-        traced = json.loads(trace.stdout.readline())
-        assert trace.wait(timeout=10) == 0
+        lookups = []
+        while (traced := json.loads(trace.stdout.readline()))["event"] == "dns query":
+            lookups.append(traced)
     finally:
         trace.kill()
         trace.wait()
+    web_a = ("web.mesh.svc.cluster.local", "A", "ztunnel", ["10.96.0.50"])
+    assert web_a in [(q["name"], q["type"], q["answered_by"], q["answers"]) for q in lookups], lookups
     assert code == 0, err
     assert body is not None and body["path"] == "/through-mesh"
     assert (traced["listener"], traced["original_dst"], traced["route"], traced["error"]) == (
