@@ -362,6 +362,70 @@ async def test_connect_to_a_ztunnel_port_is_answered_400(ca: CertificateAuthorit
     assert sample_sum(registry, "istio_tcp_connections_failed_total", {"reporter": "destination"}) == 1
 
 
+async def _download_app(ended: list[BaseException | None], done: trio.Event,
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """On the server pod's address: sends 64 KiB chunks until its client goes away; `ended` gets how."""
+    async def serve(stream: trio.SocketStream) -> None:
+        try:
+            while True:
+                await stream.send_all(b"d" * 65536)
+        except trio.BrokenResourceError as exc:
+            ended.append(exc.__cause__)
+            done.set()
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host=SERVER_IP)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(serve, listeners)
+
+
+async def test_a_tunnel_torn_down_mid_transfer_resets_the_apps_sockets(ca: CertificateAuthority,
+                                                                       log: LogCapture) -> None:
+    # The HBONE connection is lost during a download (the server's ztunnel killed, the path gone): the app
+    # must see ECONNRESET, not an EOF that passes the truncated download off as complete.
+    ended: list[BaseException | None] = []
+    done = trio.Event()
+    with trio.fail_after(30):
+        async with two_pods(ca) as world, trio.open_nursery() as nursery:
+            world.app_port = await nursery.start(_download_app, ended, done)
+            world.set_world()
+            raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            raw.bind((CLIENT_IP, 0))
+            world.sockets.original[raw.getsockname()[1]] = (VIP, 80)
+            app = trio.socket.from_stdlib_socket(raw)
+            with app:
+                await app.connect((CLIENT_IP, world.sockets.ports[CLIENT_IP]["outbound"]))
+                received = 0
+                while received < 1 << 20:
+                    chunk = await app.recv(65536)
+                    assert chunk, "EOF before the connection was torn down"
+                    received += len(chunk)
+                pool = world.handler.pods[PodUid("client-uid")].pool
+                assert pool is not None
+                [conn] = pool.connections()
+                conn.tls.socket.shutdown(socket.SHUT_RDWR)  # both ztunnels see the connection end
+                with pytest.raises(ConnectionResetError):
+                    while await app.recv(65536):
+                        pass
+            [out, inb] = sorted(await log.wait_for("connection complete", count=2),
+                                key=lambda line: str(line.fields["direction"]) != "outbound")
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert out.fields["direction"] == "outbound" and out.level == "error"
+    assert inb.fields["direction"] == "inbound" and inb.level == "error"
+    assert isinstance(ended[0], (ConnectionResetError, BrokenPipeError))  # the server app was reset too
+
+
+async def test_a_clean_half_close_still_ends_in_a_fin(ca: CertificateAuthority, log: LogCapture) -> None:
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            echo, _ = await world.call((VIP, 80), b"all of it")  # read to EOF: a FIN, no reset
+            assert echo == b"all of it"
+            [out, inb] = await log.wait_for("connection complete", count=2)
+    assert out.level == inb.level == "info"
+
+
 def deny(name: str, match: Match) -> Authorization:
     return Authorization(name=name, namespace="mesh", scope=Scope.WORKLOAD_SELECTOR, action=Action.DENY,
                          rules=(Rule(clauses=(Clause(matches=(match,)),)),))
