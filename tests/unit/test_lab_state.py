@@ -192,6 +192,12 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
         lab.check_prerequisites()
 
 
+def test_missing_br_netfilter_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lab, "BRIDGE_NETFILTER", tmp_path / "no-such-dir")
+    with pytest.raises(PrerequisiteError, match=r"br_netfilter kernel module.*modprobe br_netfilter"):
+        lab.check_bridge_netfilter()
+
+
 def test_status_of_a_lab_that_is_not_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lab, "check_prerequisites", lambda: None)
     with pytest.raises(NotUpError, match="no lab 'nope' is up"):
