@@ -64,18 +64,15 @@ def baggage_of(workload: Workload, *, cluster: str | None = None, region: str | 
     return ",".join(f"{key}={value}" for key, value in items if value)
 
 
-def is_self_call(dst: Addr, local: Addr, mesh: Mesh | None) -> bool:
-    """Whether the original destination `dst` is one of this ztunnel's own listeners: the very listener
-    the connection reached (`local`: not redirected, as an app dialling its own pod IP goes out on `lo`,
-    which the pod's rules leave alone), or one of ztunnel's ports on a loopback address or on the IP of a
-    pod of this node (xDS). A tuple comparison and a set lookup per connection; the store only for a
-    ztunnel port."""
-    if dst == local:
-        return True
+def is_self_call(dst: Addr, client: socket.socket, mesh: Mesh | None) -> bool:
+    """Whether the original destination `dst` is one of this ztunnel's own listeners: one of ztunnel's ports
+    on the very listener the connection reached (`client`'s local address: not redirected, as an app dialling
+    its own pod IP goes out on `lo`, which the pod's rules leave alone), on a loopback address, or on the IP
+    of a pod of this node (xDS). One set lookup for any other port; nothing more per connection."""
     if dst[1] not in ZTUNNEL_PORTS:
         return False
     ip = dst[0]
-    if ip.startswith("127.") or ip == "::1":
+    if ip.startswith("127.") or ip == "::1" or dst == local_addr(client):
         return True
     if mesh is None:
         return False
@@ -92,7 +89,7 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
                                         error="no original destination (connection was not redirected)")
         return
     mesh, pool = ctx.mesh, ctx.pool
-    if is_self_call(dst, local_addr(client), mesh):
+    if is_self_call(dst, client, mesh):
         refused = ConnectionOutcome(direction="outbound", src_addr=format_addr(peer),
                                     dst_addr=format_addr(dst), src=ctx.peer,
                                     dst=ctx.peers.by_address(dst[0]) or Peer())
