@@ -17,7 +17,13 @@ __all__ = ["GrpcTarget", "client_tls_context"]
 
 
 def client_tls_context(root_pem: str) -> ssl.SSLContext:
-    """A client TLS context trusting only `root_pem` (the stub's root-cert.pem), ALPN h2, hostname checked."""
+    """A client TLS context trusting only `root_pem` (the stub's root-cert.pem), ALPN h2, hostname checked.
+
+    Raises:
+        ValueError: `root_pem` is empty (ssl would silently trust the system store instead).
+    """
+    if not root_pem.strip():
+        raise ValueError("no root certificate given; refusing to trust the system store instead")
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=root_pem)
     ctx.set_alpn_protocols(["h2"])
     return ctx
@@ -70,9 +76,15 @@ class GrpcTarget(msgspec.Struct, frozen=True, kw_only=True):
         root = None
         if scheme != "http":
             root_path = environ.get(f"{kind}_ROOT_CERT", "./var/run/secrets/istio/root-cert.pem")
+            if not root_path:
+                raise ValueError(f"{kind}_ROOT_CERT is set but empty; set it to the stub's root-cert.pem "
+                                 "(the system trust store is never used)")
             try:
                 with open(root_path) as f:
                     root = f.read()
+                if not root.strip():
+                    raise ValueError(f"{kind}_ROOT_CERT {root_path} is empty; it must hold the stub's root "
+                                     "certificate (the system trust store is never used)")
                 client_tls_context(root)
             except ssl.SSLError as exc:
                 raise ValueError(f"{kind}_ROOT_CERT {root_path} is not a PEM certificate: {exc}") from None

@@ -6,7 +6,11 @@
 
 A process creates the parent directories of a socket only when it is the one serving it (the owner);
 clients never create directories, they wait for the server. What was made is logged, so nothing appears
-on the host silently, and removed at exit, so nothing is left behind.
+on the host silently, and removed at exit, so nothing is left behind. The same for the socket file itself:
+
+    own = bound_socket_file(path)                        # right after bind
+    ...serve...
+    remove_own_socket(path, own)                         # only if it is still the file bound above (inode)
 """
 
 from __future__ import annotations
@@ -49,3 +53,33 @@ def remove_made(made: list[Path]) -> None:
     for directory in reversed(made):
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+SocketFile = tuple[int, int]
+"""A socket file as its creator saw it right after bind: (st_dev, st_ino)."""
+
+
+def bound_socket_file(path: str | os.PathLike[str]) -> SocketFile | None:
+    """The identity of the socket file this process has just bound at `path` (None: nothing there)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def remove_own_socket(path: str | os.PathLike[str], own: SocketFile | None) -> None:
+    """Unlink `path` at exit only if it is still the socket file this process bound (`bound_socket_file`):
+    never a file that was there before (refused), nor the socket of a process that took the path over."""
+    if own is None:
+        return
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) != own:
+        log.info("leaving the socket file in place: it is no longer ours",
+                 extra={"fields": [("path", str(path))]})
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(path)

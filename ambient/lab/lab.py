@@ -102,6 +102,23 @@ def check_prerequisites() -> None:
             )
 
 
+BRIDGE_NETFILTER = Path("/proc/sys/net/bridge")
+
+
+def check_bridge_netfilter() -> None:
+    """The br_netfilter module, loaded: a reply between two pods of one node's bridge must pass iptables to
+    be un-DNATed once only hairpin traffic is masqueraded (kube-proxy needs it too).
+
+    Raises:
+        PrerequisiteError: the module is not loaded.
+    """
+    if not BRIDGE_NETFILTER.is_dir():
+        raise PrerequisiteError(
+            "the lab needs the br_netfilter kernel module (bridged pod traffic through iptables, as "
+            "kube-proxy needs it); load it with: modprobe br_netfilter"
+        )
+
+
 def load_lab_world(
     world_file: Path | None, nodes: int | None, *, progress: Progress = _quiet
 ) -> tuple[World, str]:
@@ -370,6 +387,7 @@ def up(
     """
     check_prefix(prefix)
     check_prerequisites()
+    check_bridge_netfilter()
     world, source = load_lab_world(world_file, nodes, progress=progress)
     plan = plan_lab(world, prefix=prefix, source=source)
     existing = load_state(prefix, root)

@@ -133,11 +133,18 @@ def load_state(prefix: str, root: Path | None = None) -> LabState | None:
 
 
 def save_state(state: LabState) -> None:
-    """Write the state atomically (temp file + rename), so a crash never leaves half a file."""
+    """Write the state atomically (temp file + rename), so a crash never leaves half a file.
+
+    Mode 0600 whatever the umask: it holds the istiod admin token and every node's token.
+    """
     path = Path(state.run_dir) / "state.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(state)))
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a leftover of a crash may have another mode: O_CREAT would keep it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.json.format(msgspec.json.encode(state)))
     os.replace(tmp, path)
 
 

@@ -527,8 +527,11 @@ def render_dnat(plan: LabPlan, node: NodePlan) -> str:
     """iptables-restore input for a node: kube-proxy-like DNAT of service VIPs to pod endpoints.
 
     Only plain (non-mesh) traffic uses it: an enrolled pod's connections are captured inside the pod first.
-    Hairpin traffic (a pod reaching a VIP served on its own node) is masqueraded so the reply comes back
-    through the node and is un-DNATed.
+    As kube-proxy (its KUBE-MARK-MASQ for an endpoint reaching itself), only hairpin traffic is masqueraded:
+    a pod reaching itself through its service VIP (`-s IP -d IP` once DNATed), whose reply would otherwise
+    never leave the pod; it comes back through the bridge's hairpin port (`pod_steps`). Every other
+    connection keeps its source IP, so source-IP policies hold through a VIP: a reply between two pods of
+    one bridge is un-DNATed by the bridge netfilter hooks (br_netfilter, `set_bridge_netfilter`).
     """
     lines = ["*nat", ":LAB-SERVICES - [0:0]", "-A PREROUTING -j LAB-SERVICES", "-A OUTPUT -j LAB-SERVICES"]
     for target in plan.dnat:
@@ -541,9 +544,9 @@ def render_dnat(plan: LabPlan, node: NodePlan) -> str:
                 f"-A LAB-SERVICES -d {target.vip}/32 -p tcp -m tcp --dport {target.port}{stat}"
                 f" -j DNAT --to-destination {endpoint}"
             )
-    lines.append(
-        f"-A POSTROUTING -s {node.pod_cidr} -d {node.pod_cidr} -m conntrack --ctstate DNAT -j MASQUERADE"
-    )
+    local = {endpoint.rpartition(":")[0]: None for target in plan.dnat for endpoint in target.endpoints}
+    for ip in (ip for ip in local if _in_network(ip, node.pod_cidr)):
+        lines.append(f"-A POSTROUTING -s {ip}/32 -d {ip}/32 -m conntrack --ctstate DNAT -j MASQUERADE")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -631,7 +634,8 @@ def as_container_node(plan: LabPlan, node_name: str) -> LabPlan:
 
 
 def pod_steps(plan: LabPlan, pod: PodPlan) -> list[Step]:
-    """What CNI's bridge plugin does for one pod: veth into the node's bridge, address, default route."""
+    """What CNI's bridge plugin does for one pod (with `hairpinMode`, as kubelet asks): veth into the node's
+    bridge, hairpin on its port (a pod reaching itself through a VIP), address, default route."""
     node = plan.node(pod.node)
     return [
         _ip(
@@ -649,6 +653,7 @@ def pod_steps(plan: LabPlan, pod: PodPlan) -> list[Step]:
         ),
         _ip(node.netns, "link", "set", pod.host_veth, "master", node.bridge),
         _ip(node.netns, "link", "set", pod.host_veth, "up"),
+        _ip(node.netns, "link", "set", "dev", pod.host_veth, "type", "bridge_slave", "hairpin", "on"),
         _ip(pod.netns, "addr", "add", pod.address, "dev", "eth0"),
         _ip(pod.netns, "link", "set", "eth0", "up"),
         _ip(pod.netns, "route", "add", "default", "via", pod.gateway),
@@ -689,6 +694,12 @@ def delete_netns(name: str) -> None:
 
 def set_ip_forward(netns: str) -> None:
     run_step(Step(argv=["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], netns=netns))
+
+
+def set_bridge_netfilter(netns: str) -> None:
+    """Bridged IPv4 through iptables in a node namespace (the default once the br_netfilter module is
+    loaded; `modprobe br_netfilter` if this fails): a reply between two pods of one bridge is un-DNATed."""
+    run_step(Step(argv=["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1"], netns=netns))
 
 
 def write_resolv_conf(netns: str, text: str) -> Path:
@@ -743,6 +754,7 @@ def apply_plan(
         run_step(step)
     for node in plan.nodes:
         set_ip_forward(node.netns)
+        set_bridge_netfilter(node.netns)
     for pod in wired:
         wire_pod(plan, pod)
 

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from services.istiod.auth import Auth
 from services.istiod.ca import CertificateAuthority
@@ -218,21 +220,45 @@ def _write_secret(path: Path, value: str) -> None:
         f.write(value + "\n")
 
 
-def _load_ca(args: argparse.Namespace, state_dir: Path, world: World) -> CertificateAuthority:
+def _load_ca(args: argparse.Namespace, state_dir: Path, world: World) -> tuple[CertificateAuthority, Path]:
+    """The CA and the file its root certificate is in (what clients must trust).
+
+    Raises:
+        StartupError: --root-cert without --root-key (or the other way), unreadable files, or a key that is
+            not the certificate's.
+    """
     if bool(args.root_cert) != bool(args.root_key):
         raise StartupError("--root-cert and --root-key go together")
+    state_root = state_dir / "root-cert.pem"
     if args.root_cert is None:
-        return CertificateAuthority.load_or_create(state_dir, world.trust_domain)
+        return CertificateAuthority.load_or_create(state_dir, world.trust_domain), state_root
     try:
-        ca = CertificateAuthority(
-            load_key(args.root_key.read_bytes()), load_cert(args.root_cert.read_bytes())
-        )
+        key, cert = load_key(args.root_key.read_bytes()), load_cert(args.root_cert.read_bytes())
     except (OSError, IdentityError) as exc:
         raise StartupError(f"cannot use --root-cert/--root-key: {exc}") from None
-    # Clients read the root from the state dir: keep it there too.
+    if _spki(cert.public_key()) != _spki(key.public_key()):
+        raise StartupError(f"--root-key {args.root_key} is not the key of --root-cert {args.root_cert}; "
+                           "give the certificate's own key")
+    ca = CertificateAuthority(key, cert)
+    # Clients read the root from the state dir: put it there when the state dir has none of its own. A state
+    # dir's root (with its root-key.pem) is never overwritten: clients are then told the given file.
+    if state_root.exists() or (state_dir / "root-key.pem").exists():
+        return ca, state_root if _same_text(state_root, ca.root_pem) else args.root_cert
     state_dir.mkdir(parents=True, exist_ok=True)
-    (state_dir / "root-cert.pem").write_text(ca.root_pem)
-    return ca
+    state_root.write_text(ca.root_pem)
+    return ca, state_root
+
+
+def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return public_key.public_bytes(der, spki)
+
+
+def _same_text(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
 
 
 def _given_ssl_context(args: argparse.Namespace) -> ssl.SSLContext:
@@ -254,7 +280,7 @@ async def run(args: argparse.Namespace) -> None:
     world = _load_world_file(args.world) if args.world is not None else World()
     tokens = NodeTokens.from_args(args, state_dir)
     try:
-        ca = _load_ca(args, state_dir, world)
+        ca, root_path = _load_ca(args, state_dir, world)
         node_tokens = tokens.ensure(world)
         admin_token = args.admin_token
         admin_path = state_dir / "admin.token"
@@ -287,7 +313,7 @@ async def run(args: argparse.Namespace) -> None:
             ("address", Display(format_host_port(host, bound))),
             ("transport", Display("plaintext" if args.plaintext else "tls")), ("pods", len(world.pods)),
             ("services", len(world.services)), ("policies", len(world.policies)),
-            ("root_cert", str(state_dir / "root-cert.pem"))]})
+            ("root_cert", str(root_path))]})
         nursery.start_soon(keep_tokens, store, auth, tokens)
         nursery.start_soon(handle_signals, args.world, store, nursery.cancel_scope)
 

@@ -17,6 +17,16 @@ from shared.identity import IdentityError, SpiffeId
 log = logging.getLogger(__name__)
 
 
+class _Asked:
+    """Who asked for what, as far as the request got: for the log line of a refusal."""
+
+    __slots__ = ("identity", "node")
+
+    def __init__(self) -> None:
+        self.node: str | None = None
+        self.identity: str | None = None
+
+
 class CertificateServicer:
     """Signs a workload CSR when the calling node runs a pod with that identity (any pod when auth is off)."""
 
@@ -26,9 +36,20 @@ class CertificateServicer:
         self.auth = auth
 
     async def CreateCertificate(self, call: ServerCall) -> None:
-        node = self.auth.node_of(call.metadata)
+        asked = _Asked()
+        try:
+            await self._create(call, asked)
+        except RpcError as exc:
+            log.warning("certificate refused", extra={"fields": [
+                ("node", asked.node), ("identity", asked.identity), ("peer", str(call.peer)),
+                ("status", exc.status.name), ("reason", exc.message)]})
+            raise
+
+    async def _create(self, call: ServerCall, asked: _Asked) -> None:
+        node = asked.node = self.auth.node_of(call.metadata)
         req = await one_request(call)
         field = req.metadata.fields.get("ImpersonatedIdentity")
+        asked.identity = field.string_value if field is not None and field.string_value else None
         if field is None or not field.string_value:
             raise RpcError(
                 RpcStatus.INVALID_ARGUMENT,

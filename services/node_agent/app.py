@@ -21,7 +21,6 @@ ztunnel take them again.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -53,7 +52,7 @@ from shared.addr import AddressError, split_host_port
 from shared.errors import AmbientError, start_failure
 from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
-from shared.rundir import make_parents, remove_made
+from shared.rundir import SocketFile, bound_socket_file, make_parents, remove_made, remove_own_socket
 from shared.settings import EnvSettings, check_listen
 from shared.version import version_text
 
@@ -405,6 +404,7 @@ async def run_agent(
         return json_response(body)
 
     made: list[Path] = []
+    cni_own: SocketFile | None = None
     try:
         # this agent serves both sockets, so it owns their directories: made when missing, removed at exit
         made += make_parents(config.zds_socket)
@@ -428,6 +428,7 @@ async def run_agent(
             await nursery.start(server.serve)
             await nursery.start(agent.run)
             cni_listener = await open_unix_listener(config.cni_socket)
+            cni_own = bound_socket_file(config.cni_socket)
             lookup = source.lookup if source is not None else None
             await nursery.start(serve_http, CniEndpoint(agent, lookup).route, [cni_listener])
             log.info("CNI-event endpoint listening", extra={"fields": [("path", config.cni_socket)]})
@@ -444,8 +445,7 @@ async def run_agent(
     finally:
         enrolled = len(agent.pods)
         agent.close()
-        with contextlib.suppress(OSError):
-            os.unlink(config.cni_socket)
+        remove_own_socket(config.cni_socket, cni_own)  # never a file it refused to replace, nor another's
         remove_made(made)
         # fail closed until a node agent and ztunnel take them again
         log.info("node-agent stopped; enrolled pods keep their redirection rules",

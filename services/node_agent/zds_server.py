@@ -25,7 +25,6 @@ error tied to one connection closes that connection with a log line, never the l
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import trio
 
 from shared.accept import ACCEPT_CAPACITY_ERRNOS, ACCEPT_RETRY_DELAY
 from shared.logs import Display, Field
-from shared.rundir import make_parents, remove_made
+from shared.rundir import bound_socket_file, make_parents, remove_made, remove_own_socket
 from shared.zds.codec import close_fds, decode_ack, decode_hello
 from shared.zds.errors import (
     ZdsConnectionLost,
@@ -201,6 +200,7 @@ class ZdsServer:
         except BaseException:
             remove_made(made)
             raise
+        own = bound_socket_file(self.path)
         log.info("ZDS server listening", extra={"fields": [
             ("path", self.path), ("allowed_uids", _uid_list(self.allowed_uids))]})
         try:
@@ -220,8 +220,7 @@ class ZdsServer:
                     await trio.sleep(self.accept_interval)
         finally:
             listener.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            remove_own_socket(self.path, own)
             remove_made(made)
 
     async def _handle(self, sock: trio.socket.SocketType) -> None:

@@ -26,6 +26,11 @@ INBOUND_HBONE_PORT: Final = 15008
 """A pod's HBONE port, and the default port of a peer's HBONE (xDS may name another for a gateway)."""
 DNS_PROXY_PORT: Final = 15053
 """The DNS proxy, UDP and TCP, on the pod's loopback (the node agent's DNS rules redirect port 53 here)."""
+ZTUNNEL_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT, DNS_PROXY_PORT})
+"""Every port ztunnel listens on in a pod. A connection whose destination is one of them on this
+node, or a CONNECT to one of them, would come back into ztunnel without end: refused as a self call."""
+SELF_CALL_ERROR: Final = "attempted recursive call to ourselves"
+"""Upstream's words for a self call (its `Error::SelfCall`)."""
 
 SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IP
 IP6T_SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IPV6

@@ -289,6 +289,28 @@ async def test_inbound_to_ztunnel_port_is_denied_as_self_call(make_netns: Callab
     assert "recursive" in str(line.fields["error"])
 
 
+@pytest.mark.parametrize("port", [15001, 15006])
+async def test_app_dialling_its_own_pod_ip_ztunnel_port_is_refused_once(make_netns: Callable[[str], str],
+                                                                        access_log: LogCapture,
+                                                                        port: int) -> None:
+    # The self-call loop's trigger: the app dials its own pod IP's ztunnel port. That goes out on `lo`, which
+    # the rules leave alone, so it reaches ztunnel's listener itself; passed through, it came back in again
+    # without end until ztunnel ran out of fds.
+    server_ns = make_netns("srv")
+    pod, pod_ip, _ = add_pod(make_netns, server_ns, 1)
+    with netns_fd(pod) as pfd:
+        async with ztunnel() as zt:
+            await zt.start_workload(PodUid("uid-1"), INFO, pfd)
+            with trio.fail_after(30):
+                client = await connect_from(pfd, (pod_ip, port))
+                with client:
+                    assert await recv_all(client) == b""
+            (line,) = await access_log.wait_for("connection failed")
+    assert line.fields["dst.addr"] == f"{pod_ip}:{port}"
+    assert line.fields["error"] == "attempted recursive call to ourselves"
+    assert not access_log.parsed("connection complete") and len(access_log.parsed("connection failed")) == 1
+
+
 async def test_stopping_one_pod_closes_its_connections_and_spares_the_other(
         make_netns: Callable[[str], str], access_log: LogCapture) -> None:
     server_ns = make_netns("srv")

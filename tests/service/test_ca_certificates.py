@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 import time
 
 import msgspec
@@ -88,6 +89,21 @@ async def test_foreign_identity_is_refused() -> None:
             ):
                 await GrpcCaClient(istiod.target(node="node-a")).fetch(RATINGS)
             assert (await GrpcCaClient(istiod.target(node="node-b")).fetch(RATINGS)).identity == RATINGS
+
+
+async def test_each_refusal_is_logged_with_the_requesters_node_and_the_identity_asked(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(20), caplog.at_level(logging.WARNING, logger="services.istiod.certificates"):
+        async with open_test_istiod(bookinfo_world()) as istiod:
+            with pytest.raises(CertificateError, match="PERMISSION_DENIED"):
+                await GrpcCaClient(istiod.target(node="node-a")).fetch(RATINGS)  # ratings runs on node-b
+            with pytest.raises(CertificateError, match="UNAUTHENTICATED"):
+                await GrpcCaClient(istiod.target()).fetch(REVIEWS)  # no token
+    refusals = [dict(getattr(r, "fields", ())) for r in caplog.records
+                if r.getMessage() == "certificate refused"]
+    assert [(f["node"], f["identity"], f["status"]) for f in refusals] == [
+        ("node-a", RATINGS.uri, "PERMISSION_DENIED"), (None, None, "UNAUTHENTICATED")]
+    assert "runs no pod with identity" in str(refusals[0]["reason"]) and refusals[0]["peer"]
 
 
 async def test_node_removed_from_the_world_gets_nothing() -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
 from services.node_agent.app import AgentConfig, run_agent
@@ -96,3 +98,36 @@ async def test_a_made_directory_that_gained_other_files_is_left_in_place(tmp_pat
             (tmp_path / "run" / "someone-elses").write_text("x")
             nursery.cancel_scope.cancel()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["someone-elses"]
+
+
+async def test_a_file_it_refused_to_replace_is_still_there_after_exit(tmp_path: Path) -> None:
+    config = AgentConfig(node_name="n1", zds_socket=str(tmp_path / "zds.sock"),
+                         cni_socket=str(tmp_path / "cni.sock"), health_addr=None)
+    Path(config.cni_socket).write_text("not a socket, not the agent's")
+    refused = pytest.RaisesExc(OSError, match="refusing to replace it")
+    with trio.fail_after(10), pytest.RaisesGroup(refused, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_agent, config, applier=FakeRuleApplier()))
+    assert Path(config.cni_socket).read_text() == "not a socket, not the agent's"
+    assert not os.path.exists(config.zds_socket)  # its own socket is gone
+
+
+async def test_sockets_another_process_took_over_are_left_to_it_at_exit(tmp_path: Path) -> None:
+    config = AgentConfig(node_name="n1", zds_socket=str(tmp_path / "zds.sock"),
+                         cni_socket=str(tmp_path / "cni.sock"), health_addr=None)
+    successors: list[socket.socket] = []
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(run_agent, config, applier=FakeRuleApplier()))
+                for path in (config.zds_socket, config.cni_socket):  # a second agent on the same paths
+                    os.unlink(path)
+                    successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    successor.bind(path)
+                    successors.append(successor)
+                inodes = [os.lstat(p).st_ino for p in (config.zds_socket, config.cni_socket)]
+                nursery.cancel_scope.cancel()
+        assert [os.lstat(p).st_ino for p in (config.zds_socket, config.cni_socket)] == inodes
+    finally:
+        for successor in successors:
+            successor.close()

@@ -42,6 +42,7 @@ class FakeSockets:
         self.listen = True  # False: listeners are bound but not listening, so their accept loops die
         self.original: Addr | None = None
         self.ports: dict[str, int] = {}
+        self.upstreams = 0  # sockets made for upstream connections
 
     def bind_listeners(self, netns_fd: int) -> PodListeners:
         self.bind_calls.append(netns_fd)
@@ -59,6 +60,7 @@ class FakeSockets:
 
     def upstream(self, netns_fd: int, family: socket.AddressFamily, *,
                  bind_source: str | None = None) -> socket.socket:
+        self.upstreams += 1
         return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 
     def original_dst(self, sock: socket.socket) -> Addr | None:
@@ -242,6 +244,28 @@ async def test_inbound_self_call_is_denied(access_log: LogCapture) -> None:
             (line,) = await access_log.wait_for("connection failed")
     assert line.fields["error"] == "attempted recursive call to ourselves"
     assert line.fields["dst.addr"] == "127.0.0.1:15008"
+
+
+@pytest.mark.parametrize("port", [15001, 15006, 15008, 15053])
+async def test_outbound_to_ztunnels_own_listener_is_refused_as_a_self_call(access_log: LogCapture,
+                                                                          port: int) -> None:
+    # The loop's trigger: an app in the pod dials one of ztunnel's own ports (tests/netns/
+    # test_ztunnel_inpod.py dials the pod's own IP, which the pod's rules leave alone; here, loopback).
+    fake = FakeSockets()
+    with pipe_fd() as fd, trio.fail_after(30):
+        async with ztunnel(fake) as zt:
+            await zt.start_workload(PodUid("a"), INFO, fd)
+            fake.original = ("127.0.0.1", port)
+            client = await tcp_connect(fake.ports["outbound"])
+            async with client:
+                assert await read_to_eof(client) == b""
+            (line,) = await access_log.wait_for("connection failed")
+            failed = zt.telemetry.metrics.failed
+    assert line.fields["error"] == "attempted recursive call to ourselves"
+    assert line.fields["direction"] == "outbound"
+    assert line.fields["dst.addr"] == "{}:{}".format(*fake.original)
+    assert fake.upstreams == 0  # nothing was dialled
+    assert sum(child.value for child in failed.children.values()) == 1
 
 
 async def test_stop_closes_open_connections_and_spares_other_pods(access_log: LogCapture) -> None:

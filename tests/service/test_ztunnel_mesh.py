@@ -28,6 +28,8 @@ from services.istiod.derive import ADDRESS_TYPE_URL, Resources
 from services.istiod.world import World, load_world
 from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
 from services.ztunnel.config import ZtunnelConfig
+from services.ztunnel.hbone.errors import HttpStatusError
+from services.ztunnel.hbone.pool import PoolKey
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.sockets import PORTS, PodListener, PodListeners
@@ -119,6 +121,7 @@ class PodSockets:
         self.ip_of: dict[NetnsId, str] = {}
         self.original: dict[int, Addr] = {}  # client port -> original destination
         self.ports: dict[str, dict[str, int]] = {}
+        self.upstreams = 0  # sockets made for upstream connections (HBONE or plain)
 
     def bind_listeners(self, netns_fd: int) -> PodListeners:
         ip = self.ip_of[netns_id(netns_fd)]
@@ -134,6 +137,7 @@ class PodSockets:
 
     def upstream(self, netns_fd: int, family: socket.AddressFamily, *,
                  bind_source: str | None = None) -> socket.socket:
+        self.upstreams += 1
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the in-pod factory's
         sock.bind((bind_source or self.ip_of[netns_id(netns_fd)], 0))  # every 127/8 address is local
@@ -318,6 +322,114 @@ async def test_pooled_connection_is_reused_and_closed_with_the_pod(ca: Certifica
             assert SpiffeId.parse("spiffe://cluster.local/ns/mesh/sa/client") in world.certs.forgotten
     outbound = lines(log, "outbound")
     assert len(outbound) == 3 and all(line.fields["dst.addr"] == f"{SERVER_IP}:15008" for line in outbound)
+
+
+@pytest.mark.parametrize("original", [(CLIENT_IP, 15001), (CLIENT_IP, 15008), (SERVER_IP, 15006)])
+async def test_outbound_to_a_node_pods_ztunnel_port_is_refused_before_any_upstream(
+        ca: CertificateAuthority, log: LogCapture, original: Addr) -> None:
+    # The trigger of the self-call loop: the app dials its own pod IP's 15001 (or any pod of this node's
+    # ztunnel ports). Resolved, it would tunnel to its own 15008 and back into 15001 without end.
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            made = world.sockets.upstreams
+            echo, seen = await world.call(original, b"again and again")
+            assert (echo, seen) == (b"", "")
+            [line] = await log.wait_for("connection failed")
+            assert world.sockets.upstreams == made  # no HBONE connection, no plain socket
+            pool = world.handler.pods[PodUid("client-uid")].pool
+            assert pool is not None and pool.connections_opened == 0
+            registry = world.handler.telemetry.metrics.registry
+    assert line.fields["error"] == "attempted recursive call to ourselves"
+    assert line.fields["direction"] == "outbound" and line.fields["dst.addr"] == "{}:{}".format(*original)
+    assert sample_sum(registry, "istio_tcp_connections_failed_total", {"reporter": "source"}) == 1
+    assert not log.parsed("connection complete")
+
+
+@pytest.mark.parametrize("port", [15001, 15006, 15008, 15053])
+async def test_connect_to_a_ztunnel_port_is_answered_400(ca: CertificateAuthority, log: LogCapture,
+                                                         port: int) -> None:
+    # From a pod of another node the loop would start with this CONNECT: the server must not connect.
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            pool = world.handler.pods[PodUid("client-uid")].pool
+            assert pool is not None
+            key = PoolKey(src_identity=SpiffeId.parse("spiffe://cluster.local/ns/mesh/sa/client"),
+                          dst_identities=frozenset({SpiffeId.parse("spiffe://cluster.local/ns/mesh/sa/web")}),
+                          dst=(SERVER_IP, INBOUND_HBONE_PORT), src_ip=CLIENT_IP)
+            made = world.sockets.upstreams
+            with pytest.raises(HttpStatusError) as refused:
+                await pool.connect(key, (SERVER_IP, port), forwarded_for=(CLIENT_IP, 40000))
+            [line] = await log.wait_for("connection complete")
+            assert world.sockets.upstreams == made + 1  # the HBONE connection only, nothing to the target
+            registry = world.handler.telemetry.metrics.registry
+    assert refused.value.status == 400
+    assert line.fields["direction"] == "inbound" and line.fields["dst.hbone_addr"] == f"{SERVER_IP}:{port}"
+    assert line.fields["error"] == "attempted recursive call to ourselves"
+    assert sample_sum(registry, "istio_tcp_connections_failed_total", {"reporter": "destination"}) == 1
+
+
+async def _download_app(ended: list[BaseException | None], done: trio.Event,
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """On the server pod's address: sends 64 KiB chunks until its client goes away; `ended` gets how."""
+    async def serve(stream: trio.SocketStream) -> None:
+        try:
+            while True:
+                await stream.send_all(b"d" * 65536)
+        except trio.BrokenResourceError as exc:
+            ended.append(exc.__cause__)
+            done.set()
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host=SERVER_IP)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(serve, listeners)
+
+
+async def test_a_tunnel_torn_down_mid_transfer_resets_the_apps_sockets(ca: CertificateAuthority,
+                                                                       log: LogCapture) -> None:
+    # The HBONE connection is lost during a download (the server's ztunnel killed, the path gone): the app
+    # must see ECONNRESET, not an EOF that passes the truncated download off as complete.
+    ended: list[BaseException | None] = []
+    done = trio.Event()
+    with trio.fail_after(30):
+        async with two_pods(ca) as world, trio.open_nursery() as nursery:
+            world.app_port = await nursery.start(_download_app, ended, done)
+            world.set_world()
+            raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            raw.bind((CLIENT_IP, 0))
+            world.sockets.original[raw.getsockname()[1]] = (VIP, 80)
+            app = trio.socket.from_stdlib_socket(raw)
+            with app:
+                await app.connect((CLIENT_IP, world.sockets.ports[CLIENT_IP]["outbound"]))
+                received = 0
+                while received < 1 << 20:
+                    chunk = await app.recv(65536)
+                    assert chunk, "EOF before the connection was torn down"
+                    received += len(chunk)
+                pool = world.handler.pods[PodUid("client-uid")].pool
+                assert pool is not None
+                [conn] = pool.connections()
+                conn.tls.socket.shutdown(socket.SHUT_RDWR)  # both ztunnels see the connection end
+                with pytest.raises(ConnectionResetError):
+                    while await app.recv(65536):
+                        pass
+            [out, inb] = sorted(await log.wait_for("connection complete", count=2),
+                                key=lambda line: str(line.fields["direction"]) != "outbound")
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert out.fields["direction"] == "outbound" and out.level == "error"
+    assert inb.fields["direction"] == "inbound" and inb.level == "error"
+    assert isinstance(ended[0], (ConnectionResetError, BrokenPipeError))  # the server app was reset too
+
+
+async def test_a_clean_half_close_still_ends_in_a_fin(ca: CertificateAuthority, log: LogCapture) -> None:
+    with trio.fail_after(30):
+        async with two_pods(ca) as world:
+            echo, _ = await world.call((VIP, 80), b"all of it")  # read to EOF: a FIN, no reset
+            assert echo == b"all of it"
+            [out, inb] = await log.wait_for("connection complete", count=2)
+    assert out.level == inb.level == "info"
 
 
 def deny(name: str, match: Match) -> Authorization:

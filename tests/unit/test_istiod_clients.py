@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from services.ztunnel.config import load_config
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import NetworkAddress, Service, Workload, WorkloadUid
 from services.ztunnel.xds.client import XdsClientConfig
-from shared.aio import GrpcTarget
+from shared.aio import GrpcTarget, client_tls_context
 
 
 def test_target_from_env(tmp_path: Path) -> None:
@@ -39,6 +40,22 @@ def test_target_from_env(tmp_path: Path) -> None:
         GrpcTarget.from_env("XDS", {"XDS_ADDRESS": "h:1", "XDS_ROOT_CERT": str(token)})
     with pytest.raises(ValueError, match="cannot read the root certificate"):
         GrpcTarget.from_env("XDS", {"XDS_ADDRESS": "h:1", "XDS_ROOT_CERT": "/nonexistent"})
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_root_certificate_is_refused_never_the_system_store(tmp_path: Path, content: str) -> None:
+    empty = tmp_path / "root.pem"
+    empty.write_text(content)
+    with pytest.raises(ValueError, match=f"^CA_ROOT_CERT {re.escape(str(empty))} is empty; .*never used"):
+        GrpcTarget.from_env("CA", {"CA_ADDRESS": "h:1", "CA_ROOT_CERT": str(empty)})
+    with pytest.raises(ValueError, match=r"^XDS_ROOT_CERT is set but empty"):
+        GrpcTarget.from_env("XDS", {"XDS_ADDRESS": "h:1", "XDS_ROOT_CERT": ""})
+    with pytest.raises(ValueError, match="refusing to trust the system store"):
+        client_tls_context(content)
+    unreadable = tmp_path / "dir.pem"
+    unreadable.mkdir()
+    with pytest.raises(ValueError, match="cannot read the root certificate"):
+        GrpcTarget.from_env("XDS", {"XDS_ADDRESS": "h:1", "XDS_ROOT_CERT": str(unreadable)})
 
 
 def test_node_identity_from_env() -> None:

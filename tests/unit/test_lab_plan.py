@@ -128,7 +128,7 @@ def test_apps_and_ports_come_from_labels_and_services() -> None:
     assert web.endpoints == ["mesh/web-1", "mesh/web-2"]
 
 
-def test_dnat_spreads_a_vip_over_its_endpoints_and_masquerades_hairpin() -> None:
+def test_dnat_spreads_a_vip_over_its_endpoints_and_masquerades_only_hairpin() -> None:
     plan = plan_lab(world(), prefix="t")
     rules = render_dnat(plan, plan.nodes[0])
     assert rules.splitlines() == [
@@ -139,9 +139,13 @@ def test_dnat_spreads_a_vip_over_its_endpoints_and_masquerades_hairpin() -> None
         "-A LAB-SERVICES -d 10.96.0.50/32 -p tcp -m tcp --dport 80 -m statistic --mode random "
         "--probability 0.50000 -j DNAT --to-destination 10.244.2.10:8080",
         "-A LAB-SERVICES -d 10.96.0.50/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.244.1.11:8080",
-        "-A POSTROUTING -s 10.244.1.0/24 -d 10.244.1.0/24 -m conntrack --ctstate DNAT -j MASQUERADE",
+        # only the node's own endpoint reaching itself through the VIP: every other source IP is kept
+        "-A POSTROUTING -s 10.244.1.11/32 -d 10.244.1.11/32 -m conntrack --ctstate DNAT -j MASQUERADE",
         "COMMIT",
     ]
+    other = render_dnat(plan, plan.nodes[1]).splitlines()
+    assert [line for line in other if "POSTROUTING" in line] == [
+        "-A POSTROUTING -s 10.244.2.10/32 -d 10.244.2.10/32 -m conntrack --ctstate DNAT -j MASQUERADE"]
 
 
 def test_steps_only_touch_lab_namespaces() -> None:
@@ -169,6 +173,9 @@ def test_pod_steps_are_what_cni_bridge_does() -> None:
         "ip -n t-mesh-client route add default via 10.244.1.1",
     ]
     assert len(client.host_veth) <= 15
+    # hairpin on the bridge port, as the bridge plugin's hairpinMode: a pod reaching itself through a VIP
+    assert f"ip -n t-node-a link set dev {client.host_veth} type bridge_slave hairpin on" in [
+        s.describe() for s in pod_steps(plan, client)]
 
 
 def test_bridges_have_fixed_distinct_locally_administered_macs() -> None:

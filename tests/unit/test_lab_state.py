@@ -57,6 +57,20 @@ def test_state_round_trips_and_is_rewritten_atomically(tmp_path: Path) -> None:
     assert load_state("other", tmp_path) is None
 
 
+def test_state_file_holding_the_tokens_is_0600_whatever_the_umask(tmp_path: Path) -> None:
+    state = LabState(prefix="t", run_dir=str(tmp_path / "t"), world_file="w", netns=["t-fabric"])
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "t").mkdir()
+        (tmp_path / "t" / "state.tmp").write_text("left by a crash")  # 0644: its mode must not be kept
+        save_state(state)
+        save_state(state)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t" / "state.json").stat().st_mode & 0o777 == 0o600
+    assert load_state("t", tmp_path) is not None
+
+
 def test_damaged_state_file_says_how_to_clean_up(tmp_path: Path) -> None:
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "state.json").write_text("{not json")
@@ -176,6 +190,12 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(shutil, "which", lambda name, path=None: None if name == "ip" else "/bin/x")
     with pytest.raises(PrerequisiteError, match=r"`ip` command.*apt-get install iproute2"):
         lab.check_prerequisites()
+
+
+def test_missing_br_netfilter_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lab, "BRIDGE_NETFILTER", tmp_path / "no-such-dir")
+    with pytest.raises(PrerequisiteError, match=r"br_netfilter kernel module.*modprobe br_netfilter"):
+        lab.check_bridge_netfilter()
 
 
 def test_status_of_a_lab_that_is_not_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,13 +17,17 @@ so a slow application holds back the peer through HTTP/2 flow control.
 EOF on the socket becomes END_STREAM; END_STREAM becomes `shutdown(SHUT_WR)`. The relay ends when both
 directions ended, or when the peer, after its END_STREAM, resets with NO_ERROR (it wants nothing more).
 The first error of either direction (reset, socket error, connection loss) ends both, the stream is reset
-if it is still open, and that error is raised as is.
+if it is still open, and that error is raised as is. A relay that ends that way, or is cancelled, leaves the
+socket to be reset when its owner closes it (`abort_on_close`: SO_LINGER 0, so the close sends RST): the
+application sees ECONNRESET, never a FIN that would pass a truncated transfer off as complete. Only the
+peer's clean END_STREAM becomes a FIN.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 
 import trio
 
@@ -92,6 +96,15 @@ async def stream_to_socket(stream: HboneStream, sock: socket.socket) -> None:
         stream.set_sink(None)
 
 
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+def abort_on_close(sock: socket.socket) -> None:
+    """SO_LINGER {on, 0}: closing `sock` sends RST (the peer's reads fail with ECONNRESET) instead of FIN."""
+    with contextlib.suppress(OSError):  # already closed or reset by the peer: nothing to tell it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+
+
 def _peer_done(stream: HboneStream, exc: BaseException) -> bool:
     """The peer ended its side and then reset with NO_ERROR: "stop sending, I am done" (RFC 9113 §8.1)."""
     cause = exc.__cause__
@@ -107,7 +120,20 @@ async def relay(stream: HboneStream, sock: socket.socket) -> None:
         trio.BrokenResourceError: the HBONE stream or connection failed (`__cause__` says how).
     """
     errors: list[BaseException] = []
+    try:
+        await _relay(stream, sock, errors)
+    except BaseException:
+        abort_on_close(sock)  # cancelled (drain deadline, the pod going away): the tunnel did not end
+        raise
+    if errors:
+        abort_on_close(sock)
+        if not stream.finished:
+            stream.reset(ERROR_CONNECT)
+        raise errors[0]
 
+
+async def _relay(stream: HboneStream, sock: socket.socket, errors: list[BaseException]) -> None:
+    """Both directions; the first error of either goes to `errors` and ends both."""
     async def one_way(direction: str, scope: trio.CancelScope) -> None:
         try:
             if direction == "up":
@@ -142,7 +168,3 @@ async def relay(stream: HboneStream, sock: socket.socket) -> None:
         if not down_started:  # upstream done, downstream still inline: finish it in this task
             down_started = True
             await one_way("down", nursery.cancel_scope)
-    if errors:
-        if not stream.finished:
-            stream.reset(ERROR_CONNECT)
-        raise errors[0]

@@ -11,7 +11,8 @@ it (proxy/inbound.py implements it; tests use a fake). Per connection:
 2. `policy.accepted(conn)` once the handshake succeeded, before any stream (so the caller can GOAWAY the
    connection later, when its pod drains);
 3. an h2 `ServerCore` that answers 400 itself to anything but a CONNECT to this connection's local IP
-   (`policy.refused(outcome)` with that status);
+   (`policy.refused(outcome)` with that status); a CONNECT to one of ztunnel's own ports is answered 400 as
+   a self call (its outcome goes to `policy.closed`, counted as failed);
 4. per valid CONNECT, in its own task: `policy.outcome(info)` names the tunnel's ends;
    `policy.authorize(info)` -> 401 when it denies; `policy.open_upstream(info)` -> 503 when it raises
    `ConnectError` or `OSError`; else `policy.opened(outcome)`, 200, and `relay()` between the stream and the
@@ -51,7 +52,7 @@ from services.ztunnel.hbone.tls import (
     server_connection,
 )
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
-from services.ztunnel.net import describe_os_error, peer_addr
+from services.ztunnel.net import SELF_CALL_ERROR, ZTUNNEL_PORTS, describe_os_error, peer_addr
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, format_addr
 from services.ztunnel.telemetry.trace import Verdict
 from shared.addr import Addr, format_host_port
@@ -189,6 +190,11 @@ class _Server:
         error: str | None = None
         try:
             outcome = policy.outcome(info)
+            if event.target[1] in ZTUNNEL_PORTS:  # back into ztunnel: a loop (upstream: 400, SelfCall)
+                outcome.status = 400
+                error = SELF_CALL_ERROR
+                conn.respond(stream, 400)
+                return
             verdict = policy.authorize(info)
             outcome.verdict = verdict
             if not verdict.allowed:

@@ -13,16 +13,10 @@ connection is delivered.
 from __future__ import annotations
 
 import socket
-from typing import Final
 
 from services.ztunnel.authz import AuthzRequest, authorize_from_state
 from services.ztunnel.hbone.server import policy_rejection
-from services.ztunnel.net import (
-    INBOUND_HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT,
-    OUTBOUND_PORT,
-    local_addr,
-)
+from services.ztunnel.net import SELF_CALL_ERROR, ZTUNNEL_PORTS, local_addr
 from services.ztunnel.peers import workload_peer
 from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.proxy.inbound import service_for_port
@@ -30,16 +24,16 @@ from services.ztunnel.proxy.tcp import proxy_tcp
 from services.ztunnel.telemetry.access_log import ConnectionOutcome, Peer, format_addr
 from shared.addr import Addr
 
-SELF_CALL_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT})
-SELF_CALL_ERROR: Final = "attempted recursive call to ourselves"
-
 
 async def handle_inbound_plaintext(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
     """A plaintext connection to the pod, redirected to 15006: authorized (no identity), then delivered."""
     dst = ctx.sockets.original_dst(client) or local_addr(client)
-    if dst[1] in SELF_CALL_PORTS:
-        ctx.telemetry.connection_failed(src_addr=format_addr(peer), dst_addr=format_addr(dst),
-                                        direction="inbound", error=SELF_CALL_ERROR)
+    if dst[1] in ZTUNNEL_PORTS:
+        refused = ConnectionOutcome(direction="inbound", src_addr=format_addr(peer),
+                                    dst_addr=format_addr(dst), src=ctx.peers.by_address(peer[0]) or Peer(),
+                                    dst=ctx.peer)
+        ctx.telemetry.connection_failed(src_addr=refused.src_addr, dst_addr=refused.dst_addr,
+                                        direction="inbound", error=SELF_CALL_ERROR, outcome=refused)
         return
     mesh = ctx.mesh
     workload = ctx.workload()

@@ -2,7 +2,9 @@
 
 Theory of operation
 -------------------
-The original destination (netfilter SO_ORIGINAL_DST) is where the app was going. Without xDS
+The original destination (netfilter SO_ORIGINAL_DST) is where the app was going. One of this ztunnel's own
+listeners there (`is_self_call`) is refused at once, as upstream refuses a self call: it would loop back
+into ztunnel without end (one `connection failed` line, counted as failed). Without xDS
 (`ctx.mesh is None`) every connection is plain TCP passthrough to it. With xDS it is resolved against the
 state from the pod's own workload (`resolve_outbound`, resolve.py):
 
@@ -31,9 +33,9 @@ from services.ztunnel.hbone.core import ERROR_CANCEL
 from services.ztunnel.hbone.errors import HttpStatusError
 from services.ztunnel.hbone.pool import HbonePool
 from services.ztunnel.hbone.relay import relay
-from services.ztunnel.net import describe_os_error, local_addr
+from services.ztunnel.net import SELF_CALL_ERROR, ZTUNNEL_PORTS, describe_os_error, local_addr
 from services.ztunnel.peers import workload_peer
-from services.ztunnel.proxy.context import PodContext
+from services.ztunnel.proxy.context import Mesh, PodContext
 from services.ztunnel.proxy.resolve import HboneRoute, NoHealthyUpstream, resolve_outbound
 from services.ztunnel.proxy.tcp import proxy_tcp
 from services.ztunnel.state.types import Workload
@@ -62,6 +64,22 @@ def baggage_of(workload: Workload, *, cluster: str | None = None, region: str | 
     return ",".join(f"{key}={value}" for key, value in items if value)
 
 
+def is_self_call(dst: Addr, client: socket.socket, mesh: Mesh | None) -> bool:
+    """Whether the original destination `dst` is one of this ztunnel's own listeners: one of ztunnel's ports
+    on the very listener the connection reached (`client`'s local address: not redirected, as an app dialling
+    its own pod IP goes out on `lo`, which the pod's rules leave alone), on a loopback address, or on the IP
+    of a pod of this node (xDS). One set lookup for any other port; nothing more per connection."""
+    if dst[1] not in ZTUNNEL_PORTS:
+        return False
+    ip = dst[0]
+    if ip.startswith("127.") or ip == "::1" or dst == local_addr(client):
+        return True
+    if mesh is None:
+        return False
+    workload = mesh.store.workload_by_ip(ip)
+    return workload is not None and (not mesh.node or workload.node == mesh.node)
+
+
 async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
     """A connection the pod's app made, redirected to 15001: HBONE, passthrough or refused, by xDS."""
     dst = ctx.sockets.original_dst(client)
@@ -71,6 +89,13 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
                                         error="no original destination (connection was not redirected)")
         return
     mesh, pool = ctx.mesh, ctx.pool
+    if is_self_call(dst, client, mesh):
+        refused = ConnectionOutcome(direction="outbound", src_addr=format_addr(peer),
+                                    dst_addr=format_addr(dst), src=ctx.peer,
+                                    dst=ctx.peers.by_address(dst[0]) or Peer())
+        ctx.telemetry.connection_failed(src_addr=refused.src_addr, dst_addr=refused.dst_addr,
+                                        direction="outbound", error=SELF_CALL_ERROR, outcome=refused)
+        return
     if mesh is None or pool is None:
         await proxy_tcp(ctx, client, dst, ConnectionOutcome(
             direction="outbound", src_addr=format_addr(peer), dst_addr=format_addr(dst), src=ctx.peer,
