@@ -22,7 +22,8 @@ events back, and writes whatever `data_to_send()` returns. Flow control is expli
 
 Half-close is END_STREAM each way (`end_stream()` / `StreamEnded`); errors reset the stream (`reset()`).
 Settings follow upstream ztunnel: 4 MiB stream window, 16 MiB connection window, 1 MiB
-frames, header lists of 16 KiB (client) / 64 KiB (server), 200 concurrent streams on the server.
+frames, header lists of 16 KiB (client) / 64 KiB (server), 200 concurrent streams on the server. Frame and
+header-block sizes are checked from each frame header before its payload is read (framebuffer.py).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import hpack
 import hyperframe.frame
 
 from services.ztunnel.hbone.errors import HboneProtocolError
+from services.ztunnel.hbone.framebuffer import BoundedFrameBuffer
 from shared.addr import Addr, format_host_port, parse_ip_port, unmapped_ip
 
 Header = tuple[bytes, bytes]
@@ -242,7 +244,9 @@ class _Core:
         # limit once at construction, so both are set by hand, and the HPACK decoder's limit too.
         conn.local_settings = _settings(client)
         conn.max_inbound_frame_size = MAX_FRAME_SIZE
-        conn.incoming_buffer.max_frame_size = MAX_FRAME_SIZE
+        conn.incoming_buffer = BoundedFrameBuffer(
+            server=not client, max_frame_size=MAX_FRAME_SIZE,
+            max_header_block=CLIENT_MAX_HEADER_LIST_SIZE if client else SERVER_MAX_HEADER_LIST_SIZE)
         conn.decoder.max_header_list_size = (CLIENT_MAX_HEADER_LIST_SIZE if client
                                              else SERVER_MAX_HEADER_LIST_SIZE)
         # hpack's Huffman coder is a per-byte Python loop (both ways): a CONNECT's traceparent, forwarded and
