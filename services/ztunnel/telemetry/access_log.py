@@ -66,6 +66,18 @@ class Peer(msgspec.Struct, frozen=True, kw_only=True):
     principal: str | None = None
 
 
+MAX_FIELD_LENGTH = 1024
+"""An access-log error longer than this many characters is cut, ending in `...(N more)` (a peer's 60 KB
+`:authority` quoted in an error must not be copied into every log line)."""
+
+
+def truncate_field(value: str) -> str:
+    """`value` cut to MAX_FIELD_LENGTH characters, saying how many were left out."""
+    if len(value) <= MAX_FIELD_LENGTH:
+        return value
+    return f"{value[:MAX_FIELD_LENGTH]}...({len(value) - MAX_FIELD_LENGTH} more)"
+
+
 def format_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> Display:
     return Display(format_host_port(unmap(addr[0]), addr[1]))
 
@@ -307,7 +319,7 @@ class Telemetry:
         if error is None:
             self.log.info("connection complete", extra={"fields": fields})
         else:
-            fields.append(("error", error))
+            fields.append(("error", truncate_field(error)))
             self.log.error("connection complete", extra={"fields": fields})
         if self.trace.subscribers:
             self.trace.publish(self.pod, lambda: outcome.trace_event(self.pod))
@@ -321,7 +333,7 @@ class Telemetry:
             self.open.discard(outcome)
             self._series_of(outcome).child("failed").inc()
         fields: Sequence[Field] = (("src.addr", src_addr), ("dst.addr", dst_addr), ("direction", direction),
-                                   ("error", error))
+                                   ("error", truncate_field(error)))
         self.log.warning("connection failed", extra={"fields": fields})
         if self.trace.subscribers:
             self.trace.publish(self.pod, lambda: failed_event(self.pod, src_addr=src_addr, dst_addr=dst_addr,
