@@ -24,7 +24,10 @@ machine class.
 
 EOF on one side is propagated as `shutdown(SHUT_WR)` on the other (half-close), and the copy ends when both
 directions have. An OSError (reset, broken pipe) on either direction ends both; the first error is raised
-as is (never wrapped in an ExceptionGroup) so callers can log it.
+as is (never wrapped in an ExceptionGroup) so callers can log it. A copy that ends that way, or is
+cancelled, resets both sockets when they are closed (SO_LINGER 0, the same `abort_on_close` the HBONE
+relay uses): the application sees ECONNRESET, never a FIN that would make a cut-off transfer look whole.
+Only an EOF from the other side becomes a FIN.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Final
 import trio
 
 from services.ztunnel.errors import ConnectError
+from services.ztunnel.hbone.relay import abort_on_close
 from services.ztunnel.net import connect, describe_os_error
 from services.ztunnel.proxy.context import PodContext
 from services.ztunnel.rxbuf import receive_view as _view
@@ -163,6 +167,7 @@ async def copy_bidirectional(client: socket.socket, upstream: socket.socket,
                              sent: Callable[[int], None], received: Callable[[int], None], *,
                              splice: bool = False) -> None:
     """Copy both ways until both sides reached EOF. `sent` counts client->upstream, `received` the reverse.
+    Ended by an error or cancelled: both sockets are left to send RST when their owners close them.
 
     Raises:
         OSError: the first socket error of either direction (the other direction is cancelled).
@@ -179,10 +184,17 @@ async def copy_bidirectional(client: socket.socket, upstream: socket.socket,
             errors.append(exc)
             scope.cancel()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(one_way, client, upstream, sent, nursery.cancel_scope)
-        nursery.start_soon(one_way, upstream, client, received, nursery.cancel_scope)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_way, client, upstream, sent, nursery.cancel_scope)
+            nursery.start_soon(one_way, upstream, client, received, nursery.cancel_scope)
+    except BaseException:
+        abort_on_close(client)  # cancelled (the pod going away, the drain deadline): the copy did not end
+        abort_on_close(upstream)
+        raise
     if errors:
+        abort_on_close(client)
+        abort_on_close(upstream)
         raise errors[0]
 
 
