@@ -39,6 +39,7 @@ import msgspec
 import trio
 
 from shared.addr import format_host_port
+from shared.rundir import in_use_message, socket_in_use
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,12 @@ class Router:
 
 
 async def open_unix_listener(path: str, *, mode: int = 0o600, backlog: int = 64) -> trio.SocketListener:
-    """Bind a stream Unix socket at `path` (a stale socket file is replaced; any other file is refused;
-    the directory must exist).
+    """Bind a stream Unix socket at `path` (a stale socket file is replaced; any other file, or a socket a
+    live process still serves, is refused; the directory must exist).
 
     Raises:
-        OSError: the path exists and is not a socket (EEXIST), or the bind failed.
+        OSError: the path exists and is not a socket (EEXIST), a live process serves it (EADDRINUSE), or
+            the bind failed.
     """
     try:
         st = os.lstat(path)
@@ -130,6 +132,8 @@ async def open_unix_listener(path: str, *, mode: int = 0o600, backlog: int = 64)
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+        if socket_in_use(path):
+            raise OSError(errno.EADDRINUSE, in_use_message(path))
         os.unlink(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -11,6 +11,10 @@ on the host silently, and removed at exit, so nothing is left behind. The same f
     own = bound_socket_file(path)                        # right after bind
     ...serve...
     remove_own_socket(path, own)                         # only if it is still the file bound above (inode)
+
+Before replacing a socket file left at the path, a server asks `socket_in_use(path, kind)`: a socket that
+accepts a connection belongs to a live process (a second agent started on the same paths), and the new
+server refuses to start rather than take the path over; a socket that refuses is stale and is replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from pathlib import Path
 
 log = logging.getLogger("shared.rundir")
@@ -83,3 +88,25 @@ def remove_own_socket(path: str | os.PathLike[str], own: SocketFile | None) -> N
         return
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+def socket_in_use(path: str | os.PathLike[str], kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether a live process accepts connections on the Unix socket at `path` (`kind`: SOCK_STREAM or
+    SOCK_SEQPACKET). False for a stale socket file (connection refused) or nothing there."""
+    probe = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except TimeoutError:
+        return True  # its backlog is full: somebody is listening
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def in_use_message(path: str | os.PathLike[str]) -> str:
+    """The one-line refusal when `socket_in_use(path)`."""
+    return (f"another live process is serving {os.fspath(path)}; stop it first or choose another "
+            "socket path")

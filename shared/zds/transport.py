@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from shared.rundir import in_use_message, socket_in_use
 from shared.zds.codec import Datagram, close_fds
 from shared.zds.errors import ZdsError
 from shared.zds.types import MAX_DATAGRAM
@@ -62,7 +63,8 @@ def bind_server_socket(path: str | os.PathLike[str], *, mode: int = 0o600) -> tr
     """Create the listening SEQPACKET socket at `path`, removing a stale socket file first.
 
     The file is created with `mode` (umask during bind, so it is never briefly world-accessible).
-    Refuses to remove anything that is not a socket, with a message saying what is there.
+    Refuses to remove anything that is not a socket, with a message saying what is there, and a socket
+    that a live process still serves (another node agent on the same path).
     """
     target = Path(path)
     try:
@@ -73,6 +75,8 @@ def bind_server_socket(path: str | os.PathLike[str], *, mode: int = 0o600) -> tr
         if not stat.S_ISSOCK(st.st_mode):
             what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a socket"
             raise ZdsSocketError(f"{target} exists and is {what}; remove it or choose another socket path")
+        if socket_in_use(target, socket.SOCK_SEQPACKET):
+            raise ZdsSocketError(in_use_message(target))
         target.unlink()
     if not target.parent.is_dir():  # the owner makes it (shared.rundir.make_parents); never silently here
         raise ZdsSocketError(f"{target.parent} does not exist; create it or choose another socket path")

@@ -183,3 +183,15 @@ async def test_a_streamed_response_is_chunked_and_cancelled_when_the_client_leav
                 rest += await client.receive_some(65536)
             await client.aclose()  # the reader goes away mid-stream
     assert finished == ["closed", "connection closed"]
+
+
+async def test_open_unix_listener_refuses_a_socket_a_live_process_serves(tmp_path: Path) -> None:
+    path = str(tmp_path / "http.sock")
+    first = await open_unix_listener(path)
+    try:
+        with pytest.raises(OSError, match="another live process is serving"):
+            await open_unix_listener(path)
+        assert os.path.exists(path)  # the first server's socket file is left in place
+    finally:
+        first.socket.close()
+    (await open_unix_listener(path)).socket.close()  # once it is gone, the stale file is replaced

@@ -112,6 +112,21 @@ async def test_a_file_it_refused_to_replace_is_still_there_after_exit(tmp_path: 
     assert not os.path.exists(config.zds_socket)  # its own socket is gone
 
 
+async def test_a_second_agent_on_live_sockets_refuses_to_start_and_leaves_them(tmp_path: Path) -> None:
+    config = AgentConfig(node_name="n1", zds_socket=str(tmp_path / "zds.sock"),
+                         cni_socket=str(tmp_path / "cni.sock"), health_addr=None)
+    refused = pytest.RaisesExc(Exception, match="another live process is serving")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_agent, config, applier=FakeRuleApplier()))
+            inodes = {p: os.stat(p).st_ino for p in (config.zds_socket, config.cni_socket)}
+            with pytest.RaisesGroup(refused, flatten_subgroups=True, allow_unwrapped=True):
+                async with trio.open_nursery() as second:
+                    await second.start(partial(run_agent, config, applier=FakeRuleApplier()))
+            assert {p: os.stat(p).st_ino for p in inodes} == inodes  # still the first agent's
+            nursery.cancel_scope.cancel()
+
+
 async def test_sockets_another_process_took_over_are_left_to_it_at_exit(tmp_path: Path) -> None:
     config = AgentConfig(node_name="n1", zds_socket=str(tmp_path / "zds.sock"),
                          cni_socket=str(tmp_path / "cni.sock"), health_addr=None)

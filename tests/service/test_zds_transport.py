@@ -364,3 +364,14 @@ async def test_client_nacks_bad_messages_and_reconnects(
         nursery.cancel_scope.cancel()
     listener.close()
     assert open_fd_count() == before
+
+
+async def test_a_socket_a_live_server_still_serves_is_refused_not_replaced(sock_path: str) -> None:
+    first = bind_server_socket(sock_path)
+    try:
+        inode = os.stat(sock_path).st_ino
+        with pytest.raises(ZdsSocketError, match="another live process is serving"):
+            bind_server_socket(sock_path)
+        assert os.stat(sock_path).st_ino == inode
+    finally:
+        first.close()
