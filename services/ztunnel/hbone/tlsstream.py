@@ -44,11 +44,14 @@ try:
     from OpenSSL.SSL import _lib as _ssl_lib  # type: ignore[attr-defined]
 
     _SSL_read = _ssl_lib.SSL_read
+    _SSL_clear_mode = _ssl_lib.SSL_clear_mode
+    _PARTIAL_WRITE: int = _ssl_lib.SSL_MODE_ENABLE_PARTIAL_WRITE
     _shared_ptr = _ssl_ffi.from_buffer(_shared)  # pins the buffer (it is never resized)
     if not callable(getattr(SSL.Connection, "_raise_ssl_error", None)):
         raise ImportError("pyOpenSSL has no Connection._raise_ssl_error")
 except (ImportError, AttributeError):  # pragma: no cover - depends on the pyOpenSSL version
     _SSL_read = None
+    _SSL_clear_mode = None
 
 
 def _recv_record(conn: SSL.Connection, offset: int) -> int:
@@ -73,6 +76,10 @@ class TlsSocketStream(trio.abc.Stream):
     def __init__(self, sock: socket.socket, conn: SSL.Connection) -> None:
         self.socket = sock
         self.ssl = conn
+        if _SSL_clear_mode is not None:
+            # pyOpenSSL turns on partial writes: each SSL_write then returns after one 16 KiB record, so a
+            # 256 KiB DATA frame took 16 calls through Python. Without them one call writes every record.
+            _SSL_clear_mode(conn._ssl, _PARTIAL_WRITE)
         self._broken: BaseException | None = None
         self._eof = False
         self._read_wants_write = False
