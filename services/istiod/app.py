@@ -35,10 +35,11 @@ from services.istiod.ca import CertificateAuthority
 from services.istiod.errors import StartupError
 from services.istiod.server import DEFAULT_SERVER_NAMES, IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
-from services.istiod.world import World, load_world
+from services.istiod.world import MAX_WORLD_BYTES, World, load_world
 from shared.addr import AddressError, format_host_port, split_host_port
 from shared.errors import AmbientError
 from shared.identity import IdentityError, load_cert, load_key
+from shared.limits import raise_open_files_limit
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
 from shared.settings import check_listen
 from shared.version import version_text
@@ -189,6 +190,10 @@ async def keep_tokens(store: WorldStore, auth: Auth, tokens: NodeTokens) -> None
 
 def _load_world_file(path: Path) -> World:
     try:
+        size = path.stat().st_size
+        if size > MAX_WORLD_BYTES:  # refused before reading, so a huge file costs no memory
+            raise StartupError(f"the world file {path} is {size:,} bytes, over the limit of "
+                               f"{MAX_WORLD_BYTES:,}")
         data = path.read_bytes()
     except OSError as exc:
         raise StartupError(f"cannot read the world file {path}: {exc.strerror}") from None
@@ -326,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"istiod-stub: error: {problem}", file=sys.stderr)
         sys.exit(2)
     setup_logging(json_format=args.log_format == "json", level=str(args.log_level))
+    raise_open_files_limit("istiod-stub")
     try:
         trio.run(run, args)
     except* AmbientError as group:

@@ -12,7 +12,7 @@ import ipaddress
 import re
 import uuid
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -171,8 +171,15 @@ class World(_Base, frozen=True, kw_only=True):
 # --- loading ---------------------------------------------------------------------------------------------
 
 
+MAX_WORLD_BYTES: Final = 16 * 1024 * 1024
+"""The largest world document accepted (16 MiB: a few hundred thousand pods' worth of YAML)."""
+
+
 def load_world(data: bytes, source: str) -> World:
     """Parse and validate a world document (YAML, or JSON which is YAML too). Raises WorldError."""
+    if len(data) > MAX_WORLD_BYTES:
+        raise WorldError(source, "$", f"the document is {len(data):,} bytes, over the limit of "
+                         f"{MAX_WORLD_BYTES:,}; split the world or trim it")
     stripped = data.lstrip()
     try:
         if stripped.startswith(b"{"):

@@ -51,6 +51,7 @@ from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
 from shared.addr import AddressError, split_host_port
 from shared.errors import AmbientError, start_failure
 from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http
+from shared.limits import raise_open_files_limit
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
 from shared.rundir import SocketFile, bound_socket_file, make_parents, remove_made, remove_own_socket
 from shared.settings import EnvSettings, check_listen
@@ -472,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"node-agent: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(json_format=config.log_format == "json", level=config.log_level)
+    raise_open_files_limit("node-agent")
     for warning in config.warnings:
         log.warning("deprecated setting in use", extra={"fields": [("detail", warning)]})
     try:

@@ -37,7 +37,7 @@ import trio
 from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
 from services.ztunnel.config import ZtunnelConfig, check_listen_addresses, load_config
 from services.ztunnel.errors import ConfigError, StartupCheckError
-from services.ztunnel.host import raise_open_files_limit, trim_malloc_periodically, verify_syscalls
+from services.ztunnel.host import trim_malloc_periodically, verify_syscalls
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
@@ -49,6 +49,7 @@ from services.ztunnel.telemetry.metrics import Metrics
 from shared.addr import format_host_port
 from shared.errors import AmbientError, start_failure
 from shared.httpd import bound_addresses, serve_http_tcp
+from shared.limits import raise_open_files_limit
 from shared.logs import setup_logging
 from shared.version import version_text
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ztunnel: {exc}", file=sys.stderr)
         return 2
     setup_logging(json_format=config.log_format == "json", level=config.log_level)
-    raise_open_files_limit()
+    raise_open_files_limit("ztunnel")
     try:
         verify_syscalls(config.proxy.packet_mark)
     except StartupCheckError as exc:

@@ -1,17 +1,14 @@
 """What ztunnel needs of its host, apart from the proxy: the start-up self checks, the open-files limit, and
 handing freed heap pages back to the kernel.
 
-    raise_open_files_limit()       at start: every proxied connection holds two sockets
     verify_syscalls(mark)          at start: setns and SO_MARK work here (else ztunnel cannot run at all)
     trim_malloc_periodically()     for the process's life: `malloc_trim(0)` every MALLOC_TRIM_INTERVAL s
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
-import resource
 import socket
 from collections.abc import Callable
 from functools import partial
@@ -22,15 +19,6 @@ import trio
 from services.ztunnel.errors import StartupCheckError
 from services.ztunnel.inpod.sockets import SO_MARK
 from shared.netns import NetnsError, current_netns_fd, entered
-
-
-def raise_open_files_limit() -> None:
-    """Every proxied connection holds two sockets: lift the soft fd limit to the hard one (as upstream)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
 
 MALLOC_TRIM_INTERVAL: Final = 5.0  # seconds
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from services.istiod.errors import NotFoundError, WorldError
@@ -141,3 +143,23 @@ def test_accepted_mutations_bump_the_generation() -> None:
     assert pod.labels == {"x": "y"}
     assert store.add_policy(b'{"name": "p", "namespace": "sleep", "action": "deny"}') == g + 2
     assert store.remove_policy("sleep", "p") == g + 3
+
+
+def test_a_world_over_the_size_limit_is_refused_before_parsing() -> None:
+    from services.istiod.world import MAX_WORLD_BYTES
+
+    oversized = b"namespaces: []\n" + b"#" * MAX_WORLD_BYTES
+    with pytest.raises(WorldError, match="over the limit"):
+        load_world(oversized, "big.yaml")
+
+
+def test_the_stub_refuses_an_oversized_world_file_without_reading_it(tmp_path: Path) -> None:
+    from services.istiod.app import _load_world_file
+    from services.istiod.errors import StartupError
+    from services.istiod.world import MAX_WORLD_BYTES
+
+    path = tmp_path / "world.yaml"
+    with path.open("wb") as f:
+        f.truncate(MAX_WORLD_BYTES + 1)  # sparse: costs no disk
+    with pytest.raises(StartupError, match="over the limit"):
+        _load_world_file(path)
