@@ -157,6 +157,7 @@ ENV_HELP = """settings (environment variables, named as upstream ztunnel's):
   NODE_NAME, POD_NAME, POD_NAMESPACE, INSTANCE_IP, CLUSTER_ID
   XDS_ADDRESS, XDS_ROOT_CERT, XDS_TOKEN_FILE, XDS_HEADER_*   control plane (xDS); unset: passthrough only
   CA_ADDRESS, CA_ROOT_CERT, CA_TOKEN_FILE, CA_HEADER_*        certificate authority (default: the xDS ones)
+  XDS_ROOT_CA, CA_ROOT_CA, AUTH_TOKEN                       upstream's names for the same files (aliases)
   LOG_FORMAT=plain|json, RUST_LOG=info|debug|... (LOG_LEVEL when RUST_LOG is unset)
   IPV6_ENABLED, ENABLE_ORIG_SRC, CONNECT_TIMEOUT
   CONNECTION_TERMINATION_DEADLINE (else TERMINATION_GRACE_PERIOD_SECONDS - 5s, else 5s): drain on SIGTERM

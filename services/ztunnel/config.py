@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Final
 
 import msgspec
 
@@ -74,13 +75,42 @@ def drain_deadline(env: Mapping[str, str]) -> float:
     return 5.0
 
 
+UPSTREAM_NAMES: Final = {
+    "XDS_ROOT_CA": ("XDS_ROOT_CERT",),
+    "CA_ROOT_CA": ("CA_ROOT_CERT",),
+    "AUTH_TOKEN": ("XDS_TOKEN_FILE", "CA_TOKEN_FILE"),
+}
+"""Upstream ztunnel's names for the root certificate and token files, read as aliases of ours (ours win
+where both are set), so one environment configures either implementation."""
+
+
+def with_upstream_names(env: Mapping[str, str]) -> Mapping[str, str]:
+    """`env` with upstream's XDS_ROOT_CA / CA_ROOT_CA / AUTH_TOKEN filled into our names where unset.
+
+    Raises:
+        ConfigError: a root setting names upstream's `SYSTEM` (the system trust store), which this
+            ztunnel refuses: a mesh's root is its own CA, never the host's public ones.
+    """
+    merged = dict(env)
+    for upstream, ours in UPSTREAM_NAMES.items():
+        value = env.get(upstream)
+        if not value:
+            continue
+        if value == "SYSTEM" and upstream.endswith("ROOT_CA"):
+            raise ConfigError(f"{upstream}=SYSTEM (the system trust store) is not supported; "
+                              "name the mesh's root certificate file")
+        for name in ours:
+            merged.setdefault(name, value)
+    return merged
+
+
 def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
     """Read the settings from `env` (default: the process environment).
 
     Raises:
         ConfigError: a value is malformed; the message names the variable.
     """
-    env = os.environ if env is None else env
+    env = with_upstream_names(os.environ if env is None else env)
     settings = EnvSettings(env, error=ConfigError)
     log_format = env.get("LOG_FORMAT", "plain").lower()
     if log_format not in {"plain", "json"}:

@@ -121,3 +121,25 @@ def test_pod_info_enablement_matches_spec_section_8() -> None:
     assert not info({}, {}).is_ambient
     assert not info({mode: "ambient"}, {}, annotations={"sidecar.istio.io/status": "{}"}).is_ambient
     assert not info({mode: "ambient"}, {}, host=True).is_ambient
+
+
+ROOT_PEM = CertificateAuthority.create().root_pem
+
+
+def test_ztunnel_reads_upstreams_root_and_token_names(tmp_path: Path) -> None:
+    root = tmp_path / "root-cert.pem"
+    root.write_text(ROOT_PEM)  # read back as-is
+    token = tmp_path / "istio-token"
+    token.write_text("tok-123")
+    config = load_config({"XDS_ADDRESS": "https://127.0.0.1:15012", "XDS_ROOT_CA": str(root),
+                          "CA_ROOT_CA": str(root), "AUTH_TOKEN": str(token)})
+    assert config.xds_target is not None and config.ca_target is not None
+    assert config.xds_target.root_cert_pem == ROOT_PEM and config.ca_target.root_cert_pem == ROOT_PEM
+    assert config.xds_target.token == "tok-123" and config.ca_target.token == "tok-123"
+
+
+def test_ztunnel_refuses_upstreams_system_root() -> None:
+    from services.ztunnel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="XDS_ROOT_CA=SYSTEM"):
+        load_config({"XDS_ADDRESS": "https://127.0.0.1:15012", "XDS_ROOT_CA": "SYSTEM"})
