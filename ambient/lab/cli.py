@@ -1,6 +1,7 @@
 """`ambient lab ...`, `ambient logs` and `ambient demo`: the local stack in network namespaces.
 
     ambient lab up [--world FILE] [--nodes N] [--prefix P]    build the lab and start everything in it
+        [--ztunnel-bin PATH [--on NODE ...]]                  upstream's ztunnel (a build of istio/ztunnel)
     ambient lab down [--prefix P]                             stop and remove exactly what `up` made
     ambient lab status [--json] [--prefix P]                  nodes, pods (IP, node, enrolment: the pod's
                                                               ambient.istio.io/redirection), services
@@ -95,6 +96,21 @@ def register(subparsers: Any) -> None:
     )
     up.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for each component (default 30)"
+    )
+    up.add_argument(
+        "--ztunnel-bin",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="run this ztunnel binary (a build of istio/ztunnel) instead of ours, configured through its own "
+        "settings (INPOD_UDS, XDS_ADDRESS, CA_ADDRESS, ...); see ambient/lab/README.md",
+    )
+    up.add_argument(
+        "--on",
+        action="append",
+        default=None,
+        metavar="NODE",
+        help="with --ztunnel-bin: only on this node (repeatable; default every node)",
     )
     _add_prefix(up)
     up.set_defaults(func=cmd_up)
@@ -215,6 +231,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             nodes=args.nodes,
             timeout=args.timeout,
             progress=_progress,
+            ztunnel_bin=args.ztunnel_bin,
+            upstream_on=args.on,
         )
     console.print(
         f"[green]lab {state.prefix!r} is up[/]: {len(state.pods)} pods; "

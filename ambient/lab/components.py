@@ -8,7 +8,8 @@ This is the one place that knows the components' command lines, environment and 
                                       ready: TCP 53 on the kube-dns VIP accepts
     node-agent  node netns            python -m services.node_agent.app (NODE_NAME, ZTUNNEL_UDS_ADDRESS, ...)
                                       ready: GET /healthz on its CNI-event Unix socket answers 200
-    ztunnel     node netns            python -m services.ztunnel.app (upstream's environment variables)
+    ztunnel     node netns            python -m services.ztunnel.app (upstream's environment variables),
+                                      or a build of istio/ztunnel (`--ztunnel-bin`, upstream.py)
                                       ready: GET :15021/healthz/ready answers 200 (any answer while no
                                       node agent runs: without one it can never get its snapshot)
     app         pod netns             python -m services.apps.server KIND --port P
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ambient.lab import upstream
 from ambient.lab.cluster_dns import KUBE_DNS_VIP, dnsmasq_conf
 from ambient.lab.errors import ComponentError
 from ambient.lab.probe import http_get, tcp_probe, unix_http
@@ -218,11 +220,23 @@ def ztunnel_spec(
     istiod: str | None = None,
     netns: str | None = None,
     instance_ip: str | None = None,
+    ztunnel_bin: str | None = None,
 ) -> ComponentSpec:
-    """ztunnel of `node`; the overrides are for a node that is a container (see node_agent_spec)."""
+    """ztunnel of `node`; the overrides are for a node that is a container (see node_agent_spec).
+    With `ztunnel_bin`, that binary (a build of istio/ztunnel) with upstream's settings instead of ours."""
     cwd = paths.node_dir(node.name)
     netns = node.netns if netns is None else netns
     istiod = istiod or plan.istiod_address
+    if ztunnel_bin is not None:
+        env = upstream.upstream_env(plan, node, zds_socket=str(paths.zds_socket(node.name)),
+                                    root_cert=str(cwd / ROOT_CERT_PATH), token=str(cwd / TOKEN_PATH),
+                                    istiod=istiod)  # fmt: skip
+        if instance_ip:
+            env["INSTANCE_IP"] = instance_ip
+        return upstream.upstream_ztunnel_spec(
+            name=f"ztunnel/{node.name}", node=node, netns=netns, binary=ztunnel_bin, env=env, cwd=str(cwd),
+            log=str(paths.log(f"ztunnel/{node.name}")), ready_port=ZTUNNEL_READY_PORT, with_agent=with_agent,
+        )  # fmt: skip
     env = {
         "NODE_NAME": node.name,
         "POD_NAME": f"ztunnel-{node.name}",
@@ -284,7 +298,7 @@ def write_node_secrets(paths: LabPaths, node: str, token: str) -> None:
     token_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+        f.write(token)  # no newline, as the kubelet writes it: upstream ztunnel sends the file as it is
     if paths.root_cert.exists():
         cert = base / ROOT_CERT_PATH
         cert.parent.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,12 @@ from ambient.lab.topology import (
     rescale_world,
     wire_pod,
 )
+from ambient.lab.upstream import (
+    IMPLEMENTATION_OURS,
+    check_ztunnel_bin,
+    choose_nodes,
+    held_from_workload_state,
+)
 from services.istiod.world import REDIRECTION_ANNOTATION, World, load_world, world_to_json
 from shared.netns import NetnsError
 
@@ -167,8 +173,12 @@ class LabBuilder:
         root: Path | None,
         timeout: float,
         progress: Progress,
+        ztunnel_bin: str | None = None,
+        upstream_nodes: frozenset[str] = frozenset(),
     ) -> None:
         self.plan = plan
+        self.ztunnel_bin = ztunnel_bin
+        self.upstream_nodes = upstream_nodes
         self.world = world
         self.timeout = timeout
         self.progress = progress
@@ -225,12 +235,14 @@ class LabBuilder:
             if self.has_agent:
                 started.append(self.launch(components.node_agent_spec(plan, node, paths)))
             if self.has_ztunnel:
-                started.append(
-                    self.launch(components.ztunnel_spec(plan, node, paths, with_agent=self.has_agent))
-                )
+                binary = self.ztunnel_bin if node.name in self.upstream_nodes else None
+                started.append(self.launch(components.ztunnel_spec(
+                    plan, node, paths, with_agent=self.has_agent, ztunnel_bin=binary)))  # fmt: skip
         for record in started:
             components.wait_ready(record, timeout=self.timeout)
-            self.progress(f"{record.name} ready (pid {record.pid})")
+            impl = record.spec.implementation
+            whose = "" if impl == IMPLEMENTATION_OURS else f", {impl}"
+            self.progress(f"{record.name} ready (pid {record.pid}{whose})")
         if not self.has_agent:
             self.progress("node-agent is not installed yet: pods are created without enrolment")
         if not self.has_ztunnel:
@@ -342,6 +354,8 @@ def ztunnel_dump(plan: LabPlan, node: str) -> dict[str, Any] | None:
 def ztunnel_pods(plan: LabPlan, node: str) -> set[str]:
     """UIDs of the pods ztunnel on `node` holds and serves, empty when it does not answer."""
     dump = ztunnel_dump(plan, node) or {}
+    if "pods" not in dump:  # upstream's ztunnel: only its workloadState
+        return set(held_from_workload_state(dump))
     try:
         return {str(p["uid"]) for p in dump.get("pods", []) if p.get("state", "up") == "up"}
     except (KeyError, TypeError, AttributeError):
@@ -379,8 +393,13 @@ def up(
     root: Path | None = None,
     timeout: float = 30.0,
     progress: Progress = _quiet,
+    ztunnel_bin: str | Path | None = None,
+    upstream_on: Sequence[str] | None = None,
 ) -> LabState:
     """Build and start a lab. On any failure (or Ctrl-C) everything made so far is removed again.
+
+    With `ztunnel_bin` (a build of istio/ztunnel) the nodes in `upstream_on` (all when empty) run it in place
+    of our ztunnel (ambient/lab/upstream.py).
 
     Raises:
         PrerequisiteError, PlanError, AlreadyUpError, CommandError, ComponentError, EnrolmentError.
@@ -390,6 +409,10 @@ def up(
     check_bridge_netfilter()
     world, source = load_lab_world(world_file, nodes, progress=progress)
     plan = plan_lab(world, prefix=prefix, source=source)
+    binary = check_ztunnel_bin(ztunnel_bin) if ztunnel_bin is not None else None
+    if upstream_on and binary is None:
+        raise PrerequisiteError("--on chooses the nodes for --ztunnel-bin; give --ztunnel-bin PATH too")
+    upstream_nodes = choose_nodes(plan, upstream_on) if binary is not None else frozenset()
     existing = load_state(prefix, root)
     if existing is not None or run_dir(prefix, root).exists():
         raise AlreadyUpError(
@@ -402,7 +425,8 @@ def up(
             f"network namespace {clash[0]} exists already (not made by this lab's state); "
             f"choose another --prefix or remove it with `ip netns del {clash[0]}`"
         )
-    builder = LabBuilder(plan, world, source, root=root, timeout=timeout, progress=progress)
+    builder = LabBuilder(plan, world, source, root=root, timeout=timeout, progress=progress,
+                         ztunnel_bin=binary, upstream_nodes=upstream_nodes)  # fmt: skip
     try:
         return builder.run()
     except BaseException:
@@ -537,6 +561,7 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
                 "component": r.spec.component,
                 "pid": r.pid,
                 "running": is_running(r),
+                "implementation": r.spec.implementation,
                 "netns": r.spec.netns,
                 "log": r.spec.log,
             }
@@ -677,6 +702,8 @@ def _held_generations(plan: LabPlan, node: str) -> dict[str, int]:
     """uid -> ZDS generation of each pod ztunnel on `node` serves (a changed generation: proxies replaced)."""
     dump = ztunnel_dump(plan, node) or {}
     zds, pods = dump.get("zds"), dump.get("pods")
+    if "pods" not in dump:  # upstream's ztunnel
+        return held_from_workload_state(dump)
     if not isinstance(zds, dict) or not isinstance(pods, list):
         return {}
     workloads = zds.get("workloads") if isinstance(zds.get("workloads"), dict) else {}

@@ -54,11 +54,13 @@ Check = TcpCheck | HttpCheck | UnixHttpCheck
 class ComponentSpec(msgspec.Struct, frozen=True, kw_only=True):
     """How to start one process of the lab; kept in the state file so `lab restart` starts it the same way.
 
-    `component` is istiod, node-agent, ztunnel or app; `name` is unique in the lab ("ztunnel/node-a").
+    `component` is istiod, node-agent, ztunnel or app; `name` is unique in the lab ("ztunnel/node-a");
+    `implementation` says whose program it is (a ztunnel may be upstream's, ambient/lab/upstream.py).
     """
 
     name: str
     component: str
+    implementation: str = "ambient"
     netns: str
     argv: list[str]  # run inside `netns` (the lab prepends `ip netns exec <netns>`; "": in its own)
     env: dict[str, str] = {}

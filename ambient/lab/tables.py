@@ -43,7 +43,9 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
         procs.add_column(col)
     for c in data["components"]:
         if c["component"] != "app":
+            whose = c.get("implementation", "ambient")
+            name = c["name"] if whose == "ambient" else f"{c['name']} ({whose})"
             procs.add_row(
-                c["name"], str(c["pid"]), "[green]running[/]" if c["running"] else "[red]gone[/]", c["log"]
+                name, str(c["pid"]), "[green]running[/]" if c["running"] else "[red]gone[/]", c["log"]
             )
     return [nodes, pods, services, procs]
