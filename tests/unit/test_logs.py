@@ -48,7 +48,9 @@ def _run_instead(monkeypatch: pytest.MonkeyPatch, body: Callable[[], Any]) -> No
 
 
 def _the_line(stderr: str, *, json_format: bool) -> dict[str, Any]:
-    [line] = stderr.splitlines()
+    """The one line the test logged; the process's start-up line about its open-files limit comes first."""
+    first, line = stderr.splitlines()
+    assert "open files limit" in first, first
     if json_format:
         obj: dict[str, Any] = json.loads(line)
         assert TS.match(obj.pop("time")), line
