@@ -117,10 +117,11 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
 
 
 async def echo_server(listener: trio.socket.SocketType, peers: list[tuple[str, int]]) -> None:
-    """Accept forever; each connection: read to EOF, echo it back, close. Records each peer address."""
+    """Accept forever; each connection: read to EOF, echo it back, close. Records each peer address.
+    A connection ztunnel resets (a drained pod's relay ends with RST) ends only that connection."""
 
     async def one(conn: trio.socket.SocketType) -> None:
-        with conn:
+        with conn, suppress(ConnectionResetError, BrokenPipeError):
             data = await recv_all(conn)
             await send_all(conn, data)
 
