@@ -12,7 +12,8 @@ def workload_peer(workload: Workload, *, mtls: bool = False, service: Service | 
     """A log/metrics end for an xDS workload, named by its workload name (the pod name only when xDS gives
     none); `mtls` adds its SPIFFE identity as proven (only proven ends carry `identity`)."""
     principal = workload.identity.uri
-    return Peer(workload=workload.workload_name or workload.name, namespace=workload.namespace,
+    return Peer(workload=workload.workload_name or workload.name, name=workload.name or None,
+                namespace=workload.namespace,
                 identity=principal if mtls else None,
                 cluster=workload.cluster_id or cluster or None,
                 canonical_service=workload.canonical_name or None,

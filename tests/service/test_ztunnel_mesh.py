@@ -599,9 +599,11 @@ async def test_metrics_carry_every_standard_label_as_upstream(ca: CertificateAut
     assert build.labels["component"] == "ztunnel" and build.labels["tag"] and build.value == 1
 
 
-async def test_every_path_names_workloads_by_their_xds_workload_name(ca: CertificateAuthority,
-                                                                     log: LogCapture) -> None:
-    names = {"src.workload": "client", "dst.workload": "web-v1"}
+async def test_every_path_logs_pod_names_and_labels_metrics_with_xds_workload_names(
+        ca: CertificateAuthority, log: LogCapture) -> None:
+    # As upstream ztunnel (seen side by side in the mixed lab): its access log's src/dst.workload is the
+    # workload's own name, the pod; its metrics' source/destination_workload is the xDS workload name.
+    names = {"src.workload": NAMED_CLIENT.name, "dst.workload": NAMED_SERVER.name}
     with trio.fail_after(30):
         async with two_pods(ca, client=NAMED_CLIENT, server=NAMED_SERVER) as world:
             world.apply_world(named_world(world.app_port))

@@ -48,12 +48,15 @@ ACCESS_LOGGER: Final = "access"
 class Peer(msgspec.Struct, frozen=True, kw_only=True):
     """What is known about one end of a connection (all optional: unknown ends are logged by address).
 
-    `workload` is the xDS workload name (the pod name only when xDS has nothing); `identity` is set only
+    `workload` is the xDS workload name (the pod name only when xDS has nothing), the metrics'
+    `*_workload` label; `name` is the workload's own (pod) name, which the access log's `src.workload` /
+    `dst.workload` carry as upstream's do (the workload name when it is unknown); `identity` is set only
     when mTLS proved it, while `principal` is the identity xDS gives the workload (upstream reports it as
     `destination_principal` even for plain TCP). `service*` name the destination's Service.
     """
 
     workload: str | None = None
+    name: str | None = None
     namespace: str | None = None
     identity: str | None = None
     cluster: str | None = None
@@ -126,14 +129,14 @@ class ConnectionOutcome:
     def fields(self, *, with_bytes: bool) -> list[Field]:
         fields: list[Field] = [
             ("src.addr", self.src_addr),
-            ("src.workload", self.src.workload),
+            ("src.workload", self.src.name or self.src.workload),
             ("src.namespace", self.src.namespace),
             ("src.identity", self.src.identity),
             ("src.cluster", self.src.cluster),
             ("dst.addr", self.dst_addr),
             ("dst.hbone_addr", self.dst_hbone_addr),
             ("dst.service", self.dst.service),
-            ("dst.workload", self.dst.workload),
+            ("dst.workload", self.dst.name or self.dst.workload),
             ("dst.namespace", self.dst.namespace),
             ("dst.identity", self.dst.identity),
             ("dst.cluster", self.dst.cluster),
