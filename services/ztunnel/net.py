@@ -95,11 +95,28 @@ async def connect(sock: socket.socket, addr: Addr, *, connect_timeout: float) ->
         raise ConnectError(describe_os_error(OSError(err, os.strerror(err))))
 
 
+KEEPALIVE_TIME: Final = 180
+"""TCP keepalive: idle seconds before the first probe, seconds between probes, and probes before the
+kernel drops the connection; upstream ztunnel's defaults (180 s, 180 s, 9), so a silent peer or a middlebox
+that forgot the connection is found within 30 minutes, and long-idle tunnels are not dropped by NATs."""
+KEEPALIVE_INTERVAL: Final = 180
+KEEPALIVE_PROBES: Final = 9
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """Turn on TCP keepalive with upstream's timings on `sock` (accepted or about to connect)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_TIME)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
 async def accept_forever(listener: socket.socket, spawn: Callable[[socket.socket, Addr], None], *,
                          on_capacity_error: Callable[[OSError], None]) -> None:
     """Accept on the non-blocking `listener` until cancelled; does not close it.
 
-    Each connection is made non-blocking with TCP_NODELAY and handed to `spawn(conn, peer)`, which must
+    Each connection is made non-blocking with TCP_NODELAY and TCP keepalive (`set_keepalive`: an idle
+    HBONE tunnel or app connection is probed, as upstream's are) and handed to `spawn(conn, peer)`, which must
     not block (it starts the connection's task). Accept errors from resource exhaustion (EMFILE, ENFILE,
     ENOMEM, ENOBUFS) go to `on_capacity_error` and are retried after ACCEPT_RETRY_DELAY (100 ms); any other
     error propagates.
@@ -120,5 +137,6 @@ async def accept_forever(listener: socket.socket, spawn: Callable[[socket.socket
         # Small writes (HTTP/2 HEADERS, an app's short answers) must not wait for Nagle + delayed ACK:
         # 40 ms per request/response otherwise. Upstream sets nodelay on every socket too.
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_keepalive(conn)
         spawn(conn, peer_addr(raw))
         await trio.lowlevel.checkpoint()

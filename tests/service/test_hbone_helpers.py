@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,3 +180,38 @@ async def push_until_stalled(stream: HboneStream, *, limit: int, quiet: float = 
         if scope.cancelled_caught:
             return stream.bytes_sent
     raise AssertionError(f"{limit} bytes went through: the sender was never held back")
+
+
+async def test_accepted_and_hbone_client_sockets_get_upstreams_tcp_keepalive() -> None:
+    from services.ztunnel.hbone.pool import plain_socket
+
+    listener = loopback_listener()
+    accepted: list[socket.socket] = []
+
+    def spawn(conn: socket.socket, _peer: object) -> None:
+        accepted.append(conn)
+
+    def capacity_error(exc: OSError) -> None:
+        raise AssertionError(f"accept failed: {exc}")
+
+    client = plain_socket(socket.AF_INET)
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(accept_forever, listener, spawn,
+                                                     on_capacity_error=capacity_error))
+                with suppress(BlockingIOError):
+                    client.connect(listener.getsockname())
+                while not accepted:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        for sock in (accepted[0], client):
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 180
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 180
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 9
+    finally:
+        client.close()
+        for sock in accepted:
+            sock.close()
+        listener.close()

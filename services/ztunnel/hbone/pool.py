@@ -31,7 +31,7 @@ from services.ztunnel.hbone.errors import TlsError
 from services.ztunnel.hbone.stream import HboneStream
 from services.ztunnel.hbone.tls import TlsContextCache, check_established, client_connection
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
-from services.ztunnel.net import connect
+from services.ztunnel.net import connect, set_keepalive
 from shared.addr import Addr, format_host_port, ip_family
 from shared.identity import CertBundle, SpiffeId
 
@@ -49,10 +49,12 @@ class CertSource(Protocol):
 
 
 def plain_socket(family: socket.AddressFamily) -> socket.socket:
-    """The default socket factory: a non-blocking TCP socket in the current netns, TCP_NODELAY."""
+    """The default socket factory: a non-blocking TCP socket in the current netns, TCP_NODELAY and
+    upstream's keepalive."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_keepalive(sock)
     return sock
 
 

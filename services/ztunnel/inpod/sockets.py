@@ -30,6 +30,7 @@ from services.ztunnel.net import (
     OUTBOUND_PORT,
     PACKET_MARK,
     original_dst,
+    set_keepalive,
 )
 from services.ztunnel.proxy.context import ProxyConfig
 from shared.addr import Addr
@@ -226,10 +227,7 @@ def create_upstream_socket(netns_fd: int, family: socket.AddressFamily, *, mark:
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 180)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 180)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 9)
+        set_keepalive(sock)
         if bind_source is not None:
             if family == socket.AF_INET6:
                 sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
