@@ -68,13 +68,14 @@ needs_mesh = pytest.mark.skipif(
 
 
 @contextmanager
-def running_lab(letter: str, world: str, directory: Path) -> Iterator[str]:
-    """A lab up from `world` (YAML text) under a unique prefix starting with `letter`; always removed."""
+def running_lab(letter: str, world: str, directory: Path, **up_options: Any) -> Iterator[str]:
+    """A lab up from `world` (YAML text) under a unique prefix starting with `letter`; always removed.
+    `up_options` go to `lab.up` (for example `ztunnel_bin=`)."""
     prefix = f"{letter}{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
     path = directory / f"{prefix}.yaml"
     path.write_text(world)
     try:
-        lab.up(prefix=prefix, world_file=path, timeout=30)
+        lab.up(prefix=prefix, world_file=path, timeout=30, **up_options)
         yield prefix
     finally:
         try:
