@@ -233,32 +233,34 @@ def ztunnel_spec(
                                     istiod=istiod)  # fmt: skip
         if instance_ip:
             env["INSTANCE_IP"] = instance_ip
-        return upstream.upstream_ztunnel_spec(
-            name=f"ztunnel/{node.name}", node=node, netns=netns, binary=ztunnel_bin, env=env, cwd=str(cwd),
-            log=str(paths.log(f"ztunnel/{node.name}")), ready_port=ZTUNNEL_READY_PORT, with_agent=with_agent,
-        )  # fmt: skip
-    env = {
-        "NODE_NAME": node.name,
-        "POD_NAME": f"ztunnel-{node.name}",
-        "POD_NAMESPACE": "istio-system",
-        "INSTANCE_IP": instance_ip or node.ip,
-        "INPOD_UDS": str(paths.zds_socket(node.name)),
-        "XDS_ADDRESS": f"https://{istiod}",
-        "CA_ADDRESS": f"https://{istiod}",
-        "XDS_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
-        "XDS_TOKEN_FILE": str(cwd / TOKEN_PATH),
-        "CA_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
-        "CA_TOKEN_FILE": str(cwd / TOKEN_PATH),
-        "CLUSTER_ID": "Kubernetes",
-        "LOG_FORMAT": "plain",
-    }
-    if netns:  # the node's resolv.conf names the cluster DNS: forwarded queries never leave the lab
-        env["DNS_RESOLV_CONF"] = str(ETC_NETNS / netns / "resolv.conf")
+        argv, implementation = [ztunnel_bin], upstream.IMPLEMENTATION_UPSTREAM
+    else:
+        env = {
+            "NODE_NAME": node.name,
+            "POD_NAME": f"ztunnel-{node.name}",
+            "POD_NAMESPACE": "istio-system",
+            "INSTANCE_IP": instance_ip or node.ip,
+            "INPOD_UDS": str(paths.zds_socket(node.name)),
+            "XDS_ADDRESS": f"https://{istiod}",
+            "CA_ADDRESS": f"https://{istiod}",
+            "XDS_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
+            "XDS_TOKEN_FILE": str(cwd / TOKEN_PATH),
+            "CA_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
+            "CA_TOKEN_FILE": str(cwd / TOKEN_PATH),
+            "CLUSTER_ID": "Kubernetes",
+            "LOG_FORMAT": "plain",
+        }
+        if netns:  # the node's resolv.conf names the cluster DNS: forwarded queries never leave the lab
+            env["DNS_RESOLV_CONF"] = str(ETC_NETNS / netns / "resolv.conf")
+        argv, implementation = _python(MODULES["ztunnel"]), upstream.IMPLEMENTATION_OURS
+    # Both implementations: the same name, node and readiness check, so `lab status`, `lab restart` and
+    # `ambient logs` treat them alike.
     return ComponentSpec(
         name=f"ztunnel/{node.name}",
         component="ztunnel",
+        implementation=implementation,
         netns=netns,
-        argv=_python(MODULES["ztunnel"]),
+        argv=argv,
         env=env,
         cwd=str(cwd),
         log=str(paths.log(f"ztunnel/{node.name}")),

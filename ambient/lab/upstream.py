@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ambient.lab.errors import PrerequisiteError
-from ambient.lab.state import ComponentSpec, HttpCheck
+from ambient.lab.state import ComponentSpec
 from ambient.lab.topology import LabPlan, NodePlan
 
 UPSTREAM_ENV = "AMBIENT_UPSTREAM_ZTUNNEL"
@@ -96,42 +96,6 @@ def upstream_env(
         "CLUSTER_ID": "Kubernetes",
         "IPV6_ENABLED": "false",
     }
-
-
-def upstream_ztunnel_spec(
-    *,
-    name: str,
-    node: NodePlan,
-    netns: str,
-    binary: str,
-    env: Mapping[str, str],
-    cwd: str,
-    log: str,
-    ready_port: int,
-    with_agent: bool,
-) -> ComponentSpec:
-    """Upstream's ztunnel as a lab component: the same name, node and readiness check as ours, so `lab
-    status`, `lab restart` and `ambient logs` treat it alike."""
-    return ComponentSpec(
-        name=name,
-        component="ztunnel",
-        implementation=IMPLEMENTATION_UPSTREAM,
-        netns=netns,
-        argv=[binary],
-        env=dict(env),
-        cwd=cwd,
-        log=log,
-        checks=[
-            HttpCheck(
-                netns=netns,
-                host="127.0.0.1",
-                port=ready_port,
-                path="/healthz/ready",
-                status=200 if with_agent else 0,
-            )
-        ],
-        node=node.name,
-    )
 
 
 def held_from_workload_state(dump: Mapping[str, Any]) -> dict[str, int]:
