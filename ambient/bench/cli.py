@@ -1,7 +1,10 @@
 """`ambient bench`: measure the mesh against no mesh in one run (root; builds and removes its own lab).
 
     ambient bench [--quick] [--out DIR] [--update-docs] [--reps N] [--seconds S] [--enrol-pods N]
-                  [--only bulk,rr,sweep,crr,enrol]
+                  [--only bulk,rr,sweep,crr,enrol] [--ztunnel-bin PATH]
+
+With --ztunnel-bin (a ztunnel you built from the istio/ztunnel repository) upstream's ztunnel is a third arm
+of every traffic scenario, on two more nodes of the same lab, and the table compares ours with it.
 
 Writes DIR/bench.json and DIR/benchmarks.md (DIR defaults to /var/tmp/ambient-bench/<UTC time>);
 --update-docs also copies the Markdown to docs/benchmarks.md. The lab is removed at the end, also on failure.
@@ -20,6 +23,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ambient.lab.upstream import UPSTREAM_ENV
 from ambient.output import make_console
 
 # Piped output (a log, CI) is never wrapped (ambient.output).
@@ -67,6 +71,14 @@ def register(subparsers: Any) -> None:
         "figures), sweep (ztunnel CPU per request at 250/1000/2500 rps), crr, enrol (default all; e.g. "
         "--only enrol for ztunnel's memory with --enrol-pods pods)",
     )
+    p.add_argument(
+        "--ztunnel-bin",
+        default=None,
+        metavar="PATH",
+        help="a ztunnel built from istio/ztunnel: measured as a third arm (upstream's ztunnel on node-c and "
+        "node-d) in every traffic scenario, with 'upstream ztunnel' and 'ours vs upstream' columns "
+        f"(default: ${UPSTREAM_ENV} if set, else no third arm)",
+    )
     p.add_argument("--prefix", default=None, help="lab prefix (default bench<pid>)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each component")
     p.set_defaults(func=cmd_bench)
@@ -94,6 +106,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         err_console.print(f"ambient bench: --only: {exc}")
         return 2
+    ztunnel_bin = args.ztunnel_bin or os.environ.get(UPSTREAM_ENV) or None
+    if ztunnel_bin is not None:
+        from ambient.lab.errors import PrerequisiteError
+        from ambient.lab.upstream import check_ztunnel_bin
+
+        try:
+            ztunnel_bin = check_ztunnel_bin(ztunnel_bin)
+        except PrerequisiteError as exc:
+            err_console.print(f"ambient bench: {exc}")
+            return 2
     out = args.out or DEFAULT_OUT_ROOT / stamp
     cfg = BenchConfig(
         prefix=args.prefix or f"bench{os.getpid() % 100000}",
@@ -108,6 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         quick=quick,
         scenarios=scenarios,
+        ztunnel_bin=ztunnel_bin,
     )
     report, out_dir = run_bench(cfg, progress=_progress)
     table = Table(title=f"ambient bench ({report.machine.cpu_model}, {report.machine.vcpus} vCPU)")

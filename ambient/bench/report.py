@@ -4,6 +4,11 @@ Every scenario keeps each repetition's raw figures (`runs`) and a `Stat` per met
 repetitions and their spread (lowest, highest). Traffic scenarios have both arms; `added` is the mesh's
 median minus the baseline's. Scenarios that only exist with the mesh (ztunnel's own cost, enrolment) have
 the mesh arm only and say so (`mesh_only`).
+
+A run with upstream's ztunnel (`ambient bench --ztunnel-bin`) has a third arm, `upstream`, in every traffic
+scenario and in the mesh-only ones it applies to; `added_upstream` is its median minus the baseline's, and
+the table's "ours vs upstream" column compares our mesh arm with it (throughput as a share of upstream's,
+latency added and CPU/memory as a multiple of upstream's), checked against the relative targets.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the `upstream` arm and `added_upstream`
+
+UPSTREAM = "upstream"
+"""The arm name of upstream's ztunnel (ambient/bench/world.py UPSTREAM_ARM)."""
 
 SWEEP_RATES = (250.0, 1000.0, 2500.0)
 """Request rates of the rate sweep (ambient/bench/sweep.py): well under, at and well over the fixed rate."""
@@ -38,6 +46,7 @@ class ScenarioResult(msgspec.Struct, kw_only=True):
     mesh_only: bool = False
     arms: dict[str, ArmResult] = {}
     added: dict[str, float] = {}  # mesh median - baseline median, per metric (traffic scenarios)
+    added_upstream: dict[str, float] = {}  # upstream median - baseline median (runs with upstream's arm)
 
 
 class Machine(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,14 +87,18 @@ def summarize(runs: Sequence[Mapping[str, float]]) -> dict[str, Stat]:
 
 
 def finish_scenario(scenario: ScenarioResult) -> ScenarioResult:
-    """Fill `stats` of every arm and `added` (mesh - baseline medians) from the recorded runs."""
+    """Fill `stats` of every arm, `added` (mesh - baseline medians) and `added_upstream` (upstream -
+    baseline) from the recorded runs."""
     for arm in scenario.arms.values():
         arm.stats = summarize(arm.runs)
-    base, mesh = scenario.arms.get("baseline"), scenario.arms.get("mesh")
-    if base is not None and mesh is not None:
-        scenario.added = {
-            k: mesh.stats[k].median - base.stats[k].median for k in mesh.stats if k in base.stats
-        }
+    base = scenario.arms.get("baseline")
+    if base is None:
+        return scenario
+    for name, target in (("mesh", scenario.added), (UPSTREAM, scenario.added_upstream)):
+        meshed = scenario.arms.get(name)
+        if meshed is not None:
+            stats = meshed.stats
+            target.update({k: stats[k].median - base.stats[k].median for k in stats if k in base.stats})
     return scenario
 
 
@@ -97,20 +110,22 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     metric: str
     label: str
     compare: str  # "added" (mesh - baseline), "ratio" (mesh / baseline) or "" (mesh only)
-    upstream: str = ""
+    upstream: str = ""  # a published upstream figure (other hardware, other path): context only
     target: str = ""
     # a target the figure can be checked against: (what, op, value); what is "mesh" or "added"
     check: tuple[str, str, float] | None = None
+    # a target for ours vs upstream's ztunnel in the same run: (op, ratio), ratio as ours_vs_upstream gives it
+    versus_upstream: tuple[str, float] | None = None
     digits: int = 2
 
 
 ROWS: tuple[Row, ...] = (
     Row(scenario="bulk_1", metric="mb_s", label="bulk throughput, 1 stream (MB/s)", compare="ratio",
-        target=">= 300 MB/s", check=("mesh", ">=", 300.0), digits=0),
+        target=">= 300 MB/s", check=("mesh", ">=", 300.0), versus_upstream=(">=", 0.6), digits=0),
     Row(scenario="bulk_4", metric="mb_s", label="bulk throughput, 4 streams (MB/s)", compare="ratio",
-        digits=0),
+        versus_upstream=(">=", 0.6), digits=0),
     Row(scenario="rr", metric="p50_ms", label="1 KB req/resp at 1000 rps, p50 (ms)", compare="added",
-        target="added <= 0.5 ms", check=("added", "<=", 0.5), digits=3),
+        target="added <= 0.5 ms", check=("added", "<=", 0.5), versus_upstream=("<=", 2.0), digits=3),
     Row(scenario="rr", metric="p90_ms", label="1 KB req/resp at 1000 rps, p90 (ms)", compare="added",
         upstream="+0.17 ms (Istio 1.22, two ztunnels)", digits=3),
     Row(scenario="rr", metric="p99_ms", label="1 KB req/resp at 1000 rps, p99 (ms)", compare="added",
@@ -119,15 +134,17 @@ ROWS: tuple[Row, ...] = (
     Row(scenario="rr", metric="rps", label="achieved rate (req/s)", compare="ratio", digits=0),
     Row(scenario="ztunnel", metric="client_vcpu_per_1k", label="client-side ztunnel, vCPU per 1000 rps",
         compare="", upstream="~0.06 (Istio 1.24, one ztunnel)", target="<= 0.15",
-        check=("mesh", "<=", 0.15), digits=3),
+        check=("mesh", "<=", 0.15), versus_upstream=("<=", 2.0), digits=3),
     Row(scenario="ztunnel", metric="server_vcpu_per_1k", label="server-side ztunnel, vCPU per 1000 rps",
         compare="", upstream="~0.06 (Istio 1.24, one ztunnel)", target="<= 0.15",
-        check=("mesh", "<=", 0.15), digits=3),
+        check=("mesh", "<=", 0.15), versus_upstream=("<=", 2.0), digits=3),
     Row(scenario="ztunnel", metric="client_rss_mib", label="client-side ztunnel, peak RSS (MiB)", compare="",
         upstream="~12 MB per 1000 rps (Istio 1.24)", digits=1),
     Row(scenario="ztunnel", metric="server_rss_mib", label="server-side ztunnel, peak RSS (MiB)", compare="",
         upstream="~12 MB per 1000 rps (Istio 1.24)", digits=1),
     Row(scenario="ztunnel", metric="client_anon_mib", label="client-side ztunnel, peak RssAnon (MiB)",
+        compare="", digits=1),
+    Row(scenario="ztunnel", metric="server_anon_mib", label="server-side ztunnel, peak RssAnon (MiB)",
         compare="", digits=1),
     Row(scenario="ztunnel", metric="client_runq_ms_per_req",
         label="client-side ztunnel, waiting for a CPU, per request (ms)", compare="", digits=3),
@@ -141,7 +158,7 @@ ROWS: tuple[Row, ...] = (
       for part, what in (("", "CPU"), ("kernel_", "of which kernel"))
       if part == "" or rate >= 1000),  # the user/kernel split is tick-sampled: too coarse at 250 rps
     Row(scenario="crr", metric="cps", label="new connections per second (100 B each way)", compare="ratio",
-        target=">= 800", check=("mesh", ">=", 800.0), digits=0),
+        target=">= 800", check=("mesh", ">=", 800.0), versus_upstream=(">=", 0.5), digits=0),
     Row(scenario="enrol", metric="p50_ms", label="pod enrolment, CNI ADD to listeners accepting, p50 (ms)",
         compare="", digits=1),
     Row(scenario="enrol", metric="p99_ms", label="pod enrolment, p99 (ms)", compare="", target="<= 100 ms",
@@ -188,8 +205,42 @@ def target_met(row: Row, scenario: ScenarioResult) -> bool | None:
     return value >= limit if op == ">=" else value <= limit
 
 
+def ours_vs_upstream(row: Row, scenario: ScenarioResult) -> float | None:
+    """Our mesh arm against upstream's in the same run, for `row`: throughput-like figures ("ratio" rows) as
+    ours / upstream's (0.6 = 60 % of upstream's); latency ("added" rows) as our added latency / upstream's
+    added latency; mesh-only figures (CPU, memory) as ours / upstream's. None without both figures, or when
+    upstream's is not positive (a ratio to zero or to a negative added latency means nothing)."""
+    mesh, upstream = scenario.arms.get("mesh"), scenario.arms.get(UPSTREAM)
+    if mesh is None or upstream is None:
+        return None
+    if row.compare == "added":
+        ours, theirs = scenario.added.get(row.metric), scenario.added_upstream.get(row.metric)
+    else:
+        ours_stat, theirs_stat = mesh.stats.get(row.metric), upstream.stats.get(row.metric)
+        ours = ours_stat.median if ours_stat else None
+        theirs = theirs_stat.median if theirs_stat else None
+    if ours is None or theirs is None or theirs <= 0:
+        return None
+    return ours / theirs
+
+
+def _versus_upstream_cell(row: Row, scenario: ScenarioResult) -> str:
+    ratio = ours_vs_upstream(row, scenario)
+    if ratio is None:
+        return ""
+    text = f"{ratio:.0%} of upstream" if row.compare == "ratio" else f"{ratio:.1f}x upstream"
+    if row.versus_upstream is None:
+        return text
+    op, limit = row.versus_upstream
+    met = ratio >= limit if op == ">=" else ratio <= limit
+    goal = f"{limit:.0%}" if row.compare == "ratio" else f"{limit:g}x"
+    return f"{text} (target {op} {goal}: {'met' if met else '**not met**'})"
+
+
 def table_rows(report: BenchReport) -> list[list[str]]:
-    """The table as strings: what, no mesh, mesh, mesh vs no mesh, upstream, target (met?)."""
+    """The table as strings, one list per row in HEADERS' order: what, no mesh, mesh (ours), mesh vs no
+    mesh, upstream ztunnel and ours vs upstream (empty without upstream's arm), published upstream figures,
+    target (met?)."""
     rows = []
     for row in ROWS:
         scenario = report.scenario(row.scenario)
@@ -197,6 +248,7 @@ def table_rows(report: BenchReport) -> list[list[str]]:
             continue
         base = scenario.arms.get("baseline")
         mesh = scenario.arms.get("mesh")
+        upstream = scenario.arms.get(UPSTREAM)
         base_stat = base.stats.get(row.metric) if base else None
         mesh_stat = mesh.stats.get(row.metric) if mesh else None
         versus = ""
@@ -204,6 +256,11 @@ def table_rows(report: BenchReport) -> list[list[str]]:
             versus = f"{scenario.added[row.metric]:+.{row.digits}f}"
         elif row.compare == "ratio" and base_stat and mesh_stat and base_stat.median:
             versus = f"{mesh_stat.median / base_stat.median:.0%} of no mesh"
+        upstream_cell = ""
+        if upstream is not None:
+            upstream_cell = _cell(upstream.stats.get(row.metric), row.digits)
+            if row.compare == "added" and row.metric in scenario.added_upstream:
+                upstream_cell += f" ({scenario.added_upstream[row.metric]:+.{row.digits}f})"
         met = target_met(row, scenario)
         target = row.target + ("" if met is None else (" (met)" if met else " (**not met**)"))
         label = row.label
@@ -215,6 +272,8 @@ def table_rows(report: BenchReport) -> list[list[str]]:
                 "-" if scenario.mesh_only else _cell(base_stat, row.digits),
                 _cell(mesh_stat, row.digits),
                 versus,
+                upstream_cell,
+                _versus_upstream_cell(row, scenario),
                 row.upstream,
                 target,
             ]
@@ -222,7 +281,8 @@ def table_rows(report: BenchReport) -> list[list[str]]:
     return rows
 
 
-HEADERS = ("what", "no mesh", "mesh", "mesh vs no mesh", "upstream", "target")
+HEADERS = ("what", "no mesh", "mesh", "mesh vs no mesh", "upstream ztunnel", "ours vs upstream",
+           "published upstream", "target")  # fmt: skip
 
 
 def markdown_table(report: BenchReport) -> str:
@@ -236,6 +296,18 @@ def markdown(report: BenchReport) -> str:
     m = report.machine
     s = report.settings
     gen = report.generator
+    with_upstream = bool(s.get("upstream_ztunnel"))
+    arm_order = "no mesh, ours" + (", upstream's" if with_upstream else "") + " on even repetitions"
+    upstream_lines = []
+    if with_upstream:
+        upstream_lines = [
+            f"- upstream ztunnel: `{s.get('upstream_ztunnel')}` on node-c and node-d (the third arm's "
+            "pods), over the same kind of veth/bridge path as ours on node-a and node-b; in the same run",
+            '- "ours vs upstream": throughput as a share of upstream\'s, added latency and CPU/memory as a '
+            "multiple of upstream's; the relative targets are checked there",
+            '- "published upstream": figures Istio published for other hardware and another path, context '
+            "only",
+        ]
     out = [
         "# Benchmarks",
         "",
@@ -249,8 +321,9 @@ def markdown(report: BenchReport) -> str:
         f"Python {m.python}",
         f"- command: `{report.command}`",
         f"- each traffic scenario: {s.get('reps')} repetitions per arm, arms alternating "
-        f"(no mesh first on even repetitions, mesh first on odd ones); figures are medians, "
+        f"({arm_order}, reversed on odd ones); figures are medians, "
         "(lowest-highest) the spread over the repetitions",
+        *upstream_lines,
         "",
         markdown_table(report),
     ]
@@ -267,6 +340,11 @@ def markdown(report: BenchReport) -> str:
             f"no-mesh server: {gen.get('rr_closed_rps', 0):,.0f} req/s (the fixed-rate runs ask for "
             f"{float(s.get('rate', 0)):g}); through the mesh, closed loop: "
             f"{gen.get('rr_closed_rps_mesh', 0):,.0f} req/s"
+            + (
+                f"; through upstream's ztunnel: {gen['rr_closed_rps_upstream']:,.0f} req/s"
+                if "rr_closed_rps_upstream" in gen
+                else ""
+            )
         )
         out.append(
             "- bulk throughput: iperf3 (C); its no-mesh figure is the ceiling of the lab's veth/bridge path"

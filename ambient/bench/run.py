@@ -15,6 +15,10 @@ Theory of operation
        127.0.0.1:15008 inside the pod until the listener accepts; ztunnel's RSS before and after
     7. `finally`: `lab.teardown` (processes by PID, namespaces, files); the JSON and Markdown are written
 
+With `ztunnel_bin` (a build of istio/ztunnel, `ambient bench --ztunnel-bin PATH`) the world gets node-c and
+node-d, which run that binary, and a third arm, `upstream`, whose pods sit on them: every traffic scenario
+alternates all three arms, and the ztunnel CPU/memory figures and the rate sweep are taken for both meshes.
+
 The rate sweep (ambient/bench/sweep.py) runs the fixed-rate load through the mesh at a low, the reference
 and a high rate: ztunnel's CPU per request at each shows how much of it is paid per wake-up.
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import threading
@@ -99,6 +104,7 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     timeout: float = 60.0
     quick: bool = False
     scenarios: tuple[str, ...] = SCENARIOS  # which to run (always in SCENARIOS order)
+    ztunnel_bin: str | None = None  # a build of istio/ztunnel: the third arm (node-c, node-d)
 
 
 # --- the machine and /proc -------------------------------------------------------------------------------
@@ -253,13 +259,21 @@ class Bench:
         self.plan: LabPlan = lab.plan_of(state)
         self.paths = LabPaths(state.run_dir)
         self.pods = {p.key: p for p in self.plan.pods}
-        self.arms = {name: bw.arm_pods(name) for name in bw.ARMS}
-        self.ztunnels: dict[str, int] = {}
-        for role, node in (("client", bw.CLIENT_NODE), ("server", bw.SERVER_NODE)):
-            record = state.process(f"ztunnel/{node}")
-            if record is None:
-                raise BenchError(f"the bench lab runs no ztunnel on {node}: is services.ztunnel installed?")
-            self.ztunnels[role] = record.pid
+        self.arm_names = bw.arms(cfg.ztunnel_bin is not None)
+        self.mesh_arms = tuple(arm for arm in self.arm_names if arm in bw.MESH_ARMS)
+        self.arms = {name: bw.arm_pods(name) for name in self.arm_names}
+        # arm -> role (client, server) -> pid of the ztunnel on that node
+        self.ztunnels_of: dict[str, dict[str, int]] = {}
+        for arm in self.mesh_arms:
+            self.ztunnels_of[arm] = {}
+            for role, node in bw.ARM_NODES[arm].items():
+                record = state.process(f"ztunnel/{node}")
+                if record is None:
+                    raise BenchError(
+                        f"the bench lab runs no ztunnel on {node}: is services.ztunnel installed?"
+                    )
+                self.ztunnels_of[arm][role] = record.pid
+        self.ztunnels = self.ztunnels_of["mesh"]  # ours
 
     # helpers
 
@@ -302,8 +316,9 @@ class Bench:
         return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))}
 
     def sampled_rr(self, arm: str, rate: float, seconds: float) -> tuple[dict[str, float], ProcSampler]:
-        """One fixed-rate request/response run of `arm`, both ztunnels' CPU and memory sampled meanwhile."""
-        sampler = ProcSampler(self.ztunnels)
+        """One fixed-rate request/response run of `arm`, both ztunnels' CPU and memory sampled meanwhile
+        (the arm's own pair; ours during a baseline run)."""
+        sampler = ProcSampler(self.ztunnels_of.get(arm, self.ztunnels))
         sampler.start()
         try:
             out = self.loadgen(
@@ -315,12 +330,12 @@ class Bench:
         return out, sampler
 
     def order(self, rep: int) -> tuple[str, ...]:
-        return bw.ARMS if rep % 2 == 0 else tuple(reversed(bw.ARMS))
+        return self.arm_names if rep % 2 == 0 else tuple(reversed(self.arm_names))
 
     # set-up
 
     def start_servers(self) -> None:
-        for arm in bw.ARMS:
+        for arm in self.arm_names:
             server = self.pod(self.arms[arm].server)
             serve = [PYTHON, "-m", "ambient.bench.loadgen", "serve",
                      "--rr-port", str(bw.RR_PORT), "--crr-port", str(bw.CRR_PORT)]  # fmt: skip
@@ -342,7 +357,7 @@ class Bench:
                 )
             self.progress(f"{arm}: servers up in {server.key} ({server.ip})")
         time.sleep(0.5)  # iperf3 logs and recovers from the readiness probe's bare connection
-        for arm in bw.ARMS:
+        for arm in self.arm_names:
             # Many short connections per run: a wide port range and TIME_WAIT reuse inside the client pod.
             netns = self.pod(self.arms[arm].client).netns
             for setting in ("net.ipv4.ip_local_port_range=1024 65000", "net.ipv4.tcp_tw_reuse=1"):
@@ -361,13 +376,17 @@ class Bench:
 
     def warm_up(self, report: BenchReport) -> None:
         secs = "1" if self.cfg.quick else "2"
-        for arm in bw.ARMS:
+        for arm in self.arm_names:
             self.loadgen(arm, "rr", str(bw.RR_PORT), "--seconds", "1", "--rate", "200")
         base = self.loadgen("baseline", "rr", str(bw.RR_PORT), "--closed", "--seconds", secs,
                             "--conns", str(self.cfg.conns))  # fmt: skip
         mesh = self.loadgen("mesh", "rr", str(bw.RR_PORT), "--closed", "--seconds", secs,
                             "--conns", str(self.cfg.conns))  # fmt: skip
         report.generator = {"rr_closed_rps": base["rps"], "rr_closed_rps_mesh": mesh["rps"]}
+        if bw.UPSTREAM_ARM in self.arms:
+            theirs = self.loadgen(bw.UPSTREAM_ARM, "rr", str(bw.RR_PORT), "--closed", "--seconds", secs,
+                                  "--conns", str(self.cfg.conns))  # fmt: skip
+            report.generator["rr_closed_rps_upstream"] = theirs["rps"]
         self.progress(
             f"generator ceiling: {base['rps']:,.0f} req/s closed loop over {self.cfg.conns} connections "
             f"without the mesh ({mesh['rps']:,.0f} through it); the fixed-rate runs ask for {self.cfg.rate:g}"
@@ -386,7 +405,7 @@ class Bench:
             title=f"bulk throughput, {streams} stream{'s' if streams > 1 else ''}",
             method=f"iperf3 -c SERVER -P {streams} -t {self.iperf_seconds} from the client pod to the server "
             "pod (pod IP); MB/s = received bytes / seconds / 10^6",
-            arms={arm: ArmResult() for arm in bw.ARMS},
+            arms={arm: ArmResult() for arm in self.arm_names},
         )
         omit = 0 if self.cfg.seconds < 3 else 1
         for rep in range(self.cfg.reps):
@@ -435,7 +454,7 @@ class Bench:
             method=f"HTTP/1.1 POST of 1024 bytes answered with 1024 bytes, {cfg.rate:g} req/s over "
             f"{cfg.conns} kept-alive connections for {cfg.seconds:g} s (fortio's method); latency from "
             "the send to the response's last byte; 'mesh vs no mesh' is the difference of the medians",
-            arms={arm: ArmResult() for arm in bw.ARMS},
+            arms={arm: ArmResult() for arm in self.arm_names},
         )
         zt = ScenarioResult(
             name="ztunnel",
@@ -445,7 +464,7 @@ class Bench:
             "heap, without shared library pages) sampled every 50 ms; the time its threads were runnable but "
             "waited for a CPU (schedstat), per request",
             mesh_only=True,
-            arms={"mesh": ArmResult()},
+            arms={arm: ArmResult() for arm in self.mesh_arms},
         )
         for rep in range(cfg.reps):
             for arm in self.order(rep):
@@ -460,11 +479,11 @@ class Bench:
                     f"rr rep {rep + 1} {arm}: p50 {out['p50_ms']:.3f} p90 {out['p90_ms']:.3f} "
                     f"p99 {out['p99_ms']:.3f} ms at {out['rps']:,.0f} req/s"
                 )
-                if arm != "mesh":
+                if arm not in self.mesh_arms:
                     continue
                 if sampler.cpu["client"] <= 0 and sampler.cpu["server"] <= 0:
                     raise BenchError(
-                        "the mesh arm's traffic did not use ztunnel (no CPU time on either): "
+                        f"the {arm} arm's traffic did not use ztunnel (no CPU time on either): "
                         f"is the mesh pair enrolled? see `ambient lab status --prefix {cfg.prefix}`"
                     )
                 kilo = out["rps"] / 1000.0
@@ -478,9 +497,9 @@ class Bench:
                     run[f"{role}_mib_per_1k"] = sampler.peak[role] / 1024 / kilo
                     run[f"{role}_anon_mib"] = sampler.peak_anon[role] / 1024
                     run[f"{role}_runq_ms_per_req"] = sampler.wait[role] * 1e3 / max(1.0, out["requests"])
-                zt.arms["mesh"].runs.append(run)
+                zt.arms[arm].runs.append(run)
                 self.progress(
-                    f"ztunnel rep {rep + 1}: client {run['client_vcpu_per_1k']:.3f} / server "
+                    f"{arm} ztunnel rep {rep + 1}: client {run['client_vcpu_per_1k']:.3f} / server "
                     f"{run['server_vcpu_per_1k']:.3f} vCPU per 1000 rps; RSS {run['client_rss_mib']:.1f} / "
                     f"{run['server_rss_mib']:.1f} MiB"
                 )
@@ -493,7 +512,7 @@ class Bench:
             title="new connections per second",
             method=f"{cfg.crr_conc} connections in flight, each: connect, send 100 bytes, read 100 bytes "
             f"and the server's close, close (netperf TCP_CRR's pattern), for {cfg.seconds:g} s",
-            arms={arm: ArmResult() for arm in bw.ARMS},
+            arms={arm: ArmResult() for arm in self.arm_names},
         )
         for rep in range(cfg.reps):
             for arm in self.order(rep):
@@ -592,6 +611,21 @@ class Bench:
         )  # fmt: skip
 
 
+def upstream_version(binary: str) -> str:
+    """What `ztunnel version` says of itself (upstream's build info: its git revision, Rust version,
+    profile), or the path when it says nothing."""
+    try:
+        out = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return binary
+    text = out.stdout.strip()
+    revision = re.search(r'GitRevision:"([^"]+)"', text)
+    profile = re.search(r'BuildProfile:"([^"]+)"', text)
+    if revision is None:
+        return binary
+    return f"istio/ztunnel {revision.group(1)}" + (f" ({profile.group(1)} build)" if profile else "")
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -616,7 +650,8 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world_file = out_dir / "world.json"
-    world_file.write_bytes(world_to_json(bw.bench_world(seed=os.getpid())))
+    upstream = cfg.ztunnel_bin is not None
+    world_file.write_bytes(world_to_json(bw.bench_world(seed=os.getpid(), upstream=upstream)))
     commit, dirty = git_state()
     report = BenchReport(
         command=cfg.command,
@@ -635,9 +670,14 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
             "scenarios": ",".join(cfg.scenarios),
         },
     )
+    if cfg.ztunnel_bin is not None:
+        report.settings["upstream_ztunnel"] = upstream_version(cfg.ztunnel_bin)
     others_before = other_labs(cfg.prefix)
     progress(f"building the bench lab {cfg.prefix!r}")
-    state = lab.up(prefix=cfg.prefix, world_file=world_file, timeout=cfg.timeout, progress=progress)
+    state = lab.up(
+        prefix=cfg.prefix, world_file=world_file, timeout=cfg.timeout, progress=progress,
+        ztunnel_bin=cfg.ztunnel_bin, upstream_on=list(bw.UPSTREAM_NODES.values()) if upstream else None,
+    )  # fmt: skip
     try:
         bench = Bench(cfg, state, progress)
         run = set(cfg.scenarios)
@@ -651,7 +691,7 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
         if "rr" in run:
             report.scenarios.extend(bench.rr())
         if "sweep" in run:
-            report.scenarios.append(rate_sweep(bench))
+            report.scenarios.append(rate_sweep(bench, arms=bench.mesh_arms))
         if "crr" in run:
             report.scenarios.append(bench.crr())
         if "enrol" in run:
@@ -667,9 +707,14 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
         report.notes.append(
             f"other labs were up on this host during the run ({', '.join(others)}): they share its vCPUs"
         )
+    if upstream:
+        report.notes.append(
+            "upstream's ztunnel runs with its defaults (ZTUNNEL_WORKER_THREADS unset: 2 worker threads); "
+            "ours is one process with one thread; CPU figures add up every thread of each process"
+        )
     report.notes += [
-        "clients reach servers by pod IP in both arms; mesh traffic is captured in the client pod "
-        "(ztunnel outbound on node-a) and delivered by ztunnel on node-b",
+        "clients reach servers by pod IP in every arm; mesh traffic is captured in the client pod "
+        "(ztunnel outbound on node-a, or node-c for upstream's) and delivered by the server node's ztunnel",
         "the load generator, both servers and both ztunnels share the machine's vCPUs",
         "memory figures are MiB/KiB (2^20 / 2^10 bytes)",
     ]

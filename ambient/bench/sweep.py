@@ -52,8 +52,11 @@ def kernel_metric(role: str, rate: float) -> str:
     return f"{role}_kernel_us_per_req_at_{rate:g}"
 
 
-def rate_sweep(bench: SweepBench, *, rates: tuple[float, ...] = SWEEP_RATES) -> ScenarioResult:
-    """CPU microseconds per request of each ztunnel at each rate; one run per rate per repetition."""
+def rate_sweep(
+    bench: SweepBench, *, rates: tuple[float, ...] = SWEEP_RATES, arms: tuple[str, ...] = ("mesh",)
+) -> ScenarioResult:
+    """CPU microseconds per request of each ztunnel at each rate; one run per rate per repetition, for each
+    of `arms` (ours, and upstream's when the run has it)."""
     cfg = bench.cfg
     seconds = cfg.seconds
     scenario = ScenarioResult(
@@ -66,20 +69,21 @@ def rate_sweep(bench: SweepBench, *, rates: tuple[float, ...] = SWEEP_RATES) -> 
         "splits the two by sampling at clock ticks, too few at 250 rps to show). A cost that falls as the "
         "rate rises is paid per wake-up of an idle process, not per request",
         mesh_only=True,
-        arms={"mesh": ArmResult()},
+        arms={arm: ArmResult() for arm in arms},
     )
     for rep in range(cfg.reps):
-        run: dict[str, float] = {}
-        for rate in rates:
-            out, sampler = bench.sampled_rr("mesh", rate, seconds)
-            requests = max(1.0, out["requests"])
-            for role in ("client", "server"):
-                run[metric(role, rate)] = sampler.cpu[role] * 1e6 / requests
-                run[kernel_metric(role, rate)] = sampler.kernel[role] * 1e6 / requests
-            run[f"rps_at_{rate:g}"] = out["rps"]
-        scenario.arms["mesh"].runs.append(run)
-        bench.progress(
-            f"sweep rep {rep + 1}: client ztunnel "
-            + ", ".join(f"{run[metric('client', r)]:.0f} us/req at {r:g} rps" for r in rates)
-        )
+        for arm in arms if rep % 2 == 0 else tuple(reversed(arms)):
+            run: dict[str, float] = {}
+            for rate in rates:
+                out, sampler = bench.sampled_rr(arm, rate, seconds)
+                requests = max(1.0, out["requests"])
+                for role in ("client", "server"):
+                    run[metric(role, rate)] = sampler.cpu[role] * 1e6 / requests
+                    run[kernel_metric(role, rate)] = sampler.kernel[role] * 1e6 / requests
+                run[f"rps_at_{rate:g}"] = out["rps"]
+            scenario.arms[arm].runs.append(run)
+            bench.progress(
+                f"sweep rep {rep + 1} {arm}: client ztunnel "
+                + ", ".join(f"{run[metric('client', r)]:.0f} us/req at {r:g} rps" for r in rates)
+            )
     return finish_scenario(scenario)

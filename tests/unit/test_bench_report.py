@@ -17,7 +17,7 @@ from ambient.bench.report import (
     summarize,
 )
 from ambient.bench.run import SCENARIOS, parse_scenarios
-from ambient.bench.world import ARMS, NAMESPACES, arm_pods, bench_world, enrol_pod_ip, pod_blocks
+from ambient.bench.world import ARMS, NAMESPACES, arm_pods, arms, bench_world, enrol_pod_ip, pod_blocks
 from ambient.lab.topology import plan_lab
 from services.istiod.world import validate
 
@@ -65,7 +65,8 @@ def test_mesh_only_scenario_has_no_added_and_a_dash_for_no_mesh() -> None:
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "-"
     assert cells[2] == "0.100"
-    assert cells[5] == "<= 0.15 (met)"
+    assert cells[4] == cells[5] == ""  # no upstream arm in this run
+    assert cells[7] == "<= 0.15 (met)"
 
 
 def test_table_marks_targets_not_met_and_shows_ratio() -> None:
@@ -78,10 +79,54 @@ def test_table_marks_targets_not_met_and_shows_ratio() -> None:
         )
     )
     table = markdown_table(_report(bulk))
-    assert (
-        "| bulk throughput, 1 stream (MB/s) | 1,000 | 250 | 25% of no mesh |  | >= 300 MB/s (**not met**) |"
-        in table
-    )
+    assert _cells(table, "bulk throughput, 1 stream") == [
+        "bulk throughput, 1 stream (MB/s)", "1,000", "250", "25% of no mesh", "", "", "",
+        ">= 300 MB/s (**not met**)"]  # fmt: skip
+
+
+def _cells(table: str, label: str) -> list[str]:
+    row = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_upstream_arm_gets_its_column_and_the_relative_targets() -> None:
+    bulk = finish_scenario(ScenarioResult(name="bulk_1", title="bulk", method="m", arms={
+        "baseline": ArmResult(runs=[{"mb_s": 2000.0}]), "mesh": ArmResult(runs=[{"mb_s": 400.0}]),
+        "upstream": ArmResult(runs=[{"mb_s": 1000.0}, {"mb_s": 800.0}])}))  # fmt: skip
+    rr = finish_scenario(ScenarioResult(name="rr", title="rr", method="m", arms={
+        "baseline": ArmResult(runs=[{"p50_ms": 0.1}]), "mesh": ArmResult(runs=[{"p50_ms": 0.4}]),
+        "upstream": ArmResult(runs=[{"p50_ms": 0.3}])}))  # fmt: skip
+    zt = finish_scenario(ScenarioResult(name="ztunnel", title="z", method="m", mesh_only=True, arms={
+        "mesh": ArmResult(runs=[{"client_vcpu_per_1k": 0.24}]),
+        "upstream": ArmResult(runs=[{"client_vcpu_per_1k": 0.06}])}))  # fmt: skip
+    assert rr.added_upstream["p50_ms"] == pytest.approx(0.2)
+    table = markdown_table(_report(bulk, rr, zt))
+    cells = _cells(table, "bulk throughput, 1 stream")
+    assert cells[4] == "900 (800-1,000)"
+    assert cells[5] == "44% of upstream (target >= 60%: **not met**)"
+    cells = _cells(table, "1 KB req/resp at 1000 rps, p50")
+    assert cells[4] == "0.300 (+0.200)"
+    assert cells[5] == "1.5x upstream (target <= 2x: met)"  # added 0.3 ms against upstream's added 0.2 ms
+    cells = _cells(table, "client-side ztunnel, vCPU per 1000 rps")
+    assert cells[5] == "4.0x upstream (target <= 2x: **not met**)"
+
+
+def test_no_ratio_against_an_upstream_figure_that_is_not_positive() -> None:
+    rr = finish_scenario(ScenarioResult(name="rr", title="rr", method="m", arms={
+        "baseline": ArmResult(runs=[{"p50_ms": 0.3}]), "mesh": ArmResult(runs=[{"p50_ms": 0.5}]),
+        "upstream": ArmResult(runs=[{"p50_ms": 0.25}])}))  # fmt: skip
+    cells = _cells(markdown_table(_report(rr)), "1 KB req/resp at 1000 rps, p50")
+    assert cells[4] == "0.250 (-0.050)"
+    assert cells[5] == ""
+
+
+def test_markdown_names_the_upstream_build_when_it_ran() -> None:
+    report = _report()
+    report.settings = {"reps": 3, "upstream_ztunnel": "istio/ztunnel 62d8265 (release build)"}
+    text = markdown(report)
+    assert "`istio/ztunnel 62d8265 (release build)` on node-c and node-d" in text
+    assert "no mesh, ours, upstream's on even repetitions" in text
+    assert "on node-c and node-d" not in markdown(_report())
 
 
 def test_markdown_names_machine_command_and_methods() -> None:
@@ -137,9 +182,20 @@ def test_enrol_pod_ips_are_distinct_and_outside_the_pod_blocks() -> None:
 
 def test_pod_blocks_stay_inside_the_bench_range_for_any_seed() -> None:
     for seed in range(0, 1000, 7):
-        a, b = pod_blocks(seed)
-        assert 100 <= a < b <= 239
+        a, b, c, d = pod_blocks(seed)
+        assert 100 <= a < b < c < d <= 239
         validate(bench_world(seed), "<bench>")
+        validate(bench_world(seed, upstream=True), "<bench>")
+
+
+def test_bench_world_with_upstream_puts_its_meshed_pair_on_node_c_and_node_d() -> None:
+    plan = plan_lab(bench_world(upstream=True), prefix="benchtest")
+    pods = {p.key: p for p in plan.pods}
+    pair = arm_pods("upstream")
+    assert (pods[pair.client].node, pods[pair.server].node) == ("node-c", "node-d")
+    assert pods[pair.client].ambient and pods[pair.server].ambient
+    assert {n.name for n in plan.nodes} == {"node-a", "node-b", "node-c", "node-d"}
+    assert arms(True) == ("baseline", "mesh", "upstream") and arms(False) == ARMS
 
 
 def test_only_option_picks_scenarios_in_run_order_without_duplicates() -> None:
