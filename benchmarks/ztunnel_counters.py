@@ -9,7 +9,8 @@ the load command reports. Run as root next to a lab that is up, e.g. one built f
         ip netns exec pf-bench-mesh-client .venv/bin/python -m ambient.bench.loadgen rr 10.244.175.11 8080 \\
         --rate 1000 --conns 4 --seconds 5
 
-`--per requests` reads the load's JSON `requests` count; `--per mb` takes `--bytes` (what the load moved)
+`--per requests` reads the load's JSON `requests` count, `--per connections` its `connections` count (the
+loadgen's `crr` mode: one new connection each); `--per mb` takes `--bytes` (what the load moved)
 or iperf3's JSON (`-J`) `end.sum_received.bytes`. With `--strace` each ztunnel runs under `strace -c -f`
 for the load's duration (ptrace slows it, so its CPU figures are then taken in a second pass without it).
 """
@@ -63,8 +64,8 @@ def run_load(cmd: list[str]) -> dict[str, object]:
 
 
 def units(load: dict[str, object], per: str, given_bytes: int | None) -> float:
-    if per == "requests":
-        return float(load["requests"])  # type: ignore[arg-type]
+    if per in ("requests", "connections"):
+        return float(load[per])  # type: ignore[arg-type]
     if given_bytes is not None:
         return given_bytes / 1e6
     end = load["end"]
@@ -74,7 +75,7 @@ def units(load: dict[str, object], per: str, given_bytes: int | None) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pid", type=int, action="append", required=True, help="a ztunnel's PID (repeatable)")
-    p.add_argument("--per", choices=("requests", "mb"), default="requests")
+    p.add_argument("--per", choices=("requests", "connections", "mb"), default="requests")
     p.add_argument("--bytes", type=int, default=None)
     p.add_argument("--strace", action="store_true", help="also count system calls (a second pass)")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
