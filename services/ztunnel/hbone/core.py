@@ -238,7 +238,7 @@ class _Core:
         # outbound validation (a third of a CONNECT's header cost) is off; what the peer sends is validated.
         config = h2.config.H2Configuration(client_side=client, header_encoding=None,
                                            validate_inbound_headers=True, normalize_inbound_headers=True,
-                                           validate_outbound_headers=False)
+                                           validate_outbound_headers=False, normalize_outbound_headers=False)
         conn = _H2Connection(config=config)
         # Replacing local_settings before the preamble: h2 reads max_inbound_frame_size and the frame buffer's
         # limit once at construction, so both are set by hand, and the HPACK decoder's limit too.
