@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,6 +105,17 @@ def current_netns_fd() -> int:
     return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 
+class _Home(threading.local):
+    """Per thread: a handle to the namespace the thread runs in outside `entered()` (opened on first use,
+    kept for the thread's life), and how deep it is inside `entered()` blocks."""
+
+    fd: int = -1
+    depth: int = 0
+
+
+_home = _Home()
+
+
 @contextmanager
 def entered(fd: int) -> Iterator[None]:
     """Run the block with the calling thread switched into the namespace `fd`, then switch back.
@@ -111,8 +123,20 @@ def entered(fd: int) -> Iterator[None]:
     Keep the block synchronous and short (create and bind sockets, run a subprocess): never await inside
     it on the Trio thread. Switching back "must never fail"; if it does the thread is in an unknown
     namespace and we abort rather than let later sockets land in a pod.
+
+    The outermost block of a thread returns to the thread's own namespace through a handle kept per thread
+    (nothing in the project moves a thread for good, and only this function switches namespaces), which
+    saves an open and a close of /proc/thread-self/ns/net per new connection into a pod; a nested block
+    returns to the namespace it was entered from through a handle of its own.
     """
-    home = current_netns_fd()
+    nested = _home.depth > 0
+    if nested:
+        home = current_netns_fd()
+    else:
+        if _home.fd < 0:
+            _home.fd = current_netns_fd()
+        home = _home.fd
+    _home.depth += 1
     try:
         _setns(fd)
         try:
@@ -124,4 +148,6 @@ def entered(fd: int) -> Iterator[None]:
                 os.write(2, f"fatal: cannot return to own network namespace: {exc}\n".encode())
                 os.abort()
     finally:
-        os.close(home)
+        _home.depth -= 1
+        if nested:
+            os.close(home)

@@ -61,3 +61,35 @@ async def test_real_netns_fd_arrives_as_the_same_namespace(
         assert os.readlink("/proc/thread-self/ns/net") == home, "the thread must be back in its own netns"
     finally:
         os.close(fd)
+
+
+def test_entered_returns_home_and_nested_blocks_return_to_their_outer_namespace(
+    make_netns: Callable[[str], str],
+) -> None:
+    def here() -> str:
+        return os.readlink("/proc/thread-self/ns/net")
+
+    a, b = open_netns(make_netns("ea")), open_netns(make_netns("eb"))
+    try:
+        home = here()
+        link_a, link_b = f"net:[{netns_id(a)[0]}]", f"net:[{netns_id(b)[0]}]"
+        with entered(a):
+            pass  # the thread's home handle is now open and kept
+        fds = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            with entered(a):
+                assert here() == link_a
+                with entered(b):
+                    assert here() == link_b
+                assert here() == link_a  # the inner block went back to a, not to the thread's home
+            assert here() == home
+        assert len(os.listdir("/proc/self/fd")) == fds  # no handle opened per block is left behind
+        try:
+            with entered(b):
+                raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+        assert here() == home
+    finally:
+        os.close(a)
+        os.close(b)
