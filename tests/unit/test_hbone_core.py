@@ -327,3 +327,14 @@ def test_many_streams_on_one_connection() -> None:
 def test_authority_round_trip(addr: tuple[str, int], text: str) -> None:
     assert format_host_port(*addr) == text
     assert parse_authority(text.encode()) == addr
+
+
+def test_new_traceparent_is_w3c_shaped_and_unique() -> None:
+    import re
+
+    from services.ztunnel.hbone.connection import new_traceparent
+
+    seen = {new_traceparent() for _ in range(2000)}
+    assert len(seen) == 2000
+    assert all(re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", t) for t in seen)
+    assert not any(t.startswith("00-" + "0" * 32) for t in seen)

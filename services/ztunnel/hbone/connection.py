@@ -27,7 +27,7 @@ stream still open is failed with `ConnectionClosedError`, so their tasks see `Br
 from __future__ import annotations
 
 import logging
-import secrets
+import random
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -70,9 +70,17 @@ PING_INTERVAL: Final = 10.0
 PING_TIMEOUT: Final = 20.0
 
 
+# Trace ids need to be unique, not secret: a generator seeded once from the OS (random.Random() seeds from
+# os.urandom) instead of two getrandom() system calls per connection.
+_trace_ids = random.Random()
+
+
 def new_traceparent() -> str:
-    """`00-<32 hex trace id>-<16 hex parent id>-00`, random per connection."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+    """`00-<32 hex trace id>-<16 hex parent id>-00`, random per connection (never the all-zero ids that
+    W3C trace context declares invalid)."""
+    trace_id = _trace_ids.getrandbits(128) or 1
+    parent_id = _trace_ids.getrandbits(64) or 1
+    return f"00-{trace_id:032x}-{parent_id:016x}-00"
 
 
 class HboneConnection:
