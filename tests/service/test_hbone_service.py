@@ -298,15 +298,18 @@ async def test_pool_releases_idle_connections(certs: FakeCerts, ca: CertificateA
         nursery.cancel_scope.cancel()
 
 
-async def test_ping_keeps_a_live_connection(certs: FakeCerts, ca: CertificateAuthority,
+async def test_ping_keeps_a_live_connection(certs: FakeCerts, ca: CertificateAuthority, echo_port: int,
                                             mock_clock: trio.testing.MockClock) -> None:
     mock_clock.autojump_threshold = 0.1
     bundle = await certs.fetch_certificate(CLIENT)
     async with (running_server(certs, SERVER, roots=[ca.root_pem]) as server,
                 open_hbone_connection(server.addr, bundle=bundle, expected=[SERVER],
                                       contexts=contexts(ca)) as conn):
+        # A quiet tunnel (a connection without one is closed after the first-CONNECT deadline).
+        stream = await conn.open_stream(("127.0.0.1", echo_port), forwarded_for=("10.0.0.1", 1))
         await trio.sleep(100)  # ten PINGs each way, all answered
         assert not conn.dead and conn._pings >= 9
+        await stream.aclose()
 
 
 async def test_peer_that_stops_reading_gets_back_pressure(certs: FakeCerts, ca: CertificateAuthority) -> None:

@@ -13,7 +13,16 @@ Theory of operation
   woke it. Stream tasks only mutate the core and wake the writer, so a stream task being cancelled can never
   tear a frame; if the writer itself is cancelled mid-write the TLS stream marks itself broken;
 * the **pinger** sends a PING every `ping_interval` seconds and ends the connection when no ACK arrives within
-  `ping_timeout` (upstream: 10 s / 20 s).
+  `ping_timeout` (upstream: 10 s / 20 s);
+* the **idler** (when `idle_timeout` is set) sends GOAWAY and ends the connection once it has carried no
+  stream for that long; until the first stream the deadline is `first_stream_deadline` (server: the TLS
+  handshake and the first CONNECT share one deadline from accept).
+
+Rapid reset (CVE-2023-44487), server side: a stream the peer resets before we answered it cost us the
+request's work for nothing. More than `REMOTE_RESET_STREAM_MAX` of them within `REMOTE_RESET_INTERVAL` get
+GOAWAY ENHANCE_YOUR_CALM and end the connection (upstream's h2 has the same cap of 20 on streams reset
+before the application took them). `cancel_on_reset` lets the request's handler abandon its work (the
+connect to the app) the moment its stream is reset.
 
 Memory stays bounded both ways. Inbound, a stream's queued bytes are acknowledged to the peer (WINDOW_UPDATE)
 only when the application takes them from `receive_some`, so a slow consumer holds at most a stream window.
@@ -26,9 +35,11 @@ stream still open is failed with `ConnectionClosedError`, so their tasks see `Br
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 import h2.exceptions
@@ -36,6 +47,7 @@ import trio
 
 from services.ztunnel.hbone.core import (
     ERROR_CANCEL,
+    ERROR_ENHANCE_YOUR_CALM,
     ERROR_NO_ERROR,
     ClientCore,
     ConnectionClosed,
@@ -68,6 +80,8 @@ log = logging.getLogger("ztunnel.hbone")
 HIGH_WATER: Final = 1024 * 1024
 PING_INTERVAL: Final = 10.0
 PING_TIMEOUT: Final = 20.0
+REMOTE_RESET_STREAM_MAX: Final = 20  # upstream h2's DEFAULT_REMOTE_RESET_STREAM_MAX
+REMOTE_RESET_INTERVAL: Final = 1.0
 
 
 # Trace ids need to be unique, not secret: a generator seeded once from the OS (random.Random() seeds from
@@ -95,7 +109,10 @@ class HboneConnection:
 
     def __init__(self, tls: TlsSocketStream, core: ClientCore | ServerCore, *, peer_identity: SpiffeId,
                  local_addr: Addr, peer_addr: Addr, ping_interval: float | None = PING_INTERVAL,
-                 ping_timeout: float = PING_TIMEOUT) -> None:
+                 ping_timeout: float = PING_TIMEOUT, idle_timeout: float | None = None,
+                 first_stream_deadline: float | None = None,
+                 remote_reset_max: int = REMOTE_RESET_STREAM_MAX,
+                 remote_reset_interval: float = REMOTE_RESET_INTERVAL) -> None:
         self.tls = tls
         self.core = core
         self.peer_identity = peer_identity
@@ -103,6 +120,13 @@ class HboneConnection:
         self.peer_addr = peer_addr
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.idle_timeout = idle_timeout
+        self.first_stream_deadline = first_stream_deadline
+        self.remote_reset_max = remote_reset_max
+        self.remote_reset_interval = remote_reset_interval
+        self._early_resets: collections.deque[float] = collections.deque()
+        self._reset_scopes: dict[int, trio.CancelScope] = {}
+        self.streams_seen = 0
         self.streams: dict[int, HboneStream] = {}
         self.error: BaseException | None = None
         self.dead = False
@@ -131,6 +155,8 @@ class HboneConnection:
                 nursery.start_soon(self._writer)
                 if self.ping_interval is not None:
                     nursery.start_soon(self._pinger)
+                if self.idle_timeout is not None:
+                    nursery.start_soon(self._idler)
                 task_status.started(self)
                 try:
                     await self._reader()
@@ -278,6 +304,28 @@ class HboneConnection:
                     self._nursery.cancel_scope.cancel()
                 return
 
+    # --- idler ---
+
+    def _idle_deadline(self) -> float:
+        assert self.idle_timeout is not None
+        if not self.streams_seen and self.first_stream_deadline is not None:
+            return self.first_stream_deadline
+        return self.last_activity + self.idle_timeout
+
+    async def _idler(self) -> None:
+        while True:
+            if self.streams:
+                await self._activity.park()
+                continue
+            with trio.move_on_at(self._idle_deadline()) as scope:
+                await self._activity.park()
+            if scope.cancelled_caught and not self.streams and trio.current_time() >= self._idle_deadline():
+                break
+        waited = ("no stream opened" if not self.streams_seen
+                  else f"no stream for {self.idle_timeout:g}s")
+        self._set_error(ConnectionClosedError(f"the HBONE connection was idle ({waited})"))
+        self.close(ERROR_NO_ERROR)
+
     # --- reader ---
 
     async def _reader(self) -> None:
@@ -316,8 +364,13 @@ class HboneConnection:
                 stream._on_end()
         elif isinstance(event, StreamReset):
             if (stream := self.streams.get(event.stream_id)) is not None:
+                unanswered = stream.status is None and isinstance(self.core, ServerCore)
                 stream._fail(StreamResetError(f"the peer reset the stream (code {event.error_code})",
                                               error_code=event.error_code))
+                if (scope := self._reset_scopes.get(event.stream_id)) is not None:
+                    scope.cancel()
+                if unanswered:
+                    self._count_early_reset()
         elif isinstance(event, Responded):
             if (stream := self.streams.get(event.stream_id)) is not None:
                 stream._on_response(event)
@@ -335,6 +388,35 @@ class HboneConnection:
                     stream._fail(ConnectionClosedError("the server is going away and did not process this "
                                                        "stream (GOAWAY)"))
 
+    def _count_early_reset(self) -> None:
+        """A stream reset by the peer before we answered it: past the cap, GOAWAY ENHANCE_YOUR_CALM."""
+        now = trio.current_time()
+        resets = self._early_resets
+        resets.append(now)
+        while resets and resets[0] <= now - self.remote_reset_interval:
+            resets.popleft()
+        if len(resets) <= self.remote_reset_max:
+            return
+        self.core.close(ERROR_ENHANCE_YOUR_CALM)
+        log.warning("HBONE connection closed: too many streams reset by the peer", extra={"fields": [
+            ("peer", format_host_port(*self.peer_addr)), ("identity", str(self.peer_identity)),
+            ("resets", len(resets)), ("interval", f"{self.remote_reset_interval:g}s")]})
+        raise HboneProtocolError(
+            f"the peer reset more than {self.remote_reset_max} streams before they were answered within "
+            f"{self.remote_reset_interval:g}s (rapid reset)", error_code=ERROR_ENHANCE_YOUR_CALM)
+
+    @contextlib.contextmanager
+    def cancel_on_reset(self, stream: HboneStream) -> Iterator[trio.CancelScope]:
+        """A cancel scope that is cancelled when the peer resets `stream` (at once if it already did)."""
+        with trio.CancelScope() as scope:
+            if not self.core.stream_open(stream.stream_id) or stream._error is not None:
+                scope.cancel()
+            self._reset_scopes[stream.stream_id] = scope
+            try:
+                yield scope
+            finally:
+                self._reset_scopes.pop(stream.stream_id, None)
+
     def _on_connect(self, event: ConnectRequested) -> None:
         if self.on_request is None or self.core.closed:
             assert isinstance(self.core, ServerCore)
@@ -348,6 +430,7 @@ class HboneConnection:
 
     def _adopt(self, stream: HboneStream) -> None:
         self.streams[stream.stream_id] = stream
+        self.streams_seen += 1
         self.active_streams += 1
         self.last_activity = trio.current_time()
         self._activity.unpark_all()

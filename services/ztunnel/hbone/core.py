@@ -24,6 +24,12 @@ Half-close is END_STREAM each way (`end_stream()` / `StreamEnded`); errors reset
 Settings follow upstream ztunnel: 4 MiB stream window, 16 MiB connection window, 1 MiB
 frames, header lists of 16 KiB (client) / 64 KiB (server), 200 concurrent streams on the server. Frame and
 header-block sizes are checked from each frame header before its payload is read (framebuffer.py).
+
+A HEADERS frame that would open a stream past the advertised concurrency (SERVER_MAX_CONCURRENT_STREAMS) is
+refused on its own, as upstream's h2 does: its header block is still decoded (the HPACK table both sides
+share must stay in step) and the stream is reset with REFUSED_STREAM, so the peer may retry it; the
+connection and its other streams carry on. A peer that makes us refuse more than LOCAL_RESET_COUNT_MAX
+streams on one connection gets GOAWAY ENHANCE_YOUR_CALM.
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ MAX_FRAME_SIZE: Final = 1024 * 1024
 CLOSED_STREAMS_REMEMBERED: Final = 1000  # per connection, see _H2Connection
 CLIENT_MAX_HEADER_LIST_SIZE: Final = 16 * 1024
 SERVER_MAX_HEADER_LIST_SIZE: Final = 64 * 1024
-SERVER_MAX_CONCURRENT_STREAMS: Final = 200
+SERVER_MAX_CONCURRENT_STREAMS: Final = 200  # upstream's HBONE server (h2 builder): hyper's default
+LOCAL_RESET_COUNT_MAX: Final = 1024  # streams we may refuse per connection; upstream's h2 default
 CLIENT_MAX_CONCURRENT_STREAMS: Final = 100  # the client accepts no pushed streams; h2's own default
 
 ERROR_NO_ERROR: Final = int(h2.errors.ErrorCodes.NO_ERROR)
@@ -65,6 +72,8 @@ ERROR_PROTOCOL: Final = int(h2.errors.ErrorCodes.PROTOCOL_ERROR)
 ERROR_INTERNAL: Final = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
 ERROR_CANCEL: Final = int(h2.errors.ErrorCodes.CANCEL)
 ERROR_CONNECT: Final = int(h2.errors.ErrorCodes.CONNECT_ERROR)
+ERROR_REFUSED_STREAM: Final = int(h2.errors.ErrorCodes.REFUSED_STREAM)
+ERROR_ENHANCE_YOUR_CALM: Final = int(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 _FRAME_HEADER: Final = struct.Struct(">HBBBL")  # 24-bit length (as H + B), type, flags, stream id
 
@@ -222,12 +231,52 @@ def _settings(client: bool) -> h2.settings.Settings:
 # --- the cores ---------------------------------------------------------------------------------------------
 
 
+class TooManyRefusedStreamsError(h2.exceptions.ProtocolError):
+    """The peer kept opening streams past our concurrency limit after being refused."""
+
+    error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
 class _H2Connection(h2.connection.H2Connection):
     # h2 remembers how each closed stream ended, so that frames still in flight on a stream it reset are
     # ignored rather than taken for a protocol error, for the last 65,536 streams: ~105 bytes each, ~7 MB on
     # a long-lived pooled connection that carried many short tunnels. Frames in flight only concern streams
     # closed a round trip ago; the last thousand cover that.
     MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
+
+    refused_streams = 0
+
+    def _receive_headers_frame(self, frame: hyperframe.frame.HeadersFrame,
+                               ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        # h2 raises TooManyStreamsError (a connection error: GOAWAY) before it decodes the header block.
+        # Past the limit the stream alone is refused here: the block is decoded first (HPACK state), then
+        # the new stream is opened in h2's books and reset at once with REFUSED_STREAM, its request dropped.
+        if (frame.stream_id in self.streams
+                or self.open_inbound_streams < self.local_settings.max_concurrent_streams):
+            return super()._receive_headers_frame(frame)
+        self.refused_streams += 1
+        if self.refused_streams > LOCAL_RESET_COUNT_MAX:
+            raise TooManyRefusedStreamsError(
+                f"the peer opened {self.refused_streams} streams past the limit of "
+                f"{self.local_settings.max_concurrent_streams} concurrent streams")
+        headers = h2.connection._decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+        stream = self._get_or_create_stream(frame.stream_id,
+                                            h2.connection.AllowedStreamIDs(not self.config.client_side))
+        frames, _request = stream.receive_headers(headers, "END_STREAM" in frame.flags,
+                                                  self.config.header_encoding)
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_RST_STREAM)
+        frames.extend(stream.reset_stream(ERROR_REFUSED_STREAM))
+        return frames, events
+
+    def _receive_rst_stream_frame(self, frame: hyperframe.frame.RstStreamFrame,
+                                  ) -> tuple[list[hyperframe.frame.Frame], list[h2.events.Event]]:
+        # On a stream we already reset (a refused one, say) h2 would answer with another RST_STREAM, which
+        # RFC 9113 section 5.4.2 forbids; nothing is owed for it.
+        try:
+            return super()._receive_rst_stream_frame(frame)
+        except h2.exceptions.StreamClosedError:
+            return [], []
 
 
 class _Core:
@@ -425,6 +474,11 @@ class _Core:
     @property
     def open_streams(self) -> int:
         return int(self._h2.open_outbound_streams + self._h2.open_inbound_streams)
+
+    @property
+    def refused_streams(self) -> int:
+        """Streams refused (REFUSED_STREAM) because the peer opened them past our concurrency limit."""
+        return self._h2.refused_streams
 
     @property
     def peer_max_concurrent_streams(self) -> int:

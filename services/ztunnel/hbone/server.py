@@ -21,12 +21,20 @@ it (proxy/inbound.py implements it; tests use a fake). Per connection:
 
 The policy's methods are plain calls except `open_upstream`; authorization is synchronous (a decision over
 the state as it is now). A bug in the policy fails its stream (503 or a reset), never the connection.
+
+Bounds (docs/limits.md has them all): from accept, the client has `handshake_timeout` (10 s) to finish the
+TLS handshake and send its first CONNECT, else the connection is closed (a GOAWAY once TLS is up); an
+authenticated connection that has carried no stream for `idle_timeout` gets GOAWAY and is closed; a stream
+the peer resets before it was answered is never connected to the app (the connect is abandoned if it was
+under way), and more than 20 such resets a second end the connection with GOAWAY ENHANCE_YOUR_CALM
+(connection.py). A stream past the 200-stream cap is refused alone with REFUSED_STREAM (core.py).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from math import inf
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -61,7 +69,9 @@ from shared.identity import SpiffeId
 
 log = logging.getLogger("ztunnel.hbone")
 
-HANDSHAKE_TIMEOUT: Final = 10.0
+HANDSHAKE_TIMEOUT: Final = 10.0  # upstream's TLS listener default; ours covers the first CONNECT too
+IDLE_TIMEOUT: Final = 600.0  # twice upstream's POOL_UNUSED_RELEASE_TIMEOUT: a client pool lets go first
+EARLY_RESET: Final = "the peer reset the stream before it was answered"
 POLICY_REJECTION: Final = "connection closed due to policy rejection"
 
 
@@ -123,7 +133,7 @@ class InboundPolicy(Protocol):
 class _Server:
     def __init__(self, *, identity: SpiffeId, certs: CertSource, contexts: TlsContextCache,
                  policy: InboundPolicy, handshake_timeout: float, ping_interval: float | None,
-                 ping_timeout: float) -> None:
+                 ping_timeout: float, idle_timeout: float | None) -> None:
         self.identity = identity
         self.certs = certs
         self.contexts = contexts
@@ -131,6 +141,7 @@ class _Server:
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.idle_timeout = idle_timeout
 
     def _refused(self, peer: Addr, local: Addr, error: str, status: int | None = None) -> None:
         outcome = ConnectionOutcome(direction="inbound", src_addr=format_addr(peer),
@@ -141,11 +152,12 @@ class _Server:
 
     async def serve_connection(self, sock: socket.socket, peer: Addr) -> None:
         local = peer_addr(sock.getsockname())
+        deadline = trio.current_time() + self.handshake_timeout  # TLS done and the first CONNECT in
         try:
             try:
                 bundle = await self.certs.fetch_certificate(self.identity)
                 tls = TlsSocketStream(sock, server_connection(self.contexts.server(bundle), sock))
-                with trio.move_on_after(self.handshake_timeout) as scope:
+                with trio.move_on_at(deadline) as scope:
                     await tls.do_handshake()
                 if scope.cancelled_caught:
                     raise HboneError(f"TLS handshake timed out after {self.handshake_timeout:g}s")
@@ -157,7 +169,9 @@ class _Server:
                 return
             conn = HboneConnection(tls, ServerCore([local[0]]), peer_identity=identity, local_addr=local,
                                    peer_addr=peer, ping_interval=self.ping_interval,
-                                   ping_timeout=self.ping_timeout)
+                                   ping_timeout=self.ping_timeout,
+                                   idle_timeout=self.idle_timeout if self.idle_timeout is not None else inf,
+                                   first_stream_deadline=deadline)
 
             def on_request(stream: HboneStream, event: ConnectRequested) -> None:
                 conn.spawn(self.serve_stream, conn, stream, event)
@@ -202,12 +216,19 @@ class _Server:
                 error = policy_rejection(verdict.reason)
                 conn.respond(stream, 401)
                 return
-            try:
-                upstream = await policy.open_upstream(info)
-            except (ConnectError, OSError) as exc:
-                outcome.status = 503
-                error = str(exc) if isinstance(exc, ConnectError) else describe_os_error(exc)
-                conn.respond(stream, 503)
+            # A stream the peer already reset (rapid reset) never reaches the app; one reset while its
+            # connect is under way abandons the connect.
+            with conn.cancel_on_reset(stream) as reset_scope:
+                if not reset_scope.cancel_called:  # checked first: a connect starts before its checkpoint
+                    try:
+                        upstream = await policy.open_upstream(info)
+                    except (ConnectError, OSError) as exc:
+                        outcome.status = 503
+                        error = str(exc) if isinstance(exc, ConnectError) else describe_os_error(exc)
+                        conn.respond(stream, 503)
+                        return
+            if upstream is None:
+                error = EARLY_RESET
                 return
             outcome.status = 200
             policy.opened(outcome)
@@ -260,7 +281,8 @@ async def serve_hbone_connection(sock: socket.socket, peer: tuple[Any, ...], *, 
                                  certs: CertSource, contexts: TlsContextCache, policy: InboundPolicy,
                                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                                  ping_interval: float | None = PING_INTERVAL,
-                                 ping_timeout: float = PING_TIMEOUT) -> None:
+                                 ping_timeout: float = PING_TIMEOUT,
+                                 idle_timeout: float | None = IDLE_TIMEOUT) -> None:
     """Serve one accepted 15008 connection until it ends; closes `sock`.
 
     Args:
@@ -269,11 +291,13 @@ async def serve_hbone_connection(sock: socket.socket, peer: tuple[Any, ...], *, 
         certs: certificate source (`fetch_certificate(identity)` per connection; cheap when cached).
         contexts: TLS context cache; `contexts.roots` are the trust anchors.
         policy: what to do with the connection and its tunnels (see `InboundPolicy`).
+        handshake_timeout: from accept, for the TLS handshake and the first CONNECT together.
+        idle_timeout: an authenticated connection carrying no stream this long is closed (None: never).
 
     Peer and TLS failures are reported to `policy.refused` and logged, never raised.
     """
     server = _Server(identity=identity, certs=certs, contexts=contexts, policy=policy,
                      handshake_timeout=handshake_timeout, ping_interval=ping_interval,
-                     ping_timeout=ping_timeout)
+                     ping_timeout=ping_timeout, idle_timeout=idle_timeout)
     sock.setblocking(False)
     await _guarded(server, sock, peer_addr(tuple(peer)))
