@@ -19,8 +19,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Mapping
+from functools import partial
 
-from services.node_agent.rules import PodRedirect
+import trio
+from pyroute2 import IPRoute
+
+from services.node_agent.apply import NetnsRuleApplier, _route_present, in_netns
+from services.node_agent.rules import PodRedirect, expected_saved, families
 
 TCP_LISTEN = "0A"
 UDP_UNCONNECTED = "07"
@@ -114,3 +119,45 @@ def describe_drift(
         if not missing and not extra and got != wanted:
             problems.append(f"{where}: rules out of order")
     return problems
+
+
+def rule_problems_here(applier: NetnsRuleApplier, redirect: PodRedirect) -> list[str]:
+    """Rule and policy-route drift in the calling thread's netns (iptables backend)."""
+    problems: list[str] = []
+    with IPRoute() as ipr:
+        for route in applier.routes_here():
+            rule_ok, route_ok = _route_present(ipr, route)
+            if not rule_ok:
+                v = route.family.value
+                problems.append(f"ip rule fwmark {route.fwmark:#x} lookup {route.table} (v{v}) missing")
+            if not route_ok:
+                problems.append(f"local route in table {route.table} (v{route.family.value}) missing")
+    for family, have in applier.saved_here().items():
+        ours = family in families(applier.settings)
+        want = expected_saved(redirect, applier.settings, family) if ours else {}
+        problems += describe_drift(family.save_binary, have, want)
+    return problems
+
+
+def inspect_here(
+    applier: NetnsRuleApplier, redirect: PodRedirect, ztunnel_pids: Iterable[int] | None
+) -> list[str]:
+    """Everything wrong with one pod's redirection (use inside `shared.netns.entered`); listeners are
+    checked only when `ztunnel_pids` is given (the pod is enabled)."""
+    problems = rule_problems_here(applier, redirect)
+    if ztunnel_pids is not None:
+        held = socket_inodes(ztunnel_pids)
+        problems += listener_problems(expected_listeners(redirect), listeners_here(), held)
+    return problems
+
+
+async def inspect(
+    applier: NetnsRuleApplier, netns_fd: int, redirect: PodRedirect, ztunnel_pids: Iterable[int] | None
+) -> list[str]:
+    """`inspect_here` in a worker thread switched into `netns_fd`.
+
+    Raises:
+        NetnsGoneError: the namespace cannot be entered.
+    """
+    pids = None if ztunnel_pids is None else tuple(ztunnel_pids)
+    return await trio.to_thread.run_sync(in_netns, netns_fd, partial(inspect_here, applier, redirect, pids))
