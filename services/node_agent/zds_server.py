@@ -104,6 +104,7 @@ class _Connection:
     number: int
     sock: trio.socket.SocketType
     peer: list[Field]  # the connection in log lines: number, pid and uid of the ztunnel process
+    pid: int = 0  # the ztunnel process (SO_PEERCRED)
     session: ServerSession = field(default_factory=ServerSession)
     answers_send: trio.MemorySendChannel[Ack] = field(init=False)
     answers_recv: trio.MemoryReceiveChannel[Ack] = field(init=False)
@@ -153,6 +154,12 @@ class ZdsServer:
     @property
     def connection_count(self) -> int:
         return sum(1 for c in self._connections if not c.closing)
+
+    @property
+    def peer_pids(self) -> frozenset[int]:
+        """The pids (SO_PEERCRED) of the ztunnel processes connected now: whose sockets a pod's listeners
+        must be (services/node_agent/verify.py)."""
+        return frozenset(c.pid for c in self._connections if not c.closing)
 
     async def wait_connections(self, count: int = 1) -> None:
         """Return once at least `count` connections have said hello."""
@@ -235,7 +242,7 @@ class ZdsServer:
                     extra={"fields": [*peer, ("allowed_uids", _uid_list(self.allowed_uids))]},
                 )
                 return
-            conn = _Connection(number=self._counter, sock=sock, peer=peer)
+            conn = _Connection(number=self._counter, sock=sock, peer=peer, pid=pid)
             if not await self._receive_hello(conn):
                 return
             self._connections.append(conn)

@@ -227,6 +227,7 @@ async def test_real_zds_server_snapshot_reconnect_and_del_to_all(tmp_path: Path)
                 # a second ztunnel connects: it gets the pod in its snapshot
                 nursery.start_soon(_client, path, handler2)
                 await server.wait_connections(2)
+                assert server.peer_pids == frozenset({os.getpid()})  # both clients are this process
                 while ("start", p.uid) not in handler2.events:
                     await trio.sleep(0.01)
                 await agent.pod_deleted(p)
