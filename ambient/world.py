@@ -109,12 +109,14 @@ def _target(args: argparse.Namespace) -> Any:
 
 
 async def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
+    from services.istiod.server import MAX_REQUEST_SIZE
     from shared.aio import open_target
     from shared.api import worldadmin_grpc
 
     target = _target(args)
     with trio.fail_after(args.timeout):
-        async with open_target(target) as channel:
+        # The answer may carry the whole world: the stub's own bound applies.
+        async with open_target(target, max_message_size=MAX_REQUEST_SIZE) as channel:
             return await channel.unary(
                 worldadmin_grpc.WorldAdminStub, method, request, metadata=target.call_metadata()
             )

@@ -17,6 +17,11 @@ only place that imports asyncio, trio_asyncio or grpclib; everything else sees T
   `async with channel.stream(...) as call:` opens a streaming call. Transport failures and non-OK statuses
   surface as `RpcError` (status UNAVAILABLE for a lost or refused connection).
 
+Size: every message read, on either side, is bounded (`max_message_size`, 4 MiB unless the opener says
+otherwise): the length prefix is checked before the body is read, and a message over the bound ends its
+call with RESOURCE_EXHAUSTED ("received message larger than max (N vs. M bytes)"). grpclib has no bound of
+its own; this module puts one into the read both of its Stream classes use.
+
 Liveness: both sides PING while calls are open (client every 10 s, server every 30 s) and drop a peer that
 does not answer within 20 s; dropped and closed connections are aborted rather than TLS-closed, so a silent
 peer cannot keep a call hanging for the 30 s a TLS close waits for close_notify.
@@ -40,6 +45,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager
 from typing import Any, Final, Literal
 
+import grpclib.client
+import grpclib.server
 import trio
 import trio_asyncio
 from grpclib.client import Channel as _GrpcChannel
@@ -60,6 +67,43 @@ log = logging.getLogger(__name__)
 # ztunnel connected to istiod).
 GRPC_TLS_READ_BUFFER: Final = 64 * 1024
 asyncio.sslproto.SSLProtocol.max_size = GRPC_TLS_READ_BUFFER
+
+DEFAULT_MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
+"""The largest gRPC message a connection accepts unless its opener says otherwise (gRPC's usual default)."""
+_MAX_MESSAGE_ATTR: Final = "_ambient_max_message_size"
+
+
+async def _recv_bounded_message(stream: Any, codec: Any, message_type: Any) -> Any:
+    """grpclib's message read with a size bound: the 5-byte prefix (compressed flag, length) is checked
+    against the connection's bound *before* any of the body is read, so a peer that declares a huge message
+    costs nothing but this error. grpclib has no such bound of its own (it reads whatever length the
+    prefix declares, acknowledging the flow-control window as it goes).
+
+    Raises:
+        GRPCError: RESOURCE_EXHAUSTED (over the bound) or INTERNAL (a compressed message: not negotiated).
+    """
+    prefix = await stream.recv_data(5)
+    if not prefix:
+        return None
+    if len(prefix) != 5:
+        raise GRPCError(_GrpcStatus.INTERNAL, "the stream ended inside a message's length prefix")
+    if prefix[0]:
+        raise GRPCError(_GrpcStatus.INTERNAL, "received a compressed message, but no compression was agreed")
+    length = int.from_bytes(prefix[1:], "big")
+    limit: int = getattr(stream.connection, _MAX_MESSAGE_ATTR, DEFAULT_MAX_MESSAGE_SIZE)
+    if length > limit:
+        raise GRPCError(_GrpcStatus.RESOURCE_EXHAUSTED,
+                        f"received message larger than max ({length} vs. {limit} bytes)")
+    body = await stream.recv_data(length)
+    if len(body) != length:
+        raise GRPCError(_GrpcStatus.INTERNAL, f"the stream ended inside a message ({len(body)} of {length} "
+                        "bytes)")
+    return codec.decode(body, message_type)
+
+
+# Both of grpclib's Stream classes call the module-level name they imported: replaced by the bounded read.
+grpclib.client.recv_message = _recv_bounded_message  # type: ignore[attr-defined]
+grpclib.server.recv_message = _recv_bounded_message  # type: ignore[attr-defined]
 
 __all__ = [
     "Channel",
@@ -213,12 +257,14 @@ async def serve_grpc(
     host: str,
     port: int,
     ssl_context: ssl.SSLContext | None = None,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `services` (from `trio_service`) on host:port until cancelled.
 
     Calls `task_status.started(bound_port)` once listening (port 0 picks a free port). On cancellation stops
-    accepting, cancels running calls and waits (at most 5 s) for them to finish.
+    accepting, cancels running calls and waits (at most 5 s) for them to finish. A request message over
+    `max_message_size` bytes ends its call with RESOURCE_EXHAUSTED before its body is read.
     Raises:
         OSError: the address cannot be bound.
     """
@@ -245,6 +291,7 @@ async def serve_grpc(
 
             def connection_made(transport: Any) -> None:
                 made(transport)
+                setattr(protocol.connection, _MAX_MESSAGE_ATTR, max_message_size)
                 _abort_on_close(protocol.connection)
 
             protocol.connection_made = connection_made  # type: ignore[method-assign]
@@ -409,7 +456,8 @@ class Channel:
 
 
 @asynccontextmanager
-async def open_target(target: GrpcTarget) -> AsyncIterator[Channel]:
+async def open_target(target: GrpcTarget, *,
+                      max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> AsyncIterator[Channel]:
     """`open_channel` for a GrpcTarget (TLS when it has a root certificate)."""
     try:
         ssl_context = client_tls_context(target.root_cert_pem) if target.root_cert_pem else None
@@ -421,6 +469,7 @@ async def open_target(target: GrpcTarget) -> AsyncIterator[Channel]:
         ssl_context=ssl_context,
         keepalive=target.keepalive,
         keepalive_timeout=target.keepalive_timeout,
+        max_message_size=max_message_size,
     ) as channel:
         yield channel
 
@@ -434,8 +483,12 @@ class _AbortingChannel(_GrpcChannel):
     cases, so it is aborted: the socket is gone on the loop's next iteration and open calls fail at once.
     """
 
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    """The largest response message accepted on this channel's connections."""
+
     async def _create_connection(self) -> Any:
         protocol = await super()._create_connection()
+        setattr(protocol.connection, _MAX_MESSAGE_ATTR, self.max_message_size)
         _abort_on_close(protocol.connection)
         return protocol
 
@@ -460,8 +513,12 @@ async def open_channel(
     ssl_context: ssl.SSLContext | None = None,
     keepalive: float | None = 10.0,
     keepalive_timeout: float = 20.0,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> AsyncIterator[Channel]:
     """A grpclib channel usable from Trio (opens the asyncio bridge if needed). Connects lazily.
+
+    A response message over `max_message_size` bytes fails its call with RESOURCE_EXHAUSTED (an RpcError)
+    before its body is read.
 
     While a call is open the client PINGs every `keepalive` seconds and drops the connection when a PING is
     not answered within `keepalive_timeout` seconds, so a vanished server (no FIN/RST: a partition, a frozen
@@ -477,6 +534,7 @@ async def open_channel(
         )
     async with open_aio_loop():
         channel = _AbortingChannel(host, port, ssl=ssl_context, config=config)
+        channel.max_message_size = max_message_size
         try:
             yield Channel(channel)
         finally:

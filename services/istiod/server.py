@@ -23,6 +23,7 @@ from services.istiod.ca import CertificateAuthority
 from services.istiod.certificates import CertificateServicer
 from services.istiod.podwatch import PodWatchServicer
 from services.istiod.store import WorldStore
+from services.istiod.world import MAX_WORLD_BYTES
 from services.istiod.worldadmin import WorldAdminServicer
 from shared.aio import serve_grpc, trio_service
 from shared.api import ca_grpc, discovery_grpc, podwatch_grpc, worldadmin_grpc
@@ -58,9 +59,14 @@ class IstiodServer:
     ) -> None:
         """Serve every service on host:port until cancelled; started() with the bound port."""
         await serve_grpc(
-            self.services(), host=host, port=port, ssl_context=ssl_context, task_status=task_status
+            self.services(), host=host, port=port, ssl_context=ssl_context,
+            max_message_size=MAX_REQUEST_SIZE, task_status=task_status
         )
 
+
+MAX_REQUEST_SIZE = MAX_WORLD_BYTES + 1024 * 1024
+"""The largest request message the stub reads: a whole world document (ApplyWorld) and its envelope. A
+larger one ends its call with RESOURCE_EXHAUSTED before its body is read."""
 
 DEFAULT_SERVER_NAMES = ("istiod.istio-system.svc", "istiod", "localhost", "127.0.0.1", "::1")
 

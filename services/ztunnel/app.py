@@ -165,6 +165,10 @@ ENV_HELP = """settings (environment variables, named as upstream ztunnel's):
   ISTIO_META_DNS_CAPTURE     serve the DNS proxy on 15053 in every pod (default true)
   DNS_RESOLV_CONF            where forwarded DNS queries go (default /etc/resolv.conf: its nameservers)
   DNS_FORWARD_TIMEOUT (5s), DNS_MAX_INFLIGHT (64)   per forwarded query; forwards in flight per pod
+  ZTUNNEL_MAX_CONNECTIONS    TCP connections held for all pods at once; more are refused (default 0: the
+                             open-files limit less a tenth; an accepted connection counts one, a connection
+                             ztunnel opens to an app or passthrough destination one more)
+  ZTUNNEL_MAX_CONNECTIONS_PER_POD   the same for one pod (default 0: three quarters of the process cap)
   ADMIN_ADDR (127.0.0.1:15000), STATS_ADDR (:15020), READINESS_ADDR (:15021); checked at start
   ZTUNNEL_ZDS_STATE_FILE     write the in-pod state as JSON after every change (conformance kit)
 Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to enter pod namespaces."""

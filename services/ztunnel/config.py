@@ -75,6 +75,17 @@ def drain_deadline(env: Mapping[str, str]) -> float:
     return 5.0
 
 
+def connection_cap(value: int, name: str) -> int | None:
+    """A connection cap setting: 0 (the default) = derived at start (proxy/limits.py), else the number.
+
+    Raises:
+        ConfigError: a negative value.
+    """
+    if value < 0:
+        raise ConfigError(f"{name}={value} must be 0 (derived from the open-files limit) or positive")
+    return value or None
+
+
 UPSTREAM_NAMES: Final = {
     "XDS_ROOT_CA": ("XDS_ROOT_CERT",),
     "CA_ROOT_CA": ("CA_ROOT_CERT",),
@@ -126,6 +137,10 @@ def load_config(env: Mapping[str, str] | None = None) -> ZtunnelConfig:
         dns_upstreams=resolv_conf_nameservers(env.get("DNS_RESOLV_CONF", DEFAULT_RESOLV_CONF)),
         dns_timeout=settings.duration("DNS_FORWARD_TIMEOUT", 5.0),
         dns_max_inflight=settings.integer("DNS_MAX_INFLIGHT", 64),
+        max_connections=connection_cap(settings.integer("ZTUNNEL_MAX_CONNECTIONS", 0),
+                                       "ZTUNNEL_MAX_CONNECTIONS"),
+        max_connections_per_pod=connection_cap(settings.integer("ZTUNNEL_MAX_CONNECTIONS_PER_POD", 0),
+                                               "ZTUNNEL_MAX_CONNECTIONS_PER_POD"),
     )
     xds_target = None
     if env.get("XDS_ADDRESS"):

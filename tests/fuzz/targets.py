@@ -16,6 +16,7 @@ from services.node_agent.errors import CniRequestError
 from shared.zds.codec import decode_ack, decode_hello, decode_request
 from shared.zds.errors import ZdsError
 from shared.zds.types import AddWorkload
+from tests.fuzz.xds_target import xds_update
 
 
 def zds_codec(data: bytes) -> None:
@@ -50,4 +51,4 @@ def world_file(data: bytes) -> None:
         load_world(data, "fuzz")
 
 
-TARGETS = {"zds-codec": zds_codec, "cni-request": cni_request, "world": world_file}
+TARGETS = {"zds-codec": zds_codec, "cni-request": cni_request, "world": world_file, "xds": xds_update}

@@ -32,3 +32,14 @@ def test_wrong_type_and_undecodable_bytes_name_the_resource_type(
     with pytest.raises(ConversionError) as garbled:
         decode("r", any_pb2.Any(type_url=own, value=b"\xff"))
     assert f"cannot decode {full_name}: " in str(garbled.value)
+
+
+@pytest.mark.parametrize(("decode", "own", "other", "kind", "full_name"), CASES, ids=["address", "authz"])
+def test_an_error_in_a_resources_content_is_named_by_the_resource(
+        decode: Callable[[str, any_pb2.Any], Any], own: str, other: str, kind: str, full_name: str) -> None:
+    # Found by the xDS fuzz target: an empty resource named "" was NACKed as resource '/' (its content's
+    # namespace/name), so the NACK did not say which resource it refused.
+    with pytest.raises(ConversionError) as empty:
+        decode("ns/named", any_pb2.Any(type_url=own, value=b""))
+    assert empty.value.name == "ns/named"
+    assert str(empty.value).startswith("resource 'ns/named': ")

@@ -16,6 +16,9 @@ from shared.api import ca_grpc, ca_pb2
 from shared.identity import CertBundle, IdentityError, SpiffeId, generate_key, key_to_pem, make_csr
 
 DEFAULT_TTL_SECONDS = 86400
+CA_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+"""The largest CA answer accepted (a certificate chain is a few KiB; gRPC's usual 4 MiB, as upstream's
+client has): a larger one is refused before its body is read."""
 
 
 class CaClient(Protocol):
@@ -39,7 +42,7 @@ class GrpcCaClient:
             csr=make_csr(key, identity), validity_duration=self.ttl_seconds, metadata=metadata
         )
         try:
-            async with open_target(self.target) as channel:
+            async with open_target(self.target, max_message_size=CA_MAX_MESSAGE_SIZE) as channel:
                 response = await channel.unary(
                     ca_grpc.IstioCertificateServiceStub,
                     "CreateCertificate",

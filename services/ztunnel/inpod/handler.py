@@ -37,6 +37,7 @@ from services.ztunnel.proxy.context import (
     ProxyConfig,
     SocketFactory,
 )
+from services.ztunnel.proxy.limits import ConnectionLimits
 from services.ztunnel.telemetry.access_log import Telemetry
 from shared.addr import format_host_port
 from shared.identity import SpiffeId
@@ -63,6 +64,13 @@ class InPodWorkloadHandler:
         self.mesh = mesh
         self.config = config if config is not None else ProxyConfig()
         self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.limits = ConnectionLimits(max_connections=self.config.max_connections,
+                                       max_per_pod=self.config.max_connections_per_pod,
+                                       metrics=self.telemetry.metrics)
+        """The connection caps, read once the process has raised its open-files limit (proxy/limits.py)."""
+        log.info("connection limits", extra={"fields": [
+            ("max_connections", self.limits.max_connections),
+            ("max_connections_per_pod", self.limits.max_per_pod)]})
         self.sockets = sockets if sockets is not None else InPodSocketFactory(self.config)
         self.peers = peers if peers is not None else NoPeers()
         self._pods: dict[PodUid, PodHandle] = {}
@@ -90,7 +98,8 @@ class InPodWorkloadHandler:
             raise ProxyStartError(f"cannot use the netns fd of pod {uid}: {exc.strerror}") from exc
         ctx = PodContext(uid=uid, info=info, netns_fd=fd, config=self.config,
                          telemetry=self.telemetry.for_pod(uid, info),
-                         sockets=self.sockets, peers=self.peers, mesh=self.mesh)
+                         sockets=self.sockets, peers=self.peers, mesh=self.mesh,
+                         connections=self.limits.for_pod())
         try:
             handle: PodHandle = await self._nursery.start(self._run_pod, ctx, on_exit)
         except ProxyStartError:
@@ -164,6 +173,7 @@ class InPodWorkloadHandler:
                 "netns": {"inode": handle.netns[0], "dev": handle.netns[1]},
                 "state": "draining" if handle.accept_scope.cancel_called else "up",
                 "active_connections": handle.context.counters.active_connections,
+                "open_connections": handle.context.connections.open,
                 "listeners": [{"role": li.role, "address": format_host_port(li.address, li.port),
                                "mark": li.mark} for li in handle.listeners],
                 "identity": str(identity) if (identity := _identity(handle.context)) is not None else None,

@@ -39,12 +39,14 @@ from services.ztunnel.dns.forwarder import Forwarder, Upstream
 from services.ztunnel.dns.resolver import Resolver
 from services.ztunnel.dns.server import DnsProxy
 from services.ztunnel.hbone.pool import HbonePool, open_hbone_pool
+from services.ztunnel.hbone.relay import abort_on_close
 from services.ztunnel.inpod.sockets import create_dns_upstream_socket
 from services.ztunnel.net import accept_forever
 from services.ztunnel.proxy.context import Listener, PodContext
 from services.ztunnel.proxy.inbound import handle_inbound_hbone
 from services.ztunnel.proxy.inbound_passthrough import handle_inbound_plaintext
 from services.ztunnel.proxy.outbound import handle_outbound
+from services.ztunnel.telemetry.access_log import format_addr
 from shared.addr import Addr
 from shared.errors import AmbientError
 from shared.netns import NetnsId, netns_id
@@ -98,6 +100,7 @@ class PodHandle:
 
 
 async def _run_connection(ctx: PodContext, handler: ConnHandler, conn: socket.socket, raw_peer: Addr) -> None:
+    """Run one accepted connection (counted in `ctx.connections` by the accept loop: released here)."""
     try:
         await handler(ctx, conn, raw_peer)
     except Exception:
@@ -105,14 +108,28 @@ async def _run_connection(ctx: PodContext, handler: ConnHandler, conn: socket.so
         log.exception("connection handler failed", extra={"fields": [("pod", ctx.uid)]})
     finally:
         conn.close()
+        ctx.connections.release()
+
+
+def refuse_connection(ctx: PodContext, port: int, conn: socket.socket, peer: Addr, error: str) -> None:
+    """Over the pod's or the process's connection cap: reset `conn` at once (the app gets ECONNRESET, not a
+    clean end) and log it, at most once a second per pod (proxy/limits.py)."""
+    abort_on_close(conn)
+    conn.close()
+    ctx.connections.log_refusal(error, [("pod", ctx.uid), ("port", port), ("src.addr", format_addr(peer))])
 
 
 async def serve_listener(ctx: PodContext, listener: Listener, handler: ConnHandler,
                          handler_nursery: trio.Nursery) -> None:
-    """Accept forever on `listener`, each connection handled in `handler_nursery`. Closes the listener."""
+    """Accept forever on `listener`, each connection handled in `handler_nursery`, unless the pod or the
+    process holds as many connections as its cap allows (then it is reset). Closes the listener."""
     sock = listener.sock
 
     def spawn(conn: socket.socket, peer: Addr) -> None:
+        refusal = ctx.connections.acquire()
+        if refusal is not None:
+            refuse_connection(ctx, listener.port, conn, peer, refusal)
+            return
         handler_nursery.start_soon(_run_connection, ctx, handler, conn, peer)
 
     def capacity_error(exc: OSError) -> None:

@@ -26,6 +26,7 @@ from services.ztunnel.hbone.pool import CertSource, HbonePool
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.net import PACKET_MARK
 from services.ztunnel.peers import workload_peer
+from services.ztunnel.proxy.limits import PodConnections
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Workload
 from services.ztunnel.telemetry.access_log import Peer, Telemetry
@@ -51,6 +52,11 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds each upstream resolver gets to answer a forwarded query before the next is tried."""
     dns_max_inflight: int = 64
     """Forwarded queries one pod may have open at once; more are answered SERVFAIL."""
+    max_connections: int | None = None
+    """ZTUNNEL_MAX_CONNECTIONS: TCP connections the whole process may hold for its pods (limits.py says what
+    counts); None: derived from the open-files limit at start."""
+    max_connections_per_pod: int | None = None
+    """ZTUNNEL_MAX_CONNECTIONS_PER_POD: the same for one pod; None: three quarters of the process cap."""
     splice: bool = True
     """Move plaintext passthrough bytes with os.splice (about half the CPU of the shared-buffer copy, see
     benchmarks/passthrough.py); False = recv_into the shared buffer and send."""
@@ -194,6 +200,9 @@ class PodContext:
     pool: HbonePool | None = None
     """The pod's HBONE client pool, in the context run_pod_proxies hands to the handlers once it is open."""
     counters: PodCounters = field(default_factory=PodCounters)
+    connections: PodConnections = field(default_factory=PodConnections)
+    """The pod's count of the connections it holds, under its cap and the process's (limits.py); the
+    default is unlimited."""
     draining: trio.Event = field(default_factory=trio.Event)
     """Set when the pod stops accepting (graceful drain): idle inbound HBONE connections are closed."""
 

@@ -87,6 +87,8 @@ class _Inbound:
         # The ends of the last outcome: every stream of a connection has the same, so the look-ups run once
         # per connection and xDS generation, not once per stream.
         self._ends: tuple[tuple[str, int, int], Peer, Peer] | None = None
+        self.held = 0
+        """App connections of this connection's streams counted in the pod's connection caps."""
 
     def accepted(self, conn: HboneConnection) -> None:
         self.watchers.start_soon(_goaway_when_draining, self.ctx, conn)
@@ -104,15 +106,26 @@ class _Inbound:
         return decision
 
     async def open_upstream(self, info: InboundInfo) -> socket.socket:
+        # The app connection counts against the caps (proxy/limits.py) until the stream ends (`closed`).
+        # Over a cap the stream is answered 503 and its access-log line names the limit.
+        connections = self.ctx.connections
+        refusal = connections.acquire()
+        if refusal is not None:
+            raise ConnectError(refusal)
         try:
-            sock = app_socket(self.ctx, info.src_addr, info.target)
-        except NetnsError as exc:
-            raise ConnectError(str(exc)) from exc
-        try:
-            await connect(sock, info.target, connect_timeout=self.ctx.config.connect_timeout)
+            try:
+                sock = app_socket(self.ctx, info.src_addr, info.target)
+            except NetnsError as exc:
+                raise ConnectError(str(exc)) from exc
+            try:
+                await connect(sock, info.target, connect_timeout=self.ctx.config.connect_timeout)
+            except BaseException:
+                sock.close()
+                raise
         except BaseException:
-            sock.close()
+            connections.release()
             raise
+        self.held += 1
         return sock
 
     def outcome(self, info: InboundInfo) -> ConnectionOutcome:
@@ -143,7 +156,19 @@ class _Inbound:
         self.ctx.telemetry.connection_opened(outcome)
 
     def closed(self, outcome: ConnectionOutcome) -> None:
+        # 200 is answered only once open_upstream returned (the server sets it right after, with no await
+        # in between): exactly the streams that hold an app connection.
+        if outcome.status == 200 and self.held:
+            self.held -= 1
+            self.ctx.connections.release()
         self.ctx.telemetry.connection_complete(outcome)
+
+    def release_all(self) -> None:
+        """The connection is over: give back what its streams still hold (none, unless a stream ended
+        without its `closed`)."""
+        for _ in range(self.held):
+            self.ctx.connections.release()
+        self.held = 0
 
 
 async def handle_inbound_hbone(ctx: PodContext, client: socket.socket, peer: Addr) -> None:
@@ -164,8 +189,11 @@ async def handle_inbound_hbone(ctx: PodContext, client: socket.socket, peer: Add
     try:
         async with trio.open_nursery() as watchers:
             policy = _Inbound(ctx, mesh, workload, watchers)
-            await serve_hbone_connection(client, peer, identity=workload.identity, certs=mesh.certs,
-                                         contexts=mesh.contexts, policy=policy)
+            try:
+                await serve_hbone_connection(client, peer, identity=workload.identity, certs=mesh.certs,
+                                             contexts=mesh.contexts, policy=policy)
+            finally:
+                policy.release_all()
             watchers.cancel_scope.cancel()
     finally:
         ctx.counters.active_connections -= 1

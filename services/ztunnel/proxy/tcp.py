@@ -204,10 +204,18 @@ async def proxy_tcp(ctx: PodContext, client: socket.socket, dst: Addr, outcome: 
     `outcome`. Marked, so not captured again; `as_client` (inbound): from the client's address when the
     kernel allows (`app_socket`)."""
     tel = ctx.telemetry
+    connections = ctx.connections
+    refusal = connections.acquire()  # the upstream connection counts as one more (proxy/limits.py)
+    if refusal is not None:
+        abort_on_close(client)
+        connections.log_refusal(refusal, [("pod", ctx.uid), ("src.addr", outcome.src_addr),
+                                          ("dst.addr", outcome.dst_addr), ("direction", outcome.direction)])
+        return
     try:
         upstream = (app_socket(ctx, as_client, dst) if as_client is not None
                     else ctx.sockets.upstream(ctx.netns_fd, ip_family(dst[0])))
     except (OSError, NetnsError) as exc:
+        connections.release()
         error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         tel.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
                               direction=outcome.direction, outcome=outcome,
@@ -235,6 +243,7 @@ async def proxy_tcp(ctx: PodContext, client: socket.socket, dst: Addr, outcome: 
     finally:
         counters.active_connections -= 1
         upstream.close()
+        connections.release()
         tel.connection_complete(outcome)
 
 

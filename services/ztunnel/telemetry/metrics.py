@@ -194,6 +194,10 @@ class Metrics:
                                 "in case of a TCP connection", traffic)
         self.failed = counter("istio_tcp_connections_failed", "The total number of TCP connections that "
                               "failed to establish", traffic)
+        self.connections_refused = counter(
+            "istio_tcp_connections_refused", "The total number of TCP connections ztunnel refused because "
+            "a pod or the process held as many as its limit allows (ours: upstream has no such limit)",
+            ("reason",))
         self.active_proxies = gauge("istio_active_proxy_count", "The total number of active workload proxies")
         self.proxies_started = counter("istio_proxies_started", "The total number of proxies started")
         self.proxies_stopped = counter("istio_proxies_stopped", "The total number of proxies stopped")
@@ -217,6 +221,7 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # upstream exports no `_created` series; nor do prometheus_client's here
         self.build.labels(component="ztunnel", tag=build_tag()).set(1)
         return _Collector([self.opened, self.closed, self.sent, self.received, self.failed,
+                           self.connections_refused,
                            self.active_proxies, self.proxies_started, self.proxies_stopped, self.build,
                            self.dns_requests, self.dns_upstream_requests, self.dns_upstream_failures,
                            self.dns_upstream_duration])

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INVALID_ARGUMENT = 3  # google.rpc.Code of a NACK
+XDS_MAX_MESSAGE_SIZE = 200 * 1024 * 1024
+"""The largest xDS response accepted (upstream ztunnel's bound); a larger one ends the stream with
+RESOURCE_EXHAUSTED before its body is read, and the client reconnects with backoff."""
 
 
 class XdsClientConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,7 +133,7 @@ class XdsClient:
         """One stream; returns whether it delivered at least one response. Raises RpcError."""
         delivered = False
         async with (
-            open_target(self.target) as channel,
+            open_target(self.target, max_message_size=XDS_MAX_MESSAGE_SIZE) as channel,
             channel.stream(
                 discovery_grpc.AggregatedDiscoveryServiceStub,
                 "DeltaAggregatedResources",

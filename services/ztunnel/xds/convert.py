@@ -6,8 +6,9 @@ fully valid domain value or raises ConversionError with a reason fit for a NACK'
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from google.protobuf import any_pb2
@@ -185,8 +186,28 @@ def _unpack(name: str, resource: any_pb2.Any, type_url: str, msg: M) -> M:
     return msg
 
 
+def _named_errors(convert: Callable[[str, any_pb2.Any], V]) -> Callable[[str, any_pb2.Any], V]:
+    """`convert` whose ConversionError is named by the resource's own xDS name, as a NACK must say it (the
+    content's own name, a uid or namespace/name, may be empty or another)."""
+    @functools.wraps(convert)
+    def named(name: str, resource: any_pb2.Any) -> V:
+        try:
+            return convert(name, resource)
+        except ConversionError as exc:
+            if exc.name == name:
+                raise
+            raise ConversionError(name, f"{exc.name!r}: {exc.problem}") from None
+
+    return named
+
+
+@_named_errors
 def address_from_any(name: str, resource: any_pb2.Any) -> Workload | Service:
-    """Decode one Address resource of a DeltaDiscoveryResponse; check it is keyed as upstream keys it."""
+    """Decode one Address resource of a DeltaDiscoveryResponse; check it is keyed as upstream keys it.
+
+    Raises:
+        ConversionError: named by `name`, whatever the resource's content calls itself.
+    """
     msg = _unpack(name, resource, ADDRESS_TYPE_URL, wpb.Address())
     kind = msg.WhichOneof("type")
     if kind == "workload":
@@ -262,7 +283,13 @@ def authorization_from_pb(msg: apb.Authorization) -> Authorization:
     )
 
 
+@_named_errors
 def authorization_from_any(name: str, resource: any_pb2.Any) -> Authorization:
+    """Decode one Authorization resource (named `namespace/name`).
+
+    Raises:
+        ConversionError: named by `name`, whatever the resource's content calls itself.
+    """
     pol = authorization_from_pb(_unpack(name, resource, AUTHORIZATION_TYPE_URL, apb.Authorization()))
     if pol.key != name:
         raise ConversionError(name, f"authorization resource named {name!r} is {pol.key!r}")
