@@ -210,6 +210,8 @@ def test_metrics_export_what_prometheus_client_counters_and_gauges_would() -> No
             counter.labels(**labels).inc(123 * 2)
         else:
             counter.labels(**labels).inc()
+    refused = tel.metrics.connections_refused  # none refused: the family with no series
+    Counter(refused.name, refused.documentation, refused.labelnames, registry=reference)
     Gauge("istio_active_proxy_count", tel.metrics.active_proxies.documentation, registry=reference).set(3)
     Counter("istio_proxies_started", tel.metrics.proxies_started.documentation, registry=reference).inc()
     Counter("istio_proxies_stopped", tel.metrics.proxies_stopped.documentation, registry=reference)
