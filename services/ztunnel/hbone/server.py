@@ -22,12 +22,13 @@ it (proxy/inbound.py implements it; tests use a fake). Per connection:
 The policy's methods are plain calls except `open_upstream`; authorization is synchronous (a decision over
 the state as it is now). A bug in the policy fails its stream (503 or a reset), never the connection.
 
-Bounds (docs/limits.md has them all): from accept, the client has `handshake_timeout` (10 s) to finish the
-TLS handshake and send its first CONNECT, else the connection is closed (a GOAWAY once TLS is up); an
-authenticated connection that has carried no stream for `idle_timeout` gets GOAWAY and is closed; a stream
-the peer resets before it was answered is never connected to the app (the connect is abandoned if it was
-under way), and more than 20 such resets a second end the connection with GOAWAY ENHANCE_YOUR_CALM
-(connection.py). A stream past the 200-stream cap is refused alone with REFUSED_STREAM (core.py).
+Bounds (docs/limits.md has them all): once our certificate is at hand, the client has `handshake_timeout`
+(10 s) to finish the TLS handshake and send its first CONNECT, else the connection is closed (a GOAWAY once
+TLS is up); an authenticated connection that has carried no stream for `idle_timeout` gets GOAWAY and is
+closed; a stream the peer resets before it was answered is never connected to the app (the connect is
+abandoned if it was under way), and more than 20 such resets a second end the connection with GOAWAY
+ENHANCE_YOUR_CALM (connection.py). A stream past the 200-stream cap is refused alone with REFUSED_STREAM
+(core.py).
 """
 
 from __future__ import annotations
@@ -152,10 +153,11 @@ class _Server:
 
     async def serve_connection(self, sock: socket.socket, peer: Addr) -> None:
         local = peer_addr(sock.getsockname())
-        deadline = trio.current_time() + self.handshake_timeout  # TLS done and the first CONNECT in
         try:
             try:
                 bundle = await self.certs.fetch_certificate(self.identity)
+                # The client's time starts once we can answer: TLS done and the first CONNECT in.
+                deadline = trio.current_time() + self.handshake_timeout
                 tls = TlsSocketStream(sock, server_connection(self.contexts.server(bundle), sock))
                 with trio.move_on_at(deadline) as scope:
                     await tls.do_handshake()
