@@ -37,6 +37,7 @@ from services.node_agent.apply import Backend, NetnsRuleApplier, RuleApplier, fi
 from services.node_agent.cache import NetnsCache
 from services.node_agent.cni_server import DEFAULT_CNI_SOCKET, CniEndpoint
 from services.node_agent.errors import ConfigError, StartupCheckError
+from services.node_agent.kube.status import KubeStatusReporter
 from services.node_agent.lifecycle import (
     LogStatusReporter,
     NodeAgent,
@@ -62,11 +63,18 @@ log = logging.getLogger("node_agent.app")
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 DEFAULT_HEALTH_ADDR = "127.0.0.1:8000"
+POD_SOURCE_CONTROL_PLANE = "control-plane"
+POD_SOURCE_KUBERNETES = "kubernetes"
+POD_SOURCES = (POD_SOURCE_CONTROL_PLANE, POD_SOURCE_KUBERNETES)
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     node_name: str
     control_plane: str | None = None
+    pod_source: str = POD_SOURCE_CONTROL_PLANE
+    """Where pods come from: the control plane's pod watch, or the Kubernetes API (kube/)."""
+    kubeconfig: str | None = None
+    """The kubeconfig for pod source `kubernetes`; None: in-cluster, then $KUBECONFIG, ~/.kube/config."""
     zds_socket: str = DEFAULT_SOCKET_PATH
     cni_socket: str = DEFAULT_CNI_SOCKET
     backend: Backend = Backend.IPTABLES
@@ -94,6 +102,9 @@ ENV_HELP = f"""settings (environment variables; a flag wins over its variable):
                              (default ./var/run/secrets/istio/root-cert.pem)
   CONTROL_PLANE_TOKEN_FILE   bearer token file (default ./var/run/secrets/tokens/istio-token; missing: none)
   CONTROL_PLANE_HEADER_<N>   extra request metadata <n> (underscores become dashes)
+  POD_SOURCE                 control-plane (the pod watch, default) or kubernetes (list+watch the API
+                             server's pods of this node and namespaces, annotate pods there, as istio-cni)
+  KUBECONFIG                 kubeconfig for POD_SOURCE=kubernetes (unset: the in-cluster service account)
   ZTUNNEL_UDS_ADDRESS        ZDS socket path, upstream istio-cni's name (default {DEFAULT_SOCKET_PATH});
                              ZDS_SOCKET is still read, with a warning, when ZTUNNEL_UDS_ADDRESS is unset
   CNI_SOCKET                 CNI-event socket path (default {DEFAULT_CNI_SOCKET})
@@ -133,6 +144,20 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env.get("CONTROL_PLANE_ADDRESS"),
         help="istiod address host:port for the pod watch and status (env CONTROL_PLANE_ADDRESS); "
         "without it only CNI events enrol pods",
+    )
+    p.add_argument(
+        "--pod-source",
+        choices=POD_SOURCES,
+        default=env.get("POD_SOURCE") or None,
+        help="where the node's pods come from: control-plane (the pod watch of --control-plane) or "
+        "kubernetes (the Kubernetes API, as istio-cni) (env POD_SOURCE; default control-plane)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=env.get("KUBECONFIG") or None,
+        metavar="PATH",
+        help="kubeconfig for --pod-source kubernetes (env KUBECONFIG; default: the in-cluster service "
+        "account)",
     )
     p.add_argument(
         "--ztunnel-uds-address",
@@ -231,9 +256,14 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     zds_socket, warnings = zds_socket_setting(args.zds_socket, env)
+    pod_source = args.pod_source or POD_SOURCE_CONTROL_PLANE
+    if pod_source not in POD_SOURCES:  # from POD_SOURCE (argparse checks only the flag's own values)
+        raise ConfigError(f"POD_SOURCE={pod_source!r} is not one of {', '.join(POD_SOURCES)}")
     return AgentConfig(
         node_name=args.node_name,
         control_plane=args.control_plane or None,
+        pod_source=pod_source,
+        kubeconfig=args.kubeconfig,
         zds_socket=zds_socket,
         warnings=tuple(warnings),
         cni_socket=args.cni_socket,
@@ -340,8 +370,18 @@ class _Listed:
 
 
 def _pod_source(config: AgentConfig, env: Mapping[str, str]) -> tuple[PodSource | None, StatusReporter]:
-    """The control plane's pod watch and status writer, when one is configured; else no source, and the
-    status goes to the log."""
+    """The Kubernetes API's pods and status writer with pod source `kubernetes`; else the control plane's
+    pod watch and status writer, when one is configured; else no source, and the status goes to the log."""
+    if config.pod_source == POD_SOURCE_KUBERNETES:
+        from services.node_agent.kube.client import load_config
+        from services.node_agent.kube.source import KubePodSource
+        from services.node_agent.kube.status import KubeStatusReporter
+
+        load_config(config.kubeconfig)  # ConfigError now, not from inside the nursery
+        log.info("pods from the Kubernetes API", extra={"fields": [
+            ("node", config.node_name), ("kubeconfig", config.kubeconfig or "in-cluster")]})
+        return (KubePodSource(config.node_name, kubeconfig=config.kubeconfig),
+                KubeStatusReporter(kubeconfig=config.kubeconfig))
     if config.control_plane is None:
         log.info("no control plane configured: pods are enrolled by CNI events only")
         return None, LogStatusReporter()
@@ -411,7 +451,7 @@ async def run_agent(
         made += make_parents(config.zds_socket)
         made += make_parents(config.cni_socket)
         async with trio.open_nursery() as nursery:
-            if isinstance(status, ControlPlaneStatusReporter):
+            if isinstance(status, ControlPlaneStatusReporter | KubeStatusReporter):
                 # before any pod is enrolled; a write failure is retried by it, never fatal here
                 await nursery.start(status.run)
             if source is not None:

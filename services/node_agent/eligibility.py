@@ -3,7 +3,8 @@
 Upstream's default enablement selectors: a pod is ambient when it carries `istio.io/dataplane-mode=ambient`
 itself, or when its namespace does and the pod does not opt out with `istio.io/dataplane-mode=none` (any
 value other than `none` on the pod keeps the namespace's choice). Pods with a sidecar (annotation
-`sidecar.istio.io/status`), ztunnel's own pods (`app=ztunnel` in the system namespace) and host-network
+`sidecar.istio.io/status`), ztunnel's own pods (`app=ztunnel` in the system namespace), waypoint proxies
+(label `gateway.istio.io/managed=istio.io-mesh-controller`: they are the mesh's own proxies) and host-network
 pods (redirecting them would capture the node's own traffic) never are.
 """
 
@@ -22,6 +23,8 @@ from services.node_agent.model import (
 )
 
 DEFAULT_SYSTEM_NAMESPACE = "istio-system"
+LABEL_GATEWAY_MANAGED = "gateway.istio.io/managed"
+WAYPOINT_CONTROLLER = "istio.io-mesh-controller"
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -35,6 +38,8 @@ def decide(
     """Whether `pod` belongs in the mesh, with the reason (for logs and the CNI endpoint's answer)."""
     if pod.labels.get("app") == "ztunnel" and pod.namespace == system_namespace:
         return Decision(eligible=False, reason="ztunnel's own pod")
+    if pod.labels.get(LABEL_GATEWAY_MANAGED) == WAYPOINT_CONTROLLER:
+        return Decision(eligible=False, reason="waypoint proxy pod")
     if ANNOTATION_SIDECAR_STATUS in pod.annotations:
         return Decision(eligible=False, reason=f"has a sidecar ({ANNOTATION_SIDECAR_STATUS})")
     if pod.host_network:
