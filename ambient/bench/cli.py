@@ -1,7 +1,8 @@
 """`ambient bench`: measure the mesh against no mesh in one run (root; builds and removes its own lab).
 
     ambient bench [--quick] [--out DIR] [--update-docs] [--reps N] [--seconds S] [--enrol-pods N]
-                  [--only bulk,rr,sweep,crr,enrol] [--ztunnel-bin PATH]
+                  [--only bulk,rr,sweep,crr,enrol,conns,churn,faults] [--idle-conns N] [--churn-conns N]
+                  [--istiod-down S] [--restart-conns N] [--ztunnel-bin PATH]
 
 With --ztunnel-bin (a ztunnel you built from the istio/ztunnel repository) upstream's ztunnel is a third arm
 of every traffic scenario, on two more nodes of the same lab, and the table compares ours with it.
@@ -68,8 +69,9 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="NAMES",
         help="run only these scenarios, comma-separated, from bulk, rr (also gives the ztunnel CPU/RSS "
-        "figures), sweep (ztunnel CPU per request at 250/1000/2500 rps), crr, enrol (default all; e.g. "
-        "--only enrol for ztunnel's memory with --enrol-pods pods)",
+        "figures), sweep (ztunnel CPU per request at 250/1000/2500 rps), crr, enrol, conns (idle connections "
+        "held), churn (short connections), faults (kill -9, istiod down, node agent down, ztunnel restart) "
+        "(default all; e.g. --only enrol for ztunnel's memory with --enrol-pods pods)",
     )
     p.add_argument(
         "--ztunnel-bin",
@@ -79,6 +81,14 @@ def register(subparsers: Any) -> None:
         "node-d) in every traffic scenario, with 'upstream ztunnel' and 'ours vs upstream' columns "
         f"(default: ${UPSTREAM_ENV} if set, else no third arm)",
     )
+    p.add_argument("--idle-conns", type=int, default=None,
+                   help="conns: idle connections held at once (default 10000; --quick 200)")
+    p.add_argument("--churn-conns", type=int, default=None,
+                   help="churn: short connections (default 50000; --quick 500)")
+    p.add_argument("--istiod-down", type=float, default=None,
+                   help="faults: seconds istiod is down (default 60; --quick 5)")
+    p.add_argument("--restart-conns", type=int, default=None,
+                   help="faults: live connections during the ztunnel restart (default 1000; --quick 50)")
     p.add_argument("--prefix", default=None, help="lab prefix (default bench<pid>)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each component")
     p.set_defaults(func=cmd_bench)
@@ -97,6 +107,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         err_console.print(
             "ambient bench: --reps, --seconds, --rate, --conns, --crr-conc, --enrol-pods must be > 0"
         )
+        return 2
+    loads = {
+        "--idle-conns": args.idle_conns if args.idle_conns is not None else (200 if quick else 10000),
+        "--churn-conns": args.churn_conns if args.churn_conns is not None else (500 if quick else 50000),
+        "--restart-conns": args.restart_conns if args.restart_conns is not None else (50 if quick else 1000),
+    }
+    istiod_down = args.istiod_down if args.istiod_down is not None else (5.0 if quick else 60.0)
+    if min(loads.values()) < 1 or istiod_down <= 0:
+        err_console.print(f"ambient bench: {', '.join(loads)}, --istiod-down must be > 0")
+        return 2
+    if loads["--idle-conns"] > 15000 or loads["--restart-conns"] > 15000:
+        err_console.print("ambient bench: --idle-conns and --restart-conns are limited to 15000 (one client "
+                          "pod's ports and ztunnel's fds)")
         return 2
     if enrol > 2000:
         err_console.print("ambient bench: --enrol-pods is limited to 2000")
@@ -131,6 +154,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         quick=quick,
         scenarios=scenarios,
         ztunnel_bin=ztunnel_bin,
+        idle_conns=loads["--idle-conns"],
+        churn_conns=loads["--churn-conns"],
+        istiod_down=istiod_down,
+        restart_conns=loads["--restart-conns"],
     )
     report, out_dir = run_bench(cfg, progress=_progress)
     table = Table(title=f"ambient bench ({report.machine.cpu_model}, {report.machine.vcpus} vCPU)")

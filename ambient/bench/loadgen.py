@@ -1,9 +1,11 @@
 """`python -m ambient.bench.loadgen`: the request/response and connection-rate load of `ambient bench`.
 
     loadgen serve --rr-port 8080 --crr-port 8081            the servers (in the server pod)
+          [--echo-port 8090 --stream-port 8091]              and connload's echo and marker stream
     loadgen rr HOST PORT --rate 1000 --conns 4 --seconds 10  1 KB HTTP/1.1 at a fixed rate (fortio-like)
     loadgen rr HOST PORT --closed ...                        as fast as it goes: the generator's own ceiling
     loadgen crr HOST PORT --conc 4 --seconds 10              connect, 100 bytes each way, close (TCP_CRR)
+    loadgen crr HOST PORT --conc 4 --count 50000             the same for a number of connections (churn)
 
 Clients print one JSON object on stdout and exit. Everything is plain non-blocking sockets on one epoll
 loop (no event-loop library on the measured path), so the generator costs as little Python as possible; its
@@ -29,6 +31,7 @@ import argparse
 import contextlib
 import errno
 import json
+import resource
 import select
 import socket
 import sys
@@ -42,6 +45,7 @@ RR_SIZE = 1024
 CRR_SIZE = 100
 READ_SIZE = 65536
 LATE_AFTER = 0.001  # a send more than 1 ms after its slot counts as late
+STREAM_BLOCK = 65536  # the stream server's block: the marker, then padding
 
 _RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % (
     RR_SIZE
@@ -85,9 +89,28 @@ def percentiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
 @dataclass
 class _ServerConn:
     sock: socket.socket
-    kind: str  # "rr" or "crr"
+    kind: str  # "rr", "crr", "echo" or "stream"
     buf: bytearray = field(default_factory=bytearray)
     out: bytes = b""
+    block: bytes = b""  # stream: what is sent again and again once the marker line arrived
+
+
+def stream_block(marker: bytes) -> bytes:
+    """One block of the stream server: the marker, then padding up to STREAM_BLOCK bytes."""
+    return (marker + b"." * STREAM_BLOCK)[:STREAM_BLOCK]
+
+
+def raise_nofile(need: int) -> tuple[int, int]:
+    """Lift RLIMIT_NOFILE so `need` descriptors fit: the soft limit to the hard one, and (as root) the hard
+    one to `need` when it is lower. Returns the (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, hard, need)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def _listen(port: int) -> socket.socket:
@@ -99,11 +122,32 @@ def _listen(port: int) -> socket.socket:
     return sock
 
 
-def serve(rr_port: int, crr_port: int) -> None:
-    """Serve the rr (HTTP/1.1 keep-alive, 1 KB answers) and crr (100 bytes, then close) ports forever."""
+def accept_ready(lsock: socket.socket) -> list[socket.socket]:
+    """Every connection waiting on a non-blocking listener, non-blocking themselves; out of fds or memory
+    it stops early (the rest wait for the next round)."""
+    out: list[socket.socket] = []
+    while True:
+        try:
+            csock, _ = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            return out
+        except OSError as exc:
+            if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                return out
+            raise
+        csock.setblocking(False)
+        out.append(csock)
+
+
+def serve(rr_port: int, crr_port: int, echo_port: int = 0, stream_port: int = 0) -> None:
+    """Serve the rr (HTTP/1.1 keep-alive, 1 KB answers) and crr (100 bytes, then close) ports forever; and
+    when given, echo (every byte back) and stream (the first line back, then blocks that begin with it,
+    until the peer goes away)."""
+    raise_nofile(65536)
     ep = select.epoll()
     listeners = {}
-    for port, kind in ((rr_port, "rr"), (crr_port, "crr")):
+    ports = ((rr_port, "rr"), (crr_port, "crr"), (echo_port, "echo"), (stream_port, "stream"))
+    for port, kind in ((port, kind) for port, kind in ports if port):
         lsock = _listen(port)
         listeners[lsock.fileno()] = (lsock, kind)
         ep.register(lsock.fileno(), select.EPOLLIN)
@@ -117,6 +161,8 @@ def serve(rr_port: int, crr_port: int) -> None:
 
     def flush(conn: _ServerConn) -> bool:
         """Write what is pending; False when the peer is gone."""
+        if conn.block and len(conn.out) < STREAM_BLOCK:
+            conn.out += conn.block * 4
         try:
             sent = conn.sock.send(conn.out)
         except BlockingIOError:
@@ -124,23 +170,14 @@ def serve(rr_port: int, crr_port: int) -> None:
         except OSError:
             return False
         conn.out = conn.out[sent:]
-        ep.modify(conn.sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if conn.out else 0))
+        ep.modify(conn.sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if conn.out or conn.block else 0))
         return True
 
     while True:
         for fd, events in ep.poll():
             if fd in listeners:
                 lsock, kind = listeners[fd]
-                while True:
-                    try:
-                        csock, _ = lsock.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError as exc:
-                        if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                            break
-                        raise
-                    csock.setblocking(False)
+                for csock in accept_ready(lsock):
                     csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     conns[csock.fileno()] = _ServerConn(csock, kind)
                     ep.register(csock.fileno(), select.EPOLLIN)
@@ -148,7 +185,7 @@ def serve(rr_port: int, crr_port: int) -> None:
             conn = conns.get(fd)
             if conn is None:
                 continue
-            if events & select.EPOLLOUT and conn.out and not flush(conn):
+            if events & select.EPOLLOUT and (conn.out or conn.block) and not flush(conn):
                 close(conn)
                 continue
             if not events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
@@ -162,6 +199,13 @@ def serve(rr_port: int, crr_port: int) -> None:
                 continue
             if not data:
                 close(conn)
+                continue
+            if conn.kind in ("echo", "stream"):
+                conn.out += data if not conn.block else b""
+                if conn.kind == "stream" and not conn.block:
+                    conn.block = stream_block(data.split(b"\n", 1)[0])
+                if not flush(conn):
+                    close(conn)
                 continue
             conn.buf += data
             if conn.kind == "crr":
@@ -311,15 +355,22 @@ class _CrrConn:
     got: int = 0
 
 
-def run_crr(host: str, port: int, *, conc: int, seconds: float) -> dict[str, object]:
-    """Keep `conc` short connections in flight for `seconds`; count completed ones."""
+def run_crr(host: str, port: int, *, conc: int, seconds: float, count: int = 0) -> dict[str, object]:
+    """Keep `conc` short connections in flight for `seconds` (or, with `count`, until that many were
+    started, `seconds` then being only the deadline); count completed ones."""
     ep = select.epoll()
     live: dict[int, _CrrConn] = {}
     done: list[float] = []
     errors = 0
     payload = b"c" * CRR_SIZE
+    started = 0
+
+    def more() -> bool:
+        return time.perf_counter() < end and (count <= 0 or started < count)
 
     def start() -> None:
+        nonlocal started
+        started += 1
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -344,7 +395,8 @@ def run_crr(host: str, port: int, *, conc: int, seconds: float) -> dict[str, obj
     t0 = time.perf_counter()
     end = t0 + seconds
     for _ in range(conc):
-        start()
+        if more():
+            start()
     while live:
         now = time.perf_counter()
         if now > end + 5.0:
@@ -380,7 +432,7 @@ def run_crr(host: str, port: int, *, conc: int, seconds: float) -> dict[str, obj
                         c.got += len(data)
                         continue
                     finish(c, ok=c.got >= CRR_SIZE)
-            if time.perf_counter() < end:
+            if more():
                 start()
     elapsed = time.perf_counter() - t0
     p50, p99 = percentiles(done, (50, 99))
@@ -401,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("serve")
     s.add_argument("--rr-port", type=int, default=8080)
     s.add_argument("--crr-port", type=int, default=8081)
+    s.add_argument("--echo-port", type=int, default=0, help="also echo on this port")
+    s.add_argument("--stream-port", type=int, default=0, help="also stream marker blocks on this port")
     rr = sub.add_parser("rr")
     rr.add_argument("host")
     rr.add_argument("port", type=int)
@@ -413,16 +467,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     crr.add_argument("port", type=int)
     crr.add_argument("--conc", type=int, default=4)
     crr.add_argument("--seconds", type=float, default=10.0)
+    crr.add_argument("--count", type=int, default=0, help="stop after this many connections (0: --seconds)")
     args = p.parse_args(argv)
     if args.mode == "serve":
-        serve(args.rr_port, args.crr_port)
+        serve(args.rr_port, args.crr_port, args.echo_port, args.stream_port)
         return 0
     if args.mode == "rr":
         out = run_rr(
             args.host, args.port, rate=args.rate, conns=args.conns, seconds=args.seconds, closed=args.closed
         )
     else:
-        out = run_crr(args.host, args.port, conc=args.conc, seconds=args.seconds)
+        out = run_crr(args.host, args.port, conc=args.conc, seconds=args.seconds, count=args.count)
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -117,6 +117,18 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     # a target for ours vs upstream's ztunnel in the same run: (op, ratio), ratio as ours_vs_upstream gives it
     versus_upstream: tuple[str, float] | None = None
     digits: int = 2
+    yes_no: bool = False  # a 1/0 figure shown as yes/no
+    no_mesh: bool = True  # False: the no-mesh column has no such figure ("-") although the scenario has both
+
+
+# The run's size, appended to the labels of these scenarios: scenario -> (metric, unit).
+LABEL_COUNTS = {
+    "enrol": ("pods", "pods"),
+    "conns": ("conns", "connections"),
+    "churn": ("conns", "connections"),
+    "fault_istiod": ("down_s", "s down"),
+    "fault_restart": ("conns", "live connections"),
+}
 
 
 ROWS: tuple[Row, ...] = (
@@ -173,6 +185,65 @@ ROWS: tuple[Row, ...] = (
         compare="", digits=1),
     Row(scenario="enrol", metric="kib_per_pod", label="ztunnel RSS per enrolled pod (KiB)", compare="",
         target="<= 40 KiB", check=("mesh", "<=", 40.0), digits=1),
+    # load (ambient/bench/faults.py)
+    Row(scenario="conns", metric="all_echoed", label="idle connections held at once, every one echoed",
+        compare="", target="yes", check=("mesh", ">=", 1.0), yes_no=True),
+    Row(scenario="conns", metric="held", label="idle connections held (proved end to end)", compare="",
+        digits=0),
+    *(Row(scenario="conns", metric=f"{role}_{what}_per_conn",
+          label=f"{role}-side ztunnel, {name} per held connection ({unit})", compare="", digits=digits)
+      for what, name, unit, digits in (("kib", "RSS", "KiB", 1), ("fds", "fds", "count", 2))
+      for role in ("client", "server")),
+    *(Row(scenario="conns", metric=f"{role}_rss_{when}_mib",
+          label=f"{role}-side ztunnel RSS {what} (MiB)", compare="", digits=1)
+      for role in ("client", "server")
+      for when, what in (("before", "before the connections"), ("held", "with them held"),
+                         ("after", "after they closed"))),
+    Row(scenario="churn", metric="completed", label="short connections completed", compare="", digits=0),
+    Row(scenario="churn", metric="errors", label="short connections failed", compare="", target="0",
+        check=("mesh", "<=", 0.0), digits=0),
+    *(Row(scenario="churn", metric=f"{role}_fd_growth", label=f"{role}-side ztunnel, fds after - before",
+          compare="", target="<= 10 (noise)", check=("mesh", "<=", 10.0), digits=0)
+      for role in ("client", "server")),
+    *(Row(scenario="churn", metric=f"{role}_rss_growth_mib",
+          label=f"{role}-side ztunnel, RSS after - before (MiB)", compare="", target="<= 5 MiB (noise)",
+          check=("mesh", "<=", 5.0), digits=1)
+      for role in ("client", "server")),
+    # faults (ambient/bench/faults.py)
+    Row(scenario="fault_kill", metric="transfer_failed",
+        label="kill -9 of the server-side ztunnel mid-transfer: the transfer failed (no clean end)",
+        compare="", target="yes", check=("mesh", ">=", 1.0), yes_no=True, no_mesh=False),
+    Row(scenario="fault_kill", metric="client_reset", label="kill -9: the client got a reset (RST)",
+        compare="", upstream="reset", target="yes", check=("mesh", ">=", 1.0), yes_no=True, no_mesh=False),
+    Row(scenario="fault_kill", metric="marker_seen",
+        label="kill -9: payload marker in the capture on the pods' veths (no mesh: the control)",
+        compare="", target="no", check=("mesh", "<=", 0.0), yes_no=True),
+    Row(scenario="fault_kill", metric="packets", label="kill -9: packets captured on the pods' veths",
+        compare="", digits=0),
+    Row(scenario="fault_istiod", metric="new_ok_pct",
+        label="istiod down: new connections that worked (%)", compare="", target="100%",
+        check=("mesh", ">=", 100.0), digits=0),
+    Row(scenario="fault_istiod", metric="kept_ok_pct",
+        label="istiod down: echoes on an existing connection that worked (%)", compare="", target="100%",
+        check=("mesh", ">=", 100.0), digits=0),
+    Row(scenario="fault_istiod", metric="after_ok_pct",
+        label="istiod back: new connections that worked (%)", compare="", target="100%",
+        check=("mesh", ">=", 100.0), digits=0),
+    Row(scenario="fault_agent", metric="add_failed",
+        label="node agent down: the CNI ADD of a new pod failed (not started unprotected)", compare="",
+        upstream="the ADD fails", target="yes", check=("mesh", ">=", 1.0), yes_no=True),
+    Row(scenario="fault_agent", metric="add_answer_s", label="node agent down: time until the ADD failed (s)",
+        compare="", digits=2),
+    Row(scenario="fault_agent", metric="enrolled_after",
+        label="node agent back: the pod enrolled on the retried ADD", compare="", target="yes",
+        check=("mesh", ">=", 1.0), yes_no=True),
+    Row(scenario="fault_restart", metric="survived", label="ztunnel restart: live connections that survived",
+        compare="", digits=0),
+    Row(scenario="fault_restart", metric="new_back_s",
+        label="ztunnel restart: new connections failing for (s)", compare="", digits=2),
+    Row(scenario="fault_restart", metric="ready_s",
+        label="ztunnel restart: until the new ztunnel is ready (s)",
+        compare="", digits=2),
 )  # fmt: skip
 
 
@@ -186,6 +257,17 @@ def _cell(stat: Stat | None, digits: int) -> str:
     if stat.n <= 1 or stat.low == stat.high:
         return _fmt(stat.median, digits)
     return f"{_fmt(stat.median, digits)} ({_fmt(stat.low, digits)}-{_fmt(stat.high, digits)})"
+
+
+def _arm_cell(row: Row, arm: ArmResult | None, stat: Stat | None) -> str:
+    """One arm's cell: the figure, or for a yes/no row "yes", "no", or "yes (2 of 3)" over repetitions."""
+    if not row.yes_no or arm is None or stat is None:
+        return _cell(stat, row.digits)
+    values = [run[row.metric] >= 0.5 for run in arm.runs if row.metric in run]
+    word = "yes" if stat.median >= 0.5 else "no"
+    if all(values) or not any(values):
+        return word
+    return f"{word} ({sum(values)} of {len(values)})"
 
 
 def target_met(row: Row, scenario: ScenarioResult) -> bool | None:
@@ -264,13 +346,14 @@ def table_rows(report: BenchReport) -> list[list[str]]:
         met = target_met(row, scenario)
         target = row.target + ("" if met is None else (" (met)" if met else " (**not met**)"))
         label = row.label
-        if scenario.name == "enrol" and mesh_stat is not None and mesh and "pods" in mesh.stats:
-            label += f" [{mesh.stats['pods'].median:.0f} pods]"
+        count, unit = LABEL_COUNTS.get(scenario.name, ("", ""))
+        if mesh_stat is not None and mesh and count in mesh.stats:
+            label += f" [{mesh.stats[count].median:,.0f} {unit}]"
         rows.append(
             [
                 label,
-                "-" if scenario.mesh_only else _cell(base_stat, row.digits),
-                _cell(mesh_stat, row.digits),
+                "-" if scenario.mesh_only or not row.no_mesh else _arm_cell(row, base, base_stat),
+                _arm_cell(row, mesh, mesh_stat),
                 versus,
                 upstream_cell,
                 _versus_upstream_cell(row, scenario),

@@ -13,7 +13,10 @@ Theory of operation
        sampled every 50 ms) are read: the `ztunnel` scenario
     6. enrolment: N extra pods on node-a, each a fresh netns: CNI ADD to the node agent, then connect to
        127.0.0.1:15008 inside the pod until the listener accepts; ztunnel's RSS before and after
-    7. `finally`: `lab.teardown` (processes by PID, namespaces, files); the JSON and Markdown are written
+    7. load and faults (ambient/bench/faults.py): idle connections held, connection churn, and the fault
+       cases (kill -9 of a ztunnel, istiod down, node agent down, ztunnel restart), each one undone
+       before the next
+    8. `finally`: `lab.teardown` (processes by PID, namespaces, files); the JSON and Markdown are written
 
 With `ztunnel_bin` (a build of istio/ztunnel, `ambient bench --ztunnel-bin PATH`) the world gets node-c and
 node-d, which run that binary, and a third arm, `upstream`, whose pods sit on them: every traffic scenario
@@ -22,7 +25,8 @@ alternates all three arms, and the ztunnel CPU/memory figures and the rate sweep
 The rate sweep (ambient/bench/sweep.py) runs the fixed-rate load through the mesh at a low, the reference
 and a high rate: ztunnel's CPU per request at each shows how much of it is paid per wake-up.
 
-`--only` (BenchConfig.scenarios) runs a subset of bulk, rr, sweep, crr, enrol, always in that order; steps
+`--only` (BenchConfig.scenarios) runs a subset of bulk, rr, sweep, crr, enrol, conns, churn, faults, always
+in that order; steps
 2-3 only when a traffic scenario is among them (so `--only enrol` measures a ztunnel that has carried no
 traffic).
 
@@ -45,6 +49,7 @@ from pathlib import Path
 
 import msgspec
 
+from ambient.bench import faults as bf
 from ambient.bench import world as bw
 from ambient.bench.errors import BenchError
 from ambient.bench.loadgen import percentiles
@@ -61,7 +66,7 @@ from ambient.lab import components, lab
 from ambient.lab.components import PYTHON, LabPaths
 from ambient.lab.errors import PrerequisiteError
 from ambient.lab.probe import tcp_probe
-from ambient.lab.state import RUN_ROOT, ComponentSpec, LabState, TcpCheck, save_state
+from ambient.lab.state import RUN_ROOT, ComponentSpec, LabState, save_state
 from ambient.lab.topology import AppPlan, LabPlan, PodPlan, Step, create_netns, run_step
 from services.istiod.world import world_to_json
 from shared.netns import NetnsError
@@ -72,7 +77,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 HBONE_PORT = 15008
 RSS_CHECKPOINTS = (100, 500)  # ztunnel's RSS is also recorded when this many pods are enrolled
 # What `--only` chooses from, in run order; rr also yields the ztunnel figures.
-SCENARIOS = ("bulk", "rr", "sweep", "crr", "enrol")
+SCENARIOS = ("bulk", "rr", "sweep", "crr", "enrol", "conns", "churn", "faults")
 TRAFFIC_SCENARIOS = frozenset({"bulk", "rr", "sweep", "crr"})  # these need the servers and a warmed-up path
 
 
@@ -105,6 +110,10 @@ class BenchConfig(msgspec.Struct, frozen=True, kw_only=True):
     quick: bool = False
     scenarios: tuple[str, ...] = SCENARIOS  # which to run (always in SCENARIOS order)
     ztunnel_bin: str | None = None  # a build of istio/ztunnel: the third arm (node-c, node-d)
+    idle_conns: int = 10000  # conns: idle connections held at once
+    churn_conns: int = 50000  # churn: short connections
+    istiod_down: float = 60.0  # faults: seconds istiod stays down
+    restart_conns: int = 1000  # faults: live connections during the ztunnel restart
 
 
 # --- the machine and /proc -------------------------------------------------------------------------------
@@ -337,24 +346,9 @@ class Bench:
     def start_servers(self) -> None:
         for arm in self.arm_names:
             server = self.pod(self.arms[arm].server)
-            serve = [PYTHON, "-m", "ambient.bench.loadgen", "serve",
-                     "--rr-port", str(bw.RR_PORT), "--crr-port", str(bw.CRR_PORT)]  # fmt: skip
-            iperf = ["iperf3", "-s", "-p", str(bw.IPERF_PORT)]
-            for what, argv, ports in (("loadgen-serve", serve, (bw.RR_PORT, bw.CRR_PORT)),
-                                      ("iperf3-server", iperf, (bw.IPERF_PORT,))):  # fmt: skip
-                name = f"bench/{arm}/{what}"
-                self.launch(
-                    ComponentSpec(
-                        name=name,
-                        component="app",
-                        netns=server.netns,
-                        argv=argv,
-                        log=str(self.paths.log(name)),
-                        checks=[TcpCheck(netns=server.netns, host="127.0.0.1", port=p) for p in ports],
-                        node=server.node,
-                        pod=server.key,
-                    )
-                )
+            bf.loadgen_server(self, arm)
+            bf.ensure_server(self, arm, "iperf3-server", ["iperf3", "-s", "-p", str(bw.IPERF_PORT)],
+                             (bw.IPERF_PORT,))  # fmt: skip
             self.progress(f"{arm}: servers up in {server.key} ({server.ip})")
         time.sleep(0.5)  # iperf3 logs and recovers from the readiness probe's bare connection
         for arm in self.arm_names:
@@ -668,6 +662,10 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
             "enrol_pods": cfg.enrol_pods,
             "quick": cfg.quick,
             "scenarios": ",".join(cfg.scenarios),
+            "idle_conns": cfg.idle_conns,
+            "churn_conns": cfg.churn_conns,
+            "istiod_down": cfg.istiod_down,
+            "restart_conns": cfg.restart_conns,
         },
     )
     if cfg.ztunnel_bin is not None:
@@ -697,6 +695,12 @@ def run_bench(cfg: BenchConfig, *, progress: Progress) -> tuple[BenchReport, Pat
         if "enrol" in run:
             bench.check_baseline_clean()
             report.scenarios.append(bench.enrol())
+        if "conns" in run:
+            report.scenarios.append(bf.conns(bench))
+        if "churn" in run:
+            report.scenarios.append(bf.churn(bench))
+        if "faults" in run:
+            report.scenarios.extend(bf.faults(bench))
     finally:
         shutil.copytree(LabPaths(state.run_dir).logs, out_dir / "logs", dirs_exist_ok=True)
         progress(f"removing the bench lab {cfg.prefix!r} (its logs: {out_dir / 'logs'})")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+
 import msgspec
 import pytest
 
+from ambient.bench import cli as bench_cli
+from ambient.bench import run
 from ambient.bench.loadgen import percentiles
 from ambient.bench.report import (
     ArmResult,
@@ -201,7 +205,7 @@ def test_bench_world_with_upstream_puts_its_meshed_pair_on_node_c_and_node_d() -
 def test_only_option_picks_scenarios_in_run_order_without_duplicates() -> None:
     assert parse_scenarios("enrol") == ("enrol",)
     assert parse_scenarios(" enrol, bulk ,enrol") == ("bulk", "enrol")
-    assert parse_scenarios("crr,sweep,rr,bulk,enrol") == SCENARIOS
+    assert parse_scenarios("faults,churn,conns,crr,sweep,rr,bulk,enrol") == SCENARIOS
 
 
 @pytest.mark.parametrize(("text", "message"), [("", "no scenario"), (",", "no scenario"),
@@ -212,11 +216,16 @@ def test_only_option_rejects_empty_and_unknown_names(text: str, message: str) ->
 
 
 def test_bench_cli_only_option_reaches_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers()
+    bench_cli.register(subparsers)
+    assert "--only" in subparsers.choices["bench"].format_help()
+    cfg = _config(monkeypatch, "--only", "enrol")
+    assert isinstance(cfg, run.BenchConfig) and cfg.scenarios == ("enrol",)
+    assert _config(monkeypatch, "--only", "nope") == 2
 
-    from ambient.bench import cli as bench_cli
-    from ambient.bench import run
 
+def _config(monkeypatch: pytest.MonkeyPatch, *argv: str) -> run.BenchConfig | int:
     seen: list[run.BenchConfig] = []
 
     def fake_run_bench(cfg: run.BenchConfig, *, progress: object) -> object:
@@ -225,12 +234,30 @@ def test_bench_cli_only_option_reaches_the_config(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(run, "run_bench", fake_run_bench)
     parser = argparse.ArgumentParser()
-    subparsers = parser.add_subparsers()
-    bench_cli.register(subparsers)
-    assert "--only" in subparsers.choices["bench"].format_help()
-    with pytest.raises(SystemExit):
-        args = parser.parse_args(["bench", "--only", "enrol", "--prefix", "t"])
-        args.func(args)
-    assert seen[0].scenarios == ("enrol",)
-    args = parser.parse_args(["bench", "--only", "nope"])
-    assert args.func(args) == 2
+    bench_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--prefix", "t", *argv])
+    try:
+        code = args.func(args)
+    except SystemExit:
+        return seen[0]
+    assert isinstance(code, int)
+    return code
+
+
+def test_load_and_fault_settings_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(monkeypatch, "--only", "faults")
+    assert isinstance(cfg, run.BenchConfig)
+    assert (cfg.idle_conns, cfg.churn_conns, cfg.istiod_down, cfg.restart_conns) == (10000, 50000, 60.0, 1000)
+    cfg = _config(monkeypatch, "--idle-conns", "300", "--churn-conns", "700", "--istiod-down", "2.5",
+                  "--restart-conns", "20")  # fmt: skip
+    assert isinstance(cfg, run.BenchConfig)
+    assert (cfg.idle_conns, cfg.churn_conns, cfg.istiod_down, cfg.restart_conns) == (300, 700, 2.5, 20)
+    quick = _config(monkeypatch, "--quick")
+    assert isinstance(quick, run.BenchConfig) and quick.idle_conns < 1000 and quick.istiod_down < 60
+
+
+@pytest.mark.parametrize(
+    "argv", [["--idle-conns", "0"], ["--istiod-down", "0"], ["--restart-conns", "20000"]]
+)
+def test_bad_load_settings_are_refused(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    assert _config(monkeypatch, *argv) == 2
