@@ -84,19 +84,19 @@ def test_fault_and_load_rows_in_the_table() -> None:
     )  # fmt: skip
     table = markdown(report)
     seen = _row(table, "kill -9: payload marker in the capture")
-    assert seen[1:3] == ["yes", "no"] and seen[5] == "no (met)"  # the control shows plaintext, the mesh none
+    assert seen[1:3] == ["yes", "no"] and seen[7] == "no (met)"  # the control shows plaintext, the mesh none
     failed = _row(table, "kill -9 of the server-side ztunnel")
-    assert failed[1:3] == ["-", "yes"] and failed[5] == "yes (met)"
+    assert failed[1:3] == ["-", "yes"] and failed[7] == "yes (met)"
     reset = _row(table, "kill -9: the client got a reset")
-    assert reset[2] == "no" and reset[5] == "yes (**not met**)"
+    assert reset[2] == "no" and reset[7] == "yes (**not met**)"
     echoed = _row(table, "idle connections held at once, every one echoed [10,000 connections]")
     assert echoed[1:3] == ["-", "yes"]
     assert _row(table, "client-side ztunnel, RSS per held connection (KiB)")[2] == "12.3"
-    assert _row(table, "short connections failed [50,000 connections]")[5] == "0 (**not met**)"
-    assert _row(table, "server-side ztunnel, fds after - before")[5] == "<= 10 (noise) (**not met**)"
-    assert _row(table, "client-side ztunnel, fds after - before")[5] == "<= 10 (noise) (met)"
-    assert _row(table, "istiod down: new connections that worked (%) [60 s down]")[5] == "100% (met)"
-    assert _row(table, "istiod down: echoes on an existing connection")[5] == "100% (**not met**)"
+    assert _row(table, "short connections failed [50,000 connections]")[7] == "0 (**not met**)"
+    assert _row(table, "server-side ztunnel, fds after - before")[7] == "<= 10 (noise) (**not met**)"
+    assert _row(table, "client-side ztunnel, fds after - before")[7] == "<= 10 (noise) (met)"
+    assert _row(table, "istiod down: new connections that worked (%) [60 s down]")[7] == "100% (met)"
+    assert _row(table, "istiod down: echoes on an existing connection")[7] == "100% (**not met**)"
     for scenario in ("how conns", "how churn", "how kill", "how fault_istiod"):
         assert f": {scenario}" in table  # "How each figure is measured"
 
