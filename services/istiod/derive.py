@@ -20,6 +20,7 @@ from google.protobuf import empty_pb2, message
 
 from services.istiod.world import (
     DATAPLANE_MODE_LABEL,
+    GATEWAY_NAME_LABEL,
     SIDECAR_STATUS_ANNOTATION,
     USE_WAYPOINT_LABEL,
     Match,
@@ -48,10 +49,19 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def pod_labels(world: World, pod: Pod) -> dict[str, str]:
+    """The pod's labels; a waypoint's pod also carries what upstream's gateway controller puts on it (its
+    gateway's name, and `istio.io/dataplane-mode: none`, so no node agent captures it)."""
+    wp = world.waypoint_of_pod(pod)
+    if wp is None:
+        return pod.labels
+    return {**pod.labels, GATEWAY_NAME_LABEL: wp.name, DATAPLANE_MODE_LABEL: "none"}
+
+
 def is_ambient(world: World, pod: Pod) -> bool:
     """Upstream's default enablement: pod label ambient, or namespace label ambient and pod not opted out with
-    `none`; pods with a sidecar and host-network pods are never captured."""
-    if SIDECAR_STATUS_ANNOTATION in pod.annotations or pod.host_network:
+    `none`; pods with a sidecar, host-network pods and waypoint pods are never captured."""
+    if SIDECAR_STATUS_ANNOTATION in pod.annotations or pod.host_network or world.waypoint_of_pod(pod):
         return False
     mode = pod.labels.get(DATAPLANE_MODE_LABEL)
     if mode == "ambient":
@@ -79,10 +89,18 @@ def _canonical_revision(pod: Pod) -> str:
     return "latest"
 
 
-def _waypoint_address(world: World, ref: WaypointRef | None, default_ns: str) -> wpb.GatewayAddress | None:
-    if ref is None:
+def _waypoint_address(world: World, ref: WaypointRef | None, default_ns: str, *,
+                      kind: str = "service") -> wpb.GatewayAddress | None:
+    """The GatewayAddress of the waypoint `ref` names, when it takes traffic of `kind` (service|workload):
+    a declared waypoint by its `for`; a bare waypoint service (no declaration) takes both."""
+    if ref is None or ref.name == "none":
         return None
     ns = ref.namespace or default_ns
+    declared = world.waypoint(ns, ref.name)
+    if declared is not None and not (
+        declared.serves_services if kind == "service" else declared.serves_workloads
+    ):
+        return None
     svc = next((s for s in world.services if s.namespace == ns and s.name == ref.name), None)
     if svc is None:
         return None
@@ -96,13 +114,17 @@ def _waypoint_address(world: World, ref: WaypointRef | None, default_ns: str) ->
 
 
 def _pod_waypoint(world: World, pod: Pod) -> wpb.GatewayAddress | None:
+    if world.waypoint_of_pod(pod) is not None:
+        return None  # a waypoint is never sent to a waypoint
     if pod.waypoint is not None:
-        return _waypoint_address(world, pod.waypoint, pod.namespace)
+        return _waypoint_address(world, pod.waypoint, pod.namespace, kind="workload")
     if USE_WAYPOINT_LABEL in pod.labels:
-        return _waypoint_address(world, WaypointRef(name=pod.labels[USE_WAYPOINT_LABEL]), pod.namespace)
+        return _waypoint_address(world, WaypointRef(name=pod.labels[USE_WAYPOINT_LABEL]), pod.namespace,
+                                 kind="workload")
     ns = world.namespace(pod.namespace)
     if ns is not None and USE_WAYPOINT_LABEL in ns.labels:
-        return _waypoint_address(world, WaypointRef(name=ns.labels[USE_WAYPOINT_LABEL]), pod.namespace)
+        return _waypoint_address(world, WaypointRef(name=ns.labels[USE_WAYPOINT_LABEL]), pod.namespace,
+                                 kind="workload")
     return None
 
 
@@ -121,7 +143,7 @@ def derive_workload(world: World, pod: Pod) -> wpb.Workload:
     services = {
         service_key(world, svc): wpb.PortList(ports=_service_ports(svc))
         for svc in world.services
-        if svc.namespace == pod.namespace and selector_matches(svc.selector, pod.labels)
+        if svc.namespace == pod.namespace and selector_matches(svc.selector, pod_labels(world, pod))
     }
     policies = [
         pol.key
@@ -136,7 +158,8 @@ def derive_workload(world: World, pod: Pod) -> wpb.Workload:
         namespace=pod.namespace,
         addresses=[ipaddress.ip_address(ip).packed for ip in pod.ips],
         network=world.network,
-        tunnel_protocol=wpb.HBONE if is_ambient(world, pod) else wpb.NONE,
+        # A waypoint is not captured but terminates HBONE itself on 15008.
+        tunnel_protocol=wpb.HBONE if is_ambient(world, pod) or world.waypoint_of_pod(pod) else wpb.NONE,
         trust_domain=world.trust_domain,
         service_account=pod.service_account,
         node=pod.node,
@@ -172,7 +195,9 @@ def derive_service(world: World, svc: Service) -> wpb.Service:
         ports=_service_ports(svc),
     )
     ref = svc.waypoint
-    if ref is None:
+    if ref is None and USE_WAYPOINT_LABEL in svc.labels:
+        ref = WaypointRef(name=svc.labels[USE_WAYPOINT_LABEL])
+    if ref is None and world.waypoint(svc.namespace, svc.name) is None:
         ns = world.namespace(svc.namespace)
         if ns is not None and USE_WAYPOINT_LABEL in ns.labels and ns.labels[USE_WAYPOINT_LABEL] != svc.name:
             ref = WaypointRef(name=ns.labels[USE_WAYPOINT_LABEL])
@@ -260,7 +285,7 @@ def derive_pod(world: World, pod: Pod) -> podwatch_pb2.Pod:
         service_account=pod.service_account,
         node=pod.node,
         ips=pod.ips,
-        labels=pod.labels,
+        labels=pod_labels(world, pod),
         annotations=pod.annotations,
         namespace_labels=ns.labels if ns is not None else {},
         host_network=pod.host_network,
@@ -300,9 +325,10 @@ class Resources:
         for pod in world.pods:
             self.pods_by_node.setdefault(pod.node, {})[pod.kube_uid] = derive_pod(world, pod)
         self.identities_by_node: dict[str, set[str]] = {node.name: set() for node in world.nodes}
-        # The CA only signs identities of ambient pods: only those have their traffic proxied by ztunnel.
+        # The CA signs identities of ambient pods (their traffic is proxied by ztunnel) and of waypoint pods
+        # (the waypoint process terminates and originates HBONE with its own identity).
         for pod in world.pods:
-            if not is_ambient(world, pod):
+            if not is_ambient(world, pod) and world.waypoint_of_pod(pod) is None:
                 continue
             identity = SpiffeId(
                 trust_domain=world.trust_domain, namespace=pod.namespace, service_account=pod.service_account

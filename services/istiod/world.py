@@ -24,6 +24,9 @@ SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
 # Written by the node agent (PodWatch.SetRedirection), like upstream's node agent patches the pod.
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 REDIRECTION_VALUES = ("pending", "enabled")
+# Labels upstream's gateway controller puts on a waypoint's pods: the node agent never captures them.
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
 
 T = TypeVar("T")
 
@@ -86,6 +89,7 @@ class ServicePort(_Base, frozen=True, kw_only=True):
 class Service(_Base, frozen=True, kw_only=True):
     name: str
     namespace: str
+    labels: dict[str, str] = {}  # istio.io/use-waypoint: NAME (or "none") binds it to a waypoint
     vips: list[str] = []
     ports: list[ServicePort] = []
     selector: dict[str, str] = {}
@@ -149,6 +153,32 @@ class Policy(_Base, frozen=True, kw_only=True):
         return f"{self.namespace}/{self.name}"
 
 
+class Waypoint(_Base, frozen=True, kw_only=True):
+    """A waypoint (upstream: a Gateway of class istio-waypoint) run by one pod of its namespace.
+
+    Its address is the Service of the same name and namespace (which must exist, VIP and port 15008);
+    `for` says which traffic it takes, as upstream's `istio.io/waypoint-for` label: `service` (the default),
+    `workload`, `all` or `none`.
+    """
+
+    name: str
+    namespace: str
+    pod: str
+    for_: str = msgspec.field(default="service", name="for")
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def serves_services(self) -> bool:
+        return self.for_ in ("service", "all")
+
+    @property
+    def serves_workloads(self) -> bool:
+        return self.for_ in ("workload", "all")
+
+
 class World(_Base, frozen=True, kw_only=True):
     trust_domain: str = "cluster.local"
     cluster_id: str = "Kubernetes"
@@ -160,9 +190,17 @@ class World(_Base, frozen=True, kw_only=True):
     pods: list[Pod] = []
     services: list[Service] = []
     policies: list[Policy] = []
+    waypoints: list[Waypoint] = []
 
     def namespace(self, name: str) -> Namespace | None:
         return next((ns for ns in self.namespaces if ns.name == name), None)
+
+    def waypoint(self, namespace: str, name: str) -> Waypoint | None:
+        return next((w for w in self.waypoints if w.namespace == namespace and w.name == name), None)
+
+    def waypoint_of_pod(self, pod: Pod) -> Waypoint | None:
+        """The waypoint this pod runs, if any."""
+        return next((w for w in self.waypoints if w.namespace == pod.namespace and w.pod == pod.name), None)
 
     def service_hostname(self, svc: Service) -> str:
         return svc.hostname or f"{svc.name}.{svc.namespace}.svc.{self.domain_suffix}"
@@ -271,6 +309,9 @@ def validate(world: World, source: str) -> None:
         "service",
     )
     _dupes(source, ((f"$.policies[{i}]", p.key) for i, p in enumerate(world.policies)), "policy")
+    _dupes(source, ((f"$.waypoints[{i}]", w.key) for i, w in enumerate(world.waypoints)), "waypoint")
+    _dupes(source, ((f"$.waypoints[{i}].pod", f"{w.namespace}/{w.pod}")
+                    for i, w in enumerate(world.waypoints)), "waypoint pod")
 
     nodes: dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network | None] = {}
     for i, node in enumerate(world.nodes):
@@ -351,10 +392,32 @@ def validate(world: World, source: str) -> None:
             raise WorldError(source, f"{base}.waypoint", "a service cannot be its own waypoint")
         need_waypoint(f"{base}.waypoint", svc.waypoint, svc.namespace)
 
+    def need_label_waypoint(path: str, labels: dict[str, str], namespace: str) -> None:
+        name = labels.get(USE_WAYPOINT_LABEL)
+        if name is not None and name != "none":
+            need_waypoint(f"{path}.labels", WaypointRef(name=name), namespace)
+
     for i, ns in enumerate(world.namespaces):
-        if USE_WAYPOINT_LABEL in ns.labels:
-            ref = WaypointRef(name=ns.labels[USE_WAYPOINT_LABEL])
-            need_waypoint(f"$.namespaces[{i}].labels", ref, ns.name)
+        need_label_waypoint(f"$.namespaces[{i}]", ns.labels, ns.name)
+    for i, pod in enumerate(world.pods):
+        need_label_waypoint(f"$.pods[{i}]", pod.labels, pod.namespace)
+    for i, svc in enumerate(world.services):
+        need_label_waypoint(f"$.services[{i}]", svc.labels, svc.namespace)
+
+    pods = {p.key for p in world.pods}
+    for i, wp in enumerate(world.waypoints):
+        base = f"$.waypoints[{i}]"
+        _check_name(source, f"{base}.name", wp.name, "waypoint name")
+        need_ns(f"{base}.namespace", wp.namespace)
+        if (wp.namespace, wp.name) not in services:
+            raise WorldError(source, f"{base}.name", f"waypoint {wp.key} needs a service of the same "
+                             f"name and namespace (its address, port 15008) in services")
+        if f"{wp.namespace}/{wp.pod}" not in pods:
+            raise WorldError(source, f"{base}.pod", f"unknown pod {wp.namespace}/{wp.pod}; the waypoint's "
+                             f"pod must be in pods, in the waypoint's namespace")
+        if wp.for_ not in WAYPOINT_FOR_VALUES:
+            raise WorldError(source, f"{base}.for", f"for {wp.for_!r} must be one of "
+                             f"{', '.join(WAYPOINT_FOR_VALUES)}")
 
     for i, pol in enumerate(world.policies):
         _validate_policy(source, f"$.policies[{i}]", pol, need_ns)
