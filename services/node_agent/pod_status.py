@@ -32,6 +32,7 @@ does not affect pyroute2 on the Trio thread (under trio_asyncio its sync IPRoute
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -85,23 +86,16 @@ async def set_redirection(
     return bool(response.changed)
 
 
-class ControlPlaneStatusReporter:
-    """StatusReporter writing the redirection annotation through the control plane; run `run()` beside it."""
+class LatestStatusQueue:
+    """The desired redirection status per pod, newest report last, drained by one writer with backoff.
 
-    def __init__(
-        self,
-        target: GrpcTarget,
-        node: str,
-        *,
-        backoff_initial: float = BACKOFF_INITIAL,
-        backoff_max: float = BACKOFF_MAX,
-        call_timeout: float = CALL_TIMEOUT,
-    ) -> None:
-        self.target = target
-        self.node = node
+    Shared by the status reporters (control plane, Kubernetes API); each supplies the one call that writes a
+    status (`drain(write)`).
+    """
+
+    def __init__(self, *, backoff_initial: float = BACKOFF_INITIAL, backoff_max: float = BACKOFF_MAX) -> None:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
-        self._call_timeout = call_timeout
         self._desired: dict[PodUid, StatusWrite] = {}
         self._wakeup = trio.Event()
         self.written = 0
@@ -121,26 +115,49 @@ class ControlPlaneStatusReporter:
         self._desired[pod.uid] = StatusWrite(pod=pod, status=status)
         self._wakeup.set()
 
+    async def drain(self, write: Callable[[StatusWrite], Awaitable[bool]]) -> None:
+        """Write desired statuses with `write` (True: finished with, done or dropped; False: retry later,
+        after a backoff) until cancelled."""
+        backoff = self._backoff_initial
+        while True:
+            if not self._desired:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            uid, pending = next(iter(self._desired.items()))
+            if await write(pending):
+                backoff = self._backoff_initial
+                if self._desired.get(uid) is pending:  # not superseded while the call ran
+                    del self._desired[uid]
+                continue
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max)
+
+
+class ControlPlaneStatusReporter(LatestStatusQueue):
+    """StatusReporter writing the redirection annotation through the control plane; run `run()` beside it."""
+
+    def __init__(
+        self,
+        target: GrpcTarget,
+        node: str,
+        *,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_MAX,
+        call_timeout: float = CALL_TIMEOUT,
+    ) -> None:
+        super().__init__(backoff_initial=backoff_initial, backoff_max=backoff_max)
+        self.target = target
+        self.node = node
+        self._call_timeout = call_timeout
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write desired statuses until cancelled (see the module docstring)."""
         from shared.aio import open_aio_loop, open_target
 
         async with open_aio_loop(), open_target(self.target) as channel:
             task_status.started()
-            backoff = self._backoff_initial
-            while True:
-                if not self._desired:
-                    self._wakeup = trio.Event()
-                    await self._wakeup.wait()
-                    continue
-                uid, write = next(iter(self._desired.items()))
-                if await self._write(channel, write):
-                    backoff = self._backoff_initial
-                    if self._desired.get(uid) is write:  # not superseded while the call ran
-                        del self._desired[uid]
-                    continue
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self._backoff_max)
+            await self.drain(lambda write: self._write(channel, write))
 
     async def _write(self, channel: Channel, write: StatusWrite) -> bool:
         """One call. True when the write is finished with (done or dropped), False to retry it later."""

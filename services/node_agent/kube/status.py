@@ -23,9 +23,8 @@ import trio
 
 from services.node_agent.kube.client import KubeApi, KubeApiError, open_kube_api
 from services.node_agent.model import ANNOTATION_REDIRECTION, Pod
-from services.node_agent.pod_status import BACKOFF_INITIAL, BACKOFF_MAX, StatusWrite
+from services.node_agent.pod_status import BACKOFF_INITIAL, BACKOFF_MAX, LatestStatusQueue, StatusWrite
 from shared.logs import Field
-from shared.zds.types import PodUid
 
 log = logging.getLogger("node_agent.status")
 
@@ -36,7 +35,7 @@ def redirection_patch(pod: Pod, status: str | None) -> dict[str, object]:
     return {"metadata": {"uid": pod.uid, "annotations": {ANNOTATION_REDIRECTION: status}}}
 
 
-class KubeStatusReporter:
+class KubeStatusReporter(LatestStatusQueue):
     """StatusReporter patching the pod in the Kubernetes API; run `run()` beside it."""
 
     def __init__(
@@ -46,23 +45,8 @@ class KubeStatusReporter:
         backoff_initial: float = BACKOFF_INITIAL,
         backoff_max: float = BACKOFF_MAX,
     ) -> None:
+        super().__init__(backoff_initial=backoff_initial, backoff_max=backoff_max)
         self.kubeconfig = kubeconfig
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
-        self._desired: dict[PodUid, StatusWrite] = {}
-        self._wakeup = trio.Event()
-        self.written = 0
-        self.last_error: str | None = None
-
-    @property
-    def backlog(self) -> int:
-        return len(self._desired)
-
-    async def report(self, pod: Pod, status: str | None) -> None:
-        await trio.lowlevel.checkpoint()
-        self._desired.pop(pod.uid, None)
-        self._desired[pod.uid] = StatusWrite(pod=pod, status=status)
-        self._wakeup.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with open_kube_api(self.kubeconfig) as api:
@@ -72,20 +56,7 @@ class KubeStatusReporter:
         self, api: KubeApi, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
-        backoff = self._backoff_initial
-        while True:
-            if not self._desired:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-                continue
-            uid, write = next(iter(self._desired.items()))
-            if await self._write(api, write):
-                backoff = self._backoff_initial
-                if self._desired.get(uid) is write:
-                    del self._desired[uid]
-                continue
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, self._backoff_max)
+        await self.drain(lambda write: self._write(api, write))
 
     async def _write(self, api: KubeApi, write: StatusWrite) -> bool:
         pod, status = write.pod, write.status
