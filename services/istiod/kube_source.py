@@ -77,6 +77,8 @@ class KubeWorldSource:
         self.kubeconfig = kubeconfig
         self.objects: dict[str, dict[str, KubeObject]] = {kind: {} for kind in COLLECTIONS}
         self.reflectors: dict[str, Reflector[KubeObject]] = {}
+        self.started = False
+        """The first complete listing is in the store (and the xDS server may serve it)."""
         self.rebuilds = 0
         """Worlds built from the objects (whether or not they changed the store's)."""
         self.notes: set[str] = set()
@@ -103,7 +105,6 @@ class KubeWorldSource:
                 nursery.start_soon(reflector.run, send.clone())
             send.close()
             listed: set[str] = set()
-            started = False
             async for event in receive:
                 changed = self._apply(event, listed)
                 while True:  # the events already waiting go into the same rebuild
@@ -114,8 +115,8 @@ class KubeWorldSource:
                 if len(listed) < len(COLLECTIONS) or not changed:
                     continue
                 self._rebuild()
-                if not started:
-                    started = True
+                if not self.started:
+                    self.started = True
                     log.info("world listed from the Kubernetes API", extra={"fields": [
                         ("server", api.server), ("nodes", len(self.store.world.nodes)),
                         ("pods", len(self.store.world.pods)), ("services", len(self.store.world.services)),
@@ -125,7 +126,9 @@ class KubeWorldSource:
     def _apply(self, event: ReflectorEvent[KubeObject], listed: set[str]) -> bool:
         """Fold one event into the objects; True when they changed."""
         if isinstance(event, Lost):
-            log.warning("the world stays as it was until the API server answers again", extra={"fields": [
+            message = ("the world stays as it was until the API server answers again" if self.started
+                       else "no world to serve until the API server answers")
+            log.warning(message, extra={"fields": [
                 ("kind", event.kind), ("problem", lost_problem(event)), ("error", event.reason)]})
             return False
         held = self.objects[event.kind]
