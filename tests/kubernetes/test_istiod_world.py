@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,7 +25,9 @@ from services.istiod.world import World
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import PolicyKey, TunnelProtocol
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
+from shared.aio import GrpcTarget
 from shared.kube.client import KubeApi, open_kube_api
+from tests.istiod_process import run_stub
 from tests.kubernetes.harness import FAST, WAIT, apply, load_objects, pod, set_pod_ip, wait_until
 
 
@@ -158,3 +161,25 @@ async def test_the_last_world_is_served_while_the_api_server_is_away(
         await apply(api, pod("late", "bookinfo", node="node-a", labels={"app": "late"}))
         await set_pod_ip(kube, "bookinfo", "late", "10.244.1.99")
         await wait_state(xds, lambda s: s.workload_by_ip("10.244.1.99") is not None, "a change after it")
+
+
+async def test_the_stub_process_serves_the_api_servers_world(api: ApiServer, tmp_path: Path) -> None:
+    """`istiod-stub --kubernetes --kubeconfig PATH`, as `ambient lab up --kubernetes` starts it."""
+    async with bookinfo_on(api) as kube:
+        state = tmp_path / "state"
+        async with run_stub(state, "--kubernetes", "--kubeconfig", str(api.kubeconfig),
+                            "--node-token", "node-a=secret-a") as port:  # fmt: skip
+            assert (state / "tokens" / "node-b.token").exists()  # nodes from the API server get tokens
+            root = (state / "root-cert.pem").read_text()
+            target = GrpcTarget(host="127.0.0.1", port=port, root_cert_pem=root, token="secret-a")
+            client = XdsClient(target, StateStore(), XdsClientConfig(
+                node_id=ztunnel_node_id("127.0.0.1", "ztunnel-a", "istio-system")))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+                with trio.fail_after(WAIT):
+                    await client.wait_synced()
+                assert len(client.store.workloads) == len(bookinfo_world().pods)
+                await apply(api, pod("extra", "sleep", node="node-a", labels={"app": "extra"}))
+                await set_pod_ip(kube, "sleep", "extra", "10.244.1.77")
+                await wait_state(client, lambda s: s.workload_by_ip("10.244.1.77") is not None, "the new pod")
+                nursery.cancel_scope.cancel()
