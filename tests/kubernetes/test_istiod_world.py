@@ -126,7 +126,8 @@ async def test_label_new_pod_and_new_policy_reach_a_connected_xds_client(api: Ap
             "action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["sleep"]}}]}]}))
         await wait_state(xds, lambda s: PolicyKey("bookinfo/deny-sleep") in s.policies, "the new policy")
 
-        await api.kubectl("delete", "pod", "-n", "bookinfo", "ratings-v2")
+        # no kubelet confirms a graceful deletion here: delete at once
+        await api.kubectl("delete", "pod", "-n", "bookinfo", "ratings-v2", "--grace-period=0", "--force")
         await wait_state(xds, lambda s: s.workload_by_ip("10.244.2.13") is None, "the deleted pod gone")
         assert xds.nacks_sent == [] and istiod.server.ads.nacks == []
 
