@@ -73,6 +73,7 @@ class KubeWorldSource:
     def __init__(self, store: WorldStore, *, base: World | None = None, kubeconfig: str | None = None,
                  **reflector_options: Any) -> None:
         self.store = store
+        store.follows = "the Kubernetes API server"
         self.base = base or World()
         self.kubeconfig = kubeconfig
         self.objects: dict[str, dict[str, KubeObject]] = {kind: {} for kind in COLLECTIONS}
