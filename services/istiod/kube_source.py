@@ -85,6 +85,7 @@ class KubeWorldSource:
         self.notes: set[str] = set()
         """What the current world leaves out, and why (each logged when it first appeared)."""
         self._options = reflector_options
+        self._lost_told = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled; `started()` once the first complete listing is in the store.
@@ -127,11 +128,15 @@ class KubeWorldSource:
     def _apply(self, event: ReflectorEvent[KubeObject], listed: set[str]) -> bool:
         """Fold one event into the objects; True when they changed."""
         if isinstance(event, Lost):
+            if self._lost_told:
+                return False  # one line per outage: the collections are lost together
+            self._lost_told = True
             message = ("the world stays as it was until the API server answers again" if self.started
                        else "no world to serve until the API server answers")
             log.warning(message, extra={"fields": [
                 ("kind", event.kind), ("problem", lost_problem(event)), ("error", event.reason)]})
             return False
+        self._lost_told = False  # the API server answered
         held = self.objects[event.kind]
         if isinstance(event, Listed):
             first = event.kind not in listed
