@@ -36,11 +36,11 @@ namespaces:
   - {{name: mesh, labels: {{istio.io/dataplane-mode: ambient}}}}
   - {{name: solo}}
 pods:
-  - {{name: client, namespace: mesh, node: node-a, ips: [{A}10], labels: {{app: sleep}},
+  - {{name: client, namespace: mesh, node: node-a, ips: [{A}10], labels: {{app: sleep, sink: a}},
      serviceAccount: client}}
   - {{name: web-a, namespace: mesh, node: node-a, ips: [{A}11], labels: {{app: web, side: a}},
      serviceAccount: web}}
-  - {{name: client-b, namespace: mesh, node: node-b, ips: [{B}10], labels: {{app: sleep}},
+  - {{name: client-b, namespace: mesh, node: node-b, ips: [{B}10], labels: {{app: sleep, sink: b}},
      serviceAccount: client}}
   - {{name: web-b, namespace: mesh, node: node-b, ips: [{B}11], labels: {{app: web, side: b}},
      serviceAccount: web}}
@@ -48,9 +48,14 @@ pods:
      labels: {{app: web, istio.io/dataplane-mode: ambient}}}}
 services:
   - {{name: web-a, namespace: mesh, vips: [10.96.0.61], selector: {{side: a}},
-     ports: [{{port: 80, targetPort: 8080}}, {{port: 9100, targetPort: 9100}}]}}
+     ports: [{{port: 80, targetPort: 8080}}]}}
   - {{name: web-b, namespace: mesh, vips: [10.96.0.62], selector: {{side: b}},
-     ports: [{{port: 80, targetPort: 8080}}, {{port: 9100, targetPort: 9100}}]}}
+     ports: [{{port: 80, targetPort: 8080}}]}}
+  # the sleep pods serve nothing themselves: the 1 MiB test runs its own server on 9100 in them
+  - {{name: sink-a, namespace: mesh, vips: [10.96.0.63], selector: {{sink: a}},
+     ports: [{{port: 9100, targetPort: 9100}}]}}
+  - {{name: sink-b, namespace: mesh, vips: [10.96.0.64], selector: {{sink: b}},
+     ports: [{{port: 9100, targetPort: 9100}}]}}
 """
 UPSTREAM_PODS = ("mesh/client-b", "mesh/web-b", "solo/spare-b")
 
@@ -167,7 +172,7 @@ def test_label_removal_unenrols_the_pod_from_upstreams_ztunnel(prefix: str) -> N
     spare = pod_plan(prefix, "solo/spare-b")
     owned_listeners(prefix, spare.key)
     assert "ISTIO_PRERT" in in_pod(prefix, "spare-b", "iptables-save")
-    assert "fwmark 0x539" in in_pod(prefix, "spare-b", "ip", "rule")
+    assert "lookup 100" in in_pod(prefix, "spare-b", "ip", "rule")  # the fwmark policy route
     done = lab.world_command(["label", "pod", "solo/spare-b", "istio.io/dataplane-mode-"], prefix=prefix,
                              capture=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -175,7 +180,7 @@ def test_label_removal_unenrols_the_pod_from_upstreams_ztunnel(prefix: str) -> N
     wait_until(lambda: not any(pod_listeners(spare).get(f"{p}/tcp") for p in PROXY_PORTS),
                "spare-b's listeners closing")  # fmt: skip
     wait_until(lambda: "ISTIO" not in in_pod(prefix, "spare-b", "iptables-save"), "spare-b's rules removed")
-    assert "fwmark 0x539" not in in_pod(prefix, "spare-b", "ip", "rule")
+    assert "lookup 100" not in in_pod(prefix, "spare-b", "ip", "rule")
     # the others stay enrolled and served
     others = {pod_plan(prefix, k).uid for k in UPSTREAM_PODS if k != spare.key}
     assert {u for u, s in workload_state(prefix).items() if s == "Up"} == others
@@ -229,10 +234,10 @@ def start_server(prefix: str, pod: PodPlan) -> subprocess.Popen[str]:
 @pytest.mark.parametrize(
     ("client", "server", "host"),
     [
-        ("client", "mesh/web-b", "10.96.0.62"),  # ours -> upstream's, by VIP
-        ("client", "mesh/web-b", f"{B}11"),  # ours -> upstream's, by pod IP
-        ("client-b", "mesh/web-a", "10.96.0.61"),  # upstream's -> ours, by VIP
-        ("client-b", "mesh/web-a", f"{A}11"),  # upstream's -> ours, by pod IP
+        ("client", "mesh/client-b", "10.96.0.64"),  # ours -> upstream's, by VIP
+        ("client", "mesh/client-b", f"{B}10"),  # ours -> upstream's, by pod IP
+        ("client-b", "mesh/client", "10.96.0.63"),  # upstream's -> ours, by VIP
+        ("client-b", "mesh/client", f"{A}10"),  # upstream's -> ours, by pod IP
     ],
 )
 def test_one_mib_each_way_byte_exact_through_hbone(prefix: str, client: str, server: str, host: str) -> None:
