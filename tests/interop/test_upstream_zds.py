@@ -22,7 +22,12 @@ from ambient.lab import components, lab
 from ambient.lab.topology import PodPlan
 from services.node_agent.verify import PROXY_PORTS, listeners_here, socket_inodes
 from shared import netns
-from tests.interop.test_upstream_mixed_lab import UPSTREAM_BIN, log_line, pytestmark  # noqa: F401  (skips)
+from tests.interop.test_upstream_mixed_lab import (  # noqa: F401  (pytestmark: the skips)
+    CLIENT_ID,
+    UPSTREAM_BIN,
+    log_line,
+    pytestmark,
+)
 from tests.netns.test_lab_topology import NET_A, NET_B, client_get, running_lab
 
 A, B = f"10.244.{NET_A}.", f"10.244.{NET_B}."
@@ -260,7 +265,8 @@ def test_one_mib_each_way_byte_exact_through_hbone(prefix: str, client: str, ser
     assert hashlib.sha256(b"").hexdigest() not in (seen_by_server["received"], sent_by_client["received"])
     # the access-log pair: both ztunnels counted the megabyte each way for this HBONE tunnel
     client_node = "node-a" if target.node == "node-b" else "node-b"
-    needles = (f"dst.hbone_addr={target.ip}:{TRANSFER_PORT}", f"bytes_sent={MIB}", f"bytes_recv={MIB}")
+    needles = (f"dst.hbone_addr={target.ip}:{TRANSFER_PORT}", f"bytes_sent={MIB}", f"bytes_recv={MIB}",
+               f'src.identity="{CLIENT_ID}"', f'dst.identity="{CLIENT_ID}"')  # sinks run as sa/client too
     log_line(prefix, client_node, "outbound", *needles)
     log_line(prefix, target.node, "inbound", *needles)
 
