@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ambient.lab import components, lab
+from ambient.lab.components import LabPaths
 from ambient.lab.topology import PodPlan
 from services.node_agent.verify import PROXY_PORTS, listeners_here, socket_inodes
 from shared import netns
@@ -125,6 +126,12 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) 
         time.sleep(0.2)
 
 
+def snapshots_delivered(prefix: str) -> int:
+    """How many snapshots node-b's node agents (this one and earlier runs) saw ACKed, from their log."""
+    path = LabPaths(lab.require_state(prefix).run_dir).log(f"node-agent/{UPSTREAM_NODE}")
+    return path.read_text(errors="replace").count("snapshot delivered")
+
+
 def traffic_works(prefix: str) -> None:
     """Both directions, by VIP: ours (node-a) -> upstream's (node-b) and back."""
     for pod, url in (("client", "http://10.96.0.62/"), ("client-b", "http://10.96.0.61/")):
@@ -161,8 +168,10 @@ def test_upstreams_ztunnel_restarted_takes_the_snapshot_and_serves_again(prefix:
 def test_our_node_agent_restarted_under_running_upstream_keeps_pods_enrolled(prefix: str) -> None:
     pid = ztunnel_pid(prefix)
     old = {key: owned_listeners(prefix, key) for key in UPSTREAM_PODS}
+    delivered = snapshots_delivered(prefix)
     restarted = lab.restart("node-agent", UPSTREAM_NODE, prefix=prefix, timeout=30)
     assert restarted == [f"node-agent/{UPSTREAM_NODE}"]
+    wait_until(lambda: snapshots_delivered(prefix) > delivered, "the new agent's snapshot ACKed by upstream")
     assert ztunnel_pid(prefix) == pid
     # upstream reconnected to the new agent and reconciled: the same netns for each pod, so nothing rebound
     uids = {pod_plan(prefix, k).uid for k in UPSTREAM_PODS}
