@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import http.client
 import json
 import os
 import shlex
@@ -72,6 +73,8 @@ from typing import Any
 
 import trio
 
+from ambient.lab.probe import http_get
+from services.node_agent.verify import listeners_here, socket_inodes
 from shared import netns as netns_mod
 from shared.errors import AmbientError
 from shared.zds import transport
@@ -356,6 +359,7 @@ class Peer:
         self.sock = sock
         self.name = name
         self.closed = False
+        self.snapshot_acked = False  # our snapshot_sent on this connection was ACKed
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         try:
@@ -390,7 +394,10 @@ class Peer:
 
     async def request(self, data: bytes, fds: Sequence[int], what: str, within: float) -> tuple[bytes, str]:
         await self.send(data, fds)
-        return await self.answer(within, what)
+        raw, error = await self.answer(within, what)
+        if data == SNAPSHOT_SENT and not fds and not error:
+            self.snapshot_acked = True
+        return raw, error
 
     async def ack(self, data: bytes, fds: Sequence[int], what: str, within: float) -> bytes:
         raw, error = await self.request(data, fds, what, within)
@@ -532,6 +539,7 @@ def identity(fd: int) -> tuple[int, int]:
 # --- client role -------------------------------------------------------------------------------------------
 
 FAIL_UID = "conformance-fail-pod"
+HBONE_PORT = 15008
 
 
 class Namespaces:
@@ -559,6 +567,10 @@ class Namespaces:
 
     def fd(self, label: str) -> int:
         return self._fds[label]
+
+    def name(self, label: str) -> str:
+        """The name under /run/netns of a real namespace."""
+        return f"{self.tag}-{label}"
 
     def ident(self, label: str) -> list[int]:
         return list(identity(self._fds[label]))
@@ -598,6 +610,14 @@ class ClientOptions:
     netns: str = "auto"  # auto | real | pipe
     timeout: float = 10.0
     retry_timeout: float = 15.0
+    observe: str = "state-file"  # state-file | admin (OBSERVE_ADMIN)
+
+
+OBSERVE_STATE_FILE = "state-file"
+OBSERVE_ADMIN = "admin"
+ADMIN_PORT = 15000  # upstream ztunnel's admin (127.0.0.1): /config_dump
+READINESS_PORT = 15021  # its readiness: /healthz/ready
+CLIENT_NETNS = "client"  # the kit's namespace the client runs in when observed through its admin ports
 
 
 class ClientHarness:
@@ -622,7 +642,14 @@ class ClientHarness:
         joined = opts.command + " " + " ".join(opts.env)
         self.fail_hook = "file" if "{fail_file}" in joined else "uid" if "{fail_uid}" in joined else None
         real = opts.netns == "real" or (opts.netns == "auto" and os.geteuid() == 0)
+        self.admin = opts.observe == OBSERVE_ADMIN
+        if self.admin and not real:
+            raise KitError("--observe admin needs real namespaces (run as root, without --netns pipe): the "
+                           "client runs in a namespace of the kit's and binds its listeners in the pods'")
         self.ns = Namespaces(real)
+        if self.admin:
+            self.argv = ["ip", "netns", "exec", self.ns.name(CLIENT_NETNS), *self.argv]
+        self.sent: dict[str, str] = {}  # uid -> label of the netns last sent with an add of it
         self.listener = transport.bind_server_socket(self.socket_path)
         self.child: Child | None = None
         self.peer: Peer | None = None
@@ -727,22 +754,63 @@ class ClientHarness:
             await self.start_client()
 
     def add(self, uid: str, label: str) -> tuple[bytes, list[int]]:
+        self.sent[uid] = label
         return wire_add(uid, (uid, "conformance", "sa-" + uid)), [self.ns.fd(label)]
 
-    # state file ------------------------------------------------------------------------------------------
+    # the client's state: its state file, or its admin surfaces --------------------------------------------
 
-    def read_state(self) -> dict[str, Any] | None:
+    async def read_state(self) -> dict[str, Any] | None:
+        if self.admin:
+            return await trio.to_thread.run_sync(self.admin_state)
         try:
             data = json.loads(self.state_path.read_bytes())
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
 
-    def state(self) -> dict[str, Any]:
-        state = self.read_state()
+    def admin_state(self) -> dict[str, Any] | None:
+        """The state-file object as far as a client's admin surfaces show it (see `state_from_admin`)."""
+        where = self.ns.name(CLIENT_NETNS)
+        try:
+            status, body = http_get(where, "127.0.0.1", ADMIN_PORT, "/config_dump", timeout=1.0)
+            dump = json.loads(body) if status == 200 else None
+        except (OSError, ValueError, http.client.HTTPException, netns_mod.NetnsError):
+            return None
+        if not isinstance(dump, dict):
+            return None
+        try:
+            ready = http_get(where, "127.0.0.1", READINESS_PORT, "/healthz/ready", timeout=1.0)[0] == 200
+        except (OSError, http.client.HTTPException, netns_mod.NetnsError):
+            ready = False
+        child = self.child
+        held = socket_inodes([child.pid]) if child is not None and not child.exited else set()
+        listeners = {}
+        for uid, label in self.sent.items():
+            with contextlib.suppress(OSError, netns_mod.NetnsError), netns_mod.entered(self.ns.fd(label)):
+                found = listeners_here().get(f"{HBONE_PORT}/tcp", set()) & held
+                if found:
+                    listeners[uid] = (self.ns.ident(label), min(found))
+        peer = self.peer
+        return state_from_admin(dump, ready, listeners, connected=peer is not None and not peer.closed,
+                                connections=self.connections,
+                                snapshot_received=peer is not None and peer.snapshot_acked)  # fmt: skip
+
+    async def state(self) -> dict[str, Any]:
+        state = await self.read_state()
         if state is None:
-            raise CheckFailed(f"no readable state file at {self.state_path}")
+            where = "answer on its admin port" if self.admin else f"readable state file at {self.state_path}"
+            raise CheckFailed(f"no {where}")
         return state
+
+    async def settled(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The state right after an answer, for a check that the request took effect. A state file must
+        show it at once (the timing contract); admin surfaces are updated after the answer (upstream drops
+        a pod's entry once its proxies have drained), so they get up to --timeout to show it."""
+        if not self.admin:
+            return await self.state()
+        with contextlib.suppress(CheckFailed):
+            return await self.wait_state(predicate, "the request's effect")
+        return await self.state()
 
     async def wait_state(
         self, predicate: Callable[[dict[str, Any]], bool], what: str, within: float | None = None
@@ -751,7 +819,7 @@ class ClientHarness:
         last: dict[str, Any] | None = None
         with trio.move_on_after(limit):
             while True:
-                last = self.read_state()
+                last = await self.read_state()
                 if last is not None:
                     try:
                         if predicate(last):
@@ -819,6 +887,44 @@ class ClientHarness:
         self.report.fail(number, f"{what}: the client still holds {len(leaked)} of the fds it was sent")
 
 
+def state_from_admin(
+    dump: Mapping[str, Any],
+    ready: bool,
+    listeners: Mapping[str, tuple[list[int], int]],
+    *,
+    connected: bool,
+    connections: int,
+    snapshot_received: bool,
+) -> dict[str, Any]:
+    """The state-file object built from what upstream's ztunnel shows: `workloads` are the uids its
+    /config_dump `workloadState` lists as `Up` (with their `info`), `pending` those it lists as `Pending`, and
+    `ready` is its /healthz/ready answering 200. It has no netns identities nor generations: for a running pod
+    `listeners` (uid -> (netns [ino, dev], socket inode)) says in which of the kit's namespaces the client
+    holds the pod's 15008 listener; that socket's inode stands in for the generation (a rebind changes it).
+    The connection keys come from the wire (the kit's own view of the hello and the snapshot_sent ACK)."""
+    workloads: dict[str, Any] = {}
+    pending: dict[str, str] = {}
+    entries = dump.get("workloadState")
+    for uid, entry in (entries if isinstance(entries, dict) else {}).items():
+        if not isinstance(entry, dict):
+            continue
+        raw_info = entry.get("info")
+        info: dict[str, Any] = raw_info if isinstance(raw_info, dict) else {}
+        if entry.get("state") == "Pending":
+            pending[str(uid)] = "workloadState: Pending"
+        elif entry.get("state") == "Up":
+            netns, inode = listeners.get(str(uid), (None, 0))
+            workloads[str(uid)] = {
+                "name": info.get("name", ""),
+                "namespace": info.get("namespace", ""),
+                "service_account": info.get("serviceAccount", info.get("service_account", "")),
+                "netns": netns,
+                "generation": inode,
+            }
+    return {"connected": connected, "connections": connections, "snapshot_received": snapshot_received,
+            "ready": ready, "workloads": workloads, "pending": pending}  # fmt: skip
+
+
 def _brief(state: dict[str, Any] | None) -> str:
     if state is None:
         return "none"
@@ -835,7 +941,7 @@ async def run_client_kit(opts: ClientOptions, workdir: Path) -> KitRun:
     report = Report("client", CLIENT_CASES)
     h = ClientHarness(opts, workdir, report)
     try:
-        h.ns.open(["a", "b", "b2", "c", "x"])
+        h.ns.open(["a", "b", "b2", "c", "x", *([CLIENT_NETNS] if h.admin else [])])
         await h.start_client()
         try:
             await _client_cases(h, report)
@@ -873,27 +979,27 @@ async def _client_cases(h: ClientHarness, report: Report) -> None:
         gen0 = _gen(state, "pod-a")
         data, fds = h.add("pod-a", "a")
         await peer.ack(data, fds, "duplicate add pod-a (same netns)", t)
-        state = h.state()
+        state = await h.state()
         report.check(11, _gen(state, "pod-a") == gen0, "same netns: no restart",
                      f"same netns restarted pod-a (generation {gen0} -> {_gen(state, 'pod-a')})")
         data, fds = h.add("pod-a", "b2")
         await peer.ack(data, fds, "add pod-a (other netns)", t)
         state = await h.wait_state(lambda s: s["workloads"]["pod-a"]["netns"] == h.ns.ident("b2"),
                                    "pod-a in the new netns")
-        report.check(11, _gen(state, "pod-a") > gen0, "other netns: proxies replaced",
-                     "other netns: generation did not grow")
+        report.check(11, _gen(state, "pod-a") != gen0, "other netns: proxies replaced",
+                     "other netns: generation did not change")
     with report.case(4):
         peer = h.peer or await h.fresh()
         data, fds = h.add("abc", "b")
         await peer.ack(data, fds, "add abc", t)
         await h.wait_state(lambda s: "abc" in s["workloads"], "abc running")
         await peer.ack(wire_del("abc", uid_field=1), [], "del with the uid in field 1", t)
-        state = h.state()
+        state = await h.state()
         report.check(4, "abc" in state["workloads"], "del with uid in field 1 is not a del of abc",
                      "a del carrying the uid in field 1 removed abc (uid must be field 2)")
         raw_del = bytes.fromhex("12 05 12 03 61 62 63")
         await peer.ack(raw_del, [], "del 12 05 12 03 'abc'", t)
-        state = h.state()
+        state = await h.settled(lambda s: "abc" not in s["workloads"])
         report.check(4, "abc" not in state["workloads"], "12 05 12 03 'abc' deletes abc",
                      f"abc still running after 12 05 12 03 'abc': {_brief(state)}")
     with report.case(12):
@@ -945,7 +1051,8 @@ async def _client_cases(h: ClientHarness, report: Report) -> None:
     # 12b: del inside the snapshot
     with report.case(12):
         await h.fresh(h.add("pod-x", "x"), (wire_del("pod-x"), []))
-        state = await h.wait_state(lambda s: s["snapshot_received"] is True, "snapshot received")
+        await h.wait_state(lambda s: s["snapshot_received"] is True, "snapshot received")
+        state = await h.settled(lambda s: "pod-x" not in s["workloads"])
         report.check(12, "pod-x" not in state["workloads"], "del before snapshot_sent dropped pod-x",
                      f"pod-x still running after reconcile: {_brief(state)}")
 
@@ -1051,13 +1158,13 @@ async def _case_proxy_failure(h: ClientHarness, report: Report) -> None:
         elif h.fail_hook is None:
             with netns_mod.entered(h.ns.fd("c")):
                 blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                blocker.bind(("0.0.0.0", 15008))
+                blocker.bind(("0.0.0.0", HBONE_PORT))
                 blocker.listen(1)
         data, fds = h.add(FAIL_UID, "c")
         _, error = await peer.request(data, fds, "add of a pod whose proxy cannot start", t)
         report.check(15, error.startswith("failure to start proxy"), f"NACK {error[:60]!r}",
                      f"expected NACK 'failure to start proxy...', got {error[:80]!r}")
-        state = h.state()
+        state = await h.settled(lambda s: FAIL_UID in s["pending"] and s["ready"] is False)
         report.check(15, FAIL_UID in state["pending"] and state["ready"] is False,
                      "pod pending, not ready", f"expected pending pod and ready=false: {_brief(state)}")
         await peer.ack(wire_del("no-such-pod"), [], "del after the failed add", t)

@@ -351,7 +351,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
                 os.mkdir(workdir)
                 copts = conformance.ClientOptions(
                     command=args.client_cmd, env=args.client_env, netns=args.netns,
-                    timeout=args.timeout, retry_timeout=args.retry_timeout,
+                    timeout=args.timeout, retry_timeout=args.retry_timeout, observe=args.observe,
                 )
                 runs.append(("client", await conformance.run_client_kit(copts, workdir)))
 
@@ -435,6 +435,11 @@ def register(subparsers: Any) -> None:
                       help="environment for the client (placeholders allowed), e.g. INPOD_UDS={socket}")
     conf.add_argument("--netns", choices=("auto", "real", "pipe"), default="auto",
                       help="netns fds for the client: real namespaces (root), pipes, auto (real when root)")
+    conf.add_argument("--observe", choices=(conformance.OBSERVE_STATE_FILE, conformance.OBSERVE_ADMIN),
+                      default=conformance.OBSERVE_STATE_FILE,
+                      help="client role: read the client's state from its {state} file (default), or from "
+                      "upstream ztunnel's own surfaces, /config_dump workloadState on 127.0.0.1:15000 and "
+                      "/healthz/ready on 15021, with the client run in a namespace of the kit's (root)")
     conf.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
                       help="how long to wait for each expected event (default 10)")
     conf.add_argument("--retry-timeout", type=_positive_float, default=15.0, metavar="SECONDS",

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from ambient import conformance
@@ -89,6 +90,48 @@ def test_cli_client_role_against_ambient_zds_watch() -> None:
     )
     assert code == 0, stderr
     assert verdicts(results) == {("client", n): "pass" for n in conformance.CLIENT_CASES}
+
+
+def test_cli_client_role_observed_through_admin_ports_needs_real_namespaces() -> None:
+    code, results, stderr = run_kit("--client-cmd", WATCH, "--observe", "admin", "--netns", "pipe")
+    assert (code, results) == (1, [])
+    assert "--observe admin needs real namespaces" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--observe admin runs the client in a namespace (needs root)")
+def test_cli_client_role_against_our_ztunnel_observed_through_its_admin_ports() -> None:
+    # the way the kit checks upstream's ztunnel: no state file, only /config_dump workloadState and
+    # /healthz/ready, with case 15's failure made by holding port 15008 in the pod's namespace
+    code, results, stderr = run_kit(
+        "--client-cmd", f"{PY} -m services.ztunnel.app", "--client-env", "INPOD_UDS={socket}",
+        "--client-env", f"PYTHONPATH={REPO}", "--observe", "admin",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert verdicts(results) == {("client", n): "pass" for n in conformance.CLIENT_CASES}
+
+
+def test_state_from_admin_reads_upstreams_workload_state() -> None:
+    dump = {"workloadState": {
+        "up-1": {"state": "Up", "info": {"name": "web", "namespace": "ns", "serviceAccount": "sa"}},
+        "up-2": {"state": "Up", "info": {"name": "db", "namespace": "ns", "serviceAccount": "db"}},
+        "wait": {"state": "Pending", "info": {"name": "w", "namespace": "ns", "serviceAccount": "sa"}},
+        "odd": "not an object",
+    }}  # fmt: skip
+    state = conformance.state_from_admin(dump, False, {"up-1": ([4026532840, 4], 91234)}, connected=True,
+                                         connections=2, snapshot_received=False)  # fmt: skip
+    assert state == {
+        "connected": True, "connections": 2, "snapshot_received": False, "ready": False,
+        "workloads": {
+            "up-1": {"name": "web", "namespace": "ns", "service_account": "sa", "netns": [4026532840, 4],
+                     "generation": 91234},
+            # Up, but no 15008 listener of the client's in the namespace it was sent: no netns to show
+            "up-2": {"name": "db", "namespace": "ns", "service_account": "db", "netns": None,
+                     "generation": 0},
+        },
+        "pending": {"wait": "workloadState: Pending"},
+    }  # fmt: skip
+    assert conformance.state_from_admin({}, True, {}, connected=False, connections=0,
+                                        snapshot_received=False)["workloads"] == {}  # fmt: skip
 
 
 # --- in-process runs ----------------------------------------------------------------------------------------
