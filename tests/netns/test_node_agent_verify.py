@@ -28,25 +28,28 @@ async def test_deleted_rule_and_listeners_are_reported() -> None:
         applier = NetnsRuleApplier(RuleSettings())
         redirect = PodRedirect()
         await applier.apply(fd, redirect)
-        assert await inspect(applier, fd, redirect, None) == []
+        assert (await inspect(applier, fd, redirect, None)).problems == []
         done = await trio.run_process(["ip", "netns", "exec", name, "iptables-save", "-t", "mangle"],
                                       capture_stdout=True)
         saved = done.stdout.decode()
         rule = next(line for line in saved.splitlines() if line.startswith("-A ISTIO_PRERT"))
         delete = ["iptables", "-t", "mangle", "-D", *rule.split()[1:]]
         await trio.run_process(["ip", "netns", "exec", name, *delete])
-        problems = await inspect(applier, fd, redirect, None)
+        problems = list((await inspect(applier, fd, redirect, None)).rules)
         assert problems == [f"iptables-save mangle ISTIO_PRERT: rule missing: {rule.split(' ', 2)[2]}"]
         with entered(fd):
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         with sock:
             sock.bind(("::", 15001))
             sock.listen()
-            mine = await inspect(applier, fd, redirect, [os.getpid()])
+            mine = (await inspect(applier, fd, redirect, [os.getpid()])).listeners
             tcp = [p for p in mine if "/tcp" in p]
             assert tcp == ["15006/tcp: nothing listening", "15008/tcp: nothing listening"]
-            other = await inspect(applier, fd, redirect, [1])
+            other = (await inspect(applier, fd, redirect, [1])).listeners
             assert "15001/tcp: bound, but not by ztunnel" in other
+        # the repair: the applier's reconcile puts the deleted rule back; nothing is left to find
+        assert (await applier.apply(fd, redirect)).value == "repaired"
+        assert (await inspect(applier, fd, redirect, None)).problems == []
     finally:
         if fd >= 0:
             os.close(fd)
