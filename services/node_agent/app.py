@@ -120,10 +120,12 @@ ENV_HELP = f"""settings (environment variables; a flag wins over its variable):
   CNI_SOCKET                 CNI-event socket path (default {DEFAULT_CNI_SOCKET})
   RULE_BACKEND               iptables or nftables (default iptables)
   DNS_CAPTURE, IPV6          true/false (default false)
-  HEALTH_ADDR                HOST:PORT of /healthz and /readyz (default {DEFAULT_HEALTH_ADDR}; empty: off)
+  HEALTH_ADDR                HOST:PORT of /healthz, /readyz, /metrics and /verify (default
+                             {DEFAULT_HEALTH_ADDR}; empty: off)
   HOST_PREFIX                prefix for netns paths (default none)
-  REDIRECTION_VERIFY_INTERVAL  how often every pod's rules and ztunnel listeners are checked and repaired
-                             (default {DEFAULT_VERIFY_INTERVAL:.0f}s; 0: only on POST /verify)
+  REDIRECTION_VERIFY_INTERVAL
+                             how often each pod's rules and ztunnel's listeners in it are checked and
+                             repaired (default {DEFAULT_VERIFY_INTERVAL:.0f}s; 0: only on POST /verify)
   LOG_LEVEL                  debug, info, warning or error (default info)
 Missing parent directories of the two sockets are created at start and removed again at exit.
 Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and the iptables or nft binaries."""
@@ -209,7 +211,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--health-addr",
         default=env.get("HEALTH_ADDR", DEFAULT_HEALTH_ADDR),
-        help="host:port of /healthz and /readyz; empty to disable (env HEALTH_ADDR)",
+        help="host:port of /healthz, /readyz, /metrics and /verify; empty to disable (env HEALTH_ADDR)",
     )
     p.add_argument(
         "--host-prefix",
