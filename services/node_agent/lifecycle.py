@@ -240,11 +240,18 @@ class NodeAgent:
     async def locked_pod(self, uid: PodUid) -> AsyncIterator[PodState | None]:
         """Hold the pod's lock (the one enrol, retry and removal take) and yield its state, None when it is
         not enrolled (any more): for work on an enrolled pod that must not race with its add or delete."""
-        lock = self._lock(uid)
-        async with lock:
+        while True:
+            lock = self._lock(uid)
+            await lock.acquire()
+            if self._locks.get(uid) is lock:
+                break
+            lock.release()  # the pod was removed meanwhile (its lock dropped): take the current one
+        try:
             yield self.pods.get(uid)
-        if uid not in self.pods and self._locks.get(uid) is lock and lock.statistics().tasks_waiting == 0:
-            self._locks.pop(uid, None)
+        finally:
+            lock.release()
+            if uid not in self.pods and self._locks.get(uid) is lock and not lock.statistics().tasks_waiting:
+                self._locks.pop(uid, None)
 
     async def resend_locked(self, state: PodState) -> str:
         """Send an enrolled pod to ztunnel again (its `add`, with the cached netns handle), as enrolment

@@ -22,7 +22,8 @@ drift it repairs, one step at a time, re-checking after each (`next_repair`, at 
     rules drift                      -> rules re-applied (the applier's reconcile: one atomic restore)
     listeners missing / not ztunnel's -> the pod re-sent to ztunnel (its add, through the ZDS server's
                                          normal path: ztunnel opens the listeners of a pod it does not run)
-    listeners still wrong after that  -> del then add (ztunnel still ran the pod with a broken listener set)
+    listeners still wrong after that  -> del then add (ztunnel still ran the pod with a broken listener set);
+                                         not again while the same problems outlived it last time
 
 A re-send ztunnel does not ACK leaves the pod `pending` (written to its status; the retry loop resends), as
 enrolment does; a successful one writes `enabled` again. Upstream's `ambient.istio.io/redirection` has no
@@ -251,17 +252,28 @@ RESULT_BROKEN = "broken"
 RESULT_ERROR = "error"
 
 
-def next_repair(findings: Findings, done: Sequence[str]) -> str | None:
+def next_repair(findings: Findings, done: Sequence[str], *, readd: bool = True) -> str | None:
     """The next repair step for what an inspection found, given the steps already taken for this pod in
-    this verification; None: nothing (more) to do. Each step is taken at most once."""
+    this verification; None: nothing (more) to do. Each step is taken at most once; the del + add step
+    (which drops the pod's open connections) only with `readd`."""
     if findings.rules and STEP_RULES not in done:
         return STEP_RULES
     if findings.listeners:
         if STEP_ADD not in done:
             return STEP_ADD
-        if STEP_READD not in done:
+        if STEP_READD not in done and readd:
             return STEP_READD
     return None
+
+
+def readd_allowed(previous: PodVerification | None, findings: Findings) -> bool:
+    """Whether del + add may be tried: not when the previous verification already tried it and found the
+    same listener problems afterwards (a ztunnel that cannot bind them would otherwise lose the pod's
+    connections at every verification for nothing)."""
+    if previous is None or previous.result != RESULT_BROKEN:
+        return True
+    tried = any(r.startswith(f"{STEP_READD}:") for r in previous.repairs)
+    return not (tried and set(findings.listeners) <= set(previous.remaining))
 
 
 def outcome_of(first: Findings, last: Findings, pending: bool) -> str:
@@ -406,7 +418,8 @@ class RedirectionVerifier:
                                    repairs=(), remaining=(str(exc),), result=RESULT_ERROR)
         self.metrics.count_verified(pod.name, pod.namespace, "drift" if first.problems else RESULT_OK)
         last, steps, repairs = first, list[str](), list[str]()
-        while (step := next_repair(last, steps)) is not None:
+        readd = readd_allowed(self.last.get(pod.uid), first)
+        while (step := next_repair(last, steps, readd=readd)) is not None:
             steps.append(step)
             repairs.append(f"{step}: {await self._repair(step, state, fd, redirect)}")
             if step != STEP_RULES and state.status != STATUS_ENABLED:

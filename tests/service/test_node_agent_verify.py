@@ -157,3 +157,36 @@ async def test_the_periodic_loop_verifies_every_interval(node: FakeNode, autojum
         await trio.sleep(62)
         assert len(inspector.calls) == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_del_and_add_is_not_repeated_when_it_did_not_help_last_time(node: FakeNode) -> None:
+    verifier, _ = await enrolled(node, LISTENER_GONE)
+    first = await verifier.verify_pod(WEB.uid)
+    assert first is not None and first.result == "broken"
+    assert [r.split(":")[0] for r in first.repairs] == [STEP_ADD, STEP_READD]
+    second = await verifier.verify_pod(WEB.uid)
+    assert second is not None and second.result == "broken"
+    assert [r.split(":")[0] for r in second.repairs] == [STEP_ADD]  # no second cut of the pod's connections
+    assert node.ztunnel.deleted == [WEB.uid]
+
+
+async def test_a_verification_that_waited_on_a_removed_pods_lock_takes_the_new_one(node: FakeNode) -> None:
+    verifier, inspector = await enrolled(node, CLEAN)
+    old = node.agent._lock(WEB.uid)
+    results: list[object] = []
+
+    async def verify() -> None:
+        results.append(await verifier.verify_pod(WEB.uid))
+
+    async with trio.open_nursery() as nursery:
+        await old.acquire()  # an unenrol holds the pod's lock ...
+        nursery.start_soon(verify)
+        await trio.testing.wait_all_tasks_blocked()
+        node.agent._locks.pop(WEB.uid)  # ... drops it as it ends, and the pod's next enrol holds a new one
+        new = node.agent._lock(WEB.uid)
+        await new.acquire()
+        old.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert inspector.calls == []  # not alongside that enrol
+        new.release()
+    assert len(results) == 1 and inspector.calls == [frozenset({ZTUNNEL_PID})]
