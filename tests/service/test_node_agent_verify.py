@@ -11,8 +11,7 @@ import trio
 import trio.testing
 
 from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING, Pod
-from services.node_agent.rules import PodRedirect
-from services.node_agent.testing import FakeNode
+from services.node_agent.testing import FakeNode, ScriptedInspector
 from services.node_agent.verify import (
     STEP_ADD,
     STEP_READD,
@@ -26,21 +25,6 @@ ZTUNNEL_PID = 4242
 RULE_GONE = Findings(rules=("iptables-save nat ISTIO_OUTPUT: rule missing: -j REDIRECT",))
 LISTENER_GONE = Findings(listeners=("15001/tcp: nothing listening",), listeners_checked=True)
 CLEAN = Findings(listeners_checked=True)
-
-
-class ScriptedInspector:
-    """Answers each inspection with the next Findings of `script` (the last one repeats)."""
-
-    def __init__(self, *script: Findings) -> None:
-        self.script = list(script)
-        self.calls: list[frozenset[int] | None] = []
-
-    async def inspect(
-        self, netns_fd: int, redirect: PodRedirect, ztunnel_pids: frozenset[int] | None
-    ) -> Findings:
-        await trio.lowlevel.checkpoint()
-        self.calls.append(ztunnel_pids)
-        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
 
 
 @pytest.fixture
