@@ -100,8 +100,9 @@ def listeners_here() -> dict[str, set[int]]:
     return found
 
 
-def socket_inodes(pids: Iterable[int], proc: str = "/proc") -> set[int]:
-    """Inodes of every socket the processes `pids` hold as fds."""
+def socket_inodes(pids: Iterable[int], proc: str = "/proc", *, wanted: set[int] | None = None) -> set[int]:
+    """Inodes of the sockets the processes `pids` hold as fds; with `wanted`, only those among them, and the
+    scan stops once all are found (a ztunnel holding 10,000 connections has as many fds to read)."""
     inodes: set[int] = set()
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -109,7 +110,11 @@ def socket_inodes(pids: Iterable[int], proc: str = "/proc") -> set[int]:
                 with contextlib.suppress(OSError):
                     target = os.readlink(f"{proc}/{pid}/fd/{fd}")
                     if target.startswith("socket:["):
-                        inodes.add(int(target[8:-1]))
+                        inode = int(target[8:-1])
+                        if wanted is None or inode in wanted:
+                            inodes.add(inode)
+                            if wanted is not None and inodes >= wanted:
+                                return inodes
     return inodes
 
 
@@ -201,8 +206,11 @@ def inspect_here(
     rules = rule_problems_here(applier, redirect)
     if ztunnel_pids is None:
         return Findings(rules=tuple(rules))
-    held = socket_inodes(ztunnel_pids)
-    listeners = listener_problems(expected_listeners(redirect), listeners_here(), held)
+    expected = expected_listeners(redirect)
+    bound = listeners_here()
+    candidates = set().union(*(bound.get(key, set()) for key in expected))
+    held = socket_inodes(ztunnel_pids, wanted=candidates) if candidates else set()
+    listeners = listener_problems(expected, bound, held)
     return Findings(rules=tuple(rules), listeners=tuple(listeners), listeners_checked=True)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.node_agent.rules import PodRedirect
 from services.node_agent.verify import (
     STEP_ADD,
@@ -15,6 +17,7 @@ from services.node_agent.verify import (
     next_repair,
     outcome_of,
     parse_proc_net,
+    socket_inodes,
 )
 
 TCP6 = """\
@@ -87,3 +90,15 @@ def test_metrics_render_in_upstream_style() -> None:
         in text
     )
     assert "_created" not in text
+
+
+def test_socket_inodes_reads_fd_links_and_keeps_only_the_wanted(tmp_path: Path) -> None:
+    fds = tmp_path / "7" / "fd"
+    fds.mkdir(parents=True)
+    links = {"3": "socket:[100]", "4": "pipe:[5]", "5": "socket:[200]", "6": "socket:[300]"}
+    for fd, target in links.items():
+        (fds / fd).symlink_to(target)
+    proc = str(tmp_path)
+    assert socket_inodes([7, 8], proc) == {100, 200, 300}  # pid 8 is gone: skipped
+    assert socket_inodes([7], proc, wanted={200, 999}) == {200}
+    assert socket_inodes([7], proc, wanted={100, 200}) == {100, 200}
