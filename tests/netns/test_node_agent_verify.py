@@ -10,7 +10,7 @@ import uuid
 import pytest
 import trio
 
-from services.node_agent.apply import NetnsRuleApplier
+from services.node_agent.apply import Backend, NetnsRuleApplier
 from services.node_agent.rules import PodRedirect, RuleSettings
 from services.node_agent.verify import inspect
 from shared.netns import entered, open_netns
@@ -49,6 +49,31 @@ async def test_deleted_rule_and_listeners_are_reported() -> None:
             assert "15001/tcp: bound, but not by ztunnel" in other
         # the repair: the applier's reconcile puts the deleted rule back; nothing is left to find
         assert (await applier.apply(fd, redirect)).value == "repaired"
+        assert (await inspect(applier, fd, redirect, None)).problems == []
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        await trio.run_process(["ip", "netns", "del", name], check=False)
+
+
+async def test_nftables_backend_checks_routes_and_tables() -> None:
+    name = f"vfy-{uuid.uuid4().hex[:8]}"
+    await trio.run_process(["ip", "netns", "add", name])
+    fd = -1
+    try:
+        await trio.run_process(["ip", "-n", name, "link", "set", "lo", "up"])
+        fd = open_netns(name)
+        applier = NetnsRuleApplier(RuleSettings(), Backend.NFTABLES)
+        redirect = PodRedirect()
+        await applier.apply(fd, redirect)
+        assert (await inspect(applier, fd, redirect, None)).problems == []
+        await trio.run_process(["ip", "netns", "exec", name, "nft", "delete", "table", "inet",
+                                "istio-ambient-nat"])  # fmt: skip
+        await trio.run_process(["ip", "-n", name, "rule", "del", "fwmark", "0x111/0xfff", "lookup", "100"])
+        problems = (await inspect(applier, fd, redirect, None)).rules
+        assert problems == ("ip rule fwmark 0x111 lookup 100 (v4) missing",
+                            "nft table inet istio-ambient-nat: missing")  # fmt: skip
+        await applier.apply(fd, redirect)
         assert (await inspect(applier, fd, redirect, None)).problems == []
     finally:
         if fd >= 0:
