@@ -8,6 +8,9 @@
     ambient lab exec POD -- CMD ...                           run CMD in a pod's netns, its exit code
     ambient lab restart {ztunnel|node-agent|istiod} [NODE]    restart one component
     ambient lab delete POD                                    delete a pod (unenrolled, then removed)
+    ambient lab verify [--node N] [--json]                    each node agent checks its pods' rules and
+                                                              ztunnel listeners now, repairs drift; exit 1
+                                                              if a pod is still broken
     ambient lab world -- ARGS ...                             `ambient world ARGS` against the lab's istiod
     ambient logs [NODE] [--direction inbound|outbound]        ztunnel access logs
     ambient demo [--keep]                                     the seed article's flow, end to end
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ambient.lab.errors import LabError
-from ambient.lab.tables import status_tables
+from ambient.lab.tables import status_tables, verify_failed, verify_table
 from ambient.output import make_console
 
 DEFAULT_PREFIX = os.environ.get("AMBIENT_LAB_PREFIX", "amb")
@@ -166,6 +169,20 @@ def register(subparsers: Any) -> None:
     _add_prefix(rm)
     rm.set_defaults(func=cmd_delete)
 
+    vf = lab_sub.add_parser(
+        "verify",
+        help="have the node agents verify and repair their pods' redirection now",
+        description="Ask each node agent (POST /verify on its health server) to check now, for every pod "
+        "it enrolled, that the pod's redirection rules are the ones it rendered and that ztunnel's "
+        "listeners are bound in the pod by ztunnel's own process, and to repair what differs (rules "
+        "re-applied, the pod re-sent to ztunnel). Prints one row per pod: checks, drift found, repair, "
+        "result. Exit 1 when a node agent does not answer or a pod is still broken after the repair.",
+    )
+    vf.add_argument("--node", default=None, metavar="NODE", help="only this node's agent (default all)")
+    vf.add_argument("--json", action="store_true", help="the node agents' answers as JSON")
+    _add_prefix(vf)
+    vf.set_defaults(func=cmd_verify)
+
     wd = lab_sub.add_parser(
         "world",
         help="`ambient world ...` against the lab's istiod (e.g. policy add FILE)",
@@ -293,6 +310,17 @@ def cmd_delete(args: argparse.Namespace) -> int:
     key = lab.delete_pod(args.pod, prefix=args.prefix, timeout=args.timeout, progress=_progress)
     console.print(f"pod {key} deleted")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ambient.lab import lab
+
+    nodes = lab.verify(node=args.node, prefix=args.prefix)
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+    else:
+        console.print(verify_table(nodes))
+    return 1 if verify_failed(nodes) else 0
 
 
 def cmd_world(args: argparse.Namespace) -> int:

@@ -64,6 +64,7 @@ MODULES = {
 }
 ZTUNNEL_READY_PORT = 15021
 ZTUNNEL_ADMIN_PORT = 15000
+NODE_AGENT_HEALTH_PORT = 8000  # HEALTH_ADDR inside the node netns: /healthz, /metrics, /verify
 TOKEN_PATH = "var/run/secrets/tokens/istio-token"
 ROOT_CERT_PATH = "var/run/secrets/istio/root-cert.pem"
 
@@ -191,7 +192,7 @@ def node_agent_spec(
         "NODE_NAME": node.name,
         "ZTUNNEL_UDS_ADDRESS": str(paths.zds_socket(node.name)),  # the ZDS server socket ztunnel connects to
         "CNI_SOCKET": str(paths.cni_socket(node.name)),  # POST /cmdadd, GET /healthz
-        "HEALTH_ADDR": "127.0.0.1:8000",  # inside the node netns
+        "HEALTH_ADDR": f"127.0.0.1:{NODE_AGENT_HEALTH_PORT}",  # inside the node netns: /healthz, /verify
         "CONTROL_PLANE_ADDRESS": f"https://{istiod or plan.istiod_address}",  # the pod watch
         "CONTROL_PLANE_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
         "CONTROL_PLANE_TOKEN_FILE": str(cwd / TOKEN_PATH),

@@ -44,7 +44,7 @@ from ambient.lab.errors import (
     PrerequisiteError,
     UnknownPodError,
 )
-from ambient.lab.probe import http_get, unix_http
+from ambient.lab.probe import http_get, http_request, unix_http
 from ambient.lab.state import (
     ComponentSpec,
     LabState,
@@ -753,6 +753,51 @@ def wait_node_pods_held(state: LabState, node: str, *, timeout: float, settle: f
 _DIRECTION = re.compile(r'direction="?(inbound|outbound)"?')
 
 
+def node_names(plan: LabPlan, node: str | None, prefix: str) -> list[str]:
+    """`[node]` when it is one of the lab's nodes, every node's name when it is None."""
+    nodes = [n.name for n in plan.nodes]
+    if node is not None and node not in nodes:
+        raise ComponentError(f"lab {prefix!r} has no node {node!r}; nodes: {', '.join(nodes)}")
+    return [node] if node else nodes
+
+
+def node_agent_request(plan: LabPlan, node: str, method: str, path: str, timeout: float = 60.0) -> bytes:
+    """`method path` on the node agent's health server of `node` (from inside the node netns).
+
+    Raises:
+        ComponentError: it does not answer, or answers with an error.
+    """
+    port = components.NODE_AGENT_HEALTH_PORT
+    try:
+        status, body = http_request(plan.node(node).netns, "127.0.0.1", port, method, path, timeout=timeout)
+    except (OSError, NetnsError, http.client.HTTPException) as exc:
+        raise ComponentError(f"the node agent on {node} did not answer {method} {path}: {exc}") from None
+    if status != 200:
+        text = body.decode(errors="replace").strip()
+        raise ComponentError(f"the node agent on {node} answered {method} {path} with {status}: {text}")
+    return body
+
+
+def verify(
+    *, node: str | None = None, prefix: str = DEFAULT_PREFIX, root: Path | None = None
+) -> list[dict[str, Any]]:
+    """Have each node agent (or `node`'s) verify and repair its pods' redirection now (POST /verify): one
+    entry per node, with its pods' checks, drift found, repairs done and result, or the error when its agent
+    did not answer."""
+    check_prerequisites()
+    state = require_state(prefix, root)
+    plan = plan_of(state)
+    out: list[dict[str, Any]] = []
+    for name in node_names(plan, node, prefix):
+        try:
+            answer = json.loads(node_agent_request(plan, name, "POST", "/verify"))
+        except (ComponentError, ValueError) as exc:
+            out.append({"node": name, "error": str(exc), "pods": []})
+            continue
+        out.append({"node": name, "error": None, "pods": answer.get("pods", [])})
+    return out
+
+
 def access_logs(
     *,
     node: str | None = None,
@@ -763,11 +808,7 @@ def access_logs(
     """The lab's ztunnel access-log lines, like `kubectl logs -l app=ztunnel | grep -E 'inbound|outbound'`."""
     check_prerequisites()
     state = require_state(prefix, root)
-    plan = plan_of(state)
-    nodes = [n.name for n in plan.nodes]
-    if node is not None and node not in nodes:
-        raise ComponentError(f"lab {prefix!r} has no node {node!r}; nodes: {', '.join(nodes)}")
-    for name in [node] if node else nodes:
+    for name in node_names(plan_of(state), node, prefix):
         path = LabPaths(state.run_dir).log(f"ztunnel/{name}")
         try:
             lines = path.read_text(errors="replace").splitlines()

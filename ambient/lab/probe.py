@@ -60,6 +60,13 @@ def _request(
 
 def http_get(netns: str, host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """GET http://host:port/path from inside `netns`. Raises OSError / http.client.HTTPException."""
+    return http_request(netns, host, port, "GET", path, timeout=timeout)
+
+
+def http_request(
+    netns: str, host: str, port: int, method: str, path: str, body: bytes | None = None, timeout: float = 2.0
+) -> tuple[int, bytes]:
+    """One HTTP request to host:port from inside `netns`. Raises OSError / http.client.HTTPException."""
     sock = netns_socket(netns)
     try:
         sock.settimeout(timeout)
@@ -67,7 +74,7 @@ def http_get(netns: str, host: str, port: int, path: str, timeout: float = 2.0) 
     except BaseException:
         sock.close()
         raise
-    return _request(sock, f"{host}:{port}", "GET", path, None, timeout)
+    return _request(sock, f"{host}:{port}", method, path, body, timeout)
 
 
 def unix_http(

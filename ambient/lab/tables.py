@@ -1,4 +1,5 @@
-"""The lab's status (`lab.status()`) as rich tables: nodes, pods, services, components.
+"""The lab's status (`lab.status()`) as rich tables: nodes, pods, services, components; and the node agents'
+verification (`lab.verify()`, `ambient lab verify`) as one table.
 
 Shared by `ambient lab status` and `ambient demo`.
 """
@@ -49,3 +50,35 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
                 name, str(c["pid"]), "[green]running[/]" if c["running"] else "[red]gone[/]", c["log"]
             )
     return [nodes, pods, services, procs]
+
+
+VERIFY_COLOURS = {"ok": "green", "repaired": "yellow"}
+
+
+def verify_table(nodes: list[dict[str, Any]]) -> Table:
+    """One row per verified pod (node, pod, checks, drift found, repairs done, result), one per node whose
+    agent did not answer."""
+    table = Table(title="redirection verification")
+    for col in ("node", "pod", "checks", "drift found", "repair", "result"):
+        table.add_column(col, overflow="fold")
+    for node in nodes:
+        if node.get("error"):
+            table.add_row(node["node"], "", "", "", "", f"[red]{node['error']}[/]")
+            continue
+        for p in node["pods"]:
+            colour = VERIFY_COLOURS.get(p["result"], "red")
+            remaining = "\n".join(f"still: {r}" for r in p.get("remaining", []))
+            table.add_row(
+                node["node"],
+                f"{p['namespace']}/{p['name']}",
+                ", ".join(p["checks"]),
+                "\n".join(p["drift"]) or "-",
+                "\n".join(p["repairs"]) or "-",
+                f"[{colour}]{p['result']}[/]" + (f"\n{remaining}" if remaining else ""),
+            )
+    return table
+
+
+def verify_failed(nodes: list[dict[str, Any]]) -> bool:
+    """Whether a node agent did not answer or any pod is still broken (or unreadable) after its repair."""
+    return any(n.get("error") or any(p["result"] not in VERIFY_COLOURS for p in n["pods"]) for n in nodes)

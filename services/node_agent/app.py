@@ -6,7 +6,9 @@ Theory of operation
       ZDS server          ZdsServer(--ztunnel-uds-address, snapshot=the netns cache): ztunnel connects here
       lifecycle           NodeAgent.run: retries pending pods with backoff
       CNI-event socket    POST /cmdadd on --cni-socket (h11), the `ambient-cni` plugin's target
-      health              GET /healthz, /readyz on --health-addr
+      health              GET /healthz, /readyz, /metrics; GET and POST /verify on --health-addr
+      verification        RedirectionVerifier.run: every pod's rules and listeners checked and repaired
+                          every --verify-interval (verify.py)
       pod source          the control plane's pod watch, when one is configured and available
       status writer       the pods' `ambient.istio.io/redirection` annotation, through the same control plane
                           (pod_status.py); without a control plane the status is only logged
@@ -48,14 +50,20 @@ from services.node_agent.lifecycle import (
 from services.node_agent.model import STATUS_ENABLED, STATUS_PENDING
 from services.node_agent.pod_status import ControlPlaneStatusReporter
 from services.node_agent.rules import RuleSettings
+from services.node_agent.verify import (
+    DEFAULT_VERIFY_INTERVAL,
+    Inspector,
+    NetnsInspector,
+    RedirectionVerifier,
+)
 from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
 from shared.addr import AddressError, split_host_port
 from shared.errors import AmbientError, start_failure
-from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http
+from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http, text_response
 from shared.limits import raise_open_files_limit
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
 from shared.rundir import SocketFile, bound_socket_file, make_parents, remove_made, remove_own_socket
-from shared.settings import EnvSettings, check_listen
+from shared.settings import EnvSettings, check_listen, parse_duration
 from shared.version import version_text
 
 log = logging.getLogger("node_agent.app")
@@ -85,6 +93,8 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     zds_allowed_uids: frozenset[int] | None = None
     reconcile_on_start: bool = True
     watch_sync_timeout: float = 30.0
+    verify_interval: float = DEFAULT_VERIFY_INTERVAL
+    """Seconds between two verifications of every enrolled pod's redirection; 0: only on demand."""
     log_level: str = "info"
     log_format: str = "plain"
     warnings: tuple[str, ...] = ()
@@ -110,8 +120,12 @@ ENV_HELP = f"""settings (environment variables; a flag wins over its variable):
   CNI_SOCKET                 CNI-event socket path (default {DEFAULT_CNI_SOCKET})
   RULE_BACKEND               iptables or nftables (default iptables)
   DNS_CAPTURE, IPV6          true/false (default false)
-  HEALTH_ADDR                HOST:PORT of /healthz and /readyz (default {DEFAULT_HEALTH_ADDR}; empty: off)
+  HEALTH_ADDR                HOST:PORT of /healthz, /readyz, /metrics and /verify (default
+                             {DEFAULT_HEALTH_ADDR}; empty: off)
   HOST_PREFIX                prefix for netns paths (default none)
+  REDIRECTION_VERIFY_INTERVAL
+                             how often each pod's rules and ztunnel's listeners in it are checked and
+                             repaired (default {DEFAULT_VERIFY_INTERVAL:.0f}s; 0: only on POST /verify)
   LOG_LEVEL                  debug, info, warning or error (default info)
 Missing parent directories of the two sockets are created at start and removed again at exit.
 Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and the iptables or nft binaries."""
@@ -197,13 +211,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--health-addr",
         default=env.get("HEALTH_ADDR", DEFAULT_HEALTH_ADDR),
-        help="host:port of /healthz and /readyz; empty to disable (env HEALTH_ADDR)",
+        help="host:port of /healthz, /readyz, /metrics and /verify; empty to disable (env HEALTH_ADDR)",
     )
     p.add_argument(
         "--host-prefix",
         default=env.get("HOST_PREFIX", ""),
         help="prefix for netns paths, where the host's /proc and /var/run are mounted (env HOST_PREFIX; "
         "upstream /host)",
+    )
+    p.add_argument(
+        "--verify-interval",
+        default=None,
+        metavar="DURATION",
+        help="how often each enrolled pod's rules and ztunnel's listeners in it are verified and repaired, "
+        f"e.g. 30s or 5m; 0 only on demand (env REDIRECTION_VERIFY_INTERVAL; default "
+        f"{DEFAULT_VERIFY_INTERVAL:.0f}s)",
     )
     p.add_argument(
         "--zds-allowed-uid",
@@ -257,6 +279,10 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
         raise ConfigError(str(exc)) from None
     zds_socket, warnings = zds_socket_setting(args.zds_socket, env)
     pod_source = args.pod_source or POD_SOURCE_CONTROL_PLANE
+    if args.verify_interval is not None:
+        verify_interval = parse_duration("--verify-interval", args.verify_interval, error=ConfigError)
+    else:
+        verify_interval = settings.duration("REDIRECTION_VERIFY_INTERVAL", DEFAULT_VERIFY_INTERVAL)
     if pod_source not in POD_SOURCES:  # from POD_SOURCE (argparse checks only the flag's own values)
         raise ConfigError(f"POD_SOURCE={pod_source!r} is not one of {', '.join(POD_SOURCES)}")
     return AgentConfig(
@@ -274,6 +300,7 @@ def load_config(argv: Sequence[str] | None, env: Mapping[str, str]) -> AgentConf
         host_prefix=args.host_prefix,
         zds_allowed_uids=frozenset(args.zds_allowed_uid) if args.zds_allowed_uid else None,
         reconcile_on_start=args.reconcile,
+        verify_interval=verify_interval,
         log_level=args.log_level,
         log_format=log_format,
     )
@@ -407,11 +434,14 @@ async def run_agent(
     applier: RuleApplier | None = None,
     pod_source: PodSource | None = None,
     status: StatusReporter | None = None,
+    inspector: Inspector | None = None,
     task_status: trio.TaskStatus[NodeAgent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the agent until cancelled; started(agent) once every socket is bound.
 
     `pod_source` and `status` replace what the config implies (the control plane's, or none and the log).
+    `inspector` replaces the netns inspection of the verification (default: with the real rule applier; a
+    given `applier` that is not the real one and no `inspector`: no verification).
     """
     cache = NetnsCache()
     server = ZdsServer(config.zds_socket, cache, allowed_uids=config.zds_allowed_uids)
@@ -420,8 +450,11 @@ async def run_agent(
     else:
         source, implied_status = pod_source, LogStatusReporter()
     status = implied_status if status is None else status
+    applier = applier or NetnsRuleApplier(config.rule_settings, config.backend)
+    if inspector is None and isinstance(applier, NetnsRuleApplier):
+        inspector = NetnsInspector(applier)
     agent = NodeAgent(
-        applier=applier or NetnsRuleApplier(config.rule_settings, config.backend),
+        applier=applier,
         ztunnel=server,
         status=status,
         settings=config.rule_settings,
@@ -430,9 +463,22 @@ async def run_agent(
         reconcile_on_start=config.reconcile_on_start,
     )
 
+    verifier = None
+    if inspector is not None:
+        verifier = RedirectionVerifier(
+            agent, inspector, lambda: server.peer_pids, interval=config.verify_interval
+        )
+
     async def health(request: Request) -> Response:
+        if request.path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            text = verifier.metrics.render() if verifier is not None else b""
+            return Response(body=text, content_type=CONTENT_TYPE_LATEST)
+        if request.path == "/verify":
+            return await verify(request)
         if request.path not in ("/healthz", "/readyz"):
-            return json_response({"error": "try /healthz or /readyz"}, 404)
+            return json_response({"error": "try /healthz, /readyz, /metrics or /verify"}, 404)
         counts = {STATUS_ENABLED: 0, STATUS_PENDING: 0}
         for state in agent.pods.values():
             counts[state.status] = counts.get(state.status, 0) + 1
@@ -443,6 +489,19 @@ async def run_agent(
             "pods": counts,
         }
         return json_response(body)
+
+    async def verify(request: Request) -> Response:
+        """POST: verify (and repair) every enrolled pod now; GET: each pod's latest verification."""
+        if verifier is None:
+            return json_response({"error": "redirection verification is not available in this agent"}, 503)
+        if request.method == "POST":
+            results = await verifier.verify_all()
+        elif request.method == "GET":
+            results = list(verifier.last.values())
+        else:
+            return text_response("use GET (latest results) or POST (verify now) on /verify\n", 405)
+        body = {"node": config.node_name, "interval": verifier.interval, "pods": results}
+        return json_response(msgspec.to_builtins(body))
 
     made: list[Path] = []
     cni_own: SocketFile | None = None
@@ -468,6 +527,8 @@ async def run_agent(
                     )
             await nursery.start(server.serve)
             await nursery.start(agent.run)
+            if verifier is not None:
+                await nursery.start(verifier.run)
             cni_listener = await open_unix_listener(config.cni_socket)
             cni_own = bound_socket_file(config.cni_socket)
             lookup = source.lookup if source is not None else None
@@ -481,7 +542,8 @@ async def run_agent(
                          extra={"fields": [("address", Display(config.health_addr)), ("path", "/healthz")]})
             log.info("node-agent ready", extra={"fields": [
                 ("node", config.node_name), ("backend", Display(config.backend.value)),
-                ("dns_capture", config.dns_capture), ("ipv6", config.ipv6)]})
+                ("dns_capture", config.dns_capture), ("ipv6", config.ipv6),
+                ("verify_interval", f"{config.verify_interval:g}s")]})
             task_status.started(agent)
     finally:
         enrolled = len(agent.pods)

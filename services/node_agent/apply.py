@@ -274,7 +274,7 @@ class NetnsRuleApplier:
                 in_sync &= have == self._wanted(redirect, family)
                 present |= bool(have)
         else:
-            present |= bool(self._nft_tables_here())
+            present |= bool(self.nft_tables_here())
         return in_sync, present
 
     def _wanted(self, redirect: PodRedirect, family: Family) -> dict[tuple[str, str], list[str]]:
@@ -311,7 +311,7 @@ class NetnsRuleApplier:
     def _apply_nft_here(self, redirect: PodRedirect) -> ApplyOutcome:
         # the script adds and flushes its own tables first: one transaction replaces whatever was there
         routes_ok, routes_present = self.routes_state_here()
-        present = routes_present or bool(self._nft_tables_here())
+        present = routes_present or bool(self.nft_tables_here())
         before = self._nft_listing_here()
         try:
             self._add_routes_here()
@@ -344,14 +344,14 @@ class NetnsRuleApplier:
             for argv in delete_commands(family):
                 _run(argv)
         if find_binary("nft") is not None:
-            present = self._nft_tables_here()
+            present = self.nft_tables_here()
             if present:
                 _run(["nft", "-f", "-"], stdin=render_nft_delete(present=present))
         with IPRoute() as ipr:
             for family in (Family.V4, Family.V6):
                 _del_route(ipr, PolicyRoute(family=family))
 
-    def _nft_tables_here(self) -> frozenset[str]:
+    def nft_tables_here(self) -> frozenset[str]:
         if find_binary("nft") is None:
             return frozenset()
         out = _run(["nft", "list", "tables", "inet"]).stdout
@@ -360,7 +360,7 @@ class NetnsRuleApplier:
 
     def _nft_listing_here(self) -> str:
         parts = []
-        for name in sorted(self._nft_tables_here()):
+        for name in sorted(self.nft_tables_here()):
             parts.append(_run(["nft", "-s", "list", "table", "inet", name]).stdout)
         return "".join(parts)
 

@@ -26,9 +26,10 @@ The seams are Protocols, so service tests run the whole lifecycle with fakes: `R
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 import msgspec
@@ -234,6 +235,33 @@ class NodeAgent:
 
     def _lock(self, uid: PodUid) -> trio.Lock:
         return self._locks.setdefault(uid, trio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def locked_pod(self, uid: PodUid) -> AsyncIterator[PodState | None]:
+        """Hold the pod's lock (the one enrol, retry and removal take) and yield its state, None when it is
+        not enrolled (any more): for work on an enrolled pod that must not race with its add or delete."""
+        while True:
+            lock = self._lock(uid)
+            await lock.acquire()
+            if self._locks.get(uid) is lock:
+                break
+            lock.release()  # the pod was removed meanwhile (its lock dropped): take the current one
+        try:
+            yield self.pods.get(uid)
+        finally:
+            lock.release()
+            if uid not in self.pods and self._locks.get(uid) is lock and not lock.statistics().tasks_waiting:
+                self._locks.pop(uid, None)
+
+    async def resend_locked(self, state: PodState) -> str:
+        """Send an enrolled pod to ztunnel again (its `add`, with the cached netns handle), as enrolment
+        does: `enabled` on the ACK, else `pending` and retried. Call inside `locked_pod`. Returns the
+        pod's status."""
+        entry = self.cache.get(state.pod.uid)
+        if entry is None or entry.netns_fd is None:
+            return state.status
+        await self._send_add(state, entry.netns_fd)
+        return state.status
 
     async def enrol(self, pod: Pod) -> str:
         """AddPodToMesh. Returns the resulting status ("enabled" or "pending").

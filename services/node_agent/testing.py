@@ -11,6 +11,7 @@ from services.node_agent.errors import NetnsGoneError, RuleApplyError
 from services.node_agent.lifecycle import NodeAgent
 from services.node_agent.model import Pod
 from services.node_agent.rules import PodRedirect, RuleSettings
+from services.node_agent.verify import Findings
 from shared.netns import netns_id
 from shared.zds.errors import ZdsNack, ZdsNoConnection
 from shared.zds.types import PodUid, WorkloadInfo
@@ -117,6 +118,21 @@ class PipeNetnsOpener:
         for fd in self.handles.values():
             os.close(fd)
         self.handles.clear()
+
+
+class ScriptedInspector:
+    """Answers each inspection with the next Findings of `script` (the last one repeats)."""
+
+    def __init__(self, *script: Findings) -> None:
+        self.script = list(script)
+        self.calls: list[frozenset[int] | None] = []
+
+    async def inspect(
+        self, netns_fd: int, redirect: PodRedirect, ztunnel_pids: frozenset[int] | None
+    ) -> Findings:
+        await trio.lowlevel.checkpoint()
+        self.calls.append(ztunnel_pids)
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
 
 
 class FakeNode:

@@ -14,7 +14,8 @@ import trio
 
 from services.node_agent.app import AgentConfig, run_agent
 from services.node_agent.lifecycle import NodeAgent
-from services.node_agent.testing import FakeRuleApplier
+from services.node_agent.testing import FakeRuleApplier, ScriptedInspector
+from services.node_agent.verify import Findings
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
 from tests.service.zds_fakes import RecordingHandler
@@ -146,3 +147,54 @@ async def test_sockets_another_process_took_over_are_left_to_it_at_exit(tmp_path
     finally:
         for successor in successors:
             successor.close()
+
+
+async def http(port: int, method: str, path: str) -> tuple[int, str, bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        head = f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        await stream.send_all(head.encode())
+        raw = b""
+        while chunk := await stream.receive_some(65536):
+            raw += chunk
+    header, _, payload = raw.partition(b"\r\n\r\n")
+    content_type = next((line.split(b":", 1)[1].strip().decode() for line in header.split(b"\r\n")
+                         if line.lower().startswith(b"content-type:")), "")  # fmt: skip
+    return int(header.split()[1]), content_type, payload
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="enrols /proc/self/ns/net (root)")
+async def test_health_server_verifies_on_post_and_serves_the_counters(tmp_path: Path) -> None:
+    port = free_port()
+    config = AgentConfig(node_name="n1", zds_socket=str(tmp_path / "zds.sock"),
+                         cni_socket=str(tmp_path / "cni.sock"), health_addr=f"127.0.0.1:{port}",
+                         verify_interval=0)  # fmt: skip
+    inspector = ScriptedInspector(Findings(rules=("iptables-save nat OUTPUT: chain missing",)), Findings())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_agent, config, applier=FakeRuleApplier(), inspector=inspector))
+            pod: dict[str, object] = {"Netns": "/proc/self/ns/net", "PodName": "a", "PodNamespace": "default",
+                                      "PodUID": "u1"}
+            status, _ = await post(config.cni_socket, pod)
+            assert status == 200
+            assert json.loads((await http(port, "GET", "/verify"))[2])["pods"] == []  # no run yet
+            code, _, body = await http(port, "POST", "/verify")
+            answer = json.loads(body)
+            assert code == 200 and answer["node"] == "n1" and answer["interval"] == 0
+            [verified] = answer["pods"]
+            assert (verified["name"], verified["result"], verified["checks"]) == ("a", "repaired", ["rules"])
+            assert verified["repairs"] == ["rules re-applied: unchanged"]  # pending: listeners not checked
+            assert json.loads((await http(port, "GET", "/verify"))[2])["pods"] == [verified]
+            code, content_type, body = await http(port, "GET", "/metrics")
+            assert code == 200 and content_type.startswith("text/plain")
+            text = body.decode()
+            assert 'verified_total{namespace="default",pod="a",result="drift"} 1.0' in text
+            assert (await http(port, "PUT", "/verify"))[0] == 405
+            nursery.cancel_scope.cancel()

@@ -11,7 +11,7 @@ import pytest
 from ambient.cli import build_parser
 from ambient.cli import main as ambient_main
 from ambient.lab import demo, lab
-from ambient.lab.tables import status_tables
+from ambient.lab.tables import status_tables, verify_failed, verify_table
 from ambient.output import make_console, section
 
 
@@ -22,7 +22,7 @@ def subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.ArgumentP
     return parser
 
 
-@pytest.mark.parametrize("command", ["up", "down", "status", "exec", "delete", "world", "restart"])
+@pytest.mark.parametrize("command", ["up", "down", "status", "exec", "delete", "world", "restart", "verify"])
 def test_every_lab_command_describes_itself_and_its_arguments(command: str) -> None:
     parser = subparser(build_parser(), "lab", command)
     assert parser.description and len(parser.description) > 40
@@ -80,3 +80,22 @@ def test_demo_shows_the_newest_refused_line_of_each_direction(monkeypatch: pytes
 
     monkeypatch.setattr(lab, "access_logs", access_logs)
     assert demo.refused_lines("p", set(old), wait=0) == [out_line, in_line]
+
+
+def verified(result: str, **extra: object) -> dict[str, object]:
+    return {"namespace": "mesh", "name": "web", "uid": "u", "checks": ["rules", "listeners"],
+            "drift": [], "repairs": [], "remaining": [], "result": result, **extra}  # fmt: skip
+
+
+def test_lab_verify_fails_only_for_a_pod_still_broken_or_an_agent_not_answering(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    repaired = verified("repaired", drift=["15001/tcp: nothing listening"],
+                        repairs=["pod re-sent to ztunnel: ztunnel acked"])  # fmt: skip
+    assert not verify_failed([{"node": "node-a", "error": None, "pods": [verified("ok"), repaired]}])
+    broken = verified("broken", drift=["x"], remaining=["x"])
+    assert verify_failed([{"node": "node-a", "error": None, "pods": [verified("ok"), broken]}])
+    assert verify_failed([{"node": "node-b", "error": "the node agent on node-b did not answer", "pods": []}])
+    make_console().print(verify_table([{"node": "node-a", "error": None, "pods": [repaired, broken]}]))
+    out = capsys.readouterr().out
+    assert "pod re-sent to ztunnel: ztunnel acked" in out and "still: x" in out and "repaired" in out

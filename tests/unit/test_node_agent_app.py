@@ -18,6 +18,14 @@ def test_defaults_match_upstream_and_dns_is_captured() -> None:
     assert config.backend is Backend.IPTABLES
     assert config.dns_capture and not config.ipv6
     assert not load_config([], {"NODE_NAME": "n1", "DNS_CAPTURE": "false"}).dns_capture
+    assert config.verify_interval == 60.0
+
+
+def test_verify_interval_from_flag_or_environment() -> None:
+    env = {"NODE_NAME": "n1", "REDIRECTION_VERIFY_INTERVAL": "5m"}
+    assert load_config([], env).verify_interval == 300.0
+    assert load_config(["--verify-interval", "500ms"], env).verify_interval == 0.5
+    assert load_config(["--verify-interval", "0"], env).verify_interval == 0.0
 
 
 def test_flags_override_environment() -> None:
@@ -37,6 +45,8 @@ def test_flags_override_environment() -> None:
         ([], {}, "node name missing"),
         ([], {"NODE_NAME": "n", "DNS_CAPTURE": "maybe"}, "DNS_CAPTURE='maybe'"),
         (["--health-addr", "nonsense"], {"NODE_NAME": "n"}, "not host:port"),
+        ([], {"NODE_NAME": "n", "REDIRECTION_VERIFY_INTERVAL": "often"}, "'often' is not a duration"),
+        (["--verify-interval=-1s"], {"NODE_NAME": "n"}, "--verify-interval='-1s' is not a duration"),
     ],
 )
 def test_bad_config_is_a_clear_error(argv: list[str], env: dict[str, str], needle: str) -> None:
