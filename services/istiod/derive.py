@@ -130,19 +130,83 @@ def _waypoint_address(world: World, ref: WaypointRef | None, default_ns: str, *,
     )
 
 
-def _pod_waypoint(world: World, pod: Pod) -> wpb.GatewayAddress | None:
+def _pod_waypoint_ref(world: World, pod: Pod) -> WaypointRef | None:
+    """The waypoint a pod names: its own field, its label, else its namespace's label; never for a waypoint's
+    own pod (a waypoint is never sent to a waypoint)."""
     if world.waypoint_of_pod(pod) is not None:
-        return None  # a waypoint is never sent to a waypoint
+        return None
     if pod.waypoint is not None:
-        return _waypoint_address(world, pod.waypoint, pod.namespace, kind="workload")
+        return pod.waypoint
     if USE_WAYPOINT_LABEL in pod.labels:
-        return _waypoint_address(world, WaypointRef(name=pod.labels[USE_WAYPOINT_LABEL]), pod.namespace,
-                                 kind="workload")
+        return WaypointRef(name=pod.labels[USE_WAYPOINT_LABEL])
     ns = world.namespace(pod.namespace)
     if ns is not None and USE_WAYPOINT_LABEL in ns.labels:
-        return _waypoint_address(world, WaypointRef(name=ns.labels[USE_WAYPOINT_LABEL]), pod.namespace,
-                                 kind="workload")
+        return WaypointRef(name=ns.labels[USE_WAYPOINT_LABEL])
     return None
+
+
+def _pod_waypoint(world: World, pod: Pod) -> wpb.GatewayAddress | None:
+    return _waypoint_address(world, _pod_waypoint_ref(world, pod), pod.namespace, kind="workload")
+
+
+def _declared(world: World, ref: WaypointRef | None, default_ns: str) -> Waypoint | None:
+    if ref is None or ref.name == "none":
+        return None
+    return world.waypoint(ref.namespace or default_ns, ref.name)
+
+
+def waypoints_in_front_of(world: World, pod: Pod) -> list[Waypoint]:
+    """The declared waypoints that traffic for `pod` goes through: the one its Workload.waypoint names, and
+    those of the services selecting it (Service.waypoint). Empty for a waypoint's own pod."""
+    if not world.waypoints or world.waypoint_of_pod(pod) is not None:
+        return []
+    found: dict[str, Waypoint] = {}
+    own = _declared(world, _pod_waypoint_ref(world, pod), pod.namespace)
+    if own is not None and own.serves_workloads:
+        found[own.key] = own
+    labels = pod_labels(world, pod)
+    for svc in world.services:
+        if svc.namespace != pod.namespace or not selector_matches(svc.selector, labels):
+            continue
+        wp = _declared(world, service_waypoint_ref(world, svc), svc.namespace)
+        if wp is not None and wp.serves_services:
+            found[wp.key] = wp
+    return [found[k] for k in sorted(found)]
+
+
+def _waypoint_principals(world: World, waypoints: list[Waypoint]) -> list[apb.StringMatch]:
+    principals = []
+    for wp in waypoints:
+        pod = world.find_pod(wp.namespace, wp.pod)
+        if pod is not None:
+            principals.append(apb.StringMatch(
+                exact=f"{world.trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"))
+    return principals
+
+
+def waypoint_policies(world: World, pod: Pod) -> list[apb.Authorization]:
+    """The policies that make `pod` accept traffic only through its waypoints (none without one), both
+    WORKLOAD_SELECTOR in the pod's namespace and listed in its Workload:
+
+    * `istio_allow_waypoint_<ns>_<name>`: ALLOW from the waypoint's identity, upstream istiod's implicit
+      waypoint policy (so the pod's own ALLOW policies, which now see the waypoint as the source, do not
+      refuse it);
+    * `require_waypoint_<ns>_<name>` (ours): DENY from any other source, so a client that goes around the
+      waypoint is refused by the destination's ztunnel with the policy's name as the reason.
+    """
+    waypoints = waypoints_in_front_of(world, pod)
+    principals = _waypoint_principals(world, waypoints)
+    if not principals:
+        return []
+    suffix = "_".join(f"{wp.namespace}_{wp.name}" for wp in waypoints)
+    def policy(name: str, action: int, match: apb.Match) -> apb.Authorization:
+        return apb.Authorization(name=name, namespace=pod.namespace, scope=apb.WORKLOAD_SELECTOR,
+                                 action=action,  # type: ignore[arg-type]
+                                 rules=[apb.Rule(clauses=[apb.Clause(matches=[match])])])
+    return [
+        policy(f"istio_allow_waypoint_{suffix}", apb.ALLOW, apb.Match(principals=principals)),
+        policy(f"require_waypoint_{suffix}", apb.DENY, apb.Match(not_principals=principals)),
+    ]
 
 
 def _service_ports(svc: Service) -> list[wpb.Port]:
@@ -185,7 +249,8 @@ def derive_workload(world: World, pod: Pod) -> wpb.Workload:
         workload_type=wpb.DEPLOYMENT if pod.workload else wpb.POD,
         workload_name=pod.workload or pod.name,
         services=services,
-        authorization_policies=sorted(policies),
+        authorization_policies=sorted(policies + [
+            f"{p.namespace}/{p.name}" for p in waypoint_policies(world, pod)]),
         status=wpb.HEALTHY,
         cluster_id=world.cluster_id,
         network_mode=wpb.HOST_NETWORK if pod.host_network else wpb.STANDARD,
@@ -490,15 +555,19 @@ class Resources:
         for pol in world.policies:
             auth = derive_authorization(world, pol)
             authz[pol.key] = (version_of(auth), auth)
+        for pod in world.pods:
+            for auth in waypoint_policies(world, pod):
+                authz[f"{auth.namespace}/{auth.name}"] = (version_of(auth), auth)
         configs: dict[str, tuple[str, message.Message]] = {}
         # Who may read each WaypointConfig: the waypoint pod's proxy (its node id) on the pod's node.
         self.waypoint_readers: dict[str, WaypointReader] = {}
         for wp in world.waypoints:
             cfg = derive_waypoint_config(world, wp)
             configs[wp.key] = (version_of(cfg), cfg)
-            pod = next(p for p in world.pods if p.namespace == wp.namespace and p.name == wp.pod)
+            wp_pod = world.find_pod(wp.namespace, wp.pod)
+            assert wp_pod is not None  # validated
             self.waypoint_readers[wp.key] = WaypointReader(
-                node_id_pod=f"{pod.name}.{pod.namespace}", node=pod.node, ips=frozenset(pod.ips)
+                node_id_pod=f"{wp_pod.name}.{wp_pod.namespace}", node=wp_pod.node, ips=frozenset(wp_pod.ips)
             )
         self.by_type: dict[str, dict[str, tuple[str, message.Message]]] = {
             ADDRESS_TYPE_URL: addresses,

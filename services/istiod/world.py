@@ -328,6 +328,9 @@ class World(_Base, frozen=True, kw_only=True):
     def service(self, namespace: str, name: str) -> Service | None:
         return next((s for s in self.services if s.namespace == namespace and s.name == name), None)
 
+    def find_pod(self, namespace: str, name: str) -> Pod | None:
+        return next((p for p in self.pods if p.namespace == namespace and p.name == name), None)
+
     def waypoint_of_pod(self, pod: Pod) -> Waypoint | None:
         """The waypoint this pod runs, if any."""
         return next((w for w in self.waypoints if w.namespace == pod.namespace and w.pod == pod.name), None)
