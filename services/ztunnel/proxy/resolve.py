@@ -96,14 +96,13 @@ def _gateway_service(store: StateStore, gateway: GatewayAddress, network: str) -
     return None
 
 
-def _is_waypoint_of(source: Workload | None, gateway: GatewayAddress, store: StateStore,
-                    network: str = "") -> bool:
+def _is_waypoint_of(source: Workload | None, gateway: GatewayAddress, store: StateStore) -> bool:
     """`source` is (one of the pods of) that waypoint: a waypoint is never sent to its own waypoint."""
     if source is None:
         return False
     if gateway.address is not None and gateway.address.address in source.addresses:
         return True
-    service = _gateway_service(store, gateway, network)
+    service = _gateway_service(store, gateway, source.network)
     return service is not None and service.key in source.services
 
 
@@ -154,7 +153,7 @@ def resolve_outbound(store: StateStore, dst: Addr, *, source: Workload | None = 
     ip, port = dst
     service = store.service_by_vip(ip, network)
     if service is not None:
-        if service.waypoint is not None and not _is_waypoint_of(source, service.waypoint, store, network):
+        if service.waypoint is not None and not _is_waypoint_of(source, service.waypoint, store):
             return _waypoint_route(store, service.waypoint, dst, network=network, service=service,
                                    choose=choose)
         healthy = [(wl, ports) for wl, ports in store.endpoints(service) if wl.healthy and wl.addresses]
@@ -168,6 +167,6 @@ def resolve_outbound(store: StateStore, dst: Addr, *, source: Workload | None = 
     workload = store.workload_by_ip(ip, network)
     if workload is None:
         return Passthrough(dst=dst)
-    if workload.waypoint is not None and not _is_waypoint_of(source, workload.waypoint, store, network):
+    if workload.waypoint is not None and not _is_waypoint_of(source, workload.waypoint, store):
         return _waypoint_route(store, workload.waypoint, dst, network=network, service=None, choose=choose)
     return _workload_route(workload, ip, port, None)
