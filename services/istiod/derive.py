@@ -404,6 +404,8 @@ def _l7_rule(rule: L7Rule) -> wypb.L7Rule:
                 not_paths=_values(t.operation.not_paths),
                 ports=t.operation.ports,
                 not_ports=t.operation.not_ports,
+                hosts=_values(t.operation.hosts),
+                not_hosts=_values(t.operation.not_hosts),
             )
             for t in rule.to
         ],
@@ -440,6 +442,7 @@ def _route_rule(world: World, route: HTTPRoute, rule: HTTPRouteRule) -> wypb.Rou
                 path=(None if m.path is None else wypb.PathMatch(exact=m.path.value) if m.path.type == "Exact"
                       else wypb.PathMatch(prefix=m.path.value)),
                 headers=[wypb.HeaderMatch(name=h.name.lower(), exact=h.value) for h in m.headers],
+                method=m.method or "",
             )
             for m in rule.matches
         ],

@@ -210,6 +210,8 @@ class L7Operation(_Base, frozen=True, kw_only=True):
     not_paths: list[str] = []
     ports: list[int] = []
     not_ports: list[int] = []
+    hosts: list[str] = []
+    not_hosts: list[str] = []
 
 
 class L7To(_Base, frozen=True, kw_only=True):
@@ -267,6 +269,7 @@ class HTTPHeaderMatch(_Base, frozen=True, kw_only=True):
 class HTTPRouteMatch(_Base, frozen=True, kw_only=True):
     path: HTTPPathMatch | None = None
     headers: list[HTTPHeaderMatch] = []
+    method: str | None = None
 
 
 class BackendRef(_Base, frozen=True, kw_only=True):
@@ -726,6 +729,9 @@ def _validate_route(source: str, base: str, world: World, route: HTTPRoute,
                                      f"path type {match.path.type!r} must be Exact or PathPrefix")
                 if not match.path.value.startswith("/"):
                     raise WorldError(source, f"{path}.value", f"path {match.path.value!r} must start with /")
+            if match.method is not None and match.method not in HTTP_METHODS:
+                raise WorldError(source, f"{rbase}.matches[{m}].method", f"method {match.method!r} is not "
+                                 f"one of {', '.join(sorted(HTTP_METHODS))}")
             for h, header in enumerate(match.headers):
                 if header.type != "Exact":
                     raise WorldError(source, f"{rbase}.matches[{m}].headers[{h}].type",

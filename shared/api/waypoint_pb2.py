@@ -27,15 +27,15 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from shared.api import authorization_pb2 as authorization__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ewaypoint.proto\x12\x18trio_ambient.waypoint.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x13\x61uthorization.proto\"\xd4\x01\n\x0eWaypointConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x36\n\x08services\x18\x03 \x03(\x0b\x32$.trio_ambient.waypoint.v1.ServiceRef\x12\x34\n\x08policies\x18\x04 \x03(\x0b\x32\".trio_ambient.waypoint.v1.L7Policy\x12\x33\n\x06routes\x18\x05 \x03(\x0b\x32#.trio_ambient.waypoint.v1.HttpRoute\"1\n\nServiceRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"\xde\x01\n\x08L7Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x30\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32 .trio_ambient.waypoint.v1.Action\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12=\n\x0ftarget_services\x18\x05 \x03(\x0b\x32$.trio_ambient.waypoint.v1.ServiceRef\x12/\n\x05rules\x18\x06 \x03(\x0b\x32 .trio_ambient.waypoint.v1.L7Rule\"\x9c\x01\n\x06L7Rule\x12.\n\x04\x66rom\x18\x01 \x03(\x0b\x32 .trio_ambient.waypoint.v1.Source\x12/\n\x02to\x18\x02 \x03(\x0b\x32#.trio_ambient.waypoint.v1.Operation\x12\x31\n\x04when\x18\x03 \x03(\x0b\x32#.trio_ambient.waypoint.v1.Condition\"\xd4\x01\n\x06Source\x12/\n\nprincipals\x18\x01 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12\x33\n\x0enot_principals\x18\x02 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12/\n\nnamespaces\x18\x03 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12\x33\n\x0enot_namespaces\x18\x04 \x03(\x0b\x32\x1b.istio.security.StringMatch\"\xaf\x01\n\tOperation\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12\x13\n\x0bnot_methods\x18\x02 \x03(\t\x12*\n\x05paths\x18\x03 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12.\n\tnot_paths\x18\x04 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12\r\n\x05ports\x18\x05 \x03(\r\x12\x11\n\tnot_ports\x18\x06 \x03(\r\"y\n\tCondition\x12\x0e\n\x06header\x18\x01 \x01(\t\x12+\n\x06values\x18\x02 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12/\n\nnot_values\x18\x03 \x03(\x0b\x32\x1b.istio.security.StringMatch\"\xab\x01\n\tHttpRoute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x34\n\x06parent\x18\x03 \x01(\x0b\x32$.trio_ambient.waypoint.v1.ServiceRef\x12\x13\n\x0bparent_port\x18\x04 \x01(\r\x12\x32\n\x05rules\x18\x05 \x03(\x0b\x32#.trio_ambient.waypoint.v1.RouteRule\"\xbc\x01\n\tRouteRule\x12\x35\n\x07matches\x18\x01 \x03(\x0b\x32$.trio_ambient.waypoint.v1.RouteMatch\x12\x33\n\x08\x62\x61\x63kends\x18\x02 \x03(\x0b\x32!.trio_ambient.waypoint.v1.Backend\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x63onnect_retries\x18\x04 \x01(\r\"w\n\nRouteMatch\x12\x31\n\x04path\x18\x01 \x01(\x0b\x32#.trio_ambient.waypoint.v1.PathMatch\x12\x36\n\x07headers\x18\x02 \x03(\x0b\x32%.trio_ambient.waypoint.v1.HeaderMatch\"6\n\tPathMatch\x12\x0f\n\x05\x65xact\x18\x01 \x01(\tH\x00\x12\x10\n\x06prefix\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"*\n\x0bHeaderMatch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65xact\x18\x02 \x01(\t\"^\n\x07\x42\x61\x63kend\x12\x35\n\x07service\x18\x01 \x01(\x0b\x32$.trio_ambient.waypoint.v1.ServiceRef\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\r*(\n\x06\x41\x63tion\x12\t\n\x05\x41LLOW\x10\x00\x12\x08\n\x04\x44\x45NY\x10\x01\x12\t\n\x05\x41UDIT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ewaypoint.proto\x12\x18trio_ambient.waypoint.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x13\x61uthorization.proto\"\xd4\x01\n\x0eWaypointConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x36\n\x08services\x18\x03 \x03(\x0b\x32$.trio_ambient.waypoint.v1.ServiceRef\x12\x34\n\x08policies\x18\x04 \x03(\x0b\x32\".trio_ambient.waypoint.v1.L7Policy\x12\x33\n\x06routes\x18\x05 \x03(\x0b\x32#.trio_ambient.waypoint.v1.HttpRoute\"1\n\nServiceRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"\xde\x01\n\x08L7Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x30\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32 .trio_ambient.waypoint.v1.Action\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12=\n\x0ftarget_services\x18\x05 \x03(\x0b\x32$.trio_ambient.waypoint.v1.ServiceRef\x12/\n\x05rules\x18\x06 \x03(\x0b\x32 .trio_ambient.waypoint.v1.L7Rule\"\x9c\x01\n\x06L7Rule\x12.\n\x04\x66rom\x18\x01 \x03(\x0b\x32 .trio_ambient.waypoint.v1.Source\x12/\n\x02to\x18\x02 \x03(\x0b\x32#.trio_ambient.waypoint.v1.Operation\x12\x31\n\x04when\x18\x03 \x03(\x0b\x32#.trio_ambient.waypoint.v1.Condition\"\xd4\x01\n\x06Source\x12/\n\nprincipals\x18\x01 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12\x33\n\x0enot_principals\x18\x02 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12/\n\nnamespaces\x18\x03 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12\x33\n\x0enot_namespaces\x18\x04 \x03(\x0b\x32\x1b.istio.security.StringMatch\"\x8b\x02\n\tOperation\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12\x13\n\x0bnot_methods\x18\x02 \x03(\t\x12*\n\x05paths\x18\x03 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12.\n\tnot_paths\x18\x04 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12\r\n\x05ports\x18\x05 \x03(\r\x12\x11\n\tnot_ports\x18\x06 \x03(\r\x12*\n\x05hosts\x18\x07 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12.\n\tnot_hosts\x18\x08 \x03(\x0b\x32\x1b.istio.security.StringMatch\"y\n\tCondition\x12\x0e\n\x06header\x18\x01 \x01(\t\x12+\n\x06values\x18\x02 \x03(\x0b\x32\x1b.istio.security.StringMatch\x12/\n\nnot_values\x18\x03 \x03(\x0b\x32\x1b.istio.security.StringMatch\"\xab\x01\n\tHttpRoute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x34\n\x06parent\x18\x03 \x01(\x0b\x32$.trio_ambient.waypoint.v1.ServiceRef\x12\x13\n\x0bparent_port\x18\x04 \x01(\r\x12\x32\n\x05rules\x18\x05 \x03(\x0b\x32#.trio_ambient.waypoint.v1.RouteRule\"\xbc\x01\n\tRouteRule\x12\x35\n\x07matches\x18\x01 \x03(\x0b\x32$.trio_ambient.waypoint.v1.RouteMatch\x12\x33\n\x08\x62\x61\x63kends\x18\x02 \x03(\x0b\x32!.trio_ambient.waypoint.v1.Backend\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x63onnect_retries\x18\x04 \x01(\r\"\x87\x01\n\nRouteMatch\x12\x31\n\x04path\x18\x01 \x01(\x0b\x32#.trio_ambient.waypoint.v1.PathMatch\x12\x36\n\x07headers\x18\x02 \x03(\x0b\x32%.trio_ambient.waypoint.v1.HeaderMatch\x12\x0e\n\x06method\x18\x03 \x01(\t\"6\n\tPathMatch\x12\x0f\n\x05\x65xact\x18\x01 \x01(\tH\x00\x12\x10\n\x06prefix\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"*\n\x0bHeaderMatch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65xact\x18\x02 \x01(\t\"^\n\x07\x42\x61\x63kend\x12\x35\n\x07service\x18\x01 \x01(\x0b\x32$.trio_ambient.waypoint.v1.ServiceRef\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\r*(\n\x06\x41\x63tion\x12\t\n\x05\x41LLOW\x10\x00\x12\x08\n\x04\x44\x45NY\x10\x01\x12\t\n\x05\x41UDIT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'waypoint_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACTION']._serialized_start=1945
-  _globals['_ACTION']._serialized_end=1985
+  _globals['_ACTION']._serialized_start=2054
+  _globals['_ACTION']._serialized_end=2094
   _globals['_WAYPOINTCONFIG']._serialized_start=98
   _globals['_WAYPOINTCONFIG']._serialized_end=310
   _globals['_SERVICEREF']._serialized_start=312
@@ -47,19 +47,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SOURCE']._serialized_start=748
   _globals['_SOURCE']._serialized_end=960
   _globals['_OPERATION']._serialized_start=963
-  _globals['_OPERATION']._serialized_end=1138
-  _globals['_CONDITION']._serialized_start=1140
-  _globals['_CONDITION']._serialized_end=1261
-  _globals['_HTTPROUTE']._serialized_start=1264
-  _globals['_HTTPROUTE']._serialized_end=1435
-  _globals['_ROUTERULE']._serialized_start=1438
-  _globals['_ROUTERULE']._serialized_end=1626
-  _globals['_ROUTEMATCH']._serialized_start=1628
-  _globals['_ROUTEMATCH']._serialized_end=1747
-  _globals['_PATHMATCH']._serialized_start=1749
-  _globals['_PATHMATCH']._serialized_end=1803
-  _globals['_HEADERMATCH']._serialized_start=1805
-  _globals['_HEADERMATCH']._serialized_end=1847
-  _globals['_BACKEND']._serialized_start=1849
-  _globals['_BACKEND']._serialized_end=1943
+  _globals['_OPERATION']._serialized_end=1230
+  _globals['_CONDITION']._serialized_start=1232
+  _globals['_CONDITION']._serialized_end=1353
+  _globals['_HTTPROUTE']._serialized_start=1356
+  _globals['_HTTPROUTE']._serialized_end=1527
+  _globals['_ROUTERULE']._serialized_start=1530
+  _globals['_ROUTERULE']._serialized_end=1718
+  _globals['_ROUTEMATCH']._serialized_start=1721
+  _globals['_ROUTEMATCH']._serialized_end=1856
+  _globals['_PATHMATCH']._serialized_start=1858
+  _globals['_PATHMATCH']._serialized_end=1912
+  _globals['_HEADERMATCH']._serialized_start=1914
+  _globals['_HEADERMATCH']._serialized_end=1956
+  _globals['_BACKEND']._serialized_start=1958
+  _globals['_BACKEND']._serialized_end=2052
 # @@protoc_insertion_point(module_scope)

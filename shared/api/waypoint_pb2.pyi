@@ -81,20 +81,24 @@ class Source(_message.Message):
     def __init__(self, principals: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ..., not_principals: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ..., not_namespaces: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("methods", "not_methods", "paths", "not_paths", "ports", "not_ports")
+    __slots__ = ("methods", "not_methods", "paths", "not_paths", "ports", "not_ports", "hosts", "not_hosts")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     NOT_METHODS_FIELD_NUMBER: _ClassVar[int]
     PATHS_FIELD_NUMBER: _ClassVar[int]
     NOT_PATHS_FIELD_NUMBER: _ClassVar[int]
     PORTS_FIELD_NUMBER: _ClassVar[int]
     NOT_PORTS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    NOT_HOSTS_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedScalarFieldContainer[str]
     not_methods: _containers.RepeatedScalarFieldContainer[str]
     paths: _containers.RepeatedCompositeFieldContainer[_authorization_pb2.StringMatch]
     not_paths: _containers.RepeatedCompositeFieldContainer[_authorization_pb2.StringMatch]
     ports: _containers.RepeatedScalarFieldContainer[int]
     not_ports: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, methods: _Optional[_Iterable[str]] = ..., not_methods: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ..., not_paths: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ..., ports: _Optional[_Iterable[int]] = ..., not_ports: _Optional[_Iterable[int]] = ...) -> None: ...
+    hosts: _containers.RepeatedCompositeFieldContainer[_authorization_pb2.StringMatch]
+    not_hosts: _containers.RepeatedCompositeFieldContainer[_authorization_pb2.StringMatch]
+    def __init__(self, methods: _Optional[_Iterable[str]] = ..., not_methods: _Optional[_Iterable[str]] = ..., paths: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ..., not_paths: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ..., ports: _Optional[_Iterable[int]] = ..., not_ports: _Optional[_Iterable[int]] = ..., hosts: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ..., not_hosts: _Optional[_Iterable[_Union[_authorization_pb2.StringMatch, _Mapping]]] = ...) -> None: ...
 
 class Condition(_message.Message):
     __slots__ = ("header", "values", "not_values")
@@ -133,12 +137,14 @@ class RouteRule(_message.Message):
     def __init__(self, matches: _Optional[_Iterable[_Union[RouteMatch, _Mapping]]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., connect_retries: _Optional[int] = ...) -> None: ...
 
 class RouteMatch(_message.Message):
-    __slots__ = ("path", "headers")
+    __slots__ = ("path", "headers", "method")
     PATH_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     path: PathMatch
     headers: _containers.RepeatedCompositeFieldContainer[HeaderMatch]
-    def __init__(self, path: _Optional[_Union[PathMatch, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ...) -> None: ...
+    method: str
+    def __init__(self, path: _Optional[_Union[PathMatch, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[HeaderMatch, _Mapping]]] = ..., method: _Optional[str] = ...) -> None: ...
 
 class PathMatch(_message.Message):
     __slots__ = ("exact", "prefix")

@@ -45,7 +45,8 @@ authorizationPolicies:
     action: ALLOW
     rules:
       - from: [{source: {principals: [cluster.local/ns/ns/sa/default], namespaces: ["n*"]}}]
-        to: [{operation: {methods: [GET], paths: [/api/*, "*.json", /exact], notPaths: [/api/admin*]}}]
+        to: [{operation: {methods: [GET], paths: [/api/*, "*.json", /exact], notPaths: [/api/admin*],
+                          hosts: ["a.ns*"]}}]
         when: [{key: "request.headers[X-Team]", values: [blue], notValues: ["*-old"]}]
   - name: deny-all-delete
     namespace: ns
@@ -65,7 +66,7 @@ httpRoutes:
     namespace: ns
     parentRefs: [{name: b, port: 9080}]
     rules:
-      - matches: [{path: {type: Exact, value: /v2}}, {headers: [{name: X-Version, value: "2"}]}]
+      - matches: [{path: {type: Exact, value: /v2}}, {headers: [{name: X-Version, value: "2"}], method: GET}]
         backendRefs: [{name: b-v2, port: 9080}]
       - matches: [{path: {type: PathPrefix, value: /}}]
         backendRefs: [{name: b-v1, port: 9080, weight: 90}, {name: b-v2, port: 9080, weight: 10}]
@@ -107,6 +108,7 @@ def test_l7_policies_reach_the_waypoint_in_its_shape() -> None:
     assert [p.WhichOneof("match_type") for p in op.paths] == ["prefix", "suffix", "exact"]
     assert [op.paths[0].prefix, op.paths[1].suffix, op.paths[2].exact] == ["/api/", ".json", "/exact"]
     assert op.not_paths[0].prefix == "/api/admin"
+    assert op.hosts[0].prefix == "a.ns" and not op.not_hosts
     cond = rule.when[0]
     assert cond.header == "x-team" and cond.values[0].exact == "blue" and cond.not_values[0].suffix == "-old"
     deny = by_name["deny-all-delete"]
@@ -133,6 +135,7 @@ def test_routes_carry_matches_weights_timeout_and_retries() -> None:
     first, second = route.rules
     assert first.matches[0].path.exact == "/v2"
     assert first.matches[1].headers[0].name == "x-version" and first.matches[1].headers[0].exact == "2"
+    assert (first.matches[0].method, first.matches[1].method) == ("", "GET")
     assert [(b.service.hostname, b.weight) for b in first.backends] == [("b-v2.ns.svc.cluster.local", 1)]
     assert second.matches[0].path.prefix == "/"
     assert [(b.service.hostname, b.port, b.weight) for b in second.backends] == [
