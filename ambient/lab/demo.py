@@ -1,6 +1,7 @@
 """`ambient demo`: the seed article's flow in a fresh lab, narrated.
 
-1. lab up with examples/bookinfo.yaml (istiod, two nodes with node agent + ztunnel, eight pods)
+1. lab up with examples/bookinfo.yaml (istiod, two nodes with node agent + ztunnel, eight app pods and
+   bookinfo's waypoint)
 2. the enrolled pods (lab status), then one DNS answer from inside the sleep pod and which server gave it
 3. the sleep pod calls productpage, which calls details and reviews (which calls ratings)
 4. the in-pod rules of productpage (`iptables-save` inside its netns)
