@@ -50,7 +50,7 @@ from ambient.lab.state import (
     is_running,
     process_start_time,
 )
-from ambient.lab.topology import ETC_NETNS, ISTIOD_PORT, LabPlan, NodePlan, PodPlan
+from ambient.lab.topology import ETC_NETNS, ISTIOD_PORT, WAYPOINT_PROGRAM, LabPlan, NodePlan, PodPlan
 from shared.netns import NetnsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -301,7 +301,9 @@ def control_plane_env(istiod: str, node_dir: Path) -> dict[str, str]:
     }
 
 
-def waypoint_spec(plan: LabPlan, pod: PodPlan, paths: LabPaths) -> ComponentSpec:
+def waypoint_spec(
+    plan: LabPlan, pod: PodPlan, paths: LabPaths, *, istiod: str | None = None
+) -> ComponentSpec:
     """The waypoint process of a waypoint's pod, in the pod's netns (the pod is not captured). Like a
     workload's proxy it proves its node with the node's token and gets the pod identity's certificate from
     the CA; its xDS node id is the pod's (`router~IP~POD.NS~...`), which alone receives its WaypointConfig.
@@ -317,7 +319,7 @@ def waypoint_spec(plan: LabPlan, pod: PodPlan, paths: LabPaths) -> ComponentSpec
             **pod.app.env,
             "NODE_NAME": pod.node,
             "INSTANCE_IP": pod.ip,
-            **control_plane_env(plan.istiod_address, cwd),
+            **control_plane_env(istiod or plan.istiod_address, cwd),
             "LOG_FORMAT": "plain",
         },
         cwd=str(cwd),
@@ -326,6 +328,18 @@ def waypoint_spec(plan: LabPlan, pod: PodPlan, paths: LabPaths) -> ComponentSpec
         node=pod.node,
         pod=f"{pod.namespace}/{pod.name}",
     )
+
+
+def pod_spec(
+    plan: LabPlan, pod: PodPlan, paths: LabPaths, *, istiod: str | None = None
+) -> ComponentSpec | None:
+    """What runs in `pod`: its app, or for a waypoint's pod the waypoint process (None while that program is
+    not installed: traffic sent to the waypoint then fails closed)."""
+    if pod.app.kind != WAYPOINT_PROGRAM:
+        return app_spec(pod, paths)
+    if not available("waypoint"):
+        return None
+    return waypoint_spec(plan, pod, paths, istiod=istiod)
 
 
 def write_node_secrets(paths: LabPaths, node: str, token: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ambient.lab import components
 from ambient.lab.components import LabPaths
 from ambient.lab.state import TcpCheck
@@ -63,3 +65,20 @@ def test_the_waypoint_process_spec(tmp_path: Path) -> None:
     # ztunnel of the same node reaches istiod the same way.
     zt = components.ztunnel_spec(p, p.node("node-b"), paths, with_agent=True)
     assert all(zt.env[k] == env[k] for k in ("XDS_ADDRESS", "XDS_TOKEN_FILE", "CA_ROOT_CERT"))
+
+
+def test_pod_spec_picks_the_waypoint_process_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = plan()
+    paths = LabPaths(tmp_path)
+    wp = next(pod for pod in p.pods if pod.name == "waypoint-0")
+    web = next(pod for pod in p.pods if pod.name == "web")
+    app = components.pod_spec(p, web, paths)
+    assert app is not None and app.component == "app"
+    monkeypatch.setattr(components, "available", lambda component: component != "waypoint")
+    assert components.pod_spec(p, wp, paths) is None  # not installed: nothing runs, traffic fails closed
+    monkeypatch.setattr(components, "available", lambda component: True)
+    spec = components.pod_spec(p, wp, paths, istiod="172.30.0.2:15012")  # a container node's istiod
+    assert spec is not None and spec.component == "waypoint"
+    assert spec.env["XDS_ADDRESS"] == "https://172.30.0.2:15012"
