@@ -86,7 +86,8 @@ def _identities(workload: Workload, service: Service | None) -> frozenset[Spiffe
     return frozenset(ids)
 
 
-def _is_waypoint_of(source: Workload | None, gateway: GatewayAddress, store: StateStore) -> bool:
+def is_waypoint_of(source: Workload | None, gateway: GatewayAddress, store: StateStore) -> bool:
+    """Whether `source` is the waypoint `gateway` names (by address, or as an endpoint of its service)."""
     if source is None:
         return False
     if gateway.address is not None:
@@ -139,12 +140,16 @@ def _workload_route(workload: Workload, ip: str, port: int, service: Service | N
 
 
 def resolve_outbound(store: StateStore, dst: Addr, *, source: Workload | None = None, network: str = "",
-                     choose: Chooser = random.choice) -> Route:
-    """Where a connection from `source` to `dst` (the original destination) goes. See the module doc."""
+                     choose: Chooser = random.choice, via_waypoints: bool = True) -> Route:
+    """Where a connection from `source` to `dst` (the original destination) goes. See the module doc.
+
+    `via_waypoints=False` resolves as the waypoint itself does for what it serves: straight to an endpoint.
+    """
     ip, port = dst
     service = store.service_by_vip(ip, network)
     if service is not None:
-        if service.waypoint is not None and not _is_waypoint_of(source, service.waypoint, store):
+        if (via_waypoints and service.waypoint is not None
+                and not is_waypoint_of(source, service.waypoint, store)):
             return _waypoint_route(store, service.waypoint, dst, network=network, service=service,
                                    choose=choose)
         healthy = [(wl, ports) for wl, ports in store.endpoints(service) if wl.healthy and wl.addresses]
@@ -158,6 +163,7 @@ def resolve_outbound(store: StateStore, dst: Addr, *, source: Workload | None = 
     workload = store.workload_by_ip(ip, network)
     if workload is None:
         return Passthrough(dst=dst)
-    if workload.waypoint is not None and not _is_waypoint_of(source, workload.waypoint, store):
+    if (via_waypoints and workload.waypoint is not None
+            and not is_waypoint_of(source, workload.waypoint, store)):
         return _waypoint_route(store, workload.waypoint, dst, network=network, service=None, choose=choose)
     return _workload_route(workload, ip, port, None)
