@@ -61,6 +61,7 @@ MODULES = {
     "node-agent": "services.node_agent.app",
     "ztunnel": "services.ztunnel.app",
     "app": "services.apps.server",
+    "waypoint": "services.waypoint.app",
 }
 ZTUNNEL_READY_PORT = 15021
 ZTUNNEL_ADMIN_PORT = 15000
@@ -241,12 +242,7 @@ def ztunnel_spec(
             "POD_NAMESPACE": "istio-system",
             "INSTANCE_IP": instance_ip or node.ip,
             "INPOD_UDS": str(paths.zds_socket(node.name)),
-            "XDS_ADDRESS": f"https://{istiod}",
-            "CA_ADDRESS": f"https://{istiod}",
-            "XDS_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
-            "XDS_TOKEN_FILE": str(cwd / TOKEN_PATH),
-            "CA_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
-            "CA_TOKEN_FILE": str(cwd / TOKEN_PATH),
+            **control_plane_env(istiod, cwd),
             "CLUSTER_ID": "Kubernetes",
             "LOG_FORMAT": "plain",
         }
@@ -288,6 +284,45 @@ def app_spec(pod: PodPlan, paths: LabPaths) -> ComponentSpec:
         env=dict(pod.app.env, POD_IP=pod.ip),
         log=str(paths.log(name)),
         checks=[TcpCheck(netns=pod.netns, host="127.0.0.1", port=p) for p in pod.app.ports],
+        node=pod.node,
+        pod=f"{pod.namespace}/{pod.name}",
+    )
+
+
+def control_plane_env(istiod: str, node_dir: Path) -> dict[str, str]:
+    """How a node's proxies reach istiod: its address for xDS and the CA, the node's token and root cert."""
+    return {
+        "XDS_ADDRESS": f"https://{istiod}",
+        "CA_ADDRESS": f"https://{istiod}",
+        "XDS_ROOT_CERT": str(node_dir / ROOT_CERT_PATH),
+        "XDS_TOKEN_FILE": str(node_dir / TOKEN_PATH),
+        "CA_ROOT_CERT": str(node_dir / ROOT_CERT_PATH),
+        "CA_TOKEN_FILE": str(node_dir / TOKEN_PATH),
+    }
+
+
+def waypoint_spec(plan: LabPlan, pod: PodPlan, paths: LabPaths) -> ComponentSpec:
+    """The waypoint process of a waypoint's pod, in the pod's netns (the pod is not captured). Like a
+    workload's proxy it proves its node with the node's token and gets the pod identity's certificate from
+    the CA; its xDS node id is the pod's (`router~IP~POD.NS~...`), which alone receives its WaypointConfig.
+    Ready once it accepts on 15008."""
+    name = f"waypoint/{pod.namespace}/{pod.name}"
+    cwd = paths.node_dir(pod.node)
+    return ComponentSpec(
+        name=name,
+        component="waypoint",
+        netns=pod.netns,
+        argv=_python(MODULES["waypoint"]),
+        env={
+            **pod.app.env,
+            "NODE_NAME": pod.node,
+            "INSTANCE_IP": pod.ip,
+            **control_plane_env(plan.istiod_address, cwd),
+            "LOG_FORMAT": "plain",
+        },
+        cwd=str(cwd),
+        log=str(paths.log(name)),
+        checks=[TcpCheck(netns=pod.netns, host=pod.ip, port=p) for p in pod.app.ports],
         node=pod.node,
         pod=f"{pod.namespace}/{pod.name}",
     )

@@ -58,6 +58,7 @@ from ambient.lab.state import (
 )
 from ambient.lab.topology import (
     ETC_NETNS,
+    WAYPOINT_PROGRAM,
     LabPlan,
     PodPlan,
     apply_plan,
@@ -83,7 +84,7 @@ from shared.netns import NetnsError
 DEFAULT_PREFIX = "amb"
 DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 REQUIRED_BINARIES = ("ip", "iptables-restore", "sysctl", "dnsmasq")
-STOP_ORDER = {"app": 0, "ztunnel": 1, "node-agent": 2, "istiod": 3, "cluster-dns": 4}
+STOP_ORDER = {"app": 0, "waypoint": 0, "ztunnel": 1, "node-agent": 2, "istiod": 3, "cluster-dns": 4}
 
 Progress = Callable[[str], None]
 
@@ -269,9 +270,22 @@ class LabBuilder:
             )
         )
         save_state(self.state)
+        if pod.app.kind == WAYPOINT_PROGRAM:
+            self.start_waypoint(pod)
+            return
         app = self.launch(components.app_spec(pod, self.paths))
         components.wait_ready(app, timeout=self.timeout)
         self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, {pod.app.kind}, {status}")
+
+    def start_waypoint(self, pod: PodPlan) -> None:
+        if not components.available("waypoint"):
+            self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, waypoint, but the waypoint program is not "
+                          "installed yet: traffic sent to this waypoint fails closed")
+            return
+        record = self.launch(components.waypoint_spec(self.plan, pod, self.paths))
+        components.wait_ready(record, timeout=self.timeout)
+        self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, waypoint ready (pid {record.pid}, log "
+                      f"{record.spec.log})")
 
     def wait_enrolled(self) -> None:
         pending = [p for p in self.state.pods if p.status == "pending"]
@@ -862,10 +876,11 @@ def delete_pod(
                     f"{paths.log(f'node-agent/{target.node}')} and {paths.log(f'ztunnel/{target.node}')}"
                 )
             time.sleep(0.2)
-    app = state.process(f"app/{target.namespace}/{target.name}")
-    if app is not None:
-        stop_process(app)
-        state.processes = [p for p in state.processes if p is not app]
+    for kind in ("app", "waypoint"):
+        app = state.process(f"{kind}/{target.namespace}/{target.name}")
+        if app is not None:
+            stop_process(app)
+            state.processes = [p for p in state.processes if p is not app]
     delete_netns(target.netns)
     remove_tree(ETC_NETNS / target.netns)
     remove_tree(LabPaths(state.run_dir).pod_netns_link(target.node, target.netns))
