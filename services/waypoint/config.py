@@ -79,6 +79,8 @@ class L7Policy(msgspec.Struct, frozen=True, kw_only=True):
     rules: tuple[L7Rule, ...] = ()
     """A policy without rules matches nothing (so an ALLOW policy without rules denies everything)."""
     dry_run: bool = False
+    audit: bool = False
+    """An AUDIT policy: evaluated and logged when it matches, never deciding."""
     target_services: tuple[str, ...] = ()
     """Service hostnames the policy targets; empty: it targets the waypoint (every request through it)."""
 
@@ -131,6 +133,8 @@ class HttpRoute(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str
     services: tuple[str, ...]
     """The service hostnames the route is attached to (its parentRefs)."""
+    port: int | None = None
+    """The parents' port it applies to; None: every port."""
     rules: tuple[RouteRule, ...] = ()
 
     @property

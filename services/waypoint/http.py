@@ -8,7 +8,7 @@ for each one:
 
 1. L7 policy (policy.py) over the policies that target the waypoint or the destination service: a denial is
    answered `403` with body `RBAC: access denied`;
-2. the route (routes.py) when the tunnel was for a service VIP: `NoRoute` is answered 404 or 500; a tunnel
+2. the route (routes.py) when the tunnel was for a service VIP: `NoRoute` is answered 500; a tunnel
    for a workload's own address goes to that workload;
 3. an endpoint of the chosen backend, and a new stream to it (upstream.py; connect failures retried as the
    rule says, then 503);
@@ -242,8 +242,8 @@ class HttpProxy:
             outcome.response_flags = "-"
             return await self._local(stream, conn, outcome, 403, DENIED_BODY)
         if tunnel.workload is None and hostname is not None:
-            chosen = choose(config.routes, hostname, method=outcome.method, path=outcome.path,
-                            headers=headers, rng=self.upstreams.rng)
+            chosen = choose(config.routes, hostname, port=tunnel.target[1], method=outcome.method,
+                            path=outcome.path, headers=headers, rng=self.upstreams.rng)
         else:
             chosen = Chosen(backend=Backend(service=hostname or ""))
         if isinstance(chosen, NoRoute):

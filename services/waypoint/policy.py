@@ -11,7 +11,8 @@ How a request is decided (`decide`, with the decision code L4 authorization uses
 3. any enforced ALLOW policy that matches -> allow;
 4. otherwise deny ("allow policies exist, but none allowed").
 Dry-run policies are evaluated the same way; what they would have done is logged and reported in
-`L7Decision.dry_run`, never enforced. A denied request is answered `403` with body `RBAC: access denied`.
+`Decision.dry_run`, never enforced. AUDIT policies are only logged when they match. A denied request
+is answered `403` with body `RBAC: access denied`.
 
 A policy matches when any of its rules matches (none: it matches nothing); a rule when any of its sources
 (or none are given), any of its operations (or none) and all of its conditions hold; a source or operation
@@ -21,6 +22,7 @@ values match. Source fields can only match a verified identity; their `not_` for
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
@@ -30,6 +32,8 @@ from services.ztunnel.authz import Decision, decide_policies
 from services.ztunnel.state.types import StringMatch
 from shared.identity import SpiffeId
 from shared.logs import Field
+
+log = logging.getLogger("waypoint.authz")
 
 DENIED_BODY = b"RBAC: access denied"
 
@@ -115,9 +119,16 @@ def policy_matches(policy: L7Policy, req: L7Request) -> bool:
 
 
 def decide(policies: Iterable[L7Policy], req: L7Request) -> Decision:
-    """Decide `req` against every policy given (pass `applicable(...)`); dry-run ones are only reported."""
+    """Decide `req` against every policy given (pass `applicable(...)`); dry-run ones are only reported,
+    AUDIT ones only logged when they match."""
     def fields() -> list[Field]:
         return [("method", req.method), ("path", req.path), ("authority", req.host),
                 ("src.identity", req.src_identity.uri if req.src_identity else None)]
 
-    return decide_policies(policies, lambda pol: policy_matches(pol, req), fields)
+    deciding: list[L7Policy] = []
+    for pol in policies:
+        if not pol.audit:
+            deciding.append(pol)
+        elif policy_matches(pol, req):
+            log.info("audit policy matched", extra={"fields": [*fields(), ("policy", pol.key)]})
+    return decide_policies(deciding, lambda pol: policy_matches(pol, req), fields)

@@ -2,17 +2,16 @@
 
 Theory of operation
 -------------------
-The routes attached to the request's destination service (`HttpRoute.services`) are looked at together, as
-Gateway API's HTTPRoute does:
+The routes attached to the request's destination service and port (`HttpRoute.services`, `port`) are
+looked at in order (by `namespace/name`, then their rules as written), as the control plane documents them
+(docs/waypoint.md):
 
-* none attached: the request goes to the service it was sent to, on the same port (`Chosen`, no route);
-* else the best-matching rule wins, over all of them: an exact path beats a prefix, a longer prefix beats a
-  shorter one, then a rule that names a method, then the one with more header matches; left ties go to
-  the first route by `namespace/name`, then to the first rule. A rule without matches matches every path
-  (prefix `/`). A path prefix matches whole segments (`/api` matches `/api` and `/api/v1`, not `/apis`);
-  header names are case-insensitive and values exact;
-* no rule matches: `NoRoute` 404 (Envoy's `route_not_found`, response flag NR);
-* the winner has no backend with weight above 0: `NoRoute` 500 (as Gateway API asks);
+* the first rule with a match that holds decides (a rule without matches takes every request). A path
+  prefix matches whole segments (`/api` matches `/api` and `/api/v1`, not `/apis`); header names are
+  case-insensitive and values exact; a method, when given, exactly;
+* no route attached, or no rule matches: the request goes to the service it was sent to, on the same port
+  (`Chosen` without a rule);
+* the deciding rule has no backend with weight above 0: `NoRoute` 500 (as Gateway API asks);
 * else one backend is drawn by weight (`rng.randrange` over the sum of the weights), so a seeded
   `random.Random` gives a reproducible split; each request is drawn separately.
 """
@@ -54,9 +53,6 @@ class NoRoute(msgspec.Struct, frozen=True, kw_only=True):
     response_flag: str
 
 
-_ALL_PATHS = RouteMatch(path=PathMatch(kind="prefix", value="/"))
-
-
 def path_matches(match: PathMatch, path: str) -> bool:
     if match.kind == "exact":
         return path == match.value
@@ -70,13 +66,6 @@ def match_holds(match: RouteMatch, method: str, path: str, headers: Mapping[str,
     if match.method is not None and match.method.upper() != method.upper():
         return False
     return all(headers.get(h.name.lower()) == h.value for h in match.headers)
-
-
-def _rank(match: RouteMatch) -> tuple[int, int, int, int]:
-    path = match.path or _ALL_PATHS.path
-    assert path is not None
-    return (1 if path.kind == "exact" else 0, len(path.value.rstrip("/")), 1 if match.method else 0,
-            len(match.headers))
 
 
 def pick_backend(backends: Iterable[Backend], rng: random.Random) -> Backend | None:
@@ -93,27 +82,19 @@ def pick_backend(backends: Iterable[Backend], rng: random.Random) -> Backend | N
     raise AssertionError("unreachable: the draw is below the sum of the weights")
 
 
-def choose(routes: Iterable[HttpRoute], service: str, *, method: str, path: str,
+def choose(routes: Iterable[HttpRoute], service: str, *, port: int, method: str, path: str,
            headers: Mapping[str, str], rng: random.Random) -> Chosen | NoRoute:
-    """The backend for a request to `service` (a hostname); `path` without the query, header names lower
-    case. See the module doc."""
-    attached = sorted((r for r in routes if service in r.services), key=lambda r: r.key)
-    if not attached:
-        return Chosen(backend=Backend(service=service))
-    best: tuple[tuple[int, int, int, int], HttpRoute, RouteRule] | None = None
+    """The backend for a request to `service` (a hostname) on `port`; `path` without the query, header
+    names lower case. See the module doc."""
+    attached = sorted((r for r in routes if service in r.services and r.port in (None, port)),
+                      key=lambda r: r.key)
     for route in attached:
         for rule in route.rules:
-            for match in rule.matches or (_ALL_PATHS,):
-                if not match_holds(match, method, path, headers):
-                    continue
-                rank = _rank(match)
-                if best is None or rank > best[0]:
-                    best = (rank, route, rule)
-    if best is None:
-        return NoRoute(status=404, reason="route not found", response_flag="NR")
-    _, route, rule = best
-    backend = pick_backend(rule.backends, rng)
-    if backend is None:
-        return NoRoute(status=500, reason=f"route {route.key} has no backend with a weight above 0",
-                       response_flag="NR")
-    return Chosen(backend=backend, route=route, rule=rule)
+            if rule.matches and not any(match_holds(m, method, path, headers) for m in rule.matches):
+                continue
+            backend = pick_backend(rule.backends, rng)
+            if backend is None:
+                return NoRoute(status=500, reason=f"route {route.key} has no backend with a weight above 0",
+                               response_flag="NR")
+            return Chosen(backend=backend, route=route, rule=rule)
+    return Chosen(backend=Backend(service=service))

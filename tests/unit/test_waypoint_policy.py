@@ -178,6 +178,16 @@ def test_dry_run_is_reported_and_logged_never_enforced(caplog: pytest.LogCapture
                                                      "(allow policies exist, but none allowed)",)
 
 
+def test_audit_policies_are_logged_and_never_decide(caplog: pytest.LogCaptureFixture) -> None:
+    audit = L7Policy(name="audit-all", namespace="default", rules=(L7Rule(),), audit=True)
+    with caplog.at_level(logging.INFO, logger="waypoint.authz"):
+        decision = decide([audit], req())
+    assert decision.allowed and decision.policy is None  # an audit policy is not an ALLOW policy
+    assert [r.getMessage() for r in caplog.records] == ["audit policy matched"]
+    deny = policy(L7Rule(), action=Action.DENY, name="deny-all")
+    assert not decide([audit, deny], req()).allowed
+
+
 def test_applicable_waypoint_wide_and_service_targeted() -> None:
     everywhere = policy(L7Rule(), name="a")
     details_only = policy(L7Rule(), name="b", services=(DETAILS,))

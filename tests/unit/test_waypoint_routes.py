@@ -14,8 +14,9 @@ V2 = "reviews-v2.default.svc.cluster.local"
 V3 = "reviews-v3.default.svc.cluster.local"
 
 
-def route(*rules: RouteRule, name: str = "reviews", services: tuple[str, ...] = (REVIEWS,)) -> HttpRoute:
-    return HttpRoute(name=name, namespace="default", services=services, rules=rules)
+def route(*rules: RouteRule, name: str = "reviews", services: tuple[str, ...] = (REVIEWS,),
+          port: int | None = None) -> HttpRoute:
+    return HttpRoute(name=name, namespace="default", services=services, rules=rules, port=port)
 
 
 def to(service: str, weight: int = 1, port: int | None = None) -> Backend:
@@ -24,7 +25,8 @@ def to(service: str, weight: int = 1, port: int | None = None) -> Backend:
 
 def pick(routes: list[HttpRoute], path: str = "/", *, method: str = "GET",
          headers: dict[str, str] | None = None, seed: int = 1) -> Chosen | NoRoute:
-    return choose(routes, REVIEWS, method=method, path=path, headers=headers or {}, rng=random.Random(seed))
+    return choose(routes, REVIEWS, port=9080, method=method, path=path, headers=headers or {},
+                  rng=random.Random(seed))
 
 
 def backend_of(result: Chosen | NoRoute) -> str:
@@ -49,22 +51,24 @@ def test_path_prefix_is_segment_wise_and_exact_is_exact() -> None:
     assert path_matches(exact, "/api") and not path_matches(exact, "/api/v1")
 
 
-def test_exact_beats_prefix_and_longer_prefix_beats_shorter() -> None:
+def test_the_first_rule_that_matches_decides_in_the_order_written() -> None:
     def on(kind: str, value: str, backend: str) -> RouteRule:
         match = RouteMatch(path=PathMatch(kind=kind, value=value))
         return RouteRule(matches=(match,), backends=(to(backend),))
 
-    routes = [route(on("prefix", "/", V1), on("prefix", "/reviews", V2), on("exact", "/reviews/0", V3))]
+    routes = [route(on("exact", "/reviews/0", V3), on("prefix", "/reviews", V2), on("prefix", "/", V1))]
     assert backend_of(pick(routes, "/health")) == V1
     assert backend_of(pick(routes, "/reviews/1")) == V2
     assert backend_of(pick(routes, "/reviews/0")) == V3
+    reversed_order = [route(on("prefix", "/", V1), on("exact", "/reviews/0", V3))]
+    assert backend_of(pick(reversed_order, "/reviews/0")) == V1
 
 
 def test_header_matches_exact_and_case_insensitive_names() -> None:
     routes = [route(
-        RouteRule(backends=(to(V1),)),
         RouteRule(matches=(RouteMatch(headers=(HeaderMatch(name="End-User", value="jason"),)),),
                   backends=(to(V2),)),
+        RouteRule(backends=(to(V1),)),
     )]
     assert backend_of(pick(routes, headers={"end-user": "jason"})) == V2
     assert backend_of(pick(routes, headers={"end-user": "Jason"})) == V1  # values are exact
@@ -78,30 +82,38 @@ def test_method_match() -> None:
     assert backend_of(pick(routes, method="GET")) == V1
 
 
-def test_any_match_of_a_rule_and_ties_go_to_the_first_rule() -> None:
+def test_any_match_of_a_rule_holds() -> None:
     rule = RouteRule(matches=(RouteMatch(path=PathMatch(kind="exact", value="/a")),
                               RouteMatch(path=PathMatch(kind="exact", value="/b"))), backends=(to(V2),))
-    routes = [route(rule, RouteRule(matches=rule.matches, backends=(to(V3),)))]
+    routes = [route(rule, RouteRule(backends=(to(V3),)))]
     assert backend_of(pick(routes, "/b")) == V2
+    assert backend_of(pick(routes, "/c")) == V3
 
 
-def test_no_matching_rule_is_404_and_no_weight_is_500() -> None:
+def test_no_matching_rule_goes_to_the_service_and_no_weight_is_500() -> None:
     only_api = [route(RouteRule(matches=(RouteMatch(path=PathMatch(kind="prefix", value="/api")),),
                                 backends=(to(V1),)))]
-    assert pick(only_api, "/other") == NoRoute(status=404, reason="route not found", response_flag="NR")
+    result = pick(only_api, "/other")
+    assert isinstance(result, Chosen) and result.backend == Backend(service=REVIEWS) and result.rule is None
     zero = [route(RouteRule(backends=(to(V1, 0), to(V2, 0))))]
     result = pick(zero)
     assert isinstance(result, NoRoute) and result.status == 500
 
 
+def test_a_route_for_another_port_does_not_apply() -> None:
+    assert backend_of(pick([route(RouteRule(backends=(to(V1),)), port=9090)])) == REVIEWS
+    assert backend_of(pick([route(RouteRule(backends=(to(V1),)), port=9080)])) == V1
+
+
 def test_weighted_split_with_a_seeded_rng_is_reproducible_and_near_the_weights() -> None:
     routes = [route(RouteRule(backends=(to(V1, 90), to(V2, 10))))]
-    rng = random.Random(42)
-    counts = collections.Counter(
-        backend_of(choose(routes, REVIEWS, method="GET", path="/", headers={}, rng=rng)) for _ in range(1000))
-    rng = random.Random(42)
-    again = collections.Counter(
-        backend_of(choose(routes, REVIEWS, method="GET", path="/", headers={}, rng=rng)) for _ in range(1000))
+    def split(seed: int) -> collections.Counter[str]:
+        rng = random.Random(seed)
+        return collections.Counter(
+            backend_of(choose(routes, REVIEWS, port=9080, method="GET", path="/", headers={}, rng=rng))
+            for _ in range(1000))
+
+    counts, again = split(42), split(42)
     assert counts == again
     assert 850 <= counts[V1] <= 950 and counts[V1] + counts[V2] == 1000
 
@@ -121,7 +133,7 @@ def test_timeout_retries_port_and_route_name_come_from_the_rule() -> None:
     assert result.route_name == "default/reviews-split"
 
 
-def test_first_route_by_key_wins_a_tie_across_routes() -> None:
+def test_routes_are_taken_by_namespace_and_name() -> None:
     b = route(RouteRule(backends=(to(V2),)), name="b")
     a = route(RouteRule(backends=(to(V1),)), name="a")
     assert backend_of(pick([b, a])) == V1
