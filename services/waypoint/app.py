@@ -4,7 +4,8 @@ Theory of operation
 -------------------
     certificate manager   the waypoint's own SPIFFE identity (TRUST_DOMAIN, POD_NAMESPACE, SERVICE_ACCOUNT)
                           from the CA, like any workload's, renewed at half-life
-    xDS client            Address and Authorization (and the L7 config) into a StateStore
+    xDS client            Address and Authorization into a StateStore, WaypointConfig (its L7 policies and
+                          routes, docs/waypoint.md) into WaypointConfigs; node id router~IP~POD.NS~...
     HBONE pool            the waypoint's connections to the endpoints' 15008
     servers nursery       15008 (HBONE, `serve_hbone_tunnels` -> WaypointProxy.handle),
                           :15020 /metrics, :15021 /healthz/ready (synced with xDS)
@@ -30,6 +31,7 @@ import msgspec
 import trio
 
 from services.waypoint.config import EMPTY_CONFIG, WaypointConfig
+from services.waypoint.convert import WAYPOINT_CONFIG_TYPE_URL, WaypointConfigs
 from services.waypoint.errors import WaypointConfigError
 from services.waypoint.http import HttpProxy
 from services.waypoint.proxy import WaypointProxy
@@ -142,6 +144,7 @@ async def run_waypoint(settings: WaypointSettings, *, shutdown: trio.Event | Non
     from services.ztunnel.identity.ca_client import GrpcCaClient
     from services.ztunnel.identity.manager import open_certificate_manager
     from services.ztunnel.xds.client import XdsClient, XdsClientConfig
+    from services.ztunnel.xds.convert import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
     from shared.aio import open_aio_loop
 
     base = settings.base
@@ -152,9 +155,12 @@ async def run_waypoint(settings: WaypointSettings, *, shutdown: trio.Event | Non
     contexts = TlsContextCache()
     ip = base.instance_ip
     node_id = f"router~{ip}~{base.pod_name}.{base.pod_namespace}~{base.pod_namespace}.svc.cluster.local"
+    configs = WaypointConfigs()
     xds = XdsClient(base.xds_target, store, XdsClientConfig(
         node_id=node_id, node_metadata={"NAME": base.pod_name, "NAMESPACE": base.pod_namespace,
-                                        "INSTANCE_IPS": ip, "NODE_NAME": base.node_name}))
+                                        "INSTANCE_IPS": ip, "NODE_NAME": base.node_name},
+        type_urls=(ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_CONFIG_TYPE_URL)),
+        sinks={WAYPOINT_CONFIG_TYPE_URL: configs})
 
     async def stats(request: Request) -> Response:
         if request.path in ("/metrics", "/stats/prometheus"):
@@ -177,6 +183,7 @@ async def run_waypoint(settings: WaypointSettings, *, shutdown: trio.Event | Non
         certs = await stack.enter_async_context(open_certificate_manager(ca))
         proxy = await stack.enter_async_context(open_waypoint(
             store=store, certs=certs, contexts=contexts, identity=settings.identity, telemetry=telemetry,
+            config=configs.current,
             instance_ip=ip, cluster=base.cluster_id, connect_timeout=base.proxy.connect_timeout))
         listener = stack.enter_context(hbone_listener(settings.hbone_addr))
         async with trio.open_nursery() as servers:

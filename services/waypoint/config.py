@@ -143,8 +143,15 @@ class HttpRoute(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WaypointConfig(msgspec.Struct, frozen=True, kw_only=True):
+    name: str = ""
+    namespace: str = ""
+    """The waypoint's (the resource is named `namespace/name`)."""
     policies: tuple[L7Policy, ...] = ()
     routes: tuple[HttpRoute, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 EMPTY_CONFIG = WaypointConfig()
