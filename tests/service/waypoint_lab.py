@@ -40,6 +40,7 @@ from services.ztunnel.state.types import (
     WorkloadUid,
 )
 from shared.httpd import Request, Response, receive_body, receive_head, serve_http_tcp, text_response
+from shared.identity import SpiffeId
 from tests.service.test_hbone_helpers import FakeCerts, Server, _echo, serve_hbone, spiffe
 
 NET = "127.0.88."
@@ -81,6 +82,8 @@ class FakePod:
     name: str
     ip: str
     requests: list[Request] = field(default_factory=list)
+    identity: SpiffeId | None = None
+    """Its HBONE server's; default spiffe://cluster.local/ns/default/sa/<name>."""
 
 
 async def run_pod(nursery: trio.Nursery, fake: FakePod, certs: FakeCerts, roots: list[str]) -> None:
@@ -97,7 +100,7 @@ async def run_pod(nursery: trio.Nursery, fake: FakePod, certs: FakeCerts, roots:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((fake.ip, INBOUND_HBONE_PORT))
     listener.listen(64)
-    identity = spiffe(fake.name)
+    identity = fake.identity or spiffe(fake.name)
     policy = Server(addr=(fake.ip, INBOUND_HBONE_PORT), identity=identity)
     nursery.start_soon(functools.partial(serve_hbone, listener, policy, identity=identity, certs=certs,
                                          contexts=TlsContextCache(roots)))
