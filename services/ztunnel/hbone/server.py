@@ -19,6 +19,10 @@ it (proxy/inbound.py implements it; tests use a fake). Per connection:
    upstream socket, with half-close. When the stream ends, its outcome (status, bytes, error) goes to
    `policy.closed(outcome)`: once per stream, for the access log and the metrics.
 
+A waypoint serves its tunnels itself: `serve_hbone_tunnels` runs the same connection (TLS, bounds, core)
+without the own-IP check and hands each valid CONNECT to its tunnel handler, which answers and carries it;
+its `ConnectionPolicy` only hears `accepted` and `refused`.
+
 The policy's methods are plain calls except `open_upstream`; authorization is synchronous (a decision over
 the state as it is now). A bug in the policy fails its stream (503 or a reset), never the connection.
 
