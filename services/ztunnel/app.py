@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import sys
 from functools import partial
 
@@ -51,6 +50,7 @@ from shared.errors import AmbientError, start_failure
 from shared.httpd import bound_addresses, serve_http_tcp
 from shared.limits import raise_open_files_limit
 from shared.logs import setup_logging
+from shared.signals import set_on_stop_signal
 from shared.version import version_text
 
 log = logging.getLogger("ztunnel.app")
@@ -138,18 +138,11 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
 
 async def _main(config: ZtunnelConfig) -> None:
     shutdown = trio.Event()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            async def wait_signal() -> None:
-                async for signum in signals:
-                    log.info("received signal", extra={"fields": [("signal", signal.Signals(signum).name)]})
-                    shutdown.set()
-                    return
-
-            nursery.start_soon(wait_signal)
-            nursery.start_soon(trim_malloc_periodically)
-            await run_ztunnel(config, shutdown=shutdown)
-            nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(set_on_stop_signal, shutdown, log)
+        nursery.start_soon(trim_malloc_periodically)
+        await run_ztunnel(config, shutdown=shutdown)
+        nursery.cancel_scope.cancel()
 
 
 ENV_HELP = """settings (environment variables, named as upstream ztunnel's):

@@ -96,7 +96,7 @@ def _gateway_service(store: StateStore, gateway: GatewayAddress, network: str) -
     return None
 
 
-def _is_waypoint_of(source: Workload | None, gateway: GatewayAddress, store: StateStore) -> bool:
+def is_waypoint_of(source: Workload | None, gateway: GatewayAddress, store: StateStore) -> bool:
     """`source` is (one of the pods of) that waypoint: a waypoint is never sent to its own waypoint."""
     if source is None:
         return False
@@ -148,12 +148,16 @@ def _workload_route(workload: Workload, ip: str, port: int, service: Service | N
 
 
 def resolve_outbound(store: StateStore, dst: Addr, *, source: Workload | None = None, network: str = "",
-                     choose: Chooser = random.choice) -> Route:
-    """Where a connection from `source` to `dst` (the original destination) goes. See the module doc."""
+                     choose: Chooser = random.choice, via_waypoints: bool = True) -> Route:
+    """Where a connection from `source` to `dst` (the original destination) goes. See the module doc.
+
+    `via_waypoints=False` resolves as the waypoint itself does for what it serves: straight to an endpoint.
+    """
     ip, port = dst
     service = store.service_by_vip(ip, network)
     if service is not None:
-        if service.waypoint is not None and not _is_waypoint_of(source, service.waypoint, store):
+        if (via_waypoints and service.waypoint is not None
+                and not is_waypoint_of(source, service.waypoint, store)):
             return _waypoint_route(store, service.waypoint, dst, network=network, service=service,
                                    choose=choose)
         healthy = [(wl, ports) for wl, ports in store.endpoints(service) if wl.healthy and wl.addresses]
@@ -167,6 +171,7 @@ def resolve_outbound(store: StateStore, dst: Addr, *, source: Workload | None = 
     workload = store.workload_by_ip(ip, network)
     if workload is None:
         return Passthrough(dst=dst)
-    if workload.waypoint is not None and not _is_waypoint_of(source, workload.waypoint, store):
+    if (via_waypoints and workload.waypoint is not None
+            and not is_waypoint_of(source, workload.waypoint, store)):
         return _waypoint_route(store, workload.waypoint, dst, network=network, service=None, choose=choose)
     return _workload_route(workload, ip, port, None)
