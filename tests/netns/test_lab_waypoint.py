@@ -3,19 +3,23 @@ program; meshed clients' ztunnels send bookinfo's service traffic to the waypoin
 HBONE target (the seed article's outbound line); a meshed pod that goes around the waypoint straight to
 details' pod is refused by details' ztunnel, naming the policy that requires the waypoint.
 
-The flows through a running waypoint (L7 deny, weighted split) need the waypoint program
-(services/waypoint/) and are skipped without it.
+Through the running waypoint (skipped without services/waypoint/): the page is served with details'
+ztunnel seeing the waypoint as the source; the L7 policy lets productpage GET /details/* and answers
+anyone else 403 with the waypoint's request line; the reviews route splits requests over v1 and v2.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ambient.lab import components, lab
+from ambient.lab.components import LabPaths
 from tests.netns.test_lab_topology import NET_A, NET_B, client_get, needs_mesh, running_lab
 
 A, B = f"10.244.{NET_A}.", f"10.244.{NET_B}."
@@ -90,3 +94,55 @@ def test_through_the_waypoint_the_page_is_served(prefix: str) -> None:
     lines = access_lines(prefix, "node-b", "inbound", f"dst.hbone_addr={DETAILS_POD}:9080",
                          'src.identity="spiffe://cluster.local/ns/bookinfo/sa/waypoint"')
     assert lines and "error=" not in lines[-1], lines
+
+
+def waypoint_lines(prefix: str, *needles: str, timeout: float = 5.0) -> list[str]:
+    log = LabPaths(lab.require_state(prefix).run_dir).log("waypoint/bookinfo/waypoint-7c8d9e")
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in log.read_text().splitlines()
+                 if "request complete" in line and all(n in line for n in needles)]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
+
+
+@needs_waypoint
+def test_the_l7_policy_lets_only_productpage_get_details(prefix: str) -> None:
+    code, body, err = client_get(prefix, "http://productpage.bookinfo:9080/productpage", pod="sleep")
+    assert code == 0 and body is not None, err
+    assert body["details"]["served_by"]["pod"] == "details-v1-5f4d58", body["details"]
+    assert waypoint_lines(prefix, 'src.identity="spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"',
+                          'dst.service="details.bookinfo.svc.cluster.local"', 'method="GET"',
+                          "response_code=200")
+    # sleep is not productpage: the waypoint answers 403 as Envoy's RBAC filter does
+    argv = ["python", "-m", "services.apps.client", "-m", "5", "-i", "http://details.bookinfo:9080/details/0"]
+    result = lab.exec_in_pod(argv, pod="sleep", prefix=prefix, capture=True)
+    out = result.stdout.decode()
+    assert " 403 " in out.splitlines()[0] and "RBAC: access denied" in out, out
+    lines = waypoint_lines(prefix, 'src.identity="spiffe://cluster.local/ns/sleep/sa/sleep"',
+                           'path="/details/0"', "response_code=403")
+    assert lines, "no waypoint request line for the denied request"
+
+
+SPLIT = """
+import http.client, json, sys
+conn = http.client.HTTPConnection("reviews.bookinfo", 9080, timeout=10)
+pods = []
+for _ in range(int(sys.argv[1])):
+    conn.request("GET", "/reviews/0")
+    pods.append(json.loads(conn.getresponse().read())["served_by"]["pod"])
+print(json.dumps(pods))
+"""
+
+
+@needs_waypoint
+def test_the_route_splits_reviews_over_v1_and_v2(prefix: str) -> None:
+    n = 100
+    result = lab.exec_in_pod(["python", "-c", SPLIT, str(n)], pod="sleep", prefix=prefix, capture=True)
+    assert result.returncode == 0, result.stderr.decode()
+    split = Counter(json.loads(result.stdout))
+    print(f"reviews split over {n} requests on one keep-alive connection: {dict(split)}")
+    assert set(split) <= {"reviews-v1-7b8c4f", "reviews-v2-6d7e9a"} and sum(split.values()) == n
+    # 90/10: v2 gets a few, v1 most (P(v2 = 0) = 0.9^100 ~ 3e-5; P(v2 >= 50) is far smaller)
+    assert 0 < split["reviews-v2-6d7e9a"] < split["reviews-v1-7b8c4f"], split
