@@ -786,6 +786,19 @@ def access_logs(
                 yield line
 
 
+def waypoint_logs(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> Iterator[str]:
+    """The request lines (`request complete`) of every waypoint the lab runs, oldest first per waypoint."""
+    state = require_state(prefix, root)
+    for record in state.processes:
+        if record.spec.component != "waypoint":
+            continue
+        try:
+            lines = Path(record.spec.log).read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            continue
+        yield from (line for line in lines if "request complete" in line)
+
+
 def world_command(
     argv: Sequence[str], *, prefix: str = DEFAULT_PREFIX, root: Path | None = None, capture: bool = False
 ) -> subprocess.CompletedProcess[bytes]:
