@@ -3,6 +3,9 @@ program; meshed clients' ztunnels send bookinfo's service traffic to the waypoin
 HBONE target (the seed article's outbound line); a meshed pod that goes around the waypoint straight to
 details' pod is refused by details' ztunnel, naming the policy that requires the waypoint.
 
+With AMBIENT_UPSTREAM_ZTUNNEL set, everything runs a second time with upstream's ztunnel on node-b (details'
+and the waypoint's node), which gets the same policies from the stub.
+
 Through the running waypoint (skipped without services/waypoint/): the page is served with details'
 ztunnel seeing the waypoint as the source; the L7 policy lets productpage GET /details/* and answers
 anyone else 403 with the waypoint's request line; the reviews route splits requests over v1 and v2.
@@ -11,15 +14,18 @@ anyone else 403 with the waypoint's request line; the reviews route splits reque
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ambient.lab import components, lab
 from ambient.lab.components import LabPaths
+from ambient.lab.upstream import UPSTREAM_ENV
 from tests.netns.test_lab_topology import NET_A, NET_B, client_get, needs_mesh, running_lab
 
 A, B = f"10.244.{NET_A}.", f"10.244.{NET_B}."
@@ -33,9 +39,19 @@ needs_waypoint = pytest.mark.skipif(not components.available("waypoint"),
                                     reason="needs the waypoint program (services/waypoint/)")
 
 
-@pytest.fixture(scope="module")
-def prefix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_lab("zw", WORLD, tmp_path_factory.mktemp("waypoint")) as name:
+UPSTREAM_BIN = os.environ.get(UPSTREAM_ENV, "")
+
+
+@pytest.fixture(scope="module", params=["ours", "upstream-node-b"])
+def prefix(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The lab with our ztunnels, and again with upstream's on node-b (details' node) when
+    AMBIENT_UPSTREAM_ZTUNNEL names one: the destination side holds for both."""
+    options: dict[str, Any] = {}
+    if request.param == "upstream-node-b":
+        if not UPSTREAM_BIN:
+            pytest.skip(f"{UPSTREAM_ENV} is not set: no upstream ztunnel for node-b")
+        options = {"ztunnel_bin": UPSTREAM_BIN, "upstream_on": ["node-b"]}
+    with running_lab("zw", WORLD, tmp_path_factory.mktemp("waypoint"), **options) as name:
         yield name
 
 
