@@ -307,7 +307,7 @@ def waypoint_spec(
     """The waypoint process of a waypoint's pod, in the pod's netns (the pod is not captured). Like a
     workload's proxy it proves its node with the node's token and gets the pod identity's certificate from
     the CA; its xDS node id is the pod's (`router~IP~POD.NS~...`), which alone receives its WaypointConfig.
-    Ready once it accepts on 15008."""
+    Ready once it accepts on 15008 and its /healthz/ready on 15021 says it is synced with xDS."""
     name = f"waypoint/{pod.namespace}/{pod.name}"
     cwd = paths.node_dir(pod.node)
     return ComponentSpec(
@@ -324,7 +324,12 @@ def waypoint_spec(
         },
         cwd=str(cwd),
         log=str(paths.log(name)),
-        checks=[TcpCheck(netns=pod.netns, host=pod.ip, port=p) for p in pod.app.ports],
+        checks=[
+            *(TcpCheck(netns=pod.netns, host=pod.ip, port=p) for p in pod.app.ports),
+            # ready once synced with xDS (its certificate and its WaypointConfig), as ztunnel's 15021
+            HttpCheck(netns=pod.netns, host="127.0.0.1", port=ZTUNNEL_READY_PORT, path="/healthz/ready",
+                      status=200),
+        ],
         node=pod.node,
         pod=f"{pod.namespace}/{pod.name}",
     )

@@ -162,3 +162,11 @@ def test_the_route_splits_reviews_over_v1_and_v2(prefix: str) -> None:
     assert set(split) <= {"reviews-v1-7b8c4f", "reviews-v2-6d7e9a"} and sum(split.values()) == n
     # 90/10: v2 gets a few, v1 most (P(v2 = 0) = 0.9^100 ~ 3e-5; P(v2 >= 50) is far smaller)
     assert 0 < split["reviews-v2-6d7e9a"] < split["reviews-v1-7b8c4f"], split
+
+
+@needs_waypoint
+def test_a_restarted_waypoint_serves_again(prefix: str) -> None:
+    [name] = lab.restart("waypoint", prefix=prefix)
+    assert name == "waypoint/bookinfo/waypoint-7c8d9e"
+    code, body, err = client_get(prefix, "http://productpage.bookinfo:9080/productpage", pod="sleep")
+    assert code == 0 and body is not None, err

@@ -9,7 +9,7 @@ import pytest
 
 from ambient.lab import components
 from ambient.lab.components import LabPaths
-from ambient.lab.state import TcpCheck
+from ambient.lab.state import HttpCheck, TcpCheck
 from ambient.lab.topology import LabPlan, plan_lab
 from services.istiod.world import load_world
 
@@ -59,9 +59,10 @@ def test_the_waypoint_process_spec(tmp_path: Path) -> None:
     assert env["XDS_ADDRESS"] == env["CA_ADDRESS"] == f"https://{p.istiod_address}"
     assert env["XDS_TOKEN_FILE"] == env["CA_TOKEN_FILE"] == str(node_dir / components.TOKEN_PATH)
     assert env["XDS_ROOT_CERT"] == env["CA_ROOT_CERT"] == str(node_dir / components.ROOT_CERT_PATH)
-    [check] = spec.checks
-    assert isinstance(check, TcpCheck)
-    assert (check.netns, check.host, check.port) == (wp.netns, "10.244.2.9", 15008)
+    hbone, ready = spec.checks
+    assert isinstance(hbone, TcpCheck) and isinstance(ready, HttpCheck)
+    assert (hbone.netns, hbone.host, hbone.port) == (wp.netns, "10.244.2.9", 15008)
+    assert (ready.netns, ready.port, ready.path, ready.status) == (wp.netns, 15021, "/healthz/ready", 200)
     # ztunnel of the same node reaches istiod the same way.
     zt = components.ztunnel_spec(p, p.node("node-b"), paths, with_agent=True)
     assert all(zt.env[k] == env[k] for k in ("XDS_ADDRESS", "XDS_TOKEN_FILE", "CA_ROOT_CERT"))
