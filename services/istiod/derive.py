@@ -461,8 +461,7 @@ def derive_waypoint_config(world: World, wp: Waypoint) -> wypb.WaypointConfig:
     served = {(s.namespace, s.name): s for s in services}
     policies = []
     for pol in sorted(world.authorization_policies, key=lambda p: p.key):
-        if pol.namespace != wp.namespace and pol.namespace != world.root_namespace:
-            continue
+        # targetRefs name objects of the policy's own namespace: the waypoint, or a service it serves there
         refs = pol.target_refs
         if any(r.kind == "Gateway" and r.name == wp.name and pol.namespace == wp.namespace for r in refs):
             policies.append(derive_l7_policy(world, pol, []))

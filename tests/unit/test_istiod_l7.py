@@ -256,3 +256,15 @@ def test_policy_add_takes_either_shape_and_rm_removes_either() -> None:
     bad = b'{"name": "x", "namespace": "ns", "targetRefs": [{"kind": "Gateway", "name": "nope"}]}'
     with pytest.raises(WorldError, match=r"targetRefs\[0\].name: unknown waypoint ns/nope"):
         store.add_policy(bad)
+
+
+def test_a_policy_on_a_service_of_another_namespace_that_uses_the_waypoint_reaches_it() -> None:
+    w = load_world((BASE.replace(
+        "  - {name: o, namespace: other, vips: [10.96.0.5], selector: {app: o}, ports: [{port: 80}]}",
+        "  - {name: o, namespace: other, vips: [10.96.0.5], selector: {app: o}, ports: [{port: 80}],\n"
+        "     waypoint: {name: wp, namespace: ns}}") + POLICIES).encode(), "w.yaml")
+    cfg = config(w)
+    assert "o.other.svc.cluster.local" in [s.hostname for s in cfg.services]
+    on_other = next(p for p in cfg.policies if p.name == "on-other")
+    targets = [(t.namespace, t.hostname) for t in on_other.target_services]
+    assert targets == [("other", "o.other.svc.cluster.local")]
