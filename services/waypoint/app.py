@@ -19,6 +19,7 @@ takes them) and WAYPOINT_HBONE_ADDR (default every address, port 15008). SIGTERM
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -119,14 +120,26 @@ async def serve_waypoint(listener: socket.socket, proxy: WaypointProxy, *, certs
 
 
 def hbone_listener(addr: tuple[str | None, int]) -> socket.socket:
+    """The listening socket for `addr`; no host: every address, v6 and v4 (v4 alone where the netns has no
+    IPv6)."""
     host, port = addr
-    family = socket.AF_INET if host is not None and ":" not in host else socket.AF_INET6
+    if host is None:
+        try:
+            return _listen(socket.AF_INET6, "::", port)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+            return _listen(socket.AF_INET, "0.0.0.0", port)
+    return _listen(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port)
+
+
+def _listen(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host if host is not None else "::", port))
+        sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)
     except BaseException:
