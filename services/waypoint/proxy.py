@@ -32,7 +32,8 @@ from typing import Final
 import msgspec
 import trio
 
-from services.waypoint.http import HttpProxy, Tunnel, TunnelAborted
+from services.waypoint.http import HttpProxy, Tunnel, TunnelAborted, is_h2, sniff
+from services.waypoint.http2 import serve_h2
 from services.waypoint.telemetry import REPORTER, WaypointTelemetry
 from services.waypoint.upstream import UpstreamError, Upstreams
 from services.ztunnel.authz import AuthzRequest, authorize
@@ -147,7 +148,11 @@ class WaypointProxy:
         try:
             if what.http:
                 conn.respond(stream, 200)
-                await self.http.serve(stream, tunnel)
+                first = await sniff(stream)
+                if is_h2(first):
+                    await serve_h2(self.http, stream, tunnel, first)
+                else:
+                    await self.http.serve(stream, tunnel, first)
             else:
                 assert me is not None
                 await self._tcp(conn, stream, info, tunnel, me)
