@@ -26,6 +26,7 @@ A tunnel whose exchange broke mid-response is reset, never ended cleanly.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Final
 
@@ -107,6 +108,8 @@ class WaypointProxy:
         self.telemetry = telemetry
         self.cluster = cluster
         self.instance_ip = instance_ip
+        self.connections: weakref.WeakSet[HboneConnection] = weakref.WeakSet()
+        """The accepted connections still alive (for the drain)."""
 
     def me(self) -> Workload | None:
         """The waypoint's own workload: given, or found in xDS by INSTANCE_IP."""
@@ -117,7 +120,7 @@ class WaypointProxy:
     # --- ConnectionPolicy ---
 
     def accepted(self, conn: HboneConnection) -> None:
-        pass
+        self.connections.add(conn)
 
     def refused(self, outcome: ConnectionOutcome) -> None:
         self.telemetry.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
