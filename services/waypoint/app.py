@@ -50,7 +50,7 @@ from services.ztunnel.net import INBOUND_HBONE_PORT, accept_forever
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Workload
 from shared.addr import format_host_port
-from shared.errors import AmbientError, start_failure
+from shared.errors import run_process
 from shared.httpd import Request, Response, bound_addresses, serve_http_tcp
 from shared.identity import SpiffeId
 from shared.logs import setup_logging
@@ -284,15 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"waypoint: {exc}", file=sys.stderr)
         return 2
     setup_logging(json_format=settings.base.log_format == "json", level=settings.base.log_level)
-    try:
-        trio.run(_main, settings)
-    except (OSError, AmbientError, BaseExceptionGroup) as exc:
-        failure = start_failure(exc)
-        if failure is None:
-            raise
-        print(f"waypoint: cannot start: {failure}", file=sys.stderr)
-        return 1
-    return 0
+    return run_process("waypoint", _main, settings)
 
 
 if __name__ == "__main__":
