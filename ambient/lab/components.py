@@ -50,7 +50,7 @@ from ambient.lab.state import (
     is_running,
     process_start_time,
 )
-from ambient.lab.topology import ETC_NETNS, ISTIOD_PORT, LabPlan, NodePlan, PodPlan
+from ambient.lab.topology import ETC_NETNS, ISTIOD_PORT, WAYPOINT_PROGRAM, LabPlan, NodePlan, PodPlan
 from shared.netns import NetnsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -301,11 +301,13 @@ def control_plane_env(istiod: str, node_dir: Path) -> dict[str, str]:
     }
 
 
-def waypoint_spec(plan: LabPlan, pod: PodPlan, paths: LabPaths) -> ComponentSpec:
+def waypoint_spec(
+    plan: LabPlan, pod: PodPlan, paths: LabPaths, *, istiod: str | None = None
+) -> ComponentSpec:
     """The waypoint process of a waypoint's pod, in the pod's netns (the pod is not captured). Like a
     workload's proxy it proves its node with the node's token and gets the pod identity's certificate from
     the CA; its xDS node id is the pod's (`router~IP~POD.NS~...`), which alone receives its WaypointConfig.
-    Ready once it accepts on 15008."""
+    Ready once it accepts on 15008 and its /healthz/ready on 15021 says it is synced with xDS."""
     name = f"waypoint/{pod.namespace}/{pod.name}"
     cwd = paths.node_dir(pod.node)
     return ComponentSpec(
@@ -317,15 +319,32 @@ def waypoint_spec(plan: LabPlan, pod: PodPlan, paths: LabPaths) -> ComponentSpec
             **pod.app.env,
             "NODE_NAME": pod.node,
             "INSTANCE_IP": pod.ip,
-            **control_plane_env(plan.istiod_address, cwd),
+            **control_plane_env(istiod or plan.istiod_address, cwd),
             "LOG_FORMAT": "plain",
         },
         cwd=str(cwd),
         log=str(paths.log(name)),
-        checks=[TcpCheck(netns=pod.netns, host=pod.ip, port=p) for p in pod.app.ports],
+        checks=[
+            *(TcpCheck(netns=pod.netns, host=pod.ip, port=p) for p in pod.app.ports),
+            # ready once synced with xDS (its certificate and its WaypointConfig), as ztunnel's 15021
+            HttpCheck(netns=pod.netns, host="127.0.0.1", port=ZTUNNEL_READY_PORT, path="/healthz/ready",
+                      status=200),
+        ],
         node=pod.node,
         pod=f"{pod.namespace}/{pod.name}",
     )
+
+
+def pod_spec(
+    plan: LabPlan, pod: PodPlan, paths: LabPaths, *, istiod: str | None = None
+) -> ComponentSpec | None:
+    """What runs in `pod`: its app, or for a waypoint's pod the waypoint process (None while that program is
+    not installed: traffic sent to the waypoint then fails closed)."""
+    if pod.app.kind != WAYPOINT_PROGRAM:
+        return app_spec(pod, paths)
+    if not available("waypoint"):
+        return None
+    return waypoint_spec(plan, pod, paths, istiod=istiod)
 
 
 def write_node_secrets(paths: LabPaths, node: str, token: str) -> None:

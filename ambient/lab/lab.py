@@ -58,7 +58,6 @@ from ambient.lab.state import (
 )
 from ambient.lab.topology import (
     ETC_NETNS,
-    WAYPOINT_PROGRAM,
     LabPlan,
     PodPlan,
     apply_plan,
@@ -270,22 +269,14 @@ class LabBuilder:
             )
         )
         save_state(self.state)
-        if pod.app.kind == WAYPOINT_PROGRAM:
-            self.start_waypoint(pod)
+        spec = components.pod_spec(self.plan, pod, self.paths)
+        if spec is None:
+            self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, {pod.app.kind}, but the {pod.app.kind} "
+                          "program is not installed yet: traffic sent to it fails closed")
             return
-        app = self.launch(components.app_spec(pod, self.paths))
+        app = self.launch(spec)
         components.wait_ready(app, timeout=self.timeout)
         self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, {pod.app.kind}, {status}")
-
-    def start_waypoint(self, pod: PodPlan) -> None:
-        if not components.available("waypoint"):
-            self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, waypoint, but the waypoint program is not "
-                          "installed yet: traffic sent to this waypoint fails closed")
-            return
-        record = self.launch(components.waypoint_spec(self.plan, pod, self.paths))
-        components.wait_ready(record, timeout=self.timeout)
-        self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, waypoint ready (pid {record.pid}, log "
-                      f"{record.spec.log})")
 
     def wait_enrolled(self) -> None:
         pending = [p for p in self.state.pods if p.status == "pending"]
@@ -793,6 +784,19 @@ def access_logs(
                 continue
             if direction is None or match.group(1) == direction:
                 yield line
+
+
+def waypoint_logs(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> Iterator[str]:
+    """The request lines (`request complete`) of every waypoint the lab runs, oldest first per waypoint."""
+    state = require_state(prefix, root)
+    for record in state.processes:
+        if record.spec.component != "waypoint":
+            continue
+        try:
+            lines = Path(record.spec.log).read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            continue
+        yield from (line for line in lines if "request complete" in line)
 
 
 def world_command(

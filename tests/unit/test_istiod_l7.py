@@ -230,3 +230,29 @@ def test_policy_actions_are_case_insensitive_and_audit_travels() -> None:
     w = world("authorizationPolicies: [{name: p, namespace: ns, action: audit, "
               "targetRefs: [{kind: Gateway, name: wp}]}]")
     assert config(w).policies[0].action == wypb.AUDIT
+
+
+def test_policy_add_takes_either_shape_and_rm_removes_either() -> None:
+    from services.istiod.errors import NotFoundError
+    from services.istiod.store import WorldStore
+
+    store = WorldStore(world())
+    store.add_policy(b'{"name": "deny-sleep", "namespace": "ns", "action": "DENY",'
+                     b' "targetRefs": [{"kind": "Service", "name": "a"}],'
+                     b' "rules": [{"from": [{"source": {"namespaces": ["sleep"]}}]}]}')
+    assert [p.key for p in store.world.authorization_policies] == ["ns/deny-sleep"]
+    assert not store.world.policies
+    assert [p.name for p in config(store.world).policies] == ["deny-sleep"]
+    # the same name in ztunnel's shape replaces it
+    store.add_policy(b'{"name": "deny-sleep", "namespace": "ns", "action": "deny"}')
+    assert [p.key for p in store.world.policies] == ["ns/deny-sleep"]
+    assert not store.world.authorization_policies
+    store.add_policy(b'{"name": "l7", "namespace": "ns", "targetRefs": [{"kind": "Gateway", "name": "wp"}]}')
+    store.remove_policy("ns", "l7")
+    store.remove_policy("ns", "deny-sleep")
+    assert not store.world.policies and not store.world.authorization_policies
+    with pytest.raises(NotFoundError):
+        store.remove_policy("ns", "l7")
+    bad = b'{"name": "x", "namespace": "ns", "targetRefs": [{"kind": "Gateway", "name": "nope"}]}'
+    with pytest.raises(WorldError, match=r"targetRefs\[0\].name: unknown waypoint ns/nope"):
+        store.add_policy(bad)

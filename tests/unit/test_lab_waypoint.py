@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ambient.lab import components
 from ambient.lab.components import LabPaths
-from ambient.lab.state import TcpCheck
+from ambient.lab.state import HttpCheck, TcpCheck
 from ambient.lab.topology import LabPlan, plan_lab
 from services.istiod.world import load_world
 
@@ -57,9 +59,27 @@ def test_the_waypoint_process_spec(tmp_path: Path) -> None:
     assert env["XDS_ADDRESS"] == env["CA_ADDRESS"] == f"https://{p.istiod_address}"
     assert env["XDS_TOKEN_FILE"] == env["CA_TOKEN_FILE"] == str(node_dir / components.TOKEN_PATH)
     assert env["XDS_ROOT_CERT"] == env["CA_ROOT_CERT"] == str(node_dir / components.ROOT_CERT_PATH)
-    [check] = spec.checks
-    assert isinstance(check, TcpCheck)
-    assert (check.netns, check.host, check.port) == (wp.netns, "10.244.2.9", 15008)
+    hbone, ready = spec.checks
+    assert isinstance(hbone, TcpCheck) and isinstance(ready, HttpCheck)
+    assert (hbone.netns, hbone.host, hbone.port) == (wp.netns, "10.244.2.9", 15008)
+    assert (ready.netns, ready.port, ready.path, ready.status) == (wp.netns, 15021, "/healthz/ready", 200)
     # ztunnel of the same node reaches istiod the same way.
     zt = components.ztunnel_spec(p, p.node("node-b"), paths, with_agent=True)
     assert all(zt.env[k] == env[k] for k in ("XDS_ADDRESS", "XDS_TOKEN_FILE", "CA_ROOT_CERT"))
+
+
+def test_pod_spec_picks_the_waypoint_process_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = plan()
+    paths = LabPaths(tmp_path)
+    wp = next(pod for pod in p.pods if pod.name == "waypoint-0")
+    web = next(pod for pod in p.pods if pod.name == "web")
+    app = components.pod_spec(p, web, paths)
+    assert app is not None and app.component == "app"
+    monkeypatch.setattr(components, "available", lambda component: component != "waypoint")
+    assert components.pod_spec(p, wp, paths) is None  # not installed: nothing runs, traffic fails closed
+    monkeypatch.setattr(components, "available", lambda component: True)
+    spec = components.pod_spec(p, wp, paths, istiod="172.30.0.2:15012")  # a container node's istiod
+    assert spec is not None and spec.component == "waypoint"
+    assert spec.env["XDS_ADDRESS"] == "https://172.30.0.2:15012"
