@@ -13,12 +13,15 @@ Theory of operation
 Settings are ztunnel's where the meaning is the same (XDS_ADDRESS, CA_ADDRESS, their ROOT_CERT and
 TOKEN_FILE, INSTANCE_IP, POD_NAME, POD_NAMESPACE, CLUSTER_ID, STATS_ADDR, READINESS_ADDR, LOG_FORMAT,
 RUST_LOG, CONNECT_TIMEOUT), plus SERVICE_ACCOUNT and TRUST_DOMAIN (the identity, as Istio's pilot-agent
-takes them) and WAYPOINT_HBONE_ADDR (default every address, port 15008). SIGTERM/SIGINT stop it.
+takes them) and WAYPOINT_HBONE_ADDR (default every address, port 15008). SIGTERM/SIGINT: accept no
+more, GOAWAY each connection once it carries no tunnel, then stop after CONNECTION_TERMINATION_DEADLINE
+(ztunnel's setting, default 5 s) at the latest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -39,6 +42,7 @@ from services.waypoint.telemetry import WaypointTelemetry
 from services.waypoint.upstream import Upstreams
 from services.ztunnel.config import ZtunnelConfig, load_config
 from services.ztunnel.errors import ConfigError
+from services.ztunnel.hbone.connection import HboneConnection
 from services.ztunnel.hbone.pool import CertSource, open_hbone_pool
 from services.ztunnel.hbone.server import serve_hbone_tunnels
 from services.ztunnel.hbone.tls import TlsContextCache
@@ -46,7 +50,7 @@ from services.ztunnel.net import INBOUND_HBONE_PORT, accept_forever
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import Workload
 from shared.addr import format_host_port
-from shared.errors import AmbientError, start_failure
+from shared.errors import run_process
 from shared.httpd import Request, Response, bound_addresses, serve_http_tcp
 from shared.identity import SpiffeId
 from shared.logs import setup_logging
@@ -102,9 +106,11 @@ async def open_waypoint(*, store: StateStore, certs: CertSource, contexts: TlsCo
 
 
 async def serve_waypoint(listener: socket.socket, proxy: WaypointProxy, *, certs: CertSource,
-                         contexts: TlsContextCache,
+                         contexts: TlsContextCache, draining: trio.Event | None = None,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Accept HBONE on the non-blocking `listener` until cancelled; one task per connection."""
+    """Accept HBONE on the non-blocking `listener`, one task per connection, until cancelled, or until
+    `draining` is set: then accept no more, close each connection (GOAWAY) once it carries no tunnel, and
+    return when all have ended."""
     async with trio.open_nursery() as nursery:
         def spawn(sock: socket.socket, peer: tuple[str, int]) -> None:
             nursery.start_soon(functools.partial(serve_hbone_tunnels, sock, peer, identity=proxy.identity,
@@ -115,18 +121,44 @@ async def serve_waypoint(listener: socket.socket, proxy: WaypointProxy, *, certs
             log.warning("accept failed: out of resources; retrying", extra={"fields": [("error", str(exc))]})
 
         task_status.started()
-        await accept_forever(listener, spawn, on_capacity_error=capacity_error)
+        async with trio.open_nursery() as acceptor:
+            acceptor.start_soon(functools.partial(accept_forever, listener, spawn,
+                                                  on_capacity_error=capacity_error))
+            draining = draining if draining is not None else trio.Event()  # None: never
+            await draining.wait()
+            acceptor.cancel_scope.cancel()
+        for conn in list(proxy.connections):
+            nursery.start_soon(_close_when_idle, conn)
+
+
+async def _close_when_idle(conn: HboneConnection) -> None:
+    """GOAWAY once the connection carries no tunnel: a client's pool keeps an idle one for minutes."""
+    while conn.active_streams and not conn.dead:
+        await conn.wait_activity()
+    conn.close()
 
 
 def hbone_listener(addr: tuple[str | None, int]) -> socket.socket:
+    """The listening socket for `addr`; no host: every address, v6 and v4 (v4 alone where the netns has no
+    IPv6)."""
     host, port = addr
-    family = socket.AF_INET if host is not None and ":" not in host else socket.AF_INET6
+    if host is None:
+        try:
+            return _listen(socket.AF_INET6, "::", port)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+            return _listen(socket.AF_INET, "0.0.0.0", port)
+    return _listen(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port)
+
+
+def _listen(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host if host is not None else "::", port))
+        sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)
     except BaseException:
@@ -194,8 +226,14 @@ async def run_waypoint(settings: WaypointSettings, *, shutdown: trio.Event | Non
                 listeners = await servers.start(functools.partial(serve_http_tcp, endpoint, port, host,
                                                                   server="waypoint"))
                 addresses[name] = bound_addresses(listeners)
-            await servers.start(functools.partial(serve_waypoint, listener, proxy, certs=certs,
-                                                  contexts=contexts))
+            draining, drained = trio.Event(), trio.Event()
+
+            async def hbone(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                await serve_waypoint(listener, proxy, certs=certs, contexts=contexts, draining=draining,
+                                     task_status=task_status)
+                drained.set()
+
+            await servers.start(hbone)
             name = listener.getsockname()
             addresses["hbone"] = [(str(name[0]), int(name[1]))]
             log.info("waypoint started", extra={"fields": [
@@ -203,6 +241,11 @@ async def run_waypoint(settings: WaypointSettings, *, shutdown: trio.Event | Non
                 ("instance_ip", ip)]})
             task_status.started(addresses)
             await shutdown.wait()
+            log.info("shutting down: draining tunnels",
+                     extra={"fields": [("deadline", f"{base.drain_deadline}s")]})
+            draining.set()
+            with trio.move_on_after(base.drain_deadline):
+                await drained.wait()
             servers.cancel_scope.cancel()
     log.info("waypoint stopped")
 
@@ -241,15 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"waypoint: {exc}", file=sys.stderr)
         return 2
     setup_logging(json_format=settings.base.log_format == "json", level=settings.base.log_level)
-    try:
-        trio.run(_main, settings)
-    except (OSError, AmbientError, BaseExceptionGroup) as exc:
-        failure = start_failure(exc)
-        if failure is None:
-            raise
-        print(f"waypoint: cannot start: {failure}", file=sys.stderr)
-        return 1
-    return 0
+    return run_process("waypoint", _main, settings)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import h11
 import trio
@@ -59,7 +59,8 @@ MAX_DRAIN: Final = 1024 * 1024
 HEAD_TIMEOUT: Final = 300.0
 """Seconds a tunnel may sit without sending the next request head (Envoy's stream idle timeout)."""
 HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                               b"upgrade"})
+                               b"upgrade", b"http2-settings"})
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class TunnelAborted(Exception):
@@ -96,28 +97,108 @@ async def _send(stream: trio.abc.SendStream, conn: h11.Connection, event: h11.Ev
         await stream.send_all(data)
 
 
-async def _copy_body(src: trio.abc.ReceiveStream, src_conn: h11.Connection, dst: trio.abc.SendStream,
-                     dst_conn: h11.Connection) -> int:
-    """The body of the message `src_conn` is reading, re-framed by `dst_conn`, to its end; its size.
-
-    Raises:
-        h11.RemoteProtocolError: the body is malformed or cut short.
-    """
-    size = 0
-    while True:
-        event = await _next_event(src, src_conn)
-        if isinstance(event, h11.Data):
-            size += len(event.data)
-            await _send(dst, dst_conn, event)
-        elif isinstance(event, h11.EndOfMessage):
-            await _send(dst, dst_conn, h11.EndOfMessage())
-            return size
-        else:  # h11 raises on a close mid-message; nothing else comes between a head and its end
-            raise h11.RemoteProtocolError(f"unexpected {event!r} inside a message", error_status_hint=400)
-
-
 def _forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+
+
+class Downstream(Protocol):
+    """The client's side of one request, whatever HTTP version it speaks (HTTP/1.1 here, HTTP/2 in
+    http2.py): the request body as it comes, the response as it goes."""
+
+    @property
+    def body_done(self) -> bool:
+        """The whole request body was read."""
+        ...
+
+    @property
+    def head_sent(self) -> bool:
+        """The response head went out (an answer can no longer be changed, only cut)."""
+        ...
+
+    async def receive_body(self) -> bytes | None:
+        """The next chunk of the request body; None at its end.
+
+        Raises:
+            DownstreamError: the body is malformed or cut short.
+        """
+        ...
+
+    async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], reason: bytes = b"") -> None:
+        """The response head; `headers` without hop-by-hop ones (each version adds its framing)."""
+        ...
+
+    async def send_data(self, data: bytes) -> None: ...
+
+    async def end(self) -> None:
+        """The response is complete."""
+        ...
+
+
+class DownstreamError(Exception):
+    """The client's request broke the protocol (a malformed body, a head over the limits)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _H1Downstream:
+    """One HTTP/1.1 request of a tunnel's h11 connection."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, *,
+                 close: bool = False) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.close = close
+
+    @property
+    def body_done(self) -> bool:
+        return self.conn.their_state is not h11.SEND_BODY
+
+    @property
+    def head_sent(self) -> bool:
+        return self.conn.our_state is not h11.SEND_RESPONSE
+
+    async def receive_body(self) -> bytes | None:
+        if self.body_done:
+            return None
+        try:
+            event = await _next_event(self.stream, self.conn)
+        except h11.RemoteProtocolError as exc:
+            raise DownstreamError(str(exc), exc.error_status_hint) from exc
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            return None
+        raise DownstreamError(f"unexpected {event!r} inside a request")
+
+    async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], reason: bytes = b"") -> None:
+        if self.close:
+            headers = [*headers, (b"connection", b"close")]
+        await _send(self.stream, self.conn, h11.Response(status_code=status, reason=reason, headers=headers))
+
+    async def send_data(self, data: bytes) -> None:
+        await _send(self.stream, self.conn, h11.Data(data=data))
+
+    async def end(self) -> None:
+        await _send(self.stream, self.conn, h11.EndOfMessage())
+
+
+async def sniff(stream: trio.abc.ReceiveStream) -> bytes:
+    """The tunnel's first bytes, enough to tell HTTP/2's connection preface (prior knowledge) from an
+    HTTP/1.1 request; b"" when the client ended first. Waits up to HEAD_TIMEOUT."""
+    first = b""
+    with trio.move_on_after(HEAD_TIMEOUT):
+        while len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
+            data = await stream.receive_some(READ_SIZE)
+            if not data:
+                break
+            first += data
+    return first
+
+
+def is_h2(first: bytes) -> bool:
+    return first.startswith(H2_PREFACE)
 
 
 class HttpProxy:
@@ -130,105 +211,106 @@ class HttpProxy:
         self.telemetry = telemetry
         self.cluster = cluster
 
-    async def serve(self, stream: trio.abc.HalfCloseableStream, tunnel: Tunnel) -> None:
-        """Serve requests until the client ends the stream or one of them ends it.
+    async def serve(self, stream: trio.abc.HalfCloseableStream, tunnel: Tunnel, first: bytes = b"") -> None:
+        """Serve HTTP/1.1 requests until the client ends the stream or one of them ends it; `first`: bytes
+        already read from the stream (`sniff`).
 
         Raises:
             TunnelAborted: reset the stream (a response was cut).
             trio.BrokenResourceError: the stream failed.
         """
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if first:
+            conn.receive_data(first)
         while True:
             try:
                 with trio.fail_after(HEAD_TIMEOUT):
                     event = await _next_event(stream, conn)
             except h11.RemoteProtocolError as exc:
-                await self._bad_request(stream, conn, tunnel, exc)
+                await self._bad_request(_H1Downstream(stream, conn, close=True), tunnel, exc)
                 return
             except trio.TooSlowError:
                 return
             if not isinstance(event, h11.Request):  # ConnectionClosed: the client is done
                 return
-            if not await self._request(stream, conn, tunnel, event):
+            headers = [(bytes(k), bytes(v)) for k, v in event.headers]
+            if not await self.request(_H1Downstream(stream, conn), tunnel, bytes(event.method),
+                                      bytes(event.target), headers):
                 return
             if h11.MUST_CLOSE in (conn.our_state, conn.their_state):
                 return
             conn.start_next_cycle()
 
-    def _outcome(self, tunnel: Tunnel, method: str, path: str, authority: str) -> RequestOutcome:
+    def _outcome(self, tunnel: Tunnel, method: str, path: str, authority: str,
+                 protocol: str = "HTTP/1.1") -> RequestOutcome:
         service = tunnel.service
         dst = Peer(service=service.hostname, service_name=service.name,
                    service_namespace=service.namespace) if service is not None else Peer()
         return RequestOutcome(src_addr=format_addr(tunnel.src_addr), src=tunnel.src, dst=dst, method=method,
-                              path=path, authority=authority)
+                              path=path, authority=authority, protocol=protocol)
 
-    async def _bad_request(self, stream: trio.abc.SendStream, conn: h11.Connection, tunnel: Tunnel,
-                           exc: h11.RemoteProtocolError) -> None:
+    async def _bad_request(self, down: _H1Downstream, tunnel: Tunnel, exc: h11.RemoteProtocolError) -> None:
         outcome = self._outcome(tunnel, "-", "-", "-")
         outcome.response_flags = "DPE"  # Envoy: downstream protocol error
         status = exc.error_status_hint if exc.error_status_hint in (400, 413, 431) else 400
         log.info("malformed request", extra={"fields": [
             ("src.addr", outcome.src_addr), ("src.identity", tunnel.src_identity.uri), ("error", str(exc))]})
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        if down.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             body = b"Bad Request" if status == 400 else b"Request Header Fields Too Large"
-            await self._reply(stream, conn, outcome, status, body, close=True)
+            await self._reply(down, outcome, status, body)
         self.telemetry.request_complete(outcome)
 
-    async def _reply(self, stream: trio.abc.SendStream, conn: h11.Connection, outcome: RequestOutcome,
-                     status: int, body: bytes, *, close: bool = False) -> None:
-        headers = [("content-type", "text/plain"), ("content-length", str(len(body)))]
-        if close:
-            headers.append(("connection", "close"))
+    async def _reply(self, down: Downstream, outcome: RequestOutcome, status: int, body: bytes) -> None:
         outcome.status = status
-        await _send(stream, conn, h11.Response(status_code=status, headers=headers))
+        await down.send_head(status, [(b"content-type", b"text/plain"),
+                                      (b"content-length", str(len(body)).encode())])
         if body and outcome.method != "HEAD":
-            await _send(stream, conn, h11.Data(data=body))
+            await down.send_data(body)
             outcome.bytes_sent += len(body)
-        await _send(stream, conn, h11.EndOfMessage())
+        await down.end()
 
-    async def _drain(self, stream: trio.abc.ReceiveStream, conn: h11.Connection,
-                     outcome: RequestOutcome) -> bool:
-        """Read and drop the request's body; False when it is over MAX_DRAIN (the stream must close)."""
-        while True:
-            event = await _next_event(stream, conn)
-            if isinstance(event, h11.Data):
-                outcome.bytes_received += len(event.data)
-                if outcome.bytes_received > MAX_DRAIN:
-                    return False
-            elif isinstance(event, h11.EndOfMessage):
-                return True
-
-    async def _local(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection,
-                     outcome: RequestOutcome, status: int, body: bytes) -> bool:
-        """Answer locally (after the body); whether the connection may go on."""
-        whole = await self._drain(stream, conn, outcome) if conn.their_state is h11.SEND_BODY else True
-        await self._reply(stream, conn, outcome, status, body, close=not whole)
+    async def _local(self, down: Downstream, outcome: RequestOutcome, status: int, body: bytes) -> bool:
+        """Answer locally once the request body is read and dropped (up to MAX_DRAIN); whether the
+        connection may go on."""
+        whole = True
+        while (chunk := await down.receive_body()) is not None:
+            outcome.bytes_received += len(chunk)
+            if outcome.bytes_received > MAX_DRAIN:
+                whole = False
+                break
+        if not whole and isinstance(down, _H1Downstream):
+            down.close = True
+        await self._reply(down, outcome, status, body)
         return whole
 
-    async def _request(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, tunnel: Tunnel,
-                       head: h11.Request) -> bool:
-        """One request, answered; whether the connection may carry the next."""
-        method = head.method.decode("ascii", "replace")
-        target = head.target.decode("latin-1")
+    async def request(self, down: Downstream, tunnel: Tunnel, method_raw: bytes, target_raw: bytes,
+                      raw_headers: list[tuple[bytes, bytes]], *, protocol: str = "HTTP/1.1") -> bool:
+        """One request, answered; whether the connection may carry the next. `raw_headers` as the client
+        sent them (HTTP/2: `host` from `:authority`, no pseudo-headers)."""
+        method = method_raw.decode("ascii", "replace")
+        target = target_raw.decode("latin-1")
         path = target.partition("?")[0]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
-        outcome = self._outcome(tunnel, method, path, headers.get("host", ""))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+        outcome = self._outcome(tunnel, method, path, headers.get("host", ""), protocol)
         try:
-            return await self._decide_and_forward(stream, conn, tunnel, head, headers, outcome)
-        except h11.RemoteProtocolError as exc:  # the client's body was malformed
+            return await self._decide_and_forward(down, tunnel, method_raw, target_raw, raw_headers, headers,
+                                                  outcome)
+        except DownstreamError as exc:  # the client's body was malformed
             outcome.response_flags = "DPE"
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._reply(stream, conn, outcome, 400, b"Bad Request", close=True)
-                log.info("malformed request body", extra={"fields": [
-                    ("src.addr", outcome.src_addr), ("error", str(exc))]})
-                return False
-            raise TunnelAborted(f"malformed request body: {exc}") from exc
+            log.info("malformed request body", extra={"fields": [
+                ("src.addr", outcome.src_addr), ("error", str(exc))]})
+            if down.head_sent:
+                raise TunnelAborted(f"malformed request body: {exc}") from exc
+            if isinstance(down, _H1Downstream):
+                down.close = True
+            await self._reply(down, outcome, 400, b"Bad Request")
+            return False
         finally:
             self.telemetry.request_complete(outcome)
 
-    async def _decide_and_forward(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection,
-                                  tunnel: Tunnel, head: h11.Request, headers: dict[str, str],
-                                  outcome: RequestOutcome) -> bool:
+    async def _decide_and_forward(self, down: Downstream, tunnel: Tunnel, method_raw: bytes,
+                                  target_raw: bytes, raw_headers: list[tuple[bytes, bytes]],
+                                  headers: dict[str, str], outcome: RequestOutcome) -> bool:
         config = self.config()
         service = tunnel.service
         hostname = service.hostname if service is not None else None
@@ -239,8 +321,7 @@ class HttpProxy:
             log.info("request denied", extra={"fields": [
                 ("src.identity", tunnel.src_identity.uri), ("method", outcome.method), ("path", outcome.path),
                 ("dst.service", hostname), ("reason", decision.reason)]})
-            outcome.response_flags = "-"
-            return await self._local(stream, conn, outcome, 403, DENIED_BODY)
+            return await self._local(down, outcome, 403, DENIED_BODY)
         if tunnel.workload is None and hostname is not None:
             chosen = choose(config.routes, hostname, port=tunnel.target[1], method=outcome.method,
                             path=outcome.path, headers=headers, rng=self.upstreams.rng)
@@ -248,25 +329,25 @@ class HttpProxy:
             chosen = Chosen(backend=Backend(service=hostname or ""))
         if isinstance(chosen, NoRoute):
             outcome.response_flags = chosen.response_flag
-            return await self._local(stream, conn, outcome, chosen.status, chosen.reason.encode())
+            return await self._local(down, outcome, chosen.status, chosen.reason.encode())
         outcome.route_name = chosen.route_name
         try:
             dst = self._destination(tunnel, chosen.backend)
         except UpstreamError as exc:
             outcome.response_flags = exc.response_flag
-            return await self._local(stream, conn, outcome, exc.status, exc.body.encode())
+            return await self._local(down, outcome, exc.status, exc.body.encode())
         timeout = chosen.timeout if chosen.timeout is not None else math.inf
-        with trio.move_on_after(timeout) as scope:
-            return await self._forward(stream, conn, tunnel, head, outcome, dst, chosen)
+        with trio.move_on_after(timeout):
+            return await self._forward(down, tunnel, method_raw, target_raw, raw_headers, outcome, dst,
+                                       chosen)
         outcome.response_flags = "UT"
-        if conn.our_state is not h11.SEND_RESPONSE:
+        if down.head_sent:
             raise TunnelAborted("upstream request timeout after the response started")
-        if conn.their_state is h11.SEND_BODY:  # the body was cut short: the stream cannot go on
-            await self._reply(stream, conn, outcome, 504, b"upstream request timeout", close=True)
-            return False
-        await self._reply(stream, conn, outcome, 504, b"upstream request timeout")
-        assert scope.cancelled_caught
-        return True
+        whole = down.body_done  # a body cut short: the connection cannot go on
+        if not whole and isinstance(down, _H1Downstream):
+            down.close = True
+        await self._reply(down, outcome, 504, b"upstream request timeout")
+        return whole
 
     def _destination(self, tunnel: Tunnel, backend: Backend) -> Addr:
         service = tunnel.service
@@ -275,15 +356,16 @@ class HttpProxy:
             return tunnel.target
         return self.upstreams.backend_addr(backend.service, backend.port or tunnel.target[1])
 
-    async def _forward(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, tunnel: Tunnel,
-                       head: h11.Request, outcome: RequestOutcome, dst: Addr, chosen: Chosen) -> bool:
+    async def _forward(self, down: Downstream, tunnel: Tunnel, method_raw: bytes, target_raw: bytes,
+                       raw_headers: list[tuple[bytes, bytes]], outcome: RequestOutcome, dst: Addr,
+                       chosen: Chosen) -> bool:
         try:
             opened = await self.upstreams.open(dst, forwarded_for=tunnel.src_addr, retries=chosen.retries)
         except UpstreamError as exc:
             outcome.response_flags = exc.response_flag
             log.warning("upstream unavailable", extra={"fields": [
                 ("dst.hbone_addr", format_addr(dst)), ("error", str(exc))]})
-            return await self._local(stream, conn, outcome, exc.status, exc.body.encode())
+            return await self._local(down, outcome, exc.status, exc.body.encode())
         outcome.upstream_host = opened.host
         if opened.workload is not None:
             outcome.dst = workload_peer(opened.workload, service=opened.service or tunnel.service,
@@ -292,20 +374,25 @@ class HttpProxy:
         upstream = opened.stream
         try:
             up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-            request_headers = _forwarded_headers(list(head.headers))
-            if not any(k == b"x-request-id" for k, _ in request_headers):
+            request_headers = _forwarded_headers(raw_headers)
+            if not any(k.lower() == b"x-request-id" for k, _ in request_headers):
                 request_headers.append((b"x-request-id", str(uuid.uuid4()).encode()))
-            await _send(upstream, up, h11.Request(method=head.method, target=head.target,
+            if not any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in request_headers) \
+                    and not down.body_done:
+                request_headers.append((b"transfer-encoding", b"chunked"))  # HTTP/2: a body of unknown size
+            await _send(upstream, up, h11.Request(method=method_raw, target=target_raw,
                                                   headers=request_headers))
-            if conn.their_state is h11.SEND_BODY:
-                outcome.bytes_received += await _copy_body(stream, conn, upstream, up)
-            return await self._relay_response(stream, conn, upstream, up, outcome)
+            while (chunk := await down.receive_body()) is not None:
+                outcome.bytes_received += len(chunk)
+                if chunk:
+                    await _send(upstream, up, h11.Data(data=chunk))
+            await _send(upstream, up, h11.EndOfMessage())
+            return await self._relay_response(down, upstream, up, outcome)
         finally:
             await trio.aclose_forcefully(upstream)
 
-    async def _relay_response(self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection,
-                              upstream: trio.abc.HalfCloseableStream, up: h11.Connection,
-                              outcome: RequestOutcome) -> bool:
+    async def _relay_response(self, down: Downstream, upstream: trio.abc.HalfCloseableStream,
+                              up: h11.Connection, outcome: RequestOutcome) -> bool:
         try:
             response = await receive_head(upstream, up, h11.Response)
         except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
@@ -314,15 +401,23 @@ class HttpProxy:
             response = None
         if response is None:
             outcome.response_flags = "UC"
-            await self._reply(stream, conn, outcome, 503, b"upstream connect error or disconnect/reset "
+            await self._reply(down, outcome, 503, b"upstream connect error or disconnect/reset "
                               b"before headers. reset reason: connection termination")
             return True
         outcome.status = response.status_code
-        await _send(stream, conn, h11.Response(status_code=response.status_code, reason=response.reason,
-                                               headers=_forwarded_headers(list(response.headers))))
+        await down.send_head(response.status_code, _forwarded_headers(list(response.headers)),
+                             reason=bytes(response.reason))
         try:
-            outcome.bytes_sent += await _copy_body(upstream, up, stream, conn)
-            return True
+            while True:
+                event = await _next_event(upstream, up)
+                if isinstance(event, h11.Data):
+                    outcome.bytes_sent += len(event.data)
+                    await down.send_data(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    await down.end()
+                    return True
+                else:
+                    raise TunnelAborted(f"unexpected {event!r} in the upstream response")
         except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
             outcome.response_flags = "UPE"
             raise TunnelAborted(f"the upstream response broke off: {exc}") from exc

@@ -26,13 +26,15 @@ A tunnel whose exchange broke mid-response is reset, never ended cleanly.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 import trio
 
-from services.waypoint.http import HttpProxy, Tunnel, TunnelAborted
+from services.waypoint.http import HttpProxy, Tunnel, TunnelAborted, is_h2, sniff
+from services.waypoint.http2 import serve_h2
 from services.waypoint.telemetry import REPORTER, WaypointTelemetry
 from services.waypoint.upstream import UpstreamError, Upstreams
 from services.ztunnel.authz import AuthzRequest, authorize
@@ -106,6 +108,8 @@ class WaypointProxy:
         self.telemetry = telemetry
         self.cluster = cluster
         self.instance_ip = instance_ip
+        self.connections: weakref.WeakSet[HboneConnection] = weakref.WeakSet()
+        """The accepted connections still alive (for the drain)."""
 
     def me(self) -> Workload | None:
         """The waypoint's own workload: given, or found in xDS by INSTANCE_IP."""
@@ -116,7 +120,7 @@ class WaypointProxy:
     # --- ConnectionPolicy ---
 
     def accepted(self, conn: HboneConnection) -> None:
-        pass
+        self.connections.add(conn)
 
     def refused(self, outcome: ConnectionOutcome) -> None:
         self.telemetry.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
@@ -147,7 +151,11 @@ class WaypointProxy:
         try:
             if what.http:
                 conn.respond(stream, 200)
-                await self.http.serve(stream, tunnel)
+                first = await sniff(stream)
+                if is_h2(first):
+                    await serve_h2(self.http, stream, tunnel, first)
+                else:
+                    await self.http.serve(stream, tunnel, first)
             else:
                 assert me is not None
                 await self._tcp(conn, stream, info, tunnel, me)

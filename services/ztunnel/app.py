@@ -46,7 +46,7 @@ from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry.access_log import Telemetry
 from services.ztunnel.telemetry.metrics import Metrics
 from shared.addr import format_host_port
-from shared.errors import AmbientError, start_failure
+from shared.errors import run_process
 from shared.httpd import bound_addresses, serve_http_tcp
 from shared.limits import raise_open_files_limit
 from shared.logs import setup_logging
@@ -195,15 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("start-up check failed", extra={"fields": [("error", str(exc))]})
         print(f"ztunnel: {exc}", file=sys.stderr)
         return 1
-    try:
-        trio.run(_main, config)
-    except (OSError, AmbientError, BaseExceptionGroup) as exc:
-        failure = start_failure(exc)  # e.g. an address taken after the start-up check
-        if failure is None:
-            raise
-        print(f"ztunnel: cannot start: {failure}", file=sys.stderr)
-        return 1
-    return 0
+    return run_process("ztunnel", _main, config)
 
 
 if __name__ == "__main__":

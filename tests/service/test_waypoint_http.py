@@ -193,3 +193,15 @@ async def test_large_response_streams_back_whole(lab: Lab) -> None:
             client = await http_client(conn, REVIEWS_VIP, "reviews:9080")
             status, body = await client.request("GET", "/big")
     assert status == 200 and body == b"x" * 300_000
+
+
+async def test_drain_serves_the_open_tunnel_then_goaway(lab: Lab) -> None:
+    with trio.fail_after(30):
+        async with lab.connection() as conn:
+            client = await http_client(conn, REVIEWS_VIP, "reviews:9080")
+            lab.draining.set()
+            assert (await client.request("GET", "/v2/during"))[0] == 200  # the open tunnel goes on
+            assert not lab.stopped.is_set()
+            await client.stream.aclose()
+            await conn.wait_closed()  # the GOAWAY came once the tunnel ended
+        await lab.stopped.wait()

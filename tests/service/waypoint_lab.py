@@ -115,6 +115,10 @@ class Lab:
     telemetry: WaypointTelemetry
     addr: tuple[str, int]
     pods: dict[str, FakePod]
+    draining: trio.Event
+    """Set: the waypoint drains (what SIGTERM does)."""
+    stopped: trio.Event
+    """Set once the drained waypoint's HBONE side returned."""
 
     def contexts(self) -> TlsContextCache:
         return TlsContextCache([self.ca.root_pem])
@@ -143,10 +147,17 @@ async def running_waypoint(ca: CertificateAuthority, certs: FakeCerts, store: St
             listener.bind((WAYPOINT_IP, 0))
             listener.listen(64)
             listener.setblocking(False)
-            await nursery.start(functools.partial(serve_waypoint, listener, proxy, certs=certs,
-                                                  contexts=TlsContextCache(roots)))
+            draining, stopped = trio.Event(), trio.Event()
+
+            async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                await serve_waypoint(listener, proxy, certs=certs, contexts=TlsContextCache(roots),
+                                     draining=draining, task_status=task_status)
+                stopped.set()
+
+            await nursery.start(serve)
             yield Lab(store=store, certs=certs, ca=ca, proxy=proxy, telemetry=telemetry,
-                      addr=listener.getsockname(), pods={p.name: p for p in pods})
+                      addr=listener.getsockname(), pods={p.name: p for p in pods}, draining=draining,
+                      stopped=stopped)
             nursery.cancel_scope.cancel()
         listener.close()
 
