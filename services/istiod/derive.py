@@ -492,6 +492,18 @@ def derive_waypoint_config(world: World, wp: Waypoint) -> wypb.WaypointConfig:
     )
 
 
+def unapplied_l7(world: World, configs: list[wypb.WaypointConfig]) -> list[tuple[str, str]]:
+    """(kind `authorizationPolicy`/`httpRoute`, `ns/name`) of the L7 objects no waypoint applies: their
+    targets or parents are services no waypoint takes (upstream: the policy or route is not attached)."""
+    policies: set[str] = set()
+    routes: set[str] = set()
+    for cfg in configs:
+        policies.update(f"{p.namespace}/{p.name}" for p in cfg.policies)
+        routes.update(f"{r.namespace}/{r.name}" for r in cfg.routes)
+    return ([("authorizationPolicy", p.key) for p in world.authorization_policies if p.key not in policies]
+            + [("httpRoute", r.key) for r in world.http_routes if r.key not in routes])
+
+
 def waypoint_node_id(pod: Pod, domain_suffix: str) -> str:
     """The node id a waypoint pod's proxy presents (upstream's Envoy for gateways: proxy type `router`)."""
     return f"router~{pod.ips[0]}~{pod.name}.{pod.namespace}~{pod.namespace}.svc.{domain_suffix}"
@@ -563,14 +575,17 @@ class Resources:
         configs: dict[str, tuple[str, message.Message]] = {}
         # Who may read each WaypointConfig: the waypoint pod's proxy (its node id) on the pod's node.
         self.waypoint_readers: dict[str, WaypointReader] = {}
+        derived: list[wypb.WaypointConfig] = []
         for wp in world.waypoints:
             cfg = derive_waypoint_config(world, wp)
             configs[wp.key] = (version_of(cfg), cfg)
+            derived.append(cfg)
             wp_pod = world.find_pod(wp.namespace, wp.pod)
             assert wp_pod is not None  # validated
             self.waypoint_readers[wp.key] = WaypointReader(
                 node_id_pod=f"{wp_pod.name}.{wp_pod.namespace}", node=wp_pod.node, ips=frozenset(wp_pod.ips)
             )
+        self.unapplied = unapplied_l7(world, derived)
         self.by_type: dict[str, dict[str, tuple[str, message.Message]]] = {
             ADDRESS_TYPE_URL: addresses,
             AUTHORIZATION_TYPE_URL: authz,

@@ -57,6 +57,14 @@ class WorldStore:
         self.resources = Resources(self.world)
         self.generation = 1
         self._wakeups: set[Wakeup] = set()
+        self._log_unapplied()
+
+    def _log_unapplied(self) -> None:
+        for kind, key in self.resources.unapplied:
+            log.warning("L7 object not applied by any waypoint", extra={"fields": [
+                ("kind", kind), ("name", key),
+                ("reason", Display("its targets/parents are services no waypoint takes: label them (or their "
+                                   "namespace) istio.io/use-waypoint"))]})
 
     @contextmanager
     def subscribe(self) -> Iterator[Wakeup]:
@@ -75,6 +83,7 @@ class WorldStore:
         self.generation += 1
         log.info("world changed",
                  extra={"fields": [("generation", self.generation), ("change", Display(change)), *fields]})
+        self._log_unapplied()
         for wakeup in self._wakeups:
             wakeup.set()
         return self.generation

@@ -268,3 +268,19 @@ def test_a_policy_on_a_service_of_another_namespace_that_uses_the_waypoint_reach
     on_other = next(p for p in cfg.policies if p.name == "on-other")
     targets = [(t.namespace, t.hostname) for t in on_other.target_services]
     assert targets == [("other", "o.other.svc.cluster.local")]
+
+
+def test_l7_objects_no_waypoint_applies_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    from services.istiod.store import WorldStore
+
+    w = world(POLICIES + ROUTES + """
+  - {name: r-other, namespace: other, parentRefs: [{name: o}], rules: [{backendRefs: [{name: o, port: 80}]}]}
+""")
+    expected = [("authorizationPolicy", "other/on-other"), ("httpRoute", "other/r-other")]
+    assert Resources(w).unapplied == expected
+    with caplog.at_level("WARNING", logger="services.istiod.store"):
+        WorldStore(w)
+    noted = [r for r in caplog.records if r.getMessage() == "L7 object not applied by any waypoint"]
+    assert [dict(getattr(r, "fields", ()))["name"] for r in noted] == ["other/on-other", "other/r-other"]
+    assert Resources(world(POLICIES.replace("on-other", "x").replace("namespace: other", "namespace: ns")
+                           .replace("name: o}", "name: a}"))).unapplied == []
