@@ -7,7 +7,8 @@
     ambient world pod rm NS/NAME
     ambient world label pod NS/NAME k=v k2-       set k, remove k2 (kubectl style)
     ambient world label namespace NAME k=v k2-
-    ambient world policy add FILE                 one policy (world-file policy schema, YAML/JSON)
+    ambient world policy add FILE                 one policy (world-file policy schema, YAML/JSON; with
+                                                  targetRefs: an L7 policy for the waypoint)
     ambient world policy rm NS/NAME
 
 Connection (flags or env): --istiod HOST:PORT (AMBIENT_ISTIOD, default 127.0.0.1:15012); --state-dir DIR

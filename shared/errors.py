@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 
 class AmbientError(Exception):
     """Base for errors an operator can act on; str(exc) is the whole message, hint included."""
@@ -19,3 +21,22 @@ def start_failure(exc: BaseException) -> OSError | AmbientError | None:
         if found and all(f is not None for f in found):
             return found[0]
     return None
+
+
+def run_process(prefix: str, async_fn: Callable[..., Awaitable[object]], *args: object) -> int:
+    """`trio.run(async_fn, *args)` for a process's main: 0 when it returns; 1 with one line
+    `PREFIX: cannot start: ...` on stderr when it fails in a way an operator can act on (`start_failure`: an
+    address taken after the start-up check, a socket path); anything else keeps its traceback."""
+    import sys
+
+    import trio
+
+    try:
+        trio.run(async_fn, *args)
+    except (OSError, AmbientError, BaseExceptionGroup) as exc:
+        failure = start_failure(exc)
+        if failure is None:
+            raise
+        print(f"{prefix}: cannot start: {failure}", file=sys.stderr)
+        return 1
+    return 0

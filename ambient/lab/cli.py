@@ -6,7 +6,7 @@
     ambient lab status [--json] [--prefix P]                  nodes, pods (IP, node, enrolment: the pod's
                                                               ambient.istio.io/redirection), services
     ambient lab exec POD -- CMD ...                           run CMD in a pod's netns, its exit code
-    ambient lab restart {ztunnel|node-agent|istiod} [NODE]    restart one component
+    ambient lab restart COMPONENT [NODE]                      restart ztunnel, node-agent, istiod or waypoint
     ambient lab delete POD                                    delete a pod (unenrolled, then removed)
     ambient lab verify [--node N] [--json]                    each node agent checks its pods' rules and
                                                               ztunnel listeners now, repairs drift; exit 1
@@ -35,7 +35,7 @@ from ambient.lab.tables import status_tables, verify_failed, verify_table
 from ambient.output import make_console
 
 DEFAULT_PREFIX = os.environ.get("AMBIENT_LAB_PREFIX", "amb")
-COMPONENTS = ("ztunnel", "node-agent", "istiod")
+COMPONENTS = ("ztunnel", "node-agent", "istiod", "waypoint")
 
 console = make_console()  # piped output is never wrapped
 err_console = make_console(stderr=True)
@@ -197,7 +197,8 @@ def register(subparsers: Any) -> None:
     rs = lab_sub.add_parser(
         "restart",
         help="restart one component (all nodes unless NODE is given)",
-        description="Stop and start ztunnel, the node agent or istiod (on every node, or on NODE), wait "
+        description="Stop and start ztunnel, the node agent, istiod or the waypoints (on every node, or on "
+        "NODE), wait "
         "until it is ready and ztunnel holds the node's ambient pods again.",
     )
     rs.add_argument("component", choices=COMPONENTS, help="which component")

@@ -50,7 +50,7 @@ from ambient.lab.state import (
     is_running,
     process_start_time,
 )
-from ambient.lab.topology import ETC_NETNS, ISTIOD_PORT, LabPlan, NodePlan, PodPlan
+from ambient.lab.topology import ETC_NETNS, ISTIOD_PORT, WAYPOINT_PROGRAM, LabPlan, NodePlan, PodPlan
 from shared.netns import NetnsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +61,7 @@ MODULES = {
     "node-agent": "services.node_agent.app",
     "ztunnel": "services.ztunnel.app",
     "app": "services.apps.server",
+    "waypoint": "services.waypoint.app",
 }
 ZTUNNEL_READY_PORT = 15021
 ZTUNNEL_ADMIN_PORT = 15000
@@ -242,12 +243,7 @@ def ztunnel_spec(
             "POD_NAMESPACE": "istio-system",
             "INSTANCE_IP": instance_ip or node.ip,
             "INPOD_UDS": str(paths.zds_socket(node.name)),
-            "XDS_ADDRESS": f"https://{istiod}",
-            "CA_ADDRESS": f"https://{istiod}",
-            "XDS_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
-            "XDS_TOKEN_FILE": str(cwd / TOKEN_PATH),
-            "CA_ROOT_CERT": str(cwd / ROOT_CERT_PATH),
-            "CA_TOKEN_FILE": str(cwd / TOKEN_PATH),
+            **control_plane_env(istiod, cwd),
             "CLUSTER_ID": "Kubernetes",
             "LOG_FORMAT": "plain",
         }
@@ -292,6 +288,64 @@ def app_spec(pod: PodPlan, paths: LabPaths) -> ComponentSpec:
         node=pod.node,
         pod=f"{pod.namespace}/{pod.name}",
     )
+
+
+def control_plane_env(istiod: str, node_dir: Path) -> dict[str, str]:
+    """How a node's proxies reach istiod: its address for xDS and the CA, the node's token and root cert."""
+    return {
+        "XDS_ADDRESS": f"https://{istiod}",
+        "CA_ADDRESS": f"https://{istiod}",
+        "XDS_ROOT_CERT": str(node_dir / ROOT_CERT_PATH),
+        "XDS_TOKEN_FILE": str(node_dir / TOKEN_PATH),
+        "CA_ROOT_CERT": str(node_dir / ROOT_CERT_PATH),
+        "CA_TOKEN_FILE": str(node_dir / TOKEN_PATH),
+    }
+
+
+def waypoint_spec(
+    plan: LabPlan, pod: PodPlan, paths: LabPaths, *, istiod: str | None = None
+) -> ComponentSpec:
+    """The waypoint process of a waypoint's pod, in the pod's netns (the pod is not captured). Like a
+    workload's proxy it proves its node with the node's token and gets the pod identity's certificate from
+    the CA; its xDS node id is the pod's (`router~IP~POD.NS~...`), which alone receives its WaypointConfig.
+    Ready once it accepts on 15008 and its /healthz/ready on 15021 says it is synced with xDS."""
+    name = f"waypoint/{pod.namespace}/{pod.name}"
+    cwd = paths.node_dir(pod.node)
+    return ComponentSpec(
+        name=name,
+        component="waypoint",
+        netns=pod.netns,
+        argv=_python(MODULES["waypoint"]),
+        env={
+            **pod.app.env,
+            "NODE_NAME": pod.node,
+            "INSTANCE_IP": pod.ip,
+            **control_plane_env(istiod or plan.istiod_address, cwd),
+            "LOG_FORMAT": "plain",
+        },
+        cwd=str(cwd),
+        log=str(paths.log(name)),
+        checks=[
+            *(TcpCheck(netns=pod.netns, host=pod.ip, port=p) for p in pod.app.ports),
+            # ready once synced with xDS (its certificate and its WaypointConfig), as ztunnel's 15021
+            HttpCheck(netns=pod.netns, host="127.0.0.1", port=ZTUNNEL_READY_PORT, path="/healthz/ready",
+                      status=200),
+        ],
+        node=pod.node,
+        pod=f"{pod.namespace}/{pod.name}",
+    )
+
+
+def pod_spec(
+    plan: LabPlan, pod: PodPlan, paths: LabPaths, *, istiod: str | None = None
+) -> ComponentSpec | None:
+    """What runs in `pod`: its app, or for a waypoint's pod the waypoint process (None while that program is
+    not installed: traffic sent to the waypoint then fails closed)."""
+    if pod.app.kind != WAYPOINT_PROGRAM:
+        return app_spec(pod, paths)
+    if not available("waypoint"):
+        return None
+    return waypoint_spec(plan, pod, paths, istiod=istiod)
 
 
 def write_node_secrets(paths: LabPaths, node: str, token: str) -> None:

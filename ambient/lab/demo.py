@@ -1,13 +1,17 @@
 """`ambient demo`: the seed article's flow in a fresh lab, narrated.
 
-1. lab up with examples/bookinfo.yaml (istiod, two nodes with node agent + ztunnel, eight pods)
+1. lab up with examples/bookinfo.yaml (istiod, two nodes with node agent + ztunnel, eight app pods and
+   bookinfo's waypoint)
 2. the enrolled pods (lab status), then one DNS answer from inside the sleep pod and which server gave it
 3. the sleep pod calls productpage, which calls details and reviews (which calls ratings)
 4. the in-pod rules of productpage (`iptables-save` inside its netns)
 5. the listeners ztunnel holds inside that pod (`ss -ltnp` inside the netns)
 6. the `connection complete` access-log lines of both ztunnels
-7. a DENY policy and the refused connection (when the control plane and ztunnel support it)
-8. lab down (unless --keep)
+7. the waypoint: sleep's outbound line to productpage's VIP through it, its request lines, details' inbound
+   line with the waypoint as source; the L7 policy (productpage may GET /details/*, sleep gets 403); the
+   reviews route (N requests, how many reached v1 and v2)
+8. a DENY policy at the waypoint (nothing from the sleep namespace may reach productpage): 403 and its line
+9. lab down (unless --keep)
 """
 
 from __future__ import annotations
@@ -107,63 +111,119 @@ def dns_answer(prefix: str, console: Console, *, pod: str = "sleep",
     return "none"
 
 
+# Behind a waypoint every request reaches productpage from the waypoint, so the policy is the waypoint's.
 DENY_POLICY = """\
 name: deny-sleep
 namespace: bookinfo
-action: deny
-selector: {app: productpage}
+targetRefs: [{kind: Service, name: productpage}]
+action: DENY
 rules:
-  - clauses: [{matches: [{namespaces: [{exact: sleep}]}]}]
-  - clauses: [{matches: [{sourceIps: [10.244.1.20/32]}]}]
+  - from: [{source: {namespaces: [sleep]}}]
+"""
+SPLIT_REQUESTS = 50
+SPLIT = """
+import collections, http.client, json, sys
+conn = http.client.HTTPConnection("reviews.bookinfo", 9080, timeout=10)
+pods = collections.Counter()
+for _ in range(int(sys.argv[1])):
+    conn.request("GET", "/reviews/0")
+    pods[json.loads(conn.getresponse().read())["served_by"]["pod"]] += 1
+print(json.dumps(pods))
 """
 
 
-def deny(prefix: str, console: Console, *, wait: float = 5.0) -> bool:
-    """Apply DENY_POLICY through `ambient world`, show the refused request and ztunnel's line about it.
+def _newest(lines: list[str], *needles: str) -> str | None:
+    return next((line for line in reversed(lines) if all(n in line for n in needles)), None)
 
-    Returns True when the request was refused; a ztunnel without L4 authorization lets it through and the
-    demo says so.
+
+def _show(console: Console, line: str | None, missing: str) -> None:
+    if line is None:
+        console.print(f"[yellow]({missing})[/]")
+    else:
+        console.print(line, markup=False, soft_wrap=True)
+
+
+def waypoint(prefix: str, console: Console, *, wait: float = 3.0) -> bool:
+    """The waypoint's part of the request of step 3, its L7 policy and its weighted route. True when the
+    denied request got 403 and the split reached both versions."""
+    time.sleep(min(wait, 1.0))  # the lines of step 3's connections are written when they close
+    access = list(lab.access_logs(prefix=prefix))
+    console.print("sleep's ztunnel sends productpage's traffic to the waypoint, the VIP as HBONE target:")
+    sleep = 'src.identity="spiffe://cluster.local/ns/sleep/sa/sleep"'
+    _show(console, _newest(access, 'direction="outbound"', sleep, "dst.hbone_addr=10.96.0.10:9080"),
+          "no outbound line from sleep to productpage")
+    requests = list(lab.waypoint_logs(prefix=prefix))
+    console.print("the waypoint's request line for productpage's call to details:")
+    _show(console, _newest(requests, 'dst.service="details.bookinfo.svc.cluster.local"', 'method="GET"'),
+          "no waypoint request line for details")
+    console.print("details' ztunnel sees the waypoint as the source:")
+    _show(console, _newest(access, 'direction="inbound"', 'dst.workload="details-v1',
+                           'src.identity="spiffe://cluster.local/ns/bookinfo/sa/waypoint"'),
+          "no inbound line at details from the waypoint")
+
+    console.print("\nthe L7 policy details-get-from-productpage: anyone else asking details gets 403")
+    url = "http://details.bookinfo:9080/details/0"
+    console.print(f"$ ambient lab exec --prefix {prefix} sleep -- python -m services.apps.client -i {url}")
+    result = _in_pod(prefix, "sleep", ["python", "-m", "services.apps.client", "-m", "5", "-i", url])
+    answer = result.stdout.decode(errors="replace")
+    console.print(answer.strip() or result.stderr.decode(errors="replace").strip(), markup=False)
+    denied = " 403 " in (answer.splitlines() or [""])[0]
+    time.sleep(0.5)
+    _show(console, _newest(list(lab.waypoint_logs(prefix=prefix)), sleep, 'path="/details/0"'),
+          "no waypoint request line for the denied request")
+
+    console.print(f"\nthe route reviews-split (v1 90, v2 10): {SPLIT_REQUESTS} requests from sleep to "
+                  "reviews")
+    result = _in_pod(prefix, "sleep", ["python", "-c", SPLIT, str(SPLIT_REQUESTS)])
+    try:
+        split = json.loads(result.stdout)
+    except ValueError:
+        console.print(f"[red]the requests failed[/]: {result.stderr.decode(errors='replace').strip()}")
+        return False
+    for pod in sorted(split):
+        console.print(f"  {pod}: {split[pod]} of {SPLIT_REQUESTS}")
+    return denied and len(split) == 2
+
+
+def deny(prefix: str, console: Console, *, wait: float = 5.0) -> bool:
+    """Apply DENY_POLICY through `ambient world`, show the refused request and the waypoint's line about it.
+
+    Returns True when the request was refused.
     """
     state = lab.require_state(prefix)
     path = Path(state.run_dir) / "deny-sleep.yaml"
     path.write_text(DENY_POLICY)
     console.print(DENY_POLICY.rstrip(), markup=False)
     console.print(f"$ ambient lab world --prefix {prefix} -- policy add {path}")
-    seen = set(lab.access_logs(prefix=prefix))  # lines, not a count: the nodes' logs interleave
+    seen = set(lab.waypoint_logs(prefix=prefix))
     applied = lab.world_command(["policy", "add", str(path)], prefix=prefix, capture=True)
     if applied.returncode != 0:
         console.print(f"[red]could not apply the policy[/]: {applied.stderr.decode().strip()}")
         return False
     deadline = time.monotonic() + wait
     while True:
-        result = _in_pod(prefix, "sleep", ["python", "-m", "services.apps.client", "-m", "5", REQUEST])
+        result = _in_pod(prefix, "sleep", ["python", "-m", "services.apps.client", "-m", "5", "-f", REQUEST])
         if result.returncode != 0 or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     if result.returncode == 0:
-        console.print(
-            "[yellow]the request still succeeds: this ztunnel does not enforce L4 authorization yet[/]"
-        )
+        console.print("[yellow]the request still succeeds: the waypoint did not apply the policy[/]")
         return False
     console.print(f"refused as expected (client exit {result.returncode}): {result.stderr.decode().strip()}")
-    for line in refused_lines(prefix, seen, wait=wait):
-        console.print(line, markup=False, soft_wrap=True)
+    line = denied_line(prefix, seen, wait=wait)
+    _show(console, line, "no waypoint request line for the refused request")
     return True
 
 
-def refused_lines(prefix: str, seen: set[str], *, wait: float) -> list[str]:
-    """The newest refused-connection line of each direction that is not in `seen`: the sleep side's outbound
-    line (the peer's answer) and productpage's inbound one (the policy rejection). Waits up to `wait` s for
-    both, as each ztunnel writes its line when its side of the connection closes."""
+def denied_line(prefix: str, seen: set[str], *, wait: float) -> str | None:
+    """The newest waypoint request line from sleep answered 403 that is not in `seen` (waits up to `wait` s:
+    the waypoint writes it when the response is done)."""
     deadline = time.monotonic() + wait
     while True:
-        newest = {}
-        for direction in ("outbound", "inbound"):
-            for line in lab.access_logs(prefix=prefix, direction=direction):
-                if line not in seen and "error=" in line and "sleep" in line:
-                    newest[direction] = line
-        if len(newest) == 2 or time.monotonic() > deadline:
-            return list(newest.values())
+        fresh = [line for line in lab.waypoint_logs(prefix=prefix)
+                 if line not in seen and "response_code=403" in line and "/ns/sleep/" in line]
+        if fresh or time.monotonic() > deadline:
+            return fresh[-1] if fresh else None
         time.sleep(0.2)
 
 
@@ -220,7 +280,11 @@ def run_demo(
         if not lines:
             console.print("(no access-log lines yet)")
 
-        _section(console, "7. a DENY policy: nothing from the sleep namespace may reach productpage")
+        _section(console, "7. the waypoint: the way through it, its L7 policy, its weighted route")
+        waypoint(prefix, console)
+
+        _section(console, "8. a DENY policy at the waypoint: nothing from the sleep namespace may reach "
+                          "productpage")
         deny(prefix, console)
     except LabError as exc:
         console.print(f"[red]demo step failed: {exc}[/]")
@@ -232,6 +296,6 @@ def run_demo(
                 f"`ambient lab down --prefix {prefix}`"
             )
         else:
-            _section(console, "8. lab down")
+            _section(console, "9. lab down")
             lab.down(prefix=prefix, progress=progress)
     return 0 if ok else 1

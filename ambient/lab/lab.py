@@ -83,7 +83,7 @@ from shared.netns import NetnsError
 DEFAULT_PREFIX = "amb"
 DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 REQUIRED_BINARIES = ("ip", "iptables-restore", "sysctl", "dnsmasq")
-STOP_ORDER = {"app": 0, "ztunnel": 1, "node-agent": 2, "istiod": 3, "cluster-dns": 4}
+STOP_ORDER = {"app": 0, "waypoint": 0, "ztunnel": 1, "node-agent": 2, "istiod": 3, "cluster-dns": 4}
 
 Progress = Callable[[str], None]
 
@@ -269,7 +269,12 @@ class LabBuilder:
             )
         )
         save_state(self.state)
-        app = self.launch(components.app_spec(pod, self.paths))
+        spec = components.pod_spec(self.plan, pod, self.paths)
+        if spec is None:
+            self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, {pod.app.kind}, but the {pod.app.kind} "
+                          "program is not installed yet: traffic sent to it fails closed")
+            return
+        app = self.launch(spec)
         components.wait_ready(app, timeout=self.timeout)
         self.progress(f"pod {pod.key} on {pod.node}: {pod.ip}, {pod.app.kind}, {status}")
 
@@ -822,6 +827,19 @@ def access_logs(
                 yield line
 
 
+def waypoint_logs(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> Iterator[str]:
+    """The request lines (`request complete`) of every waypoint the lab runs, oldest first per waypoint."""
+    state = require_state(prefix, root)
+    for record in state.processes:
+        if record.spec.component != "waypoint":
+            continue
+        try:
+            lines = Path(record.spec.log).read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            continue
+        yield from (line for line in lines if "request complete" in line)
+
+
 def world_command(
     argv: Sequence[str], *, prefix: str = DEFAULT_PREFIX, root: Path | None = None, capture: bool = False
 ) -> subprocess.CompletedProcess[bytes]:
@@ -903,10 +921,11 @@ def delete_pod(
                     f"{paths.log(f'node-agent/{target.node}')} and {paths.log(f'ztunnel/{target.node}')}"
                 )
             time.sleep(0.2)
-    app = state.process(f"app/{target.namespace}/{target.name}")
-    if app is not None:
-        stop_process(app)
-        state.processes = [p for p in state.processes if p is not app]
+    for kind in ("app", "waypoint"):
+        app = state.process(f"{kind}/{target.namespace}/{target.name}")
+        if app is not None:
+            stop_process(app)
+            state.processes = [p for p in state.processes if p is not app]
     delete_netns(target.netns)
     remove_tree(ETC_NETNS / target.netns)
     remove_tree(LabPaths(state.run_dir).pod_netns_link(target.node, target.netns))

@@ -109,7 +109,12 @@ def run_node(args: argparse.Namespace) -> int:
             write_resolv_conf(pod.netns, pod.resolv_conf)
             wire_pod(plan, pod)
             status = cni_add(paths, pod, timeout=args.timeout) if pod.ambient else "not-ambient"
-            app = components.start(components.app_spec(pod, paths))
+            pod_proc = components.pod_spec(plan, pod, paths, istiod=args.istiod)
+            if pod_proc is None:
+                log(f"node {node.name}: pod {pod.key} {pod.ip}: the {pod.app.kind} program is not installed; "
+                    "nothing runs in it (traffic sent to it fails closed)")
+                continue
+            app = components.start(pod_proc)
             processes.append(app)
             components.wait_ready(app, timeout=args.timeout)
             log(f"node {node.name}: pod {pod.key} {pod.ip} ({pod.app.kind}) netns {pod.netns}: {status}")

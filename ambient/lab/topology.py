@@ -42,6 +42,7 @@ import msgspec
 
 from ambient.lab.cluster_dns import KUBE_DNS_VIP, node_resolv_conf, pod_resolv_conf
 from ambient.lab.errors import CommandError, LabError, PlanError
+from services.istiod.derive import pod_labels
 from services.istiod.world import Match, Node, Pod, Policy, Service, World
 from services.node_agent.eligibility import decide
 from services.node_agent.model import Pod as AgentPod
@@ -254,7 +255,18 @@ def _service_url(world: World, namespace: str, name: str) -> str | None:
     return None
 
 
+WAYPOINT_PROGRAM = "waypoint"
+WAYPOINT_HBONE_PORT = 15008
+
+
 def _app_for(world: World, pod: Pod) -> AppPlan:
+    waypoint = world.waypoint_of_pod(pod)
+    if waypoint is not None:
+        # The waypoint process, not an app: it terminates HBONE on 15008 with the pod's identity.
+        return AppPlan(kind=WAYPOINT_PROGRAM, ports=[WAYPOINT_HBONE_PORT], env={
+            "POD_NAME": pod.name, "POD_NAMESPACE": pod.namespace, "SERVICE_ACCOUNT": pod.service_account,
+            "WAYPOINT_NAME": waypoint.name, "TRUST_DOMAIN": world.trust_domain,
+            "CLUSTER_ID": world.cluster_id})
     ports = sorted(
         {(p.target_port or p.port) for svc in world.services if _selects(svc, pod) for p in svc.ports}
     )
@@ -349,12 +361,14 @@ def plan_lab(
         if netns in netns_names:
             raise PlanError(source, base, f"netns name {netns} collides with pod {netns_names[netns]}")
         netns_names[netns] = pod.key
+        # The labels the node agent sees (a waypoint's pod also carries its gateway labels).
+        labels = pod_labels(world, pod)
         agent_pod = AgentPod(
             uid=PodUid(pod.kube_uid),
             name=pod.name,
             namespace=pod.namespace,
             service_account=pod.service_account,
-            labels=dict(pod.labels),
+            labels=dict(labels),
             annotations=dict(pod.annotations),
         )
         decision = decide(agent_pod, ns_labels.get(pod.namespace, {}))
@@ -369,7 +383,7 @@ def plan_lab(
                 address=f"{ip}/{cidr.prefixlen}",
                 gateway=str(next(cidr.hosts())),
                 service_account=pod.service_account,
-                labels=dict(pod.labels),
+                labels=dict(labels),
                 annotations=dict(pod.annotations),
                 ambient=decision.eligible,
                 ambient_reason=decision.reason,

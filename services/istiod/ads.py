@@ -12,6 +12,10 @@ even when empty so the client knows it is in sync. A reconnecting client's `init
 `sent`, so it only receives what changed while it was away. ACKs (response_nonce, no error_detail) and NACKs
 (error_detail set) are recorded; like istiod, a NACKed resource is not re-sent until it changes again. An
 unknown type URL ends the call with INVALID_ARGUMENT. A client vanishing cancels only its own call.
+
+WaypointConfig (ours, proto/waypoint.proto) is visible to one client only: the one whose node id is its
+waypoint pod's (`router~IP~POD.NS~...`) and, with node tokens, whose token is of that pod's node. To anyone
+else the resource does not exist (a wildcard subscription gets none, a named one gets nothing).
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ import trio
 from google.protobuf import any_pb2
 
 from services.istiod.auth import Auth
-from services.istiod.derive import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
+from services.istiod.derive import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_CONFIG_TYPE_URL
 from services.istiod.store import WorldStore
 from shared.aio import RpcError, RpcStatus, ServerCall
 from shared.api import discovery_pb2
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPE_URLS = (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL)
+SUPPORTED_TYPE_URLS = (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, WAYPOINT_CONFIG_TYPE_URL)
 MAX_RECORDED_NACKS = 1000
 
 
@@ -85,7 +89,7 @@ class AggregatedDiscoveryServicer:
                     while True:
                         await wakeup.wait()
                         for type_url, sub in list(subs.items()):
-                            response = self._diff(type_url, sub)
+                            response = self._diff(type_url, sub, node_id, node)
                             if response is not None:
                                 await call.send_message(response)
                 finally:
@@ -141,8 +145,13 @@ class AggregatedDiscoveryServicer:
                 if not sub.wildcard:
                     sub.sent.pop(name, None)
 
-    def _diff(self, type_url: str, sub: _Subscription) -> discovery_pb2.DeltaDiscoveryResponse | None:
+    def _diff(
+        self, type_url: str, sub: _Subscription, node_id: str, token_node: str | None
+    ) -> discovery_pb2.DeltaDiscoveryResponse | None:
         current = self.store.resources.by_type[type_url]
+        if type_url == WAYPOINT_CONFIG_TYPE_URL:
+            readers = self.store.resources.waypoint_readers
+            current = {n: r for n, r in current.items() if readers[n].admits(node_id, token_node)}
         visible = current if sub.wildcard else {n: current[n] for n in sub.names if n in current}
         resources = []
         for name, (version, msg) in sorted(visible.items()):

@@ -61,6 +61,7 @@ from services.istiod.world import (
     ServicePort,
     StringMatch,
     World,
+    string_match,
     validate,
 )
 
@@ -218,16 +219,6 @@ def service_from(obj: Obj, pods: Iterable[Obj], notes: list[str]) -> Service:
 
 
 # --- AuthorizationPolicy -> the world's Policy -----------------------------------------------------------
-
-
-def string_match(value: str) -> StringMatch:
-    if value == "*":
-        return StringMatch(presence=True)
-    if value.startswith("*"):
-        return StringMatch(suffix=value[1:])
-    if value.endswith("*"):
-        return StringMatch(prefix=value[:-1])
-    return StringMatch(exact=value)
 
 
 def _matches(values: Any) -> list[StringMatch]:

@@ -24,6 +24,7 @@ from services.istiod.errors import NotFoundError, WorldError
 from services.istiod.world import (
     REDIRECTION_ANNOTATION,
     REDIRECTION_VALUES,
+    AuthorizationPolicy,
     Namespace,
     Pod,
     Policy,
@@ -59,6 +60,14 @@ class WorldStore:
         self.resources = Resources(self.world)
         self.generation = 1
         self._wakeups: set[Wakeup] = set()
+        self._log_unapplied()
+
+    def _log_unapplied(self) -> None:
+        for kind, key in self.resources.unapplied:
+            log.warning("L7 object not applied by any waypoint", extra={"fields": [
+                ("kind", kind), ("name", key),
+                ("reason", Display("its targets/parents are services no waypoint takes: label them (or their "
+                                   "namespace) istio.io/use-waypoint"))]})
 
     @contextmanager
     def subscribe(self) -> Iterator[Wakeup]:
@@ -77,6 +86,7 @@ class WorldStore:
         self.generation += 1
         log.info("world changed",
                  extra={"fields": [("generation", self.generation), ("change", Display(change)), *fields]})
+        self._log_unapplied()
         for wakeup in self._wakeups:
             wakeup.set()
         return self.generation
@@ -197,16 +207,39 @@ class WorldStore:
         return self._swap(world, "labels", "namespace_labels", ("namespace", name))
 
     def add_policy(self, policy_json: bytes) -> int:
-        pol = decode_fragment(policy_json, Policy, "policy", "$")
-        policies = [p for p in self.world.policies if p.key != pol.key] + [pol]
-        world = msgspec.structs.replace(self.world, policies=policies)
-        return self._swap(world, f"policy {pol.key}", "policy_added", ("namespace", pol.namespace),
-                          ("name", pol.name))
+        """One policy: ztunnel's L4 shape (`policies`), or with `targetRefs` an AuthorizationPolicy for the
+        waypoint (`authorizationPolicies`). Replaces a policy of the same namespace/name in either list."""
+        if _has_target_refs(policy_json):
+            l7 = decode_fragment(policy_json, AuthorizationPolicy, "policy", "$")
+            key, namespace, name = l7.key, l7.namespace, l7.name
+            world = msgspec.structs.replace(
+                self.world,
+                policies=[p for p in self.world.policies if p.key != key],
+                authorization_policies=[p for p in self.world.authorization_policies if p.key != key] + [l7],
+            )
+        else:
+            pol = decode_fragment(policy_json, Policy, "policy", "$")
+            key, namespace, name = pol.key, pol.namespace, pol.name
+            world = msgspec.structs.replace(
+                self.world,
+                policies=[p for p in self.world.policies if p.key != key] + [pol],
+                authorization_policies=[p for p in self.world.authorization_policies if p.key != key],
+            )
+        return self._swap(world, f"policy {key}", "policy_added", ("namespace", namespace), ("name", name))
 
     def remove_policy(self, namespace: str, name: str) -> int:
         key = f"{namespace}/{name}"
         policies = [p for p in self.world.policies if p.key != key]
-        if len(policies) == len(self.world.policies):
+        l7 = [p for p in self.world.authorization_policies if p.key != key]
+        if len(policies) + len(l7) == len(self.world.policies) + len(self.world.authorization_policies):
             raise NotFoundError(f"no policy {key} in the world")
-        world = msgspec.structs.replace(self.world, policies=policies)
+        world = msgspec.structs.replace(self.world, policies=policies, authorization_policies=l7)
         return self._swap(world, "policy", "policy_removed", ("namespace", namespace), ("name", name))
+
+
+def _has_target_refs(policy_json: bytes) -> bool:
+    try:
+        doc = msgspec.json.decode(policy_json)
+    except msgspec.DecodeError:
+        return False  # decode_fragment reports it
+    return isinstance(doc, dict) and "targetRefs" in doc

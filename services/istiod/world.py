@@ -179,6 +179,134 @@ class Waypoint(_Base, frozen=True, kw_only=True):
         return self.for_ in ("workload", "all")
 
 
+# --- L7: what a waypoint enforces (Istio AuthorizationPolicy with targetRefs, Gateway API HTTPRoute) --------
+
+
+class TargetRef(_Base, frozen=True, kw_only=True):
+    """What an L7 policy applies to: a waypoint (`kind: Gateway`) or a Service, in the policy's namespace."""
+
+    kind: str
+    name: str
+    group: str | None = None  # gateway.networking.k8s.io for Gateway, "" (core) for Service
+
+
+class L7Source(_Base, frozen=True, kw_only=True):
+    """Values in Istio's syntax: `x` exact, `x*` prefix, `*x` suffix, `*` any."""
+
+    principals: list[str] = []
+    not_principals: list[str] = []
+    namespaces: list[str] = []
+    not_namespaces: list[str] = []
+
+
+class L7From(_Base, frozen=True, kw_only=True):
+    source: L7Source
+
+
+class L7Operation(_Base, frozen=True, kw_only=True):
+    methods: list[str] = []
+    not_methods: list[str] = []
+    paths: list[str] = []
+    not_paths: list[str] = []
+    ports: list[int] = []
+    not_ports: list[int] = []
+    hosts: list[str] = []
+    not_hosts: list[str] = []
+
+
+class L7To(_Base, frozen=True, kw_only=True):
+    operation: L7Operation
+
+
+class L7Condition(_Base, frozen=True, kw_only=True):
+    key: str  # request.headers[NAME]
+    values: list[str] = []
+    not_values: list[str] = []
+
+
+class L7Rule(_Base, frozen=True, kw_only=True):
+    from_: list[L7From] = msgspec.field(default_factory=list, name="from")
+    to: list[L7To] = []
+    when: list[L7Condition] = []
+
+
+class AuthorizationPolicy(_Base, frozen=True, kw_only=True):
+    """An Istio AuthorizationPolicy with `targetRefs`: enforced by the waypoint, never sent to ztunnel."""
+
+    name: str
+    namespace: str
+    target_refs: list[TargetRef] = []
+    action: str = "ALLOW"  # ALLOW | DENY | AUDIT
+    rules: list[L7Rule] = []
+    dry_run: bool = False  # upstream: the istio.io/dry-run annotation
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class ParentRef(_Base, frozen=True, kw_only=True):
+    """The Service an HTTPRoute attaches to (Gateway API's GAMMA shape)."""
+
+    name: str
+    kind: str = "Service"
+    group: str | None = None
+    namespace: str | None = None  # default: the route's namespace
+    port: int | None = None  # default: every port of the service
+
+
+class HTTPPathMatch(_Base, frozen=True, kw_only=True):
+    type: str = "PathPrefix"  # Exact | PathPrefix
+    value: str = "/"
+
+
+class HTTPHeaderMatch(_Base, frozen=True, kw_only=True):
+    name: str
+    value: str
+    type: str = "Exact"
+
+
+class HTTPRouteMatch(_Base, frozen=True, kw_only=True):
+    path: HTTPPathMatch | None = None
+    headers: list[HTTPHeaderMatch] = []
+    method: str | None = None
+
+
+class BackendRef(_Base, frozen=True, kw_only=True):
+    name: str
+    port: int
+    kind: str = "Service"
+    group: str | None = None
+    namespace: str | None = None  # default: the route's namespace
+    weight: int = 1
+
+
+class HTTPRouteTimeouts(_Base, frozen=True, kw_only=True):
+    request: str | None = None  # Gateway API duration: 10s, 500ms, 1m30s
+
+
+class HTTPRouteRetry(_Base, frozen=True, kw_only=True):
+    attempts: int = 0  # further endpoints tried when connecting to the backend fails
+
+
+class HTTPRouteRule(_Base, frozen=True, kw_only=True):
+    matches: list[HTTPRouteMatch] = []
+    backend_refs: list[BackendRef] = []
+    timeouts: HTTPRouteTimeouts | None = None
+    retry: HTTPRouteRetry | None = None
+
+
+class HTTPRoute(_Base, frozen=True, kw_only=True):
+    name: str
+    namespace: str
+    parent_refs: list[ParentRef] = []
+    rules: list[HTTPRouteRule] = []
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 class World(_Base, frozen=True, kw_only=True):
     trust_domain: str = "cluster.local"
     cluster_id: str = "Kubernetes"
@@ -191,12 +319,20 @@ class World(_Base, frozen=True, kw_only=True):
     services: list[Service] = []
     policies: list[Policy] = []
     waypoints: list[Waypoint] = []
+    authorization_policies: list[AuthorizationPolicy] = []
+    http_routes: list[HTTPRoute] = []
 
     def namespace(self, name: str) -> Namespace | None:
         return next((ns for ns in self.namespaces if ns.name == name), None)
 
     def waypoint(self, namespace: str, name: str) -> Waypoint | None:
         return next((w for w in self.waypoints if w.namespace == namespace and w.name == name), None)
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        return next((s for s in self.services if s.namespace == namespace and s.name == name), None)
+
+    def find_pod(self, namespace: str, name: str) -> Pod | None:
+        return next((p for p in self.pods if p.namespace == namespace and p.name == name), None)
 
     def waypoint_of_pod(self, pod: Pod) -> Waypoint | None:
         """The waypoint this pod runs, if any."""
@@ -421,6 +557,13 @@ def validate(world: World, source: str) -> None:
 
     for i, pol in enumerate(world.policies):
         _validate_policy(source, f"$.policies[{i}]", pol, need_ns)
+    _dupes(source, ((f"$.authorizationPolicies[{i}]", p.key)
+                    for i, p in enumerate(world.authorization_policies)), "authorization policy")
+    for i, l7 in enumerate(world.authorization_policies):
+        _validate_l7_policy(source, f"$.authorizationPolicies[{i}]", world, l7, need_ns)
+    _dupes(source, ((f"$.httpRoutes[{i}]", r.key) for i, r in enumerate(world.http_routes)), "HTTP route")
+    for i, route in enumerate(world.http_routes):
+        _validate_route(source, f"$.httpRoutes[{i}]", world, route, need_ns)
 
 
 def _validate_policy(source: str, base: str, pol: Policy, need_ns: Callable[[str, str], None]) -> None:
@@ -458,3 +601,150 @@ def _validate_string_match(source: str, path: str, sm: StringMatch) -> None:
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
+
+
+# --- L7 policies and routes ------------------------------------------------------------------------------
+
+
+L7_ACTIONS: Final = ("ALLOW", "DENY", "AUDIT")
+GATEWAY_GROUP: Final = "gateway.networking.k8s.io"
+HTTP_METHODS: Final = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+MAX_BACKEND_WEIGHT: Final = 1_000_000  # Gateway API's bound
+_HEADER_KEY = re.compile(r"^request\.headers\[([!#$%&'*+.^_`|~0-9A-Za-z-]+)\]$")
+_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
+_DURATION_PART = re.compile(r"([0-9]{1,5})(h|ms|m|s)")
+_UNIT_SECONDS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def string_match(value: str) -> StringMatch:
+    """Istio's value syntax: `*` any (presence), `*x` suffix, `x*` prefix, anything else exact."""
+    if value == "*":
+        return StringMatch(presence=True)
+    if value.startswith("*"):
+        return StringMatch(suffix=value[1:])
+    if value.endswith("*"):
+        return StringMatch(prefix=value[:-1])
+    return StringMatch(exact=value)
+
+
+def header_of_key(key: str) -> str | None:
+    """`request.headers[X-Foo]` -> `x-foo` (the one condition key a waypoint checks), else None."""
+    m = _HEADER_KEY.match(key)
+    return m[1].lower() if m else None
+
+
+def parse_duration(text: str) -> float | None:
+    """A Gateway API duration (`10s`, `500ms`, `1m30s`) in seconds, or None when it is not one."""
+    if not _DURATION.match(text):
+        return None
+    return sum(int(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def _validate_l7_policy(source: str, base: str, world: World, pol: AuthorizationPolicy,
+                        need_ns: Callable[[str, str], None]) -> None:
+    _check_name(source, f"{base}.name", pol.name, "policy name")
+    need_ns(f"{base}.namespace", pol.namespace)
+    if pol.action.upper() not in L7_ACTIONS:
+        raise WorldError(source, f"{base}.action", f"action {pol.action!r} must be one of "
+                         f"{', '.join(L7_ACTIONS)}")
+    if not pol.target_refs:
+        raise WorldError(source, f"{base}.targetRefs", "an authorization policy here is for a waypoint and "
+                         "needs targetRefs (kind Gateway: the waypoint, or kind Service); ztunnel's L4 "
+                         "policies go in policies")
+    for j, ref in enumerate(pol.target_refs):
+        path = f"{base}.targetRefs[{j}]"
+        if ref.kind == "Gateway":
+            if ref.group not in (None, GATEWAY_GROUP):
+                raise WorldError(source, f"{path}.group", f"a Gateway's group is {GATEWAY_GROUP}")
+            if world.waypoint(pol.namespace, ref.name) is None:
+                known = ", ".join(w.name for w in world.waypoints if w.namespace == pol.namespace) or "none"
+                raise WorldError(source, f"{path}.name", f"unknown waypoint {pol.namespace}/{ref.name} "
+                                 f"(waypoints of {pol.namespace}: {known}); declare it in waypoints")
+        elif ref.kind == "Service":
+            if ref.group:
+                raise WorldError(source, f"{path}.group", "a Service's group is the core group: \"\" or none")
+            if world.service(pol.namespace, ref.name) is None:
+                raise WorldError(source, f"{path}.name",
+                                 f"unknown service {pol.namespace}/{ref.name}; add it to services")
+        else:
+            raise WorldError(source, f"{path}.kind", f"kind {ref.kind!r} must be Gateway (a waypoint) or "
+                             "Service")
+    for r, rule in enumerate(pol.rules):
+        for k, to in enumerate(rule.to):
+            path = f"{base}.rules[{r}].to[{k}].operation"
+            for field in ("methods", "not_methods"):
+                for m, method in enumerate(getattr(to.operation, field)):
+                    if method not in HTTP_METHODS:
+                        raise WorldError(source, f"{path}.{_camel(field)}[{m}]", f"method {method!r} is "
+                                         f"not one of {', '.join(sorted(HTTP_METHODS))}")
+            for field in ("paths", "not_paths"):
+                for m, value in enumerate(getattr(to.operation, field)):
+                    if not value:
+                        raise WorldError(source, f"{path}.{_camel(field)}[{m}]", "a path cannot be empty")
+            for field in ("ports", "not_ports"):
+                for m, port in enumerate(getattr(to.operation, field)):
+                    _port(source, f"{path}.{_camel(field)}[{m}]", port)
+        for k, cond in enumerate(rule.when):
+            if header_of_key(cond.key) is None:
+                raise WorldError(source, f"{base}.rules[{r}].when[{k}].key", f"key {cond.key!r}: a "
+                                 "waypoint checks request.headers[NAME] conditions only")
+            if not cond.values and not cond.not_values:
+                raise WorldError(source, f"{base}.rules[{r}].when[{k}]", "a condition needs values or "
+                                 "notValues")
+
+
+def _validate_route(source: str, base: str, world: World, route: HTTPRoute,
+                    need_ns: Callable[[str, str], None]) -> None:
+    _check_name(source, f"{base}.name", route.name, "route name")
+    need_ns(f"{base}.namespace", route.namespace)
+    if not route.parent_refs:
+        raise WorldError(source, f"{base}.parentRefs", "a route needs parentRefs: the Service it attaches to")
+
+    def need_service(path: str, kind: str, group: str | None, ns: str | None, name: str,
+                     port: int | None) -> None:
+        if kind != "Service" or group:
+            raise WorldError(source, f"{path}.kind", f"kind {kind!r} (group {group!r}): only core Services "
+                             "are supported here")
+        svc = world.service(ns or route.namespace, name)
+        if svc is None:
+            raise WorldError(source, f"{path}.name", f"route to unknown service {ns or route.namespace}/"
+                             f"{name}; add it to services")
+        if port is not None and all(p.port != port for p in svc.ports):
+            ports = ", ".join(str(p.port) for p in svc.ports) or "none"
+            raise WorldError(source, f"{path}.port", f"service {svc.namespace}/{svc.name} has no port "
+                             f"{port} (ports: {ports})")
+
+    for j, parent in enumerate(route.parent_refs):
+        need_service(f"{base}.parentRefs[{j}]", parent.kind, parent.group, parent.namespace, parent.name,
+                     parent.port)
+    for r, rule in enumerate(route.rules):
+        rbase = f"{base}.rules[{r}]"
+        for m, match in enumerate(rule.matches):
+            if match.path is not None:
+                path = f"{rbase}.matches[{m}].path"
+                if match.path.type not in ("Exact", "PathPrefix"):
+                    raise WorldError(source, f"{path}.type",
+                                     f"path type {match.path.type!r} must be Exact or PathPrefix")
+                if not match.path.value.startswith("/"):
+                    raise WorldError(source, f"{path}.value", f"path {match.path.value!r} must start with /")
+            if match.method is not None and match.method not in HTTP_METHODS:
+                raise WorldError(source, f"{rbase}.matches[{m}].method", f"method {match.method!r} is not "
+                                 f"one of {', '.join(sorted(HTTP_METHODS))}")
+            for h, header in enumerate(match.headers):
+                if header.type != "Exact":
+                    raise WorldError(source, f"{rbase}.matches[{m}].headers[{h}].type",
+                                     f"header match type {header.type!r}: only Exact is supported")
+        for b, backend in enumerate(rule.backend_refs):
+            bpath = f"{rbase}.backendRefs[{b}]"
+            need_service(bpath, backend.kind, backend.group, backend.namespace, backend.name, backend.port)
+            if not 0 <= backend.weight <= MAX_BACKEND_WEIGHT:
+                raise WorldError(source, f"{bpath}.weight", f"weight {backend.weight} must be an integer "
+                                 f"from 0 to {MAX_BACKEND_WEIGHT:,}")
+        timeout = rule.timeouts.request if rule.timeouts is not None else None
+        if timeout is not None and parse_duration(timeout) is None:
+            raise WorldError(source, f"{rbase}.timeouts.request",
+                             f"{timeout!r} is not a duration like 10s, 500ms or 1m30s")
+        if rule.retry is not None and rule.retry.attempts < 0:
+            raise WorldError(source, f"{rbase}.retry.attempts", "attempts cannot be negative")

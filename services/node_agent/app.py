@@ -58,7 +58,7 @@ from services.node_agent.verify import (
 )
 from services.node_agent.zds_server import DEFAULT_SOCKET_PATH, ZdsServer
 from shared.addr import AddressError, split_host_port
-from shared.errors import AmbientError, start_failure
+from shared.errors import run_process
 from shared.httpd import Request, Response, json_response, open_unix_listener, serve_http, text_response
 from shared.limits import raise_open_files_limit
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
@@ -583,15 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupCheckError as exc:
         print(f"node-agent: error: {exc}", file=sys.stderr)
         return 1
-    try:
-        trio.run(_main, config)
-    except (OSError, AmbientError, BaseExceptionGroup) as exc:
-        failure = start_failure(exc)  # e.g. an address taken after the start-up check, a socket path
-        if failure is None:
-            raise
-        print(f"node-agent: error: cannot start: {failure}", file=sys.stderr)
-        return 1
-    return 0
+    return run_process("node-agent: error", _main, config)
 
 
 if __name__ == "__main__":

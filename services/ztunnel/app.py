@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import sys
 from functools import partial
 
@@ -47,10 +46,11 @@ from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry.access_log import Telemetry
 from services.ztunnel.telemetry.metrics import Metrics
 from shared.addr import format_host_port
-from shared.errors import AmbientError, start_failure
+from shared.errors import run_process
 from shared.httpd import bound_addresses, serve_http_tcp
 from shared.limits import raise_open_files_limit
 from shared.logs import setup_logging
+from shared.signals import set_on_stop_signal
 from shared.version import version_text
 
 log = logging.getLogger("ztunnel.app")
@@ -138,18 +138,11 @@ async def _serve(config: ZtunnelConfig, shutdown: trio.Event, sockets: SocketFac
 
 async def _main(config: ZtunnelConfig) -> None:
     shutdown = trio.Event()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            async def wait_signal() -> None:
-                async for signum in signals:
-                    log.info("received signal", extra={"fields": [("signal", signal.Signals(signum).name)]})
-                    shutdown.set()
-                    return
-
-            nursery.start_soon(wait_signal)
-            nursery.start_soon(trim_malloc_periodically)
-            await run_ztunnel(config, shutdown=shutdown)
-            nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(set_on_stop_signal, shutdown, log)
+        nursery.start_soon(trim_malloc_periodically)
+        await run_ztunnel(config, shutdown=shutdown)
+        nursery.cancel_scope.cancel()
 
 
 ENV_HELP = """settings (environment variables, named as upstream ztunnel's):
@@ -202,15 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("start-up check failed", extra={"fields": [("error", str(exc))]})
         print(f"ztunnel: {exc}", file=sys.stderr)
         return 1
-    try:
-        trio.run(_main, config)
-    except (OSError, AmbientError, BaseExceptionGroup) as exc:
-        failure = start_failure(exc)  # e.g. an address taken after the start-up check
-        if failure is None:
-            raise
-        print(f"ztunnel: cannot start: {failure}", file=sys.stderr)
-        return 1
-    return 0
+    return run_process("ztunnel", _main, config)
 
 
 if __name__ == "__main__":

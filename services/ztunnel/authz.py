@@ -28,7 +28,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 import msgspec
 
@@ -44,6 +45,7 @@ from services.ztunnel.state.types import (
 )
 from shared.addr import format_host_port, ip_address
 from shared.identity import SpiffeId
+from shared.logs import Field
 
 log = logging.getLogger("ztunnel.authz")
 
@@ -158,48 +160,72 @@ def policy_matches(policy: Authorization, req: AuthzRequest) -> bool:
     )
 
 
-def _decide(policies: Sequence[Authorization], req: AuthzRequest) -> Decision:
+class PolicyLike(Protocol):
+    """What the decision needs of a policy: L4 `Authorization`s here, the waypoint's L7 policies too."""
+
+    @property
+    def action(self) -> Action: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def dry_run(self) -> bool: ...
+
+
+P = TypeVar("P", bound=PolicyLike)
+
+
+def _decide(policies: Sequence[P], matches: Callable[[P], bool]) -> Decision:
     for pol in policies:
-        if pol.action is Action.DENY and policy_matches(pol, req):
+        if pol.action is Action.DENY and matches(pol):
             return Decision(allowed=False, reason=f"explicitly denied by: {pol.key}", policy=pol.key)
     allows = [pol for pol in policies if pol.action is Action.ALLOW]
     if not allows:
         return ALLOW_ALL
     for pol in allows:
-        if policy_matches(pol, req):
+        if matches(pol):
             return Decision(allowed=True, policy=pol.key)
     return Decision(allowed=False, reason="allow policies exist, but none allowed")
 
 
-def evaluate(policies: Iterable[Authorization], req: AuthzRequest) -> Decision:
-    """Decide `req` against the policies that apply to its destination (see `applicable`).
-
-    Dry-run policies are evaluated on their own and reported in `dry_run` (and logged), never enforced.
-    """
-    enforced: list[Authorization] = []
-    dry: list[Authorization] = []
+def decide_policies(policies: Iterable[P], matches: Callable[[P], bool],
+                    log_fields: Callable[[], list[Field]]) -> Decision:
+    """The decision over `policies` (DENY first, then ALLOW if any; see the module doc), `matches` saying
+    whether one policy matches the request. Dry-run policies are evaluated on their own and reported in
+    `dry_run` (and logged, with `log_fields()` naming the request), never enforced."""
+    enforced: list[P] = []
+    dry: list[P] = []
     for pol in policies:
         (dry if pol.dry_run else enforced).append(pol)
-    decision = _decide(enforced, req)
+    decision = _decide(enforced, matches)
     if not dry:
         return decision
     notes = []
     for pol in dry:
-        if policy_matches(pol, req):
+        if matches(pol):
             verb = "deny" if pol.action is Action.DENY else "allow"
             notes.append(f"{pol.key}: would {verb}")
     # Also what the dry-run set would decide together with the enforced ones (an unmatched dry-run ALLOW
-    # would deny).
-    shadow = _decide(enforced + [msgspec.structs.replace(p, dry_run=False) for p in dry], req)
+    # would deny); `_decide` does not look at `dry_run`.
+    shadow = _decide(enforced + dry, matches)
     if shadow.allowed != decision.allowed:
         notes.append(f"dry-run policies would {'allow' if shadow.allowed else 'deny'}"
                      + (f" ({shadow.reason})" if shadow.reason else ""))
     if notes:
         log.info("dry-run authorization result", extra={"fields": [
-            ("src.addr", req.src_ip), ("dst.addr", format_host_port(req.dst_ip, req.dst_port)),
-            ("src.identity", str(req.src_identity) if req.src_identity else None),
-            ("enforced", "allow" if decision.allowed else "deny"), ("dry_run", "; ".join(notes))]})
+            *log_fields(), ("enforced", "allow" if decision.allowed else "deny"),
+            ("dry_run", "; ".join(notes))]})
     return msgspec.structs.replace(decision, dry_run=tuple(notes))
+
+
+def evaluate(policies: Iterable[Authorization], req: AuthzRequest) -> Decision:
+    """Decide `req` against the policies that apply to its destination (see `applicable`)."""
+    def fields() -> list[Field]:
+        return [("src.addr", req.src_ip), ("dst.addr", format_host_port(req.dst_ip, req.dst_port)),
+                ("src.identity", str(req.src_identity) if req.src_identity else None)]
+
+    return decide_policies(policies, lambda pol: policy_matches(pol, req), fields)
 
 
 def authorize(policies: Iterable[Authorization], workload: Workload, req: AuthzRequest) -> Decision:

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 A, B = f"10.244.{NET_A}.", f"10.244.{NET_B}."
 # the sample world, on this run's pod ranges, plus a second ratings pod on node-a (behind our ztunnel)
 WORLD = (ROOT / "examples" / "bookinfo.yaml").read_text().replace("10.244.1.", A).replace("10.244.2.", B)
+# the L4 policy cases reach pods directly: bookinfo without its waypoint (which admits only itself)
+WORLD = WORLD.replace("istio.io/use-waypoint: waypoint", "istio.io/use-waypoint: none")
 WORLD = WORLD.replace("services:\n", (
     "  - {name: ratings-v1-a1b2c3, namespace: bookinfo, node: node-a, ips: [" + A + "12],"
     "\n     workload: ratings-v1, serviceAccount: bookinfo-ratings,"

@@ -41,7 +41,7 @@ async def test_clients_sync_from_the_process_and_see_cli_changes(tmp_path: Path)
             async with trio.open_nursery() as nursery, open_pod_watch(target, "node-a") as watch:
                 await nursery.start(client.run)
                 await client.wait_synced()
-                assert len(store.workloads) == 8
+                assert len(store.workloads) == 9
                 snapshot = await watch.__anext__()
                 assert isinstance(snapshot, PodSnapshot) and len(snapshot.pods) == 4
 

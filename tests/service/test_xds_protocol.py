@@ -169,7 +169,7 @@ async def test_client_nacks_what_it_cannot_convert_and_keeps_the_rest() -> None:
             client = XdsClient(istiod.target(node="node-a"), StateStore(), XdsClientConfig(node_id=NODE.id))
             await nursery.start(client.run)
             await client.wait_synced()
-            assert len(client.store.workloads) == 8
+            assert len(client.store.workloads) == 9
             assert "bad" not in client.versions[ADDRESS_TYPE_URL]
             assert len(client.nacks_sent) == 1 and "3 bytes" in client.nacks_sent[0]
             # The server records it once the NACK arrives.

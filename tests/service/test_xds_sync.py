@@ -39,9 +39,11 @@ async def test_initial_push_fills_the_store() -> None:
             await nursery.start(client.run)
             await client.wait_synced()
             store = client.store
-            assert len(store.workloads) == 8
-            assert len(store.services) == 5
-            assert set(store.policies) == {"bookinfo/ratings-from-reviews", "bookinfo/deny-legacy"}
+            assert len(store.workloads) == 9  # eight apps and the waypoint
+            assert len(store.services) == 8  # with reviews-v1/v2 and the waypoint's
+            assert set(store.policies) == {"bookinfo/ratings-from-reviews", "bookinfo/deny-legacy",
+                                           "bookinfo/istio_allow_waypoint_bookinfo_waypoint",
+                                           "bookinfo/require_waypoint_bookinfo_waypoint"}
             ratings = store.workload_by_ip("10.244.2.12")
             assert ratings is not None and ratings.uid == "Kubernetes//Pod/bookinfo/ratings-v1-8c9f0b"
             assert ratings.tunnel_protocol is TunnelProtocol.HBONE
@@ -51,7 +53,8 @@ async def test_initial_push_fills_the_store() -> None:
             assert svc is not None and svc.key == "bookinfo/reviews.bookinfo.svc.cluster.local"
             assert [wl.name for wl, _ in store.endpoints(svc)] == ["reviews-v1-7b8c4f", "reviews-v2-6d7e9a"]
             names = [p.key for p in applicable(store.policies.values(), ratings)]
-            assert names == ["bookinfo/deny-legacy", "bookinfo/ratings-from-reviews"]
+            assert names == ["bookinfo/deny-legacy", "bookinfo/istio_allow_waypoint_bookinfo_waypoint",
+                             "bookinfo/ratings-from-reviews", "bookinfo/require_waypoint_bookinfo_waypoint"]
             pol = store.policies[PolicyKey("bookinfo/ratings-from-reviews")]
             assert pol.scope is Scope.WORKLOAD_SELECTOR and pol.action is Action.ALLOW
             assert client.nacks_sent == []
@@ -240,6 +243,6 @@ async def test_a_push_larger_than_the_tls_read_buffer_arrives_whole() -> None:
             client = new_client(istiod.target(node="node-a"))
             await nursery.start(client.run)
             await client.wait_synced()
-            assert len(client.store.workloads) == 8 + 1500
+            assert len(client.store.workloads) == 9 + 1500
             assert client.nacks_sent == []
             nursery.cancel_scope.cancel()

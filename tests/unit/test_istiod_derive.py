@@ -54,7 +54,9 @@ def test_workload_from_ambient_pod(world: World) -> None:
     assert (wl.canonical_name, wl.canonical_revision) == ("reviews", "v2")
     assert (wl.workload_type, wl.workload_name) == (wpb.DEPLOYMENT, "reviews-v2")
     assert dict(wl.services)["bookinfo/reviews.bookinfo.svc.cluster.local"].ports[0].target_port == 9080
-    assert list(wl.authorization_policies) == []
+    # bookinfo is behind its waypoint: only the waypoint's identity may reach the pod.
+    assert list(wl.authorization_policies) == [
+        "bookinfo/istio_allow_waypoint_bookinfo_waypoint", "bookinfo/require_waypoint_bookinfo_waypoint"]
     assert wl.cluster_id == "Kubernetes"
 
 
@@ -109,7 +111,9 @@ def test_service_and_selector_policies(world: World) -> None:
     assert svc.addresses[0].address == ipaddress.ip_address("10.96.0.13").packed
     assert (svc.ports[0].service_port, svc.ports[0].app_protocol) == (9080, wpb.HTTP11)
     wl = derive_workload(world, pod(world, "ratings"))
-    assert list(wl.authorization_policies) == ["bookinfo/ratings-from-reviews"]
+    assert list(wl.authorization_policies) == [
+        "bookinfo/istio_allow_waypoint_bookinfo_waypoint", "bookinfo/ratings-from-reviews",
+        "bookinfo/require_waypoint_bookinfo_waypoint"]
 
 
 def test_policy_scopes_like_istiod(world: World) -> None:

@@ -24,7 +24,8 @@ def load(text: str) -> None:
 def test_example_world_loads() -> None:
     world = bookinfo_world()
     assert {n.name for n in world.nodes} == {"node-a", "node-b"}
-    assert len(world.pods) == 8
+    assert len(world.pods) == 9  # eight app pods and the waypoint's
+    assert [(w.key, w.pod) for w in world.waypoints] == [("bookinfo/waypoint", "waypoint-7c8d9e")]
 
 
 @pytest.mark.parametrize(

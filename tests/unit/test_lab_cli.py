@@ -66,20 +66,20 @@ def test_piped_output_keeps_every_line_whole(capsys: pytest.CaptureFixture[str])
     assert max(len(line) for line in out.splitlines() if "in-pod rules" in line) == 80
 
 
-def test_demo_shows_the_newest_refused_line_of_each_direction(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The two nodes' logs interleave (node-a's lines come first): new lines are found by content, not by
-    counting, and both directions' lines are shown."""
-    old = ['t0 access connection complete src.workload="sleep" direction="outbound"']
-    out_line = 't2 access connection complete src.workload="sleep" direction="outbound" error="status: 401"'
-    in_line = 't3 access connection complete src.workload="sleep" direction="inbound" error="rejection"'
-    logs = {"node-a": [*old, out_line], "node-b": [in_line]}
+def test_demo_shows_the_newest_denied_waypoint_line_from_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """New lines are found by content, not by counting: an old 403 and other clients' lines are skipped."""
+    sleep, other_sa = "spiffe://cluster.local/ns/sleep/sa/sleep", "spiffe://cluster.local/ns/bookinfo/sa/x"
+    old = [f't0 access request complete src.identity="{sleep}" response_code=403']
+    other = f't1 access request complete src.identity="{other_sa}" response_code=403'
+    ok = f't2 access request complete src.identity="{sleep}" response_code=200'
+    denied = f't3 access request complete src.identity="{sleep}" response_code=403'
 
-    def access_logs(*, prefix: str, direction: str | None = None, node: str | None = None) -> Iterator[str]:
-        for lines in logs.values():
-            yield from (line for line in lines if direction is None or f'direction="{direction}"' in line)
+    def waypoint_logs(*, prefix: str) -> Iterator[str]:
+        yield from [*old, other, ok, denied]
 
-    monkeypatch.setattr(lab, "access_logs", access_logs)
-    assert demo.refused_lines("p", set(old), wait=0) == [out_line, in_line]
+    monkeypatch.setattr(lab, "waypoint_logs", waypoint_logs)
+    assert demo.denied_line("p", set(old), wait=0) == denied
+    assert demo.denied_line("p", {*old, denied}, wait=0) is None
 
 
 def verified(result: str, **extra: object) -> dict[str, object]:

@@ -57,7 +57,7 @@ def test_bookinfo_plans_every_namespace_with_the_prefix() -> None:
     assert plan.control_plane.netns == "lab1-cp"
     assert [n.netns for n in plan.nodes] == ["lab1-node-a", "lab1-node-b"]
     assert all(name.startswith("lab1-") for name in plan.all_netns())
-    assert len(set(plan.all_netns())) == len(plan.all_netns()) == 4 + 8
+    assert len(set(plan.all_netns())) == len(plan.all_netns()) == 4 + 9
     page = next(p for p in plan.pods if p.name.startswith("productpage"))
     assert page.netns == "lab1-bookinfo-productpage-v1-6f9c7d"
     assert (page.address, page.gateway, page.node) == ("10.244.1.10/24", "10.244.1.1", "node-a")
@@ -77,6 +77,7 @@ def test_bookinfo_ambient_decisions_follow_spec_8() -> None:
         "sleep": True,
         "notmeshed": False,
         "legacy": False,
+        "waypoint": False,  # the waypoint's pod is never captured
     }
 
 

@@ -16,13 +16,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("shared", "services", "ambient")
-SERVICES = ("services.node_agent", "services.ztunnel", "services.istiod", "services.apps")
+SERVICES = ("services.node_agent", "services.ztunnel", "services.istiod", "services.apps",
+            "services.waypoint")
 ZTUNNEL = "services.ztunnel"
+WAYPOINT = "services.waypoint"
 FORBIDDEN: dict[str, tuple[str, ...]] = {  # importer's package (and below) -> what it may not import
     "shared": ("services", "ambient"),
     "services": ("ambient",),
     # one process never imports another's folder: what two processes share lives in shared/
-    **{svc: tuple(other for other in SERVICES if other != svc) for svc in SERVICES},
+    **{svc: tuple(other for other in SERVICES if other != svc) for svc in SERVICES if svc != WAYPOINT},
+    # ... except that the waypoint is built on ztunnel's parts (transport, state, xDS, identity, telemetry,
+    # L4 authorization, resolution), never on its process: not inpod/, the app, the admin or the DNS proxy
+    WAYPOINT: (*(s for s in SERVICES if s not in (WAYPOINT, ZTUNNEL)),
+               *(f"{ZTUNNEL}.{m}" for m in ("inpod", "app", "admin", "dns", "proxy.inbound", "proxy.outbound",
+                                             "proxy.context", "proxy.tcp"))),
     # ztunnel's floors: hbone/ is transport only, proxy/ never reaches up into inpod/, net.py and
     # telemetry/ sit below both
     f"{ZTUNNEL}.hbone": tuple(f"{ZTUNNEL}.{m}" for m in ("proxy", "inpod", "state", "authz", "xds", "peers",

@@ -7,7 +7,8 @@ Modules, bottom up:
 * `stream`     `HboneStream`, one tunnel as a half-closeable byte stream;
 * `connection` `HboneConnection`: the reader, writer and pinger tasks multiplexing the streams;
 * `pool`       the client side: `connect_hbone`, `open_hbone_connection`, the upstream-style pool;
-* `server`     `serve_hbone_connection` for one accepted 15008 connection, asking an `InboundPolicy`;
+* `server`     `serve_hbone_connection` for one accepted 15008 connection, asking an `InboundPolicy`
+               (`serve_hbone_tunnels`: the same for a waypoint, whose handler serves each tunnel);
 * `relay`      copy between an `HboneStream` and a socket, with half-close;
 * `errors`     the transport's error vocabulary.
 

@@ -568,11 +568,13 @@ class ServerCore(_Core):
 
     Args:
         local_ips: the IPs this connection was accepted on (the pod's IP); a CONNECT to any other IP is 400.
+            None: any ip:port target is passed on, for the application to decide (a waypoint, whose targets
+            are service VIPs and the workloads it serves).
     """
 
-    def __init__(self, local_ips: Collection[str]) -> None:
+    def __init__(self, local_ips: Collection[str] | None) -> None:
         super().__init__(client=False)
-        self.local_ips = frozenset(unmapped_ip(ip) for ip in local_ips)
+        self.local_ips = frozenset(unmapped_ip(ip) for ip in local_ips) if local_ips is not None else None
 
     def respond(self, stream_id: int, status: int, headers: Sequence[Header] = ()) -> None:
         """Answer a CONNECT. Any status but 200 also ends the stream."""
@@ -595,7 +597,7 @@ class ServerCore(_Core):
         if target is None:
             self._reject(ev.stream_id, 400, f"authority {authority!r} is not ip:port", out)
             return
-        if unmapped_ip(target[0]) not in self.local_ips:
+        if self.local_ips is not None and unmapped_ip(target[0]) not in self.local_ips:
             self._reject(ev.stream_id, 400,
                          f"target {target[0]} is not this workload's IP "
                          f"({', '.join(sorted(self.local_ips))})", out)

@@ -19,6 +19,10 @@ it (proxy/inbound.py implements it; tests use a fake). Per connection:
    upstream socket, with half-close. When the stream ends, its outcome (status, bytes, error) goes to
    `policy.closed(outcome)`: once per stream, for the access log and the metrics.
 
+A waypoint serves its tunnels itself: `serve_hbone_tunnels` runs the same connection (TLS, bounds, core)
+without the own-IP check and hands each valid CONNECT to its tunnel handler, which answers and carries it;
+its `ConnectionPolicy` only hears `accepted` and `refused`.
+
 The policy's methods are plain calls except `open_upstream`; authorization is synchronous (a decision over
 the state as it is now). A bug in the policy fails its stream (503 or a reset), never the connection.
 
@@ -35,8 +39,9 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from math import inf
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import msgspec
 import trio
@@ -96,8 +101,8 @@ class InboundInfo(msgspec.Struct, frozen=True, kw_only=True):
     baggage: str | None = None
 
 
-class InboundPolicy(Protocol):
-    """What the server asks of the proxy for one accepted connection (see the theory of operation)."""
+class ConnectionPolicy(Protocol):
+    """What the server tells its owner about one accepted connection, whoever serves its tunnels."""
 
     def accepted(self, conn: HboneConnection) -> None:
         """The TLS handshake succeeded; no stream yet."""
@@ -107,6 +112,15 @@ class InboundPolicy(Protocol):
         """The connection (handshake, identity) or a request (400 from the core) was refused before any
         tunnel: `outcome` has the TCP addresses, the error and, for a request, the status."""
         ...
+
+
+TunnelHandler = Callable[[HboneConnection, HboneStream, InboundInfo], Awaitable[None]]
+"""Serves one valid CONNECT in its own task (`serve_hbone_tunnels`): answers it (`conn.respond`) and
+carries it until it ends. The connection's other streams never wait for it."""
+
+
+class InboundPolicy(ConnectionPolicy, Protocol):
+    """What the server asks of the proxy for one accepted connection (see the theory of operation)."""
 
     def outcome(self, info: InboundInfo) -> ConnectionOutcome:
         """The record of the tunnel `info` asks for, its ends named; the server fills in the rest."""
@@ -131,14 +145,27 @@ class InboundPolicy(Protocol):
         ...
 
 
+def inbound_info(conn: HboneConnection, event: ConnectRequested) -> InboundInfo:
+    """The CONNECT `event` of `conn`, as a policy or a tunnel handler sees it."""
+    def text(name: bytes) -> str | None:
+        value = event.header(name)
+        return value.decode("latin-1") if value is not None else None
+
+    return InboundInfo(src_addr=conn.peer_addr, dst_addr=conn.local_addr, target=event.target,
+                       src_identity=conn.peer_identity, forwarded=text(b"forwarded"),
+                       traceparent=text(b"traceparent"), baggage=text(b"baggage"))
+
+
 class _Server:
     def __init__(self, *, identity: SpiffeId, certs: CertSource, contexts: TlsContextCache,
-                 policy: InboundPolicy, handshake_timeout: float, ping_interval: float | None,
-                 ping_timeout: float, idle_timeout: float | None) -> None:
+                 policy: ConnectionPolicy, handshake_timeout: float, ping_interval: float | None,
+                 ping_timeout: float, idle_timeout: float | None,
+                 handler: TunnelHandler | None = None) -> None:
         self.identity = identity
         self.certs = certs
         self.contexts = contexts
         self.policy = policy
+        self.handler = handler
         self.handshake_timeout = handshake_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -169,14 +196,22 @@ class _Server:
                     ("src.addr", format_host_port(*peer)), ("error", str(exc))]})
                 self._refused(peer, local, str(exc))
                 return
-            conn = HboneConnection(tls, ServerCore([local[0]]), peer_identity=identity, local_addr=local,
+            # A tunnel handler (a waypoint) decides which targets it serves; the pod's own 15008 takes only
+            # its own IP.
+            core = ServerCore(None if self.handler is not None else [local[0]])
+            conn = HboneConnection(tls, core, peer_identity=identity, local_addr=local,
                                    peer_addr=peer, ping_interval=self.ping_interval,
                                    ping_timeout=self.ping_timeout,
                                    idle_timeout=self.idle_timeout if self.idle_timeout is not None else inf,
                                    first_stream_deadline=deadline)
 
+            handler = self.handler
+
             def on_request(stream: HboneStream, event: ConnectRequested) -> None:
-                conn.spawn(self.serve_stream, conn, stream, event)
+                if handler is not None:
+                    conn.spawn(handler, conn, stream, inbound_info(conn, event))
+                else:
+                    conn.spawn(self.serve_stream, conn, stream, event)
 
             def on_rejected(event: StreamRejected) -> None:
                 reason = event.reason or f"rejected with status {event.status}"
@@ -193,14 +228,8 @@ class _Server:
             sock.close()
 
     async def serve_stream(self, conn: HboneConnection, stream: HboneStream, event: ConnectRequested) -> None:
-        def text(name: bytes) -> str | None:
-            value = event.header(name)
-            return value.decode("latin-1") if value is not None else None
-
-        policy = self.policy
-        info = InboundInfo(src_addr=conn.peer_addr, dst_addr=conn.local_addr, target=event.target,
-                           src_identity=conn.peer_identity, forwarded=text(b"forwarded"),
-                           traceparent=text(b"traceparent"), baggage=text(b"baggage"))
+        policy = cast(InboundPolicy, self.policy)  # without a handler, the policy serves the tunnels
+        info = inbound_info(conn, event)
         outcome: ConnectionOutcome | None = None
         upstream: socket.socket | None = None
         error: str | None = None
@@ -301,5 +330,20 @@ async def serve_hbone_connection(sock: socket.socket, peer: tuple[Any, ...], *, 
     server = _Server(identity=identity, certs=certs, contexts=contexts, policy=policy,
                      handshake_timeout=handshake_timeout, ping_interval=ping_interval,
                      ping_timeout=ping_timeout, idle_timeout=idle_timeout)
+    sock.setblocking(False)
+    await _guarded(server, sock, peer_addr(tuple(peer)))
+
+
+async def serve_hbone_tunnels(sock: socket.socket, peer: tuple[Any, ...], *, identity: SpiffeId,
+                              certs: CertSource, contexts: TlsContextCache, policy: ConnectionPolicy,
+                              handler: TunnelHandler, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                              ping_interval: float | None = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
+                              idle_timeout: float | None = IDLE_TIMEOUT) -> None:
+    """`serve_hbone_connection` for a proxy that serves the tunnels itself (the waypoint): the same TLS,
+    bounds and core, but a CONNECT to any ip:port reaches `handler` (in its own task), which answers it and
+    carries the stream; `policy` hears only of the connection (`accepted`, `refused`)."""
+    server = _Server(identity=identity, certs=certs, contexts=contexts, policy=policy,
+                     handshake_timeout=handshake_timeout, ping_interval=ping_interval,
+                     ping_timeout=ping_timeout, idle_timeout=idle_timeout, handler=handler)
     sock.setblocking(False)
     await _guarded(server, sock, peer_addr(tuple(peer)))

@@ -86,15 +86,24 @@ def _identities(workload: Workload, service: Service | None) -> frozenset[Spiffe
     return frozenset(ids)
 
 
-def _is_waypoint_of(source: Workload | None, gateway: GatewayAddress, store: StateStore) -> bool:
+def _gateway_service(store: StateStore, gateway: GatewayAddress, network: str) -> Service | None:
+    """The Service a GatewayAddress names: by hostname, or by an address that is a service VIP (istiod's
+    usual form: the waypoint Service's VIP)."""
+    if gateway.address is not None:
+        return store.service_by_vip(gateway.address.address, gateway.address.network or network)
+    if gateway.hostname is not None:
+        return store.service_by_key(f"{gateway.hostname.namespace}/{gateway.hostname.hostname}")
+    return None
+
+
+def is_waypoint_of(source: Workload | None, gateway: GatewayAddress, store: StateStore) -> bool:
+    """`source` is (one of the pods of) that waypoint: a waypoint is never sent to its own waypoint."""
     if source is None:
         return False
-    if gateway.address is not None:
-        return gateway.address.address in source.addresses
-    if gateway.hostname is not None:
-        key = f"{gateway.hostname.namespace}/{gateway.hostname.hostname}"
-        return key in source.services
-    return False
+    if gateway.address is not None and gateway.address.address in source.addresses:
+        return True
+    service = _gateway_service(store, gateway, source.network)
+    return service is not None and service.key in source.services
 
 
 def _target_port(service: Service, workload_ports: tuple[Port, ...], port: int) -> int:
@@ -111,17 +120,17 @@ def _waypoint_route(store: StateStore, gateway: GatewayAddress, target: Addr, *,
                     service: Service | None, choose: Chooser) -> Route:
     waypoint: Workload | None = None
     if gateway.address is not None:
-        waypoint = store.workload_by_ip(gateway.address.address, gateway.address.network or network)
         what = gateway.address.address
+        waypoint = store.workload_by_ip(gateway.address.address, gateway.address.network or network)
     elif gateway.hostname is not None:
         what = f"{gateway.hostname.namespace}/{gateway.hostname.hostname}"
-        wp_service = store.service_by_key(what)
-        healthy = [(wl, ports) for wl, ports in store.endpoints(wp_service) if wl.healthy and wl.addresses] \
-            if wp_service is not None else []
-        if healthy:
-            waypoint = choose(healthy)[0]
     else:
         what = "(empty)"
+    wp_service = _gateway_service(store, gateway, network) if waypoint is None else None
+    if wp_service is not None:
+        healthy = [(wl, ports) for wl, ports in store.endpoints(wp_service) if wl.healthy and wl.addresses]
+        if healthy:
+            waypoint = choose(healthy)[0]
     if waypoint is None:
         return NoHealthyUpstream(reason=f"waypoint {what} has no healthy endpoint", service=service)
     ip = _first_address(waypoint, target[0])
@@ -139,12 +148,16 @@ def _workload_route(workload: Workload, ip: str, port: int, service: Service | N
 
 
 def resolve_outbound(store: StateStore, dst: Addr, *, source: Workload | None = None, network: str = "",
-                     choose: Chooser = random.choice) -> Route:
-    """Where a connection from `source` to `dst` (the original destination) goes. See the module doc."""
+                     choose: Chooser = random.choice, via_waypoints: bool = True) -> Route:
+    """Where a connection from `source` to `dst` (the original destination) goes. See the module doc.
+
+    `via_waypoints=False` resolves as the waypoint itself does for what it serves: straight to an endpoint.
+    """
     ip, port = dst
     service = store.service_by_vip(ip, network)
     if service is not None:
-        if service.waypoint is not None and not _is_waypoint_of(source, service.waypoint, store):
+        if (via_waypoints and service.waypoint is not None
+                and not is_waypoint_of(source, service.waypoint, store)):
             return _waypoint_route(store, service.waypoint, dst, network=network, service=service,
                                    choose=choose)
         healthy = [(wl, ports) for wl, ports in store.endpoints(service) if wl.healthy and wl.addresses]
@@ -158,6 +171,7 @@ def resolve_outbound(store: StateStore, dst: Addr, *, source: Workload | None = 
     workload = store.workload_by_ip(ip, network)
     if workload is None:
         return Passthrough(dst=dst)
-    if workload.waypoint is not None and not _is_waypoint_of(source, workload.waypoint, store):
+    if (via_waypoints and workload.waypoint is not None
+            and not is_waypoint_of(source, workload.waypoint, store)):
         return _waypoint_route(store, workload.waypoint, dst, network=network, service=None, choose=choose)
     return _workload_route(workload, ip, port, None)

@@ -96,8 +96,8 @@ class ConnectionOutcome:
     """
 
     __slots__ = ("bytes_recv", "bytes_sent", "direction", "dst", "dst_addr", "dst_hbone_addr", "error",
-                 "for_host", "opened", "original", "src", "src_addr", "start", "status", "verdict",
-                 "waypoint")
+                 "for_host", "opened", "original", "reporter", "src", "src_addr", "start", "status",
+                 "verdict", "waypoint")
 
     def __init__(self, *, direction: str, src_addr: Display, dst_addr: Display, src: Peer | None = None,
                  dst: Peer | None = None, dst_hbone_addr: Display | None = None) -> None:
@@ -125,6 +125,8 @@ class ConnectionOutcome:
         """Outbound through a waypoint: its workload name."""
         self.verdict: Verdict | None = None
         """Inbound: the authorization decision."""
+        self.reporter: str | None = None
+        """The metrics' `reporter` when it is not the direction's (`waypoint` for a waypoint's tunnels)."""
 
     def fields(self, *, with_bytes: bool) -> list[Field]:
         fields: list[Field] = [
@@ -189,7 +191,7 @@ def traffic_labels(record: ConnectionOutcome) -> dict[str, str]:
     src, dst = record.src, record.dst
     mtls = src.identity is not None and dst.identity is not None
     return {
-        "reporter": "source" if record.direction == "outbound" else "destination",
+        "reporter": record.reporter or ("source" if record.direction == "outbound" else "destination"),
         "source_workload": v(src.workload),
         "source_canonical_service": v(src.canonical_service),
         "source_canonical_revision": v(src.canonical_revision),
@@ -290,8 +292,8 @@ class Telemetry:
         return view
 
     def _series_of(self, record: ConnectionOutcome) -> _Series:
-        # The labels depend only on the direction and the two peers (frozen, hashable).
-        key = (record.direction, record.src, record.dst)
+        # The labels depend only on the direction (or reporter) and the two peers (frozen, hashable).
+        key = (record.reporter or record.direction, record.src, record.dst)
         series = self._series.get(key)
         if series is None:
             if len(self._series) >= _SERIES_CACHE_MAX:

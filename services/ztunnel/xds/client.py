@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import trio
@@ -69,14 +69,28 @@ def ztunnel_node_id(instance_ip: str, pod_name: str, pod_namespace: str) -> str:
     return f"ztunnel~{instance_ip}~{pod_name}.{pod_namespace}~{pod_namespace}.svc.cluster.local"
 
 
-_Converter = Callable[[str, any_pb2.Any], Workload | Service | Authorization]
+_Converter = Callable[[str, any_pb2.Any], object]
+
+
+class ResourceSink(Protocol):
+    """Where the resources of a further type URL go (the waypoint's WaypointConfig): converted one by one,
+    applied per response like the store's."""
+
+    def convert(self, name: str, resource: any_pb2.Any) -> object:
+        """The resource as a domain value. Raises ConversionError (the resource is NACKed)."""
+        ...
+
+    def apply(self, upserts: list[object], removed: list[str]) -> None: ...
 
 
 class XdsClient:
-    def __init__(self, target: GrpcTarget, store: StateStore, config: XdsClientConfig) -> None:
+    def __init__(self, target: GrpcTarget, store: StateStore, config: XdsClientConfig, *,
+                 sinks: Mapping[str, ResourceSink] | None = None) -> None:
+        """`sinks`: type URLs beyond Address and Authorization (also list them in `config.type_urls`)."""
         self.target = target
         self.store = store
         self.config = config
+        self.sinks = dict(sinks or {})
         # type URL -> resource name -> version of what the store holds (what we ACKed).
         self.versions: dict[str, dict[str, str]] = {url: {} for url in config.type_urls}
         self.connected = False
@@ -162,10 +176,11 @@ class XdsClient:
         """Apply one response to the store; return the ACK or NACK to send (sync, no I/O)."""
         type_url = response.type_url
         reply = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=response.nonce)
-        convert = self._converters.get(type_url)
+        sink = self.sinks.get(type_url)
+        convert = sink.convert if sink is not None else self._converters.get(type_url)
         if convert is None or type_url not in self.versions:
             return self._nack(reply, [f"type URL {type_url!r} was not subscribed"])
-        good: list[Workload | Service | Authorization] = []
+        good: list[object] = []
         failures: list[str] = []
         versions = self.versions[type_url]
         for resource in response.resources:
@@ -179,7 +194,9 @@ class XdsClient:
         removed = list(response.removed_resources)
         for name in removed:
             versions.pop(name, None)
-        if type_url == ADDRESS_TYPE_URL:
+        if sink is not None:
+            sink.apply(good, removed)
+        elif type_url == ADDRESS_TYPE_URL:
             self.store.apply_addresses([x for x in good if isinstance(x, Workload | Service)], removed)
         else:
             self.store.apply_authorizations([x for x in good if isinstance(x, Authorization)], removed)
