@@ -205,3 +205,21 @@ async def test_drain_serves_the_open_tunnel_then_goaway(lab: Lab) -> None:
             await client.stream.aclose()
             await conn.wait_closed()  # the GOAWAY came once the tunnel ended
         await lab.stopped.wait()
+
+
+async def test_an_http_tunnel_also_ends_in_its_l4_line(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+    def tunnel_lines() -> list[dict[str, object]]:
+        return [dict(r.fields) for r in caplog.records  # type: ignore[attr-defined]
+                if r.getMessage() == "connection complete"]
+
+    with trio.fail_after(30), caplog.at_level(logging.INFO, logger="access"):
+        async with lab.connection() as conn:
+            client = await http_client(conn, REVIEWS_VIP, "reviews:9080")
+            assert (await client.request("GET", "/v2/x"))[0] == 200
+            await client.stream.aclose()
+            while not tunnel_lines():
+                await trio.sleep(0.01)
+    [line] = tunnel_lines()
+    assert line["dst.hbone_addr"] == f"{REVIEWS_VIP}:{HTTP_PORT}" and line["dst.workload"] == "waypoint-0"
+    assert line["dst.service"] == hostname("reviews") and line["src.identity"] == CLIENT_ID.uri
+    assert isinstance(line["bytes_recv"], int) and line["bytes_recv"] > len(b"reviews-v2 GET /v2/x 0")
