@@ -19,6 +19,9 @@ for each one:
 Every request, answered locally or not, ends in one access log line and its metrics (telemetry.py). Each
 request is drawn its own endpoint and backend, so one connection's requests are balanced separately.
 
+Steps 1-4 (`HttpProxy.request`) are written against a `Downstream`, the client's side of one request:
+`_H1Downstream` here, one h2 stream in http2.py; the endpoint is always spoken to in HTTP/1.1.
+
 Bounds: a request head over `MAX_HEAD` bytes is answered 431, malformed HTTP 400 (h11's hint), then the
 tunnel's stream is closed (the HBONE connection and its other streams go on); a head must arrive within
 `HEAD_TIMEOUT` of waiting for it. Bodies are never buffered whole: they go through in chunks of at most
