@@ -57,6 +57,8 @@ def world() -> StateStore:
 RETRY = HttpRoute(name="flaky", namespace="default", services=(hostname("flaky"),), rules=(
     RouteRule(matches=(RouteMatch(path=PathMatch(kind="prefix", value="/ghost")),),
               backends=(Backend(service=hostname("ghost")),)),  # a service xDS does not know
+    RouteRule(matches=(RouteMatch(path=PathMatch(kind="exact", value="/slow")),),
+              backends=(Backend(service=hostname("flaky")),), retries=5, timeout=0.3),
     RouteRule(backends=(Backend(service=hostname("flaky")),), retries=5)))
 
 
@@ -147,3 +149,15 @@ async def test_no_endpoint_and_unknown_backend_are_503_with_envoys_flags(
     flags = [(dict(r.fields)["response_flags"], dict(r.fields).get("route_name"))  # type: ignore[attr-defined]
              for r in caplog.records if r.getMessage() == "request complete"]
     assert flags == [("UH", None), ("NC", "default/flaky")]
+
+
+async def test_route_timeout_is_504_and_the_tunnel_goes_on(lab: Lab,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(30), caplog.at_level(logging.INFO, logger="access"):
+        async with lab.connection() as conn:
+            client = await http_client(conn, FLAKY_VIP, "flaky:9080")
+            assert await client.request("GET", "/slow") == (504, b"upstream request timeout")
+            assert (await client.request("GET", "/after"))[0] == 200
+    flags = [dict(r.fields)["response_flags"] for r in caplog.records  # type: ignore[attr-defined]
+             if r.getMessage() == "request complete"]
+    assert flags == ["UT", "-"]
