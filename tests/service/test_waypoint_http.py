@@ -223,3 +223,17 @@ async def test_an_http_tunnel_also_ends_in_its_l4_line(lab: Lab, caplog: pytest.
     assert line["dst.hbone_addr"] == f"{REVIEWS_VIP}:{HTTP_PORT}" and line["dst.workload"] == "waypoint-0"
     assert line["dst.service"] == hostname("reviews") and line["src.identity"] == CLIENT_ID.uri
     assert isinstance(line["bytes_recv"], int) and line["bytes_recv"] > len(b"reviews-v2 GET /v2/x 0")
+
+
+async def test_http10_and_connection_close_end_the_tunnel_after_the_answer(lab: Lab) -> None:
+    with trio.fail_after(30):
+        async with lab.connection() as conn:
+            for request in (b"GET /v2/old HTTP/1.0\r\nhost: reviews\r\n\r\n",
+                            b"GET /v2/close HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"):
+                stream = await conn.open_stream((REVIEWS_VIP, HTTP_PORT), forwarded_for=("10.0.0.9", 1))
+                await stream.send_all(request)
+                reply = bytearray()
+                while data := await stream.receive_some():  # ends: the waypoint closed its side
+                    reply += data
+                assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b" 0"), bytes(reply)
+                await stream.aclose()
