@@ -101,7 +101,7 @@ async def _send(stream: trio.abc.SendStream, conn: h11.Connection, event: h11.Ev
 
 
 def _forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() != b"expect"]
 
 
 class Downstream(Protocol):
@@ -165,6 +165,8 @@ class _H1Downstream:
     async def receive_body(self) -> bytes | None:
         if self.body_done:
             return None
+        if self.conn.they_are_waiting_for_100_continue:  # `Expect: 100-continue`: answered here, as Envoy
+            await _send(self.stream, self.conn, h11.InformationalResponse(status_code=100, headers=[]))
         try:
             event = await _next_event(self.stream, self.conn)
         except h11.RemoteProtocolError as exc:

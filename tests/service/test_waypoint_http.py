@@ -237,3 +237,21 @@ async def test_http10_and_connection_close_end_the_tunnel_after_the_answer(lab: 
                     reply += data
                 assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b" 0"), bytes(reply)
                 await stream.aclose()
+
+
+async def test_expect_100_continue_is_answered_by_the_waypoint(lab: Lab) -> None:
+    with trio.fail_after(30):
+        async with lab.connection() as conn:
+            stream = await conn.open_stream((REVIEWS_VIP, HTTP_PORT), forwarded_for=("10.0.0.9", 1))
+            await stream.send_all(b"POST /v2/up HTTP/1.1\r\nhost: reviews\r\ncontent-length: 5\r\n"
+                                  b"expect: 100-continue\r\n\r\n")
+            interim = await stream.receive_some()  # the client waits for it before its body
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(b"hello")
+            reply = bytearray()
+            while not reply.endswith(b"reviews-v2 POST /v2/up 5"):
+                data = await stream.receive_some()
+                assert data, bytes(reply)
+                reply += data
+            await stream.aclose()
+    assert "expect" not in lab.pods["reviews-v2"].requests[-1].headers
