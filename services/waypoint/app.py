@@ -56,6 +56,7 @@ from shared.identity import SpiffeId
 from shared.logs import setup_logging
 from shared.settings import EnvSettings
 from shared.signals import set_on_stop_signal
+from shared.version import version_text
 
 log = logging.getLogger("waypoint.app")
 
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             prog="waypoint", formatter_class=argparse.RawDescriptionHelpFormatter,
             description="A waypoint: the L7 proxy of a namespace or service, reached over HBONE.",
             epilog=ENV_HELP)
+        parser.add_argument("--version", action="version", version=version_text("waypoint"))
         parser.parse_args(args)
     try:
         settings = load_settings()

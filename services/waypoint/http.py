@@ -19,6 +19,9 @@ for each one:
 Every request, answered locally or not, ends in one access log line and its metrics (telemetry.py). Each
 request is drawn its own endpoint and backend, so one connection's requests are balanced separately.
 
+Steps 1-4 (`HttpProxy.request`) are written against a `Downstream`, the client's side of one request:
+`_H1Downstream` here, one h2 stream in http2.py; the endpoint is always spoken to in HTTP/1.1.
+
 Bounds: a request head over `MAX_HEAD` bytes is answered 431, malformed HTTP 400 (h11's hint), then the
 tunnel's stream is closed (the HBONE connection and its other streams go on); a head must arrive within
 `HEAD_TIMEOUT` of waiting for it. Bodies are never buffered whole: they go through in chunks of at most
@@ -98,7 +101,7 @@ async def _send(stream: trio.abc.SendStream, conn: h11.Connection, event: h11.Ev
 
 
 def _forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() != b"expect"]
 
 
 class Downstream(Protocol):
@@ -162,6 +165,8 @@ class _H1Downstream:
     async def receive_body(self) -> bytes | None:
         if self.body_done:
             return None
+        if self.conn.they_are_waiting_for_100_continue:  # `Expect: 100-continue`: answered here, as Envoy
+            await _send(self.stream, self.conn, h11.InformationalResponse(status_code=100, headers=[]))
         try:
             event = await _next_event(self.stream, self.conn)
         except h11.RemoteProtocolError as exc:

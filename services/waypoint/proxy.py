@@ -15,7 +15,9 @@ a service here whose waypoint is another, a stale xDS view, a direct dial).
 The port's protocol is Istio's selection as the Address xDS carries it: `app_protocol` HTTP/1.1, HTTP/2 or
 gRPC makes it HTTP, anything else opaque TCP.
 
-* HTTP: 200 at once, then the tunnel's requests are served one by one (http.py).
+* HTTP: 200 at once, then the tunnel's requests are served one by one (http.py), or concurrently when it
+  speaks HTTP/2 (http2.py); besides each request's line, the tunnel ends in one `connection complete`
+  line (`dst.addr` the waypoint's 15008, `dst.workload` the waypoint, `dst.service` the target's).
 * Opaque TCP: L4 authorization over the policies that select the waypoint's own workload (401 on a
   deny), an endpoint chosen and connected (503 when none can be), 200, then bytes copied both ways with
   half-close; one `connection complete` line and the `istio_tcp_*` families, reported as `waypoint`.
@@ -148,42 +150,63 @@ class WaypointProxy:
             return
         tunnel = Tunnel(src_addr=info.src_addr, src_identity=info.src_identity, src=self._source(info),
                         target=info.target, service=what.service, workload=what.workload)
+        assert me is not None
+        http_tunnel: ConnectionOutcome | None = None
         try:
             if what.http:
+                # The tunnel's own L4 line (`connection complete`) besides one line per request.
+                http_tunnel = self._outcome(info, tunnel, workload_peer(
+                    me, mtls=True, service=what.service, cluster=self.cluster))
+                http_tunnel.dst_addr = format_addr(info.dst_addr)
+                http_tunnel.status = 200
                 conn.respond(stream, 200)
+                self.telemetry.connection_opened(http_tunnel)
                 first = await sniff(stream)
                 if is_h2(first):
                     await serve_h2(self.http, stream, tunnel, first)
                 else:
                     await self.http.serve(stream, tunnel, first)
             else:
-                assert me is not None
                 await self._tcp(conn, stream, info, tunnel, me)
         except (TunnelAborted, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("waypoint tunnel aborted", extra={"fields": [
                 ("src.addr", format_addr(info.src_addr)), ("dst.hbone_addr", format_addr(info.target)),
                 ("error", str(exc))]})
+            if http_tunnel is not None:
+                http_tunnel.error = str(exc.__cause__ or exc) or "the tunnel was aborted"
             stream.reset(ERROR_CANCEL)
-        except Exception:
+        except Exception as exc:
             # A bug: this stream fails, the connection and its other streams carry on.
             log.exception("waypoint tunnel failed", extra={"fields": [
                 ("src.addr", format_addr(info.src_addr)), ("dst.hbone_addr", format_addr(info.target))]})
+            if http_tunnel is not None:
+                http_tunnel.error = f"internal error: {exc!r}"
             if stream.status is None:
                 conn.respond(stream, 503)
             else:
                 stream.reset(ERROR_INTERNAL)
         except BaseException:
+            if http_tunnel is not None:
+                http_tunnel.error = "connection drained"
             stream.reset(ERROR_CANCEL)
             raise
         finally:
             stream.close_nowait()
+            if http_tunnel is not None:
+                http_tunnel.bytes_sent = stream.bytes_received  # client -> waypoint
+                http_tunnel.bytes_recv = stream.bytes_sent
+                self.telemetry.connection_complete(http_tunnel)
+
+    def _outcome(self, info: InboundInfo, tunnel: Tunnel, dst: Peer) -> ConnectionOutcome:
+        target = format_addr(info.target)
+        outcome = ConnectionOutcome(direction="inbound", src_addr=format_addr(info.src_addr),
+                                    dst_addr=target, dst_hbone_addr=target, src=tunnel.src, dst=dst)
+        outcome.reporter = REPORTER
+        return outcome
 
     async def _tcp(self, conn: HboneConnection, stream: HboneStream, info: InboundInfo, tunnel: Tunnel,
                    me: Workload) -> None:
-        target = format_addr(info.target)
-        outcome = ConnectionOutcome(direction="inbound", src_addr=format_addr(info.src_addr),
-                                    dst_addr=target, dst_hbone_addr=target, src=tunnel.src, dst=Peer())
-        outcome.reporter = REPORTER
+        outcome = self._outcome(info, tunnel, Peer())
         try:
             decision = authorize(self.store.policies.values(), me, AuthzRequest(
                 src_ip=info.src_addr[0], dst_ip=info.target[0], dst_port=info.target[1],

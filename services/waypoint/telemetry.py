@@ -6,8 +6,8 @@ Each HTTP request ends in one `RequestOutcome`: `WaypointTelemetry.request_compl
 (logger `access`, message `request complete`, fields in docs/waypoint-proxy.md) and counts
 `istio_requests_total` and `istio_request_duration_milliseconds` with `reporter="waypoint"` and Istio's
 standard labels (the L4 traffic labels, `request_protocol="http"`, plus `response_code` and
-`grpc_response_status`). Opaque TCP tunnels end in ztunnel's `ConnectionOutcome` (`connection complete`,
-the `istio_tcp_*` families), also reported as `waypoint`.
+`grpc_response_status`). Every tunnel (HTTP or opaque TCP) ends in ztunnel's `ConnectionOutcome`
+(`connection complete`, the `istio_tcp_*` families), also reported as `waypoint`.
 """
 
 from __future__ import annotations

@@ -205,3 +205,53 @@ async def test_drain_serves_the_open_tunnel_then_goaway(lab: Lab) -> None:
             await client.stream.aclose()
             await conn.wait_closed()  # the GOAWAY came once the tunnel ended
         await lab.stopped.wait()
+
+
+async def test_an_http_tunnel_also_ends_in_its_l4_line(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+    def tunnel_lines() -> list[dict[str, object]]:
+        return [dict(r.fields) for r in caplog.records  # type: ignore[attr-defined]
+                if r.getMessage() == "connection complete"]
+
+    with trio.fail_after(30), caplog.at_level(logging.INFO, logger="access"):
+        async with lab.connection() as conn:
+            client = await http_client(conn, REVIEWS_VIP, "reviews:9080")
+            assert (await client.request("GET", "/v2/x"))[0] == 200
+            await client.stream.aclose()
+            while not tunnel_lines():
+                await trio.sleep(0.01)
+    [line] = tunnel_lines()
+    assert line["dst.hbone_addr"] == f"{REVIEWS_VIP}:{HTTP_PORT}" and line["dst.workload"] == "waypoint-0"
+    assert line["dst.service"] == hostname("reviews") and line["src.identity"] == CLIENT_ID.uri
+    assert isinstance(line["bytes_recv"], int) and line["bytes_recv"] > len(b"reviews-v2 GET /v2/x 0")
+
+
+async def test_http10_and_connection_close_end_the_tunnel_after_the_answer(lab: Lab) -> None:
+    with trio.fail_after(30):
+        async with lab.connection() as conn:
+            for request in (b"GET /v2/old HTTP/1.0\r\nhost: reviews\r\n\r\n",
+                            b"GET /v2/close HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n"):
+                stream = await conn.open_stream((REVIEWS_VIP, HTTP_PORT), forwarded_for=("10.0.0.9", 1))
+                await stream.send_all(request)
+                reply = bytearray()
+                while data := await stream.receive_some():  # ends: the waypoint closed its side
+                    reply += data
+                assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b" 0"), bytes(reply)
+                await stream.aclose()
+
+
+async def test_expect_100_continue_is_answered_by_the_waypoint(lab: Lab) -> None:
+    with trio.fail_after(30):
+        async with lab.connection() as conn:
+            stream = await conn.open_stream((REVIEWS_VIP, HTTP_PORT), forwarded_for=("10.0.0.9", 1))
+            await stream.send_all(b"POST /v2/up HTTP/1.1\r\nhost: reviews\r\ncontent-length: 5\r\n"
+                                  b"expect: 100-continue\r\n\r\n")
+            interim = await stream.receive_some()  # the client waits for it before its body
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(b"hello")
+            reply = bytearray()
+            while not reply.endswith(b"reviews-v2 POST /v2/up 5"):
+                data = await stream.receive_some()
+                assert data, bytes(reply)
+                reply += data
+            await stream.aclose()
+    assert "expect" not in lab.pods["reviews-v2"].requests[-1].headers

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from services.istiod.ca import CertificateAuthority
-from services.waypoint.config import Backend, HttpRoute, RouteRule, WaypointConfig
+from services.waypoint.config import Backend, HttpRoute, PathMatch, RouteMatch, RouteRule, WaypointConfig
 from services.ztunnel.hbone.errors import HttpStatusError
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import (
@@ -37,7 +37,8 @@ from tests.service.waypoint_lab import (
     service,
 )
 
-ECHO_VIP, FLAKY_VIP, DEAD_VIP = "10.96.1.10", "10.96.1.20", "10.96.1.30"
+ECHO_VIP, FLAKY_VIP, DEAD_VIP, EMPTY_VIP = "10.96.1.10", "10.96.1.20", "10.96.1.30", "10.96.1.40"
+EMPTY = service("empty", EMPTY_VIP)  # no pods
 ECHO = service("echo", ECHO_VIP, OPAQUE)
 FLAKY = service("flaky", FLAKY_VIP)
 DEAD = service("dead", DEAD_VIP)
@@ -46,15 +47,19 @@ ECHO_IP, FLAKY_LIVE_IP, FLAKY_DEAD_IP, DEAD_IP = NET + "21", NET + "22", NET + "
 
 def world() -> StateStore:
     store = StateStore()
-    store.apply_addresses([ECHO, FLAKY, DEAD, WAYPOINT_WORKLOAD, pod("echo-v1", ECHO_IP, [ECHO]),
+    store.apply_addresses([ECHO, FLAKY, DEAD, EMPTY, WAYPOINT_WORKLOAD, pod("echo-v1", ECHO_IP, [ECHO]),
                            pod("flaky-v1", FLAKY_LIVE_IP, [FLAKY]),
                            pod("flaky-v2", FLAKY_DEAD_IP, [FLAKY]),  # nothing listens there
                            pod("dead-v1", DEAD_IP, [DEAD])], [])
     return store
 
 
-RETRY = HttpRoute(name="flaky", namespace="default", services=(hostname("flaky"),),
-                  rules=(RouteRule(backends=(Backend(service=hostname("flaky")),), retries=5),))
+RETRY = HttpRoute(name="flaky", namespace="default", services=(hostname("flaky"),), rules=(
+    RouteRule(matches=(RouteMatch(path=PathMatch(kind="prefix", value="/ghost")),),
+              backends=(Backend(service=hostname("ghost")),)),  # a service xDS does not know
+    RouteRule(matches=(RouteMatch(path=PathMatch(kind="exact", value="/slow")),),
+              backends=(Backend(service=hostname("flaky")),), retries=5, timeout=0.3),
+    RouteRule(backends=(Backend(service=hostname("flaky")),), retries=5)))
 
 
 @pytest.fixture
@@ -131,3 +136,28 @@ async def test_no_reachable_endpoint_is_503_and_the_tunnel_goes_on(lab: Lab,
     flags = [dict(r.fields)["response_flags"] for r in caplog.records  # type: ignore[attr-defined]
              if r.getMessage() == "request complete"]
     assert flags == ["UF", "UF"]
+
+
+async def test_no_endpoint_and_unknown_backend_are_503_with_envoys_flags(
+        lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(30), caplog.at_level(logging.INFO, logger="access"):
+        async with lab.connection() as conn:
+            empty = await http_client(conn, EMPTY_VIP, "empty:9080")
+            assert await empty.request("GET", "/") == (503, b"no healthy upstream")
+            flaky = await http_client(conn, FLAKY_VIP, "flaky:9080")
+            assert await flaky.request("GET", "/ghost/1") == (503, b"no healthy upstream")
+    flags = [(dict(r.fields)["response_flags"], dict(r.fields).get("route_name"))  # type: ignore[attr-defined]
+             for r in caplog.records if r.getMessage() == "request complete"]
+    assert flags == [("UH", None), ("NC", "default/flaky")]
+
+
+async def test_route_timeout_is_504_and_the_tunnel_goes_on(lab: Lab,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(30), caplog.at_level(logging.INFO, logger="access"):
+        async with lab.connection() as conn:
+            client = await http_client(conn, FLAKY_VIP, "flaky:9080")
+            assert await client.request("GET", "/slow") == (504, b"upstream request timeout")
+            assert (await client.request("GET", "/after"))[0] == 200
+    flags = [dict(r.fields)["response_flags"] for r in caplog.records  # type: ignore[attr-defined]
+             if r.getMessage() == "request complete"]
+    assert flags == ["UT", "-"]

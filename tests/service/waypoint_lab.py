@@ -92,6 +92,8 @@ async def run_pod(nursery: trio.Nursery, fake: FakePod, certs: FakeCerts, roots:
         fake.requests.append(request)
         if request.path == "/big":
             return Response(body=b"x" * 300_000)
+        if request.path == "/slow":  # answers after any route timeout a test sets
+            await trio.sleep(30)
         return text_response(f"{fake.name} {request.method} {request.target} {len(request.body)}")
 
     await nursery.start(functools.partial(serve_http_tcp, app, HTTP_PORT, fake.ip))
