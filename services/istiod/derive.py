@@ -37,6 +37,7 @@ from services.istiod.world import (
     Pod,
     Policy,
     Service,
+    ServicePort,
     StringMatch,
     Waypoint,
     WaypointRef,
@@ -209,13 +210,16 @@ def waypoint_policies(world: World, pod: Pod) -> list[apb.Authorization]:
     ]
 
 
+def port_protocol(port: ServicePort) -> wpb.AppProtocol:
+    """Istio's protocol selection for a service port: `appProtocol` when set, else the port name's prefix
+    (`http`, `http-web`, `grpc-api`); anything else is opaque TCP (UNKNOWN)."""
+    chosen = port.app_protocol or (port.name or "").split("-", 1)[0]
+    return _APP_PROTOCOLS.get(chosen.lower(), wpb.UNKNOWN)
+
+
 def _service_ports(svc: Service) -> list[wpb.Port]:
     return [
-        wpb.Port(
-            service_port=p.port,
-            target_port=p.target_port or p.port,
-            app_protocol=_APP_PROTOCOLS.get((p.app_protocol or "").lower(), wpb.UNKNOWN),
-        )
+        wpb.Port(service_port=p.port, target_port=p.target_port or p.port, app_protocol=port_protocol(p))
         for p in svc.ports
     ]
 

@@ -213,6 +213,7 @@ def service_from(obj: Obj, pods: Iterable[Obj], notes: list[str]) -> Service:
                 continue
             target = resolved
         ports.append(ServicePort(port=int(p["port"]), target_port=int(target) if target else None,
+                                 name=str(p["name"]) if p.get("name") else None,
                                  app_protocol=str(p["appProtocol"]) if p.get("appProtocol") else None))
     return Service(name=str(meta.get("name", "")), namespace=namespace, vips=vips, ports=ports,
                    selector=selector)
@@ -499,7 +500,7 @@ def pod_to_object(pod: Pod) -> dict[str, Any]:
 def service_to_object(svc: Service) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "selector": dict(svc.selector),
-        "ports": [{"name": f"tcp-{p.port}", "port": p.port, "targetPort": p.target_port or p.port,
+        "ports": [{"name": p.name or f"tcp-{p.port}", "port": p.port, "targetPort": p.target_port or p.port,
                    "protocol": "TCP", **({"appProtocol": p.app_protocol} if p.app_protocol else {})}
                   for p in svc.ports],
     }  # fmt: skip

@@ -83,6 +83,7 @@ class Pod(_Base, frozen=True, kw_only=True):
 class ServicePort(_Base, frozen=True, kw_only=True):
     port: int
     target_port: int | None = None  # default: port
+    name: str | None = None  # without app_protocol, a name `PROTOCOL` or `PROTOCOL-SUFFIX` selects it
     app_protocol: str | None = None  # http, http2, grpc (anything else: unknown)
 
 

@@ -237,3 +237,28 @@ def test_conversion_rejects_wrong_type_and_garbage() -> None:
         authorization_from_any(
             "ns/p", any_pb2.Any(type_url=AUTHORIZATION_TYPE_URL, value=bad.SerializeToString())
         )
+
+
+@pytest.mark.parametrize(
+    ("port", "expected"),
+    [
+        ({"port": 80, "appProtocol": "http"}, wpb.HTTP11),
+        ({"port": 80, "name": "http-web"}, wpb.HTTP11),
+        ({"port": 80, "name": "http2"}, wpb.HTTP2),
+        ({"port": 80, "name": "grpc-api"}, wpb.GRPC),
+        ({"port": 80, "name": "HTTP-web"}, wpb.HTTP11),
+        ({"port": 80, "name": "tcp-db", "appProtocol": "http2"}, wpb.HTTP2),  # appProtocol first
+        ({"port": 80, "name": "http-web", "appProtocol": "tcp"}, wpb.UNKNOWN),
+        ({"port": 80, "name": "httpweb"}, wpb.UNKNOWN),  # a prefix must end at '-'
+        ({"port": 80, "name": "web"}, wpb.UNKNOWN),
+        ({"port": 80}, wpb.UNKNOWN),
+    ],
+)
+def test_port_protocol_follows_istios_selection(port: dict[str, object], expected: int) -> None:
+    world = load_world(msgspec.json.encode({
+        "nodes": [{"name": "n", "podCidr": "10.244.1.0/24"}],
+        "namespaces": [{"name": "ns"}],
+        "services": [{"name": "s", "namespace": "ns", "vips": ["10.96.0.9"], "selector": {"a": "b"},
+                      "ports": [port]}],
+    }), "test.yaml")  # fmt: skip
+    assert derive_service(world, world.services[0]).ports[0].app_protocol == expected
