@@ -9,6 +9,9 @@
     ambient lab restart {ztunnel|node-agent|istiod} [NODE]    restart one component
     ambient lab delete POD                                    delete a pod (unenrolled, then removed)
     ambient lab world -- ARGS ...                             `ambient world ARGS` against the lab's istiod
+    ambient lab up --kubernetes                               with a Kubernetes API server (etcd +
+                                                              kube-apiserver); pods, labels, policies from it
+    ambient lab kubectl -- ARGS ...                           kubectl against that API server
     ambient logs [NODE] [--direction inbound|outbound]        ztunnel access logs
     ambient demo [--keep]                                     the seed article's flow, end to end
 
@@ -106,6 +109,13 @@ def register(subparsers: Any) -> None:
         "settings (INPOD_UDS, XDS_ADDRESS, CA_ADDRESS, ...); see ambient/lab/README.md",
     )
     up.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="also run etcd and kube-apiserver (built by scripts/build-kube) in the control-plane namespace, "
+        "load the world into it as Kubernetes objects and run the node agents and istiod from it "
+        "(`ambient lab kubectl -- ...` then labels namespaces, applies and deletes pods)",
+    )
+    up.add_argument(
         "--on",
         action="append",
         default=None,
@@ -177,6 +187,17 @@ def register(subparsers: Any) -> None:
     _add_prefix(wd)
     wd.set_defaults(func=cmd_world)
 
+    kc = lab_sub.add_parser(
+        "kubectl",
+        help="kubectl against the lab's Kubernetes API server (`lab up --kubernetes`)",
+        description="Run kubectl ARGS with the lab's kubeconfig, inside the control-plane namespace (where "
+        "its API server listens); exit code kubectl's. For example: "
+        "`ambient lab kubectl -- label namespace bookinfo istio.io/dataplane-mode=ambient`.",
+    )
+    kc.add_argument("args", nargs=argparse.REMAINDER, help="-- ARGS (see `kubectl --help`)")
+    _add_prefix(kc)
+    kc.set_defaults(func=cmd_kubectl)
+
     rs = lab_sub.add_parser(
         "restart",
         help="restart one component (all nodes unless NODE is given)",
@@ -233,6 +254,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             progress=_progress,
             ztunnel_bin=args.ztunnel_bin,
             upstream_on=args.on,
+            kubernetes=args.kubernetes,
         )
     console.print(
         f"[green]lab {state.prefix!r} is up[/]: {len(state.pods)} pods; "
@@ -307,6 +329,18 @@ def cmd_world(args: argparse.Namespace) -> int:
     if rest[:2] == ["pod", "add"]:
         raise LabError(POD_ADD_REFUSED)
     return lab.world_command(rest, prefix=args.prefix).returncode
+
+
+def cmd_kubectl(args: argparse.Namespace) -> int:
+    from ambient.lab import lab
+
+    rest = list(args.args)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest:
+        err_console.print("usage: ambient lab kubectl [--prefix P] -- ARGS ... (e.g. get pods -A)")
+        return 2
+    return lab.kubectl_command(rest, prefix=args.prefix).returncode
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
