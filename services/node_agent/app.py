@@ -373,11 +373,11 @@ def _pod_source(config: AgentConfig, env: Mapping[str, str]) -> tuple[PodSource 
     """The Kubernetes API's pods and status writer with pod source `kubernetes`; else the control plane's
     pod watch and status writer, when one is configured; else no source, and the status goes to the log."""
     if config.pod_source == POD_SOURCE_KUBERNETES:
-        from services.node_agent.kube.client import load_config
         from services.node_agent.kube.source import KubePodSource
         from services.node_agent.kube.status import KubeStatusReporter
+        from shared.kube.client import load_config
 
-        load_config(config.kubeconfig)  # ConfigError now, not from inside the nursery
+        load_config(config.kubeconfig)  # KubeConfigError now, not from inside the nursery
         log.info("pods from the Kubernetes API", extra={"fields": [
             ("node", config.node_name), ("kubeconfig", config.kubeconfig or "in-cluster")]})
         return (KubePodSource(config.node_name, kubeconfig=config.kubeconfig),

@@ -12,13 +12,13 @@ import trio
 import yaml
 
 from ambient.kube.apiserver import ApiServer
-from services.node_agent.kube.client import KubeApi, open_kube_api
 from services.node_agent.kube.source import NAMESPACES, PODS, KubePodSource
 from services.node_agent.kube.status import KubeStatusReporter
 from services.node_agent.lifecycle import NodeAgent
 from services.node_agent.model import ANNOTATION_REDIRECTION
 from services.node_agent.rules import RuleSettings
 from services.node_agent.testing import FakeRuleApplier, FakeZtunnel, PipeNetnsOpener
+from shared.kube.client import KubeApi, open_kube_api
 from shared.zds.types import PodUid
 
 WAIT = 30.0

@@ -1,24 +1,15 @@
 """The fields of Kubernetes Pods and Namespaces the node agent reads, as msgspec types (unknown fields are
-ignored), and the conversion to the agent's own `Pod`."""
+ignored; the metadata is shared/kube/objects.py's), and the conversion to the agent's own `Pod`."""
 
 from __future__ import annotations
 
 import msgspec
 
 from services.node_agent.model import Pod
+from shared.kube.objects import ObjectMeta
 from shared.zds.types import PodUid
 
 TERMINATED_PHASES = frozenset({"Succeeded", "Failed"})
-
-
-class ObjectMeta(msgspec.Struct, kw_only=True, rename="camel"):
-    name: str = ""
-    namespace: str = ""
-    uid: str = ""
-    resource_version: str = ""
-    labels: dict[str, str] | None = None
-    annotations: dict[str, str] | None = None
-    deletion_timestamp: str | None = None
 
 
 class PodIP(msgspec.Struct, kw_only=True):
@@ -70,6 +61,3 @@ class KubeNamespace(msgspec.Struct, kw_only=True):
     def labels(self) -> dict[str, str]:
         return dict(self.metadata.labels or {})
 
-
-class Bookmark(msgspec.Struct, kw_only=True):
-    metadata: ObjectMeta = msgspec.field(default_factory=ObjectMeta)

@@ -29,11 +29,11 @@ from typing import Any
 import msgspec
 import trio
 
-from services.node_agent.kube.client import KubeApi, open_kube_api
 from services.node_agent.kube.objects import KubeNamespace, KubePod
-from services.node_agent.kube.reflector import Deleted, Listed, Lost, Reflector, ReflectorEvent, Upserted
 from services.node_agent.lifecycle import PodSink
 from services.node_agent.model import Pod
+from shared.kube.client import KubeApi, open_kube_api
+from shared.kube.reflector import Deleted, Listed, Lost, Reflector, ReflectorEvent, Upserted
 
 log = logging.getLogger("node_agent.kube")
 
@@ -87,7 +87,9 @@ class KubePodSource:
             listed: set[str] = set()
             async for event in receive:
                 if isinstance(event, Lost):
-                    continue  # the reflector logged it; the view stays valid
+                    log.info("enrolled pods stay enrolled and protected until the API server is back",
+                             extra={"fields": [("kind", event.kind)]})
+                    continue  # the view stays valid
                 if len(listed) < 2:
                     self._apply_quietly(event)
                     if isinstance(event, Listed):

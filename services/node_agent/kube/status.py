@@ -21,9 +21,10 @@ import logging
 
 import trio
 
-from services.node_agent.kube.client import KubeApi, KubeApiError, open_kube_api
 from services.node_agent.model import ANNOTATION_REDIRECTION, Pod
 from services.node_agent.pod_status import BACKOFF_INITIAL, BACKOFF_MAX, LatestStatusQueue, StatusWrite
+from shared.kube.client import KubeApi, open_kube_api
+from shared.kube.errors import KubeApiError
 from shared.logs import Field
 
 log = logging.getLogger("node_agent.status")

@@ -1,4 +1,4 @@
-"""The node agent's Kubernetes API client: list, watch (with bookmarks) and merge-patch, as JSON.
+"""A Kubernetes API client: list, watch (with bookmarks) and merge-patch, as JSON.
 
 Usage::
 
@@ -14,8 +14,9 @@ anyio. Its watch loop is not used: it asks for no bookmarks and, on 410 Gone, si
 "now", losing the changes in between; our reflector (reflector.py) needs to see both. The requests here
 are the few a list+watch needs, decoded with msgspec.
 
-Errors: every failure is a `KubeApiError` with the HTTP status (0 when the server could not be reached) and
-the server's reason and message; `status == 410` (HTTP, or an ERROR event in the stream) is `Gone`.
+Errors (errors.py): every failure is a `KubeApiError` with the HTTP status (0 when the server could not be
+reached) and the server's reason and message; `status == 410` (HTTP, or an ERROR event in the stream) is
+`Gone`.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from typing import Any
 import msgspec
 import trio
 
-from services.node_agent.errors import ConfigError, NodeAgentError
+from shared.kube.errors import Gone, KubeApiError, KubeConfigError
 
-log = logging.getLogger("node_agent.kube")
+log = logging.getLogger("kube")
 # the HTTP client logs every request at info: the reflector says what matters
 for _chatty in ("httpx2", "httpcore2"):
     logging.getLogger(_chatty).setLevel(logging.WARNING)
@@ -38,21 +39,6 @@ for _chatty in ("httpx2", "httpcore2"):
 REQUEST_TIMEOUT = 10.0
 WATCH_TIMEOUT = 300
 """Seconds the server keeps one watch request open (timeoutSeconds); then the reflector watches again."""
-
-
-class KubeApiError(NodeAgentError):
-    """A request to the API server failed; `status` is the HTTP status, 0 when there was no answer."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        self.status = status
-        self.reason = reason
-        self.message = message
-        text = f"HTTP {status} {reason}: {message}" if status else message
-        super().__init__(text)
-
-
-class Gone(KubeApiError):
-    """410 Gone: the resource version asked for is no longer in the server's history; list again."""
 
 
 class Status(msgspec.Struct, kw_only=True):
@@ -84,7 +70,7 @@ def load_config(kubeconfig: str | None) -> Any:
     """The lightkube SingleConfig for `kubeconfig` (a path), or from the environment when None.
 
     Raises:
-        ConfigError: no usable configuration (the message says which was tried).
+        KubeConfigError: no usable configuration (the message says which was tried).
     """
     from lightkube import ConfigError as LightkubeConfigError
     from lightkube import KubeConfig
@@ -94,9 +80,9 @@ def load_config(kubeconfig: str | None) -> Any:
         single = config.get()
     except (LightkubeConfigError, OSError, ValueError, KeyError) as exc:
         where = kubeconfig or "the in-cluster service account, $KUBECONFIG or ~/.kube/config"
-        raise ConfigError(f"cannot load the Kubernetes configuration from {where}: {exc}") from None
+        raise KubeConfigError(f"cannot load the Kubernetes configuration from {where}: {exc}") from None
     if single is None:
-        raise ConfigError(f"the kubeconfig {kubeconfig} has no current context")
+        raise KubeConfigError(f"the kubeconfig {kubeconfig} has no current context")
     return single
 
 
@@ -205,7 +191,7 @@ async def open_kube_api(kubeconfig: str | None = None, **options: Any) -> AsyncI
     """A KubeApi for the kubeconfig at `kubeconfig` (None: in-cluster, then $KUBECONFIG, ~/.kube/config).
 
     Raises:
-        ConfigError: the configuration cannot be loaded.
+        KubeConfigError: the configuration cannot be loaded.
     """
     from lightkube.config.client_adapter import AsyncClient, ConnectionParams
 
@@ -215,7 +201,7 @@ async def open_kube_api(kubeconfig: str | None = None, **options: Any) -> AsyncI
     try:
         client = AsyncClient(single, ConnectionParams(timeout=httpx.Timeout(REQUEST_TIMEOUT)))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot set up the Kubernetes client: {exc}") from None
+        raise KubeConfigError(f"cannot set up the Kubernetes client: {exc}") from None
     try:
         yield KubeApi(client, **options)
     finally:

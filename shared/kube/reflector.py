@@ -14,8 +14,8 @@ still advances), so:
     410 Gone (version no longer in the history)  list again: a new `Listed` replaces the consumer's view
     the list itself fails                        back off and list again
 
-The consumer (source.py) owns the view; a `Listed` after the first one tells it to diff. `lists` and
-`resumes` count what happened, for tests and the curious.
+The consumer (the node agent's pod source, the istiod stub's world) owns the view; a `Listed` after the
+first one tells it to diff. `lists` and `resumes` count what happened, for tests and the curious.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from typing import Generic, Protocol, TypeVar
 import msgspec
 import trio
 
-from services.node_agent.kube.client import Gone, KubeApi, KubeApiError
-from services.node_agent.kube.objects import Bookmark, ObjectMeta
+from shared.kube.client import KubeApi
+from shared.kube.errors import Gone, KubeApiError
+from shared.kube.objects import Bookmark, ObjectMeta
 
-log = logging.getLogger("node_agent.kube")
+log = logging.getLogger("kube")
 
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 30.0
@@ -125,7 +126,7 @@ class Reflector(Generic[T]):
                 except (KubeApiError, trio.TooSlowError) as exc:
                     reason = str(exc) if isinstance(exc, KubeApiError) else "the watch went silent"
                 if self.last_error is None:
-                    log.warning("lost the API server; retrying with backoff, enrolled pods stay protected",
+                    log.warning("lost the API server; retrying with backoff, the last listing stays in use",
                                 extra={"fields": [("kind", self.kind), ("error", reason),
                                                   ("backoff", f"{backoff:.1f}s")]})
                     await send.send(Lost(kind=self.kind, reason=reason))
