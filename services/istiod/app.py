@@ -3,6 +3,11 @@
     istiod-stub --world examples/bookinfo.yaml [--listen 127.0.0.1:15012] [--state-dir DIR] [--plaintext]
                 [--node-token NODE=TOKEN ...] [--admin-token TOKEN] [--tls-san NAME ...]
                 [--root-cert FILE --root-key FILE] [--tls-cert FILE --tls-key FILE]
+    istiod-stub --kubernetes [--kubeconfig PATH] [--world SETTINGS-FILE] ...
+
+With --kubernetes the world's namespaces, nodes, pods, services and AuthorizationPolicies come from the
+Kubernetes API server (--kubeconfig, else the in-cluster service account, $KUBECONFIG or ~/.kube/config) and
+follow its changes (kube_source.py); a --world file then gives only the mesh settings (trust domain, ...).
 
 Everything a client needs is written to the state directory (default ./.istiod-state, env ISTIOD_STATE_DIR):
   root-cert.pem          the root CA certificate clients verify the server and workload certificates with
@@ -10,7 +15,8 @@ Everything a client needs is written to the state directory (default ./.istiod-s
   tokens/<node>.token    per-node bearer tokens (generated unless --node-token / ISTIOD_NODE_TOKENS)
   admin.token            the token `ambient world ...` presents (else --admin-token / ISTIOD_ADMIN_TOKEN)
 
-Signals: SIGINT/SIGTERM stop the stub; SIGHUP re-reads the --world file (a bad file is logged and ignored).
+Signals: SIGINT/SIGTERM stop the stub; SIGHUP re-reads the --world file (a bad file is logged and ignored;
+nothing to re-read with --kubernetes).
 Change the world at runtime with `ambient world ...` (see ambient/world.py).
 """
 
@@ -24,8 +30,10 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
+import msgspec
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -33,12 +41,14 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from services.istiod.auth import Auth
 from services.istiod.ca import CertificateAuthority
 from services.istiod.errors import StartupError
+from services.istiod.kube_source import KubeWorldSource
 from services.istiod.server import DEFAULT_SERVER_NAMES, IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
 from services.istiod.world import MAX_WORLD_BYTES, World, load_world
 from shared.addr import AddressError, format_host_port, split_host_port
 from shared.errors import AmbientError
 from shared.identity import IdentityError, load_cert, load_key
+from shared.kube.client import load_config as load_kube_config
 from shared.limits import raise_open_files_limit
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
 from shared.settings import check_listen
@@ -66,6 +76,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--version", action="version", version=version_text("istiod-stub"))
     p.add_argument("--world", type=Path, help="world file (YAML/JSON); default: an empty world")
+    p.add_argument("--kubernetes", action="store_true",
+                   help="take the world from the Kubernetes API server, and follow it")
+    p.add_argument("--kubeconfig", help="with --kubernetes: the kubeconfig file (default: in-cluster, then "
+                   "$KUBECONFIG, then ~/.kube/config)")
     p.add_argument(
         "--listen", default=os.environ.get("ISTIOD_LISTEN", DEFAULT_LISTEN), help="HOST:PORT (ISTIOD_LISTEN)"
     )
@@ -107,6 +121,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(LOG_FORMAT)",
     )
     args = p.parse_args(argv)
+    if args.kubeconfig and not args.kubernetes:
+        p.error("--kubeconfig is for --kubernetes: add --kubernetes, or leave --kubeconfig out")
     if args.log_format is None:
         try:
             args.log_format = log_format_from(os.environ)
@@ -200,11 +216,16 @@ def _load_world_file(path: Path) -> World:
     return load_world(data, str(path))
 
 
-async def handle_signals(path: Path | None, store: WorldStore, cancel: trio.CancelScope) -> None:
+async def handle_signals(
+    path: Path | None, store: WorldStore, cancel: trio.CancelScope, *, kubernetes: bool = False
+) -> None:
     """SIGINT/SIGTERM stop the stub; SIGHUP re-reads the world file (a bad file is logged and ignored)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
+                if kubernetes:
+                    log.warning("SIGHUP: the world follows the Kubernetes API; nothing to reload")
+                    continue
                 if path is None:
                     log.warning("SIGHUP: no --world file to reload")
                     continue
@@ -283,6 +304,9 @@ async def run(args: argparse.Namespace) -> None:
     host, port = _split_listen(args.listen)
     state_dir: Path = args.state_dir
     world = _load_world_file(args.world) if args.world is not None else World()
+    if args.kubernetes:  # the file's settings only: the objects come from the API server
+        world = msgspec.structs.replace(world, nodes=[], namespaces=[], pods=[], services=[], policies=[])
+        load_kube_config(args.kubeconfig)  # a bad configuration fails here, in one line
     tokens = NodeTokens.from_args(args, state_dir)
     try:
         ca, root_path = _load_ca(args, state_dir, world)
@@ -306,6 +330,15 @@ async def run(args: argparse.Namespace) -> None:
     auth = Auth(node_tokens, admin_token)
     server = IstiodServer(store, ca, auth)
     async with trio.open_nursery() as nursery:
+        if args.kubernetes:
+            log.info("waiting for the first listing from the Kubernetes API before serving",
+                     extra={"fields": [("kubeconfig", args.kubeconfig or "in-cluster or $KUBECONFIG")]})
+            await nursery.start(KubeWorldSource(store, base=world, kubeconfig=args.kubeconfig).run)
+            try:
+                auth.set_node_tokens(tokens.ensure(store.world))
+            except OSError as exc:
+                raise StartupError(f"cannot write node tokens to {tokens.token_dir}: {exc}") from None
+            world = store.world
         try:
             bound = await nursery.start(
                 lambda task_status: server.serve(
@@ -320,7 +353,8 @@ async def run(args: argparse.Namespace) -> None:
             ("services", len(world.services)), ("policies", len(world.policies)),
             ("root_cert", str(root_path))]})
         nursery.start_soon(keep_tokens, store, auth, tokens)
-        nursery.start_soon(handle_signals, args.world, store, nursery.cancel_scope)
+        nursery.start_soon(
+            partial(handle_signals, args.world, store, nursery.cancel_scope, kubernetes=args.kubernetes))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -317,11 +317,89 @@ def _rule(action: str, rule: Obj, namespace: str) -> tuple[Rule | None, list[str
     return Rule(clauses=clauses), http
 
 
+class _Source(msgspec.Struct, kw_only=True, rename="camel"):
+    principals: list[str] = []
+    not_principals: list[str] = []
+    request_principals: list[str] = []
+    not_request_principals: list[str] = []
+    namespaces: list[str] = []
+    not_namespaces: list[str] = []
+    service_accounts: list[str] = []
+    not_service_accounts: list[str] = []
+    ip_blocks: list[str] = []
+    not_ip_blocks: list[str] = []
+    remote_ip_blocks: list[str] = []
+    not_remote_ip_blocks: list[str] = []
+
+
+class _Operation(msgspec.Struct, kw_only=True, rename="camel"):
+    hosts: list[str] = []
+    not_hosts: list[str] = []
+    ports: list[str | int] = []
+    not_ports: list[str | int] = []
+    methods: list[str] = []
+    not_methods: list[str] = []
+    paths: list[str] = []
+    not_paths: list[str] = []
+
+
+class _From(msgspec.Struct, kw_only=True):
+    source: _Source = msgspec.field(default_factory=_Source)
+
+
+class _To(msgspec.Struct, kw_only=True):
+    operation: _Operation = msgspec.field(default_factory=_Operation)
+
+
+class _Condition(msgspec.Struct, kw_only=True, rename="camel"):
+    key: str
+    values: list[str | int] = []
+    not_values: list[str | int] = []
+
+
+class _Rule(msgspec.Struct, kw_only=True):
+    from_: list[_From] = msgspec.field(default_factory=list, name="from")
+    to: list[_To] = []
+    when: list[_Condition] = []
+
+
+class _Selector(msgspec.Struct, kw_only=True, rename="camel"):
+    match_labels: dict[str, str] = {}
+
+
+class _PolicySpec(msgspec.Struct, kw_only=True):
+    """The shape of an AuthorizationPolicy's spec (the types of the fields read; others are ignored)."""
+
+    selector: _Selector | None = None
+    action: str = "ALLOW"
+    rules: list[_Rule] = []
+
+
+def policy_shape_problem(obj: Obj) -> str | None:
+    """What is malformed in the policy's spec (a field of the wrong type), or None when its shape is right.
+
+    The CRD leaves the spec's validation to the control plane, as istiod's webhook does, so a policy the
+    API server stored can still be malformed.
+    """
+    spec = obj.get("spec", {})
+    if not isinstance(spec, Mapping):
+        return f"spec: expected an object, got {type(spec).__name__}"
+    try:
+        msgspec.convert(spec, _PolicySpec)
+    except msgspec.ValidationError as exc:
+        return str(exc).replace("`$", "`spec")
+    return None
+
+
 def policy_from(obj: Obj, notes: list[str]) -> Policy | None:
-    """The world's policy for ztunnel, or None when the policy is not for ztunnel (targetRefs) or uses an
-    action ztunnel does not have (noted)."""
+    """The world's policy for ztunnel, or None when the policy is not for ztunnel (targetRefs), uses an
+    action ztunnel does not have, or is malformed (both noted)."""
     meta, spec = _meta(obj), _spec(obj)
     what = object_name("AuthorizationPolicy", obj)
+    problem = policy_shape_problem(obj)
+    if problem is not None:
+        notes.append(f"{what}: malformed ({problem}); policy left out")
+        return None
     if spec.get("targetRef") or spec.get("targetRefs"):
         return None
     action = str(spec.get("action") or "ALLOW").upper()

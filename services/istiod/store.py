@@ -101,8 +101,11 @@ class WorldStore:
 
     # --- mutations (each atomic; raise WorldError / NotFoundError and change nothing on failure) ---------
 
-    def apply(self, world: World, source: str = "world") -> int:
-        world = msgspec.structs.replace(world, pods=self._keep_redirection(world.pods))
+    def apply(self, world: World, source: str = "world", *, keep_redirection: bool = True) -> int:
+        """Replace the whole world. `keep_redirection=False` when `world` carries the pods' redirection
+        annotation itself (the Kubernetes API's pods, where the node agents write it)."""
+        if keep_redirection:
+            world = msgspec.structs.replace(world, pods=self._keep_redirection(world.pods))
         return self._swap(world, source, "applied", ("source", source))
 
     def add_pod(self, pod_json: bytes) -> int:

@@ -63,6 +63,8 @@ class Deleted(msgspec.Struct, Generic[T], frozen=True, kw_only=True):
 class Lost(msgspec.Struct, frozen=True, kw_only=True):
     kind: str
     reason: str
+    status: int = 0
+    """The HTTP status of the failure (401: credentials, 403: RBAC, 404: no such resource); 0 without one."""
 
 
 ReflectorEvent = Listed[T] | Upserted[T] | Deleted[T] | Lost
@@ -125,11 +127,12 @@ class Reflector(Generic[T]):
                     continue
                 except (KubeApiError, trio.TooSlowError) as exc:
                     reason = str(exc) if isinstance(exc, KubeApiError) else "the watch went silent"
+                    status = exc.status if isinstance(exc, KubeApiError) else 0
                 if self.last_error is None:
                     log.warning("lost the API server; retrying with backoff, the last listing stays in use",
                                 extra={"fields": [("kind", self.kind), ("error", reason),
                                                   ("backoff", f"{backoff:.1f}s")]})
-                    await send.send(Lost(kind=self.kind, reason=reason))
+                    await send.send(Lost(kind=self.kind, reason=reason, status=status))
                 else:
                     log.debug("API server still unavailable",
                               extra={"fields": [("kind", self.kind), ("error", reason)]})

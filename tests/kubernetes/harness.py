@@ -1,17 +1,20 @@
 """A node agent on a real API server: the real Kubernetes pod source and status writer, the real lifecycle,
-fakes only for what needs root (the rules, ztunnel, the netns handles); and kubectl-made objects."""
+fakes only for what needs root (the rules, ztunnel, the netns handles); kubectl-made objects, and a world's
+objects loaded as the lab loads them."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
 import yaml
 
 from ambient.kube.apiserver import ApiServer
+from services.istiod.kube_world import KubeObjects
 from services.node_agent.kube.source import NAMESPACES, PODS, KubePodSource
 from services.node_agent.kube.status import KubeStatusReporter
 from services.node_agent.lifecycle import NodeAgent
@@ -21,6 +24,9 @@ from services.node_agent.testing import FakeRuleApplier, FakeZtunnel, PipeNetnsO
 from shared.kube.client import KubeApi, open_kube_api
 from shared.zds.types import PodUid
 
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy" / "kubernetes"
+CRDS = DEPLOY / "crds"
 WAIT = 30.0
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.5}
 
@@ -50,6 +56,26 @@ def pod(
 
 async def apply(api: ApiServer, *objects: Mapping[str, Any]) -> None:
     await api.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(list(objects)).encode())
+
+
+async def apply_crds(api: ApiServer) -> None:
+    """Install deploy/kubernetes/crds/ and wait until the API server serves them."""
+    await api.kubectl("apply", "-f", str(CRDS))
+    await api.kubectl("wait", "--for=condition=Established", "--timeout=30s", "-f", str(CRDS))
+
+
+async def load_objects(api: ApiServer, client: KubeApi, objects: KubeObjects) -> None:
+    """Create the objects (CRDs first), then play kubelet: each pod's status as the object gives it."""
+    await apply_crds(api)
+    await apply(api, *objects.nodes, *objects.namespaces)
+    # the server gives each object its uid, and a pod's status comes through its own subresource
+    pods = [{**o, "metadata": {k: v for k, v in o["metadata"].items() if k != "uid"}, "status": {}}
+            for o in objects.pods]
+    await apply(api, *pods, *objects.services, *objects.policies)
+    for obj in objects.pods:
+        meta = obj["metadata"]
+        await client.patch_merge(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
+                                 {"status": obj["status"]})
 
 
 async def get(api: ApiServer, kind: str, name: str, ns: str | None = None) -> dict[str, Any] | None:

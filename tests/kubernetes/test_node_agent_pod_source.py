@@ -125,7 +125,7 @@ async def test_wrong_credentials_are_retried_and_named(
     bad.write_text(yaml.safe_dump(config))
     await apply(api, namespace("mesh", AMBIENT))
     node = AgentOnKube(api, kubeconfig=str(bad))
-    with caplog.at_level(logging.WARNING, logger="node_agent"):
+    with caplog.at_level(logging.WARNING, logger="kube"):
         async with node.running(wait_listed=False):
             await wait_until(lambda: node.source.reflectors.get("pods") is not None
                              and node.source.reflectors["pods"].last_error is not None, "the failure seen")

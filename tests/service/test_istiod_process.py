@@ -109,3 +109,18 @@ async def test_clients_sync_from_the_process_and_see_cli_changes(tmp_path: Path)
                 event = await watch.__anext__()
                 assert isinstance(event, PodUpserted) and not event.pod.is_ambient
                 nursery.cancel_scope.cancel()
+
+
+def test_kubernetes_mode_with_a_bad_kubeconfig_fails_in_one_line(tmp_path: Path) -> None:
+    stub = [sys.executable, "-m", "services.istiod.app", "--listen", "127.0.0.1:0", "--state-dir",
+            str(tmp_path / "state")]  # fmt: skip
+    missing = tmp_path / "no-such-kubeconfig"
+    result = subprocess.run([*stub, "--kubernetes", "--kubeconfig", str(missing)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if "error" in line]
+    assert error.startswith(f"istiod-stub: error: cannot load the Kubernetes configuration from {missing}")
+    result = subprocess.run([*stub, "--kubeconfig", str(missing)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 2 and "--kubeconfig is for --kubernetes" in result.stderr

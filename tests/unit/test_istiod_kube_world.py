@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.istiod.derive import Resources
+from services.istiod.kube_source import lost_problem
 from services.istiod.kube_world import KubeObjects, policy_from, world_from_objects, world_to_objects
 from services.istiod.world import Match, StringMatch, load_world
+from shared.kube.reflector import Lost
 
 BOOKINFO = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 
@@ -94,3 +96,28 @@ def test_pending_pods_and_rejected_objects_are_left_out_with_a_note_the_rest_sta
     assert any(n.startswith("Pod bookinfo/clash left out") and "already used" in n for n in notes)
     assert any("container port named 'http'" in n for n in notes)
     assert next(s for s in got.services if s.name == "named").ports == []
+
+
+def test_a_malformed_policy_is_left_out_with_a_note_naming_the_field() -> None:
+    notes: list[str] = []
+    assert policy_from(_policy({"rules": [{"to": [{"operation": {"ports": "9080"}}]}]}), notes) is None
+    assert policy_from(_policy({"selector": {"matchLabels": ["app"]}}, name="q"), notes) is None
+    assert policy_from({"metadata": {"name": "r", "namespace": "bookinfo"}, "spec": []}, notes) is None
+    assert notes == [
+        "AuthorizationPolicy bookinfo/p: malformed (Expected `array`, got `str` - at "
+        "`spec.rules[0].to[0].operation.ports`); policy left out",
+        "AuthorizationPolicy bookinfo/q: malformed (Expected `object`, got `array` - at "
+        "`spec.selector.matchLabels`); policy left out",
+        "AuthorizationPolicy bookinfo/r: malformed (spec: expected an object, got list); policy left out",
+    ]
+    # ports and values may be numbers as well as strings, as users write them
+    ok = policy_from(_policy({"rules": [{"to": [{"operation": {"ports": [9080]}}],
+                                         "when": [{"key": "destination.port", "values": [80]}]}]}), notes)
+    assert ok is not None and len(notes) == 3
+
+
+def test_a_lost_collection_is_explained_by_its_status() -> None:
+    assert "credentials" in lost_problem(Lost(kind="pods", reason="x", status=401))
+    assert "may not list and watch pods" in lost_problem(Lost(kind="pods", reason="x", status=403))
+    assert "deploy/kubernetes/crds/" in lost_problem(Lost(kind="policies", reason="x", status=404))
+    assert lost_problem(Lost(kind="services", reason="x")) == "cannot list or watch services"
