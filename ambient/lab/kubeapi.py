@@ -23,7 +23,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
 from ambient.kube.apiserver import Pki
@@ -42,6 +42,20 @@ class KubeRequestError(LabError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class KubeRequests(Protocol):
+    """What the lab's kubelet asks of the API server (LabKubeApi; a fake in the unit tests)."""
+
+    def request(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, *, content_type: str = JSON
+    ) -> dict[str, Any]: ...
+
+    def get(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]: ...
+
+    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def watch(self, path: str, resource_version: str) -> Iterator[dict[str, Any]]: ...
 
 
 class _Conn(http.client.HTTPSConnection):

@@ -39,7 +39,7 @@ from ambient.lab import components
 from ambient.lab.cluster_dns import pod_resolv_conf
 from ambient.lab.components import LabPaths
 from ambient.lab.kube import lab_api, running_status
-from ambient.lab.kubeapi import KubeRequestError, LabKubeApi
+from ambient.lab.kubeapi import KubeRequestError, KubeRequests
 from ambient.lab.state import LabState, stop_process
 from ambient.lab.topology import (
     ETC_NETNS,
@@ -131,11 +131,11 @@ def sandbox_plan(plan: LabPlan, obj: Mapping[str, Any], ip: str) -> PodPlan:
 class Kubelet:
     """The lab kubelet's decisions and actions (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, api: LabKubeApi | None = None) -> None:
+    def __init__(self, run_dir: Path, api: KubeRequests | None = None) -> None:
         self.paths = LabPaths(run_dir)
         state = load_lab(run_dir)
         self.plan = msgspec.json.decode(state.plan, type=LabPlan)
-        self.api = api or lab_api(self.plan, self.paths)
+        self.api: KubeRequests = api or lab_api(self.plan, self.paths)
         self.record = load_record(self.paths)
         self.seen: dict[str, dict[str, Any]] = {}
         """uid -> the pod object as last listed or watched"""
