@@ -40,6 +40,7 @@ from ambient.lab.errors import (
     AlreadyUpError,
     ComponentError,
     EnrolmentError,
+    LabError,
     NotUpError,
     PrerequisiteError,
     UnknownPodError,
@@ -675,8 +676,10 @@ def find_pod(plan: LabPlan, query: str, *, deleted: Collection[str] = ()) -> Pod
 
 
 def deleted_pods(state: LabState) -> set[str]:
-    """Keys of the pods `lab delete` removed."""
-    return {r.key for r in state.pods if r.status == "deleted"}
+    """Keys of the pods `lab delete` removed (or, in a Kubernetes lab, the lab's kubelet)."""
+    removed = load_record(LabPaths(state.run_dir)).pods
+    kubelet = {p.key for p in removed if p.from_plan and p.state == "deleted"}
+    return {r.key for r in state.pods if r.status == "deleted"} | kubelet
 
 
 COMMAND_NOT_FOUND = 127
@@ -869,6 +872,11 @@ def world_command(
     """
     check_prerequisites()
     state = require_state(prefix, root)
+    if state.kube_bin_dir and "show" not in argv:
+        raise LabError(
+            f"lab {prefix!r} takes its world from its Kubernetes API server: change it there with "
+            f"`ambient lab kubectl --prefix {prefix} -- ...` (label, apply, delete)"
+        )
     result = run_world_command(state, argv, capture=capture)
     if result.returncode == 0 and "show" not in argv:
         refresh_cluster_dns(state)
@@ -933,6 +941,14 @@ def delete_pod(
     record = state.pod(target.key)
     if record is None or record.status == "deleted":
         raise UnknownPodError(f"pod {target.key} is not running in lab {prefix!r}")
+    if state.kube_bin_dir:  # the API server forgets it once the lab's kubelet has removed it (kubelet.py)
+        argv = ["delete", "pod", target.name, "-n", target.namespace, f"--timeout={timeout:g}s"]
+        done = kube.kubectl(state, argv, capture=True)
+        if done.returncode != 0:
+            raise ComponentError(f"kubectl {' '.join(argv)}: {done.stderr.decode().strip()}; see the lab "
+                                 f"kubelet's log {LabPaths(state.run_dir).log('kubelet')}")  # fmt: skip
+        progress(f"pod {target.key} deleted (app stopped, netns {target.netns} removed by the lab's kubelet)")
+        return target.key
     result = run_world_command(state, ["pod", "rm", target.key], capture=True)
     if result.returncode != 0:
         raise ComponentError(f"istiod did not remove {target.key}: {result.stderr.decode().strip()}")
