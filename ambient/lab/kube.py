@@ -37,7 +37,7 @@ from ambient.kube.apiserver import Pki, apiserver_argv, binaries_dir, etcd_argv,
 from ambient.kube.errors import KubeError
 from ambient.lab.components import PYTHON, REPO_ROOT, LabPaths
 from ambient.lab.errors import ComponentError, PrerequisiteError
-from ambient.lab.kubeapi import KubeRequestError, LabKubeApi
+from ambient.lab.kubeapi import MERGE_PATCH, KubeRequestError, LabKubeApi
 from ambient.lab.state import ComponentSpec, LabState, TcpCheck
 from ambient.lab.topology import LabPlan
 from services.istiod.kube_world import world_to_objects
@@ -161,9 +161,20 @@ def _established(crd: Mapping[str, Any]) -> bool:
 def load_world(api: LabKubeApi, world: World) -> dict[str, str]:
     """Create the world's objects (pods without status: the lab's kubelet gives them theirs); returns pod key
     -> the uid the API server gave it."""
-    objects = world_to_objects(world)
+    try:
+        objects = world_to_objects(world)
+    except ValueError as exc:
+        raise PrerequisiteError(f"the world cannot be loaded into the API server: {exc}") from None
     for ns in objects.namespaces:
-        api.create("/api/v1/namespaces", ns)
+        try:
+            api.create("/api/v1/namespaces", ns)
+        except KubeRequestError as exc:
+            if exc.status != 409:
+                raise
+            # one the API server makes itself (default, kube-system): give it the world's labels
+            labels = {"metadata": {"labels": ns["metadata"].get("labels", {})}}
+            api.request("PATCH", f"/api/v1/namespaces/{ns['metadata']['name']}", labels,
+                        content_type=MERGE_PATCH)  # fmt: skip
     for node in objects.nodes:
         api.create("/api/v1/nodes", node)
     for svc in objects.services:
