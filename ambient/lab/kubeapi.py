@@ -88,6 +88,17 @@ class LabKubeApi:
         self, method: str, path: str, body: Mapping[str, Any] | None = None, *, content_type: str = JSON
     ) -> dict[str, Any]:
         """One request; the answer's JSON object. Raises KubeRequestError on any status but 2xx."""
+        raw = self.request_raw(method, path, body, content_type=content_type)
+        try:
+            answer = json.loads(raw) if raw else {}
+        except ValueError:
+            raise KubeRequestError(200, f"{method} {path}: the answer is not JSON") from None
+        return answer if isinstance(answer, dict) else {}
+
+    def request_raw(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, *, content_type: str = JSON
+    ) -> bytes:
+        """One request; the answer's body. Raises KubeRequestError on any status but 2xx."""
         conn = self._connection(None)
         where = f"{method} https://{self.host}:{self.port}{path}"
         try:
@@ -102,11 +113,7 @@ class LabKubeApi:
             conn.close()
         if not 200 <= response.status < 300:
             raise KubeRequestError(response.status, f"{where}: HTTP {response.status}: {_message(raw)}")
-        try:
-            answer = json.loads(raw) if raw else {}
-        except ValueError:
-            raise KubeRequestError(response.status, f"{where}: the answer is not JSON") from None
-        return answer if isinstance(answer, dict) else {}
+        return raw
 
     def get(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         return self.request("GET", path + (f"?{urlencode(params)}" if params else ""))
@@ -123,7 +130,7 @@ class LabKubeApi:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.request("GET", "/readyz")
+                self.request_raw("GET", "/readyz")
                 return
             except KubeRequestError as exc:
                 if time.monotonic() > deadline:
