@@ -191,13 +191,26 @@ def load_world(api: LabKubeApi, world: World) -> dict[str, str]:
     return uids
 
 
-def running_status(ip: str, host_ip: str) -> dict[str, Any]:
-    """The pod status patch a kubelet writes once the pod's sandbox and app run."""
+WORLD_CONTAINERS = ("app",)
+"""The containers world_to_objects gives each pod."""
+
+
+def running_status(ip: str, host_ip: str, containers: Sequence[str] = WORLD_CONTAINERS) -> dict[str, Any]:
+    """The pod status patch a kubelet writes once the pod's sandbox and its containers run."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return {"status": {
         "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": host_ip, "startTime": now,
-        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+        "conditions": [{"type": t, "status": "True", "lastTransitionTime": now}
+                       for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+        "containerStatuses": [{"name": name, "ready": True, "started": True, "restartCount": 0,
+                               "image": "lab", "imageID": "", "state": {"running": {"startedAt": now}}}
+                              for name in containers],
     }}  # fmt: skip
+
+
+def container_names(obj: Mapping[str, Any]) -> list[str]:
+    containers = (obj.get("spec") or {}).get("containers") or []
+    return [str(c.get("name")) for c in containers if isinstance(c, dict)]
 
 
 def redirections(api: LabKubeApi) -> dict[str, str]:

@@ -38,7 +38,7 @@ import msgspec
 from ambient.lab import components
 from ambient.lab.cluster_dns import pod_resolv_conf
 from ambient.lab.components import LabPaths
-from ambient.lab.kube import lab_api, running_status
+from ambient.lab.kube import container_names, lab_api, running_status
 from ambient.lab.kubeapi import KubeRequestError, KubeRequests
 from ambient.lab.state import LabState, stop_process
 from ambient.lab.topology import (
@@ -172,7 +172,7 @@ class Kubelet:
             return
         known = self.record.find(uid)
         if known is not None and known.state == "running":
-            patch = running_status(known.ip, self.plan.node(known.node).ip)
+            patch = running_status(known.ip, self.plan.node(known.node).ip, container_names(obj))
             self.api.patch_status(meta["namespace"], meta["name"], patch)
             return
         self.run_pod(obj)
@@ -207,7 +207,7 @@ class Kubelet:
         create_pod_netns(pod, on_netns=lambda _: None, on_file=lambda _: None)
         components.link_pod_netns(self.paths, node.name, pod.netns)
         wire_pod(self.plan, pod)
-        self.api.patch_status(pod.namespace, pod.name, running_status(ip, node.ip))
+        self.api.patch_status(pod.namespace, pod.name, running_status(ip, node.ip, container_names(obj)))
         say(f"pod {key} running on {node.name}: {ip}, netns {pod.netns}")
 
     def remove(self, key: str, uid: str) -> None:

@@ -87,8 +87,9 @@ def test_labelling_bookinfo_enrols_it_and_a_request_crosses_nodes_through_hbone(
     assert pods["sleep-5c6d7e"]["redirection"] == "enabled"  # its namespace is labelled in the world file
     # the API server has them as a kubelet left them: Running, with the lab's addresses
     listed = json.loads(kubectl(prefix, "get", "pods", "-n", "bookinfo", "-o", "json"))["items"]
-    assert {p["metadata"]["name"]: (p["status"]["phase"], p["status"]["podIP"]) for p in listed}[
-        "productpage-v1-6f9c7d"] == ("Running", PRODUCTPAGE_IP)
+    seen = {p["metadata"]["name"]: p["status"] for p in listed}["productpage-v1-6f9c7d"]
+    assert (seen["phase"], seen["podIP"]) == ("Running", PRODUCTPAGE_IP)
+    assert seen["containerStatuses"][0]["ready"] is True  # kubectl's READY 1/1
 
     kubectl(prefix, "label", "namespace", "bookinfo", f"{LABEL}=ambient")
     until(lambda: all(pods_by_name(prefix)[n]["redirection"] == "enabled" for n in bookinfo),
