@@ -7,7 +7,8 @@
 
 With --kubernetes the world's namespaces, nodes, pods, services and AuthorizationPolicies come from the
 Kubernetes API server (--kubeconfig, else the in-cluster service account, $KUBECONFIG or ~/.kube/config) and
-follow its changes (kube_source.py); a --world file then gives only the mesh settings (trust domain, ...).
+follow its changes (kube_source.py); a --world file then gives only the mesh settings (trust domain, ...),
+and the world admin API (`ambient world`) only reads.
 
 Everything a client needs is written to the state directory (default ./.istiod-state, env ISTIOD_STATE_DIR):
   root-cert.pem          the root CA certificate clients verify the server and workload certificates with

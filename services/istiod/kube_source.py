@@ -73,15 +73,19 @@ class KubeWorldSource:
     def __init__(self, store: WorldStore, *, base: World | None = None, kubeconfig: str | None = None,
                  **reflector_options: Any) -> None:
         self.store = store
+        store.follows = "the Kubernetes API server"
         self.base = base or World()
         self.kubeconfig = kubeconfig
         self.objects: dict[str, dict[str, KubeObject]] = {kind: {} for kind in COLLECTIONS}
         self.reflectors: dict[str, Reflector[KubeObject]] = {}
+        self.started = False
+        """The first complete listing is in the store (and the xDS server may serve it)."""
         self.rebuilds = 0
         """Worlds built from the objects (whether or not they changed the store's)."""
         self.notes: set[str] = set()
         """What the current world leaves out, and why (each logged when it first appeared)."""
         self._options = reflector_options
+        self._lost_told = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled; `started()` once the first complete listing is in the store.
@@ -103,7 +107,6 @@ class KubeWorldSource:
                 nursery.start_soon(reflector.run, send.clone())
             send.close()
             listed: set[str] = set()
-            started = False
             async for event in receive:
                 changed = self._apply(event, listed)
                 while True:  # the events already waiting go into the same rebuild
@@ -114,8 +117,8 @@ class KubeWorldSource:
                 if len(listed) < len(COLLECTIONS) or not changed:
                     continue
                 self._rebuild()
-                if not started:
-                    started = True
+                if not self.started:
+                    self.started = True
                     log.info("world listed from the Kubernetes API", extra={"fields": [
                         ("server", api.server), ("nodes", len(self.store.world.nodes)),
                         ("pods", len(self.store.world.pods)), ("services", len(self.store.world.services)),
@@ -125,9 +128,15 @@ class KubeWorldSource:
     def _apply(self, event: ReflectorEvent[KubeObject], listed: set[str]) -> bool:
         """Fold one event into the objects; True when they changed."""
         if isinstance(event, Lost):
-            log.warning("the world stays as it was until the API server answers again", extra={"fields": [
+            if self._lost_told:
+                return False  # one line per outage: the collections are lost together
+            self._lost_told = True
+            message = ("the world stays as it was until the API server answers again" if self.started
+                       else "no world to serve until the API server answers")
+            log.warning(message, extra={"fields": [
                 ("kind", event.kind), ("problem", lost_problem(event)), ("error", event.reason)]})
             return False
+        self._lost_told = False  # the API server answered
         held = self.objects[event.kind]
         if isinstance(event, Listed):
             first = event.kind not in listed

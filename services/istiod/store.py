@@ -53,6 +53,9 @@ class Wakeup:
 class WorldStore:
     def __init__(self, world: World | None = None) -> None:
         self.world = world or World()
+        self.follows: str | None = None
+        """What the world is kept equal to (with --kubernetes: the API server), which the world admin API
+        then does not change; None: the world file and the world admin API."""
         self.resources = Resources(self.world)
         self.generation = 1
         self._wakeups: set[Wakeup] = set()

@@ -10,13 +10,14 @@ from services.istiod.auth import Auth
 from services.istiod.rpc import one_request, world_errors
 from services.istiod.store import WorldStore
 from services.istiod.world import load_world, world_to_json
-from shared.aio import ServerCall
+from shared.aio import RpcError, RpcStatus, ServerCall
 from shared.api import worldadmin_pb2
 
 
 class WorldAdminServicer:
     """Each change answers with the world's new generation; a bad world is INVALID_ARGUMENT, a missing pod or
-    policy NOT_FOUND."""
+    policy NOT_FOUND, any change while the world follows the Kubernetes API FAILED_PRECONDITION (the next
+    change there would undo it)."""
 
     def __init__(self, store: WorldStore, auth: Auth) -> None:
         self.store = store
@@ -29,6 +30,10 @@ class WorldAdminServicer:
     async def _change(self, call: ServerCall, change: Callable[[Any], int]) -> None:
         """Apply `change(request)` to the world; answer with the generation it returns."""
         req = await self._request(call)
+        if self.store.follows is not None:
+            raise RpcError(RpcStatus.FAILED_PRECONDITION,
+                           f"the world follows {self.store.follows}: make the change there (kubectl), "
+                           "not through the world admin API")
         with world_errors():
             generation = change(req)
         await call.send_message(worldadmin_pb2.WorldResponse(generation=generation))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,12 +25,17 @@ from services.istiod.world import World
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.state.types import PolicyKey, TunnelProtocol
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig, ztunnel_node_id
+from shared.aio import GrpcTarget
 from shared.kube.client import KubeApi, open_kube_api
+from tests.istiod_process import run_stub
 from tests.kubernetes.harness import FAST, WAIT, apply, load_objects, pod, set_pod_ip, wait_until
 
+API_SERVERS_OWN = "default/kubernetes.default.svc.cluster.local"
+"""The `kubernetes` Service every API server makes for itself (istiod serves it too)."""
 
-def _xds(resources: Resources) -> dict[str, dict[str, str]]:
-    return {url: {name: version for name, (version, _) in items.items()}
+
+def _xds(resources: Resources, *, without: str = "") -> dict[str, dict[str, str]]:
+    return {url: {name: version for name, (version, _) in items.items() if name != without}
             for url, items in resources.by_type.items()}  # fmt: skip
 
 
@@ -88,7 +94,8 @@ async def test_bookinfo_from_the_api_server_derives_the_world_files_xds(api: Api
         with trio.fail_after(WAIT):
             await nursery.start(lambda task_status: source.run_with(client, task_status=task_status))
         assert source.notes == set()
-        assert _xds(store.resources) == _xds(Resources(world))
+        assert API_SERVERS_OWN in {name for items in _xds(store.resources).values() for name in items}
+        assert _xds(store.resources, without=API_SERVERS_OWN) == _xds(Resources(world))
         assert store.resources.identities_by_node == Resources(world).identities_by_node
         assert {p.key: p.workload for p in store.world.pods} == {p.key: p.workload for p in world.pods}
         assert {n.name: n.pod_cidr for n in store.world.nodes} == {n.name: n.pod_cidr for n in world.nodes}
@@ -119,7 +126,8 @@ async def test_label_new_pod_and_new_policy_reach_a_connected_xds_client(api: Ap
             "action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["sleep"]}}]}]}))
         await wait_state(xds, lambda s: PolicyKey("bookinfo/deny-sleep") in s.policies, "the new policy")
 
-        await api.kubectl("delete", "pod", "-n", "bookinfo", "ratings-v2")
+        # no kubelet confirms a graceful deletion here: delete at once
+        await api.kubectl("delete", "pod", "-n", "bookinfo", "ratings-v2", "--grace-period=0", "--force")
         await wait_state(xds, lambda s: s.workload_by_ip("10.244.2.13") is None, "the deleted pod gone")
         assert xds.nacks_sent == [] and istiod.server.ads.nacks == []
 
@@ -158,3 +166,25 @@ async def test_the_last_world_is_served_while_the_api_server_is_away(
         await apply(api, pod("late", "bookinfo", node="node-a", labels={"app": "late"}))
         await set_pod_ip(kube, "bookinfo", "late", "10.244.1.99")
         await wait_state(xds, lambda s: s.workload_by_ip("10.244.1.99") is not None, "a change after it")
+
+
+async def test_the_stub_process_serves_the_api_servers_world(api: ApiServer, tmp_path: Path) -> None:
+    """`istiod-stub --kubernetes --kubeconfig PATH`, as `ambient lab up --kubernetes` starts it."""
+    async with bookinfo_on(api) as kube:
+        state = tmp_path / "state"
+        async with run_stub(state, "--kubernetes", "--kubeconfig", str(api.kubeconfig),
+                            "--node-token", "node-a=secret-a") as port:  # fmt: skip
+            assert (state / "tokens" / "node-b.token").exists()  # nodes from the API server get tokens
+            root = (state / "root-cert.pem").read_text()
+            target = GrpcTarget(host="127.0.0.1", port=port, root_cert_pem=root, token="secret-a")
+            client = XdsClient(target, StateStore(), XdsClientConfig(
+                node_id=ztunnel_node_id("127.0.0.1", "ztunnel-a", "istio-system")))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+                with trio.fail_after(WAIT):
+                    await client.wait_synced()
+                assert len(client.store.workloads) == len(bookinfo_world().pods)
+                await apply(api, pod("extra", "sleep", node="node-a", labels={"app": "extra"}))
+                await set_pod_ip(kube, "sleep", "extra", "10.244.1.77")
+                await wait_state(client, lambda s: s.workload_by_ip("10.244.1.77") is not None, "the new pod")
+                nursery.cancel_scope.cancel()

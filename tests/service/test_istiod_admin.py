@@ -95,3 +95,20 @@ async def test_admin_calls_need_the_admin_token() -> None:
                     with pytest.raises(RpcError) as info:
                         await call(channel, target, "GetWorld", worldadmin_pb2.GetWorldRequest())
                     assert info.value.status is RpcStatus.UNAUTHENTICATED
+
+
+async def test_changes_are_refused_while_the_world_follows_the_kubernetes_api() -> None:
+    with trio.fail_after(20):
+        async with open_test_istiod(bookinfo_world()) as istiod:
+            istiod.store.follows = "the Kubernetes API server"
+            target = istiod.admin_target()
+            async with open_target(target) as channel:
+                start = istiod.store.generation
+                with pytest.raises(RpcError) as info:
+                    await call(channel, target, "RemovePod",
+                               worldadmin_pb2.RemovePodRequest(namespace="sleep", name="sleep-5c6d7e"))
+                assert info.value.status is RpcStatus.FAILED_PRECONDITION
+                assert "follows the Kubernetes API server" in info.value.message
+                assert istiod.store.generation == start
+                response = await call(channel, target, "GetWorld", worldadmin_pb2.GetWorldRequest())
+                assert response.generation == start  # reading still works

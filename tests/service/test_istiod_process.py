@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -16,48 +14,7 @@ from services.node_agent.podwatch import PodSnapshot, PodUpserted, open_pod_watc
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.xds.client import XdsClient, XdsClientConfig
 from shared.aio import GrpcTarget
-from tests.access_logs import ParsedLine, parse_plain
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@asynccontextmanager
-async def run_stub(state: Path) -> AsyncIterator[int]:
-    """Start istiod-stub on a free loopback port; yield the port once it is serving."""
-    proc = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "services.istiod.app",
-            "--world",
-            str(ROOT / "examples" / "bookinfo.yaml"),
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            str(state),
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        log = b""
-        serving: list[ParsedLine] = []
-        while not serving:
-            chunk = await proc.stderr.receive_some()
-            assert chunk, f"istiod-stub exited: {log.decode()}"
-            log += chunk
-            lines = [parse_plain(line.decode()) for line in log.split(b"\n")[:-1]]  # whole lines only
-            serving = [p for p in lines if (p.target, p.message) == ("istiod-stub", "istiod-stub serving")]
-        [line] = serving
-        assert line.fields["transport"] == "tls", line
-        host, _, port = str(line.fields["address"]).rpartition(":")
-        assert host == "127.0.0.1", line
-        yield int(port)
-    finally:
-        proc.terminate()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
+from tests.istiod_process import ROOT, run_stub
 
 
 async def ambient(state: Path, port: int, *args: str) -> None:
