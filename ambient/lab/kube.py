@@ -37,7 +37,7 @@ from ambient.kube.apiserver import Pki, apiserver_argv, binaries_dir, etcd_argv,
 from ambient.kube.errors import KubeError
 from ambient.lab.components import PYTHON, REPO_ROOT, LabPaths
 from ambient.lab.errors import ComponentError, PrerequisiteError
-from ambient.lab.kubeapi import MERGE_PATCH, KubeRequestError, LabKubeApi
+from ambient.lab.kubeapi import MERGE_PATCH, KubeRequestError, KubeRequests, LabKubeApi
 from ambient.lab.state import ComponentSpec, LabState, TcpCheck
 from ambient.lab.topology import LabPlan
 from services.istiod.kube_world import world_to_objects
@@ -158,7 +158,7 @@ def _established(crd: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
 
-def load_world(api: LabKubeApi, world: World) -> dict[str, str]:
+def load_world(api: KubeRequests, world: World) -> dict[str, str]:
     """Create the world's objects (pods without status: the lab's kubelet gives them theirs); returns pod key
     -> the uid the API server gave it."""
     try:

@@ -45,13 +45,15 @@ class KubeRequestError(LabError):
 
 
 class KubeRequests(Protocol):
-    """What the lab's kubelet asks of the API server (LabKubeApi; a fake in the unit tests)."""
+    """What `up` and the lab's kubelet ask of the API server (LabKubeApi; a fake in the unit tests)."""
 
     def request(
         self, method: str, path: str, body: Mapping[str, Any] | None = None, *, content_type: str = JSON
     ) -> dict[str, Any]: ...
 
     def get(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]: ...
+
+    def create(self, path: str, obj: Mapping[str, Any]) -> dict[str, Any]: ...
 
     def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
 

@@ -13,9 +13,10 @@ import pytest
 
 from ambient.lab import components, kube, kubelet
 from ambient.lab.components import LabPaths
-from ambient.lab.kubeapi import JSON
+from ambient.lab.kubeapi import JSON, KubeRequestError
 from ambient.lab.kubelet import Kubelet, KubeletPod, free_address, load_record, sandbox_plan
 from ambient.lab.state import LabState, TcpCheck, save_state
+from ambient.lab.tables import status_tables
 from ambient.lab.topology import LabPlan, plan_lab
 from services.istiod.world import load_world
 
@@ -104,6 +105,9 @@ class FakeApi:
     def get(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
         return self.request("GET", path)
 
+    def create(self, path: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request("POST", path, obj)
+
     def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         return self.request("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status", patch)
 
@@ -166,3 +170,39 @@ def test_a_listing_without_a_pod_removes_it_also_one_of_ups(node: Any) -> None:
     assert sorted(actions) == ["del zl-bookinfo-old", "del zl-bookinfo-web"]
     removed = {p.key: p.from_plan for p in load_record(kl.paths).pods if p.state == "deleted"}
     assert removed == {"bookinfo/old": False, "bookinfo/web": True}
+
+
+class LoadingApi(FakeApi):
+    """Answers creates as the API server does: the object back with a uid of its own; `default` exists."""
+
+    def request(self, method: str, path: str, body: Mapping[str, Any] | None = None, *,
+                content_type: str = JSON) -> dict[str, Any]:  # fmt: skip
+        super().request(method, path, body)
+        if method == "POST" and body is not None and body["metadata"]["name"] == "default":
+            raise KubeRequestError(409, "namespaces \"default\" already exists")
+        if method == "POST" and body is not None:
+            return {**body, "metadata": {**body["metadata"], "uid": f"server-{body['metadata']['name']}"}}
+        return {}
+
+
+def test_the_world_is_loaded_as_objects_without_pod_status_and_with_the_servers_uids() -> None:
+    text = WORLD.replace(b"[{name: bookinfo}]", b"[{name: bookinfo}, {name: default, labels: {a: b}}]")
+    world = load_world(text, "w.yaml")
+    api = LoadingApi()
+    assert kube.load_world(api, world) == {"bookinfo/web": "server-web"}
+    paths = [(m, p) for m, p, _ in api.calls]
+    assert paths == [("POST", "/api/v1/namespaces"), ("POST", "/api/v1/namespaces"),
+                     ("PATCH", "/api/v1/namespaces/default"), ("POST", "/api/v1/nodes"),
+                     ("POST", "/api/v1/nodes"), ("POST", "/api/v1/namespaces/bookinfo/pods")]  # fmt: skip
+    assert api.calls[2][2] == {"metadata": {"labels": {"a": "b"}}}  # the existing namespace gets the labels
+    pod = api.calls[-1][2]
+    assert "status" not in pod and "uid" not in pod["metadata"]
+    assert pod["spec"]["nodeName"] == "node-a" and pod["metadata"]["labels"]["app"] == "web"
+
+
+def test_status_names_the_api_server_under_the_nodes() -> None:
+    data = {"prefix": "zl", "phase": "up", "nodes": [], "pods": [], "services": [], "components": [],
+            "control_plane": {"answered": True, "kube_apiserver": "https://172.29.0.2:6443",
+                              "kubeconfig": "/run/ambient-lab/zl/kube/kubeconfig"}}  # fmt: skip
+    caption = str(status_tables(data)[0].caption)
+    assert "https://172.29.0.2:6443" in caption and "/run/ambient-lab/zl/kube/kubeconfig" in caption
