@@ -67,7 +67,7 @@ class KubeletPod(msgspec.Struct, kw_only=True):
     node: str
     netns: str
     ip: str
-    state: str  # running | deleted
+    state: str  # creating (netns and veth being made) | running | deleted
     from_plan: bool = False  # one of `up`'s pods (the kubelet only removed it)
 
 
@@ -185,28 +185,38 @@ class Kubelet:
     def used_addresses(self) -> set[str]:
         removed = {p.uid for p in self.record.pods if p.state == "deleted"}
         used = {p.ip for p in self.plan.pods if p.uid not in removed}
-        used |= {p.ip for p in self.record.pods if p.state == "running"}
+        used |= {p.ip for p in self.record.pods if p.state != "deleted"}
         for obj in self.seen.values():
             status = obj.get("status") or {}
             used |= {str(i.get("ip")) for i in status.get("podIPs") or [] if isinstance(i, Mapping)}
         return used
 
     def run_pod(self, obj: Mapping[str, Any]) -> None:
+        """Netns, veth and address, then the Running status. A pod whose sandbox was left half made (the
+        kubelet stopped, a command failed) is made again from scratch, with the same address."""
         meta = obj["metadata"]
         node = self.plan.node(str(obj["spec"]["nodeName"]))
-        ip = free_address(node.pod_cidr, self.used_addresses())
-        key = f"{meta['namespace']}/{meta['name']}"
+        key, uid = f"{meta['namespace']}/{meta['name']}", str(meta["uid"])
+        half = self.record.find(uid)
+        if half is not None:  # state "creating"
+            delete_netns(half.netns)
+            self.record.pods.remove(half)
+        ip = half.ip if half is not None else free_address(node.pod_cidr, self.used_addresses())
         if ip is None:
             say(f"pod {key}: node {node.name}'s pod range {node.pod_cidr} is full; the pod stays pending")
             return
         pod = sandbox_plan(self.plan, obj, ip)
-        self.record.pods = [p for p in self.record.pods if p.netns != pod.netns or p.state != "deleted"]
-        self.record.pods.append(KubeletPod(key=key, uid=pod.uid, node=node.name, netns=pod.netns, ip=ip,
-                                           state="running"))  # fmt: skip
+        # an earlier pod of this name that this kubelet ran and removed: its record goes, the netns is reused
+        self.record.pods = [p for p in self.record.pods
+                            if p.netns != pod.netns or p.state != "deleted" or p.from_plan]  # fmt: skip
+        made = KubeletPod(key=key, uid=uid, node=node.name, netns=pod.netns, ip=ip, state="creating")
+        self.record.pods.append(made)
         save_record(self.paths, self.record)
         create_pod_netns(pod, on_netns=lambda _: None, on_file=lambda _: None)
         components.link_pod_netns(self.paths, node.name, pod.netns)
         wire_pod(self.plan, pod)
+        made.state = "running"
+        save_record(self.paths, self.record)
         self.api.patch_status(pod.namespace, pod.name, running_status(ip, node.ip, container_names(obj)))
         say(f"pod {key} running on {node.name}: {ip}, netns {pod.netns}")
 
@@ -255,8 +265,9 @@ class Kubelet:
                 say(f"listed {len(self.seen)} pods at version {version}")
                 backoff = BACKOFF_INITIAL
                 version = self.watch(version)
-            except (KubeRequestError, AmbientError) as exc:
-                say(f"{exc}; listing again in {backoff:g} s")
+            except (KubeRequestError, AmbientError, KeyError, TypeError, ValueError) as exc:
+                # a failed request or command, or an object of a shape it cannot read: list again later
+                say(f"{type(exc).__name__}: {exc}; listing again in {backoff:g} s")
                 time.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 

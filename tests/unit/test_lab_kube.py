@@ -206,3 +206,13 @@ def test_status_names_the_api_server_under_the_nodes() -> None:
                               "kubeconfig": "/run/ambient-lab/zl/kube/kubeconfig"}}  # fmt: skip
     caption = str(status_tables(data)[0].caption)
     assert "https://172.29.0.2:6443" in caption and "/run/ambient-lab/zl/kube/kubeconfig" in caption
+
+
+def test_a_half_made_sandbox_is_made_again_with_its_address(node: Any) -> None:
+    kl, api, actions = node
+    kl.record.pods.append(KubeletPod(key="bookinfo/extra", uid="uid-extra", node="node-a",
+                                     netns="zl-bookinfo-extra", ip="10.244.1.7", state="creating"))
+    kl.changed(pod_object("extra"))
+    assert actions == ["del zl-bookinfo-extra", "add zl-bookinfo-extra", "wire 10.244.1.7/24"]
+    assert api.calls[-1][2]["status"]["podIP"] == "10.244.1.7"
+    assert [(p.key, p.state) for p in load_record(kl.paths).pods] == [("bookinfo/extra", "running")]
