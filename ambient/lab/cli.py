@@ -6,7 +6,8 @@
     ambient lab status [--json] [--prefix P]                  nodes, pods (IP, node, enrolment: the pod's
                                                               ambient.istio.io/redirection), services
     ambient lab exec POD -- CMD ...                           run CMD in a pod's netns, its exit code
-    ambient lab restart {ztunnel|node-agent|istiod} [NODE]    restart one component
+    ambient lab restart {ztunnel|node-agent|istiod} [NODE]    restart one component (with --kubernetes also
+                                                              kube-apiserver or kubelet)
     ambient lab delete POD                                    delete a pod (unenrolled, then removed)
     ambient lab world -- ARGS ...                             `ambient world ARGS` against the lab's istiod
     ambient lab up --kubernetes                               with a Kubernetes API server (etcd +
@@ -35,7 +36,7 @@ from ambient.lab.tables import status_tables
 from ambient.output import make_console
 
 DEFAULT_PREFIX = os.environ.get("AMBIENT_LAB_PREFIX", "amb")
-COMPONENTS = ("ztunnel", "node-agent", "istiod")
+COMPONENTS = ("ztunnel", "node-agent", "istiod", "kube-apiserver", "kubelet")
 
 console = make_console()  # piped output is never wrapped
 err_console = make_console(stderr=True)
@@ -202,7 +203,8 @@ def register(subparsers: Any) -> None:
         "restart",
         help="restart one component (all nodes unless NODE is given)",
         description="Stop and start ztunnel, the node agent or istiod (on every node, or on NODE), wait "
-        "until it is ready and ztunnel holds the node's ambient pods again.",
+        "until it is ready and ztunnel holds the node's ambient pods again. A `--kubernetes` lab can also "
+        "restart its kube-apiserver (etcd keeps the objects; the watchers resume) or its kubelet.",
     )
     rs.add_argument("component", choices=COMPONENTS, help="which component")
     rs.add_argument("node", nargs="?", default=None, metavar="NODE", help="only on this node (default all)")

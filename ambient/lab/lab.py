@@ -768,6 +768,8 @@ def restart(
         state.processes = [fresh if p.name == record.name else p for p in state.processes]
         save_state(state)
         components.wait_ready(fresh, timeout=timeout)
+        if component == "kube-apiserver":  # accepting connections is not serving yet
+            kube.wait_api_ready(kube.lab_api(plan, LabPaths(state.run_dir)), LabPaths(state.run_dir), timeout)
         progress(f"{fresh.name} ready again (pid {fresh.pid})")
         names.append(fresh.name)
     for node_name in sorted({r.spec.node for r in chosen if r.spec.node and component != "istiod"}):

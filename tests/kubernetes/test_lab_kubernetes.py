@@ -1,8 +1,9 @@
 """`ambient lab up --kubernetes` end to end (root, and the Kubernetes binaries): bookinfo in a namespace
 that is not labelled; `lab kubectl -- label namespace bookinfo istio.io/dataplane-mode=ambient` enrols its
 pods (the node agents write the redirection annotation, `lab status` shows it), a request crosses nodes
-through HBONE (access-log lines on both ztunnels), removing the label un-enrols them, a pod applied later
-gets a netns and an address of its node, and deleting pods removes their namespaces."""
+through HBONE (access-log lines on both ztunnels), removing the label un-enrols them; after a restart of
+the API server a pod applied later gets a netns and an address of its node and is enrolled, and deleting
+pods removes their namespaces."""
 
 from __future__ import annotations
 
@@ -126,6 +127,9 @@ def test_labelling_bookinfo_enrols_it_and_a_request_crosses_nodes_through_hbone(
 
 def test_applied_pods_get_a_netns_and_deleted_pods_lose_theirs(kube_lab: str) -> None:
     prefix = kube_lab
+    # first the API server restarts (etcd keeps the objects): the kubelet, the node agents and the stub
+    # all have to watch again for what follows to work
+    assert lab.restart("kube-apiserver", prefix=prefix, timeout=60) == ["kube-apiserver"]
     extra = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "extra", "namespace": "sleep"},
              "spec": {"nodeName": "node-b", "containers": [{"name": "app", "image": "lab"}]}}  # fmt: skip
     kubectl(prefix, "apply", stdin=yaml.safe_dump(extra))
