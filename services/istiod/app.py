@@ -65,6 +65,7 @@ ENV_HELP = f"""settings (environment variables; a flag wins over its variable):
   ISTIOD_STATE_DIR           root CA, tokens (default ./.istiod-state)
   ISTIOD_NODE_TOKENS         NODE=TOKEN,NODE=TOKEN: given node tokens (others are generated)
   ISTIOD_ADMIN_TOKEN         the admin token (default: generated, in STATE_DIR/admin.token)
+  KUBECONFIG                 with --kubernetes and no --kubeconfig, when not in a cluster: the kubeconfig
   LOG_LEVEL                  debug, info, warning or error (default info)"""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import yaml
 
 from ambient.kube.apiserver import ApiServer
 from services.istiod.derive import Resources
@@ -188,3 +189,27 @@ async def test_the_stub_process_serves_the_api_servers_world(api: ApiServer, tmp
                 await set_pod_ip(kube, "sleep", "extra", "10.244.1.77")
                 await wait_state(client, lambda s: s.workload_by_ip("10.244.1.77") is not None, "the new pod")
                 nursery.cancel_scope.cancel()
+
+
+async def test_wrong_credentials_are_named_and_nothing_is_served(
+    api: ApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = yaml.safe_load(api.kubeconfig.read_text())
+    config["users"][0]["user"] = {"token": "not-a-token"}
+    bad = tmp_path / "kubeconfig"
+    bad.write_text(yaml.safe_dump(config))
+    store = WorldStore(settings_of(bookinfo_world()))
+    source = KubeWorldSource(store, kubeconfig=str(bad), backoff_initial=0.05, backoff_max=0.5)
+
+    def refused_everywhere() -> bool:
+        errors = [r.last_error or "" for r in source.reflectors.values()]
+        return len(errors) == 5 and all("HTTP 401" in e for e in errors)
+
+    with caplog.at_level(logging.WARNING, logger="istiod-stub"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(source.run)
+            await wait_until(refused_everywhere, "401 on every collection")
+            nursery.cancel_scope.cancel()
+    assert not source.started and store.world.pods == []
+    told = [r for r in caplog.records if r.getMessage() == "no world to serve until the API server answers"]
+    assert len(told) == 1 and "credentials" in str(getattr(told[0], "fields", ""))
