@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from ambient.lab import lab
-from ambient.lab.state import load_state
+from ambient.lab.state import load_state, process_start_time
+from ambient.lab.topology import ETC_NETNS
 from tests.netns.test_lab_mesh import wait_for_lines
 from tests.netns.test_lab_topology import NET_A, NET_B, client_get, force_clean, lab_netns, needs_mesh
 
@@ -148,3 +149,14 @@ def test_applied_pods_get_a_netns_and_deleted_pods_lose_theirs(kube_lab: str) ->
     pods = pods_by_name(prefix)
     assert "extra" not in pods and pods["ratings-v1-8c9f0b"]["enrolment"] == "deleted"
     assert kubectl(prefix, "get", "pods", "-A", "--field-selector", "metadata.name=extra", "-o", "name") == ""
+
+    # down removes everything, also what the kubelet made after up, and stops etcd and the API server
+    left = {**extra, "metadata": {"name": "left", "namespace": "sleep"}}
+    kubectl(prefix, "apply", stdin=yaml.safe_dump(left))
+    until(lambda: f"{prefix}-sleep-left" in lab_netns(prefix), "the last applied pod has its netns")
+    state = load_state(prefix)
+    assert state is not None
+    started = [(p.pid, p.start_time) for p in state.processes]
+    assert lab.down(prefix=prefix)
+    assert lab_netns(prefix) == [] and not list(ETC_NETNS.glob(f"{prefix}-*"))
+    assert all(process_start_time(pid) != start for pid, start in started)
