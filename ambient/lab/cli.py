@@ -165,7 +165,8 @@ def register(subparsers: Any) -> None:
         help="delete a pod: istiod forgets it, the node agent unenrols it, its netns goes",
         description="Delete a pod as Kubernetes does: istiod forgets it first (the node agent's pod watch "
         "unenrols it and ztunnel lets it go), then its app is stopped and its netns removed. Afterwards "
-        "`lab exec` and `lab status` know it as deleted.",
+        "`lab exec` and `lab status` know it as deleted. In a `--kubernetes` lab the pod is deleted through "
+        "the API server (`kubectl delete pod`), and the lab's kubelet removes it.",
     )
     rm.add_argument("pod", metavar="POD", help="ns/name, name, a unique name prefix or an app label")
     rm.add_argument(
@@ -182,7 +183,9 @@ def register(subparsers: Any) -> None:
         help="`ambient world ...` against the lab's istiod (e.g. policy add FILE)",
         description="Run `ambient world ARGS` inside the control-plane netns with the lab's credentials. "
         "`pod add` is refused: istiod would record the pod, but nothing would start it in the lab (a pod "
-        "needs a netns, a veth, a CNI ADD and its app); add it to a world file and `lab up --world FILE`.",
+        "needs a netns, a veth, a CNI ADD and its app); add it to a world file and `lab up --world FILE`. "
+        "A `--kubernetes` lab's world is its API server's: only `show` works there (`lab kubectl` changes "
+        "it).",
     )
     wd.add_argument("args", nargs=argparse.REMAINDER, help="-- ARGS (see `ambient world --help`)")
     _add_prefix(wd)

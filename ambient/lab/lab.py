@@ -591,7 +591,8 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
                 "node": pod.node,
                 "ip": pod.ip,
                 "netns": pod.netns,
-                "ambient": pod.ambient,
+                # in a Kubernetes lab labels change after up: ambient is then what the node agent did
+                "ambient": enrolment in ("enabled", "pending") if state.kube_bin_dir else pod.ambient,
                 "enrolment": enrolment,
                 "redirection": redirection or None,
                 "app": pod.labels.get("app", ""),
