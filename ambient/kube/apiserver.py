@@ -111,7 +111,9 @@ class Pki:
         self.admin_cert, self.admin_key = root / "admin.crt", root / "admin.key"
         self.sa_key, self.sa_pub = root / "sa.key", root / "sa.pub"
 
-    def generate(self) -> None:
+    def generate(self, extra_ips: Sequence[str] = ()) -> None:
+        """Write every file; `extra_ips` are more addresses the API server is reached at (the lab's
+        control-plane address) for its serving certificate."""
         self.root.mkdir(parents=True, exist_ok=True)
         ca_key = generate_key()
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trio-ambient kube CA")])
@@ -121,6 +123,7 @@ class Pki:
         sans: list[x509.GeneralName] = [
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(ipaddress.ip_address(SERVICE_IP)),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
             x509.DNSName("localhost"),
             *(x509.DNSName(n) for n in ("kubernetes", "kubernetes.default", "kubernetes.default.svc",
                                         "kubernetes.default.svc.cluster.local")),
@@ -211,6 +214,54 @@ def kubeconfig_document(server: str, pki: Pki, *, user: str = "admin") -> dict[s
     }
 
 
+def etcd_argv(bin_dir: Path, data_dir: Path, port: int, peer_port: int) -> list[str]:
+    """etcd on 127.0.0.1:`port` (plain HTTP: only the API server beside it talks to it), one member."""
+    client, peer = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
+    return [
+        str(bin_dir / "etcd"),
+        "--name", "default",
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", client, "--advertise-client-urls", client,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"default={peer}",
+        "--unsafe-no-fsync", "--log-level", "warn",
+    ]  # fmt: skip
+
+
+def apiserver_argv(
+    bin_dir: Path,
+    pki: Pki,
+    root: Path,
+    *,
+    etcd_url: str,
+    bind: str,
+    port: int,
+    advertise: str = "127.0.0.1",
+    watch_cache: bool = True,
+) -> list[str]:
+    """kube-apiserver serving TLS on `bind`:`port` with client certificates and RBAC (module docstring)."""
+    return [
+        str(bin_dir / "kube-apiserver"),
+        "--etcd-servers", etcd_url,
+        "--bind-address", bind, "--advertise-address", advertise,
+        "--secure-port", str(port),
+        "--tls-cert-file", str(pki.serving_cert), "--tls-private-key-file", str(pki.serving_key),
+        "--client-ca-file", str(pki.ca),
+        "--service-account-issuer", SA_ISSUER,
+        "--service-account-key-file", str(pki.sa_pub),
+        "--service-account-signing-key-file", str(pki.sa_key),
+        "--service-cluster-ip-range", SERVICE_CIDR,
+        "--authorization-mode", "RBAC",
+        "--endpoint-reconciler-type", "none",  # no kubelet runs the API server: no kubernetes endpoints
+        "--disable-admission-plugins", "ServiceAccount",
+        "--allow-privileged=true",
+        "--enable-priority-and-fairness=false",
+        "--profiling=false",
+        "--cert-dir", str(root / "apiserver-certs"),
+        f"--watch-cache={'true' if watch_cache else 'false'}",
+    ]  # fmt: skip
+
+
 class ApiServer:
     """A running etcd + kube-apiserver pair (see the module docstring); made by `open_api_server`."""
 
@@ -243,43 +294,16 @@ class ApiServer:
         (self.root / "logs").mkdir(exist_ok=True)
         self.kubeconfig.write_text(yaml.safe_dump(kubeconfig_document(self.url, self.pki)))
         self.kubeconfig.chmod(0o600)
-        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
-        self._etcd = await self._spawn("etcd", [
-            str(self.bin_dir / "etcd"),
-            "--name", "default",
-            "--data-dir", str(self.root / "etcd"),
-            "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"default={peer}",
-            "--unsafe-no-fsync", "--log-level", "warn",
-        ])
+        self._etcd = await self._spawn(
+            "etcd", etcd_argv(self.bin_dir, self.root / "etcd", self.etcd_port, self.etcd_peer_port))
         await self._wait_ready("etcd", self._etcd, self._etcd_healthy)
         await self.start_apiserver()
 
     async def start_apiserver(self) -> None:
         if self._apiserver is not None:
             raise KubeError("kube-apiserver is already running")
-        pki = self.pki
-        argv = [
-            str(self.bin_dir / "kube-apiserver"),
-            "--etcd-servers", self.etcd_url,
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-            "--secure-port", str(self.port),
-            "--tls-cert-file", str(pki.serving_cert), "--tls-private-key-file", str(pki.serving_key),
-            "--client-ca-file", str(pki.ca),
-            "--service-account-issuer", SA_ISSUER,
-            "--service-account-key-file", str(pki.sa_pub),
-            "--service-account-signing-key-file", str(pki.sa_key),
-            "--service-cluster-ip-range", SERVICE_CIDR,
-            "--authorization-mode", "RBAC",
-            "--endpoint-reconciler-type", "none",  # loopback advertise address: no kubernetes endpoints
-            "--disable-admission-plugins", "ServiceAccount",
-            "--allow-privileged=true",
-            "--enable-priority-and-fairness=false",
-            "--profiling=false",
-            "--cert-dir", str(self.root / "apiserver-certs"),
-            f"--watch-cache={'true' if self.watch_cache else 'false'}",
-        ]
+        argv = apiserver_argv(self.bin_dir, self.pki, self.root, etcd_url=self.etcd_url, bind="127.0.0.1",
+                              port=self.port, watch_cache=self.watch_cache)
         self._apiserver = await self._spawn("kube-apiserver", argv)
         await self._wait_ready("kube-apiserver", self._apiserver, self._apiserver_ready)
         log.info("kube-apiserver ready", extra={"fields": [("url", self.url)]})

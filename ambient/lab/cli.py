@@ -7,11 +7,15 @@
                                                               ambient.istio.io/redirection), services
     ambient lab exec POD -- CMD ...                           run CMD in a pod's netns, its exit code
     ambient lab restart COMPONENT [NODE]                      restart ztunnel, node-agent, istiod or waypoint
+                                                              (with --kubernetes also kube-apiserver or kubelet)
     ambient lab delete POD                                    delete a pod (unenrolled, then removed)
     ambient lab verify [--node N] [--json]                    each node agent checks its pods' rules and
                                                               ztunnel listeners now, repairs drift; exit 1
                                                               if a pod is still broken
     ambient lab world -- ARGS ...                             `ambient world ARGS` against the lab's istiod
+    ambient lab up --kubernetes                               with a Kubernetes API server (etcd +
+                                                              kube-apiserver); pods, labels, policies from it
+    ambient lab kubectl -- ARGS ...                           kubectl against that API server
     ambient logs [NODE] [--direction inbound|outbound]        ztunnel access logs
     ambient demo [--keep]                                     the seed article's flow, end to end
 
@@ -35,7 +39,7 @@ from ambient.lab.tables import status_tables, verify_failed, verify_table
 from ambient.output import make_console
 
 DEFAULT_PREFIX = os.environ.get("AMBIENT_LAB_PREFIX", "amb")
-COMPONENTS = ("ztunnel", "node-agent", "istiod", "waypoint")
+COMPONENTS = ("ztunnel", "node-agent", "istiod", "waypoint", "kube-apiserver", "kubelet")
 
 console = make_console()  # piped output is never wrapped
 err_console = make_console(stderr=True)
@@ -109,6 +113,13 @@ def register(subparsers: Any) -> None:
         "settings (INPOD_UDS, XDS_ADDRESS, CA_ADDRESS, ...); see ambient/lab/README.md",
     )
     up.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="also run etcd and kube-apiserver (built by scripts/build-kube) in the control-plane namespace, "
+        "load the world into it as Kubernetes objects and run the node agents and istiod from it "
+        "(`ambient lab kubectl -- ...` then labels namespaces, applies and deletes pods)",
+    )
+    up.add_argument(
         "--on",
         action="append",
         default=None,
@@ -157,7 +168,8 @@ def register(subparsers: Any) -> None:
         help="delete a pod: istiod forgets it, the node agent unenrols it, its netns goes",
         description="Delete a pod as Kubernetes does: istiod forgets it first (the node agent's pod watch "
         "unenrols it and ztunnel lets it go), then its app is stopped and its netns removed. Afterwards "
-        "`lab exec` and `lab status` know it as deleted.",
+        "`lab exec` and `lab status` know it as deleted. In a `--kubernetes` lab the pod is deleted through "
+        "the API server (`kubectl delete pod`), and the lab's kubelet removes it.",
     )
     rm.add_argument("pod", metavar="POD", help="ns/name, name, a unique name prefix or an app label")
     rm.add_argument(
@@ -188,18 +200,31 @@ def register(subparsers: Any) -> None:
         help="`ambient world ...` against the lab's istiod (e.g. policy add FILE)",
         description="Run `ambient world ARGS` inside the control-plane netns with the lab's credentials. "
         "`pod add` is refused: istiod would record the pod, but nothing would start it in the lab (a pod "
-        "needs a netns, a veth, a CNI ADD and its app); add it to a world file and `lab up --world FILE`.",
+        "needs a netns, a veth, a CNI ADD and its app); add it to a world file and `lab up --world FILE`. "
+        "A `--kubernetes` lab's world is its API server's: only `show` works there (`lab kubectl` changes "
+        "it).",
     )
     wd.add_argument("args", nargs=argparse.REMAINDER, help="-- ARGS (see `ambient world --help`)")
     _add_prefix(wd)
     wd.set_defaults(func=cmd_world)
 
+    kc = lab_sub.add_parser(
+        "kubectl",
+        help="kubectl against the lab's Kubernetes API server (`lab up --kubernetes`)",
+        description="Run kubectl ARGS with the lab's kubeconfig, inside the control-plane namespace (where "
+        "its API server listens); exit code kubectl's. For example: "
+        "`ambient lab kubectl -- label namespace bookinfo istio.io/dataplane-mode=ambient`.",
+    )
+    kc.add_argument("args", nargs=argparse.REMAINDER, help="-- ARGS (see `kubectl --help`)")
+    _add_prefix(kc)
+    kc.set_defaults(func=cmd_kubectl)
+
     rs = lab_sub.add_parser(
         "restart",
         help="restart one component (all nodes unless NODE is given)",
         description="Stop and start ztunnel, the node agent, istiod or the waypoints (on every node, or on "
-        "NODE), wait "
-        "until it is ready and ztunnel holds the node's ambient pods again.",
+        "NODE), wait until it is ready and ztunnel holds the node's ambient pods again. A `--kubernetes` "
+        "lab can also restart its kube-apiserver (etcd keeps the objects; the watchers resume) or its kubelet.",
     )
     rs.add_argument("component", choices=COMPONENTS, help="which component")
     rs.add_argument("node", nargs="?", default=None, metavar="NODE", help="only on this node (default all)")
@@ -251,6 +276,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             progress=_progress,
             ztunnel_bin=args.ztunnel_bin,
             upstream_on=args.on,
+            kubernetes=args.kubernetes,
         )
     console.print(
         f"[green]lab {state.prefix!r} is up[/]: {len(state.pods)} pods; "
@@ -336,6 +362,18 @@ def cmd_world(args: argparse.Namespace) -> int:
     if rest[:2] == ["pod", "add"]:
         raise LabError(POD_ADD_REFUSED)
     return lab.world_command(rest, prefix=args.prefix).returncode
+
+
+def cmd_kubectl(args: argparse.Namespace) -> int:
+    from ambient.lab import lab
+
+    rest = list(args.args)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest:
+        err_console.print("usage: ambient lab kubectl [--prefix P] -- ARGS ... (e.g. get pods -A)")
+        return 2
+    return lab.kubectl_command(rest, prefix=args.prefix).returncode
 
 
 def cmd_restart(args: argparse.Namespace) -> int:

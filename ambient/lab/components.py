@@ -126,6 +126,20 @@ class LabPaths:
         return self.logs / (name.replace("/", "_") + ".log")
 
     @property
+    def kube(self) -> Path:
+        """`lab up --kubernetes`: the API server's PKI, etcd's data, the kubeconfig, the kubelet's record."""
+        return self.run_dir / "kube"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.kube / "kubeconfig"
+
+    @property
+    def kubelet_record(self) -> Path:
+        """The pods the lab's kubelet ran or removed after `up` (kubelet.py)."""
+        return self.kube / "kubelet.json"
+
+    @property
     def cluster_dns(self) -> Path:
         return self.run_dir / "cluster-dns"
 
@@ -145,12 +159,15 @@ def _python(module: str, *args: str) -> list[str]:
 
 
 def istiod_spec(
-    plan: LabPlan, paths: LabPaths, node_tokens: dict[str, str], admin_token: str
+    plan: LabPlan, paths: LabPaths, node_tokens: dict[str, str], admin_token: str, *, kubernetes: bool = False
 ) -> ComponentSpec:
-    """istiod-stub in the control-plane netns; tokens go in its environment (not argv: `ps` shows argv)."""
+    """istiod-stub in the control-plane netns; tokens go in its environment (not argv: `ps` shows argv).
+    With `kubernetes` it takes the world from the lab's API server (the world file gives its settings)."""
     cp = plan.control_plane
     args = ["--world", str(paths.world), "--listen", f"0.0.0.0:{ISTIOD_PORT}",
             "--state-dir", str(paths.istiod_state), "--tls-san", cp.ip]  # fmt: skip
+    if kubernetes:
+        args += ["--kubernetes", "--kubeconfig", str(paths.kubeconfig)]
     env = {
         "ISTIOD_ADMIN_TOKEN": admin_token,
         "ISTIOD_NODE_TOKENS": ",".join(f"{node}={token}" for node, token in sorted(node_tokens.items())),
@@ -184,9 +201,16 @@ def cluster_dns_spec(plan: LabPlan, paths: LabPaths) -> ComponentSpec:
 
 
 def node_agent_spec(
-    plan: LabPlan, node: NodePlan, paths: LabPaths, *, istiod: str | None = None, netns: str | None = None
+    plan: LabPlan,
+    node: NodePlan,
+    paths: LabPaths,
+    *,
+    istiod: str | None = None,
+    netns: str | None = None,
+    kubernetes: bool = False,
 ) -> ComponentSpec:
-    """The node agent of `node`; `istiod` and `netns` override the lab's (containers: "istiod:15012", "")."""
+    """The node agent of `node`; `istiod` and `netns` override the lab's (containers: "istiod:15012", "").
+    With `kubernetes` it takes its pods from the lab's API server (POD_SOURCE=kubernetes), as istio-cni."""
     cwd = paths.node_dir(node.name)
     netns = node.netns if netns is None else netns
     env = {
@@ -200,6 +224,8 @@ def node_agent_spec(
     }
     if netns:  # many nodes share this machine: confine the agent's netns lookups to its own pods
         env["HOST_PREFIX"] = str(paths.node_host(node.name))
+    if kubernetes:
+        env.update(POD_SOURCE="kubernetes", KUBECONFIG=str(paths.kubeconfig))
     return ComponentSpec(
         name=f"node-agent/{node.name}",
         component="node-agent",

@@ -34,16 +34,19 @@ from typing import Any
 
 import msgspec
 
-from ambient.lab import cluster_dns, components
+from ambient.lab import cluster_dns, components, kube
 from ambient.lab.components import LabPaths
 from ambient.lab.errors import (
     AlreadyUpError,
     ComponentError,
     EnrolmentError,
+    LabError,
     NotUpError,
     PrerequisiteError,
     UnknownPodError,
 )
+from ambient.lab.kubeapi import KubeRequestError, LabKubeApi
+from ambient.lab.kubelet import load_record
 from ambient.lab.probe import http_get, http_request, unix_http
 from ambient.lab.state import (
     ComponentSpec,
@@ -83,7 +86,8 @@ from shared.netns import NetnsError
 DEFAULT_PREFIX = "amb"
 DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml"
 REQUIRED_BINARIES = ("ip", "iptables-restore", "sysctl", "dnsmasq")
-STOP_ORDER = {"app": 0, "waypoint": 0, "ztunnel": 1, "node-agent": 2, "istiod": 3, "cluster-dns": 4}
+STOP_ORDER = {"kubelet": 0, "app": 0, "waypoint": 0, "ztunnel": 1, "node-agent": 2, "istiod": 3,
+              "cluster-dns": 4, "kube-apiserver": 5, "etcd": 6}
 
 Progress = Callable[[str], None]
 
@@ -175,8 +179,13 @@ class LabBuilder:
         progress: Progress,
         ztunnel_bin: str | None = None,
         upstream_nodes: frozenset[str] = frozenset(),
+        kube_bin_dir: Path | None = None,
+        crd_files: Sequence[Path] = (),
     ) -> None:
         self.plan = plan
+        self.kube_bin_dir = kube_bin_dir
+        self.crd_files = list(crd_files)
+        self.api: LabKubeApi | None = None
         self.ztunnel_bin = ztunnel_bin
         self.upstream_nodes = upstream_nodes
         self.world = world
@@ -188,6 +197,7 @@ class LabBuilder:
             run_dir=str(self.paths.run_dir),
             world_file=source,
             plan=msgspec.json.encode(plan),
+            kube_bin_dir=str(kube_bin_dir) if kube_bin_dir else None,
         )
         self.has_agent = components.available("node-agent")
         self.has_ztunnel = components.available("ztunnel")
@@ -216,9 +226,13 @@ class LabBuilder:
             f"and the control plane ({plan.control_plane.ip})"
         )
         apply_plan(plan, on_netns=self.record_netns, on_file=self.record_file, pods=[])
+        if self.kube_bin_dir is not None:
+            self.start_kubernetes(self.kube_bin_dir)
+            plan = self.plan
 
         node_tokens = {n.name: secrets.token_urlsafe(18) for n in plan.nodes}
-        istiod = self.launch(components.istiod_spec(plan, paths, node_tokens, secrets.token_urlsafe(18)))
+        istiod = self.launch(components.istiod_spec(plan, paths, node_tokens, secrets.token_urlsafe(18),
+                                                    kubernetes=self.kubernetes))  # fmt: skip
         self.progress(f"istiod starting in {plan.control_plane.netns} (log {istiod.spec.log})")
         components.wait_ready(istiod, timeout=self.timeout)
         self.progress(f"istiod ready on {plan.istiod_address}")
@@ -233,7 +247,8 @@ class LabBuilder:
             components.write_node_secrets(paths, node.name, node_tokens[node.name])
             (paths.node_host(node.name) / "run" / "netns").mkdir(parents=True, exist_ok=True)
             if self.has_agent:
-                started.append(self.launch(components.node_agent_spec(plan, node, paths)))
+                started.append(self.launch(components.node_agent_spec(plan, node, paths,
+                                                                      kubernetes=self.kubernetes)))
             if self.has_ztunnel:
                 binary = self.ztunnel_bin if node.name in self.upstream_nodes else None
                 started.append(self.launch(components.ztunnel_spec(
@@ -250,10 +265,37 @@ class LabBuilder:
 
         for pod in plan.pods:
             self.add_pod(pod)
+        if self.kubernetes:  # pods made later, and every deletion, are the lab kubelet's
+            self.launch(kube.kubelet_spec(paths))
+            self.progress(f"kubelet running (pods applied later get a netns; log {paths.log('kubelet')})")
         self.wait_enrolled()
         self.state.phase = "up"
         save_state(self.state)
         return self.state
+
+    @property
+    def kubernetes(self) -> bool:
+        return self.kube_bin_dir is not None
+
+    def start_kubernetes(self, bin_dir: Path) -> None:
+        """etcd and kube-apiserver in the control-plane netns, the CRDs, the world as objects; the plan
+        takes the pod uids the API server chose."""
+        kube.write_pki(self.plan, self.paths)
+        for spec in (kube.etcd_spec(self.plan, self.paths, bin_dir),
+                     kube.apiserver_spec(self.plan, self.paths, bin_dir)):  # fmt: skip
+            components.wait_ready(self.launch(spec), timeout=self.timeout)
+        api = kube.lab_api(self.plan, self.paths)
+        kube.wait_api_ready(api, self.paths, max(self.timeout, 60.0))
+        self.api = api
+        self.progress(f"kube-apiserver ready on {kube.server_url(self.plan)} in "
+                      f"{self.plan.control_plane.netns} (kubeconfig {self.paths.kubeconfig})")
+        crds = kube.install_crds(api, self.crd_files, timeout=self.timeout)
+        uids = kube.load_world(api, self.world)
+        self.plan = msgspec.structs.replace(
+            self.plan, pods=[msgspec.structs.replace(p, uid=uids[p.key]) for p in self.plan.pods])
+        self.state.plan = msgspec.json.encode(self.plan)
+        save_state(self.state)
+        self.progress(f"the world is in the API server: CRDs {', '.join(crds)}, {len(uids)} pods")
 
     def add_pod(self, pod: PodPlan) -> None:
         create_pod_netns(pod, on_netns=self.record_netns, on_file=self.record_file)
@@ -261,7 +303,11 @@ class LabBuilder:
         components.link_pod_netns(self.paths, pod.node, pod.netns)
         wire_pod(self.plan, pod)
         status = "not-ambient"
-        if pod.ambient:
+        if self.api is not None:  # as a kubelet: the node agent's pod source takes it from the status
+            host_ip = self.plan.node(pod.node).ip
+            self.api.patch_status(pod.namespace, pod.name, kube.running_status(pod.ip, host_ip))
+            status = ("pending" if self.has_agent else "no-node-agent") if pod.ambient else "created"
+        elif pod.ambient:
             status = cni_add(self.paths, pod, timeout=self.timeout) if self.has_agent else "no-node-agent"
         self.state.pods.append(
             PodRecord(
@@ -400,11 +446,14 @@ def up(
     progress: Progress = _quiet,
     ztunnel_bin: str | Path | None = None,
     upstream_on: Sequence[str] | None = None,
+    kubernetes: bool = False,
+    crd_dir: Path | None = None,
 ) -> LabState:
     """Build and start a lab. On any failure (or Ctrl-C) everything made so far is removed again.
 
     With `ztunnel_bin` (a build of istio/ztunnel) the nodes in `upstream_on` (all when empty) run it in place
-    of our ztunnel (ambient/lab/upstream.py).
+    of our ztunnel (ambient/lab/upstream.py). With `kubernetes` the lab runs a Kubernetes API server and
+    takes its pods from there (kube.py); `crd_dir` has the CRDs it installs (default deploy/kubernetes/crds).
 
     Raises:
         PrerequisiteError, PlanError, AlreadyUpError, CommandError, ComponentError, EnrolmentError.
@@ -418,6 +467,8 @@ def up(
     if upstream_on and binary is None:
         raise PrerequisiteError("--on chooses the nodes for --ztunnel-bin; give --ztunnel-bin PATH too")
     upstream_nodes = choose_nodes(plan, upstream_on) if binary is not None else frozenset()
+    kube_bin = kube.kube_binaries() if kubernetes else None
+    crds = kube.crd_files(crd_dir) if kubernetes else []
     existing = load_state(prefix, root)
     if existing is not None or run_dir(prefix, root).exists():
         raise AlreadyUpError(
@@ -431,7 +482,8 @@ def up(
             f"choose another --prefix or remove it with `ip netns del {clash[0]}`"
         )
     builder = LabBuilder(plan, world, source, root=root, timeout=timeout, progress=progress,
-                         ztunnel_bin=binary, upstream_nodes=upstream_nodes)  # fmt: skip
+                         ztunnel_bin=binary, upstream_nodes=upstream_nodes, kube_bin_dir=kube_bin,
+                         crd_files=crds)  # fmt: skip
     try:
         return builder.run()
     except BaseException:
@@ -451,11 +503,14 @@ def teardown(state: LabState, *, progress: Progress = _quiet) -> None:
     for record in sorted(state.processes, key=lambda r: STOP_ORDER.get(r.spec.component, 9)):
         stop_process(record, grace=3.0 if record.spec.component == "ztunnel" else 2.0)
     errors = []
-    for name in reversed(state.netns):
+    kubelet_made = [p.netns for p in load_record(LabPaths(state.run_dir)).pods if not p.from_plan]
+    for name in [*reversed(state.netns), *kubelet_made]:
         try:
             delete_netns(name)
         except Exception as exc:
             errors.append(str(exc))
+    for name in kubelet_made:
+        remove_tree(ETC_NETNS / name)
     for path in sorted(state.files, key=lambda f: Path(f) == ETC_NETNS):  # /etc/netns last
         remove_tree(path)
     remove_tree(state.run_dir)
@@ -484,7 +539,13 @@ def down(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None, progress: Pr
 
 def redirection_annotations(state: LabState) -> dict[str, str] | None:
     """Pod key -> its `ambient.istio.io/redirection` annotation ("" when it has none), as the lab's istiod has
-    it (`ambient world show`; the node agents write it); None when istiod does not answer."""
+    it (`ambient world show`; the node agents write it), or in a Kubernetes lab as the API server has it;
+    None when that does not answer."""
+    if state.kube_bin_dir:
+        try:
+            return kube.redirections(kube.lab_api(plan_of(state), LabPaths(state.run_dir)))
+        except KubeRequestError:
+            return None
     result = run_world_command(state, ["--timeout", "5", "show"], capture=True)
     if result.returncode != 0:
         return None
@@ -504,17 +565,24 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
     a pod without it is not enrolled, and the lab's own record says why (not-ambient, no-node-agent, deleted,
     ...). When istiod does not answer (`control_plane.answered` false), the lab infers enrolment from its
     records and what each ztunnel holds.
+
+    In a Kubernetes lab (`up --kubernetes`) the annotation is read from the API server, pods the lab's
+    kubelet ran later are listed too (program `none`), and pods it removed are `deleted`.
     """
     check_prerequisites()
     state = require_state(prefix, root)
     plan = plan_of(state)
     held = {n.name: ztunnel_pods(plan, n.name) for n in plan.nodes} if state.phase == "up" else {}
     annotations = redirection_annotations(state) if state.phase == "up" else None
+    kubelet = load_record(LabPaths(state.run_dir)).pods
+    removed = {p.uid for p in kubelet if p.state == "deleted"}
     pods = []
     for pod in plan.pods:
         record = state.pod(pod.key)
         enrolment = record.status if record else "not created"
-        if record and pod.ambient and held.get(pod.node):
+        if pod.uid in removed:
+            enrolment = "deleted"
+        elif record and (pod.ambient or state.kube_bin_dir) and held.get(pod.node):
             enrolment = "enabled" if pod.uid in held[pod.node] else enrolment
         redirection = annotations.get(pod.key) if annotations is not None else None
         if redirection:
@@ -528,7 +596,8 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
                 "node": pod.node,
                 "ip": pod.ip,
                 "netns": pod.netns,
-                "ambient": pod.ambient,
+                # in a Kubernetes lab labels change after up: ambient is then what the node agent did
+                "ambient": enrolment in ("enabled", "pending") if state.kube_bin_dir else pod.ambient,
                 "enrolment": enrolment,
                 "redirection": redirection or None,
                 "app": pod.labels.get("app", ""),
@@ -536,6 +605,16 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
                 "uid": pod.uid,
             }
         )
+    for extra in (p for p in kubelet if p.state == "running" and not p.from_plan):
+        redirection = (annotations or {}).get(extra.key) or None
+        namespace, name = extra.key.split("/", 1)
+        taken = extra.uid in held.get(extra.node, set())
+        pods.append({
+            "name": name, "namespace": namespace, "node": extra.node,
+            "ip": extra.ip, "netns": extra.netns, "ambient": redirection is not None,
+            "enrolment": redirection or ("enabled" if taken else "created"),
+            "redirection": redirection, "app": "", "program": "none", "uid": extra.uid,
+        })  # fmt: skip
     return {
         "prefix": state.prefix,
         "phase": state.phase,
@@ -545,6 +624,7 @@ def status(*, prefix: str = DEFAULT_PREFIX, root: Path | None = None) -> dict[st
             "netns": plan.control_plane.netns,
             "istiod": plan.istiod_address,
             "answered": annotations is not None,
+            **(kube.status_fields(plan, LabPaths(state.run_dir)) if state.kube_bin_dir else {}),
         },
         "nodes": [
             {"name": n.name, "netns": n.netns, "address": n.ip, "pod_cidr": n.pod_cidr} for n in plan.nodes
@@ -602,8 +682,10 @@ def find_pod(plan: LabPlan, query: str, *, deleted: Collection[str] = ()) -> Pod
 
 
 def deleted_pods(state: LabState) -> set[str]:
-    """Keys of the pods `lab delete` removed."""
-    return {r.key for r in state.pods if r.status == "deleted"}
+    """Keys of the pods `lab delete` removed (or, in a Kubernetes lab, the lab's kubelet)."""
+    removed = load_record(LabPaths(state.run_dir)).pods
+    kubelet = {p.key for p in removed if p.from_plan and p.state == "deleted"}
+    return {r.key for r in state.pods if r.status == "deleted"} | kubelet
 
 
 COMMAND_NOT_FOUND = 127
@@ -692,6 +774,8 @@ def restart(
         state.processes = [fresh if p.name == record.name else p for p in state.processes]
         save_state(state)
         components.wait_ready(fresh, timeout=timeout)
+        if component == "kube-apiserver":  # accepting connections is not serving yet
+            kube.wait_api_ready(kube.lab_api(plan, LabPaths(state.run_dir)), LabPaths(state.run_dir), timeout)
         progress(f"{fresh.name} ready again (pid {fresh.pid})")
         names.append(fresh.name)
     for node_name in sorted({r.spec.node for r in chosen if r.spec.node and component != "istiod"}):
@@ -850,10 +934,23 @@ def world_command(
     """
     check_prerequisites()
     state = require_state(prefix, root)
+    if state.kube_bin_dir and "show" not in argv:
+        raise LabError(
+            f"lab {prefix!r} takes its world from its Kubernetes API server: change it there with "
+            f"`ambient lab kubectl --prefix {prefix} -- ...` (label, apply, delete)"
+        )
     result = run_world_command(state, argv, capture=capture)
     if result.returncode == 0 and "show" not in argv:
         refresh_cluster_dns(state)
     return result
+
+
+def kubectl_command(
+    argv: Sequence[str], *, prefix: str = DEFAULT_PREFIX, root: Path | None = None, capture: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    """Run kubectl ARGV against the API server of a `lab up --kubernetes` lab (kube.py)."""
+    check_prerequisites()
+    return kube.kubectl(require_state(prefix, root), argv, capture=capture)
 
 
 def refresh_cluster_dns(state: LabState) -> bool:
@@ -906,6 +1003,14 @@ def delete_pod(
     record = state.pod(target.key)
     if record is None or record.status == "deleted":
         raise UnknownPodError(f"pod {target.key} is not running in lab {prefix!r}")
+    if state.kube_bin_dir:  # the API server forgets it once the lab's kubelet has removed it (kubelet.py)
+        argv = ["delete", "pod", target.name, "-n", target.namespace, f"--timeout={timeout:g}s"]
+        done = kube.kubectl(state, argv, capture=True)
+        if done.returncode != 0:
+            raise ComponentError(f"kubectl {' '.join(argv)}: {done.stderr.decode().strip()}; see the lab "
+                                 f"kubelet's log {LabPaths(state.run_dir).log('kubelet')}")  # fmt: skip
+        progress(f"pod {target.key} deleted (app stopped, netns {target.netns} removed by the lab's kubelet)")
+        return target.key
     result = run_world_command(state, ["pod", "rm", target.key], capture=True)
     if result.returncode != 0:
         raise ComponentError(f"istiod did not remove {target.key}: {result.stderr.decode().strip()}")

@@ -102,6 +102,7 @@ class LabState(msgspec.Struct, kw_only=True):
     processes: list[ProcessRecord] = []
     pods: list[PodRecord] = []
     plan: bytes = b""  # the LabPlan as JSON (the lab status reads it back)
+    kube_bin_dir: str | None = None  # `up --kubernetes`: where kubectl & co are (None: no API server)
 
     def process(self, name: str) -> ProcessRecord | None:
         return next((p for p in self.processes if p.name == name), None)

@@ -17,6 +17,10 @@ def status_tables(data: dict[str, Any]) -> list[Table]:
         nodes.add_column(col)
     for n in data["nodes"]:
         nodes.add_row(n["name"], n["netns"], n["address"], n["pod_cidr"])
+    control = data.get("control_plane", {})
+    if control.get("kube_apiserver"):
+        nodes.caption = (f"Kubernetes API server {control['kube_apiserver']} (`ambient lab kubectl -- ...`; "
+                         f"kubeconfig {control['kubeconfig']})")
     pods = Table(title="pods")
     if not data.get("control_plane", {}).get("answered", True):
         pods.caption = "istiod did not answer: enrolment as the lab infers it (its records, ztunnel)"

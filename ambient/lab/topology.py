@@ -205,8 +205,13 @@ def check_prefix(prefix: str) -> None:
         )
 
 
-def _veth_name(pod_key: str) -> str:
+def veth_name(pod_key: str) -> str:
+    """The pod veth's end in the node netns: a name from the pod's key (15 characters at most)."""
     return "veth" + hashlib.sha1(pod_key.encode()).hexdigest()[:8]
+
+
+def pod_netns_name(prefix: str, namespace: str, name: str) -> str:
+    return f"{prefix}-{namespace}-{name}"
 
 
 def _fabric_port(kind: str, index: int) -> str:
@@ -355,7 +360,7 @@ def plan_lab(
                 f"{base}.ips[{j}]",
                 f"{ip} is the network, broadcast or gateway address of {cidr}; use .2 and up",
             )
-        netns = f"{prefix}-{pod.namespace}-{pod.name}"
+        netns = pod_netns_name(prefix, pod.namespace, pod.name)
         if len(netns) > 200:
             raise PlanError(source, f"{base}.name", "namespace and pod name are too long for a netns name")
         if netns in netns_names:
@@ -379,7 +384,7 @@ def plan_lab(
                 uid=pod.kube_uid,
                 node=pod_node.name,
                 netns=netns,
-                host_veth=_veth_name(pod.key),
+                host_veth=veth_name(pod.key),
                 address=f"{ip}/{cidr.prefixlen}",
                 gateway=str(next(cidr.hosts())),
                 service_account=pod.service_account,

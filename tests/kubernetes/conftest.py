@@ -40,3 +40,9 @@ async def api_uncached() -> AsyncIterator[ApiServer]:
     _require_binaries()
     async with open_api_server(watch_cache=False) as server:
         yield server
+
+
+@pytest.fixture
+def kube_binaries() -> None:
+    """For tests that start the binaries themselves (`lab up --kubernetes`): skip (CI: fail) without them."""
+    _require_binaries()

@@ -22,7 +22,9 @@ def subparser(parser: argparse.ArgumentParser, *path: str) -> argparse.ArgumentP
     return parser
 
 
-@pytest.mark.parametrize("command", ["up", "down", "status", "exec", "delete", "world", "restart", "verify"])
+@pytest.mark.parametrize(
+    "command", ["up", "down", "status", "exec", "delete", "world", "kubectl", "restart", "verify"]
+)
 def test_every_lab_command_describes_itself_and_its_arguments(command: str) -> None:
     parser = subparser(build_parser(), "lab", command)
     assert parser.description and len(parser.description) > 40

@@ -246,7 +246,7 @@ def test_cli_parses_the_lab_commands() -> None:
 
 def test_cli_refuses_unknown_components() -> None:
     with pytest.raises(SystemExit):
-        _parser().parse_args(["lab", "restart", "kubelet"])
+        _parser().parse_args(["lab", "restart", "kube-proxy"])
 
 
 def test_cli_without_root_exits_non_zero_with_a_message(
