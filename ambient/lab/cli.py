@@ -7,7 +7,7 @@
                                                               ambient.istio.io/redirection), services
     ambient lab exec POD -- CMD ...                           run CMD in a pod's netns, its exit code
     ambient lab restart COMPONENT [NODE]                      restart ztunnel, node-agent, istiod or waypoint
-                                                              (with --kubernetes also kube-apiserver or kubelet)
+                                                              (--kubernetes: also kube-apiserver, kubelet)
     ambient lab delete POD                                    delete a pod (unenrolled, then removed)
     ambient lab verify [--node N] [--json]                    each node agent checks its pods' rules and
                                                               ztunnel listeners now, repairs drift; exit 1
@@ -224,7 +224,8 @@ def register(subparsers: Any) -> None:
         help="restart one component (all nodes unless NODE is given)",
         description="Stop and start ztunnel, the node agent, istiod or the waypoints (on every node, or on "
         "NODE), wait until it is ready and ztunnel holds the node's ambient pods again. A `--kubernetes` "
-        "lab can also restart its kube-apiserver (etcd keeps the objects; the watchers resume) or its kubelet.",
+        "lab can also restart its kube-apiserver (etcd keeps the objects; the watchers resume) or its "
+        "kubelet.",
     )
     rs.add_argument("component", choices=COMPONENTS, help="which component")
     rs.add_argument("node", nargs="?", default=None, metavar="NODE", help="only on this node (default all)")
