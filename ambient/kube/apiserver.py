@@ -57,6 +57,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ambient.kube.errors import BinariesMissing, KubeError
 from shared.identity import cert_to_pem, generate_key, key_to_pem
+from shared.secretfile import write_secret
 
 log = logging.getLogger("ambient.kube")
 
@@ -118,7 +119,7 @@ class Pki:
         ca_key = generate_key()
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trio-ambient kube CA")])
         ca = _cert(ca_name, ca_name, ca_key.public_key(), ca_key, is_ca=True)
-        _write(self.ca, cert_to_pem(ca).encode())
+        write_secret(self.ca, cert_to_pem(ca).encode())
         serving_key = generate_key()
         sans: list[x509.GeneralName] = [
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
@@ -132,19 +133,19 @@ class Pki:
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]), ca_name,
             serving_key.public_key(), ca_key, sans=sans, usage=ExtendedKeyUsageOID.SERVER_AUTH,
         )
-        _write(self.serving_cert, cert_to_pem(serving).encode())
-        _write(self.serving_key, key_to_pem(serving_key))
+        write_secret(self.serving_cert, cert_to_pem(serving).encode())
+        write_secret(self.serving_key, key_to_pem(serving_key))
         admin_key = generate_key()
         admin = _cert(
             x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
                        x509.NameAttribute(NameOID.COMMON_NAME, "admin")]), ca_name,
             admin_key.public_key(), ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH,
         )
-        _write(self.admin_cert, cert_to_pem(admin).encode())
-        _write(self.admin_key, key_to_pem(admin_key))
+        write_secret(self.admin_cert, cert_to_pem(admin).encode())
+        write_secret(self.admin_key, key_to_pem(admin_key))
         sa_key = generate_key()
-        _write(self.sa_key, key_to_pem(sa_key))
-        _write(self.sa_pub, sa_key.public_key().public_bytes(
+        write_secret(self.sa_key, key_to_pem(sa_key))
+        write_secret(self.sa_pub, sa_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
     def client_context(self) -> ssl.SSLContext:
@@ -187,12 +188,6 @@ def _cert(
     if usage is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     return builder.sign(signer, hashes.SHA256())
-
-
-def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def kubeconfig_document(server: str, pki: Pki, *, user: str = "admin") -> dict[str, Any]:

@@ -52,6 +52,7 @@ from ambient.lab.state import (
 )
 from ambient.lab.topology import ETC_NETNS, ISTIOD_PORT, WAYPOINT_PROGRAM, LabPlan, NodePlan, PodPlan
 from shared.netns import NetnsError
+from shared.secretfile import write_secret
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -379,9 +380,7 @@ def write_node_secrets(paths: LabPaths, node: str, token: str) -> None:
     base = paths.node_dir(node)
     token_file = base / TOKEN_PATH
     token_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)  # no newline, as the kubelet writes it: upstream ztunnel sends the file as it is
+    write_secret(token_file, token.encode())  # no newline, as the kubelet writes it: upstream sends it as is
     if paths.root_cert.exists():
         cert = base / ROOT_CERT_PATH
         cert.parent.mkdir(parents=True, exist_ok=True)

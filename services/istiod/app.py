@@ -52,6 +52,7 @@ from shared.identity import IdentityError, load_cert, load_key
 from shared.kube.client import load_config as load_kube_config
 from shared.limits import raise_open_files_limit
 from shared.logs import LOG_FORMATS, Display, log_format_from, setup_logging
+from shared.secretfile import write_secret
 from shared.settings import check_listen
 from shared.version import version_text
 
@@ -243,9 +244,7 @@ async def handle_signals(
 
 
 def _write_secret(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
+    write_secret(path, (value + "\n").encode())
 
 
 def _load_ca(args: argparse.Namespace, state_dir: Path, world: World) -> tuple[CertificateAuthority, Path]:

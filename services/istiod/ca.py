@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from shared.identity import (
     load_key,
     uri_sans,
 )
+from shared.secretfile import write_secret
 
 DEFAULT_VALIDITY = dt.timedelta(hours=24)
 MAX_VALIDITY = dt.timedelta(days=90)
@@ -100,7 +100,7 @@ class CertificateAuthority:
                 return cls(load_key(key_path.read_bytes()), load_cert(cert_path.read_bytes()))
             ca = cls.create(trust_domain)
             state_dir.mkdir(parents=True, exist_ok=True)
-            _write_private(key_path, key_to_pem(ca.root_key))
+            write_secret(key_path, key_to_pem(ca.root_key))
             cert_path.write_text(ca.root_pem)
             return ca
         except (OSError, IdentityError) as exc:
@@ -191,7 +191,3 @@ class CertificateAuthority:
         return key_to_pem(key), cert_to_pem(cert) + self.root_pem
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)

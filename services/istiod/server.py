@@ -27,6 +27,7 @@ from services.istiod.world import MAX_WORLD_BYTES
 from services.istiod.worldadmin import WorldAdminServicer
 from shared.aio import serve_grpc, trio_service
 from shared.api import ca_grpc, discovery_grpc, podwatch_grpc, worldadmin_grpc
+from shared.secretfile import write_secret
 
 
 class IstiodServer:
@@ -83,6 +84,6 @@ def server_ssl_context(
     with tempfile.TemporaryDirectory(prefix="istiod-tls-") as tmp:
         cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
         cert_path.write_text(chain_pem)
-        key_path.write_bytes(key_pem)
+        write_secret(key_path, key_pem)
         ctx.load_cert_chain(cert_path, key_path)
     return ctx

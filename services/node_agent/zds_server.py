@@ -301,8 +301,9 @@ class ZdsServer:
                 conn.answers_send.send_nowait(ack)
         except ZdsEndOfStream:
             log.info("ztunnel closed the connection", extra={"fields": conn.peer})
-        except ZdsProtocolError:
-            log.warning("ztunnel protocol error, unexpected message; closing", extra={"fields": conn.peer})
+        except ZdsProtocolError as exc:
+            log.warning("ztunnel protocol error, unexpected message; closing",
+                        extra={"fields": [*conn.peer, ("error", str(exc))]})
         except ZdsReadError as exc:
             log.warning("unreadable answer from ztunnel; closing",
                         extra={"fields": [*conn.peer, ("error", str(exc))]})

@@ -123,7 +123,8 @@ class ServerSession:
         request = self.in_flight
         if request is None or self._after_answer is None:
             self.phase = Phase.CLOSED
-            raise ZdsProtocolError("ztunnel protocol error, unexpected message")
+            raise ZdsProtocolError(
+                "ztunnel protocol error, unexpected message: an answer with no request in flight")
         self.phase = self._after_answer
         self.in_flight = None
         self._after_answer = None

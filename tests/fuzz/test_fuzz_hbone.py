@@ -10,51 +10,31 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.ztunnel.hbone import core
-from services.ztunnel.hbone.core import ClientCore, ServerCore
-from services.ztunnel.hbone.errors import HboneProtocolError
+from tests.fuzz.targets import hbone_frames, hbone_opening, hbone_receive
 from tests.fuzz.test_fuzz_targets import FUZZ
 
 if not core.FAST_DATA:
     pytest.skip("this h2 version has no fast DATA path to compare", allow_module_level=True)
 
 
-def _opening() -> bytes:
-    client = ClientCore()
-    client.open_stream(("10.0.0.1", 80), forwarded_for=("10.0.0.2", 1234), traceparent="00-" + "1" * 32
-                       + "-" + "2" * 16 + "-00")
-    return bytes(client.data_to_send())
-
-
 _frame = st.tuples(st.sampled_from([0, 0, 0, 1, 3, 4, 6, 8, 9]), st.sampled_from([0, 0, 1, 8, 0x20]),
                    st.sampled_from([1, 1, 3, 0]), st.binary(max_size=64))
-
-
-def _run(fast: bool, chunks: list[bytes]) -> list[object]:
-    saved = core.FAST_DATA
-    core.FAST_DATA = fast
-    try:
-        server = ServerCore(["10.0.0.1"])
-        seen: list[object] = []
-        for chunk in chunks:
-            try:
-                seen.append(server.receive_data(chunk))
-            except HboneProtocolError as exc:
-                seen.append(("error", str(exc)))
-                break
-            seen.append(bytes(server.data_to_send()))
-        return seen
-    finally:
-        core.FAST_DATA = saved
 
 
 @FUZZ
 @given(st.lists(_frame, max_size=12), st.lists(st.integers(min_value=1, max_value=200), max_size=8))
 def test_fast_path_matches_h2(frames: list[tuple[int, int, int, bytes]], cuts: list[int]) -> None:
-    wire = _opening() + b"".join(struct.pack(">HBBBL", len(p) >> 8, len(p) & 0xFF, kind, flags, sid) + p
-                                 for kind, flags, sid, p in frames)
+    wire = hbone_opening() + b"".join(struct.pack(">HBBBL", len(p) >> 8, len(p) & 0xFF, kind, flags, sid) + p
+                                      for kind, flags, sid, p in frames)
     chunks, pos = [], 0
     for cut in cuts:
         chunks.append(wire[pos:pos + cut])
         pos += cut
     chunks.append(wire[pos:])
-    assert _run(True, chunks) == _run(False, chunks)
+    assert hbone_receive(chunks, fast=True) == hbone_receive(chunks, fast=False)
+
+
+@FUZZ
+@given(st.binary(max_size=600))
+def test_hbone_frames_bytes(data: bytes) -> None:
+    hbone_frames(data)

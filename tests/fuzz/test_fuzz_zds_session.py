@@ -1,5 +1,6 @@
-"""ZDS client session on random request sequences: a peer's bad order is only ever ZdsProtocolError, it is
-always answerable, and after a NACK the session is closed."""
+"""ZDS sessions on random sequences. Client: a peer's bad order is only ever ZdsProtocolError, it is always
+answerable, and after a NACK the session is closed. Server: random sends and receives raise only the
+session's protocol errors (tests/fuzz/targets.py `server_session`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from shared.zds.types import (
     SnapshotSent,
     WorkloadInfo,
 )
+from tests.fuzz.targets import SESSION_STEPS, server_session, zds_session
 from tests.fuzz.test_fuzz_targets import FUZZ
 
 _uid = st.sampled_from([PodUid("a"), PodUid("b")])
@@ -40,3 +42,15 @@ def test_client_session_sequences(requests: list[Request]) -> None:
             return
         session.respond()
         assert session.phase in (Phase.SNAPSHOT, Phase.STEADY)
+
+
+@FUZZ
+@given(st.lists(st.integers(min_value=0, max_value=len(SESSION_STEPS) - 1), max_size=30))
+def test_server_session_sequences(steps: list[int]) -> None:
+    server_session(steps)
+
+
+@FUZZ
+@given(st.binary(max_size=60))
+def test_zds_session_bytes(data: bytes) -> None:
+    zds_session(data)

@@ -154,9 +154,9 @@ async def serve_hbone(listener: socket.socket, policy: InboundPolicy, *, identit
 @asynccontextmanager
 async def running_server(certs: FakeCerts, identity: SpiffeId, *, roots: list[str],
                          open_upstream: UpstreamOpener = connect_upstream,
-                         **kwargs: Any) -> AsyncIterator[Server]:
+                         server_type: type[Server] = Server, **kwargs: Any) -> AsyncIterator[Server]:
     listener = loopback_listener()
-    server = Server(addr=listener.getsockname(), identity=identity, upstream=open_upstream)
+    server = server_type(addr=listener.getsockname(), identity=identity, upstream=open_upstream)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(serve_hbone, listener, server, identity=identity, certs=certs,
                                              contexts=TlsContextCache(roots), **kwargs))

@@ -7,6 +7,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
@@ -16,12 +17,19 @@ import trio
 
 from services.istiod.ca import CertificateAuthority
 from services.ztunnel.hbone.connection import REMOTE_RESET_STREAM_MAX
-from services.ztunnel.hbone.core import ERROR_CANCEL, ERROR_ENHANCE_YOUR_CALM, ERROR_NO_ERROR
+from services.ztunnel.hbone.core import (
+    ERROR_CANCEL,
+    ERROR_ENHANCE_YOUR_CALM,
+    ERROR_NO_ERROR,
+    SERVER_MAX_HEADER_LIST_SIZE,
+)
 from services.ztunnel.hbone.pool import connect_hbone, open_hbone_connection
 from services.ztunnel.hbone.server import EARLY_RESET, InboundInfo
 from services.ztunnel.hbone.tls import TlsContextCache
 from services.ztunnel.hbone.tlsstream import TlsSocketStream
 from services.ztunnel.net import connect
+from services.ztunnel.telemetry.access_log import MAX_FIELD_LENGTH, ConnectionOutcome, Telemetry
+from tests.access_logs import capture_access_log
 from tests.service.test_hbone_helpers import (
     FakeCerts,
     Server,
@@ -83,10 +91,11 @@ class RawPeer:
     async def flush(self) -> None:
         await self.tls.send_all(self.h2.data_to_send())
 
-    def connect(self, target: tuple[str, int]) -> int:
+    def connect(self, target: tuple[str, int] | bytes) -> int:
+        """Open a CONNECT stream to `target` (ip, port), or with `target` as the `:authority` verbatim."""
         sid = self.h2.get_next_available_stream_id()
-        self.h2.send_headers(sid, [(b":method", b"CONNECT"),
-                                   (b":authority", f"{target[0]}:{target[1]}".encode())])
+        authority = target if isinstance(target, bytes) else f"{target[0]}:{target[1]}".encode()
+        self.h2.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", authority)])
         return sid
 
     async def read_once(self) -> None:
@@ -254,3 +263,41 @@ async def test_a_connection_with_no_stream_left_is_idled_out(certs: FakeCerts,
             await conn.wait_closed()
     assert conn.core.goaway_received
     assert len(app.accepted) == 1
+
+
+# --- what a peer's oversized header costs in the access log ---
+
+@dataclass
+class LoggingServer(Server):
+    """The test server, writing its refusals to the real access log as ztunnel's inbound side does."""
+
+    telemetry: Telemetry = field(default_factory=Telemetry)
+
+    def refused(self, outcome: ConnectionOutcome) -> None:
+        super().refused(outcome)
+        self.telemetry.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
+                                         direction="inbound", error=outcome.error or "refused")
+
+
+async def test_a_huge_authority_is_400_and_cut_in_the_access_log(certs: FakeCerts,
+                                                                 ca: CertificateAuthority) -> None:
+    # As large as the advertised header list allows, the other header and HPACK's per-entry 32 octets
+    # aside: the server must take the block, answer it, and not copy 60 KB into the log line.
+    authority = b"a" * (SERVER_MAX_HEADER_LIST_SIZE - 4096)
+    with trio.fail_after(20), capture_access_log(deadline=20) as log:
+        async with counting_app() as app, running_server(certs, SERVER, roots=[ca.root_pem],
+                                                         server_type=LoggingServer) as server, \
+                raw_peer(server, certs, ca) as peer:
+            huge = peer.connect(authority)
+            await peer.flush()
+            assert await peer.until_status(huge) == 400
+            [line] = await log.wait_for("connection failed")
+            legit = peer.connect(("127.0.0.1", app.port))  # the same connection still serves
+            await peer.flush()
+            assert await peer.until_status(legit) == 200
+            await app.arrived.wait()
+    error = str(line.fields["error"])
+    full = f"authority {authority!r} is not ip:port"
+    assert len(full) > MAX_FIELD_LENGTH
+    assert error == f"{full[:MAX_FIELD_LENGTH]}...({len(full) - MAX_FIELD_LENGTH} more)"
+    assert peer.goaway is None and len(app.accepted) == 1

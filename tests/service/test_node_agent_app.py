@@ -18,6 +18,7 @@ from services.node_agent.testing import FakeRuleApplier, ScriptedInspector
 from services.node_agent.verify import Findings
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
+from tests.service.http_peers import misbehaving_peers
 from tests.service.zds_fakes import RecordingHandler
 
 
@@ -198,3 +199,19 @@ async def test_health_server_verifies_on_post_and_serves_the_counters(tmp_path: 
             assert 'verified_total{namespace="default",pod="a",result="drift"} 1.0' in text
             assert (await http(port, "PUT", "/verify"))[0] == 405
             nursery.cancel_scope.cancel()
+
+
+async def test_misbehaving_peers_on_the_health_server_leave_others_their_answer(tmp_path: Path) -> None:
+    port = free_port()
+    config = AgentConfig(node_name="n1", zds_socket=str(tmp_path / "zds.sock"),
+                         cni_socket=str(tmp_path / "cni.sock"), health_addr=f"127.0.0.1:{port}",
+                         verify_interval=0)  # fmt: skip
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_agent, config, applier=FakeRuleApplier()))
+            async with misbehaving_peers(partial(trio.open_tcp_stream, "127.0.0.1", port), "/healthz"):
+                code, _, body = await http(port, "GET", "/healthz")
+                metrics = await http(port, "GET", "/metrics")
+            nursery.cancel_scope.cancel()
+    assert code == 200 and json.loads(body)["node"] == "n1"
+    assert metrics[0] == 200

@@ -6,6 +6,7 @@ import io
 import json
 import os
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from services.node_agent.model import Pod
 from services.node_agent.testing import FakeNode
 from shared.httpd import open_unix_listener, serve_http
 from shared.zds.types import PodUid
+from tests.service.http_peers import misbehaving_peers
 
 
 class World(FakeNode):
@@ -77,6 +79,14 @@ async def test_cmdadd_enrols_pod(world: World) -> None:
     assert (status, answer["status"]) == (200, "enabled")
     assert world.status.current == {PodUid("uid-a"): "enabled"}
     assert oct(os.stat(world.path).st_mode & 0o777) == "0o600"
+
+
+async def test_misbehaving_peers_leave_the_next_cmdadd_its_200(world: World) -> None:
+    with trio.fail_after(20):
+        async with misbehaving_peers(partial(trio.open_unix_socket, world.path), "/cmdadd"):
+            status, answer = await post(world.path, add_body())
+    assert (status, answer["status"]) == (200, "enabled")
+    assert world.status.current == {PodUid("uid-a"): "enabled"}
 
 
 async def test_cmdadd_pending_when_ztunnel_absent_is_still_2xx(world: World) -> None:

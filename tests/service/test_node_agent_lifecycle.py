@@ -30,7 +30,10 @@ from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
 from shared.logs import UpstreamFormatter
 from shared.netns import netns_id
-from shared.zds.types import PodUid
+from shared.zds.codec import decode_request, encode_ack
+from shared.zds.transport import recv_datagram, send_datagram
+from shared.zds.types import AddWorkload, PodUid, SnapshotSent
+from tests.service.test_zds_transport import expect_closed, raw_client
 from tests.service.zds_fakes import RecordingHandler
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
@@ -302,3 +305,54 @@ async def test_first_listing_restores_annotated_pods_and_skips_fresh_ones_quietl
     entries = {e.uid: e for e in env.agent.cache.snapshot()}
     assert set(entries) == {found.uid, enabled.uid}
     assert entries[enabled.uid].netns_fd is None and entries[found.uid].netns_fd is not None
+
+
+@pytest.mark.parametrize("breaking", ["unreadable answer", "unsolicited answers"])
+async def test_a_job_lost_with_a_broken_ztunnel_reaches_the_next_one(tmp_path: Path, breaking: str) -> None:
+    """A ztunnel breaks its session while a second pod's add waits in its queue: the job is not lost (nor
+    is the server), both pods end enabled and started on the next ztunnel that connects."""
+    path = str(tmp_path / "zds.sock")
+    cache = NetnsCache()
+    server = ZdsServer(path, cache, accept_interval=0)
+    opener = PipeNetnsOpener()
+    status = RecordingStatus()
+    agent = NodeAgent(applier=FakeRuleApplier(), ztunnel=server, status=status, settings=RuleSettings(),
+                      opener=opener, cache=cache)
+    handler = RecordingHandler()
+    a, b = pod("a"), pod("b")
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                await nursery.start(agent.run)
+                bad = await raw_client(path)
+                data, fds, _ = await recv_datagram(bad)
+                assert decode_request(data, fds) == SnapshotSent()
+                await send_datagram(bad, encode_ack())
+                await server.wait_connections(1)
+                nursery.start_soon(agent.pod_changed, a, {})
+                nursery.start_soon(agent.pod_changed, b, {})
+                data, fds, _ = await recv_datagram(bad)
+                first = decode_request(data, fds)
+                assert isinstance(first, AddWorkload)
+                os.close(first.netns_fd)
+                await trio.testing.wait_all_tasks_blocked()  # the other pod's add is queued behind it
+                if breaking == "unreadable answer":
+                    await send_datagram(bad, (b"\xff\xff", []))
+                else:  # an answer, then more than anything in flight or queued can take
+                    for _ in range(3):
+                        await send_datagram(bad, encode_ack())
+                await expect_closed(bad)
+                bad.close()
+                if breaking == "unreadable answer":  # neither add was answered: both wait for a ztunnel
+                    while status.current != {a.uid: "pending", b.uid: "pending"}:
+                        await status.changed.wait()
+                nursery.start_soon(_client, path, handler)  # the next ztunnel
+                while status.current != {a.uid: STATUS_ENABLED, b.uid: STATUS_ENABLED} \
+                        or {("start", a.uid), ("start", b.uid)} - set(handler.events):
+                    await trio.sleep(0.01)
+                assert server.connection_count == 1
+                nursery.cancel_scope.cancel()
+    finally:
+        agent.close()
+        opener.close()

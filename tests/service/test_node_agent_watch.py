@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
 pytest.importorskip("services.node_agent.podwatch")
 
+from services.node_agent.eligibility import Decision
+from services.node_agent.model import Pod
 from services.node_agent.podwatch import PodDeleted, PodEvent, PodInfo, PodSnapshot, PodUpserted
 from services.node_agent.testing import FakeNode
 from services.node_agent.watch_source import PodWatchSource
@@ -100,3 +104,51 @@ async def test_real_istiod_pod_watch_drives_enrolment() -> None:
                 nursery.cancel_scope.cancel()
     finally:
         node.close()
+
+
+class NewerEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event kind this agent does not know (a newer control plane)."""
+
+    what: str = "pod resized"
+
+
+async def test_a_bad_pod_an_unknown_event_and_a_failing_one_are_skipped_and_a_valid_pod_still_enrolled(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    send, receive = trio.open_memory_channel[Any](16)
+
+    @asynccontextmanager
+    async def open_watch(target: object, node: str) -> AsyncIterator[AsyncIterator[Any]]:
+        yield receive
+
+    node = FakeNode()
+    agent, ztunnel, status = node.agent, node.ztunnel, node.status
+    pod_changed = agent.pod_changed
+
+    async def breaks_on_one_pod(pod: Pod, namespace_labels: Mapping[str, str]) -> Decision:
+        if pod.name == "breaks":
+            raise RuntimeError("a bug handling this pod")
+        return await pod_changed(pod, namespace_labels)
+
+    monkeypatch.setattr(agent, "pod_changed", breaks_on_one_pod)
+    source = PodWatchSource(None, "n1", open_watch=open_watch)
+    try:
+        with trio.fail_after(10), caplog.at_level(logging.INFO, logger="node_agent"):
+            async with trio.open_nursery() as nursery:
+                await send.send(PodSnapshot(pods=(info("listed", "not-an-ip"),)))
+                await nursery.start(source.run, agent)
+                await send.send(PodUpserted(pod=info("bad", "not-an-ip")))
+                await send.send(NewerEvent())
+                await send.send(PodUpserted(pod=info("breaks", "10.244.1.8")))
+                await send.send(PodUpserted(pod=info("good", "10.244.1.7")))
+                while status.current.get(PodUid("uid-good")) != "enabled":
+                    await status.changed.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        node.close()
+    assert [u for u, *_ in ztunnel.added] == ["uid-good"]
+    assert source.view["uid-bad"].ips == () and source.lookup("bookinfo", "good") is not None
+    lines = [(r.getMessage(), dict(r.__dict__.get("fields", ()))) for r in caplog.records]
+    assert [f["name"] for m, f in lines if m.startswith("pod watch: ignoring a pod IP")] == ["listed", "bad"]
+    assert [f["kind"] for m, f in lines if "unknown kind" in m] == ["NewerEvent"]
+    [(_, failed)] = [(m, f) for m, f in lines if m == "pod watch event not applied; skipping it"]
+    assert failed["name"] == "breaks" and "a bug handling this pod" in str(failed["error"])

@@ -3,6 +3,7 @@ standing in for netns fds. Raw peers built from the codec check the wire where o
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
@@ -104,8 +105,14 @@ async def test_snapshot_is_adds_and_keeps_then_snapshot_sent_one_at_a_time(
     os.close(fd)
 
 
+def close_line(caplog: pytest.LogCaptureFixture, message: str) -> dict[str, object]:
+    """The fields of the one `zds.server` line with this message."""
+    [record] = [r for r in caplog.records if r.name == "zds.server" and r.getMessage() == message]
+    return dict(record.__dict__["fields"])
+
+
 async def test_unsolicited_message_closes_only_that_connection(
-    served: tuple[ZdsServer, StaticSnapshot], sock_path: str
+    served: tuple[ZdsServer, StaticSnapshot], sock_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     server, _ = served
     good = await raw_client(sock_path)
@@ -115,9 +122,13 @@ async def test_unsolicited_message_closes_only_that_connection(
         assert decode_request(data, fds) == SnapshotSent()
         await send_datagram(sock, encode_ack())
     await wait_until(lambda: server.connection_count == 2)
-    await send_datagram(bad, encode_ack())  # unsolicited
-    await expect_closed(bad)
-    await wait_until(lambda: server.connection_count == 1)
+    with caplog.at_level(logging.INFO, logger="zds.server"):
+        await send_datagram(bad, encode_ack())  # unsolicited
+        await expect_closed(bad)
+        await wait_until(lambda: server.connection_count == 1)
+    fields = close_line(caplog, "ztunnel protocol error, unexpected message; closing")
+    assert fields["peer_uid"] == os.geteuid()
+    assert "no request in flight" in str(fields["error"])
     bad.close()
     good.close()
 
@@ -162,7 +173,8 @@ async def test_unsolicited_message_with_adds_queued_closes_only_that_connection(
 
 
 async def test_an_internal_error_on_one_connection_closes_only_that_connection(
-    served: tuple[ZdsServer, StaticSnapshot], sock_path: str, monkeypatch: pytest.MonkeyPatch
+    served: tuple[ZdsServer, StaticSnapshot], sock_path: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     _, snapshot = served
 
@@ -170,9 +182,13 @@ async def test_an_internal_error_on_one_connection_closes_only_that_connection(
         raise RuntimeError("snapshot source bug")
 
     monkeypatch.setattr(snapshot, "snapshot", broken)
-    sock = await raw_client(sock_path)
-    await expect_closed(sock)
+    with caplog.at_level(logging.INFO, logger="zds.server"):
+        sock = await raw_client(sock_path)
+        await expect_closed(sock)
     sock.close()
+    fields = close_line(caplog, "ztunnel connection closed on an internal error")
+    assert fields["peer_uid"] == os.geteuid()
+    assert "snapshot source bug" in str(fields["error"])
     monkeypatch.undo()
     sock = await raw_client(sock_path)  # the server outlived the bug and serves the next connection
     data, fds, _ = await recv_datagram(sock)

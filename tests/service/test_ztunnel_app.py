@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -24,6 +25,7 @@ from services.ztunnel.config import ZtunnelConfig, drain_deadline, load_config
 from services.ztunnel.errors import ConfigError
 from shared.zds.errors import ZdsNack
 from shared.zds.types import PodUid, SnapshotEntry, WorkloadInfo
+from tests.service.http_peers import misbehaving_peers
 from tests.service.test_ztunnel_inpod import FakeSockets
 from tests.service.zds_fakes import wait_until
 
@@ -118,6 +120,25 @@ async def test_zds_drives_pods_and_endpoints_report_them(tmp_path: Path, pipe_fd
             shutdown.set()
             await wait_until(lambda: not app.handler.pods)
             nursery.cancel_scope.cancel()
+
+
+async def test_misbehaving_peers_on_admin_stats_and_readiness_leave_others_their_answer(
+        tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    shutdown = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            app: ZtunnelParts = await nursery.start(lambda **kw: run_ztunnel(cfg, shutdown=shutdown,
+                                                                           sockets=FakeSockets(), **kw))
+            answers = {}
+            for name, target in [("admin", "/config_dump"), ("stats", "/stats/prometheus"),
+                                 ("readiness", "/healthz/ready")]:
+                addr = app.addresses[name][0]
+                async with misbehaving_peers(partial(trio.open_tcp_stream, *addr), target):
+                    answers[name] = (await http_get(addr, target))[0]
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+    assert answers == {"admin": 200, "stats": 200, "readiness": 503}  # not ready: no ZDS snapshot yet
 
 
 def test_config_reads_upstream_env_names() -> None:

@@ -324,7 +324,8 @@ async def test_pooled_connection_is_reused_and_closed_with_the_pod(ca: Certifica
     assert len(outbound) == 3 and all(line.fields["dst.addr"] == f"{SERVER_IP}:15008" for line in outbound)
 
 
-@pytest.mark.parametrize("original", [(CLIENT_IP, 15001), (CLIENT_IP, 15008), (SERVER_IP, 15006)])
+@pytest.mark.parametrize("original", [(CLIENT_IP, 15001), (CLIENT_IP, 15008), (SERVER_IP, 15006),
+                                      (CLIENT_IP, 15053)])
 async def test_outbound_to_a_node_pods_ztunnel_port_is_refused_before_any_upstream(
         ca: CertificateAuthority, log: LogCapture, original: Addr) -> None:
     # The trigger of the self-call loop: the app dials its own pod IP's 15001 (or any pod of this node's
