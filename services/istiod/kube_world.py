@@ -17,7 +17,10 @@ Workload's workload_name, as istiod names it); one owned by a StatefulSet, Daemo
 Pods without a node or an IP yet are pending: left out until they have both, not an error. Pods that ended
 (phase Succeeded or Failed) are left out. A Service port whose `targetPort` is a name is resolved against
 the container ports of the Service's pods (the first pod that names it); a name no pod declares leaves
-the port out, with a note.
+the port out, with a note. A pod with upstream's `gateway.networking.k8s.io/gateway-name` label runs that
+waypoint (its Service is the one of the same name; `istio.io/waypoint-for` on the pod, default `service`).
+L7 policies and HTTP routes for waypoints are not read from the API server yet: a Kubernetes world's
+waypoints get none.
 
 AuthorizationPolicies are converted as istiod converts them for ztunnel:
 - a policy with `targetRefs` is for a waypoint, not for ztunnel: left out;
@@ -47,8 +50,10 @@ from typing import Any
 
 import msgspec
 
+from services.istiod.derive import pod_labels
 from services.istiod.errors import WorldError
 from services.istiod.world import (
+    GATEWAY_NAME_LABEL,
     Clause,
     Match,
     Namespace,
@@ -60,6 +65,7 @@ from services.istiod.world import (
     ServiceAccountMatch,
     ServicePort,
     StringMatch,
+    Waypoint,
     World,
     string_match,
     validate,
@@ -72,7 +78,8 @@ L4_WHEN_KEYS = frozenset(
 )
 HTTP_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
 HTTP_SOURCE_FIELDS = ("remoteIpBlocks", "notRemoteIpBlocks", "requestPrincipals", "notRequestPrincipals")
-_INDEXED = re.compile(r"^\$\.(pods|services|policies|namespaces|nodes)\[(\d+)\]")
+WAYPOINT_FOR_LABEL = "istio.io/waypoint-for"
+_INDEXED = re.compile(r"^\$\.(pods|services|policies|namespaces|nodes|waypoints)\[(\d+)\]")
 
 Obj = Mapping[str, Any]
 
@@ -440,12 +447,14 @@ def world_from_objects(objects: KubeObjects, *, base: World | None = None,
     nodes += [Node(name=name) for name in sorted({p.node for p in pods} - known)]
     services = [service_from(o, objects.pods, notes) for o in objects.services]
     policies = [p for p in (policy_from(o, notes) for o in objects.policies) if p is not None]
+    waypoints = [waypoint_of(p) for p in pods if GATEWAY_NAME_LABEL in p.labels]
     world = msgspec.structs.replace(
         base, nodes=nodes, namespaces=[namespace_from(o) for o in objects.namespaces], pods=pods,
-        services=services, policies=policies,
+        services=services, policies=policies, waypoints=waypoints, authorization_policies=[], http_routes=[],
     )  # fmt: skip
     # Drop what the world refuses, one object at a time, until the rest is valid.
-    for _ in range(len(pods) + len(services) + len(policies) + len(nodes) + len(world.namespaces) + 1):
+    for _ in range(len(pods) + len(services) + len(policies) + len(nodes) + len(world.namespaces)
+                   + len(waypoints) + 1):
         try:
             validate(world, source)
             return world, notes
@@ -462,7 +471,16 @@ def world_from_objects(objects: KubeObjects, *, base: World | None = None,
     return world, notes
 
 
+def waypoint_of(pod: Pod) -> Waypoint:
+    """The waypoint a pod runs, from the labels upstream's gateway controller gives a waypoint's pods (the
+    Gateway's name; `istio.io/waypoint-for` when the Gateway sets it, else upstream's default `service`)."""
+    return Waypoint(name=pod.labels[GATEWAY_NAME_LABEL], namespace=pod.namespace, pod=pod.name,
+                    for_=pod.labels.get(WAYPOINT_FOR_LABEL, "service"))  # fmt: skip
+
+
 def _describe(field: str, item: Any) -> str:
+    if field == "waypoints":
+        return f"the waypoint {item.namespace}/{item.name} of Pod {item.namespace}/{item.pod}"
     kind = {"pods": "Pod", "services": "Service", "policies": "AuthorizationPolicy",
             "namespaces": "Namespace", "nodes": "Node"}[field]
     namespace = getattr(item, "namespace", None)
@@ -475,9 +493,10 @@ POD_TEMPLATE_HASH = "5d8b9c7f6"
 """The pod-template-hash label the lab gives its pods (one value for all: the lab has no ReplicaSets)."""
 
 
-def pod_to_object(pod: Pod) -> dict[str, Any]:
-    """A Pod object for `pod`, as a kubelet-run pod of a Deployment would look (status with its IPs)."""
-    labels = dict(pod.labels)
+def pod_to_object(pod: Pod, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A Pod object for `pod`, as a kubelet-run pod of a Deployment would look (status with its IPs);
+    `labels` instead of the pod's own (a waypoint's pod gets its gateway's labels)."""
+    labels = dict(pod.labels if labels is None else labels)
     meta: dict[str, Any] = {"name": pod.name, "namespace": pod.namespace, "uid": pod.kube_uid}
     if pod.workload:
         labels["pod-template-hash"] = POD_TEMPLATE_HASH
@@ -607,6 +626,15 @@ def policy_to_object(pol: Policy) -> dict[str, Any]:
             "spec": spec}  # fmt: skip
 
 
+def _object_labels(world: World, pod: Pod) -> dict[str, str]:
+    """The pod's labels as the API server would hold them: a waypoint's pod has its gateway's labels."""
+    labels = dict(pod_labels(world, pod))
+    wp = world.waypoint_of_pod(pod)
+    if wp is not None and wp.for_ != "service":
+        labels[WAYPOINT_FOR_LABEL] = wp.for_
+    return labels
+
+
 def world_to_objects(world: World) -> KubeObjects:
     """The world's nodes, namespaces, pods, services and policies as Kubernetes objects."""
     return KubeObjects(
@@ -614,7 +642,7 @@ def world_to_objects(world: World) -> KubeObjects:
                 "spec": {"podCIDR": n.pod_cidr} if n.pod_cidr else {}} for n in world.nodes],
         namespaces=[{"apiVersion": "v1", "kind": "Namespace",
                      "metadata": {"name": ns.name, "labels": dict(ns.labels)}} for ns in world.namespaces],
-        pods=[pod_to_object(p) for p in world.pods],
+        pods=[pod_to_object(p, _object_labels(world, p)) for p in world.pods],
         services=[service_to_object(s) for s in world.services],
         policies=[policy_to_object(p) for p in world.policies],
     )  # fmt: skip
