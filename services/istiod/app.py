@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-import msgspec
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -43,6 +42,7 @@ from services.istiod.auth import Auth
 from services.istiod.ca import CertificateAuthority
 from services.istiod.errors import StartupError
 from services.istiod.kube_source import KubeWorldSource
+from services.istiod.kube_world import mesh_settings
 from services.istiod.server import DEFAULT_SERVER_NAMES, IstiodServer, server_ssl_context
 from services.istiod.store import WorldStore
 from services.istiod.world import MAX_WORLD_BYTES, World, load_world
@@ -306,7 +306,7 @@ async def run(args: argparse.Namespace) -> None:
     state_dir: Path = args.state_dir
     world = _load_world_file(args.world) if args.world is not None else World()
     if args.kubernetes:  # the file's settings only: the objects come from the API server
-        world = msgspec.structs.replace(world, nodes=[], namespaces=[], pods=[], services=[], policies=[])
+        world = mesh_settings(world)
         load_kube_config(args.kubeconfig)  # a bad configuration fails here, in one line
     tokens = NodeTokens.from_args(args, state_dir)
     try:

@@ -431,6 +431,13 @@ def policy_from(obj: Obj, notes: list[str]) -> Policy | None:
 # --- the world ------------------------------------------------------------------------------------------
 
 
+def mesh_settings(world: World) -> World:
+    """`world` without its objects: only the mesh settings (trust domain, cluster id, domain suffix, root
+    namespace, network) that a world from the API server is built on."""
+    return msgspec.structs.replace(world, nodes=[], namespaces=[], pods=[], services=[], policies=[],
+                                   waypoints=[], authorization_policies=[], http_routes=[])  # fmt: skip
+
+
 def world_from_objects(objects: KubeObjects, *, base: World | None = None,
                        source: str = "kubernetes") -> tuple[World, list[str]]:
     """The world of one snapshot of the API server, and notes on what was left out and why.
@@ -439,7 +446,7 @@ def world_from_objects(objects: KubeObjects, *, base: World | None = None,
     its own objects are ignored. Nodes the API server does not list but pods name are added without a pod
     range (a pod may be scheduled before its Node object is seen).
     """
-    base = base or World()
+    base = mesh_settings(base or World())
     notes: list[str] = []
     pods = [p for p in (pod_from(o) for o in objects.pods) if p is not None]
     nodes = [node_from(o) for o in objects.nodes]
@@ -450,7 +457,7 @@ def world_from_objects(objects: KubeObjects, *, base: World | None = None,
     waypoints = [waypoint_of(p) for p in pods if GATEWAY_NAME_LABEL in p.labels]
     world = msgspec.structs.replace(
         base, nodes=nodes, namespaces=[namespace_from(o) for o in objects.namespaces], pods=pods,
-        services=services, policies=policies, waypoints=waypoints, authorization_policies=[], http_routes=[],
+        services=services, policies=policies, waypoints=waypoints,
     )  # fmt: skip
     # Drop what the world refuses, one object at a time, until the rest is valid.
     for _ in range(len(pods) + len(services) + len(policies) + len(nodes) + len(world.namespaces)

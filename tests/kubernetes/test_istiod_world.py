@@ -19,7 +19,7 @@ import yaml
 from ambient.kube.apiserver import ApiServer
 from services.istiod.derive import Resources
 from services.istiod.kube_source import KubeWorldSource
-from services.istiod.kube_world import world_to_objects
+from services.istiod.kube_world import mesh_settings, world_to_objects
 from services.istiod.store import WorldStore
 from services.istiod.testing import TestIstiod, bookinfo_world, open_test_istiod
 from services.istiod.world import World
@@ -41,7 +41,7 @@ def _xds(resources: Resources, *, without: str = "") -> dict[str, dict[str, str]
 
 
 def settings_of(world: World) -> World:
-    return msgspec.structs.replace(world, nodes=[], namespaces=[], pods=[], services=[], policies=[])
+    return mesh_settings(world)
 
 
 def policy(name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
