@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
@@ -79,14 +80,56 @@ def _render_value(value: object) -> str:
     return str(value)
 
 
+class _Second:
+    """The date-and-time part of the last second formatted (a log line's timestamp changes only in its
+    microseconds within a second: formatting the whole datetime was a fifth of an access log line)."""
+
+    whole = -1.0
+    text = ""
+
+
+_second = _Second()
+
+
 def format_timestamp(epoch: float) -> str:
     """RFC3339 in UTC with microseconds and a `Z`, as upstream prints it."""
-    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The split and the rounding are datetime.fromtimestamp's: microseconds rounded half to even, a
+    # rounded-up 1,000,000 carried into the second.
+    frac, whole = math.modf(epoch)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:  # before 1970
+        whole -= 1.0
+        micros += 1_000_000
+    if whole != _second.whole:
+        _second.text = dt.datetime.fromtimestamp(whole, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second.whole = whole
+    return f"{_second.text}.{micros:06d}Z"
+
+
+_RENDERED_MAX: Final = 2048
+_rendered: dict[tuple[str, str], str] = {}
+"""`key="value"` of plain-string fields already written: names, namespaces, identities and clusters repeat in
+every access log line (addresses, with their ports, are Display values and are not kept)."""
+
+
+def _render_field(key: str, value: object) -> str:
+    if type(value) is str:
+        try:
+            return _rendered[(key, value)]
+        except KeyError:
+            if len(_rendered) >= _RENDERED_MAX:
+                _rendered.clear()
+            text = _rendered[(key, value)] = f"{key}={debug_quote(value)}"
+            return text
+    return f"{key}={_render_value(value)}"
 
 
 def format_plain(*, epoch: float, level: str, target: str, message: str, fields: Iterable[Field] = ()) -> str:
     """One log line in upstream's plain format (without the newline)."""
-    parts = [f"{key}={_render_value(value)}" for key, value in fields if value is not None]
+    parts = [_render_field(key, value) for key, value in fields if value is not None]
     line = f"{format_timestamp(epoch)}\t{level}\t{target}\t{message}"
     return f"{line}\t{' '.join(parts)}" if parts else line
 
