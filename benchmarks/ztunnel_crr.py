@@ -130,11 +130,13 @@ def world(store: StateStore, *, policy: bool) -> None:
 
 
 async def serve_app(listener: trio.socket.SocketType) -> None:
-    """The server app: read the request to its end, answer, close."""
+    """The server app: read the 100-byte request (or to its end), answer, close (the server closes first,
+    as `loadgen serve`'s crr port does)."""
     async def one(conn: trio.socket.SocketType) -> None:
         with conn:
-            while await conn.recv(65536):
-                pass
+            got = 0
+            while got < len(PAYLOAD) and (chunk := await conn.recv(65536)):
+                got += len(chunk)
             await conn.send(PAYLOAD)
 
     async with trio.open_nursery() as nursery:
@@ -143,14 +145,15 @@ async def serve_app(listener: trio.socket.SocketType) -> None:
             nursery.start_soon(one, conn)
 
 
-async def call(port: int, ip: str) -> None:
-    """The client app: connect, send, half-close, read to EOF."""
+async def call(port: int, ip: str, half_close: bool) -> None:
+    """The client app: connect, send (and half-close, unless told not to), read to EOF."""
     sock = trio.socket.socket()
     with sock:
         await sock.bind((CLIENT_IP, 0))
         await sock.connect((ip, port))
         await sock.send(PAYLOAD)
-        sock.shutdown(socket.SHUT_WR)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
         got = b""
         while chunk := await sock.recv(65536):
             got += chunk
@@ -158,7 +161,7 @@ async def call(port: int, ip: str) -> None:
         raise SystemExit(f"wrong answer: {got[:40]!r}")
 
 
-async def main(n: int, *, direct: bool, policy: bool) -> None:
+async def main(n: int, *, direct: bool, policy: bool, half_close: bool) -> None:
     app = trio.socket.socket()
     app.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     await app.bind((SERVER_IP, APP_PORT))
@@ -185,10 +188,10 @@ async def main(n: int, *, direct: bool, policy: bool) -> None:
                 await handler.start_workload(PodUid(uid), WorkloadInfo(name=name, namespace="bench",
                                                                        service_account=name), r)
             target = (CLIENT_IP, sockets.outbound_port)
-        await call(target[1], target[0])  # warm: certificates, the pooled connection, caches
+        await call(target[1], target[0], half_close)  # warm: certificates, the pooled connection, caches
         cpu0, wall0 = time.thread_time(), time.perf_counter()
         for _ in range(n):
-            await call(target[1], target[0])
+            await call(target[1], target[0], half_close)
         await trio.sleep(0.05)
         cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0 - 0.05
         nursery.cancel_scope.cancel()
@@ -201,7 +204,11 @@ if __name__ == "__main__":
     parser.add_argument("-n", "--connections", type=int, default=1000)
     parser.add_argument("--direct", action="store_true", help="the apps alone, no mesh")
     parser.add_argument("--no-policy", action="store_true", help="no authorization policy on the server")
+    parser.add_argument("--no-half-close", action="store_true",
+                        help="the client sends without half-closing and waits for the server to close "
+                             "(loadgen crr's pattern); by default it half-closes after its request")
     args = parser.parse_args()
     with open(os.devnull, "w") as devnull:
         setup_logging(json_format=False, level="info", stream=devnull)
-        trio.run(functools.partial(main, args.connections, direct=args.direct, policy=not args.no_policy))
+        trio.run(functools.partial(main, args.connections, direct=args.direct, policy=not args.no_policy,
+                                     half_close=not args.no_half_close))
