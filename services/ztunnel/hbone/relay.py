@@ -51,6 +51,7 @@ async def _sock_send_all(sock: socket.socket, data: bytes) -> None:
 async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
     """Copy until EOF on `sock`, then END_STREAM."""
     size = len(_shared_view)
+    first = True
     while True:
         try:
             n = sock.recv_into(_shared_view)
@@ -62,10 +63,37 @@ async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
             if stream.conn.above_high_water:
                 await stream.wait_drained()
             return
-        taken = stream.send_nowait(_shared_view[:n])
+        eof = False
+        failed: OSError | None = None
+        if first and n < size:
+            # A short first read: an app that writes and closes at once (an answer with `Connection: close`,
+            # TCP_CRR) has usually sent its FIN with it. One more recv finds it, and the data and END_STREAM
+            # leave in one TLS record (one write here, one read turn at the peer) instead of two. Only on
+            # the first read, so a long-lived connection never pays the extra EAGAIN.
+            try:
+                more = sock.recv_into(_shared_view[n:])
+            except BlockingIOError:
+                more = -1
+            except OSError as exc:  # a reset: deliver what came before it first, as the next read would
+                failed, more = exc, -1
+            if more == 0:
+                eof = True
+            elif more > 0:
+                n += more
+        first = False
+        taken = stream.send_nowait(_shared_view[:n], eof=eof)
         if taken < n:
             await stream.send_all(bytes(_shared_view[taken:n]))  # leave the shared buffer before awaiting
-        elif n < size and not stream.conn.above_high_water:
+        if failed is not None:
+            raise failed
+        if eof:
+            stream.send_eof_nowait()  # a no-op unless the windows held part of the data back
+            if stream.conn.above_high_water:
+                await stream.wait_drained()
+            return
+        if taken < n:
+            continue
+        if n < size and not stream.conn.above_high_water:
             # The kernel gave us all it had: wait for more instead of a recv that fails with EAGAIN (a syscall
             # and an exception per request/response turn). The wait is the checkpoint.
             await trio.lowlevel.wait_readable(sock)
