@@ -48,10 +48,13 @@ async def _sock_send_all(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
-async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
-    """Copy until EOF on `sock`, then END_STREAM."""
+async def socket_to_stream(sock: socket.socket, stream: HboneStream, *, fresh: bool = False) -> None:
+    """Copy until EOF on `sock`, then END_STREAM. `fresh`: the socket was connected just now, so it waits for
+    the app's first bytes instead of starting with a recv that would fail with EAGAIN."""
     size = len(_shared_view)
     first = True
+    if fresh:
+        await trio.lowlevel.wait_readable(sock)
     while True:
         try:
             n = sock.recv_into(_shared_view)
@@ -140,8 +143,9 @@ def _peer_done(stream: HboneStream, exc: BaseException) -> bool:
             and cause.error_code == ERROR_NO_ERROR)
 
 
-async def relay(stream: HboneStream, sock: socket.socket) -> None:
+async def relay(stream: HboneStream, sock: socket.socket, *, fresh: bool = False) -> None:
     """Copy both ways until both directions ended. Byte counts are on `stream.bytes_sent/_received`.
+    `fresh`: `sock` was connected just now (the server's socket to the app): see `socket_to_stream`.
 
     Raises:
         OSError: the socket failed.
@@ -149,7 +153,7 @@ async def relay(stream: HboneStream, sock: socket.socket) -> None:
     """
     errors: list[BaseException] = []
     try:
-        await _relay(stream, sock, errors)
+        await _relay(stream, sock, errors, fresh)
     except BaseException:
         abort_on_close(sock)  # cancelled (drain deadline, the pod going away): the tunnel did not end
         raise
@@ -160,12 +164,12 @@ async def relay(stream: HboneStream, sock: socket.socket) -> None:
         raise errors[0]
 
 
-async def _relay(stream: HboneStream, sock: socket.socket, errors: list[BaseException]) -> None:
+async def _relay(stream: HboneStream, sock: socket.socket, errors: list[BaseException], fresh: bool) -> None:
     """Both directions; the first error of either goes to `errors` and ends both."""
     async def one_way(direction: str, scope: trio.CancelScope) -> None:
         try:
             if direction == "up":
-                await socket_to_stream(sock, stream)
+                await socket_to_stream(sock, stream, fresh=fresh)
             else:
                 await stream_to_socket(stream, sock)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
