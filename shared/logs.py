@@ -21,7 +21,8 @@ import datetime as dt
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 _LEVEL_NAMES: Final = {
@@ -165,6 +166,43 @@ class UpstreamFormatter(logging.Formatter):
         level = _LEVEL_NAMES.get(record.levelno, "trace" if record.levelno <= TRACE else "info")
         return render(epoch=record.created, level=level, target=target_of(record.name), message=message,
                       fields=fields)
+
+
+def write_line(logger: logging.Logger, levelno: int, message: str, fields: Sequence[Field]) -> bool:
+    """Write one structured line the way `logger.log(levelno, message, extra={"fields": fields})` would, when
+    that would reach exactly one plain `StreamHandler` with our plain formatter and no filter on the way
+    (ztunnel's access log as set up by `setup_logging`). Returns False, having written nothing, in any other
+    case (JSON, several or other handlers, filters, a level that is off): the caller then logs normally.
+
+    The line is the same; what is skipped is the `LogRecord` and the handler dispatch, about a third of an
+    access log line's cost. Used for the per-connection lines only.
+    """
+    if not logger.isEnabledFor(levelno) or logger.filters:
+        return False
+    handler: logging.Handler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for found in current.handlers:
+            if handler is not None:
+                return False
+            handler = found
+        if not current.propagate:
+            break
+        current = current.parent
+    if (type(handler) is not logging.StreamHandler or handler.filters or levelno < handler.level
+            or type(handler.formatter) is not UpstreamFormatter or handler.formatter.json_format):
+        return False
+    line = format_plain(epoch=time.time(), level=_LEVEL_NAMES.get(levelno, "info"),
+                        target=target_of(logger.name), message=message, fields=fields)
+    handler.acquire()
+    try:
+        handler.stream.write(line + handler.terminator)
+        handler.flush()
+    except Exception:  # the stream failed: logging's own path reports it (handleError)
+        return False
+    finally:
+        handler.release()
+    return True
 
 
 def setup_logging(*, json_format: bool, level: str = "info", stream: Any = None) -> logging.Handler:
