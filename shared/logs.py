@@ -20,7 +20,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 _LEVEL_NAMES: Final = {
@@ -79,14 +81,56 @@ def _render_value(value: object) -> str:
     return str(value)
 
 
+class _Second:
+    """The date-and-time part of the last second formatted (a log line's timestamp changes only in its
+    microseconds within a second: formatting the whole datetime was a fifth of an access log line)."""
+
+    whole = -1.0
+    text = ""
+
+
+_second = _Second()
+
+
 def format_timestamp(epoch: float) -> str:
     """RFC3339 in UTC with microseconds and a `Z`, as upstream prints it."""
-    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The split and the rounding are datetime.fromtimestamp's: microseconds rounded half to even, a
+    # rounded-up 1,000,000 carried into the second.
+    frac, whole = math.modf(epoch)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:  # before 1970
+        whole -= 1.0
+        micros += 1_000_000
+    if whole != _second.whole:
+        _second.text = dt.datetime.fromtimestamp(whole, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second.whole = whole
+    return f"{_second.text}.{micros:06d}Z"
+
+
+_RENDERED_MAX: Final = 2048
+_rendered: dict[tuple[str, str], str] = {}
+"""`key="value"` of plain-string fields already written: names, namespaces, identities and clusters repeat in
+every access log line (addresses, with their ports, are Display values and are not kept)."""
+
+
+def _render_field(key: str, value: object) -> str:
+    if type(value) is str:
+        try:
+            return _rendered[(key, value)]
+        except KeyError:
+            if len(_rendered) >= _RENDERED_MAX:
+                _rendered.clear()
+            text = _rendered[(key, value)] = f"{key}={debug_quote(value)}"
+            return text
+    return f"{key}={_render_value(value)}"
 
 
 def format_plain(*, epoch: float, level: str, target: str, message: str, fields: Iterable[Field] = ()) -> str:
     """One log line in upstream's plain format (without the newline)."""
-    parts = [f"{key}={_render_value(value)}" for key, value in fields if value is not None]
+    parts = [_render_field(key, value) for key, value in fields if value is not None]
     line = f"{format_timestamp(epoch)}\t{level}\t{target}\t{message}"
     return f"{line}\t{' '.join(parts)}" if parts else line
 
@@ -122,6 +166,43 @@ class UpstreamFormatter(logging.Formatter):
         level = _LEVEL_NAMES.get(record.levelno, "trace" if record.levelno <= TRACE else "info")
         return render(epoch=record.created, level=level, target=target_of(record.name), message=message,
                       fields=fields)
+
+
+def write_line(logger: logging.Logger, levelno: int, message: str, fields: Sequence[Field]) -> bool:
+    """Write one structured line the way `logger.log(levelno, message, extra={"fields": fields})` would, when
+    that would reach exactly one plain `StreamHandler` with our plain formatter and no filter on the way
+    (ztunnel's access log as set up by `setup_logging`). Returns False, having written nothing, in any other
+    case (JSON, several or other handlers, filters, a level that is off): the caller then logs normally.
+
+    The line is the same; what is skipped is the `LogRecord` and the handler dispatch, about a third of an
+    access log line's cost. Used for the per-connection lines only.
+    """
+    if not logger.isEnabledFor(levelno) or logger.filters:
+        return False
+    handler: logging.Handler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for found in current.handlers:
+            if handler is not None:
+                return False
+            handler = found
+        if not current.propagate:
+            break
+        current = current.parent
+    if (type(handler) is not logging.StreamHandler or handler.filters or levelno < handler.level
+            or type(handler.formatter) is not UpstreamFormatter or handler.formatter.json_format):
+        return False
+    line = format_plain(epoch=time.time(), level=_LEVEL_NAMES.get(levelno, "info"),
+                        target=target_of(logger.name), message=message, fields=fields)
+    handler.acquire()
+    try:
+        handler.stream.write(line + handler.terminator)
+        handler.flush()
+    except Exception:  # the stream failed: logging's own path reports it (handleError)
+        return False
+    finally:
+        handler.release()
+    return True
 
 
 def setup_logging(*, json_format: bool, level: str = "info", stream: Any = None) -> logging.Handler:

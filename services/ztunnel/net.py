@@ -32,6 +32,9 @@ node, or a CONNECT to one of them, would come back into ztunnel without end: ref
 SELF_CALL_ERROR: Final = "attempted recursive call to ourselves"
 """Upstream's words for a self call (its `Error::SelfCall`)."""
 
+ACCEPT_BURST: Final = 16
+"""Connections an accept loop takes in a row, with the backlog never empty, before it lets other tasks run."""
+
 SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IP
 IP6T_SO_ORIGINAL_DST: Final = 80  # netfilter, SOL_IPV6
 _SOL_IP: Final = 0
@@ -121,10 +124,12 @@ async def accept_forever(listener: socket.socket, spawn: Callable[[socket.socket
     ENOMEM, ENOBUFS) go to `on_capacity_error` and are retried after ACCEPT_RETRY_DELAY (100 ms); any other
     error propagates.
     """
+    burst = 0
     while True:
         try:
             conn, raw = listener.accept()
         except BlockingIOError:
+            burst = 0
             await trio.lowlevel.wait_readable(listener)
             continue
         except OSError as exc:
@@ -139,4 +144,10 @@ async def accept_forever(listener: socket.socket, spawn: Callable[[socket.socket
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_keepalive(conn)
         spawn(conn, peer_addr(raw))
-        await trio.lowlevel.checkpoint()
+        # The next accept usually finds the backlog empty and waits (a checkpoint); an explicit one only
+        # every ACCEPT_BURST connections, so that a full backlog cannot keep the handlers from running.
+        # One per connection cost every connection a scheduler turn.
+        burst += 1
+        if burst >= ACCEPT_BURST:
+            burst = 0
+            await trio.lowlevel.checkpoint()

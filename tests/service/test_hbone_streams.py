@@ -196,6 +196,32 @@ async def test_a_short_exchange_is_relayed_without_a_second_task(nursery: trio.N
     captured.close()
 
 
+async def test_an_answer_sent_with_its_fin_arrives_whole_then_ends(nursery: trio.Nursery, certs: FakeCerts,
+                                                                   ca: CertificateAuthority) -> None:
+    """An app that answers and closes before the relay reads (write-then-close servers): its bytes and the
+    END_STREAM go out together, and the peer reads the whole answer, then a clean end."""
+    client, server = await hbone_pair(nursery, certs, ca)
+    app, captured = socket.socketpair()
+    captured.setblocking(False)
+    app.sendall(b"pong")
+    app.shutdown(socket.SHUT_WR)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(relay, server, captured)
+            got = b""
+            while chunk := await client.receive_some():
+                got += chunk
+            assert got == b"pong"
+            assert server.bytes_sent == 4
+            await client.send_all(b"ping")
+            await client.send_eof()
+    app.setblocking(True)
+    assert app.recv(100) == b"ping"
+    assert app.recv(100) == b""
+    app.close()
+    captured.close()
+
+
 async def test_bytes_queued_for_a_full_sink_are_not_overtaken(nursery: trio.Nursery, certs: FakeCerts,
                                                                ca: CertificateAuthority) -> None:
     """Once part of a chunk is queued (the sink socket was full), later chunks queue behind it even if the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -20,7 +21,15 @@ from services.ztunnel.telemetry.access_log import (
     traffic_labels,
 )
 from services.ztunnel.telemetry.metrics import Metrics, build_tag
-from shared.logs import Display, UpstreamFormatter, debug_quote, format_plain, set_log_level
+from shared.logs import (
+    Display,
+    UpstreamFormatter,
+    debug_quote,
+    format_plain,
+    format_timestamp,
+    set_log_level,
+    write_line,
+)
 from tests.access_logs import parse_plain
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -44,6 +53,32 @@ def test_plain_line_matches_upstream_example_shape() -> None:
         'dst.identity="spiffe://cluster.local/ns/ns/sa/b" direction="outbound" bytes_sent=10 bytes_recv=20 '
         'duration="3ms"'
     )
+
+
+@pytest.mark.parametrize("epoch", [
+    1_700_000_000.123456, 1_700_000_000.9999996, 1_700_000_001.0000004, 1_700_000_000.0000005,
+    1.9999996, 0.0, -0.0000004, -1.5, 2_000_000_000.5,
+])
+def test_timestamps_are_what_datetime_formats(epoch: float) -> None:
+    # The date part is kept per second: every line of the same second, and a rounding carry into the next
+    # second, must still read exactly as datetime writes them.
+    expected = dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert format_timestamp(epoch) == expected
+    assert format_timestamp(epoch + 0.25) == dt.datetime.fromtimestamp(
+        epoch + 0.25, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert format_timestamp(epoch) == expected
+
+
+def test_repeated_field_values_render_the_same_and_display_values_stay_bare() -> None:
+    fields: list[tuple[str, object]] = [("src.workload", "a"), ("dst.addr", Display("10.0.0.2:15008")),
+                                        ("src.identity", 'quo"te'), ("n", 3)]
+    first = format_plain(epoch=0, level="info", target="access", message="m", fields=fields)
+    again = format_plain(epoch=0, level="info", target="access", message="m", fields=fields)
+    as_display = format_plain(epoch=0, level="info", target="access", message="m",
+                              fields=[("src.workload", Display("a"))])
+    assert first == again
+    assert first.endswith('\tsrc.workload="a" dst.addr=10.0.0.2:15008 src.identity="quo\\"te" n=3')
+    assert as_display.endswith("\tsrc.workload=a")
 
 
 @pytest.mark.parametrize("value,quoted", [
@@ -97,6 +132,35 @@ def test_connection_complete_success_line_parses_back() -> None:
     assert parsed.fields["src.addr"] == "10.0.0.1:40000"
     assert re.fullmatch(r"\d+ms", str(parsed.fields["duration"]))
     assert '\tsrc.addr=10.0.0.1:40000 src.workload="a"' in line
+
+
+def test_the_direct_line_writer_writes_what_logging_writes_and_steps_aside_otherwise() -> None:
+    def private(json_format: bool = False) -> tuple[logging.Logger, io.StringIO]:
+        out = io.StringIO()
+        logger = logging.Logger("access", level=logging.INFO)
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(UpstreamFormatter(json_format=json_format))
+        logger.addHandler(handler)
+        return logger, out
+
+    fields: list[tuple[str, object]] = [("src.addr", Display("10.0.0.1:40000")), ("src.workload", "a"),
+                                        ("bytes_sent", 5), ("error", None)]
+    logger, out = private()
+    assert write_line(logger, logging.ERROR, "connection complete", fields)
+    logger.error("connection complete", extra={"fields": fields})
+    direct, logged = out.getvalue().splitlines()
+    assert direct.split("\t", 1)[1] == logged.split("\t", 1)[1]
+    assert TS.match(direct.split("\t", 1)[0])
+
+    assert not write_line(logger, logging.DEBUG, "m", fields)  # below the level: nothing written
+    json_logger, json_out = private(json_format=True)
+    assert not write_line(json_logger, logging.INFO, "m", fields)
+    logger.addHandler(logging.StreamHandler(io.StringIO()))  # two handlers: logging's own path
+    assert not write_line(logger, logging.INFO, "m", fields)
+    filtered, filtered_out = private()
+    filtered.handlers[0].addFilter(lambda record: False)
+    assert not write_line(filtered, logging.INFO, "m", fields)
+    assert out.getvalue().count("\n") == 2 and not json_out.getvalue() and not filtered_out.getvalue()
 
 
 def test_connection_complete_failure_is_error_with_trailing_error_field() -> None:

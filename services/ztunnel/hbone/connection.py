@@ -133,6 +133,7 @@ class HboneConnection:
         self.on_request: Callable[[HboneStream, ConnectRequested], None] | None = None
         self.on_rejected: Callable[[StreamRejected], None] | None = None
         self._activity = trio.lowlevel.ParkingLot()
+        self._idler_lot = trio.lowlevel.ParkingLot()  # the idler, parked while the connection carries streams
         self._writer_parks = 0
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._writing = False  # the writer task is in tls.send_all
@@ -186,6 +187,7 @@ class HboneConnection:
         self.tls.close_nowait()
         self._drained_lot.unpark_all()
         self._activity.unpark_all()
+        self._idler_lot.unpark_all()
         self._closed.set()
 
     def close(self, error_code: int = ERROR_NO_ERROR) -> None:
@@ -313,14 +315,18 @@ class HboneConnection:
         return self.last_activity + self.idle_timeout
 
     async def _idler(self) -> None:
-        while True:
+        # Woken only when the last stream closes (or the connection ends), never per stream: while idle it
+        # sleeps until the deadline it last saw, and a stream opened and closed meanwhile only moves the
+        # deadline on, which it reads when it wakes. A short tunnel costs it no wake-up at all.
+        while not self.dead:
             if self.streams:
-                await self._activity.park()
+                await self._idler_lot.park()
                 continue
-            with trio.move_on_at(self._idle_deadline()) as scope:
-                await self._activity.park()
-            if scope.cancelled_caught and not self.streams and trio.current_time() >= self._idle_deadline():
+            await trio.sleep_until(self._idle_deadline())
+            if not self.streams and trio.current_time() >= self._idle_deadline():
                 break
+        if self.dead:
+            return
         waited = ("no stream opened" if not self.streams_seen
                   else f"no stream for {self.idle_timeout:g}s")
         self._set_error(ConnectionClosedError(f"the HBONE connection was idle ({waited})"))
@@ -440,6 +446,8 @@ class HboneConnection:
             self.active_streams -= 1
             self.last_activity = trio.current_time()
             self._activity.unpark_all()
+            if not self.streams:
+                self._idler_lot.unpark_all()
 
     async def wait_activity(self) -> None:
         """Return at the next stream opened or closed (or when the connection ends)."""

@@ -222,6 +222,14 @@ class HbonePool:
 
     async def _reserve(self, key: PoolKey) -> _Entry:
         lock = self._locks.setdefault(key, trio.Lock())
+        if not lock.locked():
+            # A pooled connection with room, and nobody opening one: reserved at once. The lock only orders
+            # callers that may open a connection; taking it here would cost every new stream a scheduler
+            # turn, and the caller parks in `open_stream` for the answer straight after anyway.
+            for entry in self._entries.get(key, ()):
+                if entry.room(self.max_streams):
+                    entry.reserved += 1
+                    return entry
         async with lock:
             for entry in self._entries.get(key, []):
                 if entry.room(self.max_streams):

@@ -48,9 +48,13 @@ async def _sock_send_all(sock: socket.socket, data: bytes) -> None:
         view = view[sent:]
 
 
-async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
-    """Copy until EOF on `sock`, then END_STREAM."""
+async def socket_to_stream(sock: socket.socket, stream: HboneStream, *, fresh: bool = False) -> None:
+    """Copy until EOF on `sock`, then END_STREAM. `fresh`: the socket was connected just now, so it waits for
+    the app's first bytes instead of starting with a recv that would fail with EAGAIN."""
     size = len(_shared_view)
+    first = True
+    if fresh:
+        await trio.lowlevel.wait_readable(sock)
     while True:
         try:
             n = sock.recv_into(_shared_view)
@@ -62,10 +66,37 @@ async def socket_to_stream(sock: socket.socket, stream: HboneStream) -> None:
             if stream.conn.above_high_water:
                 await stream.wait_drained()
             return
-        taken = stream.send_nowait(_shared_view[:n])
+        eof = False
+        failed: OSError | None = None
+        if first and n < size:
+            # A short first read: an app that writes and closes at once (an answer with `Connection: close`,
+            # TCP_CRR) has usually sent its FIN with it. One more recv finds it, and the data and END_STREAM
+            # leave in one TLS record (one write here, one read turn at the peer) instead of two. Only on
+            # the first read, so a long-lived connection never pays the extra EAGAIN.
+            try:
+                more = sock.recv_into(_shared_view[n:])
+            except BlockingIOError:
+                more = -1
+            except OSError as exc:  # a reset: deliver what came before it first, as the next read would
+                failed, more = exc, -1
+            if more == 0:
+                eof = True
+            elif more > 0:
+                n += more
+        first = False
+        taken = stream.send_nowait(_shared_view[:n], eof=eof)
         if taken < n:
             await stream.send_all(bytes(_shared_view[taken:n]))  # leave the shared buffer before awaiting
-        elif n < size and not stream.conn.above_high_water:
+        if failed is not None:
+            raise failed
+        if eof:
+            stream.send_eof_nowait()  # a no-op unless the windows held part of the data back
+            if stream.conn.above_high_water:
+                await stream.wait_drained()
+            return
+        if taken < n:
+            continue
+        if n < size and not stream.conn.above_high_water:
             # The kernel gave us all it had: wait for more instead of a recv that fails with EAGAIN (a syscall
             # and an exception per request/response turn). The wait is the checkpoint.
             await trio.lowlevel.wait_readable(sock)
@@ -112,8 +143,9 @@ def _peer_done(stream: HboneStream, exc: BaseException) -> bool:
             and cause.error_code == ERROR_NO_ERROR)
 
 
-async def relay(stream: HboneStream, sock: socket.socket) -> None:
+async def relay(stream: HboneStream, sock: socket.socket, *, fresh: bool = False) -> None:
     """Copy both ways until both directions ended. Byte counts are on `stream.bytes_sent/_received`.
+    `fresh`: `sock` was connected just now (the server's socket to the app): see `socket_to_stream`.
 
     Raises:
         OSError: the socket failed.
@@ -121,7 +153,7 @@ async def relay(stream: HboneStream, sock: socket.socket) -> None:
     """
     errors: list[BaseException] = []
     try:
-        await _relay(stream, sock, errors)
+        await _relay(stream, sock, errors, fresh)
     except BaseException:
         abort_on_close(sock)  # cancelled (drain deadline, the pod going away): the tunnel did not end
         raise
@@ -132,12 +164,12 @@ async def relay(stream: HboneStream, sock: socket.socket) -> None:
         raise errors[0]
 
 
-async def _relay(stream: HboneStream, sock: socket.socket, errors: list[BaseException]) -> None:
+async def _relay(stream: HboneStream, sock: socket.socket, errors: list[BaseException], fresh: bool) -> None:
     """Both directions; the first error of either goes to `errors` and ends both."""
     async def one_way(direction: str, scope: trio.CancelScope) -> None:
         try:
             if direction == "up":
-                await socket_to_stream(sock, stream)
+                await socket_to_stream(sock, stream, fresh=fresh)
             else:
                 await stream_to_socket(stream, sock)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:

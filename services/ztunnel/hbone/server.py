@@ -264,7 +264,7 @@ class _Server:
             outcome.status = 200
             policy.opened(outcome)
             conn.respond(stream, 200)
-            await relay(stream, upstream)
+            await relay(stream, upstream, fresh=True)
         except OSError as exc:
             error = describe_os_error(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

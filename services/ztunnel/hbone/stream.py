@@ -198,18 +198,23 @@ class HboneStream(trio.abc.HalfCloseableStream):
         if self._eof_sent:
             raise trio.ClosedResourceError("send_eof() was already called on this HBONE stream")
 
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+    def send_nowait(self, data: bytes | bytearray | memoryview, *, eof: bool = False) -> int:
         """Queue as much of `data` as the flow-control windows allow, right now; returns how much was taken.
 
         The bytes taken are copied into frames, so `data` may be reused at once (the shared-buffer copy loop
-        relies on this).
+        relies on this). With `eof`, END_STREAM follows in the same write when all of `data` was taken
+        (`send_eof_nowait` is then a no-op); otherwise the caller sends the rest and the EOF itself.
         """
         self._check_send()
+        core = self.conn.core
         try:
-            taken = self.conn.core.send_data(self.stream_id, data)
+            taken = core.send_data(self.stream_id, data)
+            if eof and taken == len(data) and not self._eof_sent:
+                core.end_stream(self.stream_id)
+                self._eof_sent = True
         except h2.exceptions.ProtocolError as exc:
             raise self._refused(exc) from self._error
-        if taken:
+        if taken or eof:
             self.bytes_sent += taken
             self.conn.wake_writer()
         return taken

@@ -39,7 +39,7 @@ from services.ztunnel.telemetry.trace import (
     policy_text,
 )
 from shared.addr import format_host_port, unmap
-from shared.logs import Display, Field
+from shared.logs import Display, Field, write_line
 from shared.zds.types import WorkloadInfo
 
 ACCESS_LOGGER: Final = "access"
@@ -322,10 +322,12 @@ class Telemetry:
         fields = outcome.fields(with_bytes=True)
         error = outcome.error
         if error is None:
-            self.log.info("connection complete", extra={"fields": fields})
+            if not write_line(self.log, logging.INFO, "connection complete", fields):
+                self.log.info("connection complete", extra={"fields": fields})
         else:
             fields.append(("error", truncate_field(error)))
-            self.log.error("connection complete", extra={"fields": fields})
+            if not write_line(self.log, logging.ERROR, "connection complete", fields):
+                self.log.error("connection complete", extra={"fields": fields})
         if self.trace.subscribers:
             self.trace.publish(self.pod, lambda: outcome.trace_event(self.pod))
 
