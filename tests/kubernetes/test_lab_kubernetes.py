@@ -26,13 +26,20 @@ from tests.netns.test_lab_topology import NET_A, NET_B, client_get, force_clean,
 
 pytestmark = [pytest.mark.netns, needs_mesh]
 
-BOOKINFO = (Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml").read_text()
-LABELLED = "  - name: bookinfo\n    labels: {istio.io/dataplane-mode: ambient}\n"
-WORLD = (
-    BOOKINFO.replace(LABELLED, "  - name: bookinfo\n")
-    .replace("10.244.1.", f"10.244.{NET_A}.")
-    .replace("10.244.2.", f"10.244.{NET_B}.")
-)
+
+def _unlabelled_bookinfo() -> str:
+    """The sample world with the bookinfo namespace unlabelled: not ambient, and not behind its waypoint
+    (the Kubernetes path carries no L7 policies or routes yet), its waypoint pod kept."""
+    world = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "bookinfo.yaml").read_text())
+    for ns in world["namespaces"]:
+        if ns["name"] == "bookinfo":
+            ns["labels"] = {}
+    text = yaml.safe_dump(world, sort_keys=False)
+    return text.replace("10.244.1.", f"10.244.{NET_A}.").replace("10.244.2.", f"10.244.{NET_B}.")
+
+
+WORLD = _unlabelled_bookinfo()
+WAYPOINT_POD = "waypoint-7c8d9e"
 PRODUCTPAGE_IP, DETAILS_IP = f"10.244.{NET_A}.10", f"10.244.{NET_B}.10"
 LABEL = "istio.io/dataplane-mode"
 WAIT = 60.0
@@ -83,8 +90,8 @@ def test_labelling_bookinfo_enrols_it_and_a_request_crosses_nodes_through_hbone(
     running = {c["name"]: c["running"] for c in data["components"]}
     assert running["etcd"] and running["kube-apiserver"] and running["kubelet"], running
     pods = pods_by_name(prefix)
-    bookinfo = [n for n, p in pods.items() if p["namespace"] == "bookinfo"]
-    assert len(bookinfo) == 5
+    bookinfo = [n for n, p in pods.items() if p["namespace"] == "bookinfo" and n != WAYPOINT_POD]
+    assert len(bookinfo) == 5 and WAYPOINT_POD in pods
     assert all(pods[n]["redirection"] is None for n in bookinfo), pods
     assert pods["sleep-5c6d7e"]["redirection"] == "enabled"  # its namespace is labelled in the world file
     # the API server has them as a kubelet left them: Running, with the lab's addresses
@@ -96,6 +103,7 @@ def test_labelling_bookinfo_enrols_it_and_a_request_crosses_nodes_through_hbone(
     kubectl(prefix, "label", "namespace", "bookinfo", f"{LABEL}=ambient")
     until(lambda: all(pods_by_name(prefix)[n]["redirection"] == "enabled" for n in bookinfo),
           "every bookinfo pod enrolled after the label")
+    assert pods_by_name(prefix)[WAYPOINT_POD]["redirection"] is None  # a waypoint's pod is never captured
     annotation = kubectl(prefix, "get", "pod", "details-v1-5f4d58", "-n", "bookinfo", "-o",
                          "jsonpath={.metadata.annotations.ambient\\.istio\\.io/redirection}")  # fmt: skip
     assert annotation == "enabled"
