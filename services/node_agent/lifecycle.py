@@ -17,7 +17,10 @@ non-retryable `EnrolmentError`. A ztunnel that is absent, NACKs or times out lea
 
 Removal (`RemovePodFromMesh`): take the handle from the cache, delete the rules in the netns unless the pod
 is gone, send `del` to every ztunnel, clear the status. Each pod's operations are serialised by a per-pod
-lock; different pods never wait for each other, and an error with one pod is logged, never fatal.
+lock; different pods never wait for each other, and an error with one pod is logged, never fatal. A delete
+is never dropped while an operation of the pod is under way or waiting for its lock: it queues behind it,
+so a pod whose enrolment had not reached the cache yet cannot stay in later snapshots (upstream's
+istio#56738, where such a pod kept ztunnel from ever becoming ready).
 
 The seams are Protocols, so service tests run the whole lifecycle with fakes: `RuleApplier` (apply.py),
 `ZtunnelLink` (the ZDS server), `StatusReporter` (the control plane's pod status, pod_status.py),
@@ -208,7 +211,10 @@ class NodeAgent:
         return decision
 
     async def pod_deleted(self, pod: Pod) -> None:
-        if pod.uid in self.pods or pod.uid in self.cache:
+        """Remove a deleted pod. An operation on it still under way or waiting (its lock exists: an
+        enrolment that has not reached the cache yet) counts as known, so the delete queues behind it
+        instead of being dropped, and the pod cannot end up in a later snapshot (upstream istio#56738)."""
+        if pod.uid in self.pods or pod.uid in self.cache or pod.uid in self._locks:
             await self.unenrol(pod, pod_gone=True)
 
     async def cni_add(self, pod: Pod, namespace_labels: Mapping[str, str] | None) -> Decision:
@@ -332,7 +338,14 @@ class NodeAgent:
             await self.ztunnel.del_workload(pod.uid)
             await self._report(pod, None)
             log.info("pod removed from the mesh", extra={"fields": pod.log_fields()})
-        self._locks.pop(pod.uid, None)
+        self._release_lock(pod.uid)
+
+    def _release_lock(self, uid: PodUid) -> None:
+        """Forget a pod's lock once nobody holds or waits for it (a waiter keeps it, and with it the pod's
+        operations serialised and its later delete honoured)."""
+        lock = self._locks.get(uid)
+        if lock is not None and not lock.locked() and lock.statistics().tasks_waiting == 0:
+            del self._locks[uid]
 
     async def _report(self, pod: Pod, status: str | None) -> None:
         try:
@@ -416,6 +429,8 @@ class NodeAgent:
                 await self._retry(state.pod.uid)
 
     async def _retry(self, uid: PodUid) -> None:
+        if uid not in self.pods:  # removed meanwhile: no lock to make for it
+            return
         async with self._lock(uid):
             state = self.pods.get(uid)
             entry = self.cache.get(uid)
