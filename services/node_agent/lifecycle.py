@@ -44,7 +44,7 @@ from services.node_agent.errors import EnrolmentError, NetnsGoneError, NodeAgent
 from services.node_agent.model import ANNOTATION_REDIRECTION, STATUS_ENABLED, STATUS_PENDING, Pod
 from services.node_agent.netns_scan import find_pod_netns
 from services.node_agent.rules import RuleSettings, resolve_redirect
-from shared.netns import NetnsError, open_netns
+from shared.netns import NetnsError, netns_id, open_netns
 from shared.zds.errors import ZdsError
 from shared.zds.types import PodUid, WorkloadInfo
 
@@ -289,7 +289,38 @@ class NodeAgent:
         known = self.cache.get(pod.uid)
         if pod.netns_path is None and known is not None and known.netns_fd is not None:
             return os.dup(known.netns_fd)
-        return await self.opener.open(pod)
+        return await self._open_netns(pod)
+
+    async def _open_netns(self, pod: Pod) -> int:
+        """The opener's handle for `pod`. The CNI-reported path is taken as given; a namespace found by
+        the scan (no path: found by the pod's IPs) that the cache holds for another pod is refused: it
+        is that pod's (a stale namespace with a reused IP), and handing it over would put the other pod's
+        traffic under this pod's identity (upstream's istio#61211).
+
+        Raises:
+            NetnsGoneError: not found, ambiguous, or another pod's.
+        """
+        fd = await self.opener.open(pod)
+        if pod.netns_path is not None:
+            return fd
+        owner = self._netns_owner(fd, pod.uid)
+        if owner is None:
+            return fd
+        os.close(fd)
+        log.warning("netns scan match skipped: the namespace holding the pod's IPs is another pod's",
+                    extra={"fields": [*pod.log_fields(), ("owner_uid", owner)]})
+        raise NetnsGoneError(
+            f"the network namespace holding {', '.join(pod.ips)} is enrolled for pod {owner}; refusing to"
+            " pair this pod with it: re-add it through the CNI event (its netns path) instead"
+        )
+
+    def _netns_owner(self, fd: int, uid: PodUid) -> PodUid | None:
+        """The uid of another pod whose cached netns handle is the same namespace as `fd`, if any."""
+        ident = netns_id(fd)
+        for entry in self.cache.snapshot():
+            if entry.uid != uid and entry.netns_fd is not None and netns_id(entry.netns_fd) == ident:
+                return entry.uid
+        return None
 
     def _forget(self, uid: PodUid) -> None:
         entry = self.cache.take(uid)
@@ -390,7 +421,7 @@ class NodeAgent:
             if pod.terminated:
                 continue
             try:
-                fd = await self.opener.open(pod)
+                fd = await self._open_netns(pod)
             except NetnsGoneError as exc:
                 if found_only:
                     continue
