@@ -11,6 +11,8 @@ connections fit on both ends, and sets the connection caps above N.
     after    all closed, the open-connection count back at 0, SETTLE seconds later (ztunnel's periodic
              malloc_trim, host.py, runs meanwhile unless --no-trim)
     trimmed  after one more explicit malloc_trim(0)
+    collected after gc.collect() and malloc_trim(0) (what reference cycles still held)
+    released after the pooled HBONE connections are closed too (what their idle timeout does after 5 min)
 
 Prints figures; asserts nothing. Needs no netns; root only for the raised fd limit.
 
@@ -20,6 +22,7 @@ Prints figures; asserts nothing. Needs no netns; root only for the raised fd lim
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import resource
 import socket
@@ -40,6 +43,7 @@ from services.ztunnel.proxy.context import Mesh, ProxyConfig
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry.access_log import Telemetry
 from shared.addr import Addr
+from shared.logs import setup_logging
 from shared.netns import netns_id
 from shared.zds.types import PodUid, WorkloadInfo
 from tests.service.test_ztunnel_mesh import NODE, MeshCerts, PodSockets, workload
@@ -183,6 +187,27 @@ async def run(connections: int, mode: str, trim: bool, settle: float) -> None:
                 trimmer()
             trimmed = rss_mib(), fds()
             print(f"trimmed   RSS {trimmed[0]:7.1f} MiB   fds {trimmed[1]:6}   (one more malloc_trim(0))")
+            gc.collect()
+            if trimmer is not None:
+                trimmer()
+            collected = rss_mib(), fds()
+            print(f"collected RSS {collected[0]:7.1f} MiB   fds {collected[1]:6}   (gc.collect(), then "
+                  "malloc_trim(0))")
+            pools = [p.pool for p in handler.pods.values() if p.pool is not None]
+            pooled = [conn for pool in pools for conn in pool.connections()]
+            if pooled:
+                # What the pool's idle timeout (5 min) would do: GOAWAY and close every pooled connection.
+                for conn in pooled:
+                    conn.close()
+                while fds() > before[1]:  # noqa: ASYNC110  (both ends' sockets closed)
+                    await trio.sleep(0.1)
+                await trio.sleep(1)
+                gc.collect()
+                if trimmer is not None:
+                    trimmer()
+                released = rss_mib(), fds()
+                print(f"released  RSS {released[0]:7.1f} MiB   fds {released[1]:6}   ({len(pooled)} pooled "
+                      "HBONE connections closed, as after their idle timeout; gc.collect(), malloc_trim(0))")
             per = (peak - before[0]) * 1024 / connections
             print(f"per connection at the peak: {per:.1f} KiB (both ends, {mode})")
             nursery.cancel_scope.cancel()
@@ -201,6 +226,7 @@ def main() -> None:
     parser.add_argument("--no-trim", action="store_true", help="do not run ztunnel's periodic malloc_trim")
     parser.add_argument("--settle", type=float, default=12.0, help="seconds between the close and 'after'")
     args = parser.parse_args()
+    setup_logging(json_format=False, level="warn")  # failed connections, with their fields, on stderr
     raise_fd_limit(4 * args.connections + 4096)
     print(f"{args.connections} connections through a client and a server pod in this process ({args.mode}); "
           f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}, "
