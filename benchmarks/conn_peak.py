@@ -115,6 +115,16 @@ def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def show(label: str, note: str, *, collect: bool = False, trim: bool = False) -> None:
+    """Print this process's RSS and fds now, after a gc.collect() and/or a malloc_trim(0) if asked."""
+    if collect:
+        gc.collect()
+    trimmer = libc_malloc_trim() if trim else None
+    if trimmer is not None:
+        trimmer()
+    print(f"{label:<9} RSS {rss_mib():7.1f} MiB   fds {fds():6}   ({note})")
+
+
 def raise_fd_limit(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max(soft, need)
@@ -179,35 +189,24 @@ async def run(connections: int, mode: str, trim: bool, settle: float) -> None:
             print(f"          {connections} connections opened, echoed and closed in "
                   f"{time.monotonic() - started:.1f} s")
             await trio.sleep(settle)
-            after = rss_mib(), fds()
-            print(f"after     RSS {after[0]:7.1f} MiB   fds {after[1]:6}   ({settle:g} s later"
-                  f"{', periodic malloc_trim on' if trim else ', no malloc_trim'})")
-            trimmer = libc_malloc_trim()
-            if trimmer is not None:
-                trimmer()
-            trimmed = rss_mib(), fds()
-            print(f"trimmed   RSS {trimmed[0]:7.1f} MiB   fds {trimmed[1]:6}   (one more malloc_trim(0))")
-            gc.collect()
-            if trimmer is not None:
-                trimmer()
-            collected = rss_mib(), fds()
-            print(f"collected RSS {collected[0]:7.1f} MiB   fds {collected[1]:6}   (gc.collect(), then "
-                  "malloc_trim(0))")
+            show("after", f"{settle:g} s later{', periodic malloc_trim on' if trim else ', no malloc_trim'}")
+            show("trimmed", "one more malloc_trim(0)", trim=True)
+            show("collected", "gc.collect(), then malloc_trim(0)", collect=True, trim=True)
             pools = [p.pool for p in handler.pods.values() if p.pool is not None]
-            pooled = [conn for pool in pools for conn in pool.connections()]
-            if pooled:
+            closed = 0
+            for pool in pools:
                 # What the pool's idle timeout (5 min) would do: GOAWAY and close every pooled connection.
-                for conn in pooled:
+                # No reference to them is kept here, so what they held can be freed.
+                for conn in pool.connections():
                     conn.close()
+                    closed += 1
+            del pools
+            if closed:
                 while fds() > before[1]:  # noqa: ASYNC110  (both ends' sockets closed)
                     await trio.sleep(0.1)
                 await trio.sleep(1)
-                gc.collect()
-                if trimmer is not None:
-                    trimmer()
-                released = rss_mib(), fds()
-                print(f"released  RSS {released[0]:7.1f} MiB   fds {released[1]:6}   ({len(pooled)} pooled "
-                      "HBONE connections closed, as after their idle timeout; gc.collect(), malloc_trim(0))")
+                show("released", f"{closed} pooled HBONE connections closed, as after their idle timeout; "
+                     "gc.collect(), malloc_trim(0)", collect=True, trim=True)
             per = (peak - before[0]) * 1024 / connections
             print(f"per connection at the peak: {per:.1f} KiB (both ends, {mode})")
             nursery.cancel_scope.cancel()
