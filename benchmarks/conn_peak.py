@@ -14,7 +14,9 @@ connections fit on both ends, and sets the connection caps above N.
     collected after gc.collect() and malloc_trim(0) (what reference cycles still held)
     released after the pooled HBONE connections are closed too (what their idle timeout does after 5 min)
 
-Prints figures; asserts nothing. Needs no netns; root only for the raised fd limit.
+Prints figures; asserts nothing. Needs no netns; root only for the raised fd limit. ztunnel itself runs with
+PYTHONMALLOC=malloc (services/ztunnel/host.py); this script does not start through ztunnel's main, so set
+it here to measure what ztunnel does (`PYTHONMALLOC=malloc .venv/bin/python benchmarks/conn_peak.py`).
 
     .venv/bin/python benchmarks/conn_peak.py [--connections 10000] [--mode hbone|passthrough] [--no-trim]
 """
@@ -228,6 +230,7 @@ def main() -> None:
     setup_logging(json_format=False, level="warn")  # failed connections, with their fields, on stderr
     raise_fd_limit(4 * args.connections + 4096)
     print(f"{args.connections} connections through a client and a server pod in this process ({args.mode}); "
+          f"PYTHONMALLOC={os.environ.get('PYTHONMALLOC', 'unset')}, "
           f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}, "
           f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}")
     trio.run(run, args.connections, args.mode, not args.no_trim, args.settle)
