@@ -11,8 +11,12 @@ connections fit on both ends, and sets the connection caps above N.
     after    all closed, the open-connection count back at 0, SETTLE seconds later (ztunnel's periodic
              malloc_trim, host.py, runs meanwhile unless --no-trim)
     trimmed  after one more explicit malloc_trim(0)
+    collected after gc.collect() and malloc_trim(0) (what reference cycles still held)
+    released after the pooled HBONE connections are closed too (what their idle timeout does after 5 min)
 
-Prints figures; asserts nothing. Needs no netns; root only for the raised fd limit.
+Prints figures; asserts nothing. Needs no netns; root only for the raised fd limit. ztunnel itself runs with
+PYTHONMALLOC=malloc (services/ztunnel/host.py); this script does not start through ztunnel's main, so set
+it here to measure what ztunnel does (`PYTHONMALLOC=malloc .venv/bin/python benchmarks/conn_peak.py`).
 
     .venv/bin/python benchmarks/conn_peak.py [--connections 10000] [--mode hbone|passthrough] [--no-trim]
 """
@@ -20,6 +24,7 @@ Prints figures; asserts nothing. Needs no netns; root only for the raised fd lim
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import resource
 import socket
@@ -40,6 +45,7 @@ from services.ztunnel.proxy.context import Mesh, ProxyConfig
 from services.ztunnel.state.store import StateStore
 from services.ztunnel.telemetry.access_log import Telemetry
 from shared.addr import Addr
+from shared.logs import setup_logging
 from shared.netns import netns_id
 from shared.zds.types import PodUid, WorkloadInfo
 from tests.service.test_ztunnel_mesh import NODE, MeshCerts, PodSockets, workload
@@ -111,6 +117,16 @@ def fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def show(label: str, note: str, *, collect: bool = False, trim: bool = False) -> None:
+    """Print this process's RSS and fds now, after a gc.collect() and/or a malloc_trim(0) if asked."""
+    if collect:
+        gc.collect()
+    trimmer = libc_malloc_trim() if trim else None
+    if trimmer is not None:
+        trimmer()
+    print(f"{label:<9} RSS {rss_mib():7.1f} MiB   fds {fds():6}   ({note})")
+
+
 def raise_fd_limit(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max(soft, need)
@@ -175,14 +191,24 @@ async def run(connections: int, mode: str, trim: bool, settle: float) -> None:
             print(f"          {connections} connections opened, echoed and closed in "
                   f"{time.monotonic() - started:.1f} s")
             await trio.sleep(settle)
-            after = rss_mib(), fds()
-            print(f"after     RSS {after[0]:7.1f} MiB   fds {after[1]:6}   ({settle:g} s later"
-                  f"{', periodic malloc_trim on' if trim else ', no malloc_trim'})")
-            trimmer = libc_malloc_trim()
-            if trimmer is not None:
-                trimmer()
-            trimmed = rss_mib(), fds()
-            print(f"trimmed   RSS {trimmed[0]:7.1f} MiB   fds {trimmed[1]:6}   (one more malloc_trim(0))")
+            show("after", f"{settle:g} s later{', periodic malloc_trim on' if trim else ', no malloc_trim'}")
+            show("trimmed", "one more malloc_trim(0)", trim=True)
+            show("collected", "gc.collect(), then malloc_trim(0)", collect=True, trim=True)
+            pools = [p.pool for p in handler.pods.values() if p.pool is not None]
+            closed = 0
+            for pool in pools:
+                # What the pool's idle timeout (5 min) would do: GOAWAY and close every pooled connection.
+                # No reference to them is kept here, so what they held can be freed.
+                for conn in pool.connections():
+                    conn.close()
+                    closed += 1
+            del pools
+            if closed:
+                while fds() > before[1]:  # noqa: ASYNC110  (both ends' sockets closed)
+                    await trio.sleep(0.1)
+                await trio.sleep(1)
+                show("released", f"{closed} pooled HBONE connections closed, as after their idle timeout; "
+                     "gc.collect(), malloc_trim(0)", collect=True, trim=True)
             per = (peak - before[0]) * 1024 / connections
             print(f"per connection at the peak: {per:.1f} KiB (both ends, {mode})")
             nursery.cancel_scope.cancel()
@@ -201,8 +227,10 @@ def main() -> None:
     parser.add_argument("--no-trim", action="store_true", help="do not run ztunnel's periodic malloc_trim")
     parser.add_argument("--settle", type=float, default=12.0, help="seconds between the close and 'after'")
     args = parser.parse_args()
+    setup_logging(json_format=False, level="warn")  # failed connections, with their fields, on stderr
     raise_fd_limit(4 * args.connections + 4096)
     print(f"{args.connections} connections through a client and a server pod in this process ({args.mode}); "
+          f"PYTHONMALLOC={os.environ.get('PYTHONMALLOC', 'unset')}, "
           f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}, "
           f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}")
     trio.run(run, args.connections, args.mode, not args.no_trim, args.settle)

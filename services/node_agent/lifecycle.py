@@ -17,7 +17,10 @@ non-retryable `EnrolmentError`. A ztunnel that is absent, NACKs or times out lea
 
 Removal (`RemovePodFromMesh`): take the handle from the cache, delete the rules in the netns unless the pod
 is gone, send `del` to every ztunnel, clear the status. Each pod's operations are serialised by a per-pod
-lock; different pods never wait for each other, and an error with one pod is logged, never fatal.
+lock; different pods never wait for each other, and an error with one pod is logged, never fatal. A delete
+is never dropped while an operation of the pod is under way or waiting for its lock: it queues behind it,
+so a pod whose enrolment had not reached the cache yet cannot stay in later snapshots (upstream's
+istio#56738, where such a pod kept ztunnel from ever becoming ready).
 
 The seams are Protocols, so service tests run the whole lifecycle with fakes: `RuleApplier` (apply.py),
 `ZtunnelLink` (the ZDS server), `StatusReporter` (the control plane's pod status, pod_status.py),
@@ -42,7 +45,7 @@ from services.node_agent.errors import EnrolmentError, NetnsGoneError, NodeAgent
 from services.node_agent.model import ANNOTATION_REDIRECTION, STATUS_ENABLED, STATUS_PENDING, Pod
 from services.node_agent.netns_scan import find_pod_netns
 from services.node_agent.rules import RuleSettings, resolve_redirect
-from shared.netns import NetnsError, open_netns
+from shared.netns import NetnsError, netns_id, open_netns
 from shared.zds.errors import ZdsError
 from shared.zds.types import PodUid, WorkloadInfo
 
@@ -209,7 +212,10 @@ class NodeAgent:
         return decision
 
     async def pod_deleted(self, pod: Pod) -> None:
-        if pod.uid in self.pods or pod.uid in self.cache:
+        """Remove a deleted pod. An operation on it still under way or waiting (its lock exists: an
+        enrolment that has not reached the cache yet) counts as known, so the delete queues behind it
+        instead of being dropped, and the pod cannot end up in a later snapshot (upstream istio#56738)."""
+        if pod.uid in self.pods or pod.uid in self.cache or pod.uid in self._locks:
             await self.unenrol(pod, pod_gone=True)
 
     async def cni_add(self, pod: Pod, namespace_labels: Mapping[str, str] | None) -> Decision:
@@ -311,7 +317,38 @@ class NodeAgent:
         known = self.cache.get(pod.uid)
         if pod.netns_path is None and known is not None and known.netns_fd is not None:
             return os.dup(known.netns_fd)
-        return await self.opener.open(pod)
+        return await self._open_netns(pod)
+
+    async def _open_netns(self, pod: Pod) -> int:
+        """The opener's handle for `pod`. The CNI-reported path is taken as given; a namespace found by
+        the scan (no path: found by the pod's IPs) that the cache holds for another pod is refused: it
+        is that pod's (a stale namespace with a reused IP), and handing it over would put the other pod's
+        traffic under this pod's identity (upstream's istio#61211).
+
+        Raises:
+            NetnsGoneError: not found, ambiguous, or another pod's.
+        """
+        fd = await self.opener.open(pod)
+        if pod.netns_path is not None:
+            return fd
+        owner = self._netns_owner(fd, pod.uid)
+        if owner is None:
+            return fd
+        os.close(fd)
+        log.warning("netns scan match skipped: the namespace holding the pod's IPs is another pod's",
+                    extra={"fields": [*pod.log_fields(), ("owner_uid", owner)]})
+        raise NetnsGoneError(
+            f"the network namespace holding {', '.join(pod.ips)} is enrolled for pod {owner}; refusing to"
+            " pair this pod with it: re-add it through the CNI event (its netns path) instead"
+        )
+
+    def _netns_owner(self, fd: int, uid: PodUid) -> PodUid | None:
+        """The uid of another pod whose cached netns handle is the same namespace as `fd`, if any."""
+        ident = netns_id(fd)
+        for entry in self.cache.snapshot():
+            if entry.uid != uid and entry.netns_fd is not None and netns_id(entry.netns_fd) == ident:
+                return entry.uid
+        return None
 
     def _forget(self, uid: PodUid) -> None:
         entry = self.cache.take(uid)
@@ -360,7 +397,14 @@ class NodeAgent:
             await self.ztunnel.del_workload(pod.uid)
             await self._report(pod, None)
             log.info("pod removed from the mesh", extra={"fields": pod.log_fields()})
-        self._locks.pop(pod.uid, None)
+        self._release_lock(pod.uid)
+
+    def _release_lock(self, uid: PodUid) -> None:
+        """Forget a pod's lock once nobody holds or waits for it (a waiter keeps it, and with it the pod's
+        operations serialised and its later delete honoured)."""
+        lock = self._locks.get(uid)
+        if lock is not None and not lock.locked() and lock.statistics().tasks_waiting == 0:
+            del self._locks[uid]
 
     async def _report(self, pod: Pod, status: str | None) -> None:
         try:
@@ -405,7 +449,7 @@ class NodeAgent:
             if pod.terminated:
                 continue
             try:
-                fd = await self.opener.open(pod)
+                fd = await self._open_netns(pod)
             except NetnsGoneError as exc:
                 if found_only:
                     continue
@@ -444,6 +488,8 @@ class NodeAgent:
                 await self._retry(state.pod.uid)
 
     async def _retry(self, uid: PodUid) -> None:
+        if uid not in self.pods:  # removed meanwhile: no lock to make for it
+            return
         async with self._lock(uid):
             state = self.pods.get(uid)
             entry = self.cache.get(uid)

@@ -6,6 +6,13 @@ and every process's namespace, and pick the one holding one of the pod's IPs.
 Runs in a worker thread: each candidate is entered (`shared.netns.entered`) and its addresses listed with
 pyroute2 there. Candidates are deduplicated by namespace identity, so a namespace shared by many processes
 is looked at once; the agent's own namespace is skipped.
+
+The pairing rule (upstream's istio#61211 paired a pod with a namespace it did not own): a namespace is the
+pod's only if it holds one of the pod's IPs (a process's membership proves nothing: a privileged process
+may have entered another pod's namespace); two namespaces holding them is ambiguous and refused; and the
+lifecycle refuses a match that the netns cache already holds for another pod (a stale namespace with a
+reused IP), with a `netns scan match skipped` line. A CNI-reported netns path always wins: the scan runs
+only for pods without one.
 """
 
 from __future__ import annotations

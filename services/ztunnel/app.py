@@ -36,7 +36,7 @@ import trio
 from services.ztunnel.admin import Admin, Readiness, ZtunnelParts
 from services.ztunnel.config import ZtunnelConfig, check_listen_addresses, load_config
 from services.ztunnel.errors import ConfigError, StartupCheckError
-from services.ztunnel.host import trim_malloc_periodically, verify_syscalls
+from services.ztunnel.host import trim_malloc_periodically, use_libc_malloc, verify_syscalls
 from services.ztunnel.inpod.handler import InPodWorkloadHandler
 from services.ztunnel.inpod.statemanager import WorkloadManager
 from services.ztunnel.inpod.zds_client import run_zds_client
@@ -168,7 +168,12 @@ Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to enter pod namespaces."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console script `ztunnel`; settings come from the environment (INPOD_UDS, NODE_NAME, LOG_FORMAT...)."""
+    """Console script `ztunnel`; settings come from the environment (INPOD_UDS, NODE_NAME, LOG_FORMAT...).
+
+    Run as the process (`argv` None), it first re-executes itself with PYTHONMALLOC=malloc unless that is
+    set (host.py says why); called with `argv` (tests), it never does."""
+    if argv is None:
+        use_libc_malloc()
     args = sys.argv[1:] if argv is None else argv
     if args:  # only --help (or a mistake) needs the parser: argparse costs ~0.3 MiB resident for nothing
         import argparse

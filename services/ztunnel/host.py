@@ -1,8 +1,15 @@
 """What ztunnel needs of its host, apart from the proxy: the start-up self checks, the open-files limit, and
 handing freed heap pages back to the kernel.
 
+    use_libc_malloc()              first of all: re-execute with PYTHONMALLOC=malloc unless it is set
     verify_syscalls(mark)          at start: setns and SO_MARK work here (else ztunnel cannot run at all)
     trim_malloc_periodically()     for the process's life: `malloc_trim(0)` every MALLOC_TRIM_INTERVAL s
+
+Why PYTHONMALLOC=malloc: CPython's small-object allocator returns a 1 MiB arena to the system only once
+every object in it is freed, so after a load peak a few long-lived objects keep almost all of it resident
+(benchmarks/conn_peak.py, 9,500 tunnels, both ends: 259 MiB left once everything closed, from 62). With
+every object from glibc's malloc, `malloc_trim(0)` hands the free pages back (80 MiB), at no measured
+cost per request (benchmarks/hbone_rr.py: 182-188 vs 191-204 us). docs/limits.md has the figures.
 """
 
 from __future__ import annotations
@@ -10,7 +17,8 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Final
 
@@ -21,6 +29,28 @@ from services.ztunnel.inpod.sockets import SO_MARK
 from shared.netns import NetnsError, current_netns_fd, entered
 
 MALLOC_TRIM_INTERVAL: Final = 5.0  # seconds
+
+
+def libc_malloc_argv(environ: Mapping[str, str], orig_argv: Sequence[str]) -> list[str] | None:
+    """The command line to execute again with PYTHONMALLOC=malloc, or None: the operator chose an allocator
+    already (any PYTHONMALLOC value, `pymalloc` included, is kept), or the command line is unknown."""
+    if "PYTHONMALLOC" in environ or not orig_argv:
+        return None
+    return list(orig_argv)
+
+
+def use_libc_malloc() -> None:
+    """Execute this same command again (same pid) with PYTHONMALLOC=malloc, unless PYTHONMALLOC is set."""
+    argv = libc_malloc_argv(os.environ, sys.orig_argv)
+    if argv is None:
+        return
+    os.environ["PYTHONMALLOC"] = "malloc"
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as exc:  # go on with the default allocator; nothing else depends on it
+        os.environ.pop("PYTHONMALLOC", None)
+        print(f"ztunnel: cannot re-execute with PYTHONMALLOC=malloc ({exc.strerror}); going on without it",
+              file=sys.stderr)
 
 
 def libc_malloc_trim() -> Callable[[], object] | None:

@@ -204,7 +204,7 @@ async def test_outbound_copies_both_ways_with_half_close_and_logs_bytes(access_l
     assert line.fields["dst.addr"] == f"127.0.0.1:{server_port}"
 
 
-async def test_refused_upstream_logs_error_and_closes_client(access_log: LogCapture) -> None:
+async def test_refused_upstream_logs_error_and_resets_client(access_log: LogCapture) -> None:
     fake = FakeSockets()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -213,8 +213,10 @@ async def test_refused_upstream_logs_error_and_closes_client(access_log: LogCapt
             async with ztunnel(fake) as zt:
                 await zt.start_workload(PodUid("a"), INFO, fd)
                 client = await tcp_connect(fake.ports["outbound"])
-                async with client:
-                    assert await read_to_eof(client) == b""
+                async with client:  # the app sees the refusal, as a direct connect would: not a clean end
+                    with pytest.raises(trio.BrokenResourceError) as caught:
+                        await read_to_eof(client)
+                    assert isinstance(caught.value.__cause__, ConnectionResetError)
                 (line,) = await access_log.wait_for("connection complete")
     assert line.level == "error"
     assert line.fields["error"] == "io error: Connection refused (os error 111)"

@@ -433,6 +433,64 @@ async def test_a_clean_half_close_still_ends_in_a_fin(ca: CertificateAuthority, 
     assert out.level == inb.level == "info"
 
 
+async def app_sees(world: Mesh2, original: Addr) -> str:
+    """Connect as the client app to `original` and read without sending: "reset" (ECONNRESET), "eof" (a FIN)
+    or "data". Nothing is sent, so a close of ours with unread bytes cannot turn a FIN into a RST."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.bind((CLIENT_IP, 0))
+    world.sockets.original[raw.getsockname()[1]] = original
+    app = trio.socket.from_stdlib_socket(raw)
+    with app:
+        await app.connect((CLIENT_IP, world.sockets.ports[CLIENT_IP]["outbound"]))
+        try:
+            data = await app.recv(1024)
+        except ConnectionResetError:
+            return "reset"
+    return "data" if data else "eof"
+
+
+async def _accept_and_close(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """A peer on the server pod's 15008 that takes the TCP connection and closes it before TLS."""
+    listener = trio.socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    await listener.bind((SERVER_IP, INBOUND_HBONE_PORT))
+    listener.listen(8)
+    task_status.started()
+    with listener:
+        while True:
+            conn, _ = await listener.accept()
+            conn.close()
+
+
+@pytest.mark.parametrize("peer", ["gone", "closes"])
+async def test_a_tunnel_that_cannot_be_opened_resets_the_app(ca: CertificateAuthority, log: LogCapture,
+                                                             peer: str) -> None:
+    # The bench's kill -9 row: during the server-side ztunnel's outage the client's ztunnel still accepts
+    # new connections, then the HBONE connect fails (refused, or the peer closes before TLS). The app's
+    # connect had succeeded, so a FIN would read as the server's clean, empty answer: it must be a reset.
+    with trio.fail_after(30):
+        async with two_pods(ca) as world, trio.open_nursery() as nursery:
+            await world.handler.stop_workload(PodUid("web-uid"))  # its 15008 is closed
+            if peer == "closes":
+                await nursery.start(_accept_and_close)
+            assert await app_sees(world, (VIP, 80)) == "reset"
+            [line] = await log.wait_for("connection complete")
+            nursery.cancel_scope.cancel()
+    assert line.fields["direction"] == "outbound" and line.level == "error"
+
+
+async def test_a_passthrough_whose_destination_refuses_resets_the_app(ca: CertificateAuthority,
+                                                                      log: LogCapture) -> None:
+    closed = socket.socket()
+    closed.bind((SERVER_IP, 0))  # bound, never listening: connects to it are refused
+    with closed, trio.fail_after(30):
+        async with two_pods(ca) as world:
+            world.set_world(server_hbone=False)
+            assert await app_sees(world, (SERVER_IP, closed.getsockname()[1])) == "reset"
+            [line] = await log.wait_for("connection complete")
+    assert "Connection refused" in str(line.fields["error"])
+
+
 def deny(name: str, match: Match) -> Authorization:
     return Authorization(name=name, namespace="mesh", scope=Scope.WORKLOAD_SELECTOR, action=Action.DENY,
                          rules=(Rule(clauses=(Clause(matches=(match,)),)),))

@@ -308,6 +308,34 @@ def test_closed_streams_are_remembered_for_a_bounded_number() -> None:
     exchange(client, server)
 
 
+def test_streams_closed_both_ways_leave_h2s_books_at_once() -> None:
+    """A peak of tunnels that then all end (half-closed both ways, or reset) leaves no stream object in
+    either core: only how each ended (bounded above). Before, h2 kept each until the next stream opened."""
+    client, server = pair()
+    ids = []
+    for _ in range(100):
+        sid, _ = connect(client, server)
+        server.respond(sid, 200)
+        ids.append(sid)
+    exchange(client, server)
+    for n, sid in enumerate(ids):
+        if n % 2:
+            client.reset(sid)
+        else:
+            client.end_stream(sid)
+    exchange(client, server)
+    for sid in ids[::2]:
+        server.end_stream(sid)
+    exchange(client, server)
+    for core in (client, server):
+        assert core._h2.streams == {}
+        assert core.open_streams == 0
+        assert set(ids) <= set(core._h2._closed_streams)
+    sid, _ = connect(client, server)  # the connection carries on
+    server.respond(sid, 200)
+    assert client.send_data(sid, b"more") == 4
+
+
 def test_goaway_ends_the_connection() -> None:
     client, server = pair()
     server.close()

@@ -440,6 +440,7 @@ class _Core:
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side of the stream (END_STREAM)."""
         self._h2.end_stream(stream_id)
+        self._forget_if_closed(stream_id)
 
     def consumed(self, stream_id: int, flow_controlled_length: int) -> None:
         """The application took received bytes: hand the window back (WINDOW_UPDATE when worthwhile)."""
@@ -451,6 +452,20 @@ class _Core:
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError,
                                  h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, error_code)
+        self._forget_if_closed(stream_id)
+
+    def _forget_if_closed(self, stream_id: int) -> None:
+        """Drop a stream that has closed both ways from h2's books at once, keeping only how it ended.
+
+        h2 drops closed streams only when it next counts the open ones (a new stream), so after a peak every
+        stream that closed since the last one opened stayed whole (its state machine and window managers,
+        ~2.5 KiB): 10,000 closed tunnels kept ~25 MiB on each side until the connection carried another
+        stream or closed. The same two steps as h2's own clean-up (`_open_streams`)."""
+        h2c = self._h2
+        stream = h2c.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            del h2c.streams[stream_id]
+            h2c._closed_streams[stream_id] = stream.closed_by
 
     def stream_open(self, stream_id: int) -> bool:
         stream = self._h2.streams.get(stream_id)
@@ -495,9 +510,11 @@ class _Core:
         elif isinstance(ev, h2.events.StreamEnded):
             assert ev.stream_id is not None
             out.append(StreamEnded(ev.stream_id))
+            self._forget_if_closed(ev.stream_id)
         elif isinstance(ev, h2.events.StreamReset):
             assert ev.stream_id is not None
             out.append(StreamReset(ev.stream_id, int(ev.error_code or 0)))
+            self._forget_if_closed(ev.stream_id)
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
             # A new INITIAL_WINDOW_SIZE changes every stream's window.
             out.append(WindowOpened(None))

@@ -10,7 +10,7 @@ state from the pod's own workload (`resolve_outbound`, resolve.py):
 
     Passthrough        -> plain TCP from the pod's netns to the route's address (an unknown destination, or a
                           workload outside the mesh), as without xDS
-    NoHealthyUpstream  -> a `connection failed` line with the reason; the app's connection is closed
+    NoHealthyUpstream  -> a `connection failed` line with the reason; the app's connection is reset
     HboneRoute         -> a CONNECT stream on the pod's pool (mTLS with the pod identity's certificate, to
                           the peer's 15008, verified against the expected SPIFFE identities), relayed until
                           both sides end; one `connection complete` line with both identities, `dst.addr` =
@@ -21,6 +21,13 @@ pod's own redirect rules skip it. The tunnel (`tunnel`) is a pooled stream (hbon
 (hbone/relay.py). Either way the connection ends in one `ConnectionOutcome` for the access log and the
 metrics. A connection that needs the pod's workload (for its identity) and finds none waits up to 5 s for
 xDS, then fails.
+
+A connection that was resolved to a destination but not carried to a clean end (no healthy upstream, the
+workload missing, the tunnel not opened: the peer's 15008 unreachable, TLS or the CONNECT failed, a
+passthrough upstream refused) is reset (`abort_on_close`: SO_LINGER 0, so the close sends RST). The app's
+connect succeeded because ztunnel accepted it, so a FIN would read as the destination's clean, empty
+answer; only a tunnel whose peer half-closed cleanly ends in a FIN (hbone/relay.py). A connection refused
+before resolution (a self call, no original destination) is closed as upstream closes it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import trio
 from services.ztunnel.hbone.core import ERROR_CANCEL
 from services.ztunnel.hbone.errors import HttpStatusError
 from services.ztunnel.hbone.pool import HbonePool
-from services.ztunnel.hbone.relay import relay
+from services.ztunnel.hbone.relay import abort_on_close, relay
 from services.ztunnel.net import SELF_CALL_ERROR, ZTUNNEL_PORTS, describe_os_error, local_addr
 from services.ztunnel.peers import workload_peer
 from services.ztunnel.proxy.context import Mesh, PodContext
@@ -106,6 +113,7 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
     if isinstance(route, NoHealthyUpstream):
         ctx.telemetry.connection_failed(src_addr=format_addr(peer), dst_addr=format_addr(dst),
                                         direction="outbound", error=route.reason)
+        abort_on_close(client)
         return
     if not isinstance(route, HboneRoute):
         dst_peer = (workload_peer(route.workload, service=route.service) if route.workload is not None
@@ -121,6 +129,7 @@ async def handle_outbound(ctx: PodContext, client: socket.socket, peer: Addr) ->
         if source is None:
             ctx.telemetry.connection_failed(src_addr=format_addr(peer), dst_addr=format_addr(dst),
                                             direction="outbound", error=ctx.missing_workload())
+            abort_on_close(client)
             return
     cluster = ctx.config.cluster_id
     outcome = ConnectionOutcome(
@@ -161,8 +170,12 @@ async def tunnel(pool: HbonePool, route: HboneRoute, client: socket.socket, outc
     """
     host = route.service.hostname if route.service is not None else None
     try:
-        stream = await pool.connect(route.pool_key(src_identity, src_addr[0]), route.target,
-                                    forwarded_for=src_addr, baggage=baggage, host=host)
+        try:
+            stream = await pool.connect(route.pool_key(src_identity, src_addr[0]), route.target,
+                                        forwarded_for=src_addr, baggage=baggage, host=host)
+        except BaseException:
+            abort_on_close(client)  # no tunnel (or cancelled while opening it): the app gets RST, not FIN
+            raise
     except HttpStatusError as exc:
         outcome.status = exc.status
         outcome.error = str(exc)

@@ -27,7 +27,9 @@ directions have. An OSError (reset, broken pipe) on either direction ends both; 
 as is (never wrapped in an ExceptionGroup) so callers can log it. A copy that ends that way, or is
 cancelled, resets both sockets when they are closed (SO_LINGER 0, the same `abort_on_close` the HBONE
 relay uses): the application sees ECONNRESET, never a FIN that would make a cut-off transfer look whole.
-Only an EOF from the other side becomes a FIN.
+Only an EOF from the other side becomes a FIN. An upstream that cannot be reached (refused, timed out, no
+socket) resets the client too: the app's own connect was accepted by ztunnel, so a FIN would read as the
+destination's clean answer.
 """
 
 from __future__ import annotations
@@ -216,6 +218,7 @@ async def proxy_tcp(ctx: PodContext, client: socket.socket, dst: Addr, outcome: 
                     else ctx.sockets.upstream(ctx.netns_fd, ip_family(dst[0])))
     except (OSError, NetnsError) as exc:
         connections.release()
+        abort_on_close(client)
         error = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         tel.connection_failed(src_addr=outcome.src_addr, dst_addr=outcome.dst_addr,
                               direction=outcome.direction, outcome=outcome,
@@ -237,6 +240,7 @@ async def proxy_tcp(ctx: PodContext, client: socket.socket, dst: Addr, outcome: 
         await copy_bidirectional(client, upstream, sent, received, splice=ctx.config.splice)
         outcome.error = None
     except ConnectError as exc:
+        abort_on_close(client)  # the upstream refused or never answered: RST, as a direct connect would get
         outcome.error = str(exc)
     except OSError as exc:
         outcome.error = describe_os_error(exc)
