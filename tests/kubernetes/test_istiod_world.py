@@ -17,7 +17,7 @@ import trio
 import yaml
 
 from ambient.kube.apiserver import ApiServer
-from services.istiod.derive import Resources
+from services.istiod.derive import WAYPOINT_CONFIG_TYPE_URL, Resources
 from services.istiod.kube_source import KubeWorldSource
 from services.istiod.kube_world import mesh_settings, world_to_objects
 from services.istiod.store import WorldStore
@@ -96,7 +96,12 @@ async def test_bookinfo_from_the_api_server_derives_the_world_files_xds(api: Api
             await nursery.start(lambda task_status: source.run_with(client, task_status=task_status))
         assert source.notes == set()
         assert API_SERVERS_OWN in {name for items in _xds(store.resources).values() for name in items}
-        assert _xds(store.resources, without=API_SERVERS_OWN) == _xds(Resources(world))
+        ours, theirs = _xds(store.resources, without=API_SERVERS_OWN), _xds(Resources(world))
+        # The waypoint comes back from its pod's gateway labels; its L7 policies and routes are not read
+        # from the API server yet, so only its WaypointConfig's contents differ.
+        assert store.world.waypoints == world.waypoints
+        assert ours.pop(WAYPOINT_CONFIG_TYPE_URL).keys() == theirs.pop(WAYPOINT_CONFIG_TYPE_URL).keys()
+        assert ours == theirs
         assert store.resources.identities_by_node == Resources(world).identities_by_node
         assert {p.key: p.workload for p in store.world.pods} == {p.key: p.workload for p in world.pods}
         assert {n.name: n.pod_cidr for n in store.world.nodes} == {n.name: n.pod_cidr for n in world.nodes}
@@ -108,7 +113,10 @@ async def test_label_new_pod_and_new_policy_reach_a_connected_xds_client(api: Ap
         state = xds.store
         ratings = state.workload_by_ip("10.244.2.12")
         assert ratings is not None and ratings.tunnel_protocol is TunnelProtocol.HBONE
-        assert set(state.policies) == {"bookinfo/ratings-from-reviews", "bookinfo/deny-legacy"}
+        assert set(state.policies) == {"bookinfo/ratings-from-reviews", "bookinfo/deny-legacy",
+                                       # a waypoint-served pod accepts only its waypoint (derive.py)
+                                       "bookinfo/istio_allow_waypoint_bookinfo_waypoint",
+                                       "bookinfo/require_waypoint_bookinfo_waypoint"}  # fmt: skip
 
         await api.kubectl("label", "namespace", "bookinfo", "istio.io/dataplane-mode-")
         await wait_state(xds, lambda s: protocol(s, "10.244.2.12") is TunnelProtocol.NONE,
