@@ -30,7 +30,7 @@ from ambient.output import make_console
 # Piped output (a log, CI) is never wrapped (ambient.output).
 console = make_console()
 err_console = make_console(stderr=True)
-DOCS_FILE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DOCS_FILE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 DEFAULT_OUT_ROOT = Path("/var/tmp/ambient-bench")
 
 
