@@ -25,6 +25,7 @@ import pytest
 
 from ambient.lab import components, lab
 from ambient.lab.components import LabPaths
+from ambient.lab.state import stop_process
 from ambient.lab.upstream import UPSTREAM_ENV
 from tests.netns.test_lab_topology import NET_A, NET_B, client_get, needs_mesh, running_lab
 
@@ -168,5 +169,28 @@ def test_the_route_splits_reviews_over_v1_and_v2(prefix: str) -> None:
 def test_a_restarted_waypoint_serves_again(prefix: str) -> None:
     [name] = lab.restart("waypoint", prefix=prefix)
     assert name == "waypoint/bookinfo/waypoint-7c8d9e"
+    code, body, err = client_get(prefix, "http://productpage.bookinfo:9080/productpage", pod="sleep")
+    assert code == 0 and body is not None, err
+
+
+@needs_waypoint
+def test_a_waypoint_that_is_down_fails_closed(prefix: str) -> None:
+    """With the waypoint stopped, service traffic is refused, never sent around it to the destination; the
+    client's ztunnel logs the failed connection to the waypoint. Restarted, it serves again."""
+    state = lab.require_state(prefix)
+    [record] = [r for r in state.processes if r.spec.component == "waypoint"]
+    sleep_id = 'src.identity="spiffe://cluster.local/ns/sleep/sa/sleep"'
+    before = set(access_lines(prefix, "node-a", "inbound", sleep_id, timeout=0))
+    stop_process(record)
+    try:
+        code, body, err = client_get(prefix, "http://productpage.bookinfo:9080/productpage", pod="sleep")
+        assert code != 0 and body is None, f"a request reached productpage with its waypoint down: {body}"
+        lines = access_lines(prefix, "node-a", "outbound", sleep_id, f"dst.addr={WAYPOINT_POD}:15008",
+                             f"dst.hbone_addr={PRODUCTPAGE_VIP}:9080", "error=")
+        assert lines, f"no outbound line naming the waypoint and an error: {err}"
+        # productpage (node-a) saw no connection from sleep: nothing went around the waypoint
+        assert set(access_lines(prefix, "node-a", "inbound", sleep_id, timeout=0)) == before
+    finally:
+        lab.restart("waypoint", prefix=prefix)
     code, body, err = client_get(prefix, "http://productpage.bookinfo:9080/productpage", pod="sleep")
     assert code == 0 and body is not None, err
