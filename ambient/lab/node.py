@@ -14,7 +14,10 @@ does what the lab's `up` does for one node, with the same plan and the same comp
        health check, which podman-compose ignores), then start the node agent and ztunnel and wait until
        both are ready
     3. each pod of this node: netns, resolv.conf, veth into cbr0, CNI ADD to the node agent, then its app
-       (the containers have no cluster DNS: a meshed pod's service names are answered by its ztunnel)
+       (the containers have no cluster DNS: a meshed pod's service names are answered by its ztunnel).
+       A waypoint's pod gets its netns but no waypoint process: from a pod's netns the control plane's
+       container is not reachable (its replies have no route back to the pod range), so container nodes run
+       no waypoints yet, and a world whose services use one fails closed there
     4. print "node <name> ready" and wait for SIGTERM/SIGINT; then stop every process by PID and delete
        the pod namespaces
 
@@ -39,6 +42,7 @@ from ambient.lab.lab import cni_add
 from ambient.lab.state import ProcessRecord, stop_process
 from ambient.lab.topology import (
     ETC_NETNS,
+    WAYPOINT_PROGRAM,
     as_container_node,
     container_node_steps,
     create_netns,
@@ -109,6 +113,10 @@ def run_node(args: argparse.Namespace) -> int:
             write_resolv_conf(pod.netns, pod.resolv_conf)
             wire_pod(plan, pod)
             status = cni_add(paths, pod, timeout=args.timeout) if pod.ambient else "not-ambient"
+            if pod.app.kind == WAYPOINT_PROGRAM:
+                log(f"node {node.name}: pod {pod.key} {pod.ip}: a waypoint's pod; container nodes run "
+                    "no waypoint yet (a pod cannot reach the control plane): traffic for it fails closed")
+                continue
             pod_proc = components.pod_spec(plan, pod, paths, istiod=args.istiod)
             if pod_proc is None:
                 log(f"node {node.name}: pod {pod.key} {pod.ip}: the {pod.app.kind} program is not installed; "
