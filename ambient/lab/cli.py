@@ -351,14 +351,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if verify_failed(nodes) else 0
 
 
-def cmd_world(args: argparse.Namespace) -> int:
-    from ambient.lab import lab
-
+def _passed_on(args: argparse.Namespace, usage: str) -> list[str] | None:
+    """The arguments after `--` for the command a lab command runs; None (usage printed) if there are none."""
     rest = list(args.args)
     if rest and rest[0] == "--":
         rest = rest[1:]
     if not rest:
-        err_console.print("usage: ambient lab world [--prefix P] -- COMMAND ... (e.g. policy add deny.yaml)")
+        err_console.print(usage)
+        return None
+    return rest
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from ambient.lab import lab
+
+    usage = "usage: ambient lab world [--prefix P] -- COMMAND ... (e.g. policy add deny.yaml)"
+    rest = _passed_on(args, usage)
+    if rest is None:
         return 2
     if rest[:2] == ["pod", "add"]:
         raise LabError(POD_ADD_REFUSED)
@@ -368,11 +377,8 @@ def cmd_world(args: argparse.Namespace) -> int:
 def cmd_kubectl(args: argparse.Namespace) -> int:
     from ambient.lab import lab
 
-    rest = list(args.args)
-    if rest and rest[0] == "--":
-        rest = rest[1:]
-    if not rest:
-        err_console.print("usage: ambient lab kubectl [--prefix P] -- ARGS ... (e.g. get pods -A)")
+    rest = _passed_on(args, "usage: ambient lab kubectl [--prefix P] -- ARGS ... (e.g. get pods -A)")
+    if rest is None:
         return 2
     return lab.kubectl_command(rest, prefix=args.prefix).returncode
 
